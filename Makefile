@@ -1,0 +1,32 @@
+# CPUShare: `make demo` runs a whole market locally, `make test` runs every
+# test, `make bench` runs the benchmarks.  Each sets itself up first.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: all demo test bench setup clean
+
+all: test
+
+setup: $(STAMP)
+
+$(STAMP): setup.py pyproject.toml tools/host-deps.sh
+	bash tools/host-deps.sh
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m cpushare.demo
+
+test: $(STAMP)
+	$(PY) -m pytest test $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/run.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info demo-run

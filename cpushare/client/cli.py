@@ -1,0 +1,188 @@
+"""
+cpushare: the command line for buyers and sellers.
+
+    cpushare [--home H] register --server HOST:PORT --ca ca.pem --name NAME
+    cpushare [--home H] whoami
+    cpushare [--home H] sellers [--json]
+
+Every failure is one line on stderr, naming the problem, and exit status 1.
+"""
+
+import argparse
+import json
+import sys
+import time
+
+from twisted.internet import defer, task
+
+from cpushare import pki
+from cpushare.client.home import Home, HomeError, defaultHome, parseServer
+from cpushare.client.session import ConnectError, connectOnce, endpointFor, explain
+from cpushare.protocol import commands
+
+
+class CommandError(Exception):
+    """A user-facing failure of a command."""
+
+
+def _call(session, command, host, port, **kw):
+    d = session.control.callRemote(command, **kw)
+
+    def fail(failure):
+        raise CommandError(explain(failure, host, port))
+
+    return d.addErrback(fail)
+
+
+async def close(session):
+    """Close the session cleanly and wait until it is closed."""
+    if session.connected:
+        session.transport.loseConnection()
+        await session.lost
+
+
+async def connectHome(reactor, home, role="cli"):
+    from cpushare.client.session import homeEndpoint
+
+    host, port = home.server
+    session = await connectOnce(
+        reactor, homeEndpoint(reactor, home), role, host=host, port=port
+    )
+    return session, host, port
+
+
+async def register(reactor, args, home):
+    if home.exists():
+        raise CommandError(
+            f"{home.path} already holds account {home.config.get('name')!r}; "
+            "use another --home"
+        )
+    try:
+        with open(args.ca, "rb") as f:
+            caPEM = f.read()
+        pki.loadCertificate(caPEM)
+    except OSError as e:
+        raise CommandError(f"cannot read the CA file {args.ca}: {e.strerror}")
+    except ValueError:
+        raise CommandError(f"{args.ca} is not a PEM certificate")
+    host, port = parseServer(args.server)
+    key = home.prepareKey()
+    csr = pki.makeRequest(key, args.name)
+    session = await connectOnce(
+        reactor, endpointFor(reactor, host, port, caPEM), "cli",
+        hello=False, host=host, port=port,
+    )
+    try:
+        result = await _call(session, commands.Register, host, port, name=args.name, csr=csr)
+    finally:
+        await close(session)
+    home.saveRegistration(f"{host}:{port}", args.name, result["account_id"],
+                          caPEM, result["certificate"])
+    print(f"registered account {args.name} (id {result['account_id']}) "
+          f"at {host}:{port}; credentials in {home.path}")
+
+
+async def whoami(reactor, args, home):
+    session, host, port = await connectHome(reactor, home)
+    try:
+        info = await _call(session, commands.WhoAmI, host, port)
+    finally:
+        await close(session)
+    if args.json:
+        print(json.dumps(dict(info, server=f"{host}:{port}", home=home.path)))
+        return
+    print(f"account:     {info['name']} (id {info['account_id']})")
+    print(f"created:     {info['created']}")
+    print(f"server:      {host}:{port}")
+    print(f"certificate: sha256 {info['fingerprint']}")
+    print(f"home:        {home.path}")
+
+
+def _formatSellers(sellers, now):
+    rows = [("NAME", "SESSION", "CORES", "MEMORY", "LATENCY", "ONLINE")]
+    for s in sellers:
+        latency = s.get("latency_ms")
+        rows.append((
+            s["name"], str(s["session"]), str(s["cores"]), f"{s['memory']} MB",
+            "-" if latency is None else f"{latency:.1f} ms",
+            _duration(now - s["connected"]),
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for r in rows:
+        cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def _duration(seconds):
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+async def sellers(reactor, args, home):
+    session, host, port = await connectHome(reactor, home)
+    found = []
+    try:
+        while True:
+            page = await _call(session, commands.ListSellers, host, port, offset=len(found))
+            found.extend(page["sellers"])
+            if not page["sellers"] or len(found) >= page["total"]:
+                break
+    finally:
+        await close(session)
+    if args.json:
+        print(json.dumps(found))
+    elif not found:
+        print("no sellers are online")
+    else:
+        print(_formatSellers(found, time.time()))
+
+
+def parser():
+    p = argparse.ArgumentParser(prog="cpushare", description="Buy and sell CPU time on the CPUShare market.")
+    p.add_argument("--home", help="account home folder (default $CPUSHARE_HOME or ~/.cpushare)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    r = sub.add_parser("register", help="create an account on a market")
+    r.add_argument("--server", required=True, help="the market's HOST:PORT")
+    r.add_argument("--ca", required=True, help="the market's CA certificate (ca.pem)")
+    r.add_argument("--name", required=True, help="the account name to take")
+    r.set_defaults(run=register)
+
+    w = sub.add_parser("whoami", help="show this home's account")
+    w.add_argument("--json", action="store_true")
+    w.set_defaults(run=whoami)
+
+    s = sub.add_parser("sellers", help="list the sellers online now")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=sellers)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    home = Home(args.home or defaultHome())
+    status = []
+
+    async def run(reactor):
+        try:
+            await args.run(reactor, args, home)
+        except (CommandError, ConnectError, HomeError) as e:
+            print(f"cpushare: {e}", file=sys.stderr)
+            status.append(1)
+
+    def start(reactor):
+        return defer.ensureDeferred(run(reactor))
+
+    try:
+        task.react(start)
+    except SystemExit as e:
+        if e.code:
+            raise
+    sys.exit(status[0] if status else 0)

@@ -1,0 +1,99 @@
+"""
+A client's home folder: its identity on one market.
+
+    key.pem      the account's private key (0600); generated here, never sent
+    cert.pem     the client certificate the market's CA signed
+    ca.pem       the market's CA certificate, to verify the server
+    config.json  {"server": "HOST:PORT", "name": ..., "account_id": ...}
+
+The default home is $CPUSHARE_HOME, else ~/.cpushare.
+"""
+
+import json
+import os
+
+from cpushare import pki
+
+
+class HomeError(Exception):
+    """The home folder is missing something; the message says what."""
+
+
+def defaultHome():
+    return os.environ.get("CPUSHARE_HOME") or os.path.expanduser("~/.cpushare")
+
+
+def parseServer(address, defaultPort=7444):
+    """C{HOST:PORT}, C{HOST} or C{[V6]:PORT} as (host, port)."""
+    address = address.strip()
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif address.count(":") == 1:
+        host, port = address.split(":")
+    else:
+        host, port = address, ""
+    if not host:
+        raise HomeError(f"no host in server address {address!r}")
+    try:
+        port = int(port) if port else defaultPort
+    except ValueError:
+        raise HomeError(f"bad port in server address {address!r}")
+    if not 0 < port < 65536:
+        raise HomeError(f"bad port in server address {address!r}")
+    return host, port
+
+
+class Home:
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+    def exists(self):
+        return os.path.exists(self.file("config.json"))
+
+    def read(self, name):
+        try:
+            with open(self.file(name), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise HomeError(
+                f"{self.file(name)} is missing: register first with "
+                f"'cpushare --home {self.path} register'"
+            )
+
+    @property
+    def config(self):
+        try:
+            return json.loads(self.read("config.json"))
+        except ValueError as e:
+            raise HomeError(f"{self.file('config.json')} is not valid JSON: {e}")
+
+    @property
+    def server(self):
+        return parseServer(self.config["server"])
+
+    def credentials(self):
+        """(ca PEM, key PEM, certificate PEM)."""
+        return self.read("ca.pem"), self.read("key.pem"), self.read("cert.pem")
+
+    def prepareKey(self):
+        """The account key: made now (0600) if this home has none yet."""
+        os.makedirs(self.path, mode=0o700, exist_ok=True)
+        if os.path.exists(self.file("key.pem")):
+            return pki.loadKey(self.read("key.pem"))
+        key = pki.generateKey()
+        pki.writePrivate(self.file("key.pem"), pki.keyToPEM(key))
+        return key
+
+    def saveRegistration(self, server, name, accountId, caPEM, certPEM):
+        pki.writePublic(self.file("ca.pem"), caPEM)
+        pki.writePublic(self.file("cert.pem"), certPEM)
+        pki.writePublic(
+            self.file("config.json"),
+            json.dumps(
+                {"server": server, "name": name, "account_id": accountId}, indent=2
+            ).encode() + b"\n",
+        )

@@ -1,0 +1,1 @@
+"""The wire protocol shared by the market server and its clients."""

@@ -1,0 +1,196 @@
+"""
+The control commands (Twisted AMP) spoken on channel 0.
+
+Every error a command can raise is declared here, so the other side gets
+a typed failure with a one-line description it can show a user.
+"""
+
+from twisted.protocols import amp
+
+
+class CPUShareError(Exception):
+    """An error whose message is meant for the user."""
+
+
+class NotAuthenticated(CPUShareError):
+    pass
+
+
+class BadRequest(CPUShareError):
+    pass
+
+
+class NameTaken(CPUShareError):
+    pass
+
+
+class NoSuchSession(CPUShareError):
+    pass
+
+
+class ChannelBusy(CPUShareError):
+    pass
+
+
+class NotPermitted(CPUShareError):
+    pass
+
+
+COMMON_ERRORS = {
+    NotAuthenticated: b"NOT_AUTHENTICATED",
+    BadRequest: b"BAD_REQUEST",
+}
+
+ROLES = ("seller", "buyer", "cli")
+
+
+class Hello(amp.Command):
+    """
+    The first command of an authenticated client: says what it is.  The
+    server answers with the account the certificate belongs to and its
+    heartbeat settings.
+    """
+
+    arguments = [(b"role", amp.Unicode()), (b"software", amp.Unicode())]
+    response = [
+        (b"account", amp.Unicode()),
+        (b"account_id", amp.Integer()),
+        (b"session", amp.Integer()),
+        (b"heartbeat", amp.Float()),
+        (b"timeout", amp.Float()),
+    ]
+    errors = COMMON_ERRORS
+
+
+class Register(amp.Command):
+    """
+    Create an account: the server signs the client's certificate request.
+    The only command a connection without a client certificate may send.
+    """
+
+    arguments = [(b"name", amp.Unicode()), (b"csr", amp.String())]
+    response = [(b"certificate", amp.String()), (b"account_id", amp.Integer())]
+    errors = {**COMMON_ERRORS, NameTaken: b"NAME_TAKEN"}
+
+
+class WhoAmI(amp.Command):
+    arguments = []
+    response = [
+        (b"name", amp.Unicode()),
+        (b"account_id", amp.Integer()),
+        (b"created", amp.Unicode()),
+        (b"fingerprint", amp.Unicode()),
+        (b"session", amp.Integer()),
+    ]
+    errors = COMMON_ERRORS
+
+
+class Offer(amp.Command):
+    """A seller announces (or changes) the capacity it offers."""
+
+    arguments = [(b"cores", amp.Integer()), (b"memory", amp.Integer())]
+    response = []
+    errors = COMMON_ERRORS
+
+
+SELLERS_PAGE = 200
+
+
+class ListSellers(amp.Command):
+    """
+    The sellers online now, a page at a time (an AMP value is limited to
+    64 KiB): C{offset} into the list ordered by session, at most
+    C{SELLERS_PAGE} a page; C{total} is how many there are.
+    """
+
+    arguments = [(b"offset", amp.Integer())]
+    response = [
+        (b"sellers", amp.AmpList([
+            (b"name", amp.Unicode()),
+            (b"session", amp.Integer()),
+            (b"cores", amp.Integer()),
+            (b"memory", amp.Integer()),
+            (b"latency_ms", amp.Float(optional=True)),
+            (b"connected", amp.Float()),
+        ])),
+        (b"total", amp.Integer()),
+    ]
+    errors = COMMON_ERRORS
+
+
+class Ping(amp.Command):
+    """
+    A heartbeat, sent both ways.  The responder echoes C{sent} so the
+    sender can measure the round trip, and tells the latency it measured
+    itself.
+    """
+
+    arguments = [(b"sent", amp.Float())]
+    response = [(b"sent", amp.Float()), (b"latency_ms", amp.Float(optional=True))]
+
+
+class LinkChannel(amp.Command):
+    """
+    Link one of this connection's channels to a channel of another
+    connection of the same account: frames sent on either are delivered on
+    the other.  (The server also links channels itself, for VM ports.)
+    """
+
+    arguments = [
+        (b"channel", amp.Integer()),
+        (b"peer_session", amp.Integer()),
+        (b"peer_channel", amp.Integer()),
+    ]
+    response = []
+    errors = {
+        **COMMON_ERRORS,
+        NoSuchSession: b"NO_SUCH_SESSION",
+        ChannelBusy: b"CHANNEL_BUSY",
+        NotPermitted: b"NOT_PERMITTED",
+    }
+
+
+class UnlinkChannel(amp.Command):
+    arguments = [(b"channel", amp.Integer())]
+    response = []
+    errors = COMMON_ERRORS
+
+
+class ChannelLinked(amp.Command):
+    """Server to client: frames on C{channel} now reach a peer."""
+
+    arguments = [
+        (b"channel", amp.Integer()),
+        (b"peer_session", amp.Integer()),
+        (b"peer_channel", amp.Integer()),
+    ]
+    response = []
+    requiresAnswer = False
+
+
+class ChannelUnlinked(amp.Command):
+    """Server to client: C{channel} is no longer linked, and why."""
+
+    arguments = [(b"channel", amp.Integer()), (b"reason", amp.Unicode())]
+    response = []
+    requiresAnswer = False
+
+
+class LinkStats(amp.Command):
+    """The frames and bytes the relay counted on this connection's links."""
+
+    arguments = []
+    response = [
+        (b"links", amp.AmpList([
+            (b"channel", amp.Integer()),
+            (b"peer_session", amp.Integer()),
+            (b"peer_channel", amp.Integer()),
+            (b"frames_out", amp.Integer()),
+            (b"bytes_out", amp.Integer()),
+            (b"frames_in", amp.Integer()),
+            (b"bytes_in", amp.Integer()),
+            (b"dropped", amp.Integer()),
+        ])),
+        (b"unrouted", amp.Integer()),
+    ]
+    errors = COMMON_ERRORS

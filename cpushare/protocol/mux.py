@@ -1,0 +1,424 @@
+"""
+The multiplexed stream carried inside each client's one TLS connection.
+
+After the TLS handshake each side sends a greeting line::
+
+    CPUSHARE/<protocol version> <software>\\n
+
+and checks the other's: a different protocol version closes the connection
+with an error naming both versions.  Everything after the greeting is a
+sequence of messages, each an 8-byte header and a payload::
+
+    channel: uint32, big-endian
+    length:  uint32, big-endian (at most MAX_PAYLOAD)
+    payload: length bytes
+
+Channel 0 carries control: a byte stream (the payload boundaries mean
+nothing) that holds Twisted AMP boxes.  Every other channel carries opaque
+datagrams, one ethernet frame per message.
+
+Flow control: the multiplexer is the push producer of its transport.  While
+the transport's buffer is full, messages wait in a queue of our own.
+Control data is never dropped: if a peer lets more than CONTROL_QUEUE_LIMIT
+bytes pile up, we stop reading from it until it catches up.  Frames are
+dropped, and counted, once more than FRAME_QUEUE_LIMIT bytes wait, as a
+switch drops frames on a congested port.
+"""
+
+import re
+import struct
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer, ITransport
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.protocols import amp
+from zope.interface import implementer
+
+import cpushare
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct("!II")
+HEADER_SIZE = HEADER.size
+CONTROL_CHANNEL = 0
+MAX_CHANNEL = 2**32 - 1
+MAX_PAYLOAD = 65535
+MAX_GREETING = 128
+FRAME_QUEUE_LIMIT = 256 * 1024
+CONTROL_QUEUE_LIMIT = 1024 * 1024
+CLOSE_TIMEOUT = 10.0
+
+_GREETING = re.compile(rb"CPUSHARE/([0-9]{1,6}) ([\x21-\x7e]{1,64})\Z")
+
+
+class ProtocolError(Exception):
+    """The peer broke the wire protocol; the connection is closed."""
+
+
+class VersionMismatch(ProtocolError):
+    """The peer speaks another version of the protocol."""
+
+
+def greeting(software=None):
+    software = software or f"cpushare/{cpushare.__version__}"
+    return b"CPUSHARE/%d %s\n" % (PROTOCOL_VERSION, software.encode("ascii"))
+
+
+def encode(channel, payload):
+    """One message as bytes: for tests and tools, not the hot path."""
+    return HEADER.pack(channel, len(payload)) + payload
+
+
+class MuxCounters:
+    """What crossed one multiplexed connection, in messages and bytes."""
+
+    __slots__ = (
+        "framesIn", "bytesIn", "framesOut", "bytesOut",
+        "droppedFull", "droppedUnrouted",
+    )
+
+    def __init__(self):
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def asDict(self):
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+@implementer(ITransport)
+class ControlTransport:
+    """
+    The transport the control protocol (AMP) writes to: channel 0 of a
+    multiplexer.
+    """
+
+    disconnecting = False
+
+    def __init__(self, mux):
+        self._mux = mux
+
+    def write(self, data):
+        self._mux.sendControl(data)
+
+    def writeSequence(self, seq):
+        self._mux.sendControl(b"".join(seq))
+
+    def loseConnection(self):
+        # AMP gives up on its peer (for instance a box it cannot parse).
+        self._mux.protocolError("malformed control message")
+
+    def abortConnection(self):
+        self._mux.protocolError("control protocol aborted the connection")
+
+    def getPeer(self):
+        return self._mux.transport.getPeer()
+
+    def getHost(self):
+        return self._mux.transport.getHost()
+
+
+class _ProducingTransport:
+    """
+    The multiplexer's view of its transport.  A TLS transport closes only
+    once its producer is unregistered, so closing through this view
+    unregisters the multiplexer first, whoever asks for the close.
+    """
+
+    def __init__(self, transport):
+        self._transport = transport
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+    def loseConnection(self):
+        self._transport.unregisterProducer()
+        self._transport.loseConnection()
+
+    def abortConnection(self):
+        self._transport.abortConnection()
+
+
+@implementer(IPushProducer)
+class Multiplexer(Protocol):
+    """
+    One side of a multiplexed connection.
+
+    Subclasses provide C{makeControl()} (an AMP protocol for channel 0) and
+    may override C{greetingReceived}.  Frames on other channels are routed
+    through C{self.routes}, a dict from channel number to a callable taking
+    the payload; frames on a channel with no route are dropped and counted.
+    """
+
+    log = Logger()
+    software = None
+
+    def __init__(self, reactor):
+        self.reactor = reactor
+        self.routes = {}
+        self.counters = MuxCounters()
+        self.control = None
+        self.peerVersion = None
+        self.peerSoftware = None
+        self.closeReason = None
+        self.lastReceived = None
+        self.connected = False
+        self._greeted = False
+        self._buffer = b""
+        self._out = []
+        self._queued = 0
+        self._writePaused = False
+        self._readPaused = False
+        self._flushCall = None
+        self._closing = False
+        self._closeTimeout = None
+        self._drainWaiters = []
+
+    # -- Protocol
+
+    def makeConnection(self, transport):
+        Protocol.makeConnection(self, _ProducingTransport(transport))
+
+    def connectionMade(self):
+        self.connected = True
+        self.lastReceived = self.reactor.seconds()
+        self.transport.registerProducer(self, True)
+        self.transport.write(greeting(self.software))
+        self.control = self.makeControl()
+        self.control.makeConnection(ControlTransport(self))
+
+    def makeControl(self):
+        raise NotImplementedError
+
+    def greetingReceived(self, version, software):
+        """The peer's greeting matched our protocol version."""
+
+    def dataReceived(self, data):
+        if self._closing:
+            return
+        self.lastReceived = self.reactor.seconds()
+        if self._buffer:
+            data = self._buffer + data
+            self._buffer = b""
+        offset = 0
+        if not self._greeted:
+            offset = self._readGreeting(data)
+            if offset is None:
+                return
+        n = len(data)
+        unpack = HEADER.unpack_from
+        routes = self.routes
+        counters = self.counters
+        while n - offset >= HEADER_SIZE:
+            channel, length = unpack(data, offset)
+            if length > MAX_PAYLOAD:
+                self.protocolError(
+                    f"message of {length} bytes on channel {channel} is larger "
+                    f"than the limit of {MAX_PAYLOAD}"
+                )
+                return
+            start = offset + HEADER_SIZE
+            end = start + length
+            if end > n:
+                break
+            payload = data[start:end]
+            offset = end
+            if channel == CONTROL_CHANNEL:
+                self.control.dataReceived(payload)
+                if self._closing:
+                    return
+            else:
+                counters.framesIn += 1
+                counters.bytesIn += length
+                route = routes.get(channel)
+                if route is None:
+                    counters.droppedUnrouted += 1
+                else:
+                    route(payload)
+        if offset < n:
+            self._buffer = data[offset:]
+
+    def _readGreeting(self, data):
+        end = data.find(b"\n", 0, MAX_GREETING)
+        if end < 0:
+            if len(data) >= MAX_GREETING or not (
+                data.startswith(b"CPUSHARE/") or b"CPUSHARE/".startswith(data)
+            ):
+                self.protocolError(
+                    f"the peer is not speaking the CPUShare protocol "
+                    f"(it sent {data[:32]!r})"
+                )
+                return None
+            self._buffer = data
+            return None
+        match = _GREETING.match(data[:end])
+        if match is None:
+            self.protocolError(
+                f"the peer's greeting is not a CPUShare greeting: {data[:end][:64]!r}"
+            )
+            return None
+        version = int(match.group(1))
+        software = match.group(2).decode("ascii")
+        self.peerVersion, self.peerSoftware = version, software
+        if version != PROTOCOL_VERSION:
+            self.protocolError(
+                f"the peer ({software}) speaks CPUShare protocol version "
+                f"{version}; this side speaks version {PROTOCOL_VERSION}",
+                VersionMismatch,
+                graceful=True,
+            )
+            return None
+        self._greeted = True
+        self.greetingReceived(version, software)
+        if self._closing:
+            return None
+        return end + 1
+
+    def protocolError(self, reason, kind=ProtocolError, graceful=False):
+        """
+        Close this connection because the peer broke the protocol; everything
+        else keeps running.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        self.closeReason = kind(reason)
+        self.log.warn(
+            "closing connection {peer}: {reason}",
+            peer=self.describePeer(), reason=reason,
+        )
+        if graceful:
+            # Let what we already wrote (our greeting) reach the peer.
+            self._flush()
+            self.transport.loseConnection()
+            self._closeTimeout = self.reactor.callLater(
+                CLOSE_TIMEOUT, self.transport.abortConnection
+            )
+        else:
+            self.transport.abortConnection()
+
+    def describePeer(self):
+        try:
+            peer = self.transport.getPeer()
+            return f"{peer.host}:{peer.port}"
+        except Exception:
+            return "?"
+
+    def connectionLost(self, reason):
+        self.connected = False
+        self._closing = True
+        if self._flushCall is not None and self._flushCall.active():
+            self._flushCall.cancel()
+        self._flushCall = None
+        if self._closeTimeout is not None and self._closeTimeout.active():
+            self._closeTimeout.cancel()
+        self._out = []
+        self._queued = 0
+        self.routes = {}
+        self._drained()
+        if self.control is not None:
+            self.control.connectionLost(reason)
+
+    # -- sending
+
+    def sendFrame(self, channel, payload):
+        """
+        Queue one frame on C{channel}.  Returns False (and counts a drop)
+        when the outbound queue is past its bound or the connection is gone.
+        """
+        if self._queued > FRAME_QUEUE_LIMIT or self._closing:
+            self.counters.droppedFull += 1
+            return False
+        n = len(payload)
+        self._out.append(HEADER.pack(channel, n))
+        self._out.append(payload)
+        self._queued += HEADER_SIZE + n
+        self.counters.framesOut += 1
+        self.counters.bytesOut += n
+        if self._flushCall is None and not self._writePaused:
+            self._flushCall = self.reactor.callLater(0, self._flush)
+        return True
+
+    def sendControl(self, data):
+        """Queue control bytes; they are never dropped."""
+        if self._closing:
+            return
+        for start in range(0, len(data), MAX_PAYLOAD):
+            chunk = data[start:start + MAX_PAYLOAD]
+            self._out.append(HEADER.pack(CONTROL_CHANNEL, len(chunk)))
+            self._out.append(chunk)
+            self._queued += HEADER_SIZE + len(chunk)
+        if self._queued > CONTROL_QUEUE_LIMIT and not self._readPaused:
+            # The peer is not reading what we owe it; stop reading its
+            # requests until it catches up.
+            self._readPaused = True
+            self.transport.pauseProducing()
+        if self._flushCall is None and not self._writePaused:
+            self._flushCall = self.reactor.callLater(0, self._flush)
+
+    def _flush(self):
+        self._flushCall = None
+        if self._writePaused or not self._out or not self.connected:
+            return
+        data = b"".join(self._out)
+        self._out = []
+        self._queued = 0
+        self.transport.write(data)
+        if not self._writePaused:
+            if self._readPaused:
+                self._readPaused = False
+                self.transport.resumeProducing()
+            if self._drainWaiters:
+                self._drained()
+
+    @property
+    def congested(self):
+        """True while frames sent now would wait in (or be dropped from) our queue."""
+        return self._writePaused or self._queued > FRAME_QUEUE_LIMIT
+
+    def whenDrained(self):
+        """
+        A Deferred that fires once the transport has taken what we queued
+        and asks for more: how a sender of bulk frames paces itself.
+        """
+        d = Deferred()
+        if not self.congested and not self._out:
+            d.callback(None)
+        else:
+            self._drainWaiters.append(d)
+        return d
+
+    def _drained(self):
+        waiters, self._drainWaiters = self._drainWaiters, []
+        for d in waiters:
+            d.callback(None)
+
+    # -- IPushProducer, called by the transport about our writes
+
+    def pauseProducing(self):
+        self._writePaused = True
+
+    def resumeProducing(self):
+        self._writePaused = False
+        if self._out:
+            self._flush()
+        if not self._writePaused and self._drainWaiters:
+            self._drained()
+
+    def stopProducing(self):
+        self._writePaused = True
+
+
+class ControlProtocol(amp.AMP):
+    """
+    AMP on channel 0.  The multiplexer logs connections once; AMP's own
+    per-connection log lines would only repeat it.
+    """
+
+    def makeConnection(self, transport):
+        self._transportPeer = transport.getPeer()
+        self._transportHost = transport.getHost()
+        return amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason):
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None

@@ -1,0 +1,104 @@
+"""
+The market: who is connected, accounts and registration, the relay.
+"""
+
+import re
+
+from twisted.application.service import Service
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from cpushare import pki
+from cpushare.protocol import commands
+from cpushare.protocol.heartbeat import DEFAULT_INTERVAL, DEFAULT_TIMEOUT
+from cpushare.server import store
+from cpushare.server.relay import Relay
+
+ACCOUNT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}\Z")
+MAX_CSR = 16 * 1024
+
+
+class Market(Service):
+    log = Logger()
+
+    def __init__(self, reactor, store, credentials,
+                 heartbeat=DEFAULT_INTERVAL, timeout=DEFAULT_TIMEOUT):
+        self.reactor = reactor
+        self.store = store
+        self.credentials = credentials
+        self.heartbeatInterval = heartbeat
+        self.heartbeatTimeout = timeout
+        self.sessions = {}
+        self.relay = Relay()
+        self._nextSession = 1
+
+    def stopService(self):
+        Service.stopService(self)
+        for session in list(self.sessions.values()):
+            session.transport.loseConnection()
+
+    # -- sessions
+
+    def sessionStarted(self, session):
+        session.sessionId = self._nextSession
+        self._nextSession += 1
+        self.sessions[session.sessionId] = session
+
+    def sessionEnded(self, session, reason):
+        if self.sessions.get(session.sessionId) is session:
+            del self.sessions[session.sessionId]
+        self.relay.dropSession(session, reason)
+
+    def sellers(self):
+        """The sellers online now, ordered by session."""
+        return [
+            s for _, s in sorted(self.sessions.items())
+            if s.role == "seller" and s.offer is not None
+        ]
+
+    # -- accounts
+
+    def authenticate(self, fingerprint):
+        """Fires with (account dict, None) or (None, reason)."""
+        return self.store.run(store.accountForCertificate, fingerprint)
+
+    def register(self, name, csrPEM):
+        """
+        Create account C{name} for the key in C{csrPEM}; fires with
+        (certificate PEM, account id).
+        """
+        if not ACCOUNT_NAME.match(name):
+            raise commands.BadRequest(
+                f"{name!r} is not a valid account name: use 1 to 32 lowercase "
+                "letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        if len(csrPEM) > MAX_CSR:
+            raise commands.BadRequest("the certificate request is too large")
+        creds = self.credentials
+        # Signing is CPU work: keep it off the reactor thread.
+        d = deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(),
+            pki.signClientRequest, creds.caKey, creds.caCert, csrPEM, name,
+        )
+
+        def signed(certPEM):
+            fp = pki.fingerprint(pki.loadCertificate(certPEM))
+            d = self.store.run(store.createAccount, name, fp)
+            d.addCallback(lambda accountId: (certPEM, accountId))
+            return d
+
+        def translate(failure):
+            if failure.check(pki.BadRequest):
+                raise commands.BadRequest(str(failure.value))
+            if failure.check(store.NameTaken):
+                raise commands.NameTaken(f"the account name {name!r} is taken")
+            return failure
+
+        d.addCallback(signed)
+        d.addErrback(translate)
+
+        def logged(result):
+            self.log.info("registered account {name} (id {id})", name=name, id=result[1])
+            return result
+
+        return d.addCallback(logged)

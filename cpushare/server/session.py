@@ -1,0 +1,325 @@
+"""
+The server side of one client connection: TLS identity, the control
+commands, heartbeats and the channels it relays.
+"""
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from cpushare import pki
+from cpushare.protocol import commands
+from cpushare.protocol.commands import BadRequest, NotAuthenticated
+from cpushare.protocol.heartbeat import Heartbeat
+from cpushare.protocol.mux import ControlProtocol, MAX_CHANNEL, Multiplexer
+
+REFUSED_GRACE = 5.0
+MAX_CORES = 4096
+MAX_MEMORY_MB = 64 * 1024 * 1024
+
+
+def _channel(value, what="channel"):
+    if not 1 <= value <= MAX_CHANNEL:
+        raise BadRequest(f"{what} {value} is out of range (1 to {MAX_CHANNEL})")
+    return value
+
+
+class ServerControl(ControlProtocol):
+    """Responders for the commands clients send to the server."""
+
+    def __init__(self, session):
+        ControlProtocol.__init__(self)
+        self.session = session
+
+    @commands.Register.responder
+    def register(self, name, csr):
+        session = self.session
+
+        def check(account):
+            if account is not None or session.certificate is not None:
+                raise BadRequest(
+                    "this connection already has a client certificate; "
+                    "register from a connection without one"
+                )
+            return session.market.register(name, csr)
+
+        def done(result):
+            certificate, accountId = result
+            return {"certificate": certificate, "account_id": accountId}
+
+        return session.whenAuthenticated().addCallback(check).addCallback(done)
+
+    @commands.Hello.responder
+    def hello(self, role, software):
+        session = self.session
+        if role not in commands.ROLES:
+            raise BadRequest(f"unknown role {role!r}; expected one of {commands.ROLES}")
+
+        def check(account):
+            if account is None:
+                session.refuse()
+                raise NotAuthenticated(session.refusal)
+            if session.role is not None:
+                raise BadRequest("hello was already said on this connection")
+            session.started(role, software)
+            return {
+                "account": account["name"],
+                "account_id": account["id"],
+                "session": session.sessionId,
+                "heartbeat": session.market.heartbeatInterval,
+                "timeout": session.market.heartbeatTimeout,
+            }
+
+        return session.whenAuthenticated().addCallback(check)
+
+    @commands.WhoAmI.responder
+    def whoami(self):
+        account = self.session.requireHello()
+        return {
+            "name": account["name"],
+            "account_id": account["id"],
+            "created": account["created"],
+            "fingerprint": self.session.certificate,
+            "session": self.session.sessionId,
+        }
+
+    @commands.Offer.responder
+    def offer(self, cores, memory):
+        session = self.session
+        session.requireHello()
+        if session.role != "seller":
+            raise BadRequest("only a seller connection can offer capacity")
+        if not 1 <= cores <= MAX_CORES:
+            raise BadRequest(f"cores must be between 1 and {MAX_CORES}, not {cores}")
+        if not 64 <= memory <= MAX_MEMORY_MB:
+            raise BadRequest(f"memory must be between 64 and {MAX_MEMORY_MB} MB, not {memory}")
+        session.offer = {"cores": cores, "memory": memory}
+        session.log.info(
+            "seller {name} (session {session}) offers {cores} cores, {memory} MB",
+            name=session.account["name"], session=session.sessionId,
+            cores=cores, memory=memory,
+        )
+        return {}
+
+    @commands.ListSellers.responder
+    def listSellers(self, offset):
+        self.session.requireHello()
+        if offset < 0:
+            raise BadRequest("offset must not be negative")
+        sellers = self.session.market.sellers()
+        page = []
+        for s in sellers[offset:offset + commands.SELLERS_PAGE]:
+            entry = {
+                "name": s.account["name"],
+                "session": s.sessionId,
+                "cores": s.offer["cores"],
+                "memory": s.offer["memory"],
+                "connected": s.connectedAt,
+            }
+            latency = s.heartbeat.latencyMs() if s.heartbeat else None
+            if latency is not None:
+                entry["latency_ms"] = latency
+            page.append(entry)
+        return {"sellers": page, "total": len(sellers)}
+
+    @commands.Ping.responder
+    def ping(self, sent):
+        result = {"sent": sent}
+        heartbeat = self.session.heartbeat
+        latency = heartbeat.latencyMs() if heartbeat else None
+        if latency is not None:
+            result["latency_ms"] = latency
+        return result
+
+    @commands.LinkChannel.responder
+    def linkChannel(self, channel, peer_session, peer_channel):
+        session = self.session
+        account = session.requireHello()
+        _channel(channel)
+        _channel(peer_channel, "peer channel")
+        peer = session.market.sessions.get(peer_session)
+        if peer is None or peer.account is None or peer.role is None:
+            raise commands.NoSuchSession(f"no session {peer_session} is connected")
+        if peer.account["id"] != account["id"]:
+            raise commands.NotPermitted(
+                "channels can be linked only between connections of the same account"
+            )
+        session.market.relay.link(session, channel, peer, peer_channel)
+        if peer is not session:
+            peer.control.callRemote(
+                commands.ChannelLinked, channel=peer_channel,
+                peer_session=session.sessionId, peer_channel=channel,
+            )
+        return {}
+
+    @commands.UnlinkChannel.responder
+    def unlinkChannel(self, channel):
+        session = self.session
+        session.requireHello()
+        link = session.links.get(channel)
+        if link is None:
+            raise BadRequest(f"channel {channel} is not linked")
+        others = tuple(s for s in (link.a, link.b) if s is not session)
+        session.market.relay.unlink(link, "unlinked by the peer", notify=others)
+        return {}
+
+    @commands.LinkStats.responder
+    def linkStats(self):
+        session = self.session
+        session.requireHello()
+        links = [link.statsFor(session, ch) for ch, link in sorted(session.links.items())]
+        return {"links": links, "unrouted": session.counters.droppedUnrouted}
+
+
+@implementer(IHandshakeListener)
+class MarketSession(Multiplexer):
+    """One client's connection to the market."""
+
+    log = Logger()
+
+    def __init__(self, market):
+        Multiplexer.__init__(self, market.reactor)
+        self.market = market
+        self.sessionId = None
+        self.account = None
+        self.certificate = None
+        self.role = None
+        self.clientSoftware = None
+        self.offer = None
+        self.heartbeat = None
+        self.links = {}
+        self.connectedAt = None
+        self.refusal = None
+        self._authenticated = None
+        self._authWaiters = []
+        self._refuseCall = None
+        self._handshakeDone = False
+
+    def makeControl(self):
+        return ServerControl(self)
+
+    def connectionMade(self):
+        self.connectedAt = self.reactor.seconds()
+        self.market.sessionStarted(self)
+        Multiplexer.connectionMade(self)
+
+    def handshakeCompleted(self):
+        self._handshakeDone = True
+        peerCert = self.transport.getPeerCertificate()
+        if peerCert is None:
+            self.refusal = (
+                "this connection has no client certificate: register first "
+                "('cpushare register'), or check the home folder's cert.pem"
+            )
+            self._setAuthenticated(None)
+            return
+        self.certificate = pki.fingerprint(peerCert)
+        d = self.market.authenticate(self.certificate)
+
+        def found(result):
+            account, reason = result
+            if account is None:
+                self.refusal = f"refused: {reason}"
+                self.log.warn(
+                    "refusing connection {peer}: {reason}",
+                    peer=self.describePeer(), reason=reason,
+                )
+                self.refuse()
+            self.account = account
+            self._setAuthenticated(account)
+
+        d.addCallback(found)
+        d.addErrback(lambda f: self.log.failure("authenticating {peer}", f,
+                                                 peer=self.describePeer()))
+
+    def _setAuthenticated(self, account):
+        self._authenticated = (account,)
+        waiters, self._authWaiters = self._authWaiters, []
+        for d in waiters:
+            d.callback(account)
+
+    def whenAuthenticated(self):
+        """Fires with the account (a dict), or None when there is none."""
+        if self._authenticated is not None:
+            return succeed(self._authenticated[0])
+        d = Deferred()
+        self._authWaiters.append(d)
+        return d
+
+    def refuse(self):
+        """Close this connection soon, after it has had time to hear why."""
+        if self.certificate is None and self.account is None:
+            self.log.warn("refusing connection {peer}: no client certificate",
+                          peer=self.describePeer())
+        if self._refuseCall is None:
+            self._refuseCall = self.reactor.callLater(
+                REFUSED_GRACE, self.transport.loseConnection
+            )
+
+    def requireHello(self):
+        if self.account is None:
+            raise NotAuthenticated(self.refusal or "not authenticated")
+        if self.role is None:
+            raise BadRequest("say hello first")
+        return self.account
+
+    def started(self, role, software):
+        self.role = role
+        self.clientSoftware = software
+        self.log.info(
+            "{role} {name} connected from {peer} as session {session} ({software})",
+            role=role, name=self.account["name"], peer=self.describePeer(),
+            session=self.sessionId, software=software,
+        )
+        self.heartbeat = Heartbeat(
+            self.reactor, self, self.market.heartbeatInterval,
+            self.market.heartbeatTimeout,
+        )
+        self.heartbeat.start()
+
+    def peerSilent(self, seconds):
+        self.log.warn(
+            "session {session} ({peer}) silent for {seconds:.1f}s; declaring it gone",
+            session=self.sessionId, peer=self.describePeer(), seconds=seconds,
+        )
+        self.transport.abortConnection()
+
+    def channelUnlinked(self, channel, reason):
+        if self.connected:
+            self.control.callRemote(commands.ChannelUnlinked, channel=channel, reason=reason)
+
+    def connectionLost(self, reason):
+        if not self._handshakeDone:
+            why = getattr(self.transport, "cpushareVerifyError", None)
+            self.log.warn(
+                "TLS handshake with {peer} failed: {why}",
+                peer=self.describePeer(),
+                why=why or reason.getErrorMessage(),
+            )
+        elif self.role is not None:
+            self.log.info(
+                "{role} {name} (session {session}) disconnected: {reason}",
+                role=self.role, name=self.account["name"], session=self.sessionId,
+                reason=reason.getErrorMessage(),
+            )
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        if self._refuseCall is not None and self._refuseCall.active():
+            self._refuseCall.cancel()
+        self.market.sessionEnded(self, "the peer disconnected")
+        waiters, self._authWaiters = self._authWaiters, []
+        for d in waiters:
+            d.callback(None)
+        Multiplexer.connectionLost(self, reason)
+
+
+class MarketFactory(Factory):
+    noisy = False
+
+    def __init__(self, market):
+        self.market = market
+
+    def buildProtocol(self, addr):
+        return MarketSession(self.market)

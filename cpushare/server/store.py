@@ -1,0 +1,193 @@
+"""
+The market's SQL store.
+
+All SQL runs on a thread pool of the store's own, never on the reactor
+thread: C{Store.run(fn, *args)} calls C{fn(cursor, *args)} inside one
+transaction on that pool and returns a Deferred.  The functions in this
+module that take a cursor are the queries; they run the same way from the
+server (on the pool) and from C{cpushare-admin} (directly).
+
+The schema is a list of numbered SQL files shipped with the package
+(C{schema/NNN_name.sql}), applied in order and recorded in
+C{schema_version}.
+"""
+
+import datetime
+import os
+import re
+import sqlite3
+from importlib import resources
+
+from twisted.application.service import Service
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+log = Logger()
+
+
+class NameTaken(Exception):
+    pass
+
+
+def now():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def migrations():
+    """The schema files, as (version, name, sql), in order."""
+    found = []
+    for entry in resources.files("cpushare.server").joinpath("schema").iterdir():
+        match = re.match(r"(\d+)_(\w+)\.sql$", entry.name)
+        if match:
+            found.append((int(match.group(1)), match.group(2), entry.read_text()))
+    return sorted(found)
+
+
+def connect(path):
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=10000")
+    return conn
+
+
+def transact(conn, fn, *args):
+    """Run C{fn(cursor, *args)} in one transaction on C{conn}."""
+    cursor = conn.cursor()
+    cursor.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(cursor, *args)
+    except BaseException:
+        cursor.execute("ROLLBACK")
+        raise
+    cursor.execute("COMMIT")
+    return result
+
+
+def migrate(cursor):
+    """Bring the schema up to date; returns the versions applied."""
+    cursor.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version"
+        " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied TEXT NOT NULL)"
+    )
+    cursor.execute("SELECT version FROM schema_version")
+    done = {row[0] for row in cursor.fetchall()}
+    applied = []
+    for version, name, sql in migrations():
+        if version in done:
+            continue
+        for statement in sql.split(";"):
+            if statement.strip():
+                cursor.execute(statement)
+        cursor.execute(
+            "INSERT INTO schema_version (version, name, applied) VALUES (?, ?, ?)",
+            (version, name, now()),
+        )
+        applied.append(version)
+    return applied
+
+
+# -- accounts
+
+
+def createAccount(cursor, name, fingerprint):
+    cursor.execute("SELECT id FROM accounts WHERE name = ?", (name,))
+    if cursor.fetchone() is not None:
+        raise NameTaken(name)
+    stamp = now()
+    cursor.execute("INSERT INTO accounts (name, created) VALUES (?, ?)", (name, stamp))
+    accountId = cursor.lastrowid
+    cursor.execute(
+        "INSERT INTO certificates (fingerprint, account_id, issued) VALUES (?, ?, ?)",
+        (fingerprint, accountId, stamp),
+    )
+    return accountId
+
+
+def accountForCertificate(cursor, fingerprint):
+    """
+    The live account a certificate belongs to, as a dict, or None with the
+    reason as a string.
+    """
+    cursor.execute(
+        "SELECT a.id, a.name, a.created, a.deleted, c.revoked"
+        " FROM certificates c JOIN accounts a ON a.id = c.account_id"
+        " WHERE c.fingerprint = ?",
+        (fingerprint,),
+    )
+    row = cursor.fetchone()
+    if row is None:
+        return None, "the certificate is not registered to any account"
+    accountId, name, created, deleted, revoked = row
+    if deleted is not None:
+        return None, f"account {name!r} was deleted on {deleted}"
+    if revoked is not None:
+        return None, f"the certificate of account {name!r} was revoked on {revoked}"
+    return {"id": accountId, "name": name, "created": created}, None
+
+
+def listAccounts(cursor):
+    cursor.execute(
+        "SELECT id, name, created, deleted FROM accounts ORDER BY id"
+    )
+    return [
+        {"id": r[0], "name": r[1], "created": r[2], "deleted": r[3]}
+        for r in cursor.fetchall()
+    ]
+
+
+def deleteAccount(cursor, name):
+    """Mark an account deleted; its certificates stop working.  Its name stays taken."""
+    cursor.execute(
+        "UPDATE accounts SET deleted = ? WHERE name = ? AND deleted IS NULL",
+        (now(), name),
+    )
+    return cursor.rowcount == 1
+
+
+class Store(Service):
+    """The SQL store as a service: opens and migrates the database at start."""
+
+    def __init__(self, reactor, path):
+        self.reactor = reactor
+        self.path = path
+        self.pool = ThreadPool(1, 1, name="cpushare-store")
+        self._conn = None
+
+    def startService(self):
+        # SQLite allows one writer; one thread keeps one connection.
+        self.pool.start()
+        Service.startService(self)
+
+    def stopService(self):
+        Service.stopService(self)
+        d = deferToThreadPool(self.reactor, self.pool, self._close)
+        d.addBoth(lambda result: self.pool.stop() or result)
+        return d
+
+    def _close(self):
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _call(self, fn, args):
+        if self._conn is None:
+            self._conn = connect(self.path)
+        return transact(self._conn, fn, *args)
+
+    def run(self, fn, *args):
+        return deferToThreadPool(self.reactor, self.pool, self._call, fn, args)
+
+    def open(self):
+        """Create or migrate the database; fires when it is ready."""
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        d = self.run(migrate)
+
+        def report(applied):
+            if applied:
+                log.info("database {path}: applied schema versions {versions}",
+                         path=self.path, versions=applied)
+            return applied
+
+        return d.addCallback(report)

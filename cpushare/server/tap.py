@@ -1,0 +1,70 @@
+"""
+twistd cpushare-server: the market server.
+
+    twistd -n cpushare-server --data DIR --listen ENDPOINT --hostname NAME
+"""
+
+import os
+
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python import usage
+
+from cpushare.protocol.heartbeat import DEFAULT_INTERVAL, DEFAULT_TIMEOUT
+
+log = Logger()
+
+DEFAULT_LISTEN = "tcp:7444"
+
+
+class Options(usage.Options):
+    synopsis = "[--data DIR] [--listen ENDPOINT] [--hostname NAME]"
+    longdesc = (
+        "Run the CPUShare market server.  The first start creates a certificate "
+        "authority, the server's certificate for --hostname and a SQLite database "
+        "in --data; give DIR/ca.pem to your users."
+    )
+    optParameters = [
+        ["data", "d", "cpushare-data", "Folder for the CA, certificates and database."],
+        ["listen", "l", DEFAULT_LISTEN,
+         "Twisted server endpoint for client connections (TLS is added)."],
+        ["hostname", None, "localhost",
+         "Name (or address) clients use to reach this server; the server "
+         "certificate is issued for it."],
+        ["heartbeat", None, DEFAULT_INTERVAL, "Seconds between heartbeats.", float],
+        ["timeout", None, DEFAULT_TIMEOUT,
+         "Seconds of silence after which a client is declared gone.", float],
+    ]
+
+    def postOptions(self):
+        if self["heartbeat"] <= 0 or self["timeout"] <= self["heartbeat"]:
+            raise usage.UsageError("--timeout must be longer than --heartbeat, both positive")
+
+
+def makeService(options, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    from cpushare.listening import ListeningService
+    from cpushare.server.credentials import loadOrCreate
+    from cpushare.server.market import Market
+    from cpushare.server.session import MarketFactory
+    from cpushare.server.store import Store
+
+    data = os.path.abspath(options["data"])
+    credentials = loadOrCreate(data, options["hostname"], log)
+    service = MultiService()
+    store = Store(reactor, os.path.join(data, "market.sqlite"))
+    store.setServiceParent(service)
+    market = Market(reactor, store, credentials,
+                    heartbeat=options["heartbeat"], timeout=options["timeout"])
+    market.setServiceParent(service)
+
+    factory = TLSMemoryBIOFactory(credentials.serverTLS(), False, MarketFactory(market))
+    ListeningService(
+        reactor, serverFromString(reactor, options["listen"]), factory,
+        "CPUShare market server", os.path.join(data, "server.address"),
+        before=store.open,
+    ).setServiceParent(service)
+    return service

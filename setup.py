@@ -1,0 +1,40 @@
+"""Packaging for CPUShare: one package, three twistd plugins and two console scripts."""
+
+from setuptools import setup
+
+setup(
+    name="cpushare",
+    version="0.1.0",
+    description="A global market for CPU time: sellers rent idle cycles to buyers' livecd VMs",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=[
+        "cpushare",
+        "cpushare.protocol",
+        "cpushare.server",
+        "cpushare.client",
+        "cpushare.vm",
+        "twisted.plugins",
+    ],
+    package_data={
+        "cpushare.server": ["schema/*.sql"],
+        "twisted": ["plugins/cpushare_plugins.py"],
+    },
+    install_requires=[
+        "Twisted[tls]>=23.10",
+        "pyOpenSSL>=23.2",
+        "cryptography>=41",
+        "service_identity>=23.1",
+        "attrs",
+    ],
+    extras_require={
+        "test": ["pytest>=7"],
+    },
+    entry_points={
+        "console_scripts": [
+            "cpushare = cpushare.client.cli:main",
+            "cpushare-admin = cpushare.server.admin:main",
+        ],
+    },
+)
