@@ -23,7 +23,7 @@ setup(
     },
     install_requires=[
         "Twisted[tls]>=23.10",
-        "pyOpenSSL>=23.2",
+        "pyOpenSSL>=25.0",
         "cryptography>=41",
         "service_identity>=23.1",
         "attrs",

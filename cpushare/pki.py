@@ -270,12 +270,10 @@ class ServerTLS:
             SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_TICKET
         )
         ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
-        ctx.use_privatekey(crypto.PKey.from_cryptography_key(loadKey(keyPEM)))
-        ctx.use_certificate(crypto.X509.from_cryptography(loadCertificate(certPEM)))
+        ctx.use_privatekey(loadKey(keyPEM))
+        ctx.use_certificate(loadCertificate(certPEM))
         ctx.check_privatekey()
-        caX509 = crypto.X509.from_cryptography(loadCertificate(caPEM))
-        ctx.get_cert_store().add_cert(caX509)
-        ctx.set_client_ca_list([caX509.get_subject()])
+        ctx.get_cert_store().add_cert(crypto.X509.from_cryptography(loadCertificate(caPEM)))
         ctx.set_verify(SSL.VERIFY_PEER, self._verify)
         ctx.set_verify_depth(2)
         ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
@@ -287,10 +285,8 @@ class ServerTLS:
             if tlsProtocol is not None and not getattr(
                 tlsProtocol, "cpushareVerifyError", None
             ):
-                subject = cert.get_subject().CN if cert is not None else "?"
-                tlsProtocol.cpushareVerifyError = (
-                    f"{verifyErrorText(errno)} (subject CN={subject!r})"
-                )
+                subject = cert.to_cryptography().subject.rfc4514_string() if cert else "?"
+                tlsProtocol.cpushareVerifyError = f"{verifyErrorText(errno)} ({subject})"
         return ok
 
     def serverConnectionForTLS(self, tlsProtocol):

@@ -238,16 +238,17 @@ class Multiplexer(Protocol):
             self._buffer = data[offset:]
 
     def _readGreeting(self, data):
+        magic = b"CPUSHARE/"
         end = data.find(b"\n", 0, MAX_GREETING)
+        if not (data.startswith(magic) or magic.startswith(data)) or (
+            end < 0 and len(data) >= MAX_GREETING
+        ):
+            self.protocolError(
+                f"the peer is not speaking the CPUShare protocol "
+                f"(it sent {data[:32]!r})"
+            )
+            return None
         if end < 0:
-            if len(data) >= MAX_GREETING or not (
-                data.startswith(b"CPUSHARE/") or b"CPUSHARE/".startswith(data)
-            ):
-                self.protocolError(
-                    f"the peer is not speaking the CPUShare protocol "
-                    f"(it sent {data[:32]!r})"
-                )
-                return None
             self._buffer = data
             return None
         match = _GREETING.match(data[:end])

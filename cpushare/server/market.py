@@ -26,8 +26,8 @@ class Market(Service):
         self.reactor = reactor
         self.store = store
         self.credentials = credentials
-        self.heartbeatInterval = heartbeat
-        self.heartbeatTimeout = timeout
+        self.heartbeatInterval = float(heartbeat)
+        self.heartbeatTimeout = float(timeout)
         self.sessions = {}
         self.relay = Relay()
         self._nextSession = 1

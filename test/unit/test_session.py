@@ -1,0 +1,183 @@
+"""
+The server and client sessions in one process, over real TLS on loopback:
+registration, mutual authentication, refusals, and the relay.
+"""
+
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.trial import unittest
+
+from cpushare import pki
+from cpushare.client.session import ConnectError, connectOnce, endpointFor
+from cpushare.protocol import commands
+from cpushare.server.credentials import loadOrCreate
+from cpushare.server.market import Market
+from cpushare.server.session import MarketFactory
+from cpushare.server.store import Store
+
+
+def sleep(seconds):
+    d = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+class MarketTests(unittest.TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        data = self.mktemp()
+        self.credentials = loadOrCreate(data, "localhost")
+        self.store = Store(reactor, data + "/market.sqlite")
+        self.store.startService()
+        self.addCleanup(self.store.stopService)
+        yield self.store.open()
+        self.market = Market(reactor, self.store, self.credentials, heartbeat=0.2, timeout=2)
+        factory = TLSMemoryBIOFactory(
+            self.credentials.serverTLS(), False, MarketFactory(self.market)
+        )
+        self.port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(self.port.stopListening)
+        self.portNumber = self.port.getHost().port
+
+    def connect(self, role="buyer", key=None, cert=None, hello=True, ca=None):
+        endpoint = endpointFor(
+            reactor, "localhost", self.portNumber, ca or self.credentials.caPEM,
+            key and pki.keyToPEM(key), cert,
+        )
+        d = connectOnce(reactor, endpoint, role, hello=hello,
+                        host="localhost", port=self.portNumber)
+
+        def track(session):
+            self.addCleanup(self.close, session)
+            return session
+
+        return d.addCallback(track)
+
+    def close(self, session):
+        if session.connected:
+            session.transport.loseConnection()
+            return session.lost
+
+    @defer.inlineCallbacks
+    def register(self, name):
+        key = pki.generateKey()
+        session = yield self.connect(hello=False)
+        result = yield session.control.callRemote(
+            commands.Register, name=name, csr=pki.makeRequest(key, name)
+        )
+        yield self.close(session)
+        return key, result["certificate"]
+
+    @defer.inlineCallbacks
+    def test_registered_certificate_authenticates_its_account(self):
+        key, cert = yield self.register("alice")
+        session = yield self.connect("seller", key, cert)
+        self.assertEqual(session.info["account"], "alice")
+        who = yield session.control.callRemote(commands.WhoAmI)
+        self.assertEqual(who["fingerprint"], pki.fingerprint(pki.loadCertificate(cert)))
+        yield session.control.callRemote(commands.Offer, cores=2, memory=512)
+        page = yield session.control.callRemote(commands.ListSellers, offset=0)
+        self.assertEqual([(s["name"], s["cores"], s["memory"]) for s in page["sellers"]],
+                         [("alice", 2, 512)])
+
+    @defer.inlineCallbacks
+    def test_heartbeats_measure_latency_both_ways(self):
+        key, cert = yield self.register("alice")
+        session = yield self.connect("seller", key, cert)
+        yield session.control.callRemote(commands.Offer, cores=1, memory=64)
+        yield sleep(0.7)
+        self.assertIsNotNone(session.heartbeat.latencyMs())
+        page = yield session.control.callRemote(commands.ListSellers, offset=0)
+        self.assertGreater(page["sellers"][0]["latency_ms"], 0)
+
+    @defer.inlineCallbacks
+    def test_no_client_certificate_can_only_register(self):
+        session = yield self.connect(hello=False)
+        with self.assertRaises(commands.NotAuthenticated) as e:
+            yield session.control.callRemote(commands.Hello, role="seller", software="x")
+        self.assertIn("no client certificate", str(e.exception))
+
+    @defer.inlineCallbacks
+    def test_a_certificate_from_another_ca_is_refused(self):
+        otherKey, otherCA = pki.createAuthority("someone else")
+        key = pki.generateKey()
+        cert = pki.signClientRequest(otherKey, otherCA, pki.makeRequest(key, "mallory"), "mallory")
+        with self.assertRaises(ConnectError) as e:
+            yield self.connect("seller", key, cert)
+        self.assertIn("refused this client's certificate", str(e.exception))
+        self.assertEqual(self.market.sessions, {})
+
+    @defer.inlineCallbacks
+    def test_the_client_refuses_a_server_signed_by_another_ca(self):
+        _, otherCA = pki.createAuthority("someone else")
+        with self.assertRaises(ConnectError) as e:
+            yield self.connect(hello=False, ca=pki.certToPEM(otherCA))
+        self.assertIn("not trusted", str(e.exception))
+
+    @defer.inlineCallbacks
+    def test_registration_refuses_bad_names_and_taken_names(self):
+        yield self.register("alice")
+        with self.assertRaises(commands.NameTaken):
+            yield self.register("alice")
+        with self.assertRaises(commands.BadRequest):
+            yield self.register("Not Valid")
+
+    @defer.inlineCallbacks
+    def test_absurd_offers_are_refused(self):
+        key, cert = yield self.register("alice")
+        seller = yield self.connect("seller", key, cert)
+        for cores, memory in [(0, 1024), (-3, 1024), (10**9, 1024), (2, 1)]:
+            with self.assertRaises(commands.BadRequest):
+                yield seller.control.callRemote(commands.Offer, cores=cores, memory=memory)
+        buyer = yield self.connect("buyer", key, cert)
+        with self.assertRaises(commands.BadRequest):
+            yield buyer.control.callRemote(commands.Offer, cores=1, memory=1024)
+
+    @defer.inlineCallbacks
+    def test_relay_links_channels_of_one_account_only(self):
+        key, cert = yield self.register("alice")
+        otherKey, otherCert = yield self.register("bob")
+        a = yield self.connect("buyer", key, cert)
+        b = yield self.connect("seller", key, cert)
+        mallory = yield self.connect("buyer", otherKey, otherCert)
+        with self.assertRaises(commands.NotPermitted):
+            yield mallory.control.callRemote(
+                commands.LinkChannel, channel=1, peer_session=b.info["session"], peer_channel=1)
+        with self.assertRaises(commands.NoSuchSession):
+            yield a.control.callRemote(
+                commands.LinkChannel, channel=1, peer_session=999, peer_channel=1)
+        with self.assertRaises(commands.BadRequest):
+            yield a.control.callRemote(
+                commands.LinkChannel, channel=0, peer_session=b.info["session"], peer_channel=1)
+
+        yield a.control.callRemote(
+            commands.LinkChannel, channel=3, peer_session=b.info["session"], peer_channel=5)
+        got = defer.DeferredQueue()
+        b.routes[5] = got.put
+        seen = []
+        mallory.routes[3] = mallory.routes[5] = seen.append
+        frames = [bytes([i]) * (60 + i) for i in range(20)]
+        for f in frames:
+            a.sendFrame(3, f)
+        a.sendFrame(4, b"unlinked channel")
+        received = []
+        for _ in frames:
+            received.append((yield got.get()))
+        self.assertEqual(received, frames)
+        self.assertEqual(seen, [])
+        stats = yield a.control.callRemote(commands.LinkStats)
+        [link] = stats["links"]
+        self.assertEqual((link["frames_out"], link["bytes_out"]),
+                         (20, sum(len(f) for f in frames)))
+        self.assertEqual(stats["unrouted"], 1)
+        self.assertEqual(b.linked, {5: (a.info["session"], 3)})
+
+        unlinked = defer.Deferred()
+        b.channelUnlinked = lambda channel, reason: unlinked.callback((channel, reason))
+        yield self.close(a)
+        channel, reason = yield unlinked
+        self.assertEqual(channel, 5)
+        self.assertIn("disconnected", reason)
