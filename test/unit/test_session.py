@@ -3,6 +3,9 @@ The server and client sessions in one process, over real TLS on loopback:
 registration, mutual authentication, refusals, and the relay.
 """
 
+import shutil
+import tempfile
+
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -28,7 +31,8 @@ class MarketTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        data = self.mktemp()
+        data = tempfile.mkdtemp(prefix="cpushare-test-")
+        self.addCleanup(shutil.rmtree, data, True)
         self.credentials = loadOrCreate(data, "localhost")
         self.store = Store(reactor, data + "/market.sqlite")
         self.store.startService()
