@@ -58,8 +58,8 @@ class MarketConnection(MultiService):
             return self.onSession(session)
 
     def _failed(self, failure, session):
-        host = self.where
-        self.log.warn("could not connect: {why}; will retry", why=explain(failure, host, ""))
+        host, _, port = self.where.rpartition(":")
+        self.log.warn("could not connect: {why}; will retry", why=explain(failure, host, port))
         return failure
 
     def _lost(self, _, session):

@@ -195,6 +195,7 @@ class MarketSession(Multiplexer):
         self._authenticated = None
         self._authWaiters = []
         self._refuseCall = None
+        self._helloDeadline = None
         self._handshakeDone = False
 
     def makeControl(self):
@@ -203,7 +204,21 @@ class MarketSession(Multiplexer):
     def connectionMade(self):
         self.connectedAt = self.reactor.seconds()
         self.market.sessionStarted(self)
+        # A connection that has not said Hello within the heartbeat timeout
+        # (stalled handshake, a client that goes quiet, a registration left
+        # open) is closed: heartbeats only start after Hello.
+        self._helloDeadline = self.reactor.callLater(
+            self.market.heartbeatTimeout, self._noHello
+        )
         Multiplexer.connectionMade(self)
+
+    def _noHello(self):
+        self._helloDeadline = None
+        self.log.warn(
+            "closing connection {peer}: no hello within {timeout:.0f}s",
+            peer=self.describePeer(), timeout=self.market.heartbeatTimeout,
+        )
+        self.transport.abortConnection()
 
     def handshakeCompleted(self):
         self._handshakeDone = True
@@ -266,6 +281,9 @@ class MarketSession(Multiplexer):
         return self.account
 
     def started(self, role, software):
+        if self._helloDeadline is not None and self._helloDeadline.active():
+            self._helloDeadline.cancel()
+        self._helloDeadline = None
         self.role = role
         self.clientSoftware = software
         self.log.info(
@@ -306,8 +324,9 @@ class MarketSession(Multiplexer):
             )
         if self.heartbeat is not None:
             self.heartbeat.stop()
-        if self._refuseCall is not None and self._refuseCall.active():
-            self._refuseCall.cancel()
+        for call in (self._refuseCall, self._helloDeadline):
+            if call is not None and call.active():
+                call.cancel()
         self.market.sessionEnded(self, "the peer disconnected")
         waiters, self._authWaiters = self._authWaiters, []
         for d in waiters:
