@@ -1,0 +1,149 @@
+"""
+Running one buyer VM in QEMU, sandboxed, on a seller's desktop.
+
+The command line gives the guest exactly what was sold and nothing else:
+
+- `-nodefaults -no-user-config -nographic`: no default devices, no config
+  files, no display;
+- `-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,
+  resourcecontrol=deny`: QEMU's seccomp filter (the process shows
+  `Seccomp: 2`);
+- `-smp`/`-m` as allocated, `-accel kvm` only after a probe proved KVM
+  works, else `tcg`;
+- the ISO read-only as a cdrom, from the seller's content-addressed cache;
+- one NIC, virtio-net, on a socketpair whose other end the seller client
+  owns (fd 3); the VM has no other network;
+- the serial console on QEMU's stdin/stdout (pipes to the seller client),
+  QMP on a second socketpair (fd 4).
+
+QEMU is started already unprivileged (`-runas` would need the privileges
+the sandbox denies): as the seller's VM user when the seller runs as root,
+else as the seller's own user; through `chrt --idle 0 nice -n 19` so it
+runs at SCHED_IDLE and the lowest priority, and the desktop's own work
+always wins.
+"""
+
+import os
+import shutil
+
+import attr
+from twisted.internet import protocol
+from twisted.logger import Logger
+
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+NIC_FD = 3
+QMP_FD = 4
+STDERR_KEPT = 8192
+
+
+class LaunchError(Exception):
+    """The VM could not be started; the message says why."""
+
+
+@attr.s(frozen=True)
+class VMConfig:
+    vmId = attr.ib()
+    cores = attr.ib()
+    memoryMB = attr.ib()
+    iso = attr.ib()
+    mac = attr.ib()
+    accel = attr.ib(default="tcg")
+
+    @accel.validator
+    def _accel(self, attribute, value):
+        if value not in ("tcg", "kvm"):
+            raise ValueError(f"unknown accelerator {value!r}")
+
+
+def commandLine(config, qemu="qemu-system-x86_64"):
+    """The QEMU argument list (argv[0] included) for C{config}."""
+    return [
+        qemu,
+        "-name", f"cpushare-vm-{config.vmId}",
+        "-nodefaults", "-no-user-config", "-nographic",
+        "-sandbox", SANDBOX,
+        "-accel", config.accel,
+        "-cpu", "max" if config.accel == "tcg" else "host",
+        "-smp", str(config.cores),
+        "-m", str(config.memoryMB),
+        "-drive", f"file={config.iso},if=ide,media=cdrom,readonly=on,format=raw",
+        "-boot", "order=d,menu=off",
+        "-netdev", f"stream,id=net0,server=off,addr.type=fd,addr.str={NIC_FD}",
+        "-device", f"virtio-net-pci,netdev=net0,mac={config.mac},romfile=",
+        "-chardev", "stdio,id=console,signal=off",
+        "-serial", "chardev:console",
+        "-chardev", f"socket,id=qmp,fd={QMP_FD}",
+        "-mon", "chardev=qmp,mode=control",
+    ]
+
+
+def idleWrapper():
+    """
+    The argv prefix that starts a program at SCHED_IDLE and nice 19 (util-linux
+    chrt, coreutils nice); both exec the next program, so QEMU keeps the pid.
+    """
+    chrt, nice = shutil.which("chrt"), shutil.which("nice")
+    if not chrt or not nice:
+        raise LaunchError("chrt (util-linux) and nice (coreutils) are needed to run VMs at idle priority")
+    return [chrt, "--idle", "0", nice, "-n", "19"]
+
+
+class VMProcess(protocol.ProcessProtocol):
+    """
+    QEMU's process.  Console output goes to C{onConsole(bytes)}; the end to
+    C{onExit(reason)} with a one-line reason.
+    """
+
+    log = Logger()
+
+    def __init__(self, vmId, onConsole, onExit):
+        self.vmId = vmId
+        self.onConsole = onConsole
+        self.onExit = onExit
+        self.stderr = b""
+        self.pid = None
+        self.ended = False
+
+    def connectionMade(self):
+        self.pid = self.transport.pid
+
+    def outReceived(self, data):
+        self.onConsole(data)
+
+    def errReceived(self, data):
+        self.stderr = (self.stderr + data)[-STDERR_KEPT:]
+
+    def writeConsole(self, data):
+        if not self.ended:
+            self.transport.write(data)
+
+    def processEnded(self, reason):
+        self.ended = True
+        code = getattr(reason.value, "exitCode", None)
+        sig = getattr(reason.value, "signal", None)
+        lines = [l for l in self.stderr.decode("utf-8", "replace").splitlines() if l.strip()]
+        detail = lines[-1].strip() if lines else ""
+        if detail.startswith("qemu-system-x86_64: "):
+            detail = detail[len("qemu-system-x86_64: "):]
+        if sig is not None:
+            why = f"killed by signal {sig}"
+        elif code == 0:
+            why = "powered off"
+        else:
+            why = f"QEMU exited with status {code}"
+        reasonText = f"{why}: {detail}" if detail and code != 0 else why
+        self.log.info("VM {vm} ended: {why}", vm=self.vmId, why=reasonText)
+        self.onExit(reasonText)
+
+
+def spawn(reactor, config, vmProcess, nicFd, qmpFd, qemu, uid=None, gid=None, cwd="/"):
+    """
+    Start QEMU for C{config}; returns the process transport.  C{nicFd} and
+    C{qmpFd} are the VM's ends of the NIC and QMP socketpairs.
+    """
+    argv = idleWrapper() + commandLine(config, qemu)
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C"}
+    return reactor.spawnProcess(
+        vmProcess, argv[0], argv, env=env, path=cwd, uid=uid, gid=gid,
+        childFDs={0: "w", 1: "r", 2: "r", NIC_FD: nicFd, QMP_FD: qmpFd},
+    )

@@ -1,0 +1,80 @@
+"""The QEMU command line and the VM process, without QEMU."""
+
+import pytest
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.python.failure import Failure
+
+from cpushare.vm import qemu
+
+
+def config(**kw):
+    values = dict(vmId="v1", cores=2, memoryMB=512, iso="/cache/ab.iso", mac="52:54:00:00:00:01")
+    values.update(kw)
+    return qemu.VMConfig(**values)
+
+
+def option(argv, name):
+    """Every value given to option C{name}."""
+    return [argv[i + 1] for i, a in enumerate(argv) if a == name]
+
+
+def test_the_guest_gets_what_was_sold_and_nothing_else():
+    argv = qemu.commandLine(config(), "/usr/bin/qemu-system-x86_64")
+    assert argv[0] == "/usr/bin/qemu-system-x86_64"
+    for flag in ("-nodefaults", "-no-user-config", "-nographic"):
+        assert flag in argv
+    assert option(argv, "-sandbox") == [
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+    assert option(argv, "-smp") == ["2"] and option(argv, "-m") == ["512"]
+    assert option(argv, "-accel") == ["tcg"]
+    [drive] = option(argv, "-drive")
+    assert "file=/cache/ab.iso" in drive and "readonly=on" in drive and "media=cdrom" in drive
+    # One NIC, on the socketpair fd the seller owns; no other network.
+    assert option(argv, "-netdev") == ["stream,id=net0,server=off,addr.type=fd,addr.str=3"]
+    assert option(argv, "-device") == ["virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,romfile="]
+    assert "-runas" not in argv
+    assert not any(a.startswith("user") for a in option(argv, "-netdev"))
+
+
+def test_kvm_only_when_asked_and_nothing_else():
+    assert option(qemu.commandLine(config(accel="kvm")), "-accel") == ["kvm"]
+    with pytest.raises(ValueError):
+        config(accel="hvf")
+
+
+def test_the_wrapper_runs_qemu_at_idle_priority():
+    wrapper = qemu.idleWrapper()
+    assert wrapper[0].endswith("chrt") and wrapper[1:3] == ["--idle", "0"]
+    assert wrapper[3].endswith("nice") and wrapper[4:] == ["-n", "19"]
+
+
+class FakeProcessTransport:
+    pid = 4242
+
+    def __init__(self):
+        self.written = []
+
+    def write(self, data):
+        self.written.append(data)
+
+
+def run(reason, stderr=b""):
+    console, ends = [], []
+    p = qemu.VMProcess("v1", console.append, ends.append)
+    p.makeConnection(FakeProcessTransport())
+    p.outReceived(b"CPUSHARE-READY\r\n")
+    p.errReceived(stderr)
+    p.writeConsole(b"ls\n")
+    p.processEnded(Failure(reason))
+    assert console == [b"CPUSHARE-READY\r\n"]
+    assert p.transport.written == [b"ls\n"]
+    p.writeConsole(b"too late\n")
+    assert p.transport.written == [b"ls\n"]
+    return ends
+
+
+def test_exit_reasons_name_the_problem():
+    assert run(ProcessDone(0)) == ["powered off"]
+    assert run(ProcessTerminated(1), b"qemu-system-x86_64: -drive file=/x: Could not open '/x'\n") == [
+        "QEMU exited with status 1: -drive file=/x: Could not open '/x'"]
+    assert run(ProcessTerminated(signal=9)) == ["killed by signal 9"]
