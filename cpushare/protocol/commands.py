@@ -36,6 +36,10 @@ class NotPermitted(CPUShareError):
     pass
 
 
+class QuotaExceeded(CPUShareError):
+    pass
+
+
 COMMON_ERRORS = {
     NotAuthenticated: b"NOT_AUTHENTICATED",
     BadRequest: b"BAD_REQUEST",
@@ -192,5 +196,48 @@ class LinkStats(amp.Command):
             (b"dropped", amp.Integer()),
         ])),
         (b"unrouted", amp.Integer()),
+    ]
+    errors = COMMON_ERRORS
+
+
+IMAGE_CHUNK = 60000
+
+
+class ImageUploadStart(amp.Command):
+    """
+    Announce an image upload.  C{needed} is False when this account already
+    holds the image: nothing is sent.
+    """
+
+    arguments = [(b"sha256", amp.Unicode()), (b"size", amp.Integer()), (b"name", amp.Unicode())]
+    response = [(b"needed", amp.Boolean())]
+    errors = {**COMMON_ERRORS, QuotaExceeded: b"QUOTA_EXCEEDED"}
+
+
+class ImageUploadChunk(amp.Command):
+    """Bytes of the upload at C{offset}, in order, at most IMAGE_CHUNK at a time."""
+
+    arguments = [(b"sha256", amp.Unicode()), (b"offset", amp.Integer()), (b"data", amp.String())]
+    response = []
+    errors = COMMON_ERRORS
+
+
+class ImageUploadFinish(amp.Command):
+    """All bytes sent: the server checks size and sha256 and stores the image."""
+
+    arguments = [(b"sha256", amp.Unicode())]
+    response = []
+    errors = COMMON_ERRORS
+
+
+class ListImages(amp.Command):
+    arguments = []
+    response = [
+        (b"images", amp.AmpList([
+            (b"sha256", amp.Unicode()),
+            (b"name", amp.Unicode()),
+            (b"size", amp.Integer()),
+            (b"uploaded", amp.Unicode()),
+        ])),
     ]
     errors = COMMON_ERRORS

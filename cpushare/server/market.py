@@ -21,10 +21,11 @@ MAX_CSR = 16 * 1024
 class Market(Service):
     log = Logger()
 
-    def __init__(self, reactor, store, credentials,
+    def __init__(self, reactor, store, credentials, images=None,
                  heartbeat=DEFAULT_INTERVAL, timeout=DEFAULT_TIMEOUT):
         self.reactor = reactor
         self.store = store
+        self.images = images
         self.credentials = credentials
         self.heartbeatInterval = float(heartbeat)
         self.heartbeatTimeout = float(timeout)
@@ -32,10 +33,17 @@ class Market(Service):
         self.relay = Relay()
         self._nextSession = 1
 
+    def startService(self):
+        Service.startService(self)
+        if self.images is not None:
+            self.images.start()
+
     def stopService(self):
         Service.stopService(self)
         for session in list(self.sessions.values()):
             session.transport.loseConnection()
+        if self.images is not None:
+            self.images.stop()
 
     # -- sessions
 

@@ -3,6 +3,7 @@ The server side of one client connection: TLS identity, the control
 commands, heartbeats and the channels it relays.
 """
 
+from twisted.internet import defer
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Factory
@@ -124,6 +125,56 @@ class ServerControl(ControlProtocol):
             page.append(entry)
         return {"sellers": page, "total": len(sellers)}
 
+    @commands.ImageUploadStart.responder
+    def imageUploadStart(self, sha256, size, name):
+        session = self.session
+        account = session.requireHello()
+        if sha256 in session.uploads:
+            raise BadRequest(f"image {sha256} is already being uploaded on this connection")
+
+        async def start():
+            upload = await session.market.images.begin(account, sha256, size, name)
+            if upload is None:
+                return {"needed": False}
+            if not session.connected:
+                upload.abort()
+                return {"needed": False}
+            session.uploads[sha256] = upload
+            return {"needed": True}
+
+        return defer.ensureDeferred(start())
+
+    def _upload(self, sha256):
+        self.session.requireHello()
+        upload = self.session.uploads.get(sha256)
+        if upload is None:
+            raise BadRequest(f"no upload of image {sha256} was started on this connection")
+        return upload
+
+    @commands.ImageUploadChunk.responder
+    def imageUploadChunk(self, sha256, offset, data):
+        upload = self._upload(sha256)
+        if len(data) > commands.IMAGE_CHUNK:
+            raise BadRequest(f"chunks are at most {commands.IMAGE_CHUNK} bytes")
+        return upload.write(offset, data).addCallback(lambda _: {})
+
+    @commands.ImageUploadFinish.responder
+    def imageUploadFinish(self, sha256):
+        upload = self._upload(sha256)
+        del self.session.uploads[sha256]
+
+        async def finish():
+            await self.session.market.images.complete(upload)
+            return {}
+
+        return defer.ensureDeferred(finish())
+
+    @commands.ListImages.responder
+    def listImages(self):
+        account = self.session.requireHello()
+        return self.session.market.images.list(account).addCallback(
+            lambda images: {"images": images})
+
     @commands.Ping.responder
     def ping(self, sent):
         result = {"sent": sent}
@@ -190,6 +241,7 @@ class MarketSession(Multiplexer):
         self.offer = None
         self.heartbeat = None
         self.links = {}
+        self.uploads = {}
         self.connectedAt = None
         self.refusal = None
         self._authenticated = None
@@ -327,6 +379,9 @@ class MarketSession(Multiplexer):
         for call in (self._refuseCall, self._helloDeadline):
             if call is not None and call.active():
                 call.cancel()
+        for upload in self.uploads.values():
+            upload.abort()
+        self.uploads = {}
         self.market.sessionEnded(self, "the peer disconnected")
         waiters, self._authWaiters = self._authWaiters, []
         for d in waiters:

@@ -191,3 +191,53 @@ class Store(Service):
             return applied
 
         return d.addCallback(report)
+
+
+# -- images
+
+
+def accountImages(cursor, accountId):
+    cursor.execute(
+        "SELECT ai.sha256, ai.name, i.size, ai.uploaded"
+        " FROM account_images ai JOIN images i ON i.sha256 = ai.sha256"
+        " WHERE ai.account_id = ? ORDER BY ai.uploaded, ai.sha256",
+        (accountId,),
+    )
+    return [
+        {"sha256": r[0], "name": r[1], "size": r[2], "uploaded": r[3]}
+        for r in cursor.fetchall()
+    ]
+
+
+def imageUsage(cursor, accountId):
+    """The bytes of images the account holds."""
+    cursor.execute(
+        "SELECT COALESCE(SUM(i.size), 0) FROM account_images ai"
+        " JOIN images i ON i.sha256 = ai.sha256 WHERE ai.account_id = ?",
+        (accountId,),
+    )
+    return cursor.fetchone()[0]
+
+
+def accountHasImage(cursor, accountId, sha256):
+    cursor.execute(
+        "SELECT 1 FROM account_images WHERE account_id = ? AND sha256 = ?",
+        (accountId, sha256),
+    )
+    return cursor.fetchone() is not None
+
+
+def addAccountImage(cursor, accountId, sha256, size, name):
+    stamp = now()
+    cursor.execute("SELECT size FROM images WHERE sha256 = ?", (sha256,))
+    row = cursor.fetchone()
+    if row is None:
+        cursor.execute(
+            "INSERT INTO images (sha256, size, stored) VALUES (?, ?, ?)",
+            (sha256, size, stamp),
+        )
+    cursor.execute(
+        "INSERT INTO account_images (account_id, sha256, name, uploaded)"
+        " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        (accountId, sha256, name, stamp),
+    )

@@ -36,6 +36,7 @@ class Options(usage.Options):
         ["heartbeat", None, DEFAULT_INTERVAL, "Seconds between heartbeats.", float],
         ["timeout", None, DEFAULT_TIMEOUT,
          "Seconds of silence after which a client is declared gone.", float],
+        ["image-quota", None, 4096, "Megabytes of images each account may store.", int],
     ]
 
     def postOptions(self):
@@ -48,6 +49,7 @@ def makeService(options, reactor=None):
         from twisted.internet import reactor
     from cpushare.listening import ListeningService
     from cpushare.server.credentials import loadOrCreate
+    from cpushare.server.images import ImageStore
     from cpushare.server.market import Market
     from cpushare.server.session import MarketFactory
     from cpushare.server.store import Store
@@ -57,7 +59,9 @@ def makeService(options, reactor=None):
     service = MultiService()
     store = Store(reactor, os.path.join(data, "market.sqlite"))
     store.setServiceParent(service)
-    market = Market(reactor, store, credentials,
+    images = ImageStore(reactor, store, os.path.join(data, "images"),
+                        quota=options["image-quota"] * 1024 * 1024)
+    market = Market(reactor, store, credentials, images,
                     heartbeat=options["heartbeat"], timeout=options["timeout"])
     market.setServiceParent(service)
 

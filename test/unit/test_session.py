@@ -3,6 +3,7 @@ The server and client sessions in one process, over real TLS on loopback:
 registration, mutual authentication, refusals, and the relay.
 """
 
+import os
 import shutil
 import tempfile
 
@@ -26,7 +27,9 @@ def sleep(seconds):
     return d
 
 
-class MarketTests(unittest.TestCase):
+class MarketCase(unittest.TestCase):
+    """A market server in this process, on loopback, with real TLS."""
+
     timeout = 30
 
     @defer.inlineCallbacks
@@ -75,6 +78,8 @@ class MarketTests(unittest.TestCase):
         yield self.close(session)
         return key, result["certificate"]
 
+
+class MarketTests(MarketCase):
     @defer.inlineCallbacks
     def test_registered_certificate_authenticates_its_account(self):
         key, cert = yield self.register("alice")
@@ -185,3 +190,95 @@ class MarketTests(unittest.TestCase):
         channel, reason = yield unlinked
         self.assertEqual(channel, 5)
         self.assertIn("disconnected", reason)
+
+
+class ImageTests(MarketCase):
+    """Uploading images to the market's store."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield MarketCase.setUp(self)
+        from cpushare.server.images import ImageStore
+        self.images = ImageStore(reactor, self.store, tempfile.mkdtemp(prefix="cpushare-img-"),
+                                 quota=3 * 1024 * 1024)
+        self.addCleanup(shutil.rmtree, self.images.folder, True)
+        self.images.start()
+        self.addCleanup(self.images.stop)
+        self.market.images = self.images
+
+    def makeFile(self, size, seed=b"x"):
+        path = os.path.join(self.images.folder, f"upload-{size}-{seed.hex()}.iso")
+        with open(path, "wb") as f:
+            f.write((seed * (size // len(seed) + 1))[:size])
+        return path
+
+    @defer.inlineCallbacks
+    def test_upload_is_stored_by_sha256_and_not_sent_twice(self):
+        from cpushare.client import images
+        key, cert = yield self.register("alice")
+        session = yield self.connect("cli", key, cert)
+        path = self.makeFile(1000003, b"abc")
+        seen = []
+        sha256, size, sent = yield defer.ensureDeferred(
+            images.upload(reactor, session, path, progress=seen.append))
+        self.assertTrue(sent)
+        self.assertEqual((sha256, size), images.hashFile(path))
+        self.assertEqual(seen[-1], size)
+        with open(self.images.pathFor(sha256), "rb") as f, open(path, "rb") as g:
+            self.assertEqual(f.read(), g.read())
+        listed = yield session.control.callRemote(commands.ListImages)
+        self.assertEqual([(i["sha256"], i["size"], i["name"]) for i in listed["images"]],
+                         [(sha256, size, os.path.basename(path))])
+        _, _, sent = yield defer.ensureDeferred(images.upload(reactor, session, path))
+        self.assertFalse(sent)
+        # Another account holding the same image still has to send it.
+        otherKey, otherCert = yield self.register("bob")
+        other = yield self.connect("cli", otherKey, otherCert)
+        _, _, sent = yield defer.ensureDeferred(images.upload(reactor, other, path))
+        self.assertTrue(sent)
+        self.assertEqual(os.listdir(self.images.incoming), [])
+
+    @defer.inlineCallbacks
+    def test_a_wrong_digest_is_refused_and_nothing_is_kept(self):
+        key, cert = yield self.register("alice")
+        session = yield self.connect("cli", key, cert)
+        yield session.control.callRemote(
+            commands.ImageUploadStart, sha256="0" * 64, size=5, name="fake.iso")
+        yield session.control.callRemote(
+            commands.ImageUploadChunk, sha256="0" * 64, offset=0, data=b"hello")
+        with self.assertRaises(commands.BadRequest) as e:
+            yield session.control.callRemote(commands.ImageUploadFinish, sha256="0" * 64)
+        self.assertIn("discarded", str(e.exception))
+        listed = yield session.control.callRemote(commands.ListImages)
+        self.assertEqual(listed["images"], [])
+        self.assertEqual(os.listdir(self.images.incoming), [])
+        self.assertFalse(os.path.exists(self.images.pathFor("0" * 64)))
+
+    @defer.inlineCallbacks
+    def test_bad_uploads_are_refused_with_the_reason(self):
+        key, cert = yield self.register("alice")
+        session = yield self.connect("cli", key, cert)
+        call = session.control.callRemote
+        for kw, words in [
+            (dict(sha256="xyz", size=5, name="a"), "not a sha256"),
+            (dict(sha256="a" * 64, size=0, name="a"), "between 1 byte"),
+            (dict(sha256="a" * 64, size=-5, name="a"), "between 1 byte"),
+            (dict(sha256="a" * 64, size=5, name=""), "name"),
+        ]:
+            with self.assertRaises(commands.BadRequest) as e:
+                yield call(commands.ImageUploadStart, **kw)
+            self.assertIn(words, str(e.exception))
+        with self.assertRaises(commands.QuotaExceeded):
+            yield call(commands.ImageUploadStart, sha256="a" * 64, size=4 * 2**20, name="big")
+        with self.assertRaises(commands.BadRequest):
+            yield call(commands.ImageUploadChunk, sha256="b" * 64, offset=0, data=b"x")
+        yield call(commands.ImageUploadStart, sha256="c" * 64, size=10, name="c")
+        with self.assertRaises(commands.BadRequest) as e:
+            yield call(commands.ImageUploadChunk, sha256="c" * 64, offset=3, data=b"x")
+        self.assertIn("offset 0", str(e.exception))
+        with self.assertRaises(commands.BadRequest) as e:
+            yield call(commands.ImageUploadChunk, sha256="c" * 64, offset=0, data=b"x" * 11)
+        self.assertIn("larger than", str(e.exception))
+        with self.assertRaises(commands.BadRequest) as e:
+            yield call(commands.ImageUploadFinish, sha256="c" * 64)
+        self.assertIn("0 of 10 bytes", str(e.exception))

@@ -1,0 +1,109 @@
+"""
+Images on the buyer's side: hashing and uploading an ISO to the market.
+
+The file is read and hashed on a thread, never on the reactor.  The upload
+is pipelined: up to WINDOW chunks are in flight, each acknowledged by the
+server, so a slow link slows the upload instead of growing a queue.
+"""
+
+import hashlib
+import os
+import sys
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+
+from cpushare.protocol import commands
+
+WINDOW = 8
+READ = 1024 * 1024
+
+
+def hashFile(path):
+    """(sha256 hex, size) of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(READ)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest(), os.path.getsize(path)
+
+
+def _readAt(path, offset, length):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+class ProgressBar:
+    """A one-line progress bar on a terminal (nothing when not a terminal)."""
+
+    def __init__(self, total, stream=sys.stderr, width=30):
+        self.total = total
+        self.stream = stream
+        self.width = width
+        self.tty = stream.isatty()
+
+    def update(self, done):
+        if not self.tty:
+            return
+        filled = int(self.width * done / self.total) if self.total else self.width
+        self.stream.write(
+            f"\r[{'#' * filled}{'.' * (self.width - filled)}] "
+            f"{done / 2**20:.1f}/{self.total / 2**20:.1f} MB"
+        )
+        self.stream.flush()
+
+    def close(self):
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+async def upload(reactor, session, path, name=None, progress=None):
+    """
+    Upload the ISO at C{path}; returns (sha256, size, sent), C{sent} False
+    when the market already had it for this account.
+    """
+    pool = reactor.getThreadPool()
+    sha256, size = await deferToThreadPool(reactor, pool, hashFile, path)
+    name = name or os.path.basename(path)
+    started = await session.control.callRemote(
+        commands.ImageUploadStart, sha256=sha256, size=size, name=name)
+    if not started["needed"]:
+        return sha256, size, False
+    window = defer.DeferredSemaphore(WINDOW)
+    sent = 0
+    failures = []
+
+    def acked(result, n):
+        nonlocal sent
+        sent += n
+        if progress:
+            progress(sent)
+        window.release()
+
+    def failed(failure):
+        failures.append(failure)
+        window.release()
+
+    offset = 0
+    while offset < size and not failures:
+        await window.acquire()
+        data = await deferToThreadPool(
+            reactor, pool, _readAt, path, offset, commands.IMAGE_CHUNK)
+        if not data:
+            window.release()
+            raise OSError(f"{path} shrank while it was being uploaded")
+        d = session.control.callRemote(
+            commands.ImageUploadChunk, sha256=sha256, offset=offset, data=data)
+        d.addCallbacks(acked, failed, callbackArgs=(len(data),))
+        offset += len(data)
+    for _ in range(WINDOW):
+        await window.acquire()
+    if failures:
+        failures[0].raiseException()
+    await session.control.callRemote(commands.ImageUploadFinish, sha256=sha256)
+    return sha256, size, True
