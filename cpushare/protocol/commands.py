@@ -241,3 +241,168 @@ class ListImages(amp.Command):
         ])),
     ]
     errors = COMMON_ERRORS
+
+
+# -- orders and VMs
+#
+# Channel numbers for a VM are fixed by its id, on every connection that
+# carries them: the NIC is channel 2*vm, the serial console 2*vm+1.
+
+
+class NoSuchVM(CPUShareError):
+    pass
+
+
+VM_ERRORS = {**COMMON_ERRORS, NoSuchVM: b"NO_SUCH_VM"}
+
+
+def nicChannel(vm):
+    return 2 * vm
+
+
+def consoleChannel(vm):
+    return 2 * vm + 1
+
+
+class PlaceOrder(amp.Command):
+    """
+    Buyer: run C{vms} VMs of C{cores} cores and C{memory} MB each, booting
+    the image C{image} (a sha256 this account uploaded).  VMs that fit on
+    connected sellers now are allocated at once (first fit); the rest wait
+    for capacity.
+    """
+
+    arguments = [
+        (b"image", amp.Unicode()),
+        (b"vms", amp.Integer()),
+        (b"cores", amp.Integer()),
+        (b"memory", amp.Integer()),
+    ]
+    response = [(b"order", amp.Integer()), (b"vm_ids", amp.ListOf(amp.Integer())),
+                (b"allocated", amp.Integer())]
+    errors = COMMON_ERRORS
+
+
+class CancelOrder(amp.Command):
+    arguments = [(b"order", amp.Integer())]
+    response = [(b"stopped", amp.Integer())]
+    errors = COMMON_ERRORS
+
+
+class ListVMs(amp.Command):
+    """Buyer: this account's VMs, newest first (at most 1000)."""
+
+    arguments = [(b"all", amp.Boolean(optional=True))]
+    response = [
+        (b"vms", amp.AmpList([
+            (b"vm", amp.Integer()),
+            (b"order", amp.Integer()),
+            (b"seller", amp.Unicode(optional=True)),
+            (b"state", amp.Unicode()),
+            (b"mac", amp.Unicode()),
+            (b"ip", amp.Unicode(optional=True)),
+            (b"cores", amp.Integer()),
+            (b"memory", amp.Integer()),
+            (b"started", amp.Float(optional=True)),
+            (b"ended", amp.Float(optional=True)),
+            (b"cpu_seconds", amp.Float()),
+            (b"reason", amp.Unicode(optional=True)),
+        ])),
+    ]
+    errors = COMMON_ERRORS
+
+
+class StopVM(amp.Command):
+    """Buyer to server: stop one of its VMs.  Server to seller: stop it."""
+
+    arguments = [(b"vm", amp.Integer())]
+    response = []
+    errors = VM_ERRORS
+
+
+class AttachConsole(amp.Command):
+    """
+    Buyer: link this connection's channel consoleChannel(vm) to the VM's
+    serial console.
+    """
+
+    arguments = [(b"vm", amp.Integer())]
+    response = [(b"channel", amp.Integer())]
+    errors = VM_ERRORS
+
+
+class StartVM(amp.Command):
+    """Server to seller: boot a VM (fetching the image first if needed)."""
+
+    arguments = [
+        (b"vm", amp.Integer()),
+        (b"image", amp.Unicode()),
+        (b"size", amp.Integer()),
+        (b"cores", amp.Integer()),
+        (b"memory", amp.Integer()),
+        (b"mac", amp.Unicode()),
+    ]
+    response = []
+    errors = COMMON_ERRORS
+
+
+class FetchImageChunk(amp.Command):
+    """Seller: C{length} bytes at C{offset} of the image of VM C{vm}."""
+
+    arguments = [(b"vm", amp.Integer()), (b"offset", amp.Integer()),
+                 (b"length", amp.Integer())]
+    response = [(b"data", amp.String())]
+    errors = VM_ERRORS
+
+
+VM_STATES = ("allocated", "fetching", "booting", "running", "stopped", "failed", "lost")
+
+
+class VMState(amp.Command):
+    """
+    Seller to server: a VM's state changed (or a periodic report of its CPU
+    seconds).  C{reason} says why a VM stopped or failed.
+    """
+
+    arguments = [
+        (b"vm", amp.Integer()),
+        (b"state", amp.Unicode()),
+        (b"cpu_seconds", amp.Float()),
+        (b"reason", amp.Unicode(optional=True)),
+    ]
+    response = []
+    errors = VM_ERRORS
+
+
+class ReattachVMs(amp.Command):
+    """
+    Seller, after reconnecting: the VMs it kept running while it was away.
+    The server answers with the ones it still wants; the seller stops the
+    others.
+    """
+
+    arguments = [(b"vms", amp.ListOf(amp.Integer()))]
+    response = [(b"keep", amp.ListOf(amp.Integer()))]
+    errors = COMMON_ERRORS
+
+
+class PortAttached(amp.Command):
+    """Server to buyer: VM C{vm}'s NIC now arrives on channel nicChannel(vm)."""
+
+    arguments = [(b"vm", amp.Integer()), (b"mac", amp.Unicode())]
+    response = []
+    requiresAnswer = False
+
+
+class PortDetached(amp.Command):
+    arguments = [(b"vm", amp.Integer()), (b"reason", amp.Unicode())]
+    response = []
+    requiresAnswer = False
+
+
+class VMAddress(amp.Command):
+    """Buyer to server: the buyer's DHCP server leased C{ip} to VM C{vm}."""
+
+    arguments = [(b"vm", amp.Integer()), (b"ip", amp.Unicode())]
+    response = []
+    errors = VM_ERRORS

@@ -12,6 +12,7 @@ from cpushare import pki
 from cpushare.protocol import commands
 from cpushare.protocol.heartbeat import DEFAULT_INTERVAL, DEFAULT_TIMEOUT
 from cpushare.server import store
+from cpushare.server.orders import Orders
 from cpushare.server.relay import Relay
 
 ACCOUNT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}\Z")
@@ -31,6 +32,7 @@ class Market(Service):
         self.heartbeatTimeout = float(timeout)
         self.sessions = {}
         self.relay = Relay()
+        self.orders = Orders(self)
         self._nextSession = 1
 
     def startService(self):
@@ -40,6 +42,7 @@ class Market(Service):
 
     def stopService(self):
         Service.stopService(self)
+        self.orders.stop()
         for session in list(self.sessions.values()):
             session.transport.loseConnection()
         if self.images is not None:
@@ -56,6 +59,19 @@ class Market(Service):
         if self.sessions.get(session.sessionId) is session:
             del self.sessions[session.sessionId]
         self.relay.dropSession(session, reason)
+        self.orders.sessionLost(session)
+
+    def buyerSession(self, accountId):
+        """The account's buyer program's session (the oldest, if several), or None."""
+        for _, s in sorted(self.sessions.items()):
+            if s.role == "buyer" and s.account["id"] == accountId and s.connected:
+                return s
+        return None
+
+    async def open(self):
+        """Open the database and bring back the active VMs: run before listening."""
+        await self.store.open()
+        await self.orders.load()
 
     def sellers(self):
         """The sellers online now, ordered by session."""

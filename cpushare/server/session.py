@@ -97,6 +97,7 @@ class ServerControl(ControlProtocol):
         if not 64 <= memory <= MAX_MEMORY_MB:
             raise BadRequest(f"memory must be between 64 and {MAX_MEMORY_MB} MB, not {memory}")
         session.offer = {"cores": cores, "memory": memory}
+        session.market.orders.capacityChanged()
         session.log.info(
             "seller {name} (session {session}) offers {cores} cores, {memory} MB",
             name=session.account["name"], session=session.sessionId,
@@ -175,6 +176,59 @@ class ServerControl(ControlProtocol):
         return self.session.market.images.list(account).addCallback(
             lambda images: {"images": images})
 
+    # -- orders and VMs
+
+    @commands.PlaceOrder.responder
+    def placeOrder(self, image, vms, cores, memory):
+        account = self.session.requireHello()
+        orders = self.session.market.orders
+        return defer.ensureDeferred(orders.place(account, image, vms, cores, memory))
+
+    @commands.CancelOrder.responder
+    def cancelOrder(self, order):
+        account = self.session.requireHello()
+        return {"stopped": self.session.market.orders.cancel(account, order)}
+
+    @commands.ListVMs.responder
+    def listVMs(self, all=False):
+        account = self.session.requireHello()
+        d = self.session.market.orders.list(account)
+        return d.addCallback(lambda vms: {"vms": vms})
+
+    @commands.StopVM.responder
+    def stopVM(self, vm):
+        account = self.session.requireHello()
+        self.session.market.orders.stopVM(account, vm)
+        return {}
+
+    @commands.AttachConsole.responder
+    def attachConsole(self, vm):
+        self.session.requireHello()
+        return {"channel": self.session.market.orders.attachConsole(self.session, vm)}
+
+    @commands.VMState.responder
+    def vmState(self, vm, state, cpu_seconds, reason=None):
+        self.session.requireRole("seller")
+        self.session.market.orders.vmState(self.session, vm, state, cpu_seconds, reason)
+        return {}
+
+    @commands.FetchImageChunk.responder
+    def fetchImageChunk(self, vm, offset, length):
+        self.session.requireRole("seller")
+        d = self.session.market.orders.fetchChunk(self.session, vm, offset, length)
+        return d.addCallback(lambda data: {"data": data})
+
+    @commands.ReattachVMs.responder
+    def reattachVMs(self, vms):
+        self.session.requireRole("seller")
+        return {"keep": self.session.market.orders.reattach(self.session, vms)}
+
+    @commands.VMAddress.responder
+    def vmAddress(self, vm, ip):
+        account = self.session.requireRole("buyer")
+        self.session.market.orders.vmAddress(account, vm, ip)
+        return {}
+
     @commands.Ping.responder
     def ping(self, sent):
         result = {"sent": sent}
@@ -242,6 +296,7 @@ class MarketSession(Multiplexer):
         self.heartbeat = None
         self.links = {}
         self.uploads = {}
+        self.vms = {}
         self.connectedAt = None
         self.refusal = None
         self._authenticated = None
@@ -348,6 +403,14 @@ class MarketSession(Multiplexer):
             self.market.heartbeatTimeout,
         )
         self.heartbeat.start()
+        if role == "buyer":
+            self.market.orders.buyerConnected(self)
+
+    def requireRole(self, role):
+        account = self.requireHello()
+        if self.role != role:
+            raise BadRequest(f"only a {role} connection may do that")
+        return account
 
     def peerSilent(self, seconds):
         self.log.warn(

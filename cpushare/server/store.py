@@ -241,3 +241,90 @@ def addAccountImage(cursor, accountId, sha256, size, name):
         " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
         (accountId, sha256, name, stamp),
     )
+
+
+# -- orders and VMs
+
+
+def imageSize(cursor, accountId, sha256):
+    """The size of an image the account holds, or None."""
+    cursor.execute(
+        "SELECT i.size FROM account_images ai JOIN images i ON i.sha256 = ai.sha256"
+        " WHERE ai.account_id = ? AND ai.sha256 = ?",
+        (accountId, sha256),
+    )
+    row = cursor.fetchone()
+    return None if row is None else row[0]
+
+
+def createOrder(cursor, accountId, image, vms, cores, memory):
+    """Create an order and its VMs; returns (order id, [vm ids])."""
+    stamp = now()
+    cursor.execute(
+        "INSERT INTO orders (account_id, image, vms, cores, memory, state, created)"
+        " VALUES (?, ?, ?, ?, ?, 'open', ?)",
+        (accountId, image, vms, cores, memory, stamp),
+    )
+    orderId = cursor.lastrowid
+    ids = []
+    for _ in range(vms):
+        cursor.execute(
+            "INSERT INTO vms (order_id, mac, state, created) VALUES (?, '', 'pending', ?)",
+            (orderId, stamp),
+        )
+        vmId = cursor.lastrowid
+        cursor.execute("UPDATE vms SET mac = ? WHERE id = ?", (macFor(vmId), vmId))
+        ids.append(vmId)
+    return orderId, ids
+
+
+def macFor(vmId):
+    """A locally administered unicast MAC, unique per VM id."""
+    b = vmId.to_bytes(4, "big")
+    return "0a:cb:" + ":".join(f"{x:02x}" for x in b)
+
+
+def updateVM(cursor, vmId, **fields):
+    names = sorted(fields)
+    cursor.execute(
+        "UPDATE vms SET " + ", ".join(f"{n} = ?" for n in names) + " WHERE id = ?",
+        [fields[n] for n in names] + [vmId],
+    )
+
+
+def closeOrder(cursor, orderId, state):
+    cursor.execute("UPDATE orders SET state = ? WHERE id = ?", (state, orderId))
+
+
+ACTIVE_STATES = ("pending", "allocated", "fetching", "booting", "running", "detached")
+
+
+def activeVMs(cursor):
+    """VMs that were not over when the server last stopped, with their orders."""
+    cursor.execute(
+        "SELECT v.id, v.order_id, v.seller_account_id, v.mac, v.state, v.started,"
+        " v.cpu_seconds, v.ip, o.account_id, o.image, o.cores, o.memory, i.size,"
+        " a.name, s.name"
+        " FROM vms v JOIN orders o ON o.id = v.order_id"
+        " JOIN images i ON i.sha256 = o.image"
+        " JOIN accounts a ON a.id = o.account_id"
+        " LEFT JOIN accounts s ON s.id = v.seller_account_id"
+        " WHERE v.state IN (" + ",".join("?" * len(ACTIVE_STATES)) + ")"
+        " ORDER BY v.id",
+        ACTIVE_STATES,
+    )
+    return cursor.fetchall()
+
+
+def accountVMs(cursor, accountId, limit=1000):
+    cursor.execute(
+        "SELECT v.id, v.order_id, s.name, v.state, v.mac, v.ip, o.cores, o.memory,"
+        " v.started, v.ended, v.cpu_seconds, v.reason"
+        " FROM vms v JOIN orders o ON o.id = v.order_id"
+        " LEFT JOIN accounts s ON s.id = v.seller_account_id"
+        " WHERE o.account_id = ? ORDER BY v.id DESC LIMIT ?",
+        (accountId, limit),
+    )
+    keys = ("vm", "order", "seller", "state", "mac", "ip", "cores", "memory",
+            "started", "ended", "cpu_seconds", "reason")
+    return [dict(zip(keys, row)) for row in cursor.fetchall()]

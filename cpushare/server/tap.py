@@ -7,6 +7,7 @@ twistd cpushare-server: the market server.
 import os
 
 from twisted.application.service import MultiService
+from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -69,6 +70,6 @@ def makeService(options, reactor=None):
     ListeningService(
         reactor, serverFromString(reactor, options["listen"]), factory,
         "CPUShare market server", os.path.join(data, "server.address"),
-        before=store.open,
+        before=lambda: defer.ensureDeferred(market.open()),
     ).setServiceParent(service)
     return service

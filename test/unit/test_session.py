@@ -42,6 +42,7 @@ class MarketCase(unittest.TestCase):
         self.addCleanup(self.store.stopService)
         yield self.store.open()
         self.market = Market(reactor, self.store, self.credentials, heartbeat=0.2, timeout=2)
+        self.addCleanup(self.market.orders.stop)
         factory = TLSMemoryBIOFactory(
             self.credentials.serverTLS(), False, MarketFactory(self.market)
         )
@@ -192,8 +193,8 @@ class MarketTests(MarketCase):
         self.assertIn("disconnected", reason)
 
 
-class ImageTests(MarketCase):
-    """Uploading images to the market's store."""
+class ImageCase(MarketCase):
+    """A market with an image store."""
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -211,6 +212,10 @@ class ImageTests(MarketCase):
         with open(path, "wb") as f:
             f.write((seed * (size // len(seed) + 1))[:size])
         return path
+
+
+class ImageTests(ImageCase):
+    """Uploading images to the market's store."""
 
     @defer.inlineCallbacks
     def test_upload_is_stored_by_sha256_and_not_sent_twice(self):

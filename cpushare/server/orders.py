@@ -1,0 +1,349 @@
+"""
+Orders and the VMs that run them, on the server.
+
+A buy order asks for N VMs of C cores and M MB booting one of the buyer's
+images.  Each VM is placed on the first connected seller with room for it
+(first fit; prices and screens come with the market); VMs that do not fit
+wait and are placed when capacity appears.  A placed VM is started on its
+seller with StartVM; its NIC channel on the seller's connection is linked
+to the same channel on the buyer's `cpushare-buyer` connection, so its
+frames reach only the buyer's own network.
+
+A seller that disconnects keeps its VMs running; the server marks them
+detached and gives the seller GRACE seconds to come back and reattach them
+(ReattachVMs).  Past that they are lost and placed again elsewhere.  The
+same holds across a server restart: active VMs are loaded from the database
+as detached.
+"""
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from cpushare.protocol import commands
+from cpushare.protocol.commands import BadRequest, NoSuchVM, consoleChannel, nicChannel
+from cpushare.server import store
+
+GRACE = 600.0
+MAX_VMS_PER_ORDER = 1000
+MAX_VM_CORES = 256
+MAX_VM_MEMORY = 1024 * 1024
+OVER = ("stopped", "failed", "lost", "cancelled")
+
+
+class VM:
+    def __init__(self, vmId, orderId, buyerId, buyerName, image, size, cores, memory, mac):
+        self.id = vmId
+        self.order = orderId
+        self.buyerId = buyerId
+        self.buyerName = buyerName
+        self.image = image
+        self.size = size
+        self.cores = cores
+        self.memory = memory
+        self.mac = mac
+        self.state = "pending"
+        self.reason = None
+        self.seller = None
+        self.sellerAccountId = None
+        self.started = None
+        self.cpuSeconds = 0.0
+        self.ip = None
+        self.graceCall = None
+        self.buyerSession = None
+
+    @property
+    def active(self):
+        return self.state not in OVER
+
+
+class Orders:
+    log = Logger()
+
+    def __init__(self, market, grace=GRACE):
+        self.market = market
+        self.reactor = market.reactor
+        self.db = market.store
+        self.grace = grace
+        self.vms = {}
+
+    # -- loading
+
+    async def load(self):
+        """Bring back the VMs that were active when the server stopped."""
+        rows = await self.db.run(store.activeVMs)
+        for (vmId, orderId, sellerId, mac, state, started, cpu, ip, buyerId, image,
+             cores, memory, size, buyerName, sellerName) in rows:
+            vm = VM(vmId, orderId, buyerId, buyerName, image, size, cores, memory, mac)
+            vm.started, vm.cpuSeconds, vm.ip = started, cpu, ip
+            vm.sellerAccountId = sellerId
+            self.vms[vmId] = vm
+            if sellerId is None:
+                vm.state = "pending"
+            else:
+                self._detach(vm, "the market server restarted")
+        pending = [vm for vm in self.vms.values() if vm.state == "pending"]
+        if rows:
+            self.log.info("loaded {n} active VMs ({p} waiting for capacity)",
+                          n=len(rows), p=len(pending))
+
+    def stop(self):
+        """The server is stopping: VMs stay as they are in the database."""
+        for vm in self.vms.values():
+            if vm.graceCall is not None and vm.graceCall.active():
+                vm.graceCall.cancel()
+            vm.graceCall = None
+
+    # -- buyers
+
+    async def place(self, account, image, count, cores, memory):
+        if not 1 <= count <= MAX_VMS_PER_ORDER:
+            raise BadRequest(f"an order is for 1 to {MAX_VMS_PER_ORDER} VMs, not {count}")
+        if not 1 <= cores <= MAX_VM_CORES:
+            raise BadRequest(f"a VM has 1 to {MAX_VM_CORES} cores, not {cores}")
+        if not 64 <= memory <= MAX_VM_MEMORY:
+            raise BadRequest(f"a VM has 64 to {MAX_VM_MEMORY} MB of memory, not {memory}")
+        size = await self.db.run(store.imageSize, account["id"], image)
+        if size is None:
+            raise BadRequest(
+                f"this account has no image {image!r}: upload it with 'cpushare image upload'")
+        orderId, ids = await self.db.run(
+            store.createOrder, account["id"], image, count, cores, memory)
+        allocated = 0
+        for vmId in ids:
+            vm = VM(vmId, orderId, account["id"], account["name"], image, size,
+                    cores, memory, store.macFor(vmId))
+            self.vms[vmId] = vm
+            if self._allocate(vm):
+                allocated += 1
+        self.log.info(
+            "order {order} by {buyer}: {n} VMs of {cores} cores/{memory} MB, {a} placed",
+            order=orderId, buyer=account["name"], n=count, cores=cores, memory=memory,
+            a=allocated)
+        return {"order": orderId, "vm_ids": ids, "allocated": allocated}
+
+    def owned(self, account, vmId):
+        vm = self.vms.get(vmId)
+        if vm is None or vm.buyerId != account["id"]:
+            raise NoSuchVM(f"you have no VM {vmId}")
+        return vm
+
+    def stopVM(self, account, vmId):
+        vm = self.vms.get(vmId)
+        if vm is None or vm.buyerId != account["id"] or not vm.active:
+            raise NoSuchVM(f"you have no running VM {vmId}")
+        self._end(vm, "stopped", "stopped by the buyer")
+
+    def cancel(self, account, orderId):
+        vms = [vm for vm in self.vms.values()
+               if vm.order == orderId and vm.buyerId == account["id"] and vm.active]
+        for vm in vms:
+            self._end(vm, "stopped", "the order was cancelled")
+        self._save(lambda c: store.closeOrder(c, orderId, "cancelled"))
+        return len(vms)
+
+    def attachConsole(self, session, vmId):
+        vm = self.owned(session.account, vmId)
+        if vm.seller is None or not vm.active:
+            raise NoSuchVM(f"VM {vmId} is not running on a connected seller ({vm.state})")
+        channel = consoleChannel(vmId)
+        relay = self.market.relay
+        for end in (vm.seller, session):
+            link = end.links.get(channel)
+            if link is not None:
+                others = tuple(s for s in (link.a, link.b) if s is not vm.seller)
+                relay.unlink(link, "another console attached", notify=others)
+        relay.link(vm.seller, channel, session, channel)
+        return channel
+
+    def buyerConnected(self, session):
+        """A buyer program connected: its VMs' NICs now reach it."""
+        for vm in self.vms.values():
+            if vm.buyerId == session.account["id"] and vm.seller is not None and vm.active:
+                self._linkBuyer(vm, session)
+
+    def vmAddress(self, account, vmId, ip):
+        vm = self.owned(account, vmId)
+        vm.ip = ip
+        self._save(lambda c: store.updateVM(c, vmId, ip=ip))
+
+    # -- sellers
+
+    def capacityChanged(self):
+        """A seller offered capacity: place the VMs that wait for it."""
+        for vm in sorted(self.vms.values(), key=lambda v: v.id):
+            if vm.state == "pending":
+                self._allocate(vm)
+
+    def used(self, seller):
+        cores = memory = 0
+        for vm in seller.vms.values():
+            cores += vm.cores
+            memory += vm.memory
+        return cores, memory
+
+    def _allocate(self, vm):
+        for seller in self.market.sellers():
+            cores, memory = self.used(seller)
+            if cores + vm.cores <= seller.offer["cores"] and \
+                    memory + vm.memory <= seller.offer["memory"]:
+                self._place(vm, seller)
+                return True
+        return False
+
+    def _place(self, vm, seller):
+        vm.seller = seller
+        vm.sellerAccountId = seller.account["id"]
+        vm.state = "allocated"
+        vm.reason = None
+        seller.vms[vm.id] = vm
+        self._save(lambda c: store.updateVM(
+            c, vm.id, seller_account_id=vm.sellerAccountId, state="allocated", reason=None))
+        buyer = self.market.buyerSession(vm.buyerId)
+        if buyer is not None:
+            self._linkBuyer(vm, buyer)
+        d = seller.control.callRemote(
+            commands.StartVM, vm=vm.id, image=vm.image, size=vm.size,
+            cores=vm.cores, memory=vm.memory, mac=vm.mac)
+        d.addErrback(self._startFailed, vm, seller)
+        self.log.info("VM {vm} of {buyer} placed on seller {seller} (session {session})",
+                      vm=vm.id, buyer=vm.buyerName, seller=seller.account["name"],
+                      session=seller.sessionId)
+
+    def _startFailed(self, failure, vm, seller):
+        if vm.seller is seller and vm.active:
+            self._end(vm, "failed", f"the seller could not start it: {failure.getErrorMessage()}")
+
+    def _linkBuyer(self, vm, buyer):
+        channel = nicChannel(vm.id)
+        if channel in buyer.links or channel in vm.seller.links:
+            return
+        self.market.relay.link(vm.seller, channel, buyer, channel)
+        vm.buyerSession = buyer
+        buyer.control.callRemote(commands.PortAttached, vm=vm.id, mac=vm.mac)
+
+    def vmState(self, seller, vmId, state, cpuSeconds, reason):
+        vm = seller.vms.get(vmId)
+        if vm is None:
+            raise NoSuchVM(f"VM {vmId} is not running on this seller")
+        if state not in commands.VM_STATES:
+            raise BadRequest(f"unknown VM state {state!r}")
+        vm.cpuSeconds = max(vm.cpuSeconds, cpuSeconds)
+        if state in OVER:
+            self._end(vm, state, reason or state, tellSeller=False)
+            return
+        if state == "running" and vm.started is None:
+            vm.started = self.reactor.seconds()
+        vm.state = state
+        self._save(lambda c: store.updateVM(
+            c, vmId, state=state, cpu_seconds=vm.cpuSeconds, started=vm.started))
+
+    def fetchChunk(self, seller, vmId, offset, length):
+        vm = seller.vms.get(vmId)
+        if vm is None:
+            raise NoSuchVM(f"VM {vmId} is not assigned to this seller")
+        if not 0 <= offset <= vm.size or not 0 < length <= commands.IMAGE_CHUNK:
+            raise BadRequest(f"bad range {offset}+{length} of a {vm.size}-byte image")
+        return self.market.images.readChunk(vm.image, offset, length)
+
+    def reattach(self, seller, vmIds):
+        """A seller came back with these VMs still running: keep ours."""
+        keep = []
+        for vmId in vmIds:
+            vm = self.vms.get(vmId)
+            if vm is None or not vm.active or vm.sellerAccountId != seller.account["id"] \
+                    or (vm.seller is not None and vm.seller is not seller):
+                continue
+            if vm.graceCall is not None and vm.graceCall.active():
+                vm.graceCall.cancel()
+            vm.graceCall = None
+            vm.seller = seller
+            seller.vms[vm.id] = vm
+            if vm.state == "detached":
+                vm.state = "running"
+            buyer = self.market.buyerSession(vm.buyerId)
+            if buyer is not None:
+                self._linkBuyer(vm, buyer)
+            keep.append(vmId)
+        if keep:
+            self.log.info("seller {seller} reattached VMs {vms}",
+                          seller=seller.account["name"], vms=keep)
+        return keep
+
+    def sessionLost(self, session):
+        for vm in list(getattr(session, "vms", {}).values()):
+            if vm.seller is session and vm.active:
+                self._detach(vm, "the seller disconnected")
+        for vm in self.vms.values():
+            if vm.buyerSession is session:
+                vm.buyerSession = None
+
+    def _detach(self, vm, why):
+        vm.seller = None
+        vm.state = "detached"
+        vm.reason = f"{why}; waiting up to {self.grace:.0f}s for it to come back"
+        vm.graceCall = self.reactor.callLater(self.grace, self._graceOver, vm)
+
+    def _graceOver(self, vm):
+        vm.graceCall = None
+        if vm.state != "detached":
+            return
+        self.log.warn("VM {vm}: its seller did not come back in {grace:.0f}s; placing it again",
+                      vm=vm.id, grace=self.grace)
+        vm.state = "pending"
+        vm.reason = "its seller did not come back; waiting for capacity"
+        vm.started = None
+        vm.sellerAccountId = None
+        self._save(lambda c: store.updateVM(c, vm.id, state="pending", seller_account_id=None,
+                                            started=None, reason=vm.reason))
+        self._allocate(vm)
+
+    def _end(self, vm, state, reason, tellSeller=True):
+        seller = vm.seller
+        vm.state = state
+        vm.reason = reason
+        if vm.graceCall is not None and vm.graceCall.active():
+            vm.graceCall.cancel()
+        vm.graceCall = None
+        if seller is not None:
+            seller.vms.pop(vm.id, None)
+            relay = self.market.relay
+            for channel in (nicChannel(vm.id), consoleChannel(vm.id)):
+                link = seller.links.get(channel)
+                if link is not None:
+                    others = tuple(s for s in (link.a, link.b) if s is not seller)
+                    relay.unlink(link, reason, notify=others)
+            if tellSeller and seller.connected:
+                seller.control.callRemote(commands.StopVM, vm=vm.id).addErrback(
+                    lambda f: self.log.warn("stopping VM {vm}: {why}", vm=vm.id,
+                                            why=f.getErrorMessage()))
+        if vm.buyerSession is not None and vm.buyerSession.connected:
+            vm.buyerSession.control.callRemote(commands.PortDetached, vm=vm.id, reason=reason)
+        vm.buyerSession = None
+        vm.seller = None
+        self.vms.pop(vm.id, None)
+        ended = self.reactor.seconds()
+        self._save(lambda c: store.updateVM(
+            c, vm.id, state=state, reason=reason, ended=ended, cpu_seconds=vm.cpuSeconds))
+        self.log.info("VM {vm} {state}: {reason}", vm=vm.id, state=state, reason=reason)
+        if seller is not None:
+            self.capacityChanged()
+
+    def _save(self, fn):
+        d = self.db.run(fn)
+        d.addErrback(lambda f: self.log.failure("saving VM state", f))
+        return d
+
+    def list(self, account):
+        """This account's VMs: live figures for active ones, stored ones for the rest."""
+        d = self.db.run(store.accountVMs, account["id"])
+
+        def merge(rows):
+            for row in rows:
+                vm = self.vms.get(row["vm"])
+                if vm is not None and vm.buyerId == account["id"]:
+                    row.update(state=vm.state, reason=vm.reason, ip=vm.ip,
+                               started=vm.started, cpu_seconds=vm.cpuSeconds,
+                               seller=vm.seller.account["name"] if vm.seller else row["seller"])
+            return [{k: v for k, v in row.items() if v is not None} for row in rows]
+
+        return d.addCallback(merge)

@@ -1,0 +1,235 @@
+"""
+Orders, VM placement, the VM lifecycle and the buyer's network links, on a
+real server in this process with fake seller and buyer programs.
+"""
+
+from twisted.internet import defer, reactor
+
+from cpushare.client import images
+from cpushare.client.session import ClientControl, ClientSession
+from cpushare.protocol import commands
+from cpushare.protocol.commands import consoleChannel, nicChannel
+
+from test.unit import test_session
+from test.unit.test_session import sleep
+
+
+class FakeSellerControl(ClientControl):
+    @commands.StartVM.responder
+    def startVM(self, vm, image, size, cores, memory, mac):
+        self.session.started.put(dict(vm=vm, image=image, size=size, cores=cores,
+                                      memory=memory, mac=mac))
+        return {}
+
+    @commands.StopVM.responder
+    def stopVM(self, vm):
+        self.session.stopped.put(vm)
+        return {}
+
+    @commands.PortAttached.responder
+    def portAttached(self, vm, mac):
+        self.session.attached.put((vm, mac))
+        return {}
+
+    @commands.PortDetached.responder
+    def portDetached(self, vm, reason):
+        self.session.detached.put((vm, reason))
+        return {}
+
+
+class FakeProgram(ClientSession):
+    controlClass = FakeSellerControl
+
+    def __init__(self, *a, **kw):
+        ClientSession.__init__(self, *a, **kw)
+        self.started = defer.DeferredQueue()
+        self.stopped = defer.DeferredQueue()
+        self.attached = defer.DeferredQueue()
+        self.detached = defer.DeferredQueue()
+
+
+def within(d, seconds=5):
+    return d.addTimeout(seconds, reactor)
+
+
+def take(queue, n):
+    return defer.gatherResults([within(queue.get()) for _ in range(n)])
+
+
+class OrderTests(test_session.ImageCase):
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield test_session.ImageCase.setUp(self)
+        self.alice = yield self.register("alice")
+        self.sam = yield self.register("sam")
+        self.cli = yield self.connect("cli", *self.alice)
+        self.iso = self.makeFile(300000, b"livecd")
+        self.sha, _, _ = yield defer.ensureDeferred(images.upload(reactor, self.cli, self.iso))
+
+    def program(self, role, who):
+        return self.connect(role, *who, sessionClass=FakeProgram)
+
+    def connect(self, role="buyer", key=None, cert=None, hello=True, ca=None, sessionClass=None):
+        from cpushare import pki
+        from cpushare.client.session import connectOnce, endpointFor
+        endpoint = endpointFor(reactor, "localhost", self.portNumber,
+                               ca or self.credentials.caPEM, key and pki.keyToPEM(key), cert)
+        kw = {"sessionClass": sessionClass} if sessionClass else {}
+        d = connectOnce(reactor, endpoint, role, hello=hello, host="localhost",
+                        port=self.portNumber, **kw)
+        return d.addCallback(lambda s: (self.addCleanup(self.close, s), s)[1])
+
+    @defer.inlineCallbacks
+    def offer(self, seller, cores, memory):
+        yield seller.control.callRemote(commands.Offer, cores=cores, memory=memory)
+
+    def call(self, session, command, **kw):
+        return session.control.callRemote(command, **kw)
+
+    @defer.inlineCallbacks
+    def test_vms_are_placed_first_fit_and_wait_for_capacity(self):
+        seller = yield self.program("seller", self.sam)
+        yield self.offer(seller, 2, 1024)
+        buyer = yield self.program("buyer", self.alice)
+        placed = yield self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=3,
+                                 cores=1, memory=256)
+        self.assertEqual(placed["allocated"], 2)
+        first, second, third = placed["vm_ids"]
+        starts = yield take(seller.started, 2)
+        self.assertEqual([s["vm"] for s in starts], [first, second])
+        self.assertEqual({s["image"] for s in starts}, {self.sha})
+        self.assertEqual(starts[0]["mac"], "0a:cb:" + ":".join(
+            f"{b:02x}" for b in first.to_bytes(4, "big")))
+        attached = yield take(buyer.attached, 2)
+        self.assertEqual([vm for vm, mac in attached], [first, second])
+
+        # The seller fetches the image it was told to boot, and only that.
+        data = b""
+        while len(data) < starts[0]["size"]:
+            chunk = yield self.call(seller, commands.FetchImageChunk, vm=first,
+                                    offset=len(data), length=commands.IMAGE_CHUNK)
+            data += chunk["data"]
+        with open(self.iso, "rb") as f:
+            self.assertEqual(data, f.read())
+        with self.assertRaises(commands.NoSuchVM):
+            yield self.call(seller, commands.FetchImageChunk, vm=third, offset=0, length=10)
+
+        # Frames cross between the VM's NIC on the seller and the buyer program.
+        fromVM = defer.DeferredQueue()
+        buyer.routes[nicChannel(first)] = fromVM.put
+        seller.sendFrame(nicChannel(first), b"\xff" * 6 + b"frame from the VM")
+        self.assertEqual((yield within(fromVM.get())), b"\xff" * 6 + b"frame from the VM")
+        toVM = defer.DeferredQueue()
+        seller.routes[nicChannel(first)] = toVM.put
+        buyer.sendFrame(nicChannel(first), b"reply")
+        self.assertEqual((yield within(toVM.get())), b"reply")
+
+        yield self.call(seller, commands.VMState, vm=first, state="running", cpu_seconds=1.5)
+        listed = (yield self.call(self.cli, commands.ListVMs))["vms"]
+        byId = {v["vm"]: v for v in listed}
+        self.assertEqual(byId[first]["state"], "running")
+        self.assertEqual(byId[first]["seller"], "sam")
+        self.assertEqual(byId[first]["cpu_seconds"], 1.5)
+        self.assertEqual(byId[third]["state"], "pending")
+
+        # Stopping one frees its capacity; the waiting VM is placed at once.
+        yield self.call(self.cli, commands.StopVM, vm=first)
+        self.assertEqual((yield within(seller.stopped.get())), first)
+        self.assertEqual((yield within(buyer.detached.get()))[0], first)
+        self.assertEqual((yield within(seller.started.get()))["vm"], third)
+        listed = {v["vm"]: v for v in (yield self.call(self.cli, commands.ListVMs))["vms"]}
+        self.assertEqual(listed[first]["state"], "stopped")
+        self.assertEqual(listed[first]["reason"], "stopped by the buyer")
+
+    @defer.inlineCallbacks
+    def test_other_accounts_cannot_touch_or_see_a_buyers_vms(self):
+        seller = yield self.program("seller", self.sam)
+        yield self.offer(seller, 4, 4096)
+        bob = yield self.register("bob")
+        bobCLI = yield self.connect("cli", *bob)
+        bobBuyer = yield self.program("buyer", bob)
+        seen = []
+        for channel in range(0, 64):
+            bobBuyer.routes[channel] = seen.append
+        placed = yield self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=1,
+                                 cores=1, memory=256)
+        [vm] = placed["vm_ids"]
+        yield within(seller.started.get())
+        for command, kw in ((commands.StopVM, {"vm": vm}),
+                            (commands.AttachConsole, {"vm": vm})):
+            with self.assertRaises(commands.NoSuchVM):
+                yield self.call(bobCLI, command, **kw)
+        with self.assertRaises(commands.BadRequest):
+            yield self.call(bobCLI, commands.PlaceOrder, image=self.sha, vms=1, cores=1,
+                            memory=256)
+        self.assertEqual((yield self.call(bobCLI, commands.ListVMs))["vms"], [])
+        seller.sendFrame(nicChannel(vm), b"\xff" * 14)
+        seller.sendFrame(consoleChannel(vm), b"console")
+        yield sleep(0.2)
+        self.assertEqual(seen, [])
+
+    @defer.inlineCallbacks
+    def test_absurd_orders_are_refused(self):
+        for kw, words in [
+            (dict(vms=0, cores=1, memory=256), "1 to"),
+            (dict(vms=10**6, cores=1, memory=256), "1 to"),
+            (dict(vms=1, cores=0, memory=256), "cores"),
+            (dict(vms=1, cores=1, memory=1), "memory"),
+        ]:
+            with self.assertRaises(commands.BadRequest) as e:
+                yield self.call(self.cli, commands.PlaceOrder, image=self.sha, **kw)
+            self.assertIn(words, str(e.exception))
+        with self.assertRaises(commands.BadRequest) as e:
+            yield self.call(self.cli, commands.PlaceOrder, image="f" * 64, vms=1, cores=1,
+                            memory=256)
+        self.assertIn("no image", str(e.exception))
+
+    @defer.inlineCallbacks
+    def test_a_seller_that_comes_back_reattaches_its_vms(self):
+        self.market.orders.grace = 30
+        seller = yield self.program("seller", self.sam)
+        yield self.offer(seller, 1, 1024)
+        buyer = yield self.program("buyer", self.alice)
+        [vm] = (yield self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=1,
+                                cores=1, memory=256))["vm_ids"]
+        yield within(seller.started.get())
+        yield self.call(seller, commands.VMState, vm=vm, state="running", cpu_seconds=0.0)
+        yield self.close(seller)
+        yield sleep(0.1)
+        listed = (yield self.call(self.cli, commands.ListVMs))["vms"]
+        self.assertEqual(listed[0]["state"], "detached")
+        self.assertIn("seller disconnected", listed[0]["reason"])
+
+        again = yield self.program("seller", self.sam)
+        kept = yield self.call(again, commands.ReattachVMs, vms=[vm, 9999])
+        self.assertEqual(kept["keep"], [vm])
+        yield self.offer(again, 1, 1024)
+        listed = (yield self.call(self.cli, commands.ListVMs))["vms"]
+        self.assertEqual(listed[0]["state"], "running")
+        fromVM = defer.DeferredQueue()
+        buyer.routes[nicChannel(vm)] = fromVM.put
+        again.sendFrame(nicChannel(vm), b"still here")
+        self.assertEqual((yield within(fromVM.get())), b"still here")
+
+        # Another seller cannot claim the VM.
+        mallory = yield self.register("mallory")
+        other = yield self.program("seller", mallory)
+        self.assertEqual((yield self.call(other, commands.ReattachVMs, vms=[vm]))["keep"], [])
+
+    @defer.inlineCallbacks
+    def test_a_seller_that_does_not_come_back_loses_its_vms_to_another(self):
+        self.market.orders.grace = 0.3
+        seller = yield self.program("seller", self.sam)
+        yield self.offer(seller, 1, 1024)
+        [vm] = (yield self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=1,
+                                cores=1, memory=256))["vm_ids"]
+        yield within(seller.started.get())
+        yield self.close(seller)
+        ben = yield self.register("ben")
+        other = yield self.program("seller", ben)
+        yield self.offer(other, 2, 2048)
+        started = yield within(other.started.get())
+        self.assertEqual(started["vm"], vm)
+        listed = (yield self.call(self.cli, commands.ListVMs))["vms"]
+        self.assertEqual((listed[0]["state"], listed[0]["seller"]), ("allocated", "ben"))
