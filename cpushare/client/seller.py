@@ -4,17 +4,25 @@ twistd cpushare-seller: rent out this computer's idle CPU time.
     twistd -n cpushare-seller --home H --cores N --memory MB
 
 Keeps one outbound connection to the market (no inbound port), announces
-the capacity on offer, and reconnects by itself when the connection drops.
+the capacity on offer, boots the VMs the market places here in sandboxed
+QEMU, and reconnects by itself when the connection drops (its VMs keep
+running meanwhile, for --grace seconds).
 """
 
 import os
+import shutil
 
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
 from cpushare.client.options import ClientOptions
+from cpushare.client.session import ClientControl, ClientSession
+from cpushare.protocol import commands
 
 log = Logger()
+
+DEFAULT_VM_USER = "cpushare-vm"
 
 
 def physicalMemoryMB():
@@ -22,11 +30,19 @@ def physicalMemoryMB():
 
 
 class Options(ClientOptions):
-    synopsis = "[--home H] [--cores N] [--memory MB]"
+    synopsis = "[--home H] [--cores N] [--memory MB] [--cache-size MB]"
     longdesc = "Sell this computer's idle CPU time on the CPUShare market."
     optParameters = [
         ["cores", None, None, "Cores to offer (default: all of them).", int],
         ["memory", None, None, "Memory to offer in MB (default: half of this computer's).", int],
+        ["cache-size", None, 10240, "MB of disk for cached buyer images.", int],
+        ["cache", None, None, "Folder for cached images (default: HOME/images).", str],
+        ["vm-user", None, DEFAULT_VM_USER,
+         "When run as root: the unprivileged user QEMU runs as."],
+        ["qemu", None, None, "The qemu-system-x86_64 program (default: found on PATH)."],
+        ["accel", None, "auto", "auto (KVM if a probe boot proves it works), kvm or tcg."],
+        ["grace", None, 600.0,
+         "Seconds to keep VMs running while the market is unreachable.", float],
     ]
 
     def postOptions(self):
@@ -39,22 +55,91 @@ class Options(ClientOptions):
             raise usage.UsageError("--cores must be at least 1")
         if self["memory"] < 64:
             raise usage.UsageError("--memory must be at least 64 (MB)")
+        if self["cache-size"] < 1:
+            raise usage.UsageError("--cache-size must be at least 1 (MB)")
+        if self["accel"] not in ("auto", "kvm", "tcg"):
+            raise usage.UsageError("--accel is auto, kvm or tcg")
+        self["qemu"] = self["qemu"] or shutil.which("qemu-system-x86_64")
+        if not self["qemu"]:
+            raise usage.UsageError(
+                "qemu-system-x86_64 is not installed: sudo apt-get install qemu-system-x86")
+        if os.getuid() == 0:
+            import pwd
+            try:
+                pwd.getpwnam(self["vm-user"])
+            except KeyError:
+                raise usage.UsageError(
+                    f"the VM user {self['vm-user']!r} does not exist: create it with "
+                    f"'useradd --system --no-create-home --shell /usr/sbin/nologin "
+                    f"{self['vm-user']}', or name another with --vm-user")
+        else:
+            self["vm-user"] = None
+        if self["cache"] is None:
+            self["cache"] = self.home.file("images")
+
+
+class SellerControl(ClientControl):
+    @commands.StartVM.responder
+    def startVM(self, vm, image, size, cores, memory, mac):
+        self.session.host.start(vm, image, size, cores, memory, mac)
+        return {}
+
+    @commands.StopVM.responder
+    def stopVM(self, vm):
+        self.session.host.stop(vm)
+        return {}
+
+
+class SellerSession(ClientSession):
+    controlClass = SellerControl
+
+    def __init__(self, reactor, role, hello=True, host=None):
+        ClientSession.__init__(self, reactor, role, hello)
+        self.host = host
 
 
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
+    from twisted.application.service import MultiService
+
+    from cpushare.client.imagecache import ImageCache
     from cpushare.client.service import MarketConnection
     from cpushare.client.session import homeEndpoint
-    from cpushare.protocol.commands import Offer
+    from cpushare.client.vmhost import VMHost
+    from cpushare.vm import cgroups, probe
 
     cores, memory = options["cores"], options["memory"]
+    cg, cgText = cgroups.detect()
+    log.info("VM limits: {how}", how=cgText)
+    if options["vm-user"]:
+        log.info("VMs run as user {user}", user=options["vm-user"])
+    else:
+        log.info("VMs run as this user (start the seller as root to give them a user of their own)")
+    cache = ImageCache(reactor, options["cache"], options["cache-size"] * 1024 * 1024)
+    host = VMHost(reactor, cache, options["qemu"], user=options["vm-user"], cgroups=cg,
+                  grace=options["grace"], cores=cores, memory=memory)
+    accel = defer.ensureDeferred(probe.chooseAccel(reactor, options["qemu"], options["accel"]))
 
-    def offer(session):
+    def chosen(result):
+        host.accel, why = result
+        log.info("VM acceleration: {why}", why=why)
+        return host.accel
+
+    accel.addCallback(chosen)
+
+    async def serve(session):
+        await accel
+        await host.connected(session)
         log.info("offering {cores} cores and {memory} MB", cores=cores, memory=memory)
-        return session.control.callRemote(Offer, cores=cores, memory=memory)
+        await session.control.callRemote(commands.Offer, cores=cores, memory=memory)
 
-    return MarketConnection(
-        reactor, homeEndpoint(reactor, options.home), "seller", onSession=offer,
+    service = MultiService()
+    host.setServiceParent(service)
+    MarketConnection(
+        reactor, homeEndpoint(reactor, options.home), "seller",
+        onSession=lambda session: defer.ensureDeferred(serve(session)),
+        sessionClass=SellerSession, sessionKw={"host": host},
         where=f"{options.host}:{options.port}",
-    )
+    ).setServiceParent(service)
+    return service

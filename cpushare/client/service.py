@@ -24,14 +24,16 @@ class MarketConnection(MultiService):
     log = Logger()
 
     def __init__(self, reactor, endpoint, role, onSession=None,
-                 sessionClass=None, where="the market"):
+                 sessionClass=None, sessionKw=None, where="the market"):
         MultiService.__init__(self)
         self.reactor = reactor
         self.role = role
         self.onSession = onSession
         self.where = where
         self.session = None
-        kw = {"sessionClass": sessionClass} if sessionClass else {}
+        kw = dict(sessionKw or {})
+        if sessionClass:
+            kw["sessionClass"] = sessionClass
         self.factory = ClientSessionFactory(reactor, role, **kw)
         self.client = ClientService(
             endpoint, self.factory,

@@ -10,7 +10,9 @@ The command line gives the guest exactly what was sold and nothing else:
   `Seccomp: 2`);
 - `-smp`/`-m` as allocated, `-accel kvm` only after a probe proved KVM
   works, else `tcg`;
-- the ISO read-only as a cdrom, from the seller's content-addressed cache;
+- the ISO read-only as a cdrom, from the seller's content-addressed cache,
+  handed to QEMU as an open file descriptor (fd 5, `-add-fd`): QEMU needs
+  no access to the cache folder, or to any other file of the seller's;
 - one NIC, virtio-net, on a socketpair whose other end the seller client
   owns (fd 3); the VM has no other network;
 - the serial console on QEMU's stdin/stdout (pipes to the seller client),
@@ -33,6 +35,7 @@ from twisted.logger import Logger
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 NIC_FD = 3
 QMP_FD = 4
+ISO_FD = 5
 STDERR_KEPT = 8192
 
 
@@ -66,7 +69,8 @@ def commandLine(config, qemu="qemu-system-x86_64"):
         "-cpu", "max" if config.accel == "tcg" else "host",
         "-smp", str(config.cores),
         "-m", str(config.memoryMB),
-        "-drive", f"file={config.iso},if=ide,media=cdrom,readonly=on,format=raw",
+        "-add-fd", f"fd={ISO_FD},set=1,opaque=image",
+        "-drive", "file=/dev/fdset/1,if=ide,media=cdrom,readonly=on,format=raw",
         "-boot", "order=d,menu=off",
         "-netdev", f"stream,id=net0,server=off,addr.type=fd,addr.str={NIC_FD}",
         "-device", f"virtio-net-pci,netdev=net0,mac={config.mac},romfile=",
@@ -139,11 +143,16 @@ class VMProcess(protocol.ProcessProtocol):
 def spawn(reactor, config, vmProcess, nicFd, qmpFd, qemu, uid=None, gid=None, cwd="/"):
     """
     Start QEMU for C{config}; returns the process transport.  C{nicFd} and
-    C{qmpFd} are the VM's ends of the NIC and QMP socketpairs.
+    C{qmpFd} are the VM's ends of the NIC and QMP socketpairs; the ISO at
+    C{config.iso} is opened read-only here and handed over as ISO_FD.
     """
     argv = idleWrapper() + commandLine(config, qemu)
     env = {"PATH": "/usr/bin:/bin", "LANG": "C"}
-    return reactor.spawnProcess(
-        vmProcess, argv[0], argv, env=env, path=cwd, uid=uid, gid=gid,
-        childFDs={0: "w", 1: "r", 2: "r", NIC_FD: nicFd, QMP_FD: qmpFd},
-    )
+    isoFd = os.open(config.iso, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return reactor.spawnProcess(
+            vmProcess, argv[0], argv, env=env, path=cwd, uid=uid, gid=gid,
+            childFDs={0: "w", 1: "r", 2: "r", NIC_FD: nicFd, QMP_FD: qmpFd, ISO_FD: isoFd},
+        )
+    finally:
+        os.close(isoFd)

@@ -27,8 +27,12 @@ def test_the_guest_gets_what_was_sold_and_nothing_else():
         "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
     assert option(argv, "-smp") == ["2"] and option(argv, "-m") == ["512"]
     assert option(argv, "-accel") == ["tcg"]
+    # The ISO is an fd handed over read-only, not a path QEMU opens.
+    assert option(argv, "-add-fd") == ["fd=5,set=1,opaque=image"]
     [drive] = option(argv, "-drive")
-    assert "file=/cache/ab.iso" in drive and "readonly=on" in drive and "media=cdrom" in drive
+    assert drive.startswith("file=/dev/fdset/1,") and "readonly=on" in drive
+    assert "media=cdrom" in drive
+    assert not any("/cache/ab.iso" in a for a in argv)
     # One NIC, on the socketpair fd the seller owns; no other network.
     assert option(argv, "-netdev") == ["stream,id=net0,server=off,addr.type=fd,addr.str=3"]
     assert option(argv, "-device") == ["virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,romfile="]

@@ -1,0 +1,349 @@
+"""
+The seller's VMs: starting them when the market asks, carrying their NIC
+and console over the market connection, reporting their state and CPU
+time, and keeping them through a lost connection.
+
+Each VM is one QEMU process (see L{cpushare.vm.qemu}): started unprivileged
+at idle priority, capped by a cgroup, its one NIC a socketpair whose other
+end this host bridges to channel nicChannel(vm) of the market connection,
+its serial console the process's stdin/stdout, bridged to
+consoleChannel(vm).  When the market connection drops, VMs keep running for
+C{grace} seconds; a new connection reattaches them (ReattachVMs); past the
+grace period they are stopped.  Stopping the seller stops every VM: nothing
+is left running.
+"""
+
+import os
+import pwd
+import socket
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from cpushare.protocol import commands
+from cpushare.protocol.commands import consoleChannel, nicChannel
+from cpushare.protocol.mux import MAX_PAYLOAD
+from cpushare.protocol.qemustream import QemuStreamProtocol
+from cpushare.vm import cgroups, qemu
+
+REPORT_INTERVAL = 10.0
+STOP_TIMEOUT = 10.0
+DEFAULT_GRACE = 600.0
+MB = 1024 * 1024
+
+
+class NicBridge(QemuStreamProtocol):
+    """The seller's end of a VM's NIC socketpair."""
+
+    def __init__(self, vm):
+        self.vm = vm
+        self.name = f"VM {vm.id}'s NIC"
+
+    def frameReceived(self, frame):
+        self.vm.frameFromVM(frame)
+
+
+class QMPDrain(Protocol):
+    """QMP's end, kept open so QEMU never blocks writing to it."""
+
+    def dataReceived(self, data):
+        pass
+
+
+def _adopt(reactor, sock, protocol):
+    factory = Factory.forProtocol(lambda: protocol)
+    factory.noisy = False
+    port = reactor.adoptStreamConnection(sock.fileno(), socket.AF_UNIX, factory)
+    sock.close()
+    return port
+
+
+def processCPUSeconds(pid):
+    """User plus system CPU seconds of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class HostedVM:
+    log = Logger()
+
+    def __init__(self, host, vmId, image, size, cores, memory, mac):
+        self.host = host
+        self.id = vmId
+        self.image = image
+        self.size = size
+        self.cores = cores
+        self.memory = memory
+        self.mac = mac
+        self.state = "fetching"
+        self.process = None
+        self.transport = None
+        self.nic = None
+        self.cgroup = None
+        self.stopReason = None
+        self.lastCPU = 0.0
+        self.framesDropped = 0
+        self.ended = defer.Deferred()
+
+    # -- frames and console
+
+    def frameFromVM(self, frame):
+        session = self.host.session
+        if session is None or not session.sendFrame(nicChannel(self.id), frame):
+            self.framesDropped += 1
+
+    def consoleFromVM(self, data):
+        session = self.host.session
+        if session is not None:
+            for i in range(0, len(data), MAX_PAYLOAD):
+                session.sendFrame(consoleChannel(self.id), data[i:i + MAX_PAYLOAD])
+
+    def bind(self, session):
+        if self.nic is not None:
+            session.routes[nicChannel(self.id)] = self.nic.sendFrame
+        if self.process is not None:
+            session.routes[consoleChannel(self.id)] = self.process.writeConsole
+
+    # -- life
+
+    def cpuSeconds(self):
+        try:
+            if self.cgroup is not None:
+                self.lastCPU = self.cgroup.cpuSeconds()
+            elif self.transport is not None and self.transport.pid:
+                self.lastCPU = processCPUSeconds(self.transport.pid)
+        except (OSError, ValueError):
+            pass
+        return self.lastCPU
+
+    def launch(self, path):
+        host = self.host
+        config = qemu.VMConfig(self.id, self.cores, self.memory, path, self.mac, host.accel)
+        nicOurs, nicTheirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        qmpOurs, qmpTheirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        if host.cgroups is not None:
+            self.cgroup = host.cgroups.create(
+                f"vm-{self.id}", self.cores, self.memory * MB + cgroups.QEMU_OVERHEAD_BYTES)
+        self.process = qemu.VMProcess(self.id, self.consoleFromVM, self._exited)
+        try:
+            self.transport = qemu.spawn(
+                host.reactor, config, self.process, nicTheirs.fileno(), qmpTheirs.fileno(),
+                host.qemu, uid=host.uid, gid=host.gid)
+        except BaseException:
+            for s in (nicOurs, nicTheirs, qmpOurs, qmpTheirs):
+                s.close()
+            if self.cgroup is not None:
+                self.cgroup.remove()
+            raise
+        finally:
+            nicTheirs.close()
+            qmpTheirs.close()
+        if self.cgroup is not None:
+            try:
+                self.cgroup.add(self.transport.pid)
+            except OSError as e:
+                self.log.warn("VM {vm}: could not move QEMU into its cgroup: {e}",
+                              vm=self.id, e=e)
+        self.nic = NicBridge(self)
+        _adopt(host.reactor, nicOurs, self.nic)
+        _adopt(host.reactor, qmpOurs, QMPDrain())
+        self.state = "running"
+        if host.session is not None:
+            self.bind(host.session)
+
+    def stop(self, reason):
+        if self.stopReason is None:
+            self.stopReason = reason
+        if self.transport is None or self.process.ended:
+            return self.ended
+        self.transport.signalProcess("TERM")
+        kill = self.host.reactor.callLater(STOP_TIMEOUT, self._kill)
+        self.ended.addBoth(lambda r: (kill.active() and kill.cancel(), r)[1])
+        return self.ended
+
+    def _kill(self):
+        if not self.process.ended:
+            self.transport.signalProcess("KILL")
+
+    def _exited(self, why):
+        self.cpuSeconds()
+        if self.nic is not None and self.nic.transport is not None:
+            self.nic.transport.loseConnection()
+        if self.cgroup is not None:
+            self.cgroup.remove()
+        if self.stopReason is not None:
+            state, reason = "stopped", self.stopReason
+        elif why == "powered off":
+            state, reason = "stopped", "the VM powered off"
+        else:
+            state, reason = "failed", why
+        self.host.vmEnded(self, state, reason)
+        self.ended.callback(None)
+
+
+class VMHost(Service):
+    """The seller's running VMs."""
+
+    log = Logger()
+
+    def __init__(self, reactor, cache, qemuBinary, accel="tcg", user=None, cgroups=None,
+                 grace=DEFAULT_GRACE, cores=1, memory=1024):
+        self.reactor = reactor
+        self.cache = cache
+        self.qemu = qemuBinary
+        self.accel = accel
+        self.uid = self.gid = None
+        if user is not None:
+            entry = pwd.getpwnam(user)
+            self.uid, self.gid = entry.pw_uid, entry.pw_gid
+        self.cgroups = cgroups
+        self.grace = grace
+        self.cores = cores
+        self.memory = memory
+        self.vms = {}
+        self.session = None
+        self._graceCall = None
+        self._reporter = LoopingCall(self.reportAll)
+        self._reporter.clock = reactor
+
+    def startService(self):
+        Service.startService(self)
+        self.cache.start()
+        self._reporter.start(REPORT_INTERVAL, now=False)
+
+    def stopService(self):
+        Service.stopService(self)
+        if self._reporter.running:
+            self._reporter.stop()
+        if self._graceCall is not None and self._graceCall.active():
+            self._graceCall.cancel()
+        d = self.stopAll("the seller is shutting down")
+        d.addBoth(lambda _: self.cache.stop())
+        return d
+
+    def stopAll(self, reason):
+        return defer.DeferredList([vm.stop(reason) for vm in list(self.vms.values())])
+
+    # -- the market connection
+
+    async def connected(self, session):
+        """A new market session: reattach what is still running, then serve."""
+        if self._graceCall is not None and self._graceCall.active():
+            self._graceCall.cancel()
+        self._graceCall = None
+        running = sorted(self.vms)
+        keep = set()
+        if running:
+            answer = await session.control.callRemote(commands.ReattachVMs, vms=running)
+            keep = set(answer["keep"])
+        self.session = session
+        for vmId in running:
+            vm = self.vms[vmId]
+            if vmId in keep:
+                vm.bind(session)
+            else:
+                vm.stop("the market no longer wants this VM")
+        if running:
+            self.log.info("reattached VMs {keep}; stopping {gone}", keep=sorted(keep),
+                          gone=sorted(set(running) - keep))
+        session.lost.addCallback(self._lost)
+
+    def _lost(self, session):
+        if self.session is not session:
+            return
+        self.session = None
+        if self.vms and self.running:
+            self.log.warn("lost the market; keeping {n} VMs running for {grace:.0f}s",
+                          n=len(self.vms), grace=self.grace)
+            self._graceCall = self.reactor.callLater(self.grace, self._graceOver)
+
+    def _graceOver(self):
+        self._graceCall = None
+        if self.session is None:
+            self.log.warn("the market did not come back in {grace:.0f}s; stopping all VMs",
+                          grace=self.grace)
+            self.stopAll("the seller lost the market for too long")
+
+    # -- commands from the market
+
+    def start(self, vmId, image, size, cores, memory, mac):
+        if vmId in self.vms:
+            raise commands.BadRequest(f"VM {vmId} is already running here")
+        usedCores = sum(vm.cores for vm in self.vms.values())
+        usedMemory = sum(vm.memory for vm in self.vms.values())
+        if usedCores + cores > self.cores or usedMemory + memory > self.memory:
+            raise commands.BadRequest(
+                f"this seller has {self.cores - usedCores} cores and "
+                f"{self.memory - usedMemory} MB free, not {cores} cores and {memory} MB")
+        vm = HostedVM(self, vmId, image, size, cores, memory, mac)
+        self.vms[vmId] = vm
+        defer.ensureDeferred(self._boot(vm))
+
+    async def _boot(self, vm):
+        self.report(vm, "fetching")
+        self.cache.acquire(vm.image)
+
+        def fetch(offset, length):
+            if self.session is None:
+                return defer.fail(commands.BadRequest("the market connection was lost"))
+            d = self.session.control.callRemote(
+                commands.FetchImageChunk, vm=vm.id, offset=offset, length=length)
+            return d.addCallback(lambda r: r["data"])
+
+        try:
+            path = await self.cache.ensure(vm.image, vm.size, fetch)
+            if vm.stopReason is None:
+                self.report(vm, "booting")
+                vm.launch(path)
+        except Exception as e:
+            state, reason = "failed", f"could not start: {e}"
+        else:
+            if vm.stopReason is None:
+                self.log.info(
+                    "VM {vm} running (pid {pid}, {cores} cores, {memory} MB, {accel})",
+                    vm=vm.id, pid=vm.transport.pid, cores=vm.cores, memory=vm.memory,
+                    accel=self.accel)
+                self.report(vm, "running")
+                return
+            state, reason = "stopped", vm.stopReason
+        self.cache.release(vm.image)
+        self.vms.pop(vm.id, None)
+        self.log.warn("VM {vm} {state}: {reason}", vm=vm.id, state=state, reason=reason)
+        self.report(vm, state, reason)
+        vm.ended.callback(None)
+
+    def stop(self, vmId, reason="stopped by the market"):
+        vm = self.vms.get(vmId)
+        if vm is None:
+            raise commands.NoSuchVM(f"VM {vmId} is not running here")
+        vm.stop(reason)
+
+    def vmEnded(self, vm, state, reason):
+        self.vms.pop(vm.id, None)
+        self.cache.release(vm.image)
+        if self.session is not None:
+            for channel in (nicChannel(vm.id), consoleChannel(vm.id)):
+                self.session.routes.pop(channel, None)
+        self.log.info("VM {vm} {state}: {reason}", vm=vm.id, state=state, reason=reason)
+        self.report(vm, state, reason)
+
+    # -- reports
+
+    def report(self, vm, state, reason=None):
+        vm.state = state
+        if self.session is None:
+            return
+        kw = {"reason": reason} if reason else {}
+        d = self.session.control.callRemote(
+            commands.VMState, vm=vm.id, state=state, cpu_seconds=vm.cpuSeconds(), **kw)
+        d.addErrback(lambda f: self.log.warn("reporting VM {vm}: {why}", vm=vm.id,
+                                             why=f.getErrorMessage()))
+
+    def reportAll(self):
+        for vm in list(self.vms.values()):
+            if vm.state == "running":
+                self.report(vm, "running")
