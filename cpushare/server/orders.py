@@ -16,7 +16,6 @@ same holds across a server restart: active VMs are loaded from the database
 as detached.
 """
 
-from twisted.internet import defer
 from twisted.logger import Logger
 
 from cpushare.protocol import commands
