@@ -27,6 +27,7 @@ setup(
         "cryptography>=41",
         "service_identity>=23.1",
         "attrs",
+        "pycdlib>=1.14",
     ],
     extras_require={
         "test": ["pytest>=7"],

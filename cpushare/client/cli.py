@@ -4,6 +4,7 @@ cpushare: the command line for buyers and sellers.
     cpushare [--home H] register --server HOST:PORT --ca ca.pem --name NAME
     cpushare [--home H] whoami
     cpushare [--home H] sellers [--json]
+    cpushare image build -o job.iso [--add DIR]... [--base other.iso] [--cache DIR]
 
 Every failure is one line on stderr, naming the problem, and exit status 1.
 """
@@ -143,6 +144,29 @@ async def sellers(reactor, args, home):
         print(_formatSellers(found, time.time()))
 
 
+async def imageBuild(reactor, args, home):
+    """Build a livecd ISO in a thread: it is big file and CPU work."""
+    from twisted.internet import threads
+
+    from cpushare.vm import livecd
+    from cpushare.vm.isoimage import ImageError
+
+    def note(message):
+        reactor.callFromThread(print, f"  {message}", file=sys.stderr)
+
+    try:
+        result = await threads.deferToThreadPool(
+            reactor, reactor.getThreadPool(), livecd.build,
+            args.output, args.add, args.base, args.cache, note,
+        )
+    except ImageError as e:
+        raise CommandError(str(e))
+    for message in result.notes:
+        print(f"cpushare: note: {message}", file=sys.stderr)
+    print(f"wrote {result.path}: {result.description}")
+    print(f"size {result.size / 1e6:.1f} MB, sha256 {result.sha256}")
+
+
 def parser():
     p = argparse.ArgumentParser(prog="cpushare", description="Buy and sell CPU time on the CPUShare market.")
     p.add_argument("--home", help="account home folder (default $CPUSHARE_HOME or ~/.cpushare)")
@@ -162,6 +186,26 @@ def parser():
     s = sub.add_parser("sellers", help="list the sellers online now")
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=sellers)
+
+    image = sub.add_parser("image", help="build livecd images")
+    images = image.add_subparsers(dest="image_command", metavar="ACTION")
+    images.required = True
+    b = images.add_parser(
+        "build", help="build a bootable livecd ISO with your files inside",
+        description="Build the reference livecd (a Debian kernel and a busybox system) with "
+        "the files of each --add DIR at /cpushare/ in the guest, or add them to the "
+        "bootable ISO --base. At boot the guest takes an address by DHCP, prints "
+        "CPUSHARE-READY on its serial console and runs /cpushare/start if it is executable.",
+    )
+    b.add_argument("-o", "--output", required=True, metavar="ISO", help="the ISO to write")
+    b.add_argument("--add", action="append", default=[], metavar="DIR",
+                   help="a folder whose files go to /cpushare/ (repeatable; later ones win)")
+    b.add_argument("--base", metavar="ISO",
+                   help="add the files to this bootable ISO instead of a new reference livecd")
+    b.add_argument("--cache", metavar="DIR",
+                   help="where the Debian parts are kept (default $CPUSHARE_CACHE, "
+                   "else $XDG_CACHE_HOME/cpushare or ~/.cache/cpushare)")
+    b.set_defaults(run=imageBuild)
     return p
 
 

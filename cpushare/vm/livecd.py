@@ -1,0 +1,471 @@
+"""
+The reference livecd: a Debian kernel and a busybox initramfs on an
+isolinux ISO, built with pycdlib and no privileges.  It is both the demo
+image and the base a buyer adds grid software to (`cpushare image build`).
+
+The ISO:
+
+    /isolinux/isolinux.bin   El Torito no-emulation boot image (boot info table)
+    /isolinux/boot.cat       the El Torito boot catalog
+    /isolinux/ldlinux.c32    isolinux's second stage
+    /isolinux/isolinux.cfg   boots straight away: no prompt, no timeout
+    /boot/vmlinuz            the Debian kernel
+    /boot/initrd.img         the system: busybox, /init, virtio-net modules
+    /boot/files1.img ...     one cpio layer per build that added files
+    /cpushare-livecd.json    what this is: format, kernel, cmdline, initrds
+
+isolinux hands every initrd to the kernel (initrd=a,b,...), which unpacks
+them in order into the same RAM file system, so a buyer's files are at
+/cpushare/ in the guest without the guest touching its cdrom; a later layer
+replaces equal names of an earlier one.  Adding files to a reference ISO
+(`--base`) adds a layer and rewrites only isolinux.cfg and the JSON.
+
+The guest's /init mounts proc, sys and devtmpfs, loads the virtio-net
+modules, asks DHCP for eth0's address (udhcpc), prints one readiness line
+on the serial console (see L{READY_FORMAT}), starts /cpushare/start in the
+background if it is executable (its output on the console, then a
+"CPUSHARE-START-EXIT status=N" line), and hands over to busybox init, which
+keeps a root shell on ttyS0 and powers the VM off on `poweroff`.
+"""
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import stat
+import tempfile
+
+import attr
+import pycdlib
+from pycdlib.pycdlibexception import PyCdlibException
+
+from cpushare.vm import isoimage
+from cpushare.vm.cpio import CpioWriter, walkTree
+from cpushare.vm.isoimage import ImageError
+from cpushare.vm.kmodules import readModule
+
+FORMAT = "cpushare-livecd"
+FORMAT_VERSION = 1
+GUEST_FILES = "/cpushare"
+CMDLINE = "console=ttyS0 quiet panic=1"
+
+MARKER_ISO = "/LIVECD.JSN;1"
+MARKER_NAME = "cpushare-livecd.json"
+CONFIG_ISO = "/ISOLINUX/ISOLINUX.CFG;1"
+SYSTEM_INITRD = "/boot/initrd.img"
+KERNEL = "/boot/vmlinuz"
+
+READY_FORMAT = "CPUSHARE-READY mac={mac} ip={ip} gw={gw} uptime={uptime}"
+READY = re.compile(
+    r"CPUSHARE-READY mac=(?P<mac>[0-9a-f:]{17}|none) ip=(?P<ip>[0-9.]+/[0-9]+|none)"
+    r" gw=(?P<gw>[0-9.]+|none) uptime=(?P<uptime>[0-9]+(?:\.[0-9]+)?)"
+)
+START_EXIT = re.compile(r"CPUSHARE-START-EXIT status=(?P<status>[0-9]+)")
+
+
+def parseReady(line):
+    """
+    The fields of a readiness line (anywhere in C{line}) as a dict --
+    mac, ip ("10.0.2.15/24"), address, prefix, gw (None when "none") and
+    uptime (seconds since the guest kernel started, a float) -- or None.
+    """
+    m = READY.search(line)
+    if m is None:
+        return None
+    found = {k: (None if v == "none" else v) for k, v in m.groupdict().items()}
+    found["uptime"] = float(found["uptime"])
+    address, prefix = (found["ip"].split("/") if found["ip"] else (None, None))
+    found["address"] = address
+    found["prefix"] = int(prefix) if prefix else None
+    return found
+
+
+# The guest's /init.  The readiness line is printed exactly once, whether or
+# not DHCP answered in time (ip=none then; udhcpc keeps trying in the
+# background and applies a later lease).
+INIT = r"""#!/bin/busybox sh
+# /init of the CPUShare reference livecd, written by `cpushare image build`.
+echo  # end whatever line the firmware left on the console
+/bin/busybox --install -s
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs -o mode=0755 tmpfs /run
+mkdir -p /run/cpushare
+hostname cpushare
+ip link set lo up
+while read -r module; do
+    insmod "/$module" || echo "cpushare: cannot load $module"
+done < /etc/cpushare/modules
+i=0
+while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do usleep 100000; i=$((i + 1)); done
+mac=none ip= gw=
+if [ -e /sys/class/net/eth0 ]; then
+    mac=$(cat /sys/class/net/eth0/address)
+    ip link set eth0 up
+    udhcpc -i eth0 -s /etc/cpushare/udhcpc.sh -t 10 -T 2 -b >/run/cpushare/udhcpc.log 2>&1
+    ip=$(ip -4 -o addr show dev eth0 | awk '{print $4; exit}')
+    gw=$(ip -4 route show default | awk '{print $3; exit}')
+else
+    echo "cpushare: no network interface eth0"
+fi
+echo "CPUSHARE-READY mac=$mac ip=${ip:-none} gw=${gw:-none} uptime=$(cut -d' ' -f1 /proc/uptime)"
+export CPUSHARE_MAC=$mac CPUSHARE_IP=$ip CPUSHARE_GW=$gw
+if [ -f /cpushare/start ]; then
+    if [ -x /cpushare/start ]; then
+        (cd /cpushare && ./start </dev/null; echo "CPUSHARE-START-EXIT status=$?") >/dev/console 2>&1 &
+    else
+        echo "cpushare: /cpushare/start is not executable; not run"
+    fi
+fi
+exec /bin/busybox init
+"""
+
+INITTAB = """\
+# busybox init of the CPUShare livecd: a root shell on the serial console.
+ttyS0::respawn:-/bin/sh
+::shutdown:/bin/sync
+"""
+
+UDHCPC_SCRIPT = r"""#!/bin/sh
+# udhcpc event script of the CPUShare livecd: applies the lease to $interface.
+case "$1" in
+deconfig)
+    ip -4 addr flush dev "$interface"
+    ip link set "$interface" up
+    ;;
+bound|renew)
+    prefix=$mask
+    [ -n "$prefix" ] || prefix=$(ipcalc -p "$ip" "$subnet" | cut -d= -f2)
+    [ "$1" = bound ] && ip -4 addr flush dev "$interface"
+    [ -n "$mtu" ] && ip link set dev "$interface" mtu "$mtu"
+    ip addr replace "$ip/${prefix:-24}" ${broadcast:+broadcast "$broadcast"} dev "$interface"
+    [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface"
+    : > /etc/resolv.conf.new
+    [ -n "$domain" ] && echo "search $domain" >> /etc/resolv.conf.new
+    for server in $dns; do echo "nameserver $server" >> /etc/resolv.conf.new; done
+    mv /etc/resolv.conf.new /etc/resolv.conf
+    ;;
+esac
+exit 0
+"""
+
+PROFILE = r"""export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root
+export PS1='\h:\w\$ '
+cd /cpushare 2>/dev/null || cd /root
+"""
+
+
+def isolinuxConfig(initrds, cmdline):
+    return (
+        "# CPUShare reference livecd, made by `cpushare image build`; see /cpushare-livecd.json\n"
+        "DEFAULT cpushare\n"
+        "PROMPT 0\n"
+        "TIMEOUT 0\n"
+        "LABEL cpushare\n"
+        f"  KERNEL {KERNEL}\n"
+        f"  APPEND initrd={','.join(initrds)} {cmdline}\n"
+    )
+
+
+def _gzipped(path, level):
+    raw = open(path, "wb")
+    return raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=level, mtime=0)
+
+
+def writeSystemInitrd(parts, path):
+    """The system initrd: busybox, /init, its config files and the modules."""
+    raw, out = _gzipped(path, 9)
+    with raw, out:
+        archive = CpioWriter(out)
+        for folder in ("bin", "sbin", "usr/bin", "usr/sbin", "etc/cpushare", "proc", "sys",
+                       "dev", "run", "var", "mnt", "root", GUEST_FILES):
+            archive.addDirectory(folder, 0o700 if folder == "root" else 0o755)
+        archive.addDirectory("tmp", 0o1777)
+        archive.addCharDevice("dev/console", 5, 1, 0o600)
+        archive.addCharDevice("dev/null", 1, 3, 0o666)
+        archive.addFile("bin/busybox", parts.busybox, mode=0o755, mtime=0)
+        archive.addSymlink("bin/sh", "busybox")
+        archive.addBytes("init", INIT.encode(), 0o755)
+        archive.addBytes("etc/inittab", INITTAB.encode())
+        archive.addBytes("etc/cpushare/udhcpc.sh", UDHCPC_SCRIPT.encode(), 0o755)
+        archive.addBytes("etc/profile", PROFILE.encode())
+        archive.addBytes("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
+        archive.addBytes("etc/group", b"root:x:0:\n")
+        archive.addBytes("etc/hostname", b"cpushare\n")
+        loaded = []
+        for module, rel in parts.modules:
+            name = f"lib/modules/{parts.kernelVersion}/{rel}"
+            if module.endswith(".xz"):
+                name = name[:-3]  # busybox insmod takes plain ELF
+                archive.addBytes(name, readModule(module))
+            else:
+                archive.addFile(name, module, mode=0o644, mtime=0)
+            loaded.append(name)
+        archive.addBytes("etc/cpushare/modules", "".join(f"{m}\n" for m in loaded).encode())
+        archive.close()
+
+
+def mergedListing(sources):
+    """
+    {name: (host path, lstat)} of the files of several host folders, later
+    folders replacing equal names of earlier ones; a name that is a folder
+    in one and not in another is refused.  Parents come before children.
+    """
+    merged = {}
+    for source in sources:
+        if not os.path.isdir(source):
+            raise ImageError(f"--add {source}: not a folder")
+        try:
+            for path, rel, st in walkTree(source):
+                old = merged.get(rel)
+                if old is not None and stat.S_ISDIR(old[1].st_mode) != stat.S_ISDIR(st.st_mode):
+                    raise ImageError(
+                        f"{path} and {old[0]} have the same name, but one is a folder and the other not"
+                    )
+                merged[rel] = (path, st)
+        except ValueError as e:
+            raise ImageError(str(e))
+        except OSError as e:
+            raise ImageError(f"cannot read {e.filename}: {e.strerror}")
+    return merged
+
+
+def writeFilesLayer(sources, path):
+    """A gzip'ed cpio of the files of C{sources}, under cpushare/; returns the entry count."""
+    listing = mergedListing(sources)
+    raw, out = _gzipped(path, 6)
+    with raw, out:
+        archive = CpioWriter(out)
+        archive.addDirectory(GUEST_FILES, 0o755)
+        for rel, (host, st) in listing.items():
+            try:
+                archive.addPath(f"{GUEST_FILES}/{rel}", host, st)
+            except ValueError as e:
+                raise ImageError(str(e))
+            except OSError as e:
+                raise ImageError(f"cannot read {host}: {e.strerror}")
+        archive.close()
+    return sum(1 for _, st in listing.values() if not stat.S_ISDIR(st.st_mode))
+
+
+def _startNote(sources):
+    """A warning when a start program is there but would not run."""
+    for source in reversed(sources):
+        start = os.path.join(source, "start")
+        if os.path.lexists(start):
+            if not os.access(start, os.X_OK) or not os.path.isfile(start):
+                return f"{start} is not an executable file; the guest will not run it (chmod +x {start})"
+            return None
+    return None
+
+
+@attr.s
+class BuildResult:
+    """What a build wrote, for the user."""
+
+    path = attr.ib()
+    size = attr.ib()
+    sha256 = attr.ib()
+    description = attr.ib()
+    notes = attr.ib(factory=list)
+
+
+def _digest(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _layerName(index):
+    return f"/boot/files{index}.img"
+
+
+def _isoPath(guestPath, directory=False):
+    return guestPath.upper() + ("" if directory else ";1")
+
+
+def buildLivecd(output, parts, sources=(), cmdline=CMDLINE, note=lambda message: None):
+    """Write the reference livecd to C{output}, with the files of C{sources} as a layer."""
+    info = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "kernel_version": parts.kernelVersion,
+        "packages": dict(parts.packages),
+        "cmdline": cmdline,
+        "files_at": GUEST_FILES,
+        "initrds": [SYSTEM_INITRD],
+    }
+    folder = os.path.dirname(os.path.abspath(output))
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".build-") as scratch:
+        system = os.path.join(scratch, "initrd.img")
+        writeSystemInitrd(parts, system)
+        layer = None
+        if sources:
+            layer = os.path.join(scratch, "files.img")
+            writeFilesLayer(sources, layer)
+            info["initrds"].append(_layerName(1))
+        iso = pycdlib.PyCdlib()
+        iso.new(interchange_level=1, vol_ident="CPUSHARE", joliet=3, rock_ridge="1.09",
+                app_ident_str="CPUSHARE IMAGE BUILD")
+        try:
+            for d in ("/isolinux", "/boot"):
+                iso.add_directory(_isoPath(d, True), rr_name=d[1:], joliet_path=d)
+
+            def add(guestPath, host=None, data=None, mode=0o444):
+                kw = dict(iso_path=_isoPath(guestPath), rr_name=os.path.basename(guestPath),
+                          joliet_path=guestPath, file_mode=stat.S_IFREG | mode)
+                if data is None:
+                    iso.add_file(host, **kw)
+                else:
+                    iso.add_fp(io.BytesIO(data), len(data), **kw)
+
+            add("/isolinux/isolinux.bin", parts.isolinux)
+            add("/isolinux/ldlinux.c32", parts.ldlinux)
+            add("/isolinux/isolinux.cfg",
+                data=isolinuxConfig(info["initrds"], cmdline).encode())
+            add(KERNEL, parts.kernel)
+            add(SYSTEM_INITRD, system)
+            if layer:
+                add(_layerName(1), layer)
+            _addMarker(iso, info)
+            iso.add_eltorito(
+                "/ISOLINUX/ISOLINUX.BIN;1", bootcatfile="/ISOLINUX/BOOT.CAT;1",
+                rr_bootcatname="boot.cat", joliet_bootcatfile="/isolinux/boot.cat",
+                boot_load_size=4, boot_info_table=True, media_name="noemul",
+            )
+            note(f"writing {output}")
+            isoimage.writeAtomically(iso, output)
+        finally:
+            iso.close()
+    return info
+
+
+def _addMarker(iso, info):
+    data = (json.dumps(info, indent=1) + "\n").encode()
+    iso.add_fp(io.BytesIO(data), len(data), iso_path=MARKER_ISO, rr_name=MARKER_NAME,
+               joliet_path="/" + MARKER_NAME, file_mode=stat.S_IFREG | 0o444)
+
+
+def readMarker(iso):
+    """The JSON of a reference livecd opened in pycdlib, or None for other ISOs."""
+    out = io.BytesIO()
+    try:
+        iso.get_file_from_iso_fp(out, iso_path=MARKER_ISO)
+    except PyCdlibException:
+        return None
+    try:
+        info = json.loads(out.getvalue())
+    except ValueError:
+        return None
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        return None
+    initrds = info.get("initrds")
+    if not isinstance(initrds, list) or not all(isinstance(i, str) for i in initrds):
+        raise ImageError(f"the {MARKER_NAME} of this reference livecd is damaged: no list of initrds")
+    return info
+
+
+def addLayer(base, iso, info, sources, output, note=lambda message: None):
+    """Write C{output}: the reference livecd C{iso} (open, from C{base}) plus a files layer."""
+    if info.get("version") != FORMAT_VERSION:
+        raise ImageError(
+            f"{os.path.basename(base)} is a reference livecd of format version "
+            f"{info.get('version')}; this program handles version {FORMAT_VERSION}"
+        )
+    info = dict(info, initrds=list(info["initrds"]))
+    index = len(info["initrds"])
+    while _layerName(index) in info["initrds"]:
+        index += 1
+    layerPath = _layerName(index)
+    folder = os.path.dirname(os.path.abspath(output))
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".build-") as scratch:
+        layer = os.path.join(scratch, "files.img")
+        writeFilesLayer(sources, layer)
+        info["initrds"].append(layerPath)
+        config = isolinuxConfig(info["initrds"], info.get("cmdline", CMDLINE)).encode()
+        iso.add_file(layer, iso_path=_isoPath(layerPath), rr_name=os.path.basename(layerPath),
+                     joliet_path=layerPath, file_mode=stat.S_IFREG | 0o444)
+        iso.rm_file(iso_path=CONFIG_ISO)
+        iso.add_fp(io.BytesIO(config), len(config), iso_path=CONFIG_ISO, rr_name="isolinux.cfg",
+                   joliet_path="/isolinux/isolinux.cfg", file_mode=stat.S_IFREG | 0o444)
+        iso.rm_file(iso_path=MARKER_ISO)
+        _addMarker(iso, info)
+        note(f"writing {output}")
+        isoimage.writeAtomically(iso, output)
+    return info
+
+
+def build(output, sources=(), base=None, cache=None, note=lambda message: None):
+    """
+    `cpushare image build`: write C{output}, the reference livecd (or the
+    bootable ISO C{base}) with the files of the host folders C{sources}.
+    Returns a L{BuildResult}; raises L{ImageError} naming any problem.
+    Blocking (big file and CPU work): run it in a thread.
+    """
+    sources = [os.path.abspath(s) for s in sources]
+    for source in sources:
+        if not os.path.isdir(source):
+            raise ImageError(f"--add {source}: not a folder")
+    outFolder = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(outFolder):
+        raise ImageError(f"cannot write {output}: no folder {outFolder}")
+    if os.path.isdir(output):
+        raise ImageError(f"cannot write {output}: it is a folder")
+    notes = []
+    start = _startNote(sources)
+    if start:
+        notes.append(start)
+    count = sum(1 for _, st in mergedListing(sources).values() if not stat.S_ISDIR(st.st_mode))
+    try:
+        if base is None:
+            from cpushare.vm.livecdparts import PartsCache
+            parts = PartsCache(cache, note).fetch()
+            buildLivecd(output, parts, sources, note=note)
+            description = f"reference livecd (Linux {parts.kernelVersion}, busybox)"
+            if sources:
+                description += f" with {count} files at {GUEST_FILES}/"
+        else:
+            if not sources:
+                raise ImageError("--base needs --add DIR: the files to add")
+            iso = isoimage.openISO(base)
+            try:
+                info = readMarker(iso)
+                if info is not None:
+                    info = addLayer(base, iso, info, sources, output, note)
+                    description = (
+                        f"{os.path.basename(base)} (a reference livecd) with {count} more files "
+                        f"at {GUEST_FILES}/, in initrd layer {len(info['initrds']) - 1}"
+                    )
+                else:
+                    iso.close()
+                    iso = None
+                    isoimage.addFiles(base, sources, output, note)
+                    description = (
+                        f"{os.path.basename(base)} with {count} files added under /{isoimage.FILES_DIR}/ "
+                        "on the cdrom; its boot catalog kept"
+                    )
+                    notes.append(
+                        f"{os.path.basename(base)} is not a reference livecd: its own system "
+                        "must mount the cdrom to see /cpushare/"
+                        + (" and run start itself" if any(
+                            os.path.lexists(os.path.join(s, "start")) for s in sources) else "")
+                    )
+            finally:
+                if iso is not None:
+                    iso.close()
+    except PyCdlibException as e:
+        raise ImageError(f"cannot build {output}: {e}")
+    except OSError as e:
+        raise ImageError(f"cannot build {output}: {e.strerror}: {e.filename}")
+    isoimage.checkBootable(output)
+    return BuildResult(path=output, size=os.path.getsize(output), sha256=_digest(output),
+                       description=description, notes=notes)
+
