@@ -6,16 +6,26 @@ set -euo pipefail
 need=()
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 command -v openssl >/dev/null || need+=(openssl)
+command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+command -v chrt >/dev/null || need+=(util-linux)
+command -v ip >/dev/null || need+=(iproute2)
+command -v ping >/dev/null || need+=(iputils-ping)
+command -v dpkg-deb >/dev/null || need+=(dpkg)
 
-if [ ${#need[@]} -eq 0 ]; then
-    exit 0
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "installing Debian packages: ${need[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+    else
+        echo "CPUShare needs these Debian packages: ${need[*]}" >&2
+        echo "install them with: sudo apt-get install ${need[*]}" >&2
+        exit 1
+    fi
 fi
-if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "installing Debian packages: ${need[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
-else
-    echo "CPUShare needs these Debian packages: ${need[*]}" >&2
-    echo "install them with: sudo apt-get install ${need[*]}" >&2
-    exit 1
+
+# A seller run as root starts its VMs as this unprivileged user of their own.
+if [ "$(id -u)" = 0 ] && ! getent passwd cpushare-vm >/dev/null; then
+    echo "creating the system user cpushare-vm (sellers run their VMs as it)"
+    useradd --system --no-create-home --shell /usr/sbin/nologin cpushare-vm
 fi

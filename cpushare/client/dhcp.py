@@ -277,6 +277,7 @@ class DHCPServer:
         self._unused = dict.fromkeys(self.subnet.pool())  # never handed out, in order
         self._declined = {}  # address -> clock seconds it is set aside until
         self._serverIP = self.subnet.server.packed
+        self.leaseGranted = None  # called with (mac text, ip text) for each new lease
 
     def start(self):
         self.switch.attach(self)
@@ -405,6 +406,8 @@ class DHCPServer:
                 self.log.info("leased {ip} to {mac}{host}", ip=str(requested),
                               mac=macToString(mac),
                               host=f" ({bound.hostname})" if bound.hostname else "")
+                if self.leaseGranted is not None:
+                    self.leaseGranted(macToString(mac), str(requested))
             self.counters.acks += 1
             self._reply(message, ACK, requested.packed)
         else:

@@ -11,6 +11,7 @@ import os
 import tempfile
 
 from twisted.internet import defer, protocol
+from twisted.internet.error import ProcessExitedAlready
 from twisted.logger import Logger
 
 log = Logger()
@@ -58,16 +59,22 @@ async def accelWorks(reactor, qemu, accel, timeout=PROBE_TIMEOUT):
         os.remove(path)
         log.warn("cannot run {qemu}: {error}", qemu=qemu, error=e)
         return False
+    def kill():
+        try:
+            transport.signalProcess("KILL")
+        except ProcessExitedAlready:
+            pass
+
+    # A seller stopped mid-probe must not leave the probe guest behind.
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", kill)
     timer = reactor.callLater(timeout, lambda: probe.ok.called or probe.ok.callback(False))
     try:
         ok = await probe.ok
     finally:
+        reactor.removeSystemEventTrigger(trigger)
         if timer.active():
             timer.cancel()
-        try:
-            transport.signalProcess("KILL")
-        except Exception:
-            pass
+        kill()
         await probe.ended
         os.remove(path)
     return ok

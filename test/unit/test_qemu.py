@@ -1,10 +1,14 @@
 """The QEMU command line and the VM process, without QEMU."""
 
+import shutil
+
 import pytest
+from twisted.internet import defer, reactor
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.python.failure import Failure
+from twisted.trial import unittest
 
-from cpushare.vm import qemu
+from cpushare.vm import probe, qemu
 
 
 def config(**kw):
@@ -82,3 +86,18 @@ def test_exit_reasons_name_the_problem():
     assert run(ProcessTerminated(1), b"qemu-system-x86_64: -drive file=/x: Could not open '/x'\n") == [
         "QEMU exited with status 1: -drive file=/x: Could not open '/x'"]
     assert run(ProcessTerminated(signal=9)) == ["killed by signal 9"]
+
+
+class ProbeTests(unittest.TestCase):
+    """The acceleration probe boots a real (tiny) guest."""
+
+    timeout = 30
+
+    def test_the_probe_guest_runs_under_tcg(self):
+        d = defer.ensureDeferred(
+            probe.accelWorks(reactor, shutil.which("qemu-system-x86_64"), "tcg"))
+        return d.addCallback(self.assertTrue)
+
+    def test_tcg_is_chosen_without_probing_when_asked(self):
+        d = defer.ensureDeferred(probe.chooseAccel(reactor, "/nonexistent/qemu", "tcg"))
+        return d.addCallback(self.assertEqual, ("tcg", "TCG, as configured"))
