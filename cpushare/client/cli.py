@@ -5,6 +5,7 @@ cpushare: the command line for buyers and sellers.
     cpushare [--home H] whoami
     cpushare [--home H] sellers [--json]
     cpushare image build -o job.iso [--add DIR]... [--base other.iso] [--cache DIR]
+    cpushare image upload|list, order place|cancel, vms, vm stop, console (see vmcli)
 
 Every failure is one line on stderr, naming the problem, and exit status 1.
 """
@@ -52,6 +53,29 @@ async def connectHome(reactor, home, role="cli"):
     return session, host, port
 
 
+class Market:
+    """
+    A command's connection to the market: C{async with Market(reactor,
+    home) as market:}, then C{await market.call(Command, ...)}; failures
+    become one-line CommandErrors, and the connection is closed at the end.
+    """
+
+    def __init__(self, reactor, home):
+        self.reactor = reactor
+        self.home = home
+        self.session = None
+
+    async def __aenter__(self):
+        self.session, self.host, self.port = await connectHome(self.reactor, self.home)
+        return self
+
+    async def __aexit__(self, *exc):
+        await close(self.session)
+
+    def call(self, command, **kw):
+        return _call(self.session, command, self.host, self.port, **kw)
+
+
 async def register(reactor, args, home):
     if home.exists():
         raise CommandError(
@@ -84,11 +108,9 @@ async def register(reactor, args, home):
 
 
 async def whoami(reactor, args, home):
-    session, host, port = await connectHome(reactor, home)
-    try:
-        info = await _call(session, commands.WhoAmI, host, port)
-    finally:
-        await close(session)
+    async with Market(reactor, home) as market:
+        info = await market.call(commands.WhoAmI)
+        host, port = market.host, market.port
     if args.json:
         print(json.dumps(dict(info, server=f"{host}:{port}", home=home.path)))
         return
@@ -99,15 +121,8 @@ async def whoami(reactor, args, home):
     print(f"home:        {home.path}")
 
 
-def _formatSellers(sellers, now):
-    rows = [("NAME", "SESSION", "CORES", "MEMORY", "LATENCY", "ONLINE")]
-    for s in sellers:
-        latency = s.get("latency_ms")
-        rows.append((
-            s["name"], str(s["session"]), str(s["cores"]), f"{s['memory']} MB",
-            "-" if latency is None else f"{latency:.1f} ms",
-            _duration(now - s["connected"]),
-        ))
+def formatTable(rows):
+    """Rows of cells as aligned text: the first column to the left, the rest to the right."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for r in rows:
@@ -116,7 +131,19 @@ def _formatSellers(sellers, now):
     return "\n".join(lines)
 
 
-def _duration(seconds):
+def _formatSellers(sellers, now):
+    rows = [("NAME", "SESSION", "CORES", "MEMORY", "LATENCY", "ONLINE")]
+    for s in sellers:
+        latency = s.get("latency_ms")
+        rows.append((
+            s["name"], str(s["session"]), str(s["cores"]), f"{s['memory']} MB",
+            "-" if latency is None else f"{latency:.1f} ms",
+            duration(now - s["connected"]),
+        ))
+    return formatTable(rows)
+
+
+def duration(seconds):
     seconds = max(0, int(seconds))
     if seconds < 120:
         return f"{seconds}s"
@@ -126,16 +153,13 @@ def _duration(seconds):
 
 
 async def sellers(reactor, args, home):
-    session, host, port = await connectHome(reactor, home)
     found = []
-    try:
+    async with Market(reactor, home) as market:
         while True:
-            page = await _call(session, commands.ListSellers, host, port, offset=len(found))
+            page = await market.call(commands.ListSellers, offset=len(found))
             found.extend(page["sellers"])
             if not page["sellers"] or len(found) >= page["total"]:
                 break
-    finally:
-        await close(session)
     if args.json:
         print(json.dumps(found))
     elif not found:
@@ -206,6 +230,10 @@ def parser():
                    help="where the Debian parts are kept (default $CPUSHARE_CACHE, "
                    "else $XDG_CACHE_HOME/cpushare or ~/.cache/cpushare)")
     b.set_defaults(run=imageBuild)
+
+    from cpushare.client import vmcli
+    vmcli.addImageParsers(images)
+    vmcli.addParsers(sub)
     return p
 
 

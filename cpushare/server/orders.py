@@ -27,6 +27,7 @@ MAX_VMS_PER_ORDER = 1000
 MAX_VM_CORES = 256
 MAX_VM_MEMORY = 1024 * 1024
 OVER = ("stopped", "failed", "lost", "cancelled")
+CONSOLE_HISTORY = 4096
 
 
 class VM:
@@ -49,6 +50,19 @@ class VM:
         self.ip = None
         self.graceCall = None
         self.buyerSession = None
+        self.consoleHistory = b""
+        self.consoles = set()
+
+    def consoleReceived(self, data):
+        """Console output from the seller: kept (the last CONSOLE_HISTORY bytes) and sent on."""
+        self.consoleHistory = (self.consoleHistory + data)[-CONSOLE_HISTORY:]
+        channel = consoleChannel(self.id)
+        for session in self.consoles:
+            session.sendFrame(channel, data)
+
+    def consoleInput(self, data):
+        if self.seller is not None:
+            self.seller.sendFrame(consoleChannel(self.id), data)
 
     @property
     def active(self):
@@ -141,17 +155,20 @@ class Orders:
         return len(vms)
 
     def attachConsole(self, session, vmId):
+        """
+        Join C{session} to the VM's serial console: it gets the recent
+        output at once, then what follows; what it sends is typed in.
+        """
         vm = self.owned(session.account, vmId)
-        if vm.seller is None or not vm.active:
-            raise NoSuchVM(f"VM {vmId} is not running on a connected seller ({vm.state})")
+        if not vm.active:
+            raise NoSuchVM(f"VM {vmId} is {vm.state}: {vm.reason}")
         channel = consoleChannel(vmId)
-        relay = self.market.relay
-        for end in (vm.seller, session):
-            link = end.links.get(channel)
-            if link is not None:
-                others = tuple(s for s in (link.a, link.b) if s is not vm.seller)
-                relay.unlink(link, "another console attached", notify=others)
-        relay.link(vm.seller, channel, session, channel)
+        if channel in session.links:
+            raise BadRequest(f"channel {channel} of this connection is in use")
+        vm.consoles.add(session)
+        session.routes[channel] = vm.consoleInput
+        if vm.consoleHistory:
+            session.sendFrame(channel, vm.consoleHistory)
         return channel
 
     def buyerConnected(self, session):
@@ -189,12 +206,16 @@ class Orders:
                 return True
         return False
 
-    def _place(self, vm, seller):
+    def _bindSeller(self, vm, seller):
         vm.seller = seller
+        seller.vms[vm.id] = vm
+        seller.routes[consoleChannel(vm.id)] = vm.consoleReceived
+
+    def _place(self, vm, seller):
+        self._bindSeller(vm, seller)
         vm.sellerAccountId = seller.account["id"]
         vm.state = "allocated"
         vm.reason = None
-        seller.vms[vm.id] = vm
         self._save(lambda c: store.updateVM(
             c, vm.id, seller_account_id=vm.sellerAccountId, state="allocated", reason=None))
         buyer = self.market.buyerSession(vm.buyerId)
@@ -255,8 +276,7 @@ class Orders:
             if vm.graceCall is not None and vm.graceCall.active():
                 vm.graceCall.cancel()
             vm.graceCall = None
-            vm.seller = seller
-            seller.vms[vm.id] = vm
+            self._bindSeller(vm, seller)
             if vm.state == "detached":
                 vm.state = "running"
             buyer = self.market.buyerSession(vm.buyerId)
@@ -275,6 +295,7 @@ class Orders:
         for vm in self.vms.values():
             if vm.buyerSession is session:
                 vm.buyerSession = None
+            vm.consoles.discard(session)
 
     def _detach(self, vm, why):
         vm.seller = None
@@ -303,14 +324,18 @@ class Orders:
         if vm.graceCall is not None and vm.graceCall.active():
             vm.graceCall.cancel()
         vm.graceCall = None
+        for session in vm.consoles:
+            session.routes.pop(consoleChannel(vm.id), None)
+            if session.connected:
+                session.channelUnlinked(consoleChannel(vm.id), f"VM {vm.id} {state}: {reason}")
+        vm.consoles.clear()
         if seller is not None:
             seller.vms.pop(vm.id, None)
-            relay = self.market.relay
-            for channel in (nicChannel(vm.id), consoleChannel(vm.id)):
-                link = seller.links.get(channel)
-                if link is not None:
-                    others = tuple(s for s in (link.a, link.b) if s is not seller)
-                    relay.unlink(link, reason, notify=others)
+            seller.routes.pop(consoleChannel(vm.id), None)
+            link = seller.links.get(nicChannel(vm.id))
+            if link is not None:
+                others = tuple(s for s in (link.a, link.b) if s is not seller)
+                self.market.relay.unlink(link, reason, notify=others)
             if tellSeller and seller.connected:
                 seller.control.callRemote(commands.StopVM, vm=vm.id).addErrback(
                     lambda f: self.log.warn("stopping VM {vm}: {why}", vm=vm.id,

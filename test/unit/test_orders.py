@@ -233,3 +233,31 @@ class OrderTests(test_session.ImageCase):
         self.assertEqual(started["vm"], vm)
         listed = (yield self.call(self.cli, commands.ListVMs))["vms"]
         self.assertEqual((listed[0]["state"], listed[0]["seller"]), ("allocated", "ben"))
+
+    @defer.inlineCallbacks
+    def test_the_console_shows_recent_output_then_follows_and_takes_input(self):
+        seller = yield self.program("seller", self.sam)
+        yield self.offer(seller, 1, 1024)
+        [vm] = (yield self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=1,
+                                cores=1, memory=256))["vm_ids"]
+        yield within(seller.started.get())
+        seller.sendFrame(consoleChannel(vm), b"booting...\r\n")
+        seller.sendFrame(consoleChannel(vm), b"CPUSHARE-READY ip=10.77.0.100/24\r\n")
+        yield sleep(0.1)
+        output = defer.DeferredQueue()
+        self.cli.routes[consoleChannel(vm)] = output.put
+        answer = yield self.call(self.cli, commands.AttachConsole, vm=vm)
+        self.assertEqual(answer["channel"], consoleChannel(vm))
+        self.assertEqual((yield within(output.get())),
+                         b"booting...\r\nCPUSHARE-READY ip=10.77.0.100/24\r\n")
+        seller.sendFrame(consoleChannel(vm), b"# ")
+        self.assertEqual((yield within(output.get())), b"# ")
+        typed = defer.DeferredQueue()
+        seller.routes[consoleChannel(vm)] = typed.put
+        self.cli.sendFrame(consoleChannel(vm), b"uname -a\n")
+        self.assertEqual((yield within(typed.get())), b"uname -a\n")
+        # When the VM ends, the console says why.
+        ended = defer.Deferred()
+        self.cli.channelUnlinked = lambda channel, reason: ended.callback(reason)
+        yield self.call(self.cli, commands.StopVM, vm=vm)
+        self.assertIn("stopped by the buyer", (yield within(ended)))

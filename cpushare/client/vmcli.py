@@ -1,0 +1,242 @@
+"""
+The buyer's commands about images, orders, VMs and consoles:
+
+    cpushare image upload job.iso        cpushare image list
+    cpushare order place --image job.iso|SHA256 --vms N [--cores C] [--memory MB]
+    cpushare order cancel ORDER
+    cpushare vms [--json]                cpushare vm stop VM
+    cpushare console VM
+"""
+
+import json
+import os
+import re
+import sys
+import time
+
+from twisted.internet import defer, stdio
+from twisted.internet.protocol import Protocol
+from twisted.internet.threads import deferToThreadPool
+
+from cpushare.client import images
+from cpushare.client.cli import CommandError, Market, duration, formatTable
+from cpushare.protocol import commands
+from cpushare.protocol.commands import consoleChannel
+
+SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+ESCAPE = b"\x1d"  # Ctrl-]
+
+
+async def imageUpload(reactor, args, home):
+    if not os.path.isfile(args.iso):
+        raise CommandError(f"{args.iso} is not a file")
+    from cpushare.vm.isoimage import ImageError, checkBootable
+    try:
+        await deferToThreadPool(reactor, reactor.getThreadPool(), checkBootable, args.iso)
+    except ImageError as e:
+        raise CommandError(str(e))
+    async with Market(reactor, home) as market:
+        bar = images.ProgressBar(os.path.getsize(args.iso))
+        try:
+            sha256, size, sent = await images.upload(
+                reactor, market.session, args.iso, args.name, progress=bar.update)
+        except commands.CPUShareError as e:
+            raise CommandError(str(e))
+        finally:
+            bar.close()
+    if sent:
+        print(f"uploaded {args.iso}: {size} bytes, sha256 {sha256}")
+    else:
+        print(f"{args.iso} is already on the market (sha256 {sha256}); nothing sent")
+
+
+async def imageList(reactor, args, home):
+    async with Market(reactor, home) as market:
+        listed = (await market.call(commands.ListImages))["images"]
+    if args.json:
+        print(json.dumps(listed))
+    elif not listed:
+        print("no images: upload one with 'cpushare image upload ISO'")
+    else:
+        rows = [("SHA256", "SIZE", "NAME", "UPLOADED")]
+        rows += [(i["sha256"], f"{i['size'] / 1e6:.1f} MB", i["name"], i["uploaded"])
+                 for i in listed]
+        print(formatTable(rows))
+
+
+async def resolveImage(reactor, image):
+    """An --image argument (a sha256, or an ISO file to hash) as a sha256."""
+    if SHA256.match(image):
+        return image
+    if os.path.isfile(image):
+        sha256, _ = await deferToThreadPool(
+            reactor, reactor.getThreadPool(), images.hashFile, image)
+        return sha256
+    raise CommandError(f"--image {image}: neither a sha256 nor an ISO file")
+
+
+async def orderPlace(reactor, args, home):
+    sha256 = await resolveImage(reactor, args.image)
+    async with Market(reactor, home) as market:
+        placed = await market.call(commands.PlaceOrder, image=sha256, vms=args.vms,
+                                   cores=args.cores, memory=args.memory)
+    if args.json:
+        print(json.dumps(placed))
+        return
+    ids = ", ".join(str(v) for v in placed["vm_ids"])
+    print(f"order {placed['order']}: VMs {ids}; {placed['allocated']} placed on sellers now"
+          + ("" if placed["allocated"] == args.vms else ", the rest wait for capacity"))
+
+
+async def orderCancel(reactor, args, home):
+    async with Market(reactor, home) as market:
+        stopped = (await market.call(commands.CancelOrder, order=args.order))["stopped"]
+    print(f"order {args.order} cancelled; {stopped} VMs stopped")
+
+
+def formatVMs(vms, now):
+    rows = [("VM", "ORDER", "SELLER", "STATE", "MAC", "IP", "UPTIME", "CPU", "REASON")]
+    for vm in vms:
+        started, ended = vm.get("started"), vm.get("ended")
+        up = "-" if started is None else duration((ended or now) - started)
+        rows.append((
+            str(vm["vm"]), str(vm["order"]), vm.get("seller") or "-", vm["state"], vm["mac"],
+            vm.get("ip") or "-", up, f"{vm['cpu_seconds']:.1f}s", vm.get("reason") or "",
+        ))
+    return formatTable(rows)
+
+
+async def listVMs(reactor, args, home):
+    async with Market(reactor, home) as market:
+        vms = (await market.call(commands.ListVMs))["vms"]
+    if args.json:
+        print(json.dumps(vms))
+    elif not vms:
+        print("no VMs: place an order with 'cpushare order place'")
+    else:
+        print(formatVMs(vms, time.time()))
+
+
+async def vmStop(reactor, args, home):
+    async with Market(reactor, home) as market:
+        await market.call(commands.StopVM, vm=args.vm)
+    print(f"VM {args.vm} stopped")
+
+
+class _Keyboard(Protocol):
+    """Standard input to the console; Ctrl-] (on a terminal) leaves."""
+
+    def __init__(self, send, done, interactive):
+        self.send = send
+        self.done = done
+        self.interactive = interactive
+
+    def dataReceived(self, data):
+        if self.interactive and ESCAPE in data:
+            data = data[:data.index(ESCAPE)]
+            if data:
+                self.send(data)
+            if not self.done.called:
+                self.done.callback(None)
+            return
+        self.send(data)
+
+    def connectionLost(self, reason):
+        if not self.done.called:
+            self.done.callback(None)
+
+
+async def console(reactor, args, home):
+    """
+    Attach to a VM's serial console: the recent output, then whatever
+    follows; what is typed goes in.  On a terminal, Ctrl-] leaves.  Fed
+    from a pipe, it types the input and leaves --linger seconds after the
+    input ends.
+    """
+    interactive = sys.stdin.isatty()
+    async with Market(reactor, home) as market:
+        session = market.session
+        channel = consoleChannel(args.vm)
+        out = sys.stdout.buffer
+        ended = defer.Deferred()
+
+        def show(data):
+            out.write(data)
+            out.flush()
+
+        def gone(ch, reason):
+            if ch == channel and not ended.called:
+                ended.callback(reason)
+
+        session.routes[channel] = show
+        session.channelUnlinked = gone
+        await market.call(commands.AttachConsole, vm=args.vm)
+        done = defer.Deferred()
+        saved = None
+        if interactive:
+            import termios
+            import tty
+            saved = termios.tcgetattr(sys.stdin.fileno())
+            tty.setraw(sys.stdin.fileno())
+            print(f"[console of VM {args.vm}; Ctrl-] leaves]\r", file=sys.stderr)
+        keyboard = stdio.StandardIO(
+            _Keyboard(lambda data: session.sendFrame(channel, data), done, interactive),
+            reactor=reactor)
+        try:
+            which, result = await defer.DeferredList(
+                [done, ended, session.lost], fireOnOneCallback=True, consumeErrors=True)
+            if which == 0 and not interactive:
+                linger = defer.Deferred()
+                reactor.callLater(args.linger, linger.callback, None)
+                await defer.DeferredList([linger, ended], fireOnOneCallback=True)
+        finally:
+            if saved is not None:
+                import termios
+                termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
+            keyboard.loseConnection()
+        if ended.called:
+            print(f"\r\n[VM {args.vm}: {ended.result}]", file=sys.stderr)
+
+
+def addImageParsers(actions):
+    """`image upload` and `image list`, beside `image build`."""
+    u = actions.add_parser("upload", help="upload an ISO to the market")
+    u.add_argument("iso")
+    u.add_argument("--name", help="a name for it (default: the file's name)")
+    u.set_defaults(run=imageUpload)
+    lst = actions.add_parser("list", help="the images on the market")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(run=imageList)
+
+
+def addParsers(sub):
+    order = sub.add_parser("order", help="place and cancel buy orders")
+    orders = order.add_subparsers(dest="order_command", metavar="ACTION")
+    orders.required = True
+    place = orders.add_parser("place", help="run VMs booting one of your images")
+    place.add_argument("--image", required=True, help="an uploaded ISO file, or its sha256")
+    place.add_argument("--vms", type=int, default=1, help="how many VMs (default 1)")
+    place.add_argument("--cores", type=int, default=1, help="cores per VM (default 1)")
+    place.add_argument("--memory", type=int, default=256, help="MB per VM (default 256)")
+    place.add_argument("--json", action="store_true")
+    place.set_defaults(run=orderPlace)
+    cancel = orders.add_parser("cancel", help="stop all VMs of an order")
+    cancel.add_argument("order", type=int)
+    cancel.set_defaults(run=orderCancel)
+
+    vms = sub.add_parser("vms", help="list your VMs")
+    vms.add_argument("--json", action="store_true")
+    vms.set_defaults(run=listVMs)
+
+    vm = sub.add_parser("vm", help="act on one VM")
+    vmActions = vm.add_subparsers(dest="vm_command", metavar="ACTION")
+    vmActions.required = True
+    stop = vmActions.add_parser("stop", help="stop a VM")
+    stop.add_argument("vm", type=int)
+    stop.set_defaults(run=vmStop)
+
+    c = sub.add_parser("console", help="attach to a VM's serial console")
+    c.add_argument("vm", type=int)
+    c.add_argument("--linger", type=float, default=2.0,
+                   help="with piped input: seconds to keep showing output after it ends")
+    c.set_defaults(run=console)
