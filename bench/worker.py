@@ -18,6 +18,8 @@ stdin closes (run.py went away) exits too.
     ping   ping-pongs frames through the relay and over the single hop, in
            alternation, and reports the round-trip times
     conns  holds many authenticated seller connections (Hello + Offer)
+    probe  measures control round trips (Ping) to the market from a
+           connection of its own
 """
 
 import argparse
@@ -332,7 +334,6 @@ async def ping(reactor, args):
         return end - start
 
     rtts = {f"{path}/{size}": [] for path in ("relay", "direct") for size in sizes}
-    lost = {key: 0 for key in rtts}
     payloads = [os.urandom(size) for size in sizes]
     for n in range(args.warmup + args.count):
         for i, size in enumerate(sizes):
@@ -343,15 +344,11 @@ async def ping(reactor, args):
                 order = order[::-1]
             for path, session in order:
                 rtt = await once(path, session, i, payloads[i])
-                key = f"{path}/{size}"
                 if n >= args.warmup:
-                    if rtt is None:
-                        lost[key] += 1
-                    else:
-                        rtts[key].append(rtt)
+                    rtts[f"{path}/{size}"].append(rtt)  # None when lost
                 if args.interval:
                     await task.deferLater(reactor, args.interval, lambda: None)
-    emit(event="result", rtts=rtts, lost=lost)
+    emit(event="result", rtts=rtts)
     closeSession(relay)
     closeSession(direct)
 
@@ -380,7 +377,7 @@ async def conns(reactor, args):
             failures.append(str(e))
             return
         sessions.append(session)
-        session.lost.addCallback(lambda _: lost.__setitem__(0, lost[0] + 1))
+        session.whenLost().addCallback(lambda _: lost.__setitem__(0, lost[0] + 1))
         if len(sessions) % args.progress == 0:
             emit(event="progress", connected=len(sessions), failed=len(failures),
                  elapsed=time.monotonic() - started)
@@ -400,11 +397,28 @@ async def conns(reactor, args):
     stopped = defer.Deferred()
 
     def mark():
-        latencies = [s.heartbeat.latencyMs() for s in sessions if s.heartbeat]
-        latencies = sorted(x for x in latencies if x is not None)
+        # The latest heartbeat round trip of each connection, as this side
+        # measured it.
+        latest = sorted(s.heartbeat.samples[-1] * 1000.0 for s in sessions
+                        if s.heartbeat is not None and s.heartbeat.samples)
         emit(event="mark", t=time.monotonic(), open=sum(s.connected for s in sessions),
-             lost=lost[0], cpu=cpuSeconds(),
-             heartbeat_rtt_ms_median=latencies[len(latencies) // 2] if latencies else None)
+             lost=lost[0], cpu=cpuSeconds(), heartbeat_latest_ms=percentiles(latest))
+
+    async def serverView():
+        # What the server measured: each seller's median heartbeat round trip.
+        found = []
+        session = next(s for s in sessions if s.connected)
+        while True:
+            page = await session.control.callRemote(commands.ListSellers, offset=len(found))
+            found.extend(page["sellers"])
+            if not page["sellers"] or len(found) >= page["total"]:
+                break
+        latencies = sorted(s["latency_ms"] for s in found if s.get("latency_ms") is not None)
+        emit(event="sellers", listed=len(found), latency_ms=percentiles(latencies))
+
+    def sellers():
+        defer.ensureDeferred(serverView()).addErrback(
+            lambda f: emit(event="error", error=f.getTraceback()))
 
     def stop():
         for s in sessions:
@@ -412,8 +426,32 @@ async def conns(reactor, args):
         emit(event="result", lost=lost[0])
         stopped.callback(None)
 
-    closed = listenForCommands(reactor, {"mark": mark, "stop": stop})
+    closed = listenForCommands(reactor, {"mark": mark, "sellers": sellers, "stop": stop})
     await defer.DeferredList([stopped, closed], fireOnOneCallback=True)
+
+
+# -- probe
+
+
+async def probe(reactor, args):
+    session = await connectMarket(reactor, Home(args.home), "cli")
+    rtts = []
+    for _ in range(args.count):
+        start = time.perf_counter()
+        await session.control.callRemote(commands.Ping, sent=reactor.seconds())
+        rtts.append((time.perf_counter() - start) * 1000.0)
+        await task.deferLater(reactor, args.interval, lambda: None)
+    emit(event="result", rtt_ms=percentiles(sorted(rtts)))
+    closeSession(session)
+
+
+def percentiles(ordered):
+    """Median, 90th and 99th percentile and maximum of sorted values."""
+    if not ordered:
+        return None
+    pick = lambda p: ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+    return {"count": len(ordered), "median": pick(0.5), "p90": pick(0.9),
+            "p99": pick(0.99), "max": ordered[-1]}
 
 
 def parser():
@@ -456,6 +494,12 @@ def parser():
     c.add_argument("--batch", type=int, default=100)
     c.add_argument("--progress", type=int, default=500)
     c.set_defaults(run=conns)
+
+    q = sub.add_parser("probe")
+    q.add_argument("--home", required=True)
+    q.add_argument("--count", type=int, default=200)
+    q.add_argument("--interval", type=float, default=0.02)
+    q.set_defaults(run=probe)
     return p
 
 

@@ -85,7 +85,7 @@ class Buyer:
 
     def connected(self, session):
         self.session = session
-        session.lost.addCallback(self.lost)
+        session.whenLost().addCallback(self.lost)
 
     def lost(self, session):
         for vm in list(self.macs):

@@ -40,7 +40,7 @@ async def close(session):
     """Close the session cleanly and wait until it is closed."""
     if session.connected:
         session.transport.loseConnection()
-        await session.lost
+        await session.whenLost()
 
 
 async def connectHome(reactor, home, role="cli"):

@@ -55,7 +55,7 @@ class MarketConnection(MultiService):
             where=self.where, role=self.role, account=info["account"],
             session=info["session"],
         )
-        session.lost.addCallback(self._lost, session)
+        session.whenLost().addCallback(self._lost, session)
         if self.onSession is not None:
             return self.onSession(session)
 

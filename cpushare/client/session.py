@@ -104,8 +104,8 @@ class ClientSession(Multiplexer):
         self.heartbeat = None
         self.info = None
         self.ready = Deferred()
-        self.lost = Deferred()
         self.lostReason = None
+        self._lostWaiters = []
         self.linked = {}
 
     def makeControl(self):
@@ -154,7 +154,18 @@ class ClientSession(Multiplexer):
         self.lostReason = reason
         if not self.ready.called:
             self.ready.errback(Failure(self.closeReason) if self.closeReason else reason)
-        self.lost.callback(self)
+        waiters, self._lostWaiters = self._lostWaiters, None
+        for d in waiters:
+            d.callback(self)
+
+    def whenLost(self):
+        """A Deferred that fires with this session once its connection is gone."""
+        d = Deferred()
+        if self._lostWaiters is None:
+            d.callback(self)
+        else:
+            self._lostWaiters.append(d)
+        return d
 
 
 class ClientSessionFactory(Factory):

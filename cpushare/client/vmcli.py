@@ -15,8 +15,10 @@ import sys
 import time
 
 from twisted.internet import defer, stdio
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.threads import deferToThreadPool
+from zope.interface import implementer
 
 from cpushare.client import images
 from cpushare.client.cli import CommandError, Market, duration, formatTable
@@ -25,6 +27,7 @@ from cpushare.protocol.commands import consoleChannel
 
 SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 ESCAPE = b"\x1d"  # Ctrl-]
+CURSOR_QUERY = b"\x1b[6n"
 
 
 async def imageUpload(reactor, args, home):
@@ -123,8 +126,12 @@ async def vmStop(reactor, args, home):
     print(f"VM {args.vm} stopped")
 
 
+@implementer(IHalfCloseableProtocol)
 class _Keyboard(Protocol):
-    """Standard input to the console; Ctrl-] (on a terminal) leaves."""
+    """
+    Standard input to the console; Ctrl-] (on a terminal) leaves.  The end
+    of piped input closes only the input: the VM's output goes on.
+    """
 
     def __init__(self, send, done, interactive):
         self.send = send
@@ -141,9 +148,80 @@ class _Keyboard(Protocol):
             return
         self.send(data)
 
-    def connectionLost(self, reason):
+    def readConnectionLost(self):
         if not self.done.called:
             self.done.callback(None)
+
+    def writeConnectionLost(self):
+        pass
+
+    def connectionLost(self, reason):
+        self.readConnectionLost()
+
+
+class PipedTyping:
+    """
+    Piped input typed into a VM's shell as a person at a terminal would:
+    a line at a time, each once the shell shows its next prompt, so each
+    command's output follows its command.  The livecd's shell (busybox)
+    marks its prompts by asking the terminal where the cursor is (ESC [ 6
+    n); with a guest that does not, the next line goes after QUIET seconds
+    without output.
+    """
+
+    QUIET = 1.0
+
+    def __init__(self, reactor, send):
+        self.reactor = reactor
+        self.send = send
+        self.lines = []
+        self.partial = b""
+        self.tail = b""
+        self.ready = False
+        self.ended = False
+        self.typed = defer.Deferred()
+        self._quiet = None
+        self._restartQuiet()
+
+    def input(self, data):
+        data = self.partial + data
+        *lines, self.partial = data.split(b"\n")
+        self.lines.extend(line + b"\n" for line in lines)
+        self._pump()
+
+    def inputEnded(self):
+        if self.partial:
+            self.lines.append(self.partial)
+            self.partial = b""
+        self.ended = True
+        self._pump()
+
+    def output(self, data):
+        self.tail = (self.tail + data)[-len(CURSOR_QUERY):]
+        if CURSOR_QUERY in data or self.tail == CURSOR_QUERY:
+            self.tail = b""
+            self.ready = True
+            self._pump()
+        self._restartQuiet()
+
+    def _restartQuiet(self):
+        if self._quiet is not None and self._quiet.active():
+            self._quiet.cancel()
+        self._quiet = self.reactor.callLater(self.QUIET, self._quietNow)
+
+    def _quietNow(self):
+        self._quiet = None
+        self.ready = True
+        self._pump()
+
+    def _pump(self):
+        if self.ready and self.lines:
+            self.ready = False
+            self.send(self.lines.pop(0))
+        if self.ended and not self.lines and not self.typed.called:
+            if self._quiet is not None and self._quiet.active():
+                self._quiet.cancel()
+            self.typed.callback(None)
 
 
 async def console(reactor, args, home):
@@ -160,9 +238,14 @@ async def console(reactor, args, home):
         out = sys.stdout.buffer
         ended = defer.Deferred()
 
+        typing = None if interactive else PipedTyping(
+            reactor, lambda data: session.sendFrame(channel, data))
+
         def show(data):
             out.write(data)
             out.flush()
+            if typing is not None:
+                typing.output(data)
 
         def gone(ch, reason):
             if ch == channel and not ended.called:
@@ -179,12 +262,18 @@ async def console(reactor, args, home):
             saved = termios.tcgetattr(sys.stdin.fileno())
             tty.setraw(sys.stdin.fileno())
             print(f"[console of VM {args.vm}; Ctrl-] leaves]\r", file=sys.stderr)
-        keyboard = stdio.StandardIO(
-            _Keyboard(lambda data: session.sendFrame(channel, data), done, interactive),
-            reactor=reactor)
+        if interactive:
+            keyboard = stdio.StandardIO(
+                _Keyboard(lambda data: session.sendFrame(channel, data), done, True),
+                reactor=reactor)
+        else:
+            keyboard = stdio.StandardIO(_Keyboard(typing.input, done, False), reactor=reactor)
+            done.addCallback(lambda _: typing.inputEnded())
+            done.addCallback(lambda _: typing.typed)
         try:
-            which, result = await defer.DeferredList(
-                [done, ended, session.lost], fireOnOneCallback=True, consumeErrors=True)
+            # With fireOnOneCallback a DeferredList fires with (result, index).
+            _, which = await defer.DeferredList(
+                [done, ended, session.whenLost()], fireOnOneCallback=True, consumeErrors=True)
             if which == 0 and not interactive:
                 linger = defer.Deferred()
                 reactor.callLater(args.linger, linger.callback, None)

@@ -250,7 +250,7 @@ class VMHost(Service):
         if running:
             self.log.info("reattached VMs {keep}; stopping {gone}", keep=sorted(keep),
                           gone=sorted(set(running) - keep))
-        session.lost.addCallback(self._lost)
+        session.whenLost().addCallback(self._lost)
 
     def _lost(self, session):
         if self.session is not session:

@@ -279,6 +279,7 @@ class Orders:
             self._bindSeller(vm, seller)
             if vm.state == "detached":
                 vm.state = "running"
+                vm.reason = None
             buyer = self.market.buyerSession(vm.buyerId)
             if buyer is not None:
                 self._linkBuyer(vm, buyer)

@@ -38,6 +38,9 @@ class Options(usage.Options):
         ["timeout", None, DEFAULT_TIMEOUT,
          "Seconds of silence after which a client is declared gone.", float],
         ["image-quota", None, 4096, "Megabytes of images each account may store.", int],
+        ["grace", None, 600.0,
+         "Seconds a disconnected seller's VMs wait for it to come back before "
+         "they are placed elsewhere.", float],
     ]
 
     def postOptions(self):
@@ -64,6 +67,7 @@ def makeService(options, reactor=None):
                         quota=options["image-quota"] * 1024 * 1024)
     market = Market(reactor, store, credentials, images,
                     heartbeat=options["heartbeat"], timeout=options["timeout"])
+    market.orders.grace = options["grace"]
     market.setServiceParent(service)
 
     factory = TLSMemoryBIOFactory(credentials.serverTLS(), False, MarketFactory(market))

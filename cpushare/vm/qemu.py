@@ -20,9 +20,9 @@ The command line gives the guest exactly what was sold and nothing else:
 
 QEMU is started already unprivileged (`-runas` would need the privileges
 the sandbox denies): as the seller's VM user when the seller runs as root,
-else as the seller's own user; through `chrt --idle 0 nice -n 19` so it
-runs at SCHED_IDLE and the lowest priority, and the desktop's own work
-always wins.
+else as the seller's own user; through `setpriv --pdeathsig KILL chrt
+--idle 0 nice -n 19` so it dies with the seller and runs at SCHED_IDLE and
+the lowest priority, and the desktop's own work always wins.
 """
 
 import os
@@ -83,13 +83,16 @@ def commandLine(config, qemu="qemu-system-x86_64"):
 
 def idleWrapper():
     """
-    The argv prefix that starts a program at SCHED_IDLE and nice 19 (util-linux
-    chrt, coreutils nice); both exec the next program, so QEMU keeps the pid.
+    The argv prefix that starts a program killed with its parent (util-linux
+    setpriv --pdeathsig: a seller that dies leaves no VM behind), at
+    SCHED_IDLE (util-linux chrt) and nice 19 (coreutils nice).  Each execs
+    the next program, so QEMU keeps the pid.
     """
-    chrt, nice = shutil.which("chrt"), shutil.which("nice")
-    if not chrt or not nice:
-        raise LaunchError("chrt (util-linux) and nice (coreutils) are needed to run VMs at idle priority")
-    return [chrt, "--idle", "0", nice, "-n", "19"]
+    setpriv, chrt, nice = shutil.which("setpriv"), shutil.which("chrt"), shutil.which("nice")
+    if not setpriv or not chrt or not nice:
+        raise LaunchError(
+            "setpriv and chrt (util-linux) and nice (coreutils) are needed to run VMs")
+    return [setpriv, "--pdeathsig", "KILL", chrt, "--idle", "0", nice, "-n", "19"]
 
 
 class VMProcess(protocol.ProcessProtocol):

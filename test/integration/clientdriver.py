@@ -159,7 +159,7 @@ class Driver:
         session = self.sessions.pop(name)
         if session.connected:
             session.transport.loseConnection()
-        await session.lost
+        await session.whenLost()
         return {"ok": True, "reason": session.lostReason.getErrorMessage()}
 
     async def handle(self, request):

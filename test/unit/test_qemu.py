@@ -52,8 +52,9 @@ def test_kvm_only_when_asked_and_nothing_else():
 
 def test_the_wrapper_runs_qemu_at_idle_priority():
     wrapper = qemu.idleWrapper()
-    assert wrapper[0].endswith("chrt") and wrapper[1:3] == ["--idle", "0"]
-    assert wrapper[3].endswith("nice") and wrapper[4:] == ["-n", "19"]
+    assert wrapper[0].endswith("setpriv") and wrapper[1:3] == ["--pdeathsig", "KILL"]
+    assert wrapper[3].endswith("chrt") and wrapper[4:6] == ["--idle", "0"]
+    assert wrapper[6].endswith("nice") and wrapper[7:] == ["-n", "19"]
 
 
 class FakeProcessTransport:

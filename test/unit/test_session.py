@@ -67,7 +67,7 @@ class MarketCase(unittest.TestCase):
     def close(self, session):
         if session.connected:
             session.transport.loseConnection()
-            return session.lost
+            return session.whenLost()
 
     @defer.inlineCallbacks
     def register(self, name):
@@ -287,3 +287,18 @@ class ImageTests(ImageCase):
         with self.assertRaises(commands.BadRequest) as e:
             yield call(commands.ImageUploadFinish, sha256="c" * 64)
         self.assertIn("0 of 10 bytes", str(e.exception))
+
+
+class LostTests(MarketCase):
+    @defer.inlineCallbacks
+    def test_everyone_waiting_for_the_end_of_a_session_hears_of_it(self):
+        key, cert = yield self.register("alice")
+        session = yield self.connect("buyer", key, cert)
+        heard = []
+        first = session.whenLost().addCallback(heard.append)
+        second = session.whenLost().addCallback(heard.append)
+        session.transport.loseConnection()
+        yield defer.gatherResults([first, second])
+        self.assertEqual(heard, [session, session])
+        late = yield session.whenLost()
+        self.assertIs(late, session)

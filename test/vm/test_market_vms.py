@@ -1,0 +1,391 @@
+"""
+The whole path with real VMs: a buyer orders VMs running its livecd,
+sellers boot them in sandboxed QEMU, and the VMs join the buyer's virtual
+ethernet through the market server.  Real twistd processes, real TLS, real
+QEMU under TCG (at most two VMs at once), a real TAP device (these tests
+run as root, as CI does).
+"""
+
+import os
+import pwd
+import re
+import signal
+import socket
+import struct
+import subprocess
+import time
+
+import pytest
+
+from test.integration.conftest import (
+    START_TIMEOUT, cpushare, executable, waitUntil,
+)
+
+BOOT_TIMEOUT = 180.0
+VM_USER = "cpushare-vm"
+
+
+def run(home, *args, timeout=60):
+    result = cpushare(home, *args, timeout=timeout)
+    assert result.status == 0, result
+    return result
+
+
+@pytest.fixture(scope="module")
+def jobISO(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("job")
+    (folder / "files").mkdir()
+    start = folder / "files" / "start"
+    start.write_text("#!/bin/sh\necho hello from the job on $(hostname)\n")
+    start.chmod(0o755)
+    iso = folder / "job.iso"
+    result = subprocess.run(
+        [executable("cpushare"), "image", "build", "-o", iso, "--add", folder / "files"],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result
+    return iso
+
+
+class Network:
+    """Where a buyer's network is: its TAP device name, subnet and socket."""
+
+    def __init__(self, tap, subnet, socketPath):
+        self.tap, self.subnet, self.socket = tap, subnet, socketPath
+
+    @property
+    def gateway(self):
+        return self.subnet.rsplit(".", 1)[0] + ".1"
+
+
+def startSeller(processes, home, cores, memory, name="seller"):
+    proc = processes.start(name, [
+        executable("twistd"), "-n", "--pidfile=", "cpushare-seller", "--home", home,
+        "--cores", cores, "--memory", memory, "--accel", "tcg", "--cache-size", 200,
+    ])
+    proc.waitForLog("offering", timeout=START_TIMEOUT)
+    return proc
+
+
+def startBuyer(processes, home, tap, subnet, name="buyer"):
+    socketPath = home / "network.sock"
+    argv = [executable("twistd"), "-n", "--pidfile=", "cpushare-buyer", "--home", home,
+            "--subnet", f"{subnet}/24", "--socket", socketPath, "--tap", tap or "none"]
+    proc = processes.start(name, argv)
+    proc.waitForLog("as buyer ", timeout=START_TIMEOUT)
+    if tap:
+        proc.waitForLog(f"TAP device {tap} is on the buyer's network", timeout=START_TIMEOUT)
+    return proc, Network(tap, subnet, socketPath)
+
+
+def vms(home):
+    return {vm["vm"]: vm for vm in run(home, "vms", "--json").json()}
+
+
+def waitForAddress(home, vm, processes):
+    def leased():
+        found = vms(home).get(vm)
+        assert found is not None and found["state"] not in ("failed", "stopped"), found
+        return found["ip"] if found.get("ip") else None
+    return waitUntil(leased, f"VM {vm} to get a DHCP address", BOOT_TIMEOUT, processes, 0.5)
+
+
+def order(home, iso, count=1, cores=1, memory=256):
+    placed = run(home, "order", "place", "--image", iso, "--vms", count, "--cores", cores,
+                 "--memory", memory, "--json").json()
+    return placed["vm_ids"]
+
+
+def ping(address, count=3, interface=None):
+    argv = ["ping", "-c", str(count), "-i", "0.2", "-W", "2", address]
+    if interface:
+        argv[1:1] = ["-I", interface]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30)
+
+
+def console(home, vm, typed, linger=3.0):
+    """Type into a VM's console and return what it showed (history included)."""
+    result = subprocess.run(
+        [executable("cpushare"), "--home", home, "console", str(vm), "--linger", str(linger)],
+        input=typed, capture_output=True, timeout=60)
+    assert result.returncode == 0, result
+    return result.stdout.decode("utf-8", "replace")
+
+
+def consoleRun(home, vm, command, expect, linger=3.0, tries=4):
+    """
+    Run C{command} on a VM's console until its output matches C{expect}.
+    The guest's shell drops what is typed while it redraws its prompt (it
+    asks the terminal where the cursor is, and nobody answers a pipe), so a
+    command that left no trace is typed again.
+    """
+    shown = ""
+    for _ in range(tries):
+        shown = console(home, vm, command.encode() + b"\n", linger)
+        if re.search(expect, shown):
+            return shown
+    raise AssertionError(f"{command!r} never showed {expect!r}:\n{shown}")
+
+
+def qemuOf(vm):
+    out = subprocess.run(["pgrep", "-f", f"cpushare-vm-{vm} -nodefaults"], capture_output=True,
+                         text=True).stdout.split()
+    assert len(out) == 1, out
+    return int(out[0])
+
+
+# -- a local tool on the buyer's unix socket, speaking QEMU's stream framing
+
+
+def _checksum(data):
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return ~total & 0xFFFF
+
+
+class SocketTool:
+    """Joins the buyer's network through its unix socket, as a local VM would."""
+
+    MAC = bytes.fromhex("020000000099")
+
+    def __init__(self, path, ip):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(str(path))
+        self.sock.settimeout(0.5)
+        self.ip = socket.inet_aton(ip)
+        self.buffer = b""
+
+    def close(self):
+        self.sock.close()
+
+    def send(self, frame):
+        self.sock.sendall(struct.pack("!I", len(frame)) + frame)
+
+    def frames(self, seconds):
+        """Every frame that arrives within C{seconds}."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not data:
+                return
+            self.buffer += data
+            while len(self.buffer) >= 4:
+                (n,) = struct.unpack("!I", self.buffer[:4])
+                if len(self.buffer) < 4 + n:
+                    break
+                frame, self.buffer = self.buffer[4:4 + n], self.buffer[4 + n:]
+                yield frame
+
+    def arp(self, ip):
+        target = socket.inet_aton(ip)
+        self.send(b"\xff" * 6 + self.MAC + b"\x08\x06" + struct.pack(
+            "!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, self.MAC, self.ip, b"\0" * 6, target))
+        for frame in self.frames(5):
+            if frame[12:14] == b"\x08\x06" and frame[20:22] == b"\x00\x02" \
+                    and frame[28:32] == target:
+                return frame[22:28]
+        raise AssertionError(f"no ARP reply from {ip}")
+
+    def ping(self, ip, mac, seq=1):
+        icmp = struct.pack("!BBHHH", 8, 0, 0, 0x4321, seq) + b"cpushare" * 4
+        icmp = icmp[:2] + struct.pack("!H", _checksum(icmp)) + icmp[4:]
+        header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), seq, 0, 64, 1, 0,
+                             self.ip, socket.inet_aton(ip))
+        header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
+        self.send(mac + self.MAC + b"\x08\x00" + header + icmp)
+        for frame in self.frames(5):
+            if frame[12:14] == b"\x08\x00" and frame[23] == 1 and frame[34] == 0 \
+                    and frame[26:30] == socket.inet_aton(ip):
+                return True
+        return False
+
+
+# -- the tests
+
+
+def test_an_ordered_vm_boots_sandboxed_and_joins_the_buyers_network(
+        market, processes, tmp_path, jobISO):
+    seller = market.register(tmp_path / "sam", "sam")
+    buyer = market.register(tmp_path / "bob", "bob")
+    sellerProc = startSeller(processes, seller, cores=2, memory=1024)
+    buyerProc, net = startBuyer(processes, buyer, "cpst-a", "10.77.0.0")
+
+    uploaded = run(buyer, "image", "upload", jobISO).stdout
+    assert "sha256" in uploaded
+    again = run(buyer, "image", "upload", jobISO).stdout
+    assert "already on the market" in again
+    [vm] = order(buyer, jobISO, cores=1, memory=256)
+    ip = waitForAddress(buyer, vm, processes)
+    assert ip.startswith("10.77.0.")
+    listed = vms(buyer)[vm]
+    assert (listed["state"], listed["seller"]) == ("running", "sam")
+    assert re.fullmatch(r"0a:cb:(..:){3}..", listed["mac"])
+
+    # Reached from the buyer's TAP device...
+    result = ping(ip, interface=net.tap)
+    assert result.returncode == 0, result
+    # ...and by a local tool on the unprivileged unix socket.
+    tool = SocketTool(net.socket, "10.77.0.50")
+    try:
+        mac = tool.arp(ip)
+        assert mac.hex(":") == listed["mac"]
+        assert tool.ping(ip, mac)
+    finally:
+        tool.close()
+
+    # The console shows the readiness line and the job's output, and takes commands.
+    shown = consoleRun(buyer, vm, "echo typed-$((6*7))", r"typed-42")
+    assert re.search(rf"CPUSHARE-READY mac={listed['mac']} ip={re.escape(ip)}/24", shown), shown
+    assert "hello from the job" in shown, shown
+
+    # The sandbox, read from the live QEMU process.
+    pid = qemuOf(vm)
+    status = open(f"/proc/{pid}/status").read()
+    uid = int(re.search(r"Uid:\s+(\d+)", status).group(1))
+    assert uid == pwd.getpwnam(VM_USER).pw_uid != 0
+    assert re.search(r"Seccomp:\s+2", status)
+    assert os.sched_getscheduler(pid) == os.SCHED_IDLE
+    assert os.getpriority(os.PRIO_PROCESS, pid) == 19
+    argv = open(f"/proc/{pid}/cmdline").read().split("\0")
+    for flag in ("-nodefaults", "-no-user-config", "-nographic"):
+        assert flag in argv
+    assert argv[argv.index("-sandbox") + 1] == (
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny")
+    assert argv[argv.index("-smp") + 1] == "1" and argv[argv.index("-m") + 1] == "256"
+    assert [a for a in argv if a.startswith("stream,")] == [
+        "stream,id=net0,server=off,addr.type=fd,addr.str=3"]
+    assert argv.count("-netdev") == 1 and argv.count("-device") == 1
+    # Its only files: the ISO, read-only; its NIC and QMP are socketpairs.
+    files = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        if target.startswith("/"):
+            flags = int(open(f"/proc/{pid}/fdinfo/{fd}").read().split("flags:")[1].split()[0], 8)
+            files[target] = flags & os.O_ACCMODE
+    assert [os.path.basename(f) for f in files if not f.startswith("/dev/")] == [
+        run(buyer, "image", "list", "--json").json()[0]["sha256"] + ".iso"]
+    assert set(v for f, v in files.items() if f.endswith(".iso")) == {os.O_RDONLY}
+    cgroups = open(f"/proc/{pid}/cgroup").read()
+    assert f"cpushare-vms/vm-{vm}" in cgroups
+    sellerLog = sellerProc.log()
+    assert "VM limits: cgroup v" in sellerLog
+    if os.path.exists("/sys/fs/cgroup/cpu/cpushare-vms"):
+        quota = open(f"/sys/fs/cgroup/cpu/cpushare-vms/vm-{vm}/cpu.cfs_quota_us").read()
+        assert int(quota) == 100000
+    assert listed["cpu_seconds"] >= 0
+    waitUntil(lambda: vms(buyer)[vm]["cpu_seconds"] > 0, "CPU seconds reported",
+              30, processes, 0.5)
+
+    # A server restart does not stop the VM: the seller reattaches it.
+    market.proc.stop()
+    market.start()
+    waitUntil(lambda: "reattached VMs [" in sellerProc.log(), "the seller to reattach",
+              START_TIMEOUT, processes, 0.5)
+    assert qemuOf(vm) == pid
+    waitUntil(lambda: ping(ip, count=1, interface=net.tap).returncode == 0,
+              "the VM to answer pings again", START_TIMEOUT, processes, 0.5)
+    assert vms(buyer)[vm]["state"] == "running"
+
+    # Stopping the VM stops QEMU; stopping the seller leaves nothing running.
+    run(buyer, "vm", "stop", vm)
+    waitUntil(lambda: vms(buyer)[vm]["state"] == "stopped", "the VM to stop", 30, processes)
+    assert vms(buyer)[vm]["reason"] == "stopped by the buyer"
+    waitUntil(lambda: subprocess.run(["pgrep", "-f", f"cpushare-vm-{vm} "]).returncode == 1,
+              "QEMU to exit", 30, processes)
+
+
+def test_vms_on_two_sellers_reach_each_other(market, processes, tmp_path, jobISO):
+    buyer = market.register(tmp_path / "bob", "bob")
+    for name in ("sam", "sue"):
+        startSeller(processes, market.register(tmp_path / name, name), 1, 512, name)
+    startBuyer(processes, buyer, None, "10.77.0.0")
+    run(buyer, "image", "upload", jobISO)
+    first, second = order(buyer, jobISO, count=2, cores=1, memory=256)
+    listed = vms(buyer)
+    assert {listed[first]["seller"], listed[second]["seller"]} == {"sam", "sue"}
+    ipFirst = waitForAddress(buyer, first, processes)
+    ipSecond = waitForAddress(buyer, second, processes)
+    consoleRun(buyer, first, f"ping -c 3 -W 5 {ipSecond}",
+               r"3 packets transmitted, 3 packets received", linger=8)
+    consoleRun(buyer, second, f"ping -c 2 -W 5 {ipFirst}",
+               r"2 packets transmitted, 2 packets received", linger=6)
+
+
+def test_two_buyers_on_one_seller_never_see_each_others_frames(
+        market, processes, tmp_path, jobISO):
+    seller = market.register(tmp_path / "sam", "sam")
+    alice = market.register(tmp_path / "alice", "alice")
+    bob = market.register(tmp_path / "bob", "bob")
+    sellerProc = startSeller(processes, seller, cores=2, memory=1024)
+    _, aliceNet = startBuyer(processes, alice, None, "10.77.0.0", "buyer-alice")
+    _, bobNet = startBuyer(processes, bob, None, "10.78.0.0", "buyer-bob")
+    for home in (alice, bob):
+        run(home, "image", "upload", jobISO)
+    [aliceVM] = order(alice, jobISO)
+    [bobVM] = order(bob, jobISO)
+    aliceIP = waitForAddress(alice, aliceVM, processes)
+    bobIP = waitForAddress(bob, bobVM, processes)
+    assert aliceIP.startswith("10.77.0.") and bobIP.startswith("10.78.0.")
+    aliceMAC = bytes.fromhex(vms(alice)[aliceVM]["mac"].replace(":", ""))
+    bobMAC = bytes.fromhex(vms(bob)[bobVM]["mac"].replace(":", ""))
+
+    # Bob's network watches while Alice's VM broadcasts, floods and spoofs.
+    watcher = SocketTool(bobNet.socket, "10.78.0.50")
+    try:
+        consoleRun(alice, aliceVM, (
+            "ping -b -c 5 -i 0.2 10.77.0.255; "
+            "ping -c 3 -W 1 10.78.0.100; "
+            "ip link set eth0 address 0a:cb:00:00:99:99; ping -c 3 -W 1 -b 10.77.0.255; "
+            "echo flood-$((1+1))"), r"flood-2", linger=12)
+        seen = list(watcher.frames(2))
+    finally:
+        watcher.close()
+    sources = {frame[6:12] for frame in seen}
+    assert aliceMAC not in sources
+    assert bytes.fromhex("0acb00009999") not in sources
+    assert sources <= {bobMAC, bytes.fromhex("026370736802")}, sources
+    # Bob's VM is unharmed and still answers on Bob's network.
+    tool = SocketTool(bobNet.socket, "10.78.0.51")
+    try:
+        assert tool.ping(bobIP, tool.arp(bobIP))
+    finally:
+        tool.close()
+    assert "Traceback" not in sellerProc.log()
+
+
+def test_a_crashed_vm_and_a_corrupt_image_show_their_reasons(
+        market, processes, tmp_path, jobISO):
+    seller = market.register(tmp_path / "sam", "sam")
+    buyer = market.register(tmp_path / "bob", "bob")
+    sellerProc = startSeller(processes, seller, cores=2, memory=1024)
+    startBuyer(processes, buyer, None, "10.77.0.0")
+    run(buyer, "image", "upload", jobISO)
+    [vm] = order(buyer, jobISO)
+    waitUntil(lambda: vms(buyer)[vm]["state"] == "running", "the VM to run",
+              BOOT_TIMEOUT, processes, 0.5)
+    os.kill(qemuOf(vm), signal.SIGKILL)
+    waitUntil(lambda: vms(buyer)[vm]["state"] == "failed", "the crash to be reported",
+              30, processes, 0.5)
+    assert vms(buyer)[vm]["reason"] == "killed by signal 9"
+
+    # An image corrupted on the server is refused by the seller.
+    sha = run(buyer, "image", "list", "--json").json()[0]["sha256"]
+    cached = seller / "images" / f"{sha}.iso"
+    cached.unlink()
+    stored = market.data / "images" / f"{sha}.iso"
+    data = bytearray(stored.read_bytes())
+    data[40000] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    [broken] = order(buyer, jobISO)
+    waitUntil(lambda: vms(buyer)[broken]["state"] == "failed", "the bad image to fail",
+              60, processes, 0.5)
+    assert "sha256" in vms(buyer)[broken]["reason"], vms(buyer)[broken]
+    assert not cached.exists()
+    assert "Traceback" not in sellerProc.log()
+    # The seller keeps serving.
+    assert run(buyer, "sellers", "--json").json()[0]["name"] == "sam"
