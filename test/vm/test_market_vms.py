@@ -10,13 +10,11 @@ import os
 import pwd
 import re
 import signal
-import socket
-import struct
 import subprocess
-import time
 
 import pytest
 
+from cpushare.client.pinger import UnixSocketPinger
 from test.integration.conftest import (
     START_TIMEOUT, cpushare, executable, waitUntil,
 )
@@ -133,78 +131,6 @@ def qemuOf(vm):
     return int(out[0])
 
 
-# -- a local tool on the buyer's unix socket, speaking QEMU's stream framing
-
-
-def _checksum(data):
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return ~total & 0xFFFF
-
-
-class SocketTool:
-    """Joins the buyer's network through its unix socket, as a local VM would."""
-
-    MAC = bytes.fromhex("020000000099")
-
-    def __init__(self, path, ip):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(str(path))
-        self.sock.settimeout(0.5)
-        self.ip = socket.inet_aton(ip)
-        self.buffer = b""
-
-    def close(self):
-        self.sock.close()
-
-    def send(self, frame):
-        self.sock.sendall(struct.pack("!I", len(frame)) + frame)
-
-    def frames(self, seconds):
-        """Every frame that arrives within C{seconds}."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                continue
-            if not data:
-                return
-            self.buffer += data
-            while len(self.buffer) >= 4:
-                (n,) = struct.unpack("!I", self.buffer[:4])
-                if len(self.buffer) < 4 + n:
-                    break
-                frame, self.buffer = self.buffer[4:4 + n], self.buffer[4 + n:]
-                yield frame
-
-    def arp(self, ip):
-        target = socket.inet_aton(ip)
-        self.send(b"\xff" * 6 + self.MAC + b"\x08\x06" + struct.pack(
-            "!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, self.MAC, self.ip, b"\0" * 6, target))
-        for frame in self.frames(5):
-            if frame[12:14] == b"\x08\x06" and frame[20:22] == b"\x00\x02" \
-                    and frame[28:32] == target:
-                return frame[22:28]
-        raise AssertionError(f"no ARP reply from {ip}")
-
-    def ping(self, ip, mac, seq=1):
-        icmp = struct.pack("!BBHHH", 8, 0, 0, 0x4321, seq) + b"cpushare" * 4
-        icmp = icmp[:2] + struct.pack("!H", _checksum(icmp)) + icmp[4:]
-        header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), seq, 0, 64, 1, 0,
-                             self.ip, socket.inet_aton(ip))
-        header = header[:10] + struct.pack("!H", _checksum(header)) + header[12:]
-        self.send(mac + self.MAC + b"\x08\x00" + header + icmp)
-        for frame in self.frames(5):
-            if frame[12:14] == b"\x08\x00" and frame[23] == 1 and frame[34] == 0 \
-                    and frame[26:30] == socket.inet_aton(ip):
-                return True
-        return False
-
-
 # -- the tests
 
 
@@ -230,13 +156,10 @@ def test_an_ordered_vm_boots_sandboxed_and_joins_the_buyers_network(
     result = ping(ip, interface=net.tap)
     assert result.returncode == 0, result
     # ...and by a local tool on the unprivileged unix socket.
-    tool = SocketTool(net.socket, "10.77.0.50")
-    try:
+    with UnixSocketPinger(net.socket, "10.77.0.50") as tool:
         mac = tool.arp(ip)
         assert mac.hex(":") == listed["mac"]
-        assert tool.ping(ip, mac)
-    finally:
-        tool.close()
+        assert tool.ping(ip, mac) is not None
 
     # The console shows the readiness line and the job's output, and takes commands.
     shown = consoleRun(buyer, vm, "echo typed-$((6*7))", r"typed-42")
@@ -335,26 +258,20 @@ def test_two_buyers_on_one_seller_never_see_each_others_frames(
     bobMAC = bytes.fromhex(vms(bob)[bobVM]["mac"].replace(":", ""))
 
     # Bob's network watches while Alice's VM broadcasts, floods and spoofs.
-    watcher = SocketTool(bobNet.socket, "10.78.0.50")
-    try:
+    with UnixSocketPinger(bobNet.socket, "10.78.0.50") as watcher:
         consoleRun(alice, aliceVM, (
             "ping -b -c 5 -i 0.2 10.77.0.255; "
             "ping -c 3 -W 1 10.78.0.100; "
             "ip link set eth0 address 0a:cb:00:00:99:99; ping -c 3 -W 1 -b 10.77.0.255; "
             "echo flood-$((1+1))"), r"flood-2", linger=12)
         seen = list(watcher.frames(2))
-    finally:
-        watcher.close()
     sources = {frame[6:12] for frame in seen}
     assert aliceMAC not in sources
     assert bytes.fromhex("0acb00009999") not in sources
     assert sources <= {bobMAC, bytes.fromhex("026370736802")}, sources
     # Bob's VM is unharmed and still answers on Bob's network.
-    tool = SocketTool(bobNet.socket, "10.78.0.51")
-    try:
-        assert tool.ping(bobIP, tool.arp(bobIP))
-    finally:
-        tool.close()
+    with UnixSocketPinger(bobNet.socket, "10.78.0.51") as tool:
+        assert tool.ping(bobIP, tool.arp(bobIP)) is not None
     assert "Traceback" not in sellerProc.log()
 
 
