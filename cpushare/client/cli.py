@@ -131,6 +131,16 @@ def formatTable(rows):
     return "\n".join(lines)
 
 
+def printListing(asJSON, items, emptyText, formatter):
+    """A command's list: as JSON, as a table from C{formatter(items, now)}, or a note when empty."""
+    if asJSON:
+        print(json.dumps(items))
+    elif not items:
+        print(emptyText)
+    else:
+        print(formatter(items, time.time()))
+
+
 def _formatSellers(sellers, now):
     rows = [("NAME", "SESSION", "CORES", "MEMORY", "LATENCY", "ONLINE")]
     for s in sellers:
@@ -160,12 +170,7 @@ async def sellers(reactor, args, home):
             found.extend(page["sellers"])
             if not page["sellers"] or len(found) >= page["total"]:
                 break
-    if args.json:
-        print(json.dumps(found))
-    elif not found:
-        print("no sellers are online")
-    else:
-        print(_formatSellers(found, time.time()))
+    printListing(args.json, found, "no sellers are online", _formatSellers)
 
 
 async def imageBuild(reactor, args, home):

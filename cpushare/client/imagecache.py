@@ -13,11 +13,10 @@ import hashlib
 import os
 
 from twisted.internet import defer
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.python.threadpool import ThreadPool
 
+from cpushare.imagefolder import ImageFolder
 from cpushare.protocol.commands import IMAGE_CHUNK
 
 WINDOW = 8
@@ -27,33 +26,19 @@ class CacheError(Exception):
     """An image could not be cached; the message says why."""
 
 
-class ImageCache:
+class ImageCache(ImageFolder):
     log = Logger()
 
     def __init__(self, reactor, folder, capBytes):
-        self.reactor = reactor
-        self.folder = folder
+        ImageFolder.__init__(self, reactor, folder, "cpushare-image-cache")
         self.capBytes = capBytes
         self.inUse = {}
-        self.pool = ThreadPool(1, 1, name="cpushare-image-cache")
         self._fetching = {}
         os.makedirs(folder, mode=0o755, exist_ok=True)
         os.chmod(folder, 0o755)
         for name in os.listdir(folder):
             if name.endswith(".part"):
                 os.remove(os.path.join(folder, name))
-
-    def start(self):
-        self.pool.start()
-
-    def stop(self):
-        self.pool.stop()
-
-    def inThread(self, fn, *args):
-        return deferToThreadPool(self.reactor, self.pool, fn, *args)
-
-    def pathFor(self, sha256):
-        return os.path.join(self.folder, sha256 + ".iso")
 
     def acquire(self, sha256):
         self.inUse[sha256] = self.inUse.get(sha256, 0) + 1

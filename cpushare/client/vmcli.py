@@ -12,7 +12,6 @@ import json
 import os
 import re
 import sys
-import time
 
 from twisted.internet import defer, stdio
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -21,7 +20,7 @@ from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from cpushare.client import images
-from cpushare.client.cli import CommandError, Market, duration, formatTable
+from cpushare.client.cli import CommandError, Market, duration, formatTable, printListing
 from cpushare.protocol import commands
 from cpushare.protocol.commands import consoleChannel
 
@@ -56,15 +55,15 @@ async def imageUpload(reactor, args, home):
 async def imageList(reactor, args, home):
     async with Market(reactor, home) as market:
         listed = (await market.call(commands.ListImages))["images"]
-    if args.json:
-        print(json.dumps(listed))
-    elif not listed:
-        print("no images: upload one with 'cpushare image upload ISO'")
-    else:
-        rows = [("SHA256", "SIZE", "NAME", "UPLOADED")]
-        rows += [(i["sha256"], f"{i['size'] / 1e6:.1f} MB", i["name"], i["uploaded"])
-                 for i in listed]
-        print(formatTable(rows))
+    printListing(args.json, listed, "no images: upload one with 'cpushare image upload ISO'",
+                 formatImages)
+
+
+def formatImages(listed, now):
+    rows = [("SHA256", "SIZE", "NAME", "UPLOADED")]
+    rows += [(i["sha256"], f"{i['size'] / 1e6:.1f} MB", i["name"], i["uploaded"])
+             for i in listed]
+    return formatTable(rows)
 
 
 async def resolveImage(reactor, image):
@@ -112,12 +111,7 @@ def formatVMs(vms, now):
 async def listVMs(reactor, args, home):
     async with Market(reactor, home) as market:
         vms = (await market.call(commands.ListVMs))["vms"]
-    if args.json:
-        print(json.dumps(vms))
-    elif not vms:
-        print("no VMs: place an order with 'cpushare order place'")
-    else:
-        print(formatVMs(vms, time.time()))
+    printListing(args.json, vms, "no VMs: place an order with 'cpushare order place'", formatVMs)
 
 
 async def vmStop(reactor, args, home):

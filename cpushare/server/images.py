@@ -17,10 +17,9 @@ import os
 import re
 import tempfile
 
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
+from cpushare.imagefolder import ImageFolder
 from cpushare.protocol.commands import BadRequest, QuotaExceeded
 from cpushare.server import store
 
@@ -111,31 +110,17 @@ class Upload:
             pass
 
 
-class ImageStore:
+class ImageStore(ImageFolder):
     log = Logger()
 
     def __init__(self, reactor, db, folder, quota=DEFAULT_QUOTA):
-        self.reactor = reactor
+        ImageFolder.__init__(self, reactor, folder, "cpushare-images")
         self.db = db
-        self.folder = folder
         self.incoming = os.path.join(folder, "incoming")
         self.quota = quota
-        self.pool = ThreadPool(1, 1, name="cpushare-images")
         os.makedirs(self.incoming, exist_ok=True)
         for leftover in os.listdir(self.incoming):
             os.remove(os.path.join(self.incoming, leftover))
-
-    def start(self):
-        self.pool.start()
-
-    def stop(self):
-        self.pool.stop()
-
-    def inThread(self, fn, *args):
-        return deferToThreadPool(self.reactor, self.pool, fn, *args)
-
-    def pathFor(self, sha256):
-        return os.path.join(self.folder, sha256 + ".iso")
 
     async def begin(self, account, sha256, size, name):
         """An Upload, or None when the account already holds this image."""
