@@ -3,8 +3,9 @@ The seller's image cache: buyers' ISOs by sha256, with a size cap.
 
 An image is fetched from the market in pipelined chunks, written and
 hashed on a thread of the cache's own, checked against its sha256, and only
-then renamed into place as C{<sha256>.iso} (mode 0644, so the unprivileged
-VM user can read it; QEMU opens it read-only).  When a new image would take
+then renamed into place as C{<sha256>.iso}, readable by the seller alone
+(QEMU gets each ISO as a read-only file descriptor, so neither the VM user
+nor anyone else on the desktop needs to read the cache).  When a new image would take
 the cache over its cap, the least recently used images not in use by a
 running VM are removed first.
 """
@@ -34,8 +35,8 @@ class ImageCache(ImageFolder):
         self.capBytes = capBytes
         self.inUse = {}
         self._fetching = {}
-        os.makedirs(folder, mode=0o755, exist_ok=True)
-        os.chmod(folder, 0o755)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        os.chmod(folder, 0o700)
         for name in os.listdir(folder):
             if name.endswith(".part"):
                 os.remove(os.path.join(folder, name))
@@ -176,7 +177,7 @@ class _Writer:
 
     def finish(self):
         self.file.close()
-        os.chmod(self.path, 0o644)
+        os.chmod(self.path, 0o600)
         return self.hash.hexdigest()
 
     def discard(self):

@@ -40,7 +40,8 @@ class Options(ClientOptions):
         ["vm-user", None, DEFAULT_VM_USER,
          "When run as root: the unprivileged user QEMU runs as."],
         ["qemu", None, None, "The qemu-system-x86_64 program (default: found on PATH)."],
-        ["accel", None, "auto", "auto (KVM if a probe boot proves it works), kvm or tcg."],
+        ["accel", None, "auto",
+         "auto (KVM if a probe guest proves it works), kvm (always) or tcg."],
         ["grace", None, 600.0,
          "Seconds to keep VMs running while the market is unreachable.", float],
     ]
@@ -119,7 +120,8 @@ def makeService(options, reactor=None):
     cache = ImageCache(reactor, options["cache"], options["cache-size"] * 1024 * 1024)
     host = VMHost(reactor, cache, options["qemu"], user=options["vm-user"], cgroups=cg,
                   grace=options["grace"], cores=cores, memory=memory)
-    accel = defer.ensureDeferred(probe.chooseAccel(reactor, options["qemu"], options["accel"]))
+    accel = defer.ensureDeferred(probe.chooseAccel(
+        reactor, options["qemu"], options["accel"], uid=host.uid, gid=host.gid))
 
     def chosen(result):
         host.accel, why = result
@@ -134,12 +136,15 @@ def makeService(options, reactor=None):
         log.info("offering {cores} cores and {memory} MB", cores=cores, memory=memory)
         await session.control.callRemote(commands.Offer, cores=cores, memory=memory)
 
+    # A MultiService stops its children last first: the VMs stop (and are
+    # reported) while the market connection is still up.
     service = MultiService()
-    host.setServiceParent(service)
-    MarketConnection(
+    connection = MarketConnection(
         reactor, homeEndpoint(reactor, options.home), "seller",
         onSession=lambda session: defer.ensureDeferred(serve(session)),
         sessionClass=SellerSession, sessionKw={"host": host},
         where=f"{options.host}:{options.port}",
-    ).setServiceParent(service)
+    )
+    connection.setServiceParent(service)
+    host.setServiceParent(service)
     return service

@@ -42,7 +42,10 @@ class MarketConnection(MultiService):
         )
         self.client.setServiceParent(self)
 
-    def _prepare(self, session):
+    def _prepare(self, proxy):
+        # ClientService hands over a proxy of the protocol; everyone else
+        # (the session's own callbacks among them) knows the session itself.
+        session = self.factory.lastSession
         d = session.ready
         d.addCallback(self._ready, session)
         d.addErrback(self._failed, session)

@@ -31,6 +31,9 @@ from cpushare.vm import cgroups, qemu
 
 REPORT_INTERVAL = 10.0
 STOP_TIMEOUT = 10.0
+# What the BIOS prints on the serial console when the ISO does not boot.
+BOOT_FAILURES = (b"No bootable device", b"Boot failed")
+BOOT_WATCH = 64 * 1024
 DEFAULT_GRACE = 600.0
 MB = 1024 * 1024
 
@@ -85,6 +88,8 @@ class HostedVM:
         self.nic = None
         self.cgroup = None
         self.stopReason = None
+        self.failReason = None
+        self.consoleSeen = b""
         self.lastCPU = 0.0
         self.framesDropped = 0
         self.ended = defer.Deferred()
@@ -97,10 +102,25 @@ class HostedVM:
             self.framesDropped += 1
 
     def consoleFromVM(self, data):
+        if self.consoleSeen is not None:
+            self._watchBoot(data)
         session = self.host.session
         if session is not None:
             for i in range(0, len(data), MAX_PAYLOAD):
                 session.sendFrame(consoleChannel(self.id), data[i:i + MAX_PAYLOAD])
+
+    def _watchBoot(self, data):
+        """Fail a VM whose BIOS says the ISO does not boot (it would idle forever)."""
+        self.consoleSeen = (self.consoleSeen + data)[-512:]
+        found = [self.consoleSeen.find(m) for m in BOOT_FAILURES if m in self.consoleSeen]
+        if found and b"\n" in self.consoleSeen[min(found):]:
+            line = self.consoleSeen[min(found):].split(b"\n")[0].strip()
+            self.consoleSeen = None
+            self.failReason = f"the ISO does not boot: {line.decode('ascii', 'replace')}"
+            self.stop(self.failReason)
+            return
+        if b"Linux version" in self.consoleSeen or len(data) > BOOT_WATCH:
+            self.consoleSeen = None
 
     def bind(self, session):
         if self.nic is not None:
@@ -175,7 +195,9 @@ class HostedVM:
             self.nic.transport.loseConnection()
         if self.cgroup is not None:
             self.cgroup.remove()
-        if self.stopReason is not None:
+        if self.failReason is not None:
+            state, reason = "failed", self.failReason
+        elif self.stopReason is not None:
             state, reason = "stopped", self.stopReason
         elif why == "powered off":
             state, reason = "stopped", "the VM powered off"

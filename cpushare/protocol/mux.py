@@ -181,6 +181,14 @@ class Multiplexer(Protocol):
     def connectionMade(self):
         self.connected = True
         self.lastReceived = self.reactor.seconds()
+        # We already gather what is queued in one reactor turn into one
+        # write.  Nagle's algorithm would hold a small write back until the
+        # peer acknowledges the last one, which a delayed ACK makes 40 ms or
+        # more, and it halves bulk throughput on loopback: see
+        # docs/performance.md.
+        setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
+        if setNoDelay is not None:
+            setNoDelay(True)
         self.transport.registerProducer(self, True)
         self.transport.write(greeting(self.software))
         self.control = self.makeControl()

@@ -146,11 +146,16 @@ class Orders:
             raise NoSuchVM(f"you have no running VM {vmId}")
         self._end(vm, "stopped", "stopped by the buyer")
 
-    def cancel(self, account, orderId):
+    async def cancel(self, account, orderId):
+        if await self.db.run(store.orderAccount, orderId) != account["id"]:
+            raise BadRequest(f"you have no order {orderId}")
         vms = [vm for vm in self.vms.values()
                if vm.order == orderId and vm.buyerId == account["id"] and vm.active]
+        # End them all before the freed capacity is offered to waiting VMs,
+        # or a waiting VM of this very order would take it.
         for vm in vms:
-            self._end(vm, "stopped", "the order was cancelled")
+            self._end(vm, "stopped", "the order was cancelled", refill=False)
+        self.capacityChanged()
         self._save(lambda c: store.closeOrder(c, orderId, "cancelled"))
         return len(vms)
 
@@ -242,6 +247,14 @@ class Orders:
         buyer.control.callRemote(commands.PortAttached, vm=vm.id, mac=vm.mac)
 
     def vmState(self, seller, vmId, state, cpuSeconds, reason):
+        stopping = seller.stopping.get(vmId)
+        if stopping is not None:
+            # The last word on a VM the market stopped: its final CPU time.
+            if state in OVER:
+                del seller.stopping[vmId]
+                stopping.cpuSeconds = max(stopping.cpuSeconds, cpuSeconds)
+                self._save(lambda c: store.updateVM(c, vmId, cpu_seconds=stopping.cpuSeconds))
+            return
         vm = seller.vms.get(vmId)
         if vm is None:
             raise NoSuchVM(f"VM {vmId} is not running on this seller")
@@ -318,7 +331,7 @@ class Orders:
                                             started=None, reason=vm.reason))
         self._allocate(vm)
 
-    def _end(self, vm, state, reason, tellSeller=True):
+    def _end(self, vm, state, reason, tellSeller=True, refill=True):
         seller = vm.seller
         vm.state = state
         vm.reason = reason
@@ -338,6 +351,7 @@ class Orders:
                 others = tuple(s for s in (link.a, link.b) if s is not seller)
                 self.market.relay.unlink(link, reason, notify=others)
             if tellSeller and seller.connected:
+                seller.stopping[vm.id] = vm
                 seller.control.callRemote(commands.StopVM, vm=vm.id).addErrback(
                     lambda f: self.log.warn("stopping VM {vm}: {why}", vm=vm.id,
                                             why=f.getErrorMessage()))
@@ -350,7 +364,7 @@ class Orders:
         self._save(lambda c: store.updateVM(
             c, vm.id, state=state, reason=reason, ended=ended, cpu_seconds=vm.cpuSeconds))
         self.log.info("VM {vm} {state}: {reason}", vm=vm.id, state=state, reason=reason)
-        if seller is not None:
+        if seller is not None and refill:
             self.capacityChanged()
 
     def _save(self, fn):

@@ -187,7 +187,8 @@ class ServerControl(ControlProtocol):
     @commands.CancelOrder.responder
     def cancelOrder(self, order):
         account = self.session.requireHello()
-        return {"stopped": self.session.market.orders.cancel(account, order)}
+        d = defer.ensureDeferred(self.session.market.orders.cancel(account, order))
+        return d.addCallback(lambda stopped: {"stopped": stopped})
 
     @commands.ListVMs.responder
     def listVMs(self, all=False):
@@ -297,6 +298,7 @@ class MarketSession(Multiplexer):
         self.links = {}
         self.uploads = {}
         self.vms = {}
+        self.stopping = {}
         self.connectedAt = None
         self.refusal = None
         self._authenticated = None

@@ -292,6 +292,13 @@ def updateVM(cursor, vmId, **fields):
     )
 
 
+def orderAccount(cursor, orderId):
+    """The account id that placed an order, or None."""
+    cursor.execute("SELECT account_id FROM orders WHERE id = ?", (orderId,))
+    row = cursor.fetchone()
+    return None if row is None else row[0]
+
+
 def closeOrder(cursor, orderId, state):
     cursor.execute("UPDATE orders SET state = ? WHERE id = ?", (state, orderId))
 

@@ -43,18 +43,23 @@ class _Probe(protocol.ProcessProtocol):
         self.ended.callback(None)
 
 
-async def accelWorks(reactor, qemu, accel, timeout=PROBE_TIMEOUT):
-    """Fires True when a probe guest ran to its "OK" under C{accel}."""
+async def accelWorks(reactor, qemu, accel, timeout=PROBE_TIMEOUT, uid=None, gid=None):
+    """
+    Fires True when a probe guest ran to its "OK" under C{accel}, run as
+    C{uid}/C{gid} (the user VMs will run as).
+    """
     fd, path = tempfile.mkstemp(prefix="cpushare-probe-", suffix=".img")
     with os.fdopen(fd, "wb") as f:
         f.write(probeImage())
+    os.chmod(path, 0o644)
     probe = _Probe()
     argv = [qemu, "-accel", accel, "-nodefaults", "-no-user-config", "-nographic",
             "-display", "none", "-m", "16", "-M", "pc", "-boot", "order=c",
             "-drive", f"file={path},format=raw,if=ide,snapshot=on", "-serial", "stdio"]
     try:
         transport = reactor.spawnProcess(
-            probe, qemu, argv, env={"PATH": "/usr/bin:/bin"}, childFDs={0: "w", 1: "r", 2: "r"})
+            probe, qemu, argv, env={"PATH": "/usr/bin:/bin"}, uid=uid, gid=gid,
+            childFDs={0: "w", 1: "r", 2: "r"})
     except OSError as e:
         os.remove(path)
         log.warn("cannot run {qemu}: {error}", qemu=qemu, error=e)
@@ -80,15 +85,16 @@ async def accelWorks(reactor, qemu, accel, timeout=PROBE_TIMEOUT):
     return ok
 
 
-async def chooseAccel(reactor, qemu, wanted="auto"):
+async def chooseAccel(reactor, qemu, wanted="auto", uid=None, gid=None):
     """
-    (accelerator, reason): C{kvm} only when asked for (or auto) and the
-    probe boot proved it works; C{tcg} otherwise.
+    (accelerator, reason): C{tcg} or C{kvm} when configured so; with
+    C{auto}, C{kvm} only when a probe guest, run as the VMs' user, proved
+    it works, else C{tcg}.
     """
-    if wanted == "tcg":
-        return "tcg", "TCG, as configured"
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+    if wanted in ("tcg", "kvm"):
+        return wanted, f"{wanted.upper()}, as configured"
+    if uid is None and not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "tcg", "TCG: /dev/kvm is not usable by this user"
-    if await accelWorks(reactor, qemu, "kvm"):
+    if await accelWorks(reactor, qemu, "kvm", uid=uid, gid=gid):
         return "kvm", "KVM: the probe guest ran"
     return "tcg", f"TCG: a probe guest did not run under KVM within {PROBE_TIMEOUT:.0f}s"

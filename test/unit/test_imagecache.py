@@ -49,7 +49,8 @@ class ImageCacheTests(unittest.TestCase):
         path = yield self.cache.ensure(sha, len(data), market.fetch)
         with open(path, "rb") as f:
             self.assertEqual(f.read(), data)
-        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o644)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(self.folder).st_mode), 0o700)
         calls = market.calls
         again = yield self.cache.ensure(sha, len(data), market.fetch)
         self.assertEqual((again, market.calls), (path, calls))

@@ -261,3 +261,32 @@ class OrderTests(test_session.ImageCase):
         self.cli.channelUnlinked = lambda channel, reason: ended.callback(reason)
         yield self.call(self.cli, commands.StopVM, vm=vm)
         self.assertIn("stopped by the buyer", (yield within(ended)))
+
+    @defer.inlineCallbacks
+    def test_cancelling_an_order_stops_its_vms_and_the_waiting_ones(self):
+        seller = yield self.program("seller", self.sam)
+        yield self.offer(seller, 1, 1024)
+        placed = yield self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=2,
+                                 cores=1, memory=256)
+        first, second = placed["vm_ids"]
+        yield within(seller.started.get())
+        answer = yield self.call(self.cli, commands.CancelOrder, order=placed["order"])
+        self.assertEqual(answer["stopped"], 2)
+        self.assertEqual((yield within(seller.stopped.get())), first)
+        listed = {v["vm"]: v for v in (yield self.call(self.cli, commands.ListVMs))["vms"]}
+        self.assertEqual({listed[first]["state"], listed[second]["state"]}, {"stopped"})
+        self.assertEqual(listed[second]["reason"], "the order was cancelled")
+        # The freed capacity does not start anything else of the order.
+        yield sleep(0.2)
+        self.assertEqual(seller.started.pending, [])
+        # The seller's last report of a VM the market stopped is its CPU time.
+        yield self.call(seller, commands.VMState, vm=first, state="stopped", cpu_seconds=4.5)
+        listed = {v["vm"]: v for v in (yield self.call(self.cli, commands.ListVMs))["vms"]}
+        self.assertEqual(listed[first]["cpu_seconds"], 4.5)
+        # Nobody else can cancel it; an order that does not exist says so.
+        bob = yield self.register("bob")
+        bobCLI = yield self.connect("cli", *bob)
+        for orderId in (placed["order"], 999):
+            with self.assertRaises(commands.BadRequest) as e:
+                yield self.call(bobCLI, commands.CancelOrder, order=orderId)
+            self.assertIn(f"no order {orderId}", str(e.exception))

@@ -16,7 +16,7 @@ import pytest
 
 from cpushare.client.pinger import UnixSocketPinger
 from test.integration.conftest import (
-    START_TIMEOUT, cpushare, executable, waitUntil,
+    CLEAN_EXIT, START_TIMEOUT, cpushare, executable, waitUntil,
 )
 
 BOOT_TIMEOUT = 180.0
@@ -55,10 +55,14 @@ class Network:
         return self.subnet.rsplit(".", 1)[0] + ".1"
 
 
+SELLER_GRACE = 12
+
+
 def startSeller(processes, home, cores, memory, name="seller"):
     proc = processes.start(name, [
         executable("twistd"), "-n", "--pidfile=", "cpushare-seller", "--home", home,
         "--cores", cores, "--memory", memory, "--accel", "tcg", "--cache-size", 200,
+        "--grace", SELLER_GRACE,
     ])
     proc.waitForLog("offering", timeout=START_TIMEOUT)
     return proc
@@ -214,12 +218,20 @@ def test_an_ordered_vm_boots_sandboxed_and_joins_the_buyers_network(
               "the VM to answer pings again", START_TIMEOUT, processes, 0.5)
     assert vms(buyer)[vm]["state"] == "running"
 
-    # Stopping the VM stops QEMU; stopping the seller leaves nothing running.
+    # Stopping the VM stops QEMU.
     run(buyer, "vm", "stop", vm)
     waitUntil(lambda: vms(buyer)[vm]["state"] == "stopped", "the VM to stop", 30, processes)
     assert vms(buyer)[vm]["reason"] == "stopped by the buyer"
-    waitUntil(lambda: subprocess.run(["pgrep", "-f", f"cpushare-vm-{vm} "]).returncode == 1,
-              "QEMU to exit", 30, processes)
+    waitUntil(lambda: not os.path.exists(f"/proc/{pid}"), "QEMU to exit", 30, processes)
+
+    # A market gone for longer than the seller's grace period: its VMs stop.
+    [second] = order(buyer, jobISO)
+    waitForAddress(buyer, second, processes)
+    pid = qemuOf(second)
+    market.proc.stop()
+    waitUntil(lambda: not os.path.exists(f"/proc/{pid}"),
+              "the seller to stop its VM after its grace period", SELLER_GRACE + 30, processes)
+    assert "the market did not come back in 12s; stopping all VMs" in sellerProc.log()
 
 
 def test_vms_on_two_sellers_reach_each_other(market, processes, tmp_path, jobISO):
@@ -295,7 +307,8 @@ def test_a_crashed_vm_and_a_corrupt_image_show_their_reasons(
     cached = seller / "images" / f"{sha}.iso"
     cached.unlink()
     stored = market.data / "images" / f"{sha}.iso"
-    data = bytearray(stored.read_bytes())
+    original = stored.read_bytes()
+    data = bytearray(original)
     data[40000] ^= 0xFF
     stored.write_bytes(bytes(data))
     [broken] = order(buyer, jobISO)
@@ -303,6 +316,42 @@ def test_a_crashed_vm_and_a_corrupt_image_show_their_reasons(
               60, processes, 0.5)
     assert "sha256" in vms(buyer)[broken]["reason"], vms(buyer)[broken]
     assert not cached.exists()
+    stored.write_bytes(original)
+
+    # An ISO the BIOS cannot boot (the CLI would refuse to upload it; a
+    # client that skips the check still gets a clear reason).
+    blank = tmp_path / "blank.iso"
+    blank.write_bytes(b"\0" * 65536)
+    subprocess.run([executable("python"), "-c", RAW_UPLOAD, str(buyer), str(blank)],
+                   check=True, timeout=60)
+    [unbootable] = order(buyer, blank)
+    waitUntil(lambda: vms(buyer)[unbootable]["state"] == "failed",
+              "the unbootable ISO to fail", 60, processes, 0.5)
+    assert vms(buyer)[unbootable]["reason"].startswith(
+        "the ISO does not boot: Boot failed"), vms(buyer)[unbootable]
     assert "Traceback" not in sellerProc.log()
-    # The seller keeps serving.
+
+    # The seller keeps serving; stopped, it leaves no VM behind.
     assert run(buyer, "sellers", "--json").json()[0]["name"] == "sam"
+    [last] = order(buyer, jobISO)
+    waitUntil(lambda: vms(buyer)[last]["state"] == "running", "a last VM to run",
+              BOOT_TIMEOUT, processes, 0.5)
+    pid = qemuOf(last)
+    assert sellerProc.stop(timeout=30) in CLEAN_EXIT
+    waitUntil(lambda: not os.path.exists(f"/proc/{pid}"), "QEMU to go with its seller",
+              30, processes)
+
+
+RAW_UPLOAD = """
+import sys
+from twisted.internet import defer, task
+from cpushare.client import images
+from cpushare.client.cli import Market
+from cpushare.client.home import Home
+
+async def main(reactor):
+    async with Market(reactor, Home(sys.argv[1])) as market:
+        await images.upload(reactor, market.session, sys.argv[2])
+
+task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
+"""
