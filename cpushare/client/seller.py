@@ -12,6 +12,7 @@ running meanwhile, for --grace seconds).
 import os
 import shutil
 
+from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
@@ -102,8 +103,6 @@ class SellerSession(ClientSession):
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
-    from twisted.application.service import MultiService
-
     from cpushare.client.imagecache import ImageCache
     from cpushare.client.service import MarketConnection
     from cpushare.client.session import homeEndpoint
@@ -136,9 +135,7 @@ def makeService(options, reactor=None):
         log.info("offering {cores} cores and {memory} MB", cores=cores, memory=memory)
         await session.control.callRemote(commands.Offer, cores=cores, memory=memory)
 
-    # A MultiService stops its children last first: the VMs stop (and are
-    # reported) while the market connection is still up.
-    service = MultiService()
+    service = SellerService(host)
     connection = MarketConnection(
         reactor, homeEndpoint(reactor, options.home), "seller",
         onSession=lambda session: defer.ensureDeferred(serve(session)),
@@ -148,3 +145,19 @@ def makeService(options, reactor=None):
     connection.setServiceParent(service)
     host.setServiceParent(service)
     return service
+
+
+class SellerService(MultiService):
+    """
+    The seller program.  Stopping it stops the VMs first, so their end is
+    reported while the market connection is still up, and then the rest.
+    """
+
+    def __init__(self, host):
+        MultiService.__init__(self)
+        self.host = host
+
+    def stopService(self):
+        d = defer.maybeDeferred(self.host.stopService)
+        d.addBoth(lambda _: MultiService.stopService(self))
+        return d

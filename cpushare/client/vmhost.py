@@ -238,6 +238,8 @@ class VMHost(Service):
         self._reporter.start(REPORT_INTERVAL, now=False)
 
     def stopService(self):
+        if not self.running:
+            return None
         Service.stopService(self)
         if self._reporter.running:
             self._reporter.stop()

@@ -121,16 +121,20 @@ class _ProducingTransport:
     """
     The multiplexer's view of its transport.  A TLS transport closes only
     once its producer is unregistered, so closing through this view
-    unregisters the multiplexer first, whoever asks for the close.
+    unregisters the multiplexer first, whoever asks for the close; and
+    what the multiplexer still holds is written first, so a close never
+    loses a message sent before it.
     """
 
-    def __init__(self, transport):
+    def __init__(self, transport, mux):
         self._transport = transport
+        self._mux = mux
 
     def __getattr__(self, name):
         return getattr(self._transport, name)
 
     def loseConnection(self):
+        self._mux._writeAll()
         self._transport.unregisterProducer()
         self._transport.loseConnection()
 
@@ -176,7 +180,7 @@ class Multiplexer(Protocol):
     # -- Protocol
 
     def makeConnection(self, transport):
-        Protocol.makeConnection(self, _ProducingTransport(transport))
+        Protocol.makeConnection(self, _ProducingTransport(transport, self))
 
     def connectionMade(self):
         self.connected = True
@@ -296,8 +300,7 @@ class Multiplexer(Protocol):
             peer=self.describePeer(), reason=reason,
         )
         if graceful:
-            # Let what we already wrote (our greeting) reach the peer.
-            self._flush()
+            # Closing writes what we already queued (our greeting) first.
             self.transport.loseConnection()
             self._closeTimeout = self.reactor.callLater(
                 CLOSE_TIMEOUT, self.transport.abortConnection
@@ -363,6 +366,14 @@ class Multiplexer(Protocol):
             self.transport.pauseProducing()
         if self._flushCall is None and not self._writePaused:
             self._flushCall = self.reactor.callLater(0, self._flush)
+
+    def _writeAll(self):
+        """Hand everything queued to the transport now, even while it is full."""
+        if self._out and self.connected:
+            data = b"".join(self._out)
+            self._out = []
+            self._queued = 0
+            self.transport._transport.write(data)
 
     def _flush(self):
         self._flushCall = None

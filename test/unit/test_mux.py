@@ -196,3 +196,14 @@ def test_closing_unregisters_the_producer_so_tls_can_close():
     m.transport.loseConnection()
     assert transport.producer is None
     assert transport.disconnecting
+
+
+def test_closing_writes_what_is_still_queued_first():
+    clock, m, transport = connected()
+    clock.advance(0)
+    transport.clear()
+    m.sendFrame(3, b"last words")
+    m.sendControl(b"goodbye")
+    m.transport.loseConnection()
+    assert transport.value() == encode(3, b"last words") + encode(0, b"goodbye")
+    assert transport.disconnecting
