@@ -188,8 +188,7 @@ class Multiplexer(Protocol):
         # We already gather what is queued in one reactor turn into one
         # write.  Nagle's algorithm would hold a small write back until the
         # peer acknowledges the last one, which a delayed ACK makes 40 ms or
-        # more, and it halves bulk throughput on loopback: see
-        # docs/performance.md.
+        # more: see docs/performance.md.
         setNoDelay = getattr(self.transport, "setTcpNoDelay", None)
         if setNoDelay is not None:
             setNoDelay(True)

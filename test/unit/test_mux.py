@@ -207,3 +207,16 @@ def test_closing_writes_what_is_still_queued_first():
     m.transport.loseConnection()
     assert transport.value() == encode(3, b"last words") + encode(0, b"goodbye")
     assert transport.disconnecting
+
+
+def test_nagle_is_off_so_small_messages_are_not_held_back():
+    class TCPTransport(StringTransport):
+        noDelay = False
+
+        def setTcpNoDelay(self, enabled):
+            self.noDelay = enabled
+
+    m = Mux(MemoryReactorClock())
+    transport = TCPTransport()
+    m.makeConnection(transport)
+    assert transport.noDelay
