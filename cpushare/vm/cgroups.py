@@ -11,8 +11,12 @@ group of its own, below the seller's own group:
     v1: <controller>/<seller's group>/cpushare-vms/vm-ID for cpu
         (cfs quota), memory (limit_in_bytes), cpuacct, pids
 
-The CPU cap is the cores sold (quota = cores x period); the memory cap is
-the memory sold plus QEMU's own overhead.  CPU time used is read from the
+The VMs' group is marked idle (`cpu.idle = 1`, Linux 5.15 and later; the
+smallest weight on older kernels): the scheduler shares CPU between groups
+first, so a VM group of normal weight would take half a busy desktop's CPU
+whatever the priority of QEMU inside it.  The CPU cap is the cores sold
+(quota = cores x period); the memory cap is the memory sold plus QEMU's
+own overhead.  CPU time used is read from the
 group (v2 cpu.stat usage_usec, v1 cpuacct.usage).
 
 These are small writes to a kernel filesystem, done directly.
@@ -43,6 +47,23 @@ def _write(path, value):
 def _read(path):
     with open(path) as f:
         return f.read()
+
+
+def markIdle(cpuGroup, version):
+    """
+    Make a group's tasks run only when nothing else wants the CPU; returns
+    how ("cpu.idle", or the weight file used), or None when neither exists.
+    """
+    idle = os.path.join(cpuGroup, "cpu.idle")
+    if os.path.exists(idle):
+        _write(idle, 1)
+        return "cpu.idle"
+    weight, lowest = ("cpu.weight", 1) if version == 2 else ("cpu.shares", 2)
+    path = os.path.join(cpuGroup, weight)
+    if os.path.exists(path):
+        _write(path, lowest)
+        return weight
+    return None
 
 
 def ownGroups(procFile="/proc/self/cgroup"):
@@ -137,10 +158,13 @@ class Cgroups:
     def __init__(self, version, bases):
         self.version = version
         self.bases = bases
+        self.idle = markIdle(bases["" if version == 2 else "cpu"], version)
 
     def describe(self):
         where = ", ".join(sorted(set(self.bases.values())))
-        return f"cgroup v{self.version} ({where})"
+        idle = f"; VMs' group idle by {self.idle}" if self.idle else \
+            "; the kernel cannot mark the VMs' group idle"
+        return f"cgroup v{self.version} ({where}){idle}"
 
     def create(self, name, cores, memoryBytes):
         if self.version == 2:

@@ -63,10 +63,13 @@ def test_v1_uses_each_controllers_own_hierarchy(tmp_path):
     root = str(tmp_path)
     for c in ("cpu", "cpuacct", "memory", "pids"):
         os.makedirs(os.path.join(root, c))
+    write(os.path.join(root, "cpu", "cpushare-vms", "cpu.idle"), "0")
     proc = str(tmp_path / "self-cgroup")
     write(proc, "4:memory:/box/7\n2:cpuacct:/\n1:cpu:/\n8:pids:/\n0::/\n")
     cg, text = cgroups.detect(root, proc)
     assert cg.version == 1 and text.startswith("cgroup v1")
+    assert text.endswith("VMs' group idle by cpu.idle")
+    assert read(os.path.join(root, "cpu", "cpushare-vms", "cpu.idle")) == "1"
     assert cg.bases["memory"] == os.path.join(root, "memory", "box", "7", "cpushare-vms")
     group = cg.create("vm-1", 1, 300 * 2**20)
     assert read(os.path.join(root, "cpu", "cpushare-vms", "vm-1", "cpu.cfs_quota_us")) == "100000"
@@ -80,3 +83,18 @@ def test_no_cgroup_filesystem_says_so(tmp_path):
     write(proc, "0::/\n")
     cg, text = cgroups.detect(str(tmp_path / "nothing"), proc)
     assert cg is None and text.startswith("no cgroups")
+
+
+def test_the_vms_group_is_marked_idle_with_what_the_kernel_offers(tmp_path):
+    for files, version, expected in [
+        (["cpu.idle", "cpu.shares"], 1, ("cpu.idle", "1")),
+        (["cpu.shares"], 1, ("cpu.shares", "2")),
+        (["cpu.idle", "cpu.weight"], 2, ("cpu.idle", "1")),
+        (["cpu.weight"], 2, ("cpu.weight", "1")),
+    ]:
+        group = tmp_path / f"v{version}-{'-'.join(files)}"
+        for name in files:
+            write(str(group / name), "0")
+        assert cgroups.markIdle(str(group), version) == expected[0]
+        assert read(str(group / expected[0])) == expected[1]
+    assert cgroups.markIdle(str(tmp_path / "nothing"), 1) is None

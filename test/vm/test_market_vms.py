@@ -204,6 +204,10 @@ def test_an_ordered_vm_boots_sandboxed_and_joins_the_buyers_network(
     if os.path.exists("/sys/fs/cgroup/cpu/cpushare-vms"):
         quota = open(f"/sys/fs/cgroup/cpu/cpushare-vms/vm-{vm}/cpu.cfs_quota_us").read()
         assert int(quota) == 100000
+        # The VMs' group yields the CPU to the desktop, not only QEMU inside it.
+        if os.path.exists("/sys/fs/cgroup/cpu/cpushare-vms/cpu.idle"):
+            assert open("/sys/fs/cgroup/cpu/cpushare-vms/cpu.idle").read().strip() == "1"
+            assert "VMs' group idle by cpu.idle" in sellerLog
     assert listed["cpu_seconds"] >= 0
     waitUntil(lambda: vms(buyer)[vm]["cpu_seconds"] > 0, "CPU seconds reported",
               30, processes, 0.5)
