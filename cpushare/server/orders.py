@@ -309,6 +309,10 @@ class Orders:
         for vm in self.vms.values():
             if vm.buyerSession is session:
                 vm.buyerSession = None
+                # Another buyer program of the account takes the VM's port.
+                other = self.market.buyerSession(vm.buyerId)
+                if other is not None and vm.seller is not None and vm.active:
+                    self._linkBuyer(vm, other)
             vm.consoles.discard(session)
 
     def _detach(self, vm, why):

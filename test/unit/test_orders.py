@@ -290,3 +290,20 @@ class OrderTests(test_session.ImageCase):
             with self.assertRaises(commands.BadRequest) as e:
                 yield self.call(bobCLI, commands.CancelOrder, order=orderId)
             self.assertIn(f"no order {orderId}", str(e.exception))
+
+    @defer.inlineCallbacks
+    def test_a_second_buyer_program_takes_over_when_the_first_goes(self):
+        seller = yield self.program("seller", self.sam)
+        yield self.offer(seller, 1, 1024)
+        first = yield self.program("buyer", self.alice)
+        second = yield self.program("buyer", self.alice)
+        [vm] = (yield self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=1,
+                                cores=1, memory=256))["vm_ids"]
+        self.assertEqual((yield within(first.attached.get()))[0], vm)
+        self.assertEqual(second.attached.pending, [])
+        yield self.close(first)
+        self.assertEqual((yield within(second.attached.get()))[0], vm)
+        frames = defer.DeferredQueue()
+        second.routes[nicChannel(vm)] = frames.put
+        seller.sendFrame(nicChannel(vm), b"\xff" * 14)
+        self.assertEqual((yield within(frames.get())), b"\xff" * 14)
