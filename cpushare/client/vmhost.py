@@ -227,6 +227,7 @@ class VMHost(Service):
         self.cores = cores
         self.memory = memory
         self.vms = {}
+        self.endedAway = []  # (vm, state, reason) of VMs that ended while disconnected
         self.session = None
         self._graceCall = None
         self._reporter = LoopingCall(self.reportAll)
@@ -274,6 +275,9 @@ class VMHost(Service):
         if running:
             self.log.info("reattached VMs {keep}; stopping {gone}", keep=sorted(keep),
                           gone=sorted(set(running) - keep))
+        endedAway, self.endedAway = self.endedAway, []
+        for vm, state, reason in endedAway:
+            self.report(vm, state, reason)
         session.whenLost().addCallback(self._lost)
 
     def _lost(self, session):
@@ -353,6 +357,8 @@ class VMHost(Service):
             for channel in (nicChannel(vm.id), consoleChannel(vm.id)):
                 self.session.routes.pop(channel, None)
         self.log.info("VM {vm} {state}: {reason}", vm=vm.id, state=state, reason=reason)
+        if self.session is None:
+            self.endedAway.append((vm, state, reason))
         self.report(vm, state, reason)
 
     # -- reports

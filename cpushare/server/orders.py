@@ -257,6 +257,13 @@ class Orders:
             return
         vm = seller.vms.get(vmId)
         if vm is None:
+            away = self.vms.get(vmId)
+            if away is not None and away.state == "detached" and state in OVER \
+                    and away.sellerAccountId == seller.account["id"]:
+                # It ended while its seller was away; the seller says so now.
+                away.cpuSeconds = max(away.cpuSeconds, cpuSeconds)
+                self._end(away, state, reason or state, tellSeller=False)
+                return
             raise NoSuchVM(f"VM {vmId} is not running on this seller")
         if state not in commands.VM_STATES:
             raise BadRequest(f"unknown VM state {state!r}")

@@ -307,3 +307,30 @@ class OrderTests(test_session.ImageCase):
         second.routes[nicChannel(vm)] = frames.put
         seller.sendFrame(nicChannel(vm), b"\xff" * 14)
         self.assertEqual((yield within(frames.get())), b"\xff" * 14)
+
+    @defer.inlineCallbacks
+    def test_a_vm_that_ended_while_its_seller_was_away_is_reported_on_return(self):
+        self.market.orders.grace = 30
+        seller = yield self.program("seller", self.sam)
+        yield self.offer(seller, 1, 1024)
+        [vm] = (yield self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=1,
+                                cores=1, memory=256))["vm_ids"]
+        yield within(seller.started.get())
+        yield self.close(seller)
+        again = yield self.program("seller", self.sam)
+        self.assertEqual((yield self.call(again, commands.ReattachVMs, vms=[]))["keep"], [])
+        yield self.call(again, commands.VMState, vm=vm, state="stopped", cpu_seconds=7.0,
+                        reason="the VM powered off")
+        listed = (yield self.call(self.cli, commands.ListVMs))["vms"][0]
+        self.assertEqual((listed["state"], listed["reason"], listed["cpu_seconds"]),
+                         ("stopped", "the VM powered off", 7.0))
+        # Another account's seller cannot end it that way.
+        [other] = (yield self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=1,
+                                   cores=1, memory=256))["vm_ids"]
+        yield self.offer(again, 1, 1024)
+        yield within(again.started.get())
+        mallory = yield self.register("mallory")
+        intruder = yield self.program("seller", mallory)
+        with self.assertRaises(commands.NoSuchVM):
+            yield self.call(intruder, commands.VMState, vm=other, state="stopped",
+                            cpu_seconds=0.0)
