@@ -88,6 +88,16 @@ class OrderTests(test_session.ImageCase):
         return session.control.callRemote(command, **kw)
 
     @defer.inlineCallbacks
+    def runOne(self):
+        """A seller (sam) offering one core, and one VM of alice's started on it."""
+        seller = yield self.program("seller", self.sam)
+        yield self.offer(seller, 1, 1024)
+        [vm] = (yield self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=1,
+                                cores=1, memory=256))["vm_ids"]
+        yield within(seller.started.get())
+        return seller, vm
+
+    @defer.inlineCallbacks
     def test_vms_are_placed_first_fit_and_wait_for_capacity(self):
         seller = yield self.program("seller", self.sam)
         yield self.offer(seller, 2, 1024)
@@ -220,11 +230,7 @@ class OrderTests(test_session.ImageCase):
     @defer.inlineCallbacks
     def test_a_seller_that_does_not_come_back_loses_its_vms_to_another(self):
         self.market.orders.grace = 0.3
-        seller = yield self.program("seller", self.sam)
-        yield self.offer(seller, 1, 1024)
-        [vm] = (yield self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=1,
-                                cores=1, memory=256))["vm_ids"]
-        yield within(seller.started.get())
+        seller, vm = yield self.runOne()
         yield self.close(seller)
         ben = yield self.register("ben")
         other = yield self.program("seller", ben)
@@ -236,11 +242,7 @@ class OrderTests(test_session.ImageCase):
 
     @defer.inlineCallbacks
     def test_the_console_shows_recent_output_then_follows_and_takes_input(self):
-        seller = yield self.program("seller", self.sam)
-        yield self.offer(seller, 1, 1024)
-        [vm] = (yield self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=1,
-                                cores=1, memory=256))["vm_ids"]
-        yield within(seller.started.get())
+        seller, vm = yield self.runOne()
         seller.sendFrame(consoleChannel(vm), b"booting...\r\n")
         seller.sendFrame(consoleChannel(vm), b"CPUSHARE-READY ip=10.77.0.100/24\r\n")
         yield sleep(0.1)
@@ -311,11 +313,7 @@ class OrderTests(test_session.ImageCase):
     @defer.inlineCallbacks
     def test_a_vm_that_ended_while_its_seller_was_away_is_reported_on_return(self):
         self.market.orders.grace = 30
-        seller = yield self.program("seller", self.sam)
-        yield self.offer(seller, 1, 1024)
-        [vm] = (yield self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=1,
-                                cores=1, memory=256))["vm_ids"]
-        yield within(seller.started.get())
+        seller, vm = yield self.runOne()
         yield self.close(seller)
         again = yield self.program("seller", self.sam)
         self.assertEqual((yield self.call(again, commands.ReattachVMs, vms=[]))["keep"], [])
