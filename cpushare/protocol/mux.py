@@ -372,16 +372,13 @@ class Multiplexer(Protocol):
             data = b"".join(self._out)
             self._out = []
             self._queued = 0
-            self.transport._transport.write(data)
+            self.transport.write(data)
 
     def _flush(self):
         self._flushCall = None
         if self._writePaused or not self._out or not self.connected:
             return
-        data = b"".join(self._out)
-        self._out = []
-        self._queued = 0
-        self.transport.write(data)
+        self._writeAll()
         if not self._writePaused:
             if self._readPaused:
                 self._readPaused = False
