@@ -3,6 +3,11 @@ cpushare-admin: the operator's tool, working on the server's data folder.
 
     cpushare-admin --data DIR accounts
     cpushare-admin --data DIR delete-account NAME
+    cpushare-admin --data DIR books
+
+`books` proves the ledger: every entry summed is zero, every transaction
+balances, no owner's account is below zero.  It exits 0 when they hold and
+2 when they do not.
 
 It opens the database directly (SQLite allows it while the server runs).
 A deleted account's certificate is refused at its next connection.
@@ -12,7 +17,7 @@ import argparse
 import os
 import sys
 
-from cpushare.server import store
+from cpushare.server import ledger, store
 
 
 def main(argv=None):
@@ -23,6 +28,7 @@ def main(argv=None):
     sub.add_parser("accounts", help="list the accounts")
     d = sub.add_parser("delete-account", help="delete an account; its certificate stops working")
     d.add_argument("name")
+    sub.add_parser("books", help="prove the ledger sums to zero")
     args = p.parse_args(argv)
 
     path = os.path.join(args.data, "market.sqlite")
@@ -41,9 +47,28 @@ def main(argv=None):
                 print(f"cpushare-admin: no active account named {args.name!r}", file=sys.stderr)
                 return 1
             print(f"deleted account {args.name}")
+        elif args.command == "books":
+            return printBooks(store.transact(conn, ledger.books))
     finally:
         conn.close()
     return 0
+
+
+def printBooks(report):
+    fmt = ledger.formatAmount
+    print(f"transactions: {report['transactions']}, entries: {report['entries']}")
+    for kind, amount in sorted(report["byKind"].items()):
+        print(f"  {kind:<12} {fmt(amount):>18}")
+    print(f"  {'sum':<12} {fmt(report['total']):>18}")
+    for transactionId, amount in report["unbalanced"]:
+        print(f"UNBALANCED transaction {transactionId}: sums to {fmt(amount)}")
+    for name, amount in report["negative"]:
+        print(f"NEGATIVE {name}: {fmt(amount)}")
+    if report["ok"]:
+        print("the books balance: every entry sums to zero")
+        return 0
+    print("THE BOOKS DO NOT BALANCE")
+    return 2
 
 
 if __name__ == "__main__":

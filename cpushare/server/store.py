@@ -9,7 +9,9 @@ server (on the pool) and from C{cpushare-admin} (directly).
 
 The schema is a list of numbered SQL files shipped with the package
 (C{schema/NNN_name.sql}), applied in order and recorded in
-C{schema_version}.
+C{schema_version}.  The files are written once for every database the
+store supports; the few types that differ are named by placeholders that
+C{migrate} fills in for the database at hand (see L{SQLITE_TYPES}).
 """
 
 import datetime
@@ -65,7 +67,14 @@ def transact(conn, fn, *args):
     return result
 
 
-def migrate(cursor):
+# The column types that differ between databases, as schema placeholders.
+SQLITE_TYPES = {
+    "serial": "INTEGER PRIMARY KEY",   # an id the database assigns
+    "float": "REAL",                   # a double
+}
+
+
+def migrate(cursor, types=SQLITE_TYPES):
     """Bring the schema up to date; returns the versions applied."""
     cursor.execute(
         "CREATE TABLE IF NOT EXISTS schema_version"
@@ -77,7 +86,7 @@ def migrate(cursor):
     for version, name, sql in migrations():
         if version in done:
             continue
-        for statement in sql.split(";"):
+        for statement in sql.format_map(types).split(";"):
             if statement.strip():
                 cursor.execute(statement)
         cursor.execute(

@@ -1,0 +1,294 @@
+"""
+The market's double-entry ledger.
+
+Money is an integer number of micro-units (millionths) of the market's one
+currency; floats never touch it.  Every movement is one transaction made of
+entries that sum to zero, posted with L{post}; a balance is the sum of an
+account's entries and is never stored.  So the whole book always sums to
+zero, and L{books} proves it.
+
+Ledger accounts, by kind (an "owner" is a market account):
+
+    funds       an owner's spendable money (a buyer's)
+    held        an owner's money held for VMs running ahead of billing
+    earnings    what an owner (a seller) has earned and not paid out
+    payout      earnings on their way out in a PayPal payout
+    commission  the market's (no owner)
+    paypal      the market's side of PayPal (no owner): money that came in
+                through PayPal is a debit here, money paid out a credit, so
+                minus its balance is what the market holds at PayPal.
+
+An entry's amount is what it adds to its account's balance as the owner
+sees it.  A deposit of 20.00 with a 5% commission is
+
+    paypal      -20.000000
+    funds:7     +19.000000
+    commission   +1.000000
+
+The owners' accounts may never go below zero: L{post} refuses a
+transaction that would leave one negative (L{InsufficientFunds}), and the
+store's transaction rolls back with nothing changed.
+
+A transaction may name a reference (a PayPal payment, a lease's billing
+period): a reference is posted at most once (L{AlreadyPosted}), which is
+what makes replays harmless.
+
+All functions take a DB-API cursor and run inside the store's transaction
+(C{Store.run}); they never commit.
+"""
+
+import re
+
+from cpushare.server.store import now
+
+MICRO = 1_000_000
+
+FUNDS = "funds"
+HELD = "held"
+EARNINGS = "earnings"
+PAYOUT = "payout"
+COMMISSION = "commission"
+PAYPAL = "paypal"
+
+OWNED = (FUNDS, HELD, EARNINGS, PAYOUT)
+MARKET = (COMMISSION, PAYPAL)
+
+# Largest amount a single entry may carry: a billion units.  Anything
+# larger is a mistake, not money.
+MAX_AMOUNT = 10**9 * MICRO
+
+
+class LedgerError(Exception):
+    """A transaction the ledger refuses; the message says why."""
+
+
+class Unbalanced(LedgerError):
+    pass
+
+
+class InsufficientFunds(LedgerError):
+    def __init__(self, name, balance, needed):
+        LedgerError.__init__(
+            self,
+            f"{name} would go below zero: it holds {formatAmount(balance)}"
+            f" and {formatAmount(needed)} is needed",
+        )
+        self.name = name
+        self.balance = balance
+        self.needed = needed
+
+
+class AlreadyPosted(LedgerError):
+    def __init__(self, reference, transactionId):
+        LedgerError.__init__(self, f"{reference} was already posted (transaction {transactionId})")
+        self.reference = reference
+        self.transactionId = transactionId
+
+
+class BadAmount(ValueError):
+    pass
+
+
+_AMOUNT = re.compile(r"^(\d{1,10})(?:\.(\d{1,6}))?$")
+
+
+def parseAmount(text, maximum=MAX_AMOUNT):
+    """
+    "20", "20.5" or "0.000001" as micro-units.  Signs, exponents, more than
+    six decimals, zero and anything over C{maximum} are refused with
+    L{BadAmount} naming the problem.
+    """
+    text = str(text).strip()
+    match = _AMOUNT.match(text)
+    if match is None:
+        raise BadAmount(
+            f"{text!r} is not an amount: write a positive number with at most"
+            " six decimals, like 20 or 12.50"
+        )
+    whole, fraction = match.group(1), match.group(2) or ""
+    micro = int(whole) * MICRO + int(fraction.ljust(6, "0"))
+    if micro == 0:
+        raise BadAmount(f"{text!r} is zero")
+    if micro > maximum:
+        raise BadAmount(f"{text} is more than the largest amount allowed, {formatAmount(maximum)}")
+    return micro
+
+
+def formatAmount(micro):
+    """Micro-units as a decimal string: cents always, more digits only when present."""
+    if isinstance(micro, bool) or not isinstance(micro, int):
+        raise TypeError(f"amounts are integers of micro-units, not {type(micro).__name__}")
+    sign = "-" if micro < 0 else ""
+    whole, fraction = divmod(abs(micro), MICRO)
+    digits = f"{fraction:06d}".rstrip("0").ljust(2, "0")
+    return f"{sign}{whole}.{digits}"
+
+
+def accountName(kind, ownerId=None):
+    if kind in OWNED:
+        if ownerId is None:
+            raise ValueError(f"a {kind} account belongs to an owner")
+        return f"{kind}:{ownerId}"
+    if kind in MARKET:
+        return f"market:{kind}"
+    raise ValueError(f"no ledger account kind {kind!r}")
+
+
+def ledgerAccount(cursor, kind, ownerId=None):
+    """The id of a ledger account, created on first use."""
+    name = accountName(kind, ownerId)
+    cursor.execute("SELECT id FROM ledger_accounts WHERE name = ?", (name,))
+    row = cursor.fetchone()
+    if row is not None:
+        return row[0]
+    cursor.execute(
+        "INSERT INTO ledger_accounts (name, kind, owner_id) VALUES (?, ?, ?) RETURNING id",
+        (name, kind, ownerId if kind in OWNED else None),
+    )
+    return cursor.fetchone()[0]
+
+
+def _checkAmount(amount):
+    if isinstance(amount, bool) or not isinstance(amount, int):
+        raise Unbalanced(f"an amount must be an integer of micro-units, not {amount!r}")
+    if abs(amount) > MAX_AMOUNT:
+        raise Unbalanced(f"an entry of {amount} micro-units is beyond any real amount")
+
+
+def post(cursor, kind, memo, legs, reference=None):
+    """
+    Post one balanced transaction; returns its id.
+
+    C{legs} is a list of (kind, owner id or None, amount) or
+    (ledger account id, amount).  Entries must be non-zero integers that
+    sum to zero; legs of zero (a commission of 0%) are left out.  Raises L{AlreadyPosted} when C{reference} was posted
+    before, L{InsufficientFunds} when an owner's account would go below
+    zero (the caller's store transaction then rolls back).
+    """
+    entries = []
+    for leg in legs:
+        if len(leg) == 3:
+            legKind, owner, amount = leg
+            accountId = ledgerAccount(cursor, legKind, owner) if amount else None
+        else:
+            accountId, amount = leg
+        _checkAmount(amount)
+        if amount:
+            entries.append((accountId, amount))
+    if len(entries) < 2:
+        raise Unbalanced("a transaction moves money between at least two accounts")
+    total = sum(amount for _, amount in entries)
+    if total != 0:
+        raise Unbalanced(f"the entries of {kind!r} sum to {total} micro-units, not zero")
+    if reference is not None:
+        cursor.execute("SELECT id FROM ledger_transactions WHERE reference = ?", (reference,))
+        row = cursor.fetchone()
+        if row is not None:
+            raise AlreadyPosted(reference, row[0])
+    cursor.execute(
+        "INSERT INTO ledger_transactions (kind, reference, memo, created)"
+        " VALUES (?, ?, ?, ?) RETURNING id",
+        (kind, reference, memo, now()),
+    )
+    transactionId = cursor.fetchone()[0]
+    for accountId, amount in entries:
+        cursor.execute(
+            "INSERT INTO ledger_entries (transaction_id, account_id, amount) VALUES (?, ?, ?)",
+            (transactionId, accountId, amount),
+        )
+    for accountId in {a for a, amount in entries if amount < 0}:
+        cursor.execute(
+            "SELECT name, kind FROM ledger_accounts WHERE id = ?", (accountId,))
+        name, accountKind = cursor.fetchone()
+        if accountKind in OWNED:
+            left = balanceOf(cursor, accountId)
+            if left < 0:
+                taken = -sum(a for i, a in entries if i == accountId)
+                raise InsufficientFunds(name, left + taken, taken)
+    return transactionId
+
+
+def balanceOf(cursor, accountId):
+    cursor.execute(
+        "SELECT COALESCE(SUM(amount), 0) FROM ledger_entries WHERE account_id = ?",
+        (accountId,),
+    )
+    return int(cursor.fetchone()[0])
+
+
+def balance(cursor, kind, ownerId=None):
+    """One account's balance (0 for an account never used)."""
+    cursor.execute("SELECT id FROM ledger_accounts WHERE name = ?", (accountName(kind, ownerId),))
+    row = cursor.fetchone()
+    return 0 if row is None else balanceOf(cursor, row[0])
+
+
+def balances(cursor, ownerId):
+    """{kind: balance} of every account an owner has, zeros included."""
+    result = dict.fromkeys(OWNED, 0)
+    cursor.execute(
+        "SELECT a.kind, COALESCE(SUM(e.amount), 0) FROM ledger_accounts a"
+        " LEFT JOIN ledger_entries e ON e.account_id = a.id"
+        " WHERE a.owner_id = ? GROUP BY a.kind",
+        (ownerId,),
+    )
+    for kind, amount in cursor.fetchall():
+        result[kind] = int(amount)
+    return result
+
+
+def statement(cursor, ownerId, limit=1000):
+    """
+    The owner's movements, newest first: one row per transaction and
+    account with the transaction's kind, memo and time.
+    """
+    cursor.execute(
+        "SELECT t.id, t.created, t.kind, t.memo, a.kind, e.amount"
+        " FROM ledger_entries e"
+        " JOIN ledger_accounts a ON a.id = e.account_id"
+        " JOIN ledger_transactions t ON t.id = e.transaction_id"
+        " WHERE a.owner_id = ? ORDER BY t.id DESC, e.id DESC LIMIT ?",
+        (ownerId, limit),
+    )
+    keys = ("transaction", "time", "kind", "memo", "account", "amount")
+    return [dict(zip(keys, row)) for row in cursor.fetchall()]
+
+
+def books(cursor):
+    """
+    Prove the books: the sum of every entry, the transactions that do not
+    sum to zero, and the owners' accounts below zero.  C{ok} is True when
+    the first is zero and the others are empty.
+    """
+    cursor.execute("SELECT COALESCE(SUM(amount), 0), COUNT(*) FROM ledger_entries")
+    total, entryCount = cursor.fetchone()
+    cursor.execute("SELECT COUNT(*) FROM ledger_transactions")
+    (transactionCount,) = cursor.fetchone()
+    cursor.execute(
+        "SELECT transaction_id, SUM(amount) FROM ledger_entries"
+        " GROUP BY transaction_id HAVING SUM(amount) <> 0 ORDER BY transaction_id"
+    )
+    unbalanced = [(t, int(s)) for t, s in cursor.fetchall()]
+    cursor.execute(
+        "SELECT a.name, SUM(e.amount) FROM ledger_accounts a"
+        " JOIN ledger_entries e ON e.account_id = a.id"
+        " WHERE a.kind IN (?, ?, ?, ?) GROUP BY a.name HAVING SUM(e.amount) < 0"
+        " ORDER BY a.name",
+        OWNED,
+    )
+    negative = [(n, int(s)) for n, s in cursor.fetchall()]
+    cursor.execute(
+        "SELECT a.kind, COALESCE(SUM(e.amount), 0) FROM ledger_accounts a"
+        " JOIN ledger_entries e ON e.account_id = a.id GROUP BY a.kind ORDER BY a.kind"
+    )
+    byKind = {k: int(s) for k, s in cursor.fetchall()}
+    total = int(total)
+    return {
+        "ok": total == 0 and not unbalanced and not negative,
+        "total": total,
+        "transactions": transactionCount,
+        "entries": entryCount,
+        "unbalanced": unbalanced,
+        "negative": negative,
+        "byKind": byKind,
+    }
