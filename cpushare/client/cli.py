@@ -3,7 +3,8 @@ cpushare: the command line for buyers and sellers.
 
     cpushare [--home H] register --server HOST:PORT --ca ca.pem --name NAME
     cpushare [--home H] whoami
-    cpushare [--home H] sellers [--json]
+    cpushare [--home H] sellers [SCREENS] [--explain] [--json]
+    cpushare terms, leases, rate (see marketcli)
     cpushare image build -o job.iso [--add DIR]... [--base other.iso] [--cache DIR]
     cpushare image upload|list, order place|cancel, vms, vm stop, console (see vmcli)
 
@@ -141,18 +142,6 @@ def printListing(asJSON, items, emptyText, formatter):
         print(formatter(items, time.time()))
 
 
-def _formatSellers(sellers, now):
-    rows = [("NAME", "SESSION", "CORES", "MEMORY", "LATENCY", "ONLINE")]
-    for s in sellers:
-        latency = s.get("latency_ms")
-        rows.append((
-            s["name"], str(s["session"]), str(s["cores"]), f"{s['memory']} MB",
-            "-" if latency is None else f"{latency:.1f} ms",
-            duration(now - s["connected"]),
-        ))
-    return formatTable(rows)
-
-
 def duration(seconds):
     seconds = max(0, int(seconds))
     if seconds < 120:
@@ -160,17 +149,6 @@ def duration(seconds):
     if seconds < 7200:
         return f"{seconds // 60}m"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-async def sellers(reactor, args, home):
-    found = []
-    async with Market(reactor, home) as market:
-        while True:
-            page = await market.call(commands.ListSellers, offset=len(found))
-            found.extend(page["sellers"])
-            if not page["sellers"] or len(found) >= page["total"]:
-                break
-    printListing(args.json, found, "no sellers are online", _formatSellers)
 
 
 async def imageBuild(reactor, args, home):
@@ -212,10 +190,6 @@ def parser():
     w.add_argument("--json", action="store_true")
     w.set_defaults(run=whoami)
 
-    s = sub.add_parser("sellers", help="list the sellers online now")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(run=sellers)
-
     image = sub.add_parser("image", help="build livecd images")
     images = image.add_subparsers(dest="image_command", metavar="ACTION")
     images.required = True
@@ -236,7 +210,8 @@ def parser():
                    "else $XDG_CACHE_HOME/cpushare or ~/.cache/cpushare)")
     b.set_defaults(run=imageBuild)
 
-    from cpushare.client import vmcli
+    from cpushare.client import marketcli, vmcli
+    marketcli.addParsers(sub)
     vmcli.addImageParsers(images)
     vmcli.addParsers(sub)
     return p

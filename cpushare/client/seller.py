@@ -20,6 +20,7 @@ from twisted.python import usage
 from cpushare.client.options import ClientOptions
 from cpushare.client.session import ClientControl, ClientSession
 from cpushare.protocol import commands
+from cpushare.money import formatAmount
 
 log = Logger()
 
@@ -31,7 +32,8 @@ def physicalMemoryMB():
 
 
 class Options(ClientOptions):
-    synopsis = "[--home H] [--cores N] [--memory MB] [--cache-size MB]"
+    synopsis = ("[--home H] [--cores N] [--memory MB] [--cache-size MB] [--price P]"
+                " [--net-fee F] [--country CC]")
     longdesc = "Sell this computer's idle CPU time on the CPUShare market."
     optParameters = [
         ["cores", None, None, "Cores to offer (default: all of them).", int],
@@ -45,6 +47,12 @@ class Options(ClientOptions):
          "auto (KVM if a probe guest proves it works), kvm (always) or tcg."],
         ["grace", None, 600.0,
          "Seconds to keep VMs running while the market is unreachable.", float],
+        ["price", None, None,
+         "Asking price a core-hour, like 0.02 (default: the terms stored for this "
+         "account, else the market's default; change it while running with "
+         "'cpushare terms --price').", str],
+        ["net-fee", None, None, "Fee a GB of network traffic (default 0).", str],
+        ["country", None, None, "The country this computer is in (ISO code, like IT).", str],
     ]
 
     def postOptions(self):
@@ -59,6 +67,22 @@ class Options(ClientOptions):
             raise usage.UsageError("--memory must be at least 64 (MB)")
         if self["cache-size"] < 1:
             raise usage.UsageError("--cache-size must be at least 1 (MB)")
+        from cpushare.money import BadAmount, parseAmount
+        terms = {}
+        for key, option in (("price", "price"), ("net_fee", "net-fee")):
+            if self[option] is not None:
+                try:
+                    terms[key] = parseAmount(self[option], maximum=10**9,
+                                             allowZero=key == "net_fee")
+                except BadAmount as e:
+                    raise usage.UsageError(f"--{option}: {e}")
+        if self["country"] is not None:
+            code = self["country"].strip().upper()
+            if len(code) != 2 or not code.isalpha():
+                raise usage.UsageError(
+                    f"--country {self['country']!r} is not a two-letter code like IT")
+            terms["country"] = code
+        self.terms = terms
         if self["accel"] not in ("auto", "kvm", "tcg"):
             raise usage.UsageError("--accel is auto, kvm or tcg")
         self["qemu"] = self["qemu"] or shutil.which("qemu-system-x86_64")
@@ -132,8 +156,11 @@ def makeService(options, reactor=None):
     async def serve(session):
         await accel
         await host.connected(session)
-        log.info("offering {cores} cores and {memory} MB", cores=cores, memory=memory)
-        await session.control.callRemote(commands.Offer, cores=cores, memory=memory)
+        terms = await session.control.callRemote(
+            commands.Offer, cores=cores, memory=memory, **options.terms)
+        log.info("offering {cores} cores and {memory} MB at {price} a core-hour"
+                 " ({fee} a GB)", cores=cores, memory=memory,
+                 price=formatAmount(terms["price"]), fee=formatAmount(terms["net_fee"]))
 
     service = SellerService(host)
     connection = MarketConnection(

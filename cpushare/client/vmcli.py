@@ -78,16 +78,22 @@ async def resolveImage(reactor, image):
 
 
 async def orderPlace(reactor, args, home):
+    from cpushare.client.marketcli import amount, screenArguments
+
+    extra = screenArguments(args)
+    if args.budget is not None:
+        extra["budget"] = amount(args.budget, "--budget")
     sha256 = await resolveImage(reactor, args.image)
     async with Market(reactor, home) as market:
         placed = await market.call(commands.PlaceOrder, image=sha256, vms=args.vms,
-                                   cores=args.cores, memory=args.memory)
+                                   cores=args.cores, memory=args.memory, **extra)
     if args.json:
         print(json.dumps(placed))
         return
     ids = ", ".join(str(v) for v in placed["vm_ids"])
-    print(f"order {placed['order']}: VMs {ids}; {placed['allocated']} placed on sellers now"
-          + ("" if placed["allocated"] == args.vms else ", the rest wait for capacity"))
+    print(f"order {placed['order']}: VMs {ids}; {placed['allocated']} placed on sellers now")
+    if placed.get("waiting"):
+        print(f"the rest wait: {placed['waiting']}")
 
 
 async def orderCancel(reactor, args, home):
@@ -301,7 +307,11 @@ def addParsers(sub):
     place.add_argument("--vms", type=int, default=1, help="how many VMs (default 1)")
     place.add_argument("--cores", type=int, default=1, help="cores per VM (default 1)")
     place.add_argument("--memory", type=int, default=256, help="MB per VM (default 256)")
+    place.add_argument("--budget", metavar="AMOUNT",
+                       help="the most the order may spend; its VMs stop when it is spent")
     place.add_argument("--json", action="store_true")
+    from cpushare.client.marketcli import addScreenArguments
+    addScreenArguments(place)
     place.set_defaults(run=orderPlace)
     cancel = orders.add_parser("cancel", help="stop all VMs of an order")
     cancel.add_argument("order", type=int)

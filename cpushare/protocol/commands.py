@@ -89,12 +89,46 @@ class WhoAmI(amp.Command):
     errors = COMMON_ERRORS
 
 
-class Offer(amp.Command):
-    """A seller announces (or changes) the capacity it offers."""
+# A seller's terms: micro-units of the market's currency per core-hour and
+# per GB (10^9 bytes) of network traffic, and an ISO 3166 country code.
+TERMS = [
+    (b"price", amp.Integer(optional=True)),
+    (b"net_fee", amp.Integer(optional=True)),
+    (b"country", amp.Unicode(optional=True)),
+]
 
-    arguments = [(b"cores", amp.Integer()), (b"memory", amp.Integer())]
-    response = []
+
+class Offer(amp.Command):
+    """
+    A seller announces (or changes) the capacity it offers, and the terms
+    its owner gave on its command line, if any; the answer is the terms in
+    force (those stored for the account, else the market's defaults).
+    """
+
+    arguments = [(b"cores", amp.Integer()), (b"memory", amp.Integer())] + TERMS
+    response = TERMS
     errors = COMMON_ERRORS
+
+
+class SetTerms(amp.Command):
+    """Change this account's terms as a seller, also while its seller runs."""
+
+    arguments = TERMS
+    response = TERMS
+    errors = COMMON_ERRORS
+
+
+# A buy order's screens; see cpushare.server.screens.  Money in micro-units.
+SCREENS = [
+    (b"max_price", amp.Integer(optional=True)),
+    (b"min_rating", amp.Float(optional=True)),
+    (b"max_latency", amp.Float(optional=True)),
+    (b"min_bandwidth", amp.Float(optional=True)),
+    (b"min_cpu", amp.Float(optional=True)),
+    (b"countries", amp.ListOf(amp.Unicode(), optional=True)),
+    (b"not_countries", amp.ListOf(amp.Unicode(), optional=True)),
+    (b"max_net_fee", amp.Integer(optional=True)),
+]
 
 
 SELLERS_PAGE = 200
@@ -102,22 +136,37 @@ SELLERS_PAGE = 200
 
 class ListSellers(amp.Command):
     """
-    The sellers online now, a page at a time (an AMP value is limited to
-    64 KiB): C{offset} into the list ordered by session, at most
-    C{SELLERS_PAGE} a page; C{total} is how many there are.
+    The sellers online now that pass the screens given, in the order an
+    order with those screens would use them (cheapest, best rated, nearest
+    first), a page at a time (an AMP value is limited to 64 KiB): C{offset}
+    into that list, at most C{SELLERS_PAGE} a page; C{total} is how many
+    there are.  With C{explain}, the sellers the screens exclude follow,
+    each with C{excluded}: the reason.
     """
 
-    arguments = [(b"offset", amp.Integer())]
+    arguments = [(b"offset", amp.Integer()),
+                 (b"explain", amp.Boolean(optional=True))] + SCREENS
     response = [
         (b"sellers", amp.AmpList([
             (b"name", amp.Unicode()),
             (b"session", amp.Integer()),
             (b"cores", amp.Integer()),
             (b"memory", amp.Integer()),
+            (b"free_cores", amp.Integer()),
+            (b"free_memory", amp.Integer()),
             (b"latency_ms", amp.Float(optional=True)),
             (b"connected", amp.Float()),
+            (b"price", amp.Integer()),
+            (b"net_fee", amp.Integer()),
+            (b"country", amp.Unicode(optional=True)),
+            (b"rating", amp.Float()),
+            (b"votes", amp.Integer()),
+            (b"bandwidth_mbps", amp.Float(optional=True)),
+            (b"cpu_score", amp.Float(optional=True)),
+            (b"excluded", amp.Unicode(optional=True)),
         ])),
         (b"total", amp.Integer()),
+        (b"passing", amp.Integer()),
     ]
     errors = COMMON_ERRORS
 
@@ -267,9 +316,11 @@ def consoleChannel(vm):
 class PlaceOrder(amp.Command):
     """
     Buyer: run C{vms} VMs of C{cores} cores and C{memory} MB each, booting
-    the image C{image} (a sha256 this account uploaded).  VMs that fit on
-    connected sellers now are allocated at once (first fit); the rest wait
-    for capacity.
+    the image C{image} (a sha256 this account uploaded), on sellers that
+    pass the screens.  VMs that fit on sellers online now are allocated at
+    once, the cheapest first; the rest wait for capacity, and C{waiting}
+    says why they could not be placed now.  C{budget} caps what the order
+    may spend, in micro-units.
     """
 
     arguments = [
@@ -277,9 +328,10 @@ class PlaceOrder(amp.Command):
         (b"vms", amp.Integer()),
         (b"cores", amp.Integer()),
         (b"memory", amp.Integer()),
-    ]
+        (b"budget", amp.Integer(optional=True)),
+    ] + SCREENS
     response = [(b"order", amp.Integer()), (b"vm_ids", amp.ListOf(amp.Integer())),
-                (b"allocated", amp.Integer())]
+                (b"allocated", amp.Integer()), (b"waiting", amp.Unicode(optional=True))]
     errors = COMMON_ERRORS
 
 
@@ -406,3 +458,38 @@ class VMAddress(amp.Command):
     arguments = [(b"vm", amp.Integer()), (b"ip", amp.Unicode())]
     response = []
     errors = VM_ERRORS
+
+
+class ListLeases(amp.Command):
+    """
+    Buyer: the leases of this account's VMs, newest first.  A lease is one
+    VM's stay on one seller at the terms it was placed at.
+    """
+
+    arguments = []
+    response = [(b"leases", amp.AmpList([
+        (b"lease", amp.Integer()),
+        (b"vm", amp.Integer()),
+        (b"order", amp.Integer()),
+        (b"seller", amp.Unicode()),
+        (b"price", amp.Integer()),
+        (b"net_fee", amp.Integer()),
+        (b"cores", amp.Integer()),
+        (b"started", amp.Float()),
+        (b"ended", amp.Float(optional=True)),
+        (b"cpu_seconds", amp.Float()),
+        (b"net_bytes", amp.Integer()),
+        (b"charged", amp.Integer()),
+        (b"reason", amp.Unicode(optional=True)),
+        (b"rating", amp.Unicode(optional=True)),
+    ]))]
+    errors = COMMON_ERRORS
+
+
+class Rate(amp.Command):
+    """Buyer: rate the seller of one of this account's leases, once."""
+
+    arguments = [(b"lease", amp.Integer()), (b"good", amp.Boolean()),
+                 (b"comment", amp.Unicode(optional=True))]
+    response = [(b"seller", amp.Unicode()), (b"rating", amp.Float()), (b"votes", amp.Integer())]
+    errors = {**COMMON_ERRORS, NotPermitted: b"NOT_PERMITTED"}

@@ -37,11 +37,8 @@ All functions take a DB-API cursor and run inside the store's transaction
 (C{Store.run}); they never commit.
 """
 
-import re
-
+from cpushare.money import MAX_AMOUNT, MICRO, BadAmount, formatAmount, parseAmount  # noqa: F401
 from cpushare.server.store import now
-
-MICRO = 1_000_000
 
 FUNDS = "funds"
 HELD = "held"
@@ -52,10 +49,6 @@ PAYPAL = "paypal"
 
 OWNED = (FUNDS, HELD, EARNINGS, PAYOUT)
 MARKET = (COMMISSION, PAYPAL)
-
-# Largest amount a single entry may carry: a billion units.  Anything
-# larger is a mistake, not money.
-MAX_AMOUNT = 10**9 * MICRO
 
 
 class LedgerError(Exception):
@@ -83,45 +76,6 @@ class AlreadyPosted(LedgerError):
         LedgerError.__init__(self, f"{reference} was already posted (transaction {transactionId})")
         self.reference = reference
         self.transactionId = transactionId
-
-
-class BadAmount(ValueError):
-    pass
-
-
-_AMOUNT = re.compile(r"^(\d{1,10})(?:\.(\d{1,6}))?$")
-
-
-def parseAmount(text, maximum=MAX_AMOUNT):
-    """
-    "20", "20.5" or "0.000001" as micro-units.  Signs, exponents, more than
-    six decimals, zero and anything over C{maximum} are refused with
-    L{BadAmount} naming the problem.
-    """
-    text = str(text).strip()
-    match = _AMOUNT.match(text)
-    if match is None:
-        raise BadAmount(
-            f"{text!r} is not an amount: write a positive number with at most"
-            " six decimals, like 20 or 12.50"
-        )
-    whole, fraction = match.group(1), match.group(2) or ""
-    micro = int(whole) * MICRO + int(fraction.ljust(6, "0"))
-    if micro == 0:
-        raise BadAmount(f"{text!r} is zero")
-    if micro > maximum:
-        raise BadAmount(f"{text} is more than the largest amount allowed, {formatAmount(maximum)}")
-    return micro
-
-
-def formatAmount(micro):
-    """Micro-units as a decimal string: cents always, more digits only when present."""
-    if isinstance(micro, bool) or not isinstance(micro, int):
-        raise TypeError(f"amounts are integers of micro-units, not {type(micro).__name__}")
-    sign = "-" if micro < 0 else ""
-    whole, fraction = divmod(abs(micro), MICRO)
-    digits = f"{fraction:06d}".rstrip("0").ljust(2, "0")
-    return f"{sign}{whole}.{digits}"
 
 
 def accountName(kind, ownerId=None):

@@ -12,6 +12,7 @@ from cpushare import pki
 from cpushare.protocol import commands
 from cpushare.protocol.heartbeat import DEFAULT_INTERVAL, DEFAULT_TIMEOUT
 from cpushare.server import store
+from cpushare.server.board import DEFAULT_PRICE, Board
 from cpushare.server.orders import Orders
 from cpushare.server.relay import Relay
 
@@ -23,7 +24,8 @@ class Market(Service):
     log = Logger()
 
     def __init__(self, reactor, store, credentials, images=None,
-                 heartbeat=DEFAULT_INTERVAL, timeout=DEFAULT_TIMEOUT):
+                 heartbeat=DEFAULT_INTERVAL, timeout=DEFAULT_TIMEOUT,
+                 defaultPrice=DEFAULT_PRICE):
         self.reactor = reactor
         self.store = store
         self.images = images
@@ -32,6 +34,7 @@ class Market(Service):
         self.heartbeatTimeout = float(timeout)
         self.sessions = {}
         self.relay = Relay()
+        self.board = Board(self, defaultPrice)
         self.orders = Orders(self)
         self._nextSession = 1
 
@@ -58,6 +61,8 @@ class Market(Service):
     def sessionEnded(self, session, reason):
         if self.sessions.get(session.sessionId) is session:
             del self.sessions[session.sessionId]
+        if session.role == "seller":
+            self.board.invalidate()
         self.relay.dropSession(session, reason)
         self.orders.sessionLost(session)
 

@@ -2,9 +2,16 @@
 Orders and the VMs that run them, on the server.
 
 A buy order asks for N VMs of C cores and M MB booting one of the buyer's
-images.  Each VM is placed on the first connected seller with room for it
-(first fit; prices and screens come with the market); VMs that do not fit
-wait and are placed when capacity appears.  A placed VM is started on its
+images, on sellers that pass its screens (L{cpushare.server.screens}).
+Each VM is placed on the best seller that passes and has room for it: the
+cheapest, then the best rated, then the nearest (L{cpushare.server.board}).
+VMs that find none wait, with the reason, and are placed as soon as
+capacity that passes appears: a seller coming online, changing its terms,
+or a VM ending.  Matching runs on the reactor thread only, so two VMs can
+never be given the same capacity.
+
+Each stay of a VM on a seller is a lease, recorded with the terms it was
+placed at; a VM placed again elsewhere starts a new lease.  A placed VM is started on its
 seller with StartVM; its NIC channel on the seller's connection is linked
 to the same channel on the buyer's `cpushare-buyer` connection, so its
 frames reach only the buyer's own network.
@@ -16,11 +23,13 @@ same holds across a server restart: active VMs are loaded from the database
 as detached.
 """
 
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from cpushare.protocol import commands
 from cpushare.protocol.commands import BadRequest, NoSuchVM, consoleChannel, nicChannel
-from cpushare.server import store
+from cpushare.server import marketsql, store
+from cpushare.server.screens import Screens
 
 GRACE = 600.0
 MAX_VMS_PER_ORDER = 1000
@@ -31,7 +40,8 @@ CONSOLE_HISTORY = 4096
 
 
 class VM:
-    def __init__(self, vmId, orderId, buyerId, buyerName, image, size, cores, memory, mac):
+    def __init__(self, vmId, orderId, buyerId, buyerName, image, size, cores, memory, mac,
+                 screens=Screens(), budget=None):
         self.id = vmId
         self.order = orderId
         self.buyerId = buyerId
@@ -41,6 +51,10 @@ class VM:
         self.cores = cores
         self.memory = memory
         self.mac = mac
+        self.screens = screens
+        self.budget = budget
+        self.lease = None           # a Deferred firing with the lease id, while placed
+        self.terms = None           # the Figures of the seller when placed
         self.state = "pending"
         self.reason = None
         self.seller = None
@@ -84,15 +98,22 @@ class Orders:
     async def load(self):
         """Bring back the VMs that were active when the server stopped."""
         rows = await self.db.run(store.activeVMs)
+        orders = await self.db.run(marketsql.orderScreens, {row[1] for row in rows})
+        leases = await self.db.run(marketsql.openLeases)
         for (vmId, orderId, sellerId, mac, state, started, cpu, ip, buyerId, image,
              cores, memory, size, buyerName, sellerName) in rows:
-            vm = VM(vmId, orderId, buyerId, buyerName, image, size, cores, memory, mac)
+            screens, budget = orders.get(orderId, ({}, None))
+            vm = VM(vmId, orderId, buyerId, buyerName, image, size, cores, memory, mac,
+                    Screens.fromArguments(**screens), budget)
             vm.started, vm.cpuSeconds, vm.ip = started, cpu, ip
             vm.sellerAccountId = sellerId
             self.vms[vmId] = vm
+            lease = leases.get(vmId)
             if sellerId is None:
                 vm.state = "pending"
             else:
+                if lease is not None:
+                    vm.lease = defer.succeed(lease["lease"])
                 self._detach(vm, "the market server restarted")
         pending = [vm for vm in self.vms.values() if vm.state == "pending"]
         if rows:
@@ -108,7 +129,8 @@ class Orders:
 
     # -- buyers
 
-    async def place(self, account, image, count, cores, memory):
+    async def place(self, account, image, count, cores, memory, screens=Screens(),
+                    budget=None):
         if not 1 <= count <= MAX_VMS_PER_ORDER:
             raise BadRequest(f"an order is for 1 to {MAX_VMS_PER_ORDER} VMs, not {count}")
         if not 1 <= cores <= MAX_VM_CORES:
@@ -119,20 +141,48 @@ class Orders:
         if size is None:
             raise BadRequest(
                 f"this account has no image {image!r}: upload it with 'cpushare image upload'")
-        orderId, ids = await self.db.run(
-            store.createOrder, account["id"], image, count, cores, memory)
+
+        def create(cursor):
+            orderId, ids = store.createOrder(cursor, account["id"], image, count, cores, memory)
+            marketsql.setOrderScreens(cursor, orderId, screens.toArguments(), budget)
+            return orderId, ids
+
+        orderId, ids = await self.db.run(create)
         allocated = 0
+        waiting = None
         for vmId in ids:
             vm = VM(vmId, orderId, account["id"], account["name"], image, size,
-                    cores, memory, store.macFor(vmId))
+                    cores, memory, store.macFor(vmId), screens, budget)
             self.vms[vmId] = vm
             if self._allocate(vm):
                 allocated += 1
+            else:
+                if waiting is None:
+                    waiting = self.whyWaiting(vm)
+                vm.reason = waiting
         self.log.info(
             "order {order} by {buyer}: {n} VMs of {cores} cores/{memory} MB, {a} placed",
             order=orderId, buyer=account["name"], n=count, cores=cores, memory=memory,
             a=allocated)
-        return {"order": orderId, "vm_ids": ids, "allocated": allocated}
+        result = {"order": orderId, "vm_ids": ids, "allocated": allocated}
+        if waiting is not None:
+            result["waiting"] = waiting
+        return result
+
+    def whyWaiting(self, vm):
+        """Why no seller online can take C{vm} now, in one line."""
+        passing, excluded = self.market.board.explain(vm.screens)
+        if not passing and not excluded:
+            return "no seller is online; waiting for one"
+        if passing:
+            return (f"the {len(passing)} sellers that pass the screens have no room for"
+                    f" {vm.cores} cores and {vm.memory} MB; waiting for capacity")
+        counts = {}
+        for _, _, reason in excluded:
+            counts[reason.screen] = counts.get(reason.screen, 0) + 1
+        detail = ", ".join(f"{n} by {key}" for key, n in sorted(counts.items()))
+        return (f"none of the {len(excluded)} sellers online passes the screens"
+                f" ({detail}); waiting for one that does")
 
     def owned(self, account, vmId):
         vm = self.vms.get(vmId)
@@ -190,7 +240,7 @@ class Orders:
     # -- sellers
 
     def capacityChanged(self):
-        """A seller offered capacity: place the VMs that wait for it."""
+        """Capacity appeared or terms changed: place the VMs that wait, oldest first."""
         for vm in sorted(self.vms.values(), key=lambda v: v.id):
             if vm.state == "pending":
                 self._allocate(vm)
@@ -203,11 +253,14 @@ class Orders:
         return cores, memory
 
     def _allocate(self, vm):
-        for seller in self.market.sellers():
+        for seller, figures in self.market.board.ranked():
+            if not seller.connected or seller.offer is None:
+                continue
             cores, memory = self.used(seller)
             if cores + vm.cores <= seller.offer["cores"] and \
-                    memory + vm.memory <= seller.offer["memory"]:
-                self._place(vm, seller)
+                    memory + vm.memory <= seller.offer["memory"] and \
+                    vm.screens.exclusion(figures) is None:
+                self._place(vm, seller, figures)
                 return True
         return False
 
@@ -216,13 +269,22 @@ class Orders:
         seller.vms[vm.id] = vm
         seller.routes[consoleChannel(vm.id)] = vm.consoleReceived
 
-    def _place(self, vm, seller):
+    def _place(self, vm, seller, figures):
         self._bindSeller(vm, seller)
         vm.sellerAccountId = seller.account["id"]
         vm.state = "allocated"
         vm.reason = None
-        self._save(lambda c: store.updateVM(
-            c, vm.id, seller_account_id=vm.sellerAccountId, state="allocated", reason=None))
+        vm.terms = figures
+        placed = self.reactor.seconds()
+
+        def save(cursor):
+            store.updateVM(cursor, vm.id, seller_account_id=vm.sellerAccountId,
+                           state="allocated", reason=None)
+            return marketsql.createLease(
+                cursor, vm.id, vm.order, vm.buyerId, vm.sellerAccountId, figures.price,
+                figures.netFee, vm.cores, placed)
+
+        vm.lease = self._save(save)
         buyer = self.market.buyerSession(vm.buyerId)
         if buyer is not None:
             self._linkBuyer(vm, buyer)
@@ -336,6 +398,7 @@ class Orders:
                       vm=vm.id, grace=self.grace)
         vm.state = "pending"
         vm.reason = "its seller did not come back; waiting for capacity"
+        self._endLease(vm, "its seller did not come back")
         vm.started = None
         vm.sellerAccountId = None
         self._save(lambda c: store.updateVM(c, vm.id, state="pending", seller_account_id=None,
@@ -371,12 +434,21 @@ class Orders:
         vm.buyerSession = None
         vm.seller = None
         self.vms.pop(vm.id, None)
+        self._endLease(vm, reason)
         ended = self.reactor.seconds()
         self._save(lambda c: store.updateVM(
             c, vm.id, state=state, reason=reason, ended=ended, cpu_seconds=vm.cpuSeconds))
         self.log.info("VM {vm} {state}: {reason}", vm=vm.id, state=state, reason=reason)
         if seller is not None and refill:
             self.capacityChanged()
+
+    def _endLease(self, vm, reason):
+        lease, vm.lease = vm.lease, None
+        if lease is None:
+            return
+        ended, cpu = self.reactor.seconds(), vm.cpuSeconds
+        lease.addCallback(lambda leaseId: self._save(
+            lambda c: marketsql.endLease(c, leaseId, ended, cpu, reason)))
 
     def _save(self, fn):
         d = self.db.run(fn)

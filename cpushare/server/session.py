@@ -15,6 +15,8 @@ from cpushare.protocol import commands
 from cpushare.protocol.commands import BadRequest, NotAuthenticated
 from cpushare.protocol.heartbeat import Heartbeat
 from cpushare.protocol.mux import ControlProtocol, MAX_CHANNEL, Multiplexer
+from cpushare.server import ledger, marketsql
+from cpushare.server.screens import Screens, rating
 
 REFUSED_GRACE = 5.0
 MAX_CORES = 4096
@@ -87,7 +89,7 @@ class ServerControl(ControlProtocol):
         }
 
     @commands.Offer.responder
-    def offer(self, cores, memory):
+    def offer(self, cores, memory, price=None, net_fee=None, country=None):
         session = self.session
         session.requireHello()
         if session.role != "seller":
@@ -96,35 +98,71 @@ class ServerControl(ControlProtocol):
             raise BadRequest(f"cores must be between 1 and {MAX_CORES}, not {cores}")
         if not 64 <= memory <= MAX_MEMORY_MB:
             raise BadRequest(f"memory must be between 64 and {MAX_MEMORY_MB} MB, not {memory}")
-        session.offer = {"cores": cores, "memory": memory}
-        session.market.orders.capacityChanged()
-        session.log.info(
-            "seller {name} (session {session}) offers {cores} cores, {memory} MB",
-            name=session.account["name"], session=session.sessionId,
-            cores=cores, memory=memory,
-        )
-        return {}
+        market = session.market
+
+        async def offer():
+            terms = await market.board.sellerOnline(session, price, net_fee, country)
+            session.offer = {"cores": cores, "memory": memory}
+            market.board.invalidate()
+            market.orders.capacityChanged()
+            session.log.info(
+                "seller {name} (session {session}) offers {cores} cores, {memory} MB"
+                " at {price} a core-hour", name=session.account["name"],
+                session=session.sessionId, cores=cores, memory=memory,
+                price=ledger.formatAmount(terms["price"]))
+            return _terms(terms)
+
+        return defer.ensureDeferred(offer())
+
+    @commands.SetTerms.responder
+    def setTerms(self, price=None, net_fee=None, country=None):
+        account = self.session.requireHello()
+        market = self.session.market
+
+        async def change():
+            terms = await market.board.setTerms(account["id"], price, net_fee, country)
+            self.session.log.info(
+                "seller {name} changed its terms: {price} a core-hour, {fee} a GB, {country}",
+                name=account["name"], price=ledger.formatAmount(terms["price"]),
+                fee=ledger.formatAmount(terms["net_fee"]), country=terms["country"])
+            market.orders.capacityChanged()
+            return _terms(terms)
+
+        return defer.ensureDeferred(change())
 
     @commands.ListSellers.responder
-    def listSellers(self, offset):
+    def listSellers(self, offset, explain=False, **screens):
         self.session.requireHello()
         if offset < 0:
             raise BadRequest("offset must not be negative")
-        sellers = self.session.market.sellers()
+        market = self.session.market
+        passing, excluded = market.board.explain(Screens.fromArguments(**screens))
+        listed = [(s, fig, None) for s, fig in passing]
+        if explain:
+            listed += excluded
         page = []
-        for s in sellers[offset:offset + commands.SELLERS_PAGE]:
+        for s, fig, reason in listed[offset:offset + commands.SELLERS_PAGE]:
+            cores, memory = market.orders.used(s)
             entry = {
                 "name": s.account["name"],
                 "session": s.sessionId,
                 "cores": s.offer["cores"],
                 "memory": s.offer["memory"],
+                "free_cores": max(0, s.offer["cores"] - cores),
+                "free_memory": max(0, s.offer["memory"] - memory),
                 "connected": s.connectedAt,
+                "price": fig.price,
+                "net_fee": fig.netFee,
+                "rating": fig.rating,
+                "votes": fig.votes,
+                "latency_ms": fig.latencyMs,
+                "country": fig.country,
+                "bandwidth_mbps": fig.bandwidthMbps,
+                "cpu_score": fig.cpuScore,
+                "excluded": None if reason is None else str(reason),
             }
-            latency = s.heartbeat.latencyMs() if s.heartbeat else None
-            if latency is not None:
-                entry["latency_ms"] = latency
-            page.append(entry)
-        return {"sellers": page, "total": len(sellers)}
+            page.append({k: v for k, v in entry.items() if v is not None})
+        return {"sellers": page, "total": len(listed), "passing": len(passing)}
 
     @commands.ImageUploadStart.responder
     def imageUploadStart(self, sha256, size, name):
@@ -179,10 +217,36 @@ class ServerControl(ControlProtocol):
     # -- orders and VMs
 
     @commands.PlaceOrder.responder
-    def placeOrder(self, image, vms, cores, memory):
+    def placeOrder(self, image, vms, cores, memory, budget=None, **screens):
         account = self.session.requireHello()
         orders = self.session.market.orders
-        return defer.ensureDeferred(orders.place(account, image, vms, cores, memory))
+        screens = Screens.fromArguments(**screens)
+        if budget is not None and not 0 < budget <= ledger.MAX_AMOUNT:
+            raise BadRequest(
+                f"a budget is above 0 and at most {ledger.formatAmount(ledger.MAX_AMOUNT)}")
+        return defer.ensureDeferred(
+            orders.place(account, image, vms, cores, memory, screens, budget))
+
+    @commands.ListLeases.responder
+    def listLeases(self):
+        account = self.session.requireHello()
+        d = self.session.market.store.run(marketsql.accountLeases, account["id"])
+        return d.addCallback(
+            lambda rows: {"leases": [{k: v for k, v in r.items() if v is not None}
+                                     for r in rows]})
+
+    @commands.Rate.responder
+    def rate(self, lease, good, comment=None):
+        account = self.session.requireHello()
+        market = self.session.market
+
+        async def rate():
+            sellerId, name, (goodVotes, bad) = await market.store.run(
+                marketsql.rate, account["id"], lease, good, comment)
+            market.board.voted(sellerId, good)
+            return {"seller": name, "rating": rating(goodVotes, bad), "votes": goodVotes + bad}
+
+        return defer.ensureDeferred(rate())
 
     @commands.CancelOrder.responder
     def cancelOrder(self, order):
@@ -462,3 +526,7 @@ class MarketFactory(Factory):
 
     def buildProtocol(self, addr):
         return MarketSession(self.market)
+
+
+def _terms(terms):
+    return {k: v for k, v in terms.items() if v is not None}

@@ -405,11 +405,12 @@ class Client:
         self.proc.waitForLog(f"as {self.role} ", timeout=timeout, count=count)
 
 
-def startSeller(processes, home, cores=2, memory=1024, name="seller"):
+def startSeller(processes, home, cores=2, memory=1024, name="seller", extra=()):
     # These tests run no VMs: skip the KVM probe (test_vm covers it).
     proc = processes.start(name, [
         executable("twistd"), "-n", "--pidfile=", "cpushare-seller",
         "--home", home, "--cores", cores, "--memory", memory, "--accel", "tcg",
+        *extra,
     ])
     return Client(proc, home, "seller")
 

@@ -160,8 +160,10 @@ def test_seller_is_listed_with_latency_and_buyer_is_not(market, processes, tmp_p
     dave = market.register(tmp_path / "dave", "dave")
     bob = market.register(tmp_path / "bob", "bob")
     started = time.time()
-    sellerA = startSeller(processes, alice, cores=2, memory=1024, name="seller-alice")
-    sellerD = startSeller(processes, dave, cores=1, memory=512, name="seller-dave")
+    sellerA = startSeller(processes, alice, cores=2, memory=1024, name="seller-alice",
+                          extra=["--price", "0.03", "--country", "it"])
+    sellerD = startSeller(processes, dave, cores=1, memory=512, name="seller-dave",
+                          extra=["--price", "0.02", "--net-fee", "0.5"])
     buyer = startBuyer(processes, bob)
     for client in (sellerA, sellerD, buyer):
         client.waitConnected()
@@ -183,11 +185,30 @@ def test_seller_is_listed_with_latency_and_buyer_is_not(market, processes, tmp_p
     table = cpushare(bob, "sellers")
     assert table.status == 0, table
     lines = table.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "SESSION", "CORES", "MEMORY", "LATENCY", "ONLINE"]
-    row = next(line.split() for line in lines if line.startswith("alice"))
-    assert row[2:5] == ["2", "1024", "MB"], table.stdout
-    assert row[6] == "ms", table.stdout
-    assert not any(line.startswith("bob") for line in lines), table.stdout
+    assert lines[0].split() == ["NAME", "PRICE/CORE-H", "NET/GB", "FREE/CORES", "FREE/MEMORY",
+                                "RATING", "LATENCY", "MBPS", "CPU", "COUNTRY", "ONLINE"]
+    # The cheapest first: dave asks 0.02 a core-hour, alice 0.03.
+    assert [line.split()[0] for line in lines[1:]] == ["dave", "alice"], table.stdout
+    row = lines[2].split()
+    assert row[1:6] == ["0.03", "0.00", "2/2", "1024/1024MB", "new"], table.stdout
+    assert row[7] == "ms" and row[10] == "IT", table.stdout
+    assert lines[1].split()[1:3] == ["0.02", "0.50"], table.stdout
+
+    screened = cpushare(bob, "sellers", "--max-net-fee", "0.1", "--explain")
+    assert screened.status == 0, screened
+    assert [line.split()[0] for line in screened.stdout.splitlines()[1:2]] == ["alice"]
+    assert "  dave charges 0.50 a GB, more than --max-net-fee 0.10" in screened.stdout
+
+    # Alice's owner lowers her price while her seller runs: she comes first.
+    changed = cpushare(alice, "terms", "--price", "0.015")
+    assert changed.status == 0, changed
+    assert "price:   0.015 a core-hour" in changed.stdout
+    table = cpushare(bob, "sellers", "--json")
+    assert [s["name"] for s in json.loads(table.stdout)] == ["alice", "dave"], table.stdout
+    for args, problem in [(("--max-price", "-1"), "--max-price: '-1' is not an amount"),
+                          (("--country", "Italy"), "'ITALY' is not a two-letter country code")]:
+        bad = cpushare(bob, "sellers", *args)
+        assert bad.status == 1 and problem in bad.stderr, bad
     assert all(p.alive() for p in (sellerA.proc, sellerD.proc, buyer.proc))
 
 

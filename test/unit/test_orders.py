@@ -56,7 +56,8 @@ def take(queue, n):
     return defer.gatherResults([within(queue.get()) for _ in range(n)])
 
 
-class OrderTests(test_session.ImageCase):
+class OrderCase(test_session.ImageCase):
+    """A market with alice (buyer, an image uploaded) and sam (seller) registered."""
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -96,6 +97,10 @@ class OrderTests(test_session.ImageCase):
                                 cores=1, memory=256))["vm_ids"]
         yield within(seller.started.get())
         return seller, vm
+
+
+
+class OrderTests(OrderCase):
 
     @defer.inlineCallbacks
     def test_vms_are_placed_first_fit_and_wait_for_capacity(self):

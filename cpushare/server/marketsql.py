@@ -1,0 +1,163 @@
+"""
+The market's queries: sellers' terms, orders' screens, leases, ratings.
+
+Like those of L{cpushare.server.store}, each takes a DB-API cursor and
+runs inside one store transaction.
+"""
+
+import json
+
+from cpushare.protocol.commands import BadRequest, NotPermitted
+from cpushare.server.store import now
+
+# -- sellers' terms
+
+
+def sellerTerms(cursor, accountId):
+    """A seller's stored terms, or None when it never set any."""
+    cursor.execute(
+        "SELECT price, net_fee, country FROM seller_terms WHERE account_id = ?", (accountId,))
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    return {"price": int(row[0]), "net_fee": int(row[1]), "country": row[2]}
+
+
+def setSellerTerms(cursor, accountId, defaults, price=None, net_fee=None, country=None):
+    """
+    Change the terms given (None keeps the stored value, or C{defaults}'
+    when there is none); returns the terms now in force.
+    """
+    terms = sellerTerms(cursor, accountId)
+    exists = terms is not None
+    terms = dict(terms or defaults)
+    for key, value in (("price", price), ("net_fee", net_fee), ("country", country)):
+        if value is not None:
+            terms[key] = value
+    if exists:
+        cursor.execute(
+            "UPDATE seller_terms SET price = ?, net_fee = ?, country = ?, updated = ?"
+            " WHERE account_id = ?",
+            (terms["price"], terms["net_fee"], terms["country"], now(), accountId))
+    else:
+        cursor.execute(
+            "INSERT INTO seller_terms (account_id, price, net_fee, country, updated)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (accountId, terms["price"], terms["net_fee"], terms["country"], now()))
+    return terms
+
+
+def votes(cursor, accountId):
+    """A seller's (good, bad) votes."""
+    cursor.execute(
+        "SELECT COALESCE(SUM(good), 0), COUNT(*) FROM ratings WHERE seller_account_id = ?",
+        (accountId,))
+    good, total = cursor.fetchone()
+    return int(good), int(total) - int(good)
+
+
+def sellerStanding(cursor, accountId, defaults):
+    """What the market needs of a seller that comes online: (terms, votes)."""
+    return sellerTerms(cursor, accountId) or dict(defaults), votes(cursor, accountId)
+
+
+# -- orders
+
+
+def setOrderScreens(cursor, orderId, screens, budget):
+    cursor.execute(
+        "UPDATE orders SET screens = ?, budget = ? WHERE id = ?",
+        (json.dumps(screens, sort_keys=True), budget, orderId))
+
+
+def orderScreens(cursor, orderIds):
+    """{order id: (screens arguments, budget)} for the orders given."""
+    result = {}
+    ids = list(orderIds)
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        cursor.execute(
+            "SELECT id, screens, budget FROM orders WHERE id IN ("
+            + ",".join("?" * len(chunk)) + ")", chunk)
+        for orderId, screens, budget in cursor.fetchall():
+            result[orderId] = (json.loads(screens or "{}"), budget)
+    return result
+
+
+# -- leases
+
+
+def createLease(cursor, vmId, orderId, buyerId, sellerId, price, netFee, cores, started):
+    cursor.execute(
+        "INSERT INTO leases (vm_id, order_id, buyer_account_id, seller_account_id, price,"
+        " net_fee, cores, started) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        (vmId, orderId, buyerId, sellerId, price, netFee, cores, started))
+    return cursor.fetchone()[0]
+
+
+def endLease(cursor, leaseId, ended, cpuSeconds, reason):
+    cursor.execute(
+        "UPDATE leases SET ended = ?, cpu_seconds = ?, reason = ? WHERE id = ? AND ended IS NULL",
+        (ended, cpuSeconds, reason, leaseId))
+
+
+def openLeases(cursor):
+    """{vm id: lease row} of the leases not ended, for a restarting server."""
+    cursor.execute(
+        "SELECT id, vm_id, seller_account_id, price, net_fee, started FROM leases"
+        " WHERE ended IS NULL")
+    return {r[1]: {"lease": r[0], "seller": r[2], "price": int(r[3]), "net_fee": int(r[4]),
+                   "started": r[5]} for r in cursor.fetchall()}
+
+
+LEASE_KEYS = ("lease", "vm", "order", "seller", "price", "net_fee", "cores", "started",
+              "ended", "cpu_seconds", "net_bytes", "charged", "reason", "rating")
+
+
+def accountLeases(cursor, accountId, limit=1000):
+    """The leases of this account's VMs, newest first."""
+    cursor.execute(
+        "SELECT l.id, l.vm_id, l.order_id, s.name, l.price, l.net_fee, l.cores, l.started,"
+        " l.ended, l.cpu_seconds, l.net_bytes, l.charged, l.reason, r.good"
+        " FROM leases l JOIN accounts s ON s.id = l.seller_account_id"
+        " LEFT JOIN ratings r ON r.lease_id = l.id"
+        " WHERE l.buyer_account_id = ? ORDER BY l.id DESC LIMIT ?",
+        (accountId, limit))
+    rows = []
+    for row in cursor.fetchall():
+        entry = dict(zip(LEASE_KEYS, row))
+        entry["rating"] = None if entry["rating"] is None else (
+            "good" if entry["rating"] else "bad")
+        rows.append(entry)
+    return rows
+
+
+# -- ratings
+
+MAX_COMMENT = 500
+
+
+def rate(cursor, accountId, leaseId, good, comment):
+    """
+    The lease's buyer rates its seller, once; returns the seller's account
+    id, name and votes (good, bad) after this one.  Anyone else's lease is
+    refused as if it did not exist.
+    """
+    if comment is not None and len(comment) > MAX_COMMENT:
+        raise BadRequest(f"a comment is at most {MAX_COMMENT} characters")
+    cursor.execute(
+        "SELECT buyer_account_id, seller_account_id FROM leases WHERE id = ?", (leaseId,))
+    row = cursor.fetchone()
+    if row is None or row[0] != accountId:
+        raise BadRequest(f"you have no lease {leaseId}")
+    cursor.execute("SELECT good, created FROM ratings WHERE lease_id = ?", (leaseId,))
+    done = cursor.fetchone()
+    if done is not None:
+        raise NotPermitted(
+            f"lease {leaseId} was already rated {'good' if done[0] else 'bad'} on {done[1]}")
+    cursor.execute(
+        "INSERT INTO ratings (lease_id, seller_account_id, buyer_account_id, good, comment,"
+        " created) VALUES (?, ?, ?, ?, ?, ?)",
+        (leaseId, row[1], accountId, 1 if good else 0, comment, now()))
+    cursor.execute("SELECT name FROM accounts WHERE id = ?", (row[1],))
+    return row[1], cursor.fetchone()[0], votes(cursor, row[1])

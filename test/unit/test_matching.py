@@ -1,0 +1,224 @@
+"""
+The market's matching: sellers' terms, buyers' screens, the cheapest
+capacity first, waiting orders filled as capacity appears, leases and
+ratings; on a real server in this process with fake seller programs.
+"""
+
+from twisted.internet import defer
+
+from cpushare.money import MICRO
+from cpushare.protocol import commands
+from cpushare.server.screens import rating
+
+from test.unit.test_orders import OrderCase, take, within
+from test.unit.test_session import sleep
+
+
+class MatchingTests(OrderCase):
+
+    @defer.inlineCallbacks
+    def seller(self, name, cores=2, price=None, country=None, net_fee=None):
+        """A registered seller program offering capacity at these terms."""
+        who = yield self.register(name)
+        session = yield self.program("seller", who)
+        terms = {k: v for k, v in (("price", price), ("country", country),
+                                   ("net_fee", net_fee)) if v is not None}
+        answer = yield self.call(session, commands.Offer, cores=cores, memory=4096, **terms)
+        return session, who, answer
+
+    def order(self, vms=1, **kw):
+        return self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=vms, cores=1,
+                         memory=256, **kw)
+
+    def sellers(self, **kw):
+        d = self.call(self.cli, commands.ListSellers, offset=0, **kw)
+        return d
+
+    @defer.inlineCallbacks
+    def test_the_cheapest_capacity_is_used_first_and_partial_fills_spill_over(self):
+        dear, _, _ = yield self.seller("dear", price=50_000)
+        cheap, _, answer = yield self.seller("cheap", price=20_000, country="it")
+        self.assertEqual(answer, {"price": 20_000, "net_fee": 0, "country": "IT"})
+        middling, _, _ = yield self.seller("middling", price=30_000)
+        listed = yield self.sellers()
+        self.assertEqual([s["name"] for s in listed["sellers"]], ["cheap", "middling", "dear"])
+        self.assertEqual(listed["sellers"][0]["price"], 20_000)
+
+        placed = yield self.order(vms=3)
+        self.assertEqual(placed["allocated"], 3)
+        self.assertIsNone(placed["waiting"])
+        first, second, third = placed["vm_ids"]
+        self.assertEqual([s["vm"] for s in (yield take(cheap.started, 2))], [first, second])
+        self.assertEqual((yield within(middling.started.get()))["vm"], third)
+        self.assertEqual(len(dear.started.pending), 0)
+        leases = (yield self.call(self.cli, commands.ListLeases))["leases"]
+        self.assertEqual(sorted((lease["vm"], lease["seller"], lease["price"]) for lease in leases),
+                         [(first, "cheap", 20_000), (second, "cheap", 20_000),
+                          (third, "middling", 30_000)])
+        free = {s["name"]: s["free_cores"] for s in (yield self.sellers())["sellers"]}
+        self.assertEqual(free, {"cheap": 0, "middling": 1, "dear": 2})
+
+    @defer.inlineCallbacks
+    def test_screens_exclude_sellers_and_explain_why(self):
+        yield self.seller("cheap", price=20_000, country="DE")
+        yield self.seller("italian", price=40_000, country="IT", net_fee=2 * MICRO)
+        yield self.seller("anywhere", price=30_000)
+
+        listed = yield self.sellers(max_price=35_000, explain=True)
+        self.assertEqual(listed["passing"], 2)
+        byName = {s["name"]: s.get("excluded") for s in listed["sellers"]}
+        self.assertEqual(byName["cheap"], None)
+        self.assertEqual(byName["italian"],
+                         "asks 0.04 a core-hour, more than --max-price 0.035")
+        # Without --explain only the sellers that pass are listed.
+        listed = yield self.sellers(max_price=35_000)
+        self.assertEqual([s["name"] for s in listed["sellers"]], ["cheap", "anywhere"])
+
+        listed = yield self.sellers(countries=["it"], explain=True)
+        self.assertEqual([s["name"] for s in listed["sellers"] if s["excluded"] is None],
+                         ["italian"])
+        reasons = {s["name"]: s.get("excluded") for s in listed["sellers"]}
+        self.assertEqual(reasons["anywhere"],
+                         "is in an unstated country, not in --country IT")
+        listed = yield self.sellers(not_countries=["DE", "IT"])
+        self.assertEqual([s["name"] for s in listed["sellers"]], ["anywhere"])
+        listed = yield self.sellers(max_net_fee=MICRO, countries=["IT"], explain=True)
+        self.assertEqual(listed["passing"], 0)
+        self.assertIn("charges 2.00 a GB, more than --max-net-fee 1.00",
+                      [s.get("excluded") for s in listed["sellers"]])
+        # A new seller has no votes: a rating floor excludes it; latency is
+        # measured by the heartbeats (0.2 s here) and may not be yet.
+        listed = yield self.sellers(min_rating=0.1, explain=True)
+        self.assertEqual(listed["passing"], 0)
+        self.assertTrue(all("below --min-rating 0.1" in s["excluded"]
+                            for s in listed["sellers"]))
+        listed = yield self.sellers(min_bandwidth=1.0, explain=True)
+        self.assertTrue(all("no bandwidth measured yet" in s["excluded"]
+                            for s in listed["sellers"]))
+
+        # An order with screens nobody passes waits and says why.
+        placed = yield self.order(vms=2, max_price=25_000, not_countries=["DE"])
+        self.assertEqual(placed["allocated"], 0)
+        self.assertIn("none of the 3 sellers online passes the screens", placed["waiting"])
+        self.assertIn("2 by --max-price", placed["waiting"])
+        self.assertIn("1 by --not-country", placed["waiting"])
+        vms = (yield self.call(self.cli, commands.ListVMs))["vms"]
+        self.assertEqual({v["state"] for v in vms}, {"pending"})
+        self.assertEqual({v["reason"] for v in vms}, {placed["waiting"]})
+
+    @defer.inlineCallbacks
+    def test_waiting_orders_are_filled_at_once_by_new_capacity_or_lower_prices(self):
+        placed = yield self.order(vms=2, max_price=25_000)
+        self.assertEqual(placed["waiting"], "no seller is online; waiting for one")
+        dear, dearWho, _ = yield self.seller("dear", cores=1, price=50_000)
+        self.assertEqual(len(dear.started.pending), 0)
+        vms = (yield self.call(self.cli, commands.ListVMs))["vms"]
+        self.assertEqual({v["state"] for v in vms}, {"pending"})
+
+        # A seller that passes comes online: the oldest waiting VM goes there.
+        cheap, _, _ = yield self.seller("cheap", cores=1, price=20_000)
+        self.assertEqual((yield within(cheap.started.get()))["vm"], placed["vm_ids"][0])
+        # The dear seller lowers its price while it runs: the other VM goes there.
+        dearCli = yield self.connect("cli", *dearWho)
+        terms = yield self.call(dearCli, commands.SetTerms, price=25_000)
+        self.assertEqual(terms["price"], 25_000)
+        self.assertEqual((yield within(dear.started.get()))["vm"], placed["vm_ids"][1])
+
+    @defer.inlineCallbacks
+    def test_terms_are_kept_across_reconnections(self):
+        seller, who, answer = yield self.seller("sam2", price=33_000, country="FR")
+        self.assertEqual(answer["price"], 33_000)
+        yield self.close(seller)
+        again = yield self.program("seller", who)
+        answer = yield self.call(again, commands.Offer, cores=1, memory=1024)
+        self.assertEqual(answer, {"price": 33_000, "net_fee": 0, "country": "FR"})
+        # A seller that never said gets the market's default price.
+        fresh, _, answer = yield self.seller("fresh")
+        self.assertEqual(answer, {"price": self.market.board.defaults["price"], "net_fee": 0,
+                                  "country": None})
+
+    @defer.inlineCallbacks
+    def test_many_concurrent_orders_never_oversell(self):
+        seller, _, _ = yield self.seller("small", cores=3)
+        results = yield defer.gatherResults([self.order(vms=2) for _ in range(15)])
+        self.assertEqual(sum(r["allocated"] for r in results), 3)
+        starts = yield take(seller.started, 3)
+        yield sleep(0.3)
+        self.assertEqual(len(seller.started.pending), 0)
+        self.assertEqual(len({s["vm"] for s in starts}), 3)
+        self.assertEqual(self.market.orders.used(self.market.sellers()[0]), (3, 768))
+
+    @defer.inlineCallbacks
+    def test_absurd_screens_terms_and_budgets_are_refused_naming_the_problem(self):
+        seller, who, _ = yield self.seller("sane", price=20_000)
+        bad = [
+            (dict(max_price=-5), "the maximum price must be an amount between 0"),
+            (dict(min_rating=1.5), "the minimum rating must be between 0 and 1"),
+            (dict(max_latency=float("nan")), "the maximum latency (ms) must be between"),
+            (dict(min_cpu=-1.0), "the minimum CPU score must be between"),
+            (dict(countries=["ITA"]), "country 'ITA' is not a two-letter country code"),
+            (dict(countries=["IT"], not_countries=["it"]), "IT is both wanted and excluded"),
+            (dict(budget=0), "a budget is above 0"),
+        ]
+        for kw, problem in bad:
+            with self.assertRaises(commands.BadRequest) as e:
+                yield self.order(**kw)
+            self.assertIn(problem, str(e.exception))
+        cli = yield self.connect("cli", *who)
+        for kw, problem in [(dict(price=0), "the price must be above 0"),
+                            (dict(price=10**12), "at most 1000.00"),
+                            (dict(net_fee=-1), "the network fee must be 0 or more"),
+                            (dict(country="Italy"), "'ITALY' is not a two-letter")]:
+            with self.assertRaises(commands.BadRequest) as e:
+                yield self.call(cli, commands.SetTerms, **kw)
+            self.assertIn(problem, str(e.exception))
+        with self.assertRaises(commands.BadRequest):
+            yield self.call(seller, commands.Offer, cores=1, memory=1024, price=-3)
+        # Nothing changed: no order was made, the terms are as they were.
+        self.assertEqual((yield self.call(self.cli, commands.ListVMs))["vms"], [])
+        self.assertEqual((yield self.call(cli, commands.SetTerms))["price"], 20_000)
+
+    @defer.inlineCallbacks
+    def test_only_a_leases_buyer_rates_it_once_and_the_rating_is_shown(self):
+        seller, _, _ = yield self.seller("rated", cores=1)
+        placed = yield self.order()
+        yield within(seller.started.get())
+        [lease] = (yield self.call(self.cli, commands.ListLeases))["leases"]
+        self.assertIsNone(lease["ended"])
+
+        bob = yield self.register("bob")
+        bobCli = yield self.connect("cli", *bob)
+        with self.assertRaises(commands.BadRequest) as e:
+            yield self.call(bobCli, commands.Rate, lease=lease["lease"], good=False)
+        self.assertIn(f"you have no lease {lease['lease']}", str(e.exception))
+        with self.assertRaises(commands.BadRequest):
+            yield self.call(self.cli, commands.Rate, lease=999999, good=True)
+
+        result = yield self.call(self.cli, commands.Rate, lease=lease["lease"], good=True,
+                                 comment="fast and steady")
+        self.assertEqual(result, {"seller": "rated", "rating": rating(1, 0), "votes": 1})
+        with self.assertRaises(commands.NotPermitted) as e:
+            yield self.call(self.cli, commands.Rate, lease=lease["lease"], good=False)
+        self.assertIn("was already rated good", str(e.exception))
+        [shown] = (yield self.sellers())["sellers"]
+        self.assertEqual((shown["votes"], shown["rating"]), (1, rating(1, 0)))
+        [lease] = (yield self.call(self.cli, commands.ListLeases))["leases"]
+        self.assertEqual(lease["rating"], "good")
+
+        # The lease ends with its VM.
+        yield self.call(self.cli, commands.CancelOrder, order=placed["order"])
+        yield sleep(0.2)
+        [lease] = (yield self.call(self.cli, commands.ListLeases))["leases"]
+        self.assertEqual(lease["reason"], "the order was cancelled")
+        self.assertGreaterEqual(lease["ended"], lease["started"])
+
+
+def test_the_rating_needs_many_votes_to_be_trusted():
+    assert rating(0, 0) == 0.0
+    assert 0.40 < rating(3, 0) < 0.45
+    assert rating(290, 10) > 0.93
+    # Three perfect votes do not outweigh three hundred good ones.
+    assert rating(3, 0) < rating(290, 10) < rating(300, 0)
+    # Nor do three bad votes sink a seller with three hundred good ones.
+    assert rating(300, 3) > 0.95
+    assert rating(0, 3) == 0.0
