@@ -682,6 +682,9 @@ class Bench:
         for home in ("seller", "buyer"):
             self.cli(home, "register", "--server", where, "--ca", os.path.join(data, "ca.pem"),
                      "--name", f"bench-{home}")
+        subprocess.run([os.path.join(BIN, "cpushare-admin"), "--data", data, "credit",
+                        "bench-buyer", "100"],
+                       check=True, capture_output=True)
         self.seller = self.twistd(
             "seller", "cpushare-seller", "--home", self.path("seller"), "--cores", 2,
             "--memory", 1024, "--accel", "tcg", "--cache-size", 200)

@@ -131,6 +131,9 @@ class Demo:
             self.say(f"registering account {name}")
             self.cli(home, "register", "--server", server,
                      "--ca", os.path.join(data, "ca.pem"), "--name", name)
+        self.say("the operator credits the buyer 5.00 of trial funds (cpushare-admin credit)")
+        subprocess.run([exe("cpushare-admin"), "--data", data, "credit", "demo-buyer", "5",
+                        "--memo", "demo trial credit"], check=True, capture_output=True)
 
         self.say("starting the seller (2 cores, 1024 MB on offer) and the buyer")
         self.start("seller", ["cpushare-seller", "--home", self.path("seller-home"),

@@ -4,6 +4,7 @@ cpushare-admin: the operator's tool, working on the server's data folder.
     cpushare-admin --data DIR accounts
     cpushare-admin --data DIR delete-account NAME
     cpushare-admin --data DIR books
+    cpushare-admin --data DIR credit NAME AMOUNT [--memo TEXT]
 
 `books` proves the ledger: every entry summed is zero, every transaction
 balances, no owner's account is below zero.  It exits 0 when they hold and
@@ -29,6 +30,11 @@ def main(argv=None):
     d = sub.add_parser("delete-account", help="delete an account; its certificate stops working")
     d.add_argument("name")
     sub.add_parser("books", help="prove the ledger sums to zero")
+    c = sub.add_parser("credit", help="give an account funds from the market's own money "
+                       "(a refund, trial credit)")
+    c.add_argument("name")
+    c.add_argument("amount", help="like 5 or 12.50")
+    c.add_argument("--memo", default="credit from the market")
     args = p.parse_args(argv)
 
     path = os.path.join(args.data, "market.sqlite")
@@ -47,11 +53,36 @@ def main(argv=None):
                 print(f"cpushare-admin: no active account named {args.name!r}", file=sys.stderr)
                 return 1
             print(f"deleted account {args.name}")
+        elif args.command == "credit":
+            try:
+                amount = ledger.parseAmount(args.amount, maximum=CREDIT_MAX)
+            except ledger.BadAmount as e:
+                print(f"cpushare-admin: {e}", file=sys.stderr)
+                return 1
+            try:
+                store.transact(conn, credit, args.name, amount, args.memo)
+            except LookupError as e:
+                print(f"cpushare-admin: {e}", file=sys.stderr)
+                return 1
+            print(f"credited {ledger.formatAmount(amount)} to {args.name}")
         elif args.command == "books":
             return printBooks(store.transact(conn, ledger.books))
     finally:
         conn.close()
     return 0
+
+
+CREDIT_MAX = 100_000 * ledger.MICRO
+
+
+def credit(cursor, name, amount, memo):
+    """Grant C{amount} of the market's money to the active account C{name}."""
+    cursor.execute("SELECT id FROM accounts WHERE name = ? AND deleted IS NULL", (name,))
+    row = cursor.fetchone()
+    if row is None:
+        raise LookupError(f"no active account named {name!r}")
+    return ledger.post(cursor, "credit", memo,
+                       [(ledger.GRANTS, None, -amount), (ledger.FUNDS, row[0], amount)])
 
 
 def printBooks(report):

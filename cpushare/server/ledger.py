@@ -14,6 +14,8 @@ Ledger accounts, by kind (an "owner" is a market account):
     earnings    what an owner (a seller) has earned and not paid out
     payout      earnings on their way out in a PayPal payout
     commission  the market's (no owner)
+    grants      the market's own money given to owners by the operator
+                (cpushare-admin credit: refunds, trial credit)
     paypal      the market's side of PayPal (no owner): money that came in
                 through PayPal is a debit here, money paid out a credit, so
                 minus its balance is what the market holds at PayPal.
@@ -45,10 +47,11 @@ HELD = "held"
 EARNINGS = "earnings"
 PAYOUT = "payout"
 COMMISSION = "commission"
+GRANTS = "grants"
 PAYPAL = "paypal"
 
 OWNED = (FUNDS, HELD, EARNINGS, PAYOUT)
-MARKET = (COMMISSION, PAYPAL)
+MARKET = (COMMISSION, GRANTS, PAYPAL)
 
 
 class LedgerError(Exception):

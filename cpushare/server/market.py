@@ -12,6 +12,7 @@ from cpushare import pki
 from cpushare.protocol import commands
 from cpushare.protocol.heartbeat import DEFAULT_INTERVAL, DEFAULT_TIMEOUT
 from cpushare.server import store
+from cpushare.server.billing import INTERVAL, WINDOW, Billing
 from cpushare.server.board import DEFAULT_PRICE, Board
 from cpushare.server.orders import Orders
 from cpushare.server.relay import Relay
@@ -25,7 +26,7 @@ class Market(Service):
 
     def __init__(self, reactor, store, credentials, images=None,
                  heartbeat=DEFAULT_INTERVAL, timeout=DEFAULT_TIMEOUT,
-                 defaultPrice=DEFAULT_PRICE):
+                 defaultPrice=DEFAULT_PRICE, billingInterval=INTERVAL, holdWindow=WINDOW):
         self.reactor = reactor
         self.store = store
         self.images = images
@@ -36,6 +37,7 @@ class Market(Service):
         self.relay = Relay()
         self.board = Board(self, defaultPrice)
         self.orders = Orders(self)
+        self.billing = Billing(self, billingInterval, holdWindow)
         self._nextSession = 1
 
     def startService(self):
@@ -45,6 +47,7 @@ class Market(Service):
 
     def stopService(self):
         Service.stopService(self)
+        self.billing.stop()
         self.orders.stop()
         for session in list(self.sessions.values()):
             session.transport.loseConnection()
@@ -77,6 +80,7 @@ class Market(Service):
         """Open the database and bring back the active VMs: run before listening."""
         await self.store.open()
         await self.orders.load()
+        self.billing.start()
 
     def sellers(self):
         """The sellers online now, ordered by session."""

@@ -87,18 +87,11 @@ def orderScreens(cursor, orderIds):
 # -- leases
 
 
-def createLease(cursor, vmId, orderId, buyerId, sellerId, price, netFee, cores, started):
+def endLease(cursor, leaseId, ended, reason):
+    """Mark a lease ended; its CPU seconds are billing's to set (capped there)."""
     cursor.execute(
-        "INSERT INTO leases (vm_id, order_id, buyer_account_id, seller_account_id, price,"
-        " net_fee, cores, started) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-        (vmId, orderId, buyerId, sellerId, price, netFee, cores, started))
-    return cursor.fetchone()[0]
-
-
-def endLease(cursor, leaseId, ended, cpuSeconds, reason):
-    cursor.execute(
-        "UPDATE leases SET ended = ?, cpu_seconds = ?, reason = ? WHERE id = ? AND ended IS NULL",
-        (ended, cpuSeconds, reason, leaseId))
+        "UPDATE leases SET ended = ?, reason = ? WHERE id = ? AND ended IS NULL",
+        (ended, reason, leaseId))
 
 
 def openLeases(cursor):

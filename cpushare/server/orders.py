@@ -11,7 +11,10 @@ or a VM ending.  Matching runs on the reactor thread only, so two VMs can
 never be given the same capacity.
 
 Each stay of a VM on a seller is a lease, recorded with the terms it was
-placed at; a VM placed again elsewhere starts a new lease.  A placed VM is started on its
+placed at; a VM placed again elsewhere starts a new lease.  A VM is only
+started once its lease holds the buyer's funds for a window ahead
+(L{cpushare.server.billing}); a buyer whose funds cannot hold it has its
+VMs wait until funds are added, and a VM whose funds run out is stopped.  A placed VM is started on its
 seller with StartVM; its NIC channel on the seller's connection is linked
 to the same channel on the buyer's `cpushare-buyer` connection, so its
 frames reach only the buyer's own network.
@@ -28,10 +31,12 @@ from twisted.logger import Logger
 
 from cpushare.protocol import commands
 from cpushare.protocol.commands import BadRequest, NoSuchVM, consoleChannel, nicChannel
-from cpushare.server import marketsql, store
+from cpushare.server import billing as billing_, marketsql, store
 from cpushare.server.screens import Screens
 
 GRACE = 600.0
+# Seconds to wait for a stopped VM's last CPU seconds before settling its lease.
+SETTLE_WAIT = 15.0
 MAX_VMS_PER_ORDER = 1000
 MAX_VM_CORES = 256
 MAX_VM_MEMORY = 1024 * 1024
@@ -53,8 +58,10 @@ class VM:
         self.mac = mac
         self.screens = screens
         self.budget = budget
-        self.lease = None           # a Deferred firing with the lease id, while placed
+        self.leaseId = None         # the lease it runs under, once funded
         self.terms = None           # the Figures of the seller when placed
+        self.link = None            # the relay link of its NIC to the buyer
+        self.netBase = 0            # bytes of its earlier links, this lease
         self.state = "pending"
         self.reason = None
         self.seller = None
@@ -78,6 +85,18 @@ class VM:
         if self.seller is not None:
             self.seller.sendFrame(consoleChannel(self.id), data)
 
+    def netBytes(self):
+        """Bytes its NIC exchanged with the buyer's network during this lease."""
+        link = self.link
+        current = 0 if link is None else link.bytesAB + link.bytesBA
+        return self.netBase + current
+
+    def foldLink(self):
+        """The current link ends: keep its count."""
+        if self.link is not None:
+            self.netBase += self.link.bytesAB + self.link.bytesBA
+            self.link = None
+
     @property
     def active(self):
         return self.state not in OVER
@@ -92,6 +111,8 @@ class Orders:
         self.db = market.store
         self.grace = grace
         self.vms = {}
+        self.unfunded = {}          # buyer id -> why its VMs cannot be funded now
+        self.settling = {}          # vm id -> (lease id, call): waiting for final CPU time
 
     # -- loading
 
@@ -113,8 +134,11 @@ class Orders:
                 vm.state = "pending"
             else:
                 if lease is not None:
-                    vm.lease = defer.succeed(lease["lease"])
+                    vm.leaseId = lease["lease"]
+                    vm.terms = lease
                 self._detach(vm, "the market server restarted")
+        await self.market.billing.settleLeftovers(
+            {vm.leaseId for vm in self.vms.values() if vm.leaseId is not None})
         pending = [vm for vm in self.vms.values() if vm.state == "pending"]
         if rows:
             self.log.info("loaded {n} active VMs ({p} waiting for capacity)",
@@ -126,6 +150,10 @@ class Orders:
             if vm.graceCall is not None and vm.graceCall.active():
                 vm.graceCall.cancel()
             vm.graceCall = None
+        for leaseId, call in self.settling.values():
+            if call.active():
+                call.cancel()
+        self.settling.clear()
 
     # -- buyers
 
@@ -253,6 +281,9 @@ class Orders:
         return cores, memory
 
     def _allocate(self, vm):
+        if vm.buyerId in self.unfunded:
+            vm.reason = self.unfunded[vm.buyerId]
+            return False
         for seller, figures in self.market.board.ranked():
             if not seller.connected or seller.offer is None:
                 continue
@@ -270,21 +301,44 @@ class Orders:
         seller.routes[consoleChannel(vm.id)] = vm.consoleReceived
 
     def _place(self, vm, seller, figures):
+        """
+        Give C{vm} the capacity on C{seller} now (so nothing else takes it),
+        hold the buyer's funds for its lease, then start it.
+        """
         self._bindSeller(vm, seller)
         vm.sellerAccountId = seller.account["id"]
         vm.state = "allocated"
         vm.reason = None
         vm.terms = figures
+        vm.netBase = 0
+        self.log.info("VM {vm} of {buyer} placed on seller {seller} (session {session})",
+                      vm=vm.id, buyer=vm.buyerName, seller=seller.account["name"],
+                      session=seller.sessionId)
+        defer.ensureDeferred(self._fund(vm, seller, figures)).addErrback(
+            lambda f: self.log.failure("starting VM {vm}", f, vm=vm.id))
+
+    async def _fund(self, vm, seller, figures):
+        billing = self.market.billing
         placed = self.reactor.seconds()
 
         def save(cursor):
             store.updateVM(cursor, vm.id, seller_account_id=vm.sellerAccountId,
                            state="allocated", reason=None)
-            return marketsql.createLease(
-                cursor, vm.id, vm.order, vm.buyerId, vm.sellerAccountId, figures.price,
-                figures.netFee, vm.cores, placed)
+            return billing_.openLease(
+                cursor, vm.id, vm.order, vm.buyerId, vm.sellerAccountId, figures.name,
+                figures.price, figures.netFee, vm.cores, placed, billing.interval,
+                billing.window)
 
-        vm.lease = self._save(save)
+        try:
+            leaseId = await self.db.run(save)
+        except billing_.CannotFund as e:
+            self._unfunded(vm, seller, str(e))
+            return
+        if vm.seller is not seller or not vm.active:
+            # It ended (cancelled, its seller went) while the hold was made.
+            await self.market.billing.settle(leaseId, 0.0, 0, vm.reason or "ended")
+            return
+        vm.leaseId = leaseId
         buyer = self.market.buyerSession(vm.buyerId)
         if buyer is not None:
             self._linkBuyer(vm, buyer)
@@ -292,9 +346,36 @@ class Orders:
             commands.StartVM, vm=vm.id, image=vm.image, size=vm.size,
             cores=vm.cores, memory=vm.memory, mac=vm.mac)
         d.addErrback(self._startFailed, vm, seller)
-        self.log.info("VM {vm} of {buyer} placed on seller {seller} (session {session})",
-                      vm=vm.id, buyer=vm.buyerName, seller=seller.account["name"],
-                      session=seller.sessionId)
+
+    def _unfunded(self, vm, seller, why):
+        """The buyer cannot pay for C{vm}: it waits, and so do its other VMs."""
+        self.log.info("VM {vm} of {buyer} waits: {why}", vm=vm.id, buyer=vm.buyerName, why=why)
+        self.unfunded[vm.buyerId] = why
+        if vm.seller is seller:
+            seller.vms.pop(vm.id, None)
+            seller.routes.pop(consoleChannel(vm.id), None)
+            vm.seller = None
+        vm.sellerAccountId = None
+        vm.terms = None
+        if vm.active:
+            vm.state = "pending"
+            vm.reason = why
+            self._save(lambda c: store.updateVM(c, vm.id, state="pending",
+                                                seller_account_id=None, reason=why))
+        self.capacityChanged()
+
+    def retryFunding(self, buyerId=None):
+        """Funds may have come: try the VMs that waited for them again."""
+        if buyerId is None:
+            self.unfunded.clear()
+        else:
+            self.unfunded.pop(buyerId, None)
+        self.capacityChanged()
+
+    def outOfFunds(self, vm, why):
+        self.log.info("VM {vm} of {buyer} stopped: {why}", vm=vm.id, buyer=vm.buyerName, why=why)
+        self._end(vm, "stopped", why)
+        self.unfunded[vm.buyerId] = why
 
     def _startFailed(self, failure, vm, seller):
         if vm.seller is seller and vm.active:
@@ -304,7 +385,8 @@ class Orders:
         channel = nicChannel(vm.id)
         if channel in buyer.links or channel in vm.seller.links:
             return
-        self.market.relay.link(vm.seller, channel, buyer, channel)
+        vm.foldLink()
+        vm.link = self.market.relay.link(vm.seller, channel, buyer, channel)
         vm.buyerSession = buyer
         buyer.control.callRemote(commands.PortAttached, vm=vm.id, mac=vm.mac)
 
@@ -316,6 +398,7 @@ class Orders:
                 del seller.stopping[vmId]
                 stopping.cpuSeconds = max(stopping.cpuSeconds, cpuSeconds)
                 self._save(lambda c: store.updateVM(c, vmId, cpu_seconds=stopping.cpuSeconds))
+                self._settleNow(stopping)
             return
         vm = seller.vms.get(vmId)
         if vm is None:
@@ -398,7 +481,8 @@ class Orders:
                       vm=vm.id, grace=self.grace)
         vm.state = "pending"
         vm.reason = "its seller did not come back; waiting for capacity"
-        self._endLease(vm, "its seller did not come back")
+        vm.foldLink()
+        self._endLease(vm, "its seller did not come back", waitForSeller=False)
         vm.started = None
         vm.sellerAccountId = None
         self._save(lambda c: store.updateVM(c, vm.id, state="pending", seller_account_id=None,
@@ -434,7 +518,9 @@ class Orders:
         vm.buyerSession = None
         vm.seller = None
         self.vms.pop(vm.id, None)
-        self._endLease(vm, reason)
+        vm.foldLink()
+        self._endLease(vm, reason, waitForSeller=seller is not None and tellSeller
+                       and seller.connected)
         ended = self.reactor.seconds()
         self._save(lambda c: store.updateVM(
             c, vm.id, state=state, reason=reason, ended=ended, cpu_seconds=vm.cpuSeconds))
@@ -442,13 +528,32 @@ class Orders:
         if seller is not None and refill:
             self.capacityChanged()
 
-    def _endLease(self, vm, reason):
-        lease, vm.lease = vm.lease, None
-        if lease is None:
+    def _endLease(self, vm, reason, waitForSeller):
+        """
+        The lease of C{vm} ends: it is settled once the seller has reported
+        the VM's last CPU seconds, or at once when the seller cannot.
+        """
+        leaseId, vm.leaseId = vm.leaseId, None
+        if leaseId is None:
             return
-        ended, cpu = self.reactor.seconds(), vm.cpuSeconds
-        lease.addCallback(lambda leaseId: self._save(
-            lambda c: marketsql.endLease(c, leaseId, ended, cpu, reason)))
+        vm.endReason = reason
+        vm.endedAt = ended = self.reactor.seconds()
+        self._save(lambda c: marketsql.endLease(c, leaseId, ended, reason))
+        if waitForSeller:
+            call = self.reactor.callLater(SETTLE_WAIT, self._settleNow, vm)
+            self.settling[vm.id] = (leaseId, call)
+        else:
+            self.market.billing.settle(leaseId, vm.cpuSeconds, vm.netBytes(), reason, vm.endedAt)
+
+    def _settleNow(self, vm):
+        entry = self.settling.pop(vm.id, None)
+        if entry is None:
+            return
+        leaseId, call = entry
+        if call.active():
+            call.cancel()
+        self.market.billing.settle(leaseId, vm.cpuSeconds, vm.netBytes(), vm.endReason,
+                                   vm.endedAt)
 
     def _save(self, fn):
         d = self.db.run(fn)

@@ -41,11 +41,24 @@ class Options(usage.Options):
         ["grace", None, 600.0,
          "Seconds a disconnected seller's VMs wait for it to come back before "
          "they are placed elsewhere.", float],
+        ["default-price", None, "0.01",
+         "Price a core-hour of sellers that never said theirs."],
+        ["billing-interval", None, 60.0, "Seconds between bills of each running VM.", float],
+        ["hold-window", None, 600.0,
+         "Seconds of full-tilt CPU time held from the buyer's funds ahead of each VM.", float],
     ]
 
     def postOptions(self):
         if self["heartbeat"] <= 0 or self["timeout"] <= self["heartbeat"]:
             raise usage.UsageError("--timeout must be longer than --heartbeat, both positive")
+        from cpushare.money import BadAmount, parseAmount
+        try:
+            self["default-price"] = parseAmount(self["default-price"], maximum=10**9)
+        except BadAmount as e:
+            raise usage.UsageError(f"--default-price: {e}")
+        if not 0 < self["billing-interval"] < self["hold-window"]:
+            raise usage.UsageError(
+                "--billing-interval must be positive and shorter than --hold-window")
 
 
 def makeService(options, reactor=None):
@@ -66,7 +79,10 @@ def makeService(options, reactor=None):
     images = ImageStore(reactor, store, os.path.join(data, "images"),
                         quota=options["image-quota"] * 1024 * 1024)
     market = Market(reactor, store, credentials, images,
-                    heartbeat=options["heartbeat"], timeout=options["timeout"])
+                    heartbeat=options["heartbeat"], timeout=options["timeout"],
+                    defaultPrice=options["default-price"],
+                    billingInterval=options["billing-interval"],
+                    holdWindow=options["hold-window"])
     market.orders.grace = options["grace"]
     market.setServiceParent(service)
 

@@ -356,11 +356,15 @@ class Market:
             f"{text!r} in the server log", timeout, self.processes,
         )
 
-    def register(self, home, name):
+    def register(self, home, name, funds="100"):
+        """Register an account; it is given C{funds} (the market's credit) to buy with."""
         result = cpushare(home, "register", "--server", self.address, "--ca", self.ca,
                           "--name", name)
         assert result.status == 0, result
         assert result.stderr == "", result
+        if funds:
+            credited = self.admin("credit", name, funds)
+            assert credited.status == 0, credited
         return Path(home)
 
     def admin(self, *args):

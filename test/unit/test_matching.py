@@ -4,10 +4,12 @@ capacity first, waiting orders filled as capacity appears, leases and
 ratings; on a real server in this process with fake seller programs.
 """
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 
+from cpushare.client import images
 from cpushare.money import MICRO
 from cpushare.protocol import commands
+from cpushare.server import admin, billing, ledger
 from cpushare.server.screens import rating
 
 from test.unit.test_orders import OrderCase, take, within
@@ -222,3 +224,82 @@ def test_the_rating_needs_many_votes_to_be_trusted():
     # Nor do three bad votes sink a seller with three hundred good ones.
     assert rating(300, 3) > 0.95
     assert rating(0, 3) == 0.0
+
+
+class BillingTests(OrderCase):
+    """The market side of billing: funds gate placement, run out, leases settle."""
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield OrderCase.setUp(self)
+        self.carol = yield self.register("carol")
+        self.carolCli = yield self.connect("cli", *self.carol)
+        self.carolSha, _, _ = yield defer.ensureDeferred(
+            images.upload(reactor, self.carolCli, self.iso))
+        self.seller = yield self.program("seller", self.sam)
+        # 3.60 a core-hour: 1000 micro-units a core-second.
+        yield self.call(self.seller, commands.Offer, cores=2, memory=4096, price=3_600_000)
+
+    def place(self, **kw):
+        return self.call(self.carolCli, commands.PlaceOrder, image=self.carolSha, vms=1,
+                         cores=1, memory=256, **kw)
+
+    def balances(self, name):
+        def get(cursor):
+            cursor.execute("SELECT id FROM accounts WHERE name = ?", (name,))
+            return ledger.balances(cursor, cursor.fetchone()[0])
+        return self.store.run(get)
+
+    @defer.inlineCallbacks
+    def test_a_buyer_without_funds_waits_until_funds_come(self):
+        placed = yield self.place()
+        self.assertEqual(placed["allocated"], 1)   # capacity was found ...
+        yield sleep(0.2)
+        [vm] = (yield self.call(self.carolCli, commands.ListVMs))["vms"]
+        self.assertEqual(vm["state"], "pending")   # ... but not paid for
+        self.assertIn("the buyer's funds ran out; add funds with 'cpushare funds add'",
+                      vm["reason"])
+        self.assertEqual(len(self.seller.started.pending), 0)
+        self.assertEqual((yield self.call(self.carolCli, commands.ListLeases))["leases"], [])
+        # Alice's VMs are not held back by carol's empty purse.
+        alice = yield self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=1, cores=1,
+                                memory=256)
+        self.assertEqual((yield within(self.seller.started.get()))["vm"], alice["vm_ids"][0])
+
+        yield self.store.run(admin.credit, "carol", 5 * MICRO, "trial credit")
+        yield self.market.billing.tick()
+        self.assertEqual((yield within(self.seller.started.get()))["vm"], vm["vm"])
+        held = (yield self.balances("carol"))[ledger.HELD]
+        self.assertEqual(held, 600 * 1000)         # a 600 s window of one core
+
+    @defer.inlineCallbacks
+    def test_a_vm_whose_funds_run_out_is_stopped_and_its_seller_paid(self):
+        yield self.store.run(admin.credit, "carol", 150_000, "a little")
+        placed = yield self.place()
+        [vmId] = placed["vm_ids"]
+        yield within(self.seller.started.get())
+        self.assertEqual((yield self.balances("carol"))[ledger.HELD], 150_000)
+        self.market.billing.interval = 60.0
+        # The VM used 100 CPU seconds: 0.10 of the 0.15 held.
+        yield self.call(self.seller, commands.VMState, vm=vmId, state="running",
+                        cpu_seconds=100.0)
+        # As if the lease began 110 s ago (the cap is wall time x cores).
+        yield self.store.run(lambda c: c.execute("UPDATE leases SET started = started - 110"))
+        yield self.market.billing.tick()
+        # 0.05 left cannot hold an interval at full tilt (0.06): stopped.
+        self.assertEqual((yield within(self.seller.stopped.get())), vmId)
+        [vm] = (yield self.call(self.carolCli, commands.ListVMs))["vms"]
+        self.assertEqual(vm["state"], "stopped")
+        self.assertIn("the buyer's funds ran out", vm["reason"])
+        # The seller reports the VM's last CPU seconds: the lease is settled.
+        yield self.call(self.seller, commands.VMState, vm=vmId, state="stopped",
+                        cpu_seconds=104.5)
+        yield sleep(0.2)
+        [lease] = (yield self.call(self.carolCli, commands.ListLeases))["leases"]
+        self.assertEqual((lease["cpu_seconds"], lease["charged"]), (104.5, 104_500))
+        carol = yield self.balances("carol")
+        self.assertEqual((carol[ledger.FUNDS], carol[ledger.HELD]), (45_500, 0))
+        self.assertEqual((yield self.balances("sam"))[ledger.EARNINGS], 104_500)
+        books = yield self.store.run(ledger.books)
+        self.assertTrue(books["ok"], books)
+        self.assertEqual((yield self.store.run(billing.heldMismatch)), [])

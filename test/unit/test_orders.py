@@ -6,6 +6,8 @@ real server in this process with fake seller and buyer programs.
 from twisted.internet import defer, reactor
 
 from cpushare.client import images
+from cpushare.money import MICRO
+from cpushare.server import admin
 from cpushare.client.session import ClientControl, ClientSession
 from cpushare.protocol import commands
 from cpushare.protocol.commands import consoleChannel, nicChannel
@@ -65,6 +67,8 @@ class OrderCase(test_session.ImageCase):
         self.alice = yield self.register("alice")
         self.sam = yield self.register("sam")
         self.cli = yield self.connect("cli", *self.alice)
+        self.aliceId = (yield self.cli.control.callRemote(commands.WhoAmI))["account_id"]
+        yield self.store.run(admin.credit, "alice", 100 * MICRO, "funds for the tests")
         self.iso = self.makeFile(300000, b"livecd")
         self.sha, _, _ = yield defer.ensureDeferred(images.upload(reactor, self.cli, self.iso))
 

@@ -28,6 +28,9 @@ CREATE TABLE leases (
     cpu_seconds {float} NOT NULL DEFAULT 0,
     net_bytes BIGINT NOT NULL DEFAULT 0,
     charged BIGINT NOT NULL DEFAULT 0,
+    held BIGINT NOT NULL DEFAULT 0,
+    held_total BIGINT NOT NULL DEFAULT 0,
+    settled INTEGER NOT NULL DEFAULT 0,
     reason TEXT
 );
 

@@ -1,0 +1,176 @@
+"""Billing by CPU time with funds held ahead, on a real database."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from cpushare.money import MICRO
+from cpushare.server import admin, billing, ledger, store
+from cpushare.server.billing import CannotFund, bill, heldMismatch, openLease
+from cpushare.server.ledger import EARNINGS, FUNDS, HELD
+
+PRICE = 36_000          # 0.036 a core-hour: 10 micro-units a core-second
+INTERVAL, WINDOW = 60.0, 600.0
+
+
+@pytest.fixture
+def conn(tmp_path):
+    c = store.connect(str(tmp_path / "market.sqlite"))
+    store.transact(c, store.migrate)
+    yield c
+    c.close()
+
+
+def run(conn, fn, *args, **kw):
+    return store.transact(conn, lambda c: fn(c, *args, **kw))
+
+
+@pytest.fixture
+def market(conn):
+    """A buyer (alice) with an order of one VM, and a seller (sam)."""
+    alice = run(conn, store.createAccount, "alice", "ab" * 32)
+    sam = run(conn, store.createAccount, "sam", "cd" * 32)
+    conn.execute("INSERT INTO images (sha256, size, stored) VALUES ('x', 1, 'now')")
+    orderId, [vmId] = run(conn, store.createOrder, alice, "x", 1, 2, 256)
+    return {"alice": alice, "sam": sam, "order": orderId, "vm": vmId}
+
+
+def lease(conn, m, started=1000.0, price=PRICE, netFee=0, cores=2):
+    return run(conn, openLease, m["vm"], m["order"], m["alice"], m["sam"], "sam", price,
+               netFee, cores, started, INTERVAL, WINDOW)
+
+
+def credit(conn, m, amount):
+    run(conn, admin.credit, "alice", amount, "test")
+
+
+def balances(conn, m):
+    b = run(conn, ledger.balances, m["alice"])
+    return b[FUNDS], b[HELD], run(conn, ledger.balances, m["sam"])[EARNINGS]
+
+
+def check(conn):
+    assert run(conn, ledger.books)["ok"]
+    assert run(conn, heldMismatch) == []
+
+
+def test_a_lease_holds_a_window_and_pays_for_the_cpu_really_used(conn, market):
+    credit(conn, market, 10 * MICRO)
+    leaseId = lease(conn, market)
+    # A window at full tilt: 2 cores x 600 s x 10 micro-units a core-second.
+    assert balances(conn, market) == (10 * MICRO - 12_000, 12_000, 0)
+    # 60 s later the VM used 30 CPU seconds (it idled half the time).
+    result = run(conn, bill, leaseId, 30.0, 0, 1060.0, False, INTERVAL, WINDOW)
+    assert result["charged"] == 300 and result["stop"] is None
+    # Charged from the hold, then the hold topped up to a window again.
+    assert balances(conn, market) == (10 * MICRO - 12_300, 12_000, 300)
+    # The same report again charges nothing more; a lower one refunds nothing.
+    assert run(conn, bill, leaseId, 30.0, 0, 1061.0)["charged"] == 0
+    assert run(conn, bill, leaseId, 10.0, 0, 1062.0)["charged"] == 0
+    # A seller claiming more than wall time x cores is capped: 2 x 100 s.
+    assert run(conn, bill, leaseId, 5000.0, 0, 1100.0)["charged"] == 2000 - 300
+    # The lease ends: the last bill, and the hold goes back to the buyer.
+    result = run(conn, bill, leaseId, 210.0, 0, 1105.0, True, INTERVAL, WINDOW, "stopped")
+    assert result["settled"] and result["charged"] == 100
+    assert balances(conn, market) == (10 * MICRO - 2100, 0, 2100)
+    rows = run(conn, lambda c: c.execute(
+        "SELECT ended, reason, cpu_seconds, charged, settled FROM leases").fetchall())
+    assert rows == [(1105.0, "stopped", 210.0, 2100, 1)]
+    # A settled lease is never billed again.
+    assert run(conn, bill, leaseId, 9999.0, 0, 5000.0, True)["charged"] == 0
+    check(conn)
+
+
+def test_network_traffic_is_charged_at_the_sellers_fee(conn, market):
+    credit(conn, market, 10 * MICRO)
+    leaseId = lease(conn, market, netFee=MICRO)      # 1.00 a GB
+    funds, held, _ = balances(conn, market)
+    assert held == 12_000 + MICRO                    # a window of CPU and 1 GB of traffic
+    run(conn, bill, leaseId, 0.0, 250_000_000, 1010.0)
+    assert balances(conn, market)[2] == 250_000      # a quarter GB: 0.25
+    check(conn)
+
+
+def test_a_buyer_without_funds_gets_no_lease(conn, market):
+    credit(conn, market, 1000)                      # less than one interval at full tilt
+    with pytest.raises(CannotFund, match="funds ran out.*needs 0.0002 more"):
+        lease(conn, market)
+    assert run(conn, lambda c: c.execute("SELECT COUNT(*) FROM leases").fetchone()) == (0,)
+    assert balances(conn, market) == (1000, 0, 0)
+    check(conn)
+
+
+def test_vms_stop_when_funds_run_out_and_the_seller_is_still_paid(conn, market):
+    credit(conn, market, 3000)                      # 2.5 intervals at full tilt
+    leaseId = lease(conn, market)
+    assert balances(conn, market) == (0, 3000, 0)
+    result = run(conn, bill, leaseId, 120.0, 0, 1060.0, False, INTERVAL, WINDOW)
+    assert result["charged"] == 1200 and result["stop"] is None     # 1800 still held
+    result = run(conn, bill, leaseId, 240.0, 0, 1120.0, False, INTERVAL, WINDOW)
+    assert result["charged"] == 1200
+    assert "the buyer's funds ran out" in result["stop"]            # 600 held: < an interval
+    result = run(conn, bill, leaseId, 250.0, 0, 1125.0, True, INTERVAL, WINDOW, "out of funds")
+    assert balances(conn, market) == (500, 0, 2500)
+    check(conn)
+
+
+def test_an_orders_budget_caps_what_it_holds_and_spends(conn, market):
+    credit(conn, market, 10 * MICRO)
+    conn.execute("UPDATE orders SET budget = 5000 WHERE id = ?", (market["order"],))
+    leaseId = lease(conn, market)
+    assert balances(conn, market)[1] == 5000
+    result = run(conn, bill, leaseId, 240.0, 0, 1120.0, False, INTERVAL, WINDOW)
+    assert result["charged"] == 2400 and result["stop"] is None
+    result = run(conn, bill, leaseId, 480.0, 0, 1240.0, False, INTERVAL, WINDOW)
+    assert result["stop"] == "the order's budget is spent"
+    run(conn, bill, leaseId, 480.0, 0, 1240.0, True)
+    assert balances(conn, market)[2] == 4800
+    check(conn)
+
+
+KILLED_BILLER = textwrap.dedent("""
+    import sys
+    from cpushare.server import billing, store
+    path, leaseId, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    conn = store.connect(path)
+    t = start
+    while True:
+        t += 1.0
+        # Each bill is one transaction: a lease's CPU seconds grow 1.5 a second.
+        store.transact(conn, billing.bill, leaseId, (t - start) * 1.5, int(t - start) * 1000,
+                       t, False, 1.0, 20.0)
+        print(t, flush=True)
+""")
+
+
+def test_killing_the_biller_at_random_points_never_charges_twice_or_skips(conn, market,
+                                                                          tmp_path):
+    credit(conn, market, 100 * MICRO)
+    leaseId = lease(conn, market, netFee=2 * MICRO)
+    path = str(tmp_path / "market.sqlite")
+    rng = random.Random(4)
+    last = 0.0
+    start = 1000.0
+    for _ in range(8):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", KILLED_BILLER, path, str(leaseId), str(start)],
+            stdout=subprocess.PIPE, text=True,
+            env=dict(os.environ, PYTHONPATH=os.getcwd()))
+        time.sleep(rng.uniform(0.05, 0.4))
+        os.kill(proc.pid, signal.SIGKILL)
+        out = proc.communicate()[0].split()
+        if out:
+            last = max(last, float(out[-1]))
+        check(conn)
+        (cpu, traffic, charged), = run(conn, lambda c: c.execute(
+            "SELECT cpu_seconds, net_bytes, charged FROM leases").fetchall())
+        # Whatever was committed is charged exactly once, to the micro-unit.
+        assert charged == billing.cost(PRICE, 2 * MICRO, cpu, traffic)
+        assert balances(conn, market)[2] == charged
+    assert last > 1000.0, "the biller never committed a bill"
