@@ -34,6 +34,7 @@ class Market(Service):
         self.heartbeatInterval = float(heartbeat)
         self.heartbeatTimeout = float(timeout)
         self.sessions = {}
+        self._buyers = {}           # account id -> [buyer sessions], oldest first
         self.relay = Relay()
         self.board = Board(self, defaultPrice)
         self.orders = Orders(self)
@@ -66,13 +67,23 @@ class Market(Service):
             del self.sessions[session.sessionId]
         if session.role == "seller":
             self.board.invalidate()
+        elif session.role == "buyer" and session.account is not None:
+            buyers = self._buyers.get(session.account["id"], [])
+            if session in buyers:
+                buyers.remove(session)
+            if not buyers:
+                self._buyers.pop(session.account["id"], None)
         self.relay.dropSession(session, reason)
         self.orders.sessionLost(session)
 
+    def buyerStarted(self, session):
+        """A buyer program said hello."""
+        self._buyers.setdefault(session.account["id"], []).append(session)
+
     def buyerSession(self, accountId):
         """The account's buyer program's session (the oldest, if several), or None."""
-        for _, s in sorted(self.sessions.items()):
-            if s.role == "buyer" and s.account["id"] == accountId and s.connected:
+        for s in self._buyers.get(accountId, ()):
+            if s.connected:
                 return s
         return None
 

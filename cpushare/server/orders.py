@@ -165,17 +165,18 @@ class Orders:
             raise BadRequest(f"a VM has 1 to {MAX_VM_CORES} cores, not {cores}")
         if not 64 <= memory <= MAX_VM_MEMORY:
             raise BadRequest(f"a VM has 64 to {MAX_VM_MEMORY} MB of memory, not {memory}")
-        size = await self.db.run(store.imageSize, account["id"], image)
-        if size is None:
-            raise BadRequest(
-                f"this account has no image {image!r}: upload it with 'cpushare image upload'")
 
         def create(cursor):
+            size = store.imageSize(cursor, account["id"], image)
+            if size is None:
+                raise BadRequest(
+                    f"this account has no image {image!r}:"
+                    " upload it with 'cpushare image upload'")
             orderId, ids = store.createOrder(cursor, account["id"], image, count, cores, memory)
             marketsql.setOrderScreens(cursor, orderId, screens.toArguments(), budget)
-            return orderId, ids
+            return size, orderId, ids
 
-        orderId, ids = await self.db.run(create)
+        size, orderId, ids = await self.db.run(create)
         allocated = 0
         waiting = None
         for vmId in ids:

@@ -470,6 +470,7 @@ class MarketSession(Multiplexer):
         )
         self.heartbeat.start()
         if role == "buyer":
+            self.market.buyerStarted(self)
             self.market.orders.buyerConnected(self)
 
     def requireRole(self, role):
