@@ -76,6 +76,12 @@ class ClientControl(ControlProtocol):
             result["latency_ms"] = latency
         return result
 
+    @commands.Probe.responder
+    def probe(self, data, back=None):
+        if back is None:
+            return {}
+        return {"data": b"\0" * max(0, min(back, commands.PROBE_CHUNK))}
+
     @commands.ChannelLinked.responder
     def channelLinked(self, channel, peer_session, peer_channel):
         self.session.channelLinked(channel, peer_session, peer_channel)

@@ -110,6 +110,21 @@ class Offer(amp.Command):
     errors = COMMON_ERRORS
 
 
+PROBE_CHUNK = 60000
+
+
+class Probe(amp.Command):
+    """
+    Server to seller: bytes to measure the connection's bandwidth towards
+    the seller.  The seller answers as soon as it has them; with C{back}
+    it answers with that many bytes, to measure the other way.
+    """
+
+    arguments = [(b"data", amp.String()), (b"back", amp.Integer(optional=True))]
+    response = [(b"data", amp.String(optional=True))]
+    errors = COMMON_ERRORS
+
+
 class SetTerms(amp.Command):
     """Change this account's terms as a seller, also while its seller runs."""
 

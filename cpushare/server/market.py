@@ -13,6 +13,7 @@ from cpushare.protocol import commands
 from cpushare.protocol.heartbeat import DEFAULT_INTERVAL, DEFAULT_TIMEOUT
 from cpushare.server import store
 from cpushare.server.billing import INTERVAL, WINDOW, Billing
+from cpushare.server.measure import EVERY as MEASURE_EVERY
 from cpushare.server.board import DEFAULT_PRICE, Board
 from cpushare.server.orders import Orders
 from cpushare.server.relay import Relay
@@ -26,7 +27,8 @@ class Market(Service):
 
     def __init__(self, reactor, store, credentials, images=None,
                  heartbeat=DEFAULT_INTERVAL, timeout=DEFAULT_TIMEOUT,
-                 defaultPrice=DEFAULT_PRICE, billingInterval=INTERVAL, holdWindow=WINDOW):
+                 defaultPrice=DEFAULT_PRICE, billingInterval=INTERVAL, holdWindow=WINDOW,
+                 measureEvery=MEASURE_EVERY):
         self.reactor = reactor
         self.store = store
         self.images = images
@@ -39,6 +41,7 @@ class Market(Service):
         self.board = Board(self, defaultPrice)
         self.orders = Orders(self)
         self.billing = Billing(self, billingInterval, holdWindow)
+        self.measureEvery = measureEvery
         self._nextSession = 1
 
     def startService(self):

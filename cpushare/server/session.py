@@ -16,6 +16,7 @@ from cpushare.protocol.commands import BadRequest, NotAuthenticated
 from cpushare.protocol.heartbeat import Heartbeat
 from cpushare.protocol.mux import ControlProtocol, MAX_CHANNEL, Multiplexer
 from cpushare.server import ledger, marketsql
+from cpushare.server.measure import BandwidthMeter
 from cpushare.server.screens import Screens, rating
 
 REFUSED_GRACE = 5.0
@@ -103,6 +104,10 @@ class ServerControl(ControlProtocol):
         async def offer():
             terms = await market.board.sellerOnline(session, price, net_fee, country)
             session.offer = {"cores": cores, "memory": memory}
+            if session.meter is None and market.measureEvery and session.connected:
+                session.meter = BandwidthMeter(
+                    market.reactor, session, lambda s: market.board.invalidate(),
+                    every=market.measureEvery)
             market.board.invalidate()
             market.orders.capacityChanged()
             session.log.info(
@@ -358,6 +363,9 @@ class MarketSession(Multiplexer):
         self.role = None
         self.clientSoftware = None
         self.offer = None
+        self.bandwidthMbps = None   # measured by the market (measure.py)
+        self.cpuScore = None
+        self.meter = None
         self.heartbeat = None
         self.links = {}
         self.uploads = {}
@@ -491,6 +499,8 @@ class MarketSession(Multiplexer):
             self.control.callRemote(commands.ChannelUnlinked, channel=channel, reason=reason)
 
     def connectionLost(self, reason):
+        if self.meter is not None:
+            self.meter.stop()
         if not self._handshakeDone:
             why = getattr(self.transport, "cpushareVerifyError", None)
             self.log.warn(

@@ -46,6 +46,8 @@ class Options(usage.Options):
         ["billing-interval", None, 60.0, "Seconds between bills of each running VM.", float],
         ["hold-window", None, 600.0,
          "Seconds of full-tilt CPU time held from the buyer's funds ahead of each VM.", float],
+        ["measure-every", None, 3600.0,
+         "Seconds between measurements of each seller's bandwidth (0: never).", float],
     ]
 
     def postOptions(self):
@@ -82,7 +84,8 @@ def makeService(options, reactor=None):
                     heartbeat=options["heartbeat"], timeout=options["timeout"],
                     defaultPrice=options["default-price"],
                     billingInterval=options["billing-interval"],
-                    holdWindow=options["hold-window"])
+                    holdWindow=options["hold-window"],
+                    measureEvery=options["measure-every"])
     market.orders.grace = options["grace"]
     market.setServiceParent(service)
 

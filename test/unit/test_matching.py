@@ -12,7 +12,7 @@ from cpushare.protocol import commands
 from cpushare.server import admin, billing, ledger
 from cpushare.server.screens import rating
 
-from test.unit.test_orders import OrderCase, take, within
+from test.unit.test_orders import FakeSellerControl, OrderCase, take, within
 from test.unit.test_session import sleep
 
 
@@ -303,3 +303,45 @@ class BillingTests(OrderCase):
         books = yield self.store.run(ledger.books)
         self.assertTrue(books["ok"], books)
         self.assertEqual((yield self.store.run(billing.heldMismatch)), [])
+
+
+class BandwidthTests(OrderCase):
+
+    @defer.inlineCallbacks
+    def test_the_market_measures_a_sellers_bandwidth_on_its_connection(self):
+        from cpushare.server import measure
+        seller = yield self.program("seller", self.sam)
+        yield self.call(seller, commands.Offer, cores=1, memory=1024)
+        [session] = self.market.sellers()
+        down, up = yield defer.ensureDeferred(measure.bandwidth(reactor, session, count=4))
+        # Loopback in one process: far more than any WAN, and both ways measured.
+        self.assertGreater(down, 10.0)
+        self.assertGreater(up, 10.0)
+        # The meter started by the offer keeps the lower figure, shown to buyers.
+        for _ in range(100):
+            if session.bandwidthMbps is not None:
+                break
+            yield sleep(0.1)
+        [listed] = (yield self.call(self.cli, commands.ListSellers, offset=0,
+                                    min_bandwidth=1.0))["sellers"]
+        self.assertGreater(listed["bandwidth_mbps"], 1.0)
+        excluded = yield self.call(self.cli, commands.ListSellers, offset=0, explain=True,
+                                   min_bandwidth=1e6)
+        self.assertIn("less than --min-bandwidth 1e+06", excluded["sellers"][0]["excluded"])
+
+    @defer.inlineCallbacks
+    def test_a_seller_that_answers_short_gets_no_figure(self):
+        from cpushare.server import measure
+        seller = yield self.program("seller", self.sam)
+        seller.control.__class__ = ShortProbeControl
+        yield self.call(seller, commands.Offer, cores=1, memory=1024)
+        [session] = self.market.sellers()
+        with self.assertRaises(ValueError) as e:
+            yield defer.ensureDeferred(measure.bandwidth(reactor, session, count=2))
+        self.assertIn("the seller answered 2 bytes of 120000", str(e.exception))
+
+
+class ShortProbeControl(FakeSellerControl):
+    @commands.Probe.responder
+    def probe(self, data, back=None):
+        return {"data": b"x"} if back else {}
