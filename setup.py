@@ -28,6 +28,7 @@ setup(
         "service_identity>=23.1",
         "attrs",
         "pycdlib>=1.14",
+        "psycopg[binary]>=3.1",
     ],
     extras_require={
         "test": ["pytest>=7"],

@@ -557,7 +557,7 @@ class Orders:
                                    vm.endedAt)
 
     def _save(self, fn):
-        d = self.db.run(fn)
+        d = self.db.runInOrder(fn)
         d.addErrback(lambda f: self.log.failure("saving VM state", f))
         return d
 

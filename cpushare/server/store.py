@@ -5,25 +5,38 @@ All SQL runs on a thread pool of the store's own, never on the reactor
 thread: C{Store.run(fn, *args)} calls C{fn(cursor, *args)} inside one
 transaction on that pool and returns a Deferred.  The functions in this
 module that take a cursor are the queries; they run the same way from the
-server (on the pool) and from C{cpushare-admin} (directly).
+server (on the pool) and from C{cpushare-admin} (directly, through
+L{transact}).
+
+The store runs on SQLite or PostgreSQL (L{cpushare.server.database}): the
+queries are written once, with C{?} placeholders and C{INSERT ... RETURNING
+id}.  On PostgreSQL a query function may be run more than once (a
+transaction that conflicted with another is run again), so it must do
+nothing but SQL through its cursor.
 
 The schema is a list of numbered SQL files shipped with the package
 (C{schema/NNN_name.sql}), applied in order and recorded in
 C{schema_version}.  The files are written once for every database the
 store supports; the few types that differ are named by placeholders that
-C{migrate} fills in for the database at hand (see L{SQLITE_TYPES}).
+C{migrate} fills in for the database at hand: C{{serial}} (an id the
+database assigns: the primary key column), C{{float}} (a double, for epoch
+times) and C{{bigint}} (64-bit integers such as byte counts).
 """
 
 import datetime
 import os
 import re
-import sqlite3
+import threading
 from importlib import resources
 
 from twisted.application.service import Service
+from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
+
+from cpushare.server import database as databases
+from cpushare.server.database import ConnectionLost, SQLite, Unavailable
 
 log = Logger()
 
@@ -46,36 +59,27 @@ def migrations():
     return sorted(found)
 
 
-def connect(path):
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=10000")
-    return conn
+def connect(url):
+    """
+    A L{databases.Connection} to the database C{url} names (a plain path is
+    a SQLite file).  Raises L{Unavailable} when it cannot be reached.
+    """
+    return databases.fromURL(url).connect()
 
 
 def transact(conn, fn, *args):
     """Run C{fn(cursor, *args)} in one transaction on C{conn}."""
-    cursor = conn.cursor()
-    cursor.execute("BEGIN IMMEDIATE")
-    try:
-        result = fn(cursor, *args)
-    except BaseException:
-        cursor.execute("ROLLBACK")
-        raise
-    cursor.execute("COMMIT")
-    return result
+    return conn.transact(fn, *args)
 
 
-# The column types that differ between databases, as schema placeholders.
-SQLITE_TYPES = {
-    "serial": "INTEGER PRIMARY KEY",   # an id the database assigns
-    "float": "REAL",                   # a double
-}
+SQLITE_TYPES = SQLite.types
 
 
-def migrate(cursor, types=SQLITE_TYPES):
+def migrate(cursor, types=None):
     """Bring the schema up to date; returns the versions applied."""
+    cursor.database.lockSchema(cursor)
+    if types is None:
+        types = cursor.database.types
     cursor.execute(
         "CREATE TABLE IF NOT EXISTS schema_version"
         " (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied TEXT NOT NULL)"
@@ -105,8 +109,9 @@ def createAccount(cursor, name, fingerprint):
     if cursor.fetchone() is not None:
         raise NameTaken(name)
     stamp = now()
-    cursor.execute("INSERT INTO accounts (name, created) VALUES (?, ?)", (name, stamp))
-    accountId = cursor.lastrowid
+    cursor.execute(
+        "INSERT INTO accounts (name, created) VALUES (?, ?) RETURNING id", (name, stamp))
+    accountId = cursor.fetchone()[0]
     cursor.execute(
         "INSERT INTO certificates (fingerprint, account_id, issued) VALUES (?, ?, ?)",
         (fingerprint, accountId, stamp),
@@ -156,47 +161,159 @@ def deleteAccount(cursor, name):
 
 
 class Store(Service):
-    """The SQL store as a service: opens and migrates the database at start."""
+    """
+    The SQL store as a service: opens and migrates the database at start and
+    runs query functions on a thread pool of its own.
 
-    def __init__(self, reactor, path):
+    On PostgreSQL the pool has several threads, each call taking a
+    connection of its own, so calls made with L{run} may run at the same
+    time (SERIALIZABLE keeps them apart); SQLite has one thread and one
+    connection.  Writes the caller does not wait for go through
+    L{runInOrder}: they run one after another in the order they were made,
+    and any call made after one of them starts once it is done, so it sees
+    it.
+
+    A connection that breaks is dropped, with an error in the log, and the
+    next call connects again; a transaction that had not reached its commit
+    is run again on the new connection.
+    """
+
+    def __init__(self, reactor, database, threads=None):
+        """
+        @param database: a L{SQLite} or L{databases.PostgreSQL}, or a URL
+            or SQLite path naming one.
+        """
         self.reactor = reactor
-        self.path = path
-        self.pool = ThreadPool(1, 1, name="cpushare-store")
-        self._conn = None
+        if isinstance(database, str):
+            database = databases.fromURL(database)
+        self.database = database
+        self.pool = ThreadPool(1, threads or database.threads, name="cpushare-store")
+        self._lock = threading.Lock()
+        self._idle = []
+        self._ordered = defer.succeed(None)
+        self._orderedPending = 0
 
     def startService(self):
-        # SQLite allows one writer; one thread keeps one connection.
         self.pool.start()
         Service.startService(self)
 
     def stopService(self):
         Service.stopService(self)
-        d = deferToThreadPool(self.reactor, self.pool, self._close)
-        d.addBoth(lambda result: self.pool.stop() or result)
+        # The writes made so far are done first; nothing is lost.
+        d = self._afterOrdered()
+        d.addCallback(lambda _: self._stopPool())
         return d
 
-    def _close(self):
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+    def _stopPool(self):
+        self.pool.stop()
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    # -- on the pool's threads
+
+    def _connection(self):
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        try:
+            return self.database.connect()
+        except Unavailable as e:
+            self.reactor.callFromThread(log.error, "{why}", why=str(e))
+            raise
+
+    def _release(self, conn):
+        if conn.broken:
+            conn.close()
+            return
+        with self._lock:
+            self._idle.append(conn)
 
     def _call(self, fn, args):
-        if self._conn is None:
-            self._conn = connect(self.path)
-        return transact(self._conn, fn, *args)
+        retried = False
+        while True:
+            conn = self._connection()
+            try:
+                result = conn.transact(fn, *args)
+            except ConnectionLost as e:
+                conn.close()
+                # The database went away, or this connection's server did:
+                # the idle connections are likely gone too.
+                with self._lock:
+                    idle, self._idle = self._idle, []
+                for other in idle:
+                    other.close()
+                again = not e.committing and not retried
+                self.reactor.callFromThread(
+                    log.error, "{why}; {then}", why=str(e),
+                    then="running the transaction again on a new connection" if again
+                    else "the transaction may or may not have been committed; the next"
+                    " call connects again" if e.committing
+                    else "the next call connects again")
+                if not again:
+                    raise
+                retried = True
+                continue
+            except BaseException:
+                self._release(conn)
+                raise
+            self._release(conn)
+            return result
+
+    # -- on the reactor's thread
+
+    def _submit(self, fn, args):
+        if self.pool.joined:
+            return defer.fail(Unavailable(f"the store of {self.database} is closed"))
+        return deferToThreadPool(self.reactor, self.pool, self._call, fn, args)
+
+    def _afterOrdered(self):
+        """A Deferred firing once the L{runInOrder} calls made so far are done."""
+        barrier = defer.Deferred()
+        self._ordered.addCallback(lambda _: barrier.callback(None))
+        return barrier
 
     def run(self, fn, *args):
-        return deferToThreadPool(self.reactor, self.pool, self._call, fn, args)
+        """
+        Call C{fn(cursor, *args)} in a transaction of its own on the pool;
+        the Deferred fires with its result.  It starts after the
+        L{runInOrder} calls made before it are done.
+        """
+        if self._orderedPending:
+            d = self._afterOrdered()
+            return d.addCallback(lambda _: self._submit(fn, args))
+        return self._submit(fn, args)
+
+    def runInOrder(self, fn, *args):
+        """
+        Like L{run}, for writes the caller need not wait for: each starts
+        once the L{runInOrder} calls made before it are done, so they take
+        effect in the order they were made.
+        """
+        result = defer.Deferred()
+        self._orderedPending += 1
+
+        def finished(outcome):
+            self._orderedPending -= 1
+            result.callback(outcome)
+
+        def start(_):
+            return self._submit(fn, args).addBoth(finished)
+
+        self._ordered.addCallback(start)
+        return result
 
     def open(self):
         """Create or migrate the database; fires when it is ready."""
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        if isinstance(self.database, SQLite):
+            os.makedirs(os.path.dirname(os.path.abspath(self.database.path)), exist_ok=True)
         d = self.run(migrate)
 
         def report(applied):
             if applied:
-                log.info("database {path}: applied schema versions {versions}",
-                         path=self.path, versions=applied)
+                log.info("database {database}: applied schema versions {versions}",
+                         database=str(self.database), versions=applied)
             return applied
 
         return d.addCallback(report)
@@ -225,7 +342,8 @@ def imageUsage(cursor, accountId):
         " JOIN images i ON i.sha256 = ai.sha256 WHERE ai.account_id = ?",
         (accountId,),
     )
-    return cursor.fetchone()[0]
+    # PostgreSQL sums BIGINTs as NUMERIC: a Decimal.
+    return int(cursor.fetchone()[0])
 
 
 def accountHasImage(cursor, accountId, sha256):
@@ -271,17 +389,18 @@ def createOrder(cursor, accountId, image, vms, cores, memory):
     stamp = now()
     cursor.execute(
         "INSERT INTO orders (account_id, image, vms, cores, memory, state, created)"
-        " VALUES (?, ?, ?, ?, ?, 'open', ?)",
+        " VALUES (?, ?, ?, ?, ?, 'open', ?) RETURNING id",
         (accountId, image, vms, cores, memory, stamp),
     )
-    orderId = cursor.lastrowid
+    orderId = cursor.fetchone()[0]
     ids = []
     for _ in range(vms):
         cursor.execute(
-            "INSERT INTO vms (order_id, mac, state, created) VALUES (?, '', 'pending', ?)",
+            "INSERT INTO vms (order_id, mac, state, created)"
+            " VALUES (?, '', 'pending', ?) RETURNING id",
             (orderId, stamp),
         )
-        vmId = cursor.lastrowid
+        vmId = cursor.fetchone()[0]
         cursor.execute("UPDATE vms SET mac = ? WHERE id = ?", (macFor(vmId), vmId))
         ids.append(vmId)
     return orderId, ids

@@ -1,6 +1,6 @@
 -- Accounts and the client certificates the market's CA signed for them.
 CREATE TABLE accounts (
-    id INTEGER PRIMARY KEY,
+    id {serial},
     name TEXT NOT NULL UNIQUE,
     created TEXT NOT NULL,
     deleted TEXT

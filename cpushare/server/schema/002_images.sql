@@ -1,7 +1,7 @@
 -- Buyers' livecd images, stored once by sha256, owned by accounts.
 CREATE TABLE images (
     sha256 TEXT PRIMARY KEY,
-    size INTEGER NOT NULL,
+    size {bigint} NOT NULL,
     stored TEXT NOT NULL
 );
 

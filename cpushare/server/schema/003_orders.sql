@@ -1,6 +1,6 @@
 -- Buy orders and the VMs that run them.
 CREATE TABLE orders (
-    id INTEGER PRIMARY KEY,
+    id {serial},
     account_id INTEGER NOT NULL REFERENCES accounts (id),
     image TEXT NOT NULL REFERENCES images (sha256),
     vms INTEGER NOT NULL,
@@ -11,16 +11,16 @@ CREATE TABLE orders (
 );
 
 CREATE TABLE vms (
-    id INTEGER PRIMARY KEY,
+    id {serial},
     order_id INTEGER NOT NULL REFERENCES orders (id),
     seller_account_id INTEGER REFERENCES accounts (id),
     mac TEXT NOT NULL,
     state TEXT NOT NULL,
     reason TEXT,
     created TEXT NOT NULL,
-    started REAL,
-    ended REAL,
-    cpu_seconds REAL NOT NULL DEFAULT 0,
+    started {float},
+    ended {float},
+    cpu_seconds {float} NOT NULL DEFAULT 0,
     ip TEXT
 );
 
