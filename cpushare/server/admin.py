@@ -1,29 +1,36 @@
 """
-cpushare-admin: the operator's tool, working on the server's data folder.
+cpushare-admin: the operator's tool, working on the market's database.
 
-    cpushare-admin --data DIR accounts
-    cpushare-admin --data DIR delete-account NAME
-    cpushare-admin --data DIR books
-    cpushare-admin --data DIR credit NAME AMOUNT [--memo TEXT]
+    cpushare-admin [--data DIR | --db URL] accounts
+    cpushare-admin [--data DIR | --db URL] delete-account NAME
+    cpushare-admin [--data DIR | --db URL] books
+    cpushare-admin [--data DIR | --db URL] credit NAME AMOUNT [--memo TEXT]
+
+The database is the server's: the SQLite file market.sqlite in --data, or
+the one --db names (the same URL as the server's --db).
 
 `books` proves the ledger: every entry summed is zero, every transaction
 balances, no owner's account is below zero.  It exits 0 when they hold and
 2 when they do not.
 
-It opens the database directly (SQLite allows it while the server runs).
-A deleted account's certificate is refused at its next connection.
+It opens the database directly, which both SQLite and PostgreSQL allow
+while the server runs.  A deleted account's certificate is refused at its
+next connection.
 """
 
 import argparse
 import os
 import sys
 
-from cpushare.server import ledger, store
+from cpushare.server import database, ledger, store
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="cpushare-admin", description="Operate a CPUShare market.")
     p.add_argument("--data", default="cpushare-data", help="the server's data folder")
+    p.add_argument("--db", metavar="URL",
+                   help="the market's database, as the server's --db: postgresql://USER@HOST/NAME"
+                        " or sqlite:///PATH (default: market.sqlite in --data)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     sub.add_parser("accounts", help="list the accounts")
@@ -37,11 +44,19 @@ def main(argv=None):
     c.add_argument("--memo", default="credit from the market")
     args = p.parse_args(argv)
 
-    path = os.path.join(args.data, "market.sqlite")
-    if not os.path.exists(path):
-        print(f"cpushare-admin: no market database at {path}", file=sys.stderr)
+    try:
+        db = database.fromURL(args.db or os.path.join(args.data, "market.sqlite"))
+    except database.BadURL as e:
+        print(f"cpushare-admin: --db: {e}", file=sys.stderr)
         return 1
-    conn = store.connect(path)
+    if isinstance(db, database.SQLite) and not os.path.exists(db.path):
+        print(f"cpushare-admin: no market database at {db.path}", file=sys.stderr)
+        return 1
+    try:
+        conn = db.connect()
+    except database.Unavailable as e:
+        print(f"cpushare-admin: {e}", file=sys.stderr)
+        return 1
     try:
         store.transact(conn, store.migrate)
         if args.command == "accounts":
@@ -67,6 +82,9 @@ def main(argv=None):
             print(f"credited {ledger.formatAmount(amount)} to {args.name}")
         elif args.command == "books":
             return printBooks(store.transact(conn, ledger.books))
+    except database.Unavailable as e:
+        print(f"cpushare-admin: {e}", file=sys.stderr)
+        return 1
     finally:
         conn.close()
     return 0

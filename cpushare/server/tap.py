@@ -1,7 +1,7 @@
 """
 twistd cpushare-server: the market server.
 
-    twistd -n cpushare-server --data DIR --listen ENDPOINT --hostname NAME
+    twistd -n cpushare-server --data DIR --listen ENDPOINT --hostname NAME [--db URL]
 """
 
 import os
@@ -21,16 +21,20 @@ DEFAULT_LISTEN = "tcp:7444"
 
 
 class Options(usage.Options):
-    synopsis = "[--data DIR] [--listen ENDPOINT] [--hostname NAME]"
+    synopsis = "[--data DIR] [--listen ENDPOINT] [--hostname NAME] [--db URL]"
     longdesc = (
         "Run the CPUShare market server.  The first start creates a certificate "
-        "authority, the server's certificate for --hostname and a SQLite database "
-        "in --data; give DIR/ca.pem to your users."
+        "authority, the server's certificate for --hostname and, unless --db names "
+        "another database, a SQLite database in --data; give DIR/ca.pem to your users."
     )
     optParameters = [
         ["data", "d", "cpushare-data", "Folder for the CA, certificates and database."],
         ["listen", "l", DEFAULT_LISTEN,
          "Twisted server endpoint for client connections (TLS is added)."],
+        ["db", None, None,
+         "The market's database: postgresql://USER@HOST/DBNAME (a libpq URL; the "
+         "password best comes from PGPASSFILE) or sqlite:///PATH.  "
+         "Default: the SQLite file market.sqlite in --data."],
         ["hostname", None, "localhost",
          "Name (or address) clients use to reach this server; the server "
          "certificate is issued for it."],
@@ -62,12 +66,21 @@ class Options(usage.Options):
             raise usage.UsageError(
                 "--billing-interval must be positive and shorter than --hold-window")
 
+        from cpushare.server import database
+
+        url = self["db"] or os.path.join(os.path.abspath(self["data"]), "market.sqlite")
+        try:
+            self["database"] = database.fromURL(url)
+        except database.BadURL as e:
+            raise usage.UsageError(f"--db: {e}")
+
 
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     from cpushare.listening import ListeningService
     from cpushare.server.credentials import loadOrCreate
+    from cpushare.server.database import Unavailable
     from cpushare.server.images import ImageStore
     from cpushare.server.market import Market
     from cpushare.server.session import MarketFactory
@@ -75,8 +88,14 @@ def makeService(options, reactor=None):
 
     data = os.path.abspath(options["data"])
     credentials = loadOrCreate(data, options["hostname"], log)
+    database = options["database"]
+    try:
+        # Before anything runs: a market without its database exits at once.
+        database.check()
+    except Unavailable as e:
+        raise SystemExit(f"cpushare-server: {e}")
     service = MultiService()
-    store = Store(reactor, os.path.join(data, "market.sqlite"))
+    store = Store(reactor, database)
     store.setServiceParent(service)
     images = ImageStore(reactor, store, os.path.join(data, "images"),
                         quota=options["image-quota"] * 1024 * 1024)
