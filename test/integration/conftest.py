@@ -292,11 +292,12 @@ def waitUntil(condition, what, timeout=START_TIMEOUT, processes=None, interval=0
 
 
 class Market:
-    """A cpushare-server process and its data folder."""
+    """A cpushare-server process, its data folder and, if given, its --db URL."""
 
-    def __init__(self, processes, data):
+    def __init__(self, processes, data, db=None):
         self.processes = processes
         self.data = Path(data)
+        self.db = db
         self.port = 0
         self.proc = None
         self.runs = []
@@ -324,7 +325,7 @@ class Market:
             "--data", self.data, "--listen", f"tcp:{port}:interface={LOOPBACK}",
             "--hostname", "localhost",
             "--heartbeat", HEARTBEAT, "--timeout", SILENCE_TIMEOUT,
-        ])
+        ] + (["--db", self.db] if self.db else []))
         self.runs.append(self.proc)
 
         def listening():
@@ -368,7 +369,8 @@ class Market:
         return Path(home)
 
     def admin(self, *args):
-        return runCLI("cpushare-admin", "--data", self.data, *args)
+        where = ["--db", self.db] if self.db else ["--data", self.data]
+        return runCLI("cpushare-admin", *where, *args)
 
 
 @pytest.fixture

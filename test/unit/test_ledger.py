@@ -1,17 +1,12 @@
-"""The double-entry ledger on a real database."""
+"""The double-entry ledger on real databases: SQLite and PostgreSQL (test/conftest.py)."""
+
+import os
 
 import pytest
 
 from cpushare.server import admin, ledger, store
+from cpushare.server.database import SQLite
 from cpushare.server.ledger import COMMISSION, EARNINGS, FUNDS, HELD, MICRO, PAYPAL
-
-
-@pytest.fixture
-def conn(tmp_path):
-    c = store.connect(str(tmp_path / "market.sqlite"))
-    store.transact(c, store.migrate)
-    yield c
-    c.close()
 
 
 @pytest.fixture
@@ -130,9 +125,16 @@ def test_the_statement_lists_every_movement_newest_first(conn, alice):
     assert rows[0]["memo"] == "VM 3 for ten minutes"
 
 
-def test_books_find_a_tampered_entry(conn, alice, capsys, tmp_path):
+def adminArguments(conn):
+    """cpushare-admin's options for the database of C{conn}."""
+    if isinstance(conn.database, SQLite):
+        return ["--data", os.path.dirname(conn.database.path)]
+    return ["--db", conn.database.url]
+
+
+def test_books_find_a_tampered_entry(conn, alice, capsys):
     deposit(conn, alice, 10 * MICRO, MICRO)
-    assert admin.main(["--data", str(tmp_path), "books"]) == 0
+    assert admin.main(adminArguments(conn) + ["books"]) == 0
     out = capsys.readouterr().out
     assert "the books balance" in out and "paypal" in out and "-10.00" in out
     # Someone edits an entry behind the ledger's back.
@@ -140,7 +142,7 @@ def test_books_find_a_tampered_entry(conn, alice, capsys, tmp_path):
                  " AND id = (SELECT MIN(id) FROM ledger_entries WHERE amount > 0)")
     report = run(conn, ledger.books)
     assert not report["ok"] and report["total"] == 1 and report["unbalanced"] == [(1, 1)]
-    assert admin.main(["--data", str(tmp_path), "books"]) == 2
+    assert admin.main(adminArguments(conn) + ["books"]) == 2
     assert "UNBALANCED transaction 1" in capsys.readouterr().out
     conn.execute("UPDATE ledger_entries SET amount = -5 WHERE account_id ="
                  " (SELECT id FROM ledger_accounts WHERE kind = 'funds')")

@@ -1,21 +1,13 @@
-"""The SQL store's queries on a real SQLite file."""
+"""The SQL store's queries on real databases: SQLite and PostgreSQL (test/conftest.py)."""
 
 import pytest
 
 from cpushare.server import store
 
 
-@pytest.fixture
-def conn(tmp_path):
-    c = store.connect(str(tmp_path / "market.sqlite"))
-    store.transact(c, store.migrate)
-    yield c
-    c.close()
-
-
 def test_migrations_apply_once(conn):
     assert store.transact(conn, store.migrate) == []
-    versions = conn.execute("SELECT version FROM schema_version").fetchall()
+    versions = conn.execute("SELECT version FROM schema_version ORDER BY version").fetchall()
     assert [v for (v,) in versions] == [n for n, _, _ in store.migrations()]
 
 
