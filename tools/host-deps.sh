@@ -11,6 +11,8 @@ command -v chrt >/dev/null || need+=(util-linux)
 command -v ip >/dev/null || need+=(iproute2)
 command -v ping >/dev/null || need+=(iputils-ping)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
+# The store's tests run on PostgreSQL as well as SQLite (test/postgres.py).
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)
 
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
