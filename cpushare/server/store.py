@@ -91,7 +91,8 @@ def migrate(cursor, types=None):
         if version in done:
             continue
         for statement in sql.format_map(types).split(";"):
-            if statement.strip():
+            # PostgreSQL refuses a statement that is only a comment.
+            if re.sub(r"--[^\n]*", "", statement).strip():
                 cursor.execute(statement)
         cursor.execute(
             "INSERT INTO schema_version (version, name, applied) VALUES (?, ?, ?)",
@@ -169,9 +170,9 @@ class Store(Service):
     connection of its own, so calls made with L{run} may run at the same
     time (SERIALIZABLE keeps them apart); SQLite has one thread and one
     connection.  Writes the caller does not wait for go through
-    L{runInOrder}: they run one after another in the order they were made,
-    and any call made after one of them starts once it is done, so it sees
-    it.
+    L{runInOrder}, which keeps the order calls were made in: such a write
+    starts once every call made before it is done, and every call made
+    after it starts once it is done (so it sees it).
 
     A connection that breaks is dropped, with an error in the log, and the
     next call connects again; a transaction that had not reached its commit
@@ -192,6 +193,7 @@ class Store(Service):
         self._idle = []
         self._ordered = defer.succeed(None)
         self._orderedPending = 0
+        self._inFlight = set()
 
     def startService(self):
         self.pool.start()
@@ -278,28 +280,42 @@ class Store(Service):
         """
         Call C{fn(cursor, *args)} in a transaction of its own on the pool;
         the Deferred fires with its result.  It starts after the
-        L{runInOrder} calls made before it are done.
+        L{runInOrder} calls made before it are done, and may run alongside
+        other L{run} calls.
         """
         if self._orderedPending:
             d = self._afterOrdered()
-            return d.addCallback(lambda _: self._submit(fn, args))
-        return self._submit(fn, args)
+            d.addCallback(lambda _: self._submit(fn, args))
+        else:
+            d = self._submit(fn, args)
+        done = defer.Deferred()
+        self._inFlight.add(done)
+
+        def finished(result):
+            self._inFlight.discard(done)
+            done.callback(None)
+            return result
+
+        return d.addBoth(finished)
 
     def runInOrder(self, fn, *args):
         """
         Like L{run}, for writes the caller need not wait for: each starts
-        once the L{runInOrder} calls made before it are done, so they take
-        effect in the order they were made.
+        once every call made before it is done, and the calls made after it
+        wait for it, so they take effect in the order they were made.
         """
         result = defer.Deferred()
         self._orderedPending += 1
+        earlier = list(self._inFlight)
 
         def finished(outcome):
             self._orderedPending -= 1
             result.callback(outcome)
 
         def start(_):
-            return self._submit(fn, args).addBoth(finished)
+            d = defer.DeferredList(earlier) if earlier else defer.succeed(None)
+            d.addCallback(lambda _: self._submit(fn, args))
+            return d.addBoth(finished)
 
         self._ordered.addCallback(start)
         return result

@@ -326,11 +326,14 @@ class StoreTests:
             lambda c: c.execute("CREATE TABLE seen (n INTEGER NOT NULL, position INTEGER NOT NULL)"))
 
     @defer.inlineCallbacks
-    def test_writes_nobody_waits_for_land_in_order_and_later_calls_see_them(self):
-        writes = [self.store.runInOrder(appendRow, n) for n in range(30)]
+    def test_writes_nobody_waits_for_keep_their_place_among_the_other_calls(self):
+        # Each runInOrder waits for the run before it; each run for the runInOrder before.
+        calls = [(self.store.runInOrder if n % 2 else self.store.run)(appendRow, n)
+                 for n in range(30)]
+        calls.append(self.store.runInOrder(appendRow, 30))
         rows = yield self.store.run(seen)
-        assert rows == [(n, n) for n in range(30)]
-        yield defer.gatherResults(writes)
+        assert rows == [(n, n) for n in range(31)]
+        yield defer.gatherResults(calls)
 
     @defer.inlineCallbacks
     def test_stopping_finishes_the_writes_made_before(self):
@@ -368,6 +371,20 @@ class StoreOnPostgreSQL(StoreTests, unittest.TestCase):
     @pytest.fixture(autouse=True)
     def _database(self, postgresURL):
         self.database = PostgreSQL(postgresURL)
+
+    @defer.inlineCallbacks
+    def test_calls_run_side_by_side(self):
+        other = threading.Event()
+
+        def waitForOther(cursor):
+            return other.wait(20)
+
+        def releaseOther(cursor):
+            other.set()
+
+        first = self.store.run(waitForOther)
+        yield self.store.run(releaseOther)
+        assert (yield first) is True
 
     @defer.inlineCallbacks
     def test_a_lost_connection_is_logged_and_the_next_call_connects_again(self):
