@@ -5,6 +5,7 @@ conflict, lost connections, and the order of writes nobody waits for.
 """
 
 import threading
+import time
 
 import psycopg
 import pytest
@@ -397,6 +398,11 @@ class StoreOnPostgreSQL(StoreTests, unittest.TestCase):
         self.addCleanup(globalLogPublisher.removeObserver, logged.append)
         other = self.database.connect()
         other.execute("SELECT pg_terminate_backend(?)", (first,))
+        for _ in range(1000):  # until it is gone: terminating only signals it
+            if not other.execute("SELECT 1 FROM pg_stat_activity WHERE pid = ?",
+                                 (first,)).fetchall():
+                break
+            time.sleep(0.01)
         other.close()
         # The transaction had not begun when the connection was found
         # broken: it runs on a new connection, and the caller sees nothing.
