@@ -329,9 +329,8 @@ def main(argv=None):
 
 
 def _postgres(dsn, bills, say):
-    from cpushare.server import database
-    db = database.open(dsn)
-    return ledgerRun(db.connect, db.transact, db.migrate, "PostgreSQL", bills, say)
+    return ledgerRun(lambda: store.connect(dsn), store.transact, store.migrate, "PostgreSQL",
+                     bills, say)
 
 
 def _runReactor(fn):
