@@ -1,4 +1,7 @@
-"""Billing by CPU time with funds held ahead, on a real database."""
+"""
+Billing by CPU time with funds held ahead, on a real database: each test
+runs on SQLite and on PostgreSQL (the `conn` fixture of test/conftest.py).
+"""
 
 import os
 import random
@@ -17,14 +20,6 @@ from cpushare.server.ledger import EARNINGS, FUNDS, HELD
 
 PRICE = 36_000          # 0.036 a core-hour: 10 micro-units a core-second
 INTERVAL, WINDOW = 60.0, 600.0
-
-
-@pytest.fixture
-def conn(tmp_path):
-    c = store.connect(str(tmp_path / "market.sqlite"))
-    store.transact(c, store.migrate)
-    yield c
-    c.close()
 
 
 def run(conn, fn, *args, **kw):
@@ -142,31 +137,34 @@ KILLED_BILLER = textwrap.dedent("""
     t = start
     while True:
         t += 1.0
-        # Each bill is one transaction: a lease's CPU seconds grow 1.5 a second.
-        store.transact(conn, billing.bill, leaseId, (t - start) * 1.5, int(t - start) * 1000,
+        # Each bill is one transaction: a lease's CPU seconds grow 1.5 a
+        # second of lease time (it began at 1000), its traffic 1000 bytes.
+        store.transact(conn, billing.bill, leaseId, (t - 1000) * 1.5, int(t - 1000) * 1000,
                        t, False, 1.0, 20.0)
         print(t, flush=True)
 """)
 
 
-def test_killing_the_biller_at_random_points_never_charges_twice_or_skips(conn, market,
-                                                                          tmp_path):
+def test_killing_the_biller_at_random_points_never_charges_twice_or_skips(conn, market):
     credit(conn, market, 100 * MICRO)
     leaseId = lease(conn, market, netFee=2 * MICRO)
-    path = str(tmp_path / "market.sqlite")
+    url = conn.database.url
     rng = random.Random(4)
     last = 0.0
     start = 1000.0
     for _ in range(8):
         proc = subprocess.Popen(
-            [sys.executable, "-c", KILLED_BILLER, path, str(leaseId), str(start)],
+            [sys.executable, "-c", KILLED_BILLER, url, str(leaseId), str(max(start, last))],
             stdout=subprocess.PIPE, text=True,
             env=dict(os.environ, PYTHONPATH=os.getcwd()))
-        time.sleep(rng.uniform(0.05, 0.4))
+        # Once it bills (its imports and connection done), kill it at a
+        # random point of its next transactions.
+        first = proc.stdout.readline()
+        assert first, "the biller died before its first bill"
+        time.sleep(rng.uniform(0.0, 0.2))
         os.kill(proc.pid, signal.SIGKILL)
-        out = proc.communicate()[0].split()
-        if out:
-            last = max(last, float(out[-1]))
+        out = [first] + proc.communicate()[0].split()
+        last = max(last, float(out[-1]))
         check(conn)
         (cpu, traffic, charged), = run(conn, lambda c: c.execute(
             "SELECT cpu_seconds, net_bytes, charged FROM leases").fetchall())
