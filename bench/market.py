@@ -10,8 +10,9 @@ The market's benchmarks (run by `make bench`; `bench/market.py --quick` for a sm
     ledger    bills of running leases per second (each one store transaction
               that reads the lease, posts its charge and top-up, updates it)
               against a plain loop of one-row insert transactions on the same
-              database, on SQLite and, when CPUSHARE_BENCH_POSTGRES names a
-              database, on PostgreSQL.
+              database, on SQLite and on PostgreSQL (CPUSHARE_BENCH_POSTGRES
+              names the database, else a private cluster is started as the
+              tests do, with fsync off: compare the ratio, not the rates).
 
 The matching benchmark runs the server's own Market, Board, Orders and
 Store in this process on the real reactor and a SQLite file; the sellers
@@ -42,6 +43,7 @@ from cpushare.money import MICRO  # noqa: E402
 from cpushare.protocol import commands  # noqa: E402
 from cpushare.server import billing, ledger, store  # noqa: E402
 from cpushare.server.market import Market  # noqa: E402
+from cpushare.server.orders import PlacedVMs  # noqa: E402
 from cpushare.server.screens import Screens  # noqa: E402
 
 COUNTRIES = ("IT", "DE", "FR", "US", "JP", "BR", "IN", "SE")
@@ -77,7 +79,7 @@ class Seller:
         self.offer = {"cores": cores, "memory": cores * 1024}
         self.heartbeat = Heartbeat(latency)
         self.connectedAt = time.time()
-        self.vms, self.routes, self.links, self.stopping = {}, {}, {}, {}
+        self.vms, self.routes, self.links, self.stopping = PlacedVMs(), {}, {}, {}
         self.control = Control(started)
 
     def sendFrame(self, channel, data):
@@ -108,6 +110,7 @@ def percentile(values, p):
 
 
 async def matching(reactor, folder, sellerCount, orderCount, concurrency, rng, say):
+    os.makedirs(folder, exist_ok=True)
     db = store.Store(reactor, os.path.join(folder, "matching.sqlite"))
     db.startService()
     try:
@@ -151,10 +154,14 @@ async def matching(reactor, folder, sellerCount, orderCount, concurrency, rng, s
                 screens["max_net_fee"] = 0
             orders.append((ids["buyers"][i % len(ids["buyers"])], Screens.fromArguments(**screens)))
 
+        allocatedAt = {}
+
         async def place(i, buyer, screens):
             placedAt[i] = time.perf_counter()
             result = await market.orders.place({"id": buyer, "name": f"b{buyer}"}, "bench",
                                                1, 1, 256, screens)
+            if result["allocated"]:
+                allocatedAt[i] = time.perf_counter()
             return result["vm_ids"][0]
 
         vmOf = {}
@@ -178,6 +185,7 @@ async def matching(reactor, folder, sellerCount, orderCount, concurrency, rng, s
             await task.deferLater(reactor, 0.01, lambda: None)
         latencies = [(started[vmOf[i]] - placedAt[i]) * 1000 for i in vmOf
                      if vmOf[i] in started]
+        toAllocation = [(allocatedAt[i] - placedAt[i]) * 1000 for i in allocatedAt]
         allocated = len(latencies)
         last = max(started[vmOf[i]] for i in vmOf if vmOf[i] in started)
         seconds = last - t0
@@ -194,6 +202,11 @@ async def matching(reactor, folder, sellerCount, orderCount, concurrency, rng, s
             "waiting": orderCount - allocated,
             "seconds": round(seconds, 3),
             "orders_allocated_per_second": round(allocated / seconds, 1),
+            "place_to_allocation_ms": {
+                "median": round(statistics.median(toAllocation), 2),
+                "p99": round(percentile(toAllocation, 99), 2),
+                "max": round(max(toAllocation), 2),
+            },
             "place_to_start_ms": {
                 "median": round(statistics.median(latencies), 2),
                 "p99": round(percentile(latencies, 99), 2),
@@ -282,8 +295,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="1000 sellers and orders: a smoke run")
     p.add_argument("--sellers", type=int, default=None)
     p.add_argument("--orders", type=int, default=None)
-    p.add_argument("--concurrency", type=int, default=64,
-                   help="orders in flight at once (default 64)")
+    p.add_argument("--concurrency", default="16,64",
+                   help="orders in flight at once, one run each (default 16,64)")
     p.add_argument("--bills", type=int, default=None, help="bills per database (default 3000)")
     p.add_argument("--only", default="matching,ledger")
     p.add_argument("--results", default=os.path.join(HERE, "results"))
@@ -291,7 +304,6 @@ def main(argv=None):
     sellers = args.sellers or (1000 if args.quick else 10_000)
     orders = args.orders or (1000 if args.quick else 10_000)
     bills = args.bills or (300 if args.quick else 3000)
-    rng = random.Random(7)
 
     def say(text):
         print(text, flush=True)
@@ -299,18 +311,28 @@ def main(argv=None):
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     with tempfile.TemporaryDirectory(prefix="cpushare-bench-market-") as folder:
         if "matching" in args.only:
-            say(f"matching: {sellers} sellers, {orders} orders with screens, "
-                f"{args.concurrency} in flight")
-            result = _runReactor(lambda reactor: matching(
-                reactor, folder, sellers, orders, args.concurrency, rng, say))
-            say(f"  {result['orders_allocated_per_second']:.0f} orders allocated/s, place to "
-                f"StartVM median {result['place_to_start_ms']['median']:.1f} ms, p99 "
-                f"{result['place_to_start_ms']['p99']:.1f} ms; baseline "
-                f"{result['baseline_inserts_per_second']:.0f} bare inserts/s; "
-                f"{result['waiting']} orders wait (no seller passes or room left)")
+            async def everyRun(reactor):
+                results = []
+                for concurrency in [int(c) for c in args.concurrency.split(",")]:
+                    say(f"matching: {sellers} sellers, {orders} orders with screens, "
+                        f"{concurrency} in flight")
+                    results.append(await matching(
+                        reactor, os.path.join(folder, f"c{concurrency}"), sellers, orders,
+                        concurrency, random.Random(7), say))
+                return results
+
+            runs = _runReactor(everyRun)
+            for result in runs:
+                say(f"  {result['orders_allocated_per_second']:.0f} orders allocated/s; place to "
+                    f"allocation median {result['place_to_allocation_ms']['median']:.1f} ms, p99 "
+                    f"{result['place_to_allocation_ms']['p99']:.1f} ms; to StartVM (lease "
+                    f"funded) median {result['place_to_start_ms']['median']:.1f} ms, p99 "
+                    f"{result['place_to_start_ms']['p99']:.1f} ms; baseline "
+                    f"{result['baseline_inserts_per_second']:.0f} bare inserts/s; "
+                    f"{result['waiting']} orders wait (no seller passes or room left)")
             path = write(args.results, "market_matching", {
                 "when": stamp, "environment": environment(), "quick": args.quick,
-                "targets": {"orders_allocated_per_second": 2000, "p99_ms": 20}, **result})
+                "targets": {"orders_allocated_per_second": 2000, "p99_ms": 20}, "runs": runs})
             say(f"  wrote {path}")
         if "ledger" in args.only:
             say(f"ledger: {bills} bills against {bills} plain insert transactions")
@@ -320,9 +342,9 @@ def main(argv=None):
             dsn = os.environ.get("CPUSHARE_BENCH_POSTGRES")
             if dsn:
                 results["postgresql"] = _postgres(dsn, bills, say)
+                results["postgresql"]["server"] = "CPUSHARE_BENCH_POSTGRES"
             else:
-                results["postgresql"] = None
-                say("  PostgreSQL: skipped (set CPUSHARE_BENCH_POSTGRES to a database URL)")
+                results["postgresql"] = _privatePostgres(bills, say)
             path = write(args.results, "market_ledger", {
                 "when": stamp, "environment": environment(), "quick": args.quick, **results})
             say(f"  wrote {path}")
@@ -331,6 +353,26 @@ def main(argv=None):
 def _postgres(dsn, bills, say):
     return ledgerRun(lambda: store.connect(dsn), store.transact, store.migrate, "PostgreSQL",
                      bills, say)
+
+
+def _privatePostgres(bills, say):
+    """The ledger run on the tests' private PostgreSQL cluster (fsync off)."""
+    from test import postgres
+    try:
+        server = postgres.start()
+    except postgres.Missing as e:
+        say(f"  PostgreSQL: skipped: {e}")
+        return None
+    try:
+        url = server.createDatabase()
+        try:
+            result = _postgres(url, bills, say)
+        finally:
+            server.dropDatabase(url)
+    finally:
+        server.close()
+    result["server"] = "a private cluster as the tests start it (fsync off)"
+    return result
 
 
 def _runReactor(fn):

@@ -113,6 +113,8 @@ def printBooks(report):
         print(f"UNBALANCED transaction {transactionId}: sums to {fmt(amount)}")
     for name, amount in report["negative"]:
         print(f"NEGATIVE {name}: {fmt(amount)}")
+    for name, kept, summed in report["drift"]:
+        print(f"DRIFT {name}: its balance says {fmt(kept)}, its entries sum to {fmt(summed)}")
     if report["ok"]:
         print("the books balance: every entry sums to zero")
         return 0

@@ -204,6 +204,43 @@ class Connection:
                     continue
                 raise
 
+    def transactMany(self, calls):
+        """
+        Group commit: run each C{fn(cursor, *args)} of C{calls} in one
+        transaction, each inside a savepoint of its own, and commit once.
+        A call that raises is rolled back to its savepoint alone; the others
+        are kept.  Returns [(True, result) or (False, exception)] in order,
+        once the commit is done; raises (and nothing is kept) if the
+        transaction itself fails.  For databases that never run a
+        transaction again (C{attempts} 1): a retry would run them all again.
+        """
+        cursor = self.cursor()
+        outcomes = []
+        committing = False
+        try:
+            cursor.execute(self.database.begin)
+            for fn, args in calls:
+                cursor.execute("SAVEPOINT call")
+                try:
+                    result = fn(cursor, *args)
+                except Exception as e:
+                    cursor.execute("ROLLBACK TO SAVEPOINT call")
+                    cursor.execute("RELEASE SAVEPOINT call")
+                    outcomes.append((False, e))
+                else:
+                    cursor.execute("RELEASE SAVEPOINT call")
+                    outcomes.append((True, result))
+            committing = True
+            cursor.execute("COMMIT")
+            return outcomes
+        except BaseException as e:
+            self._rollback()
+            if self.broken:
+                raise ConnectionLost(
+                    f"lost the connection to the database {self.database}: {oneLine(e)}",
+                    committing) from e
+            raise
+
     def _rollback(self):
         try:
             if self.database.inTransaction(self.raw):

@@ -4,8 +4,10 @@ The market's double-entry ledger.
 Money is an integer number of micro-units (millionths) of the market's one
 currency; floats never touch it.  Every movement is one transaction made of
 entries that sum to zero, posted with L{post}; a balance is the sum of an
-account's entries and is never stored.  So the whole book always sums to
-zero, and L{books} proves it.
+account's entries.  Each account keeps that sum as it goes (updated by
+L{post} in the same transaction as the entries, so a balance is read
+without summing every entry), and L{books} recomputes each one from the
+entries.  So the whole book always sums to zero, and L{books} proves it.
 
 Ledger accounts, by kind (an "owner" is a market account):
 
@@ -153,42 +155,36 @@ def post(cursor, kind, memo, legs, reference=None):
             "INSERT INTO ledger_entries (transaction_id, account_id, amount) VALUES (?, ?, ?)",
             (transactionId, accountId, amount),
         )
-    for accountId in {a for a, amount in entries if amount < 0}:
+    moved = {}
+    for accountId, amount in entries:
+        moved[accountId] = moved.get(accountId, 0) + amount
+    for accountId, amount in sorted(moved.items()):
         cursor.execute(
-            "SELECT name, kind FROM ledger_accounts WHERE id = ?", (accountId,))
-        name, accountKind = cursor.fetchone()
-        if accountKind in OWNED:
-            left = balanceOf(cursor, accountId)
-            if left < 0:
-                taken = -sum(a for i, a in entries if i == accountId)
-                raise InsufficientFunds(name, left + taken, taken)
+            "UPDATE ledger_accounts SET balance = balance + ? WHERE id = ?"
+            " RETURNING name, kind, balance", (amount, accountId))
+        name, accountKind, left = cursor.fetchone()
+        if amount < 0 and accountKind in OWNED and left < 0:
+            raise InsufficientFunds(name, int(left) - amount, -amount)
     return transactionId
 
 
 def balanceOf(cursor, accountId):
-    cursor.execute(
-        "SELECT COALESCE(SUM(amount), 0) FROM ledger_entries WHERE account_id = ?",
-        (accountId,),
-    )
+    cursor.execute("SELECT balance FROM ledger_accounts WHERE id = ?", (accountId,))
     return int(cursor.fetchone()[0])
 
 
 def balance(cursor, kind, ownerId=None):
     """One account's balance (0 for an account never used)."""
-    cursor.execute("SELECT id FROM ledger_accounts WHERE name = ?", (accountName(kind, ownerId),))
+    cursor.execute("SELECT balance FROM ledger_accounts WHERE name = ?",
+                   (accountName(kind, ownerId),))
     row = cursor.fetchone()
-    return 0 if row is None else balanceOf(cursor, row[0])
+    return 0 if row is None else int(row[0])
 
 
 def balances(cursor, ownerId):
     """{kind: balance} of every account an owner has, zeros included."""
     result = dict.fromkeys(OWNED, 0)
-    cursor.execute(
-        "SELECT a.kind, COALESCE(SUM(e.amount), 0) FROM ledger_accounts a"
-        " LEFT JOIN ledger_entries e ON e.account_id = a.id"
-        " WHERE a.owner_id = ? GROUP BY a.kind",
-        (ownerId,),
-    )
+    cursor.execute("SELECT kind, balance FROM ledger_accounts WHERE owner_id = ?", (ownerId,))
     for kind, amount in cursor.fetchall():
         result[kind] = int(amount)
     return result
@@ -214,8 +210,9 @@ def statement(cursor, ownerId, limit=1000):
 def books(cursor):
     """
     Prove the books: the sum of every entry, the transactions that do not
-    sum to zero, and the owners' accounts below zero.  C{ok} is True when
-    the first is zero and the others are empty.
+    sum to zero, the owners' accounts below zero, and the accounts whose
+    running balance differs from the sum of their entries (C{drift}).
+    C{ok} is True when the first is zero and the others are empty.
     """
     cursor.execute("SELECT COALESCE(SUM(amount), 0), COUNT(*) FROM ledger_entries")
     total, entryCount = cursor.fetchone()
@@ -239,9 +236,17 @@ def books(cursor):
         " JOIN ledger_entries e ON e.account_id = a.id GROUP BY a.kind ORDER BY a.kind"
     )
     byKind = {k: int(s) for k, s in cursor.fetchall()}
+    cursor.execute(
+        "SELECT a.name, a.balance, COALESCE(SUM(e.amount), 0) FROM ledger_accounts a"
+        " LEFT JOIN ledger_entries e ON e.account_id = a.id"
+        " GROUP BY a.id, a.name, a.balance HAVING a.balance <> COALESCE(SUM(e.amount), 0)"
+        " ORDER BY a.name"
+    )
+    drift = [(n, int(b), int(s)) for n, b, s in cursor.fetchall()]
     total = int(total)
     return {
-        "ok": total == 0 and not unbalanced and not negative,
+        "ok": total == 0 and not unbalanced and not negative and not drift,
+        "drift": drift,
         "total": total,
         "transactions": transactionCount,
         "entries": entryCount,

@@ -102,6 +102,37 @@ class VM:
         return self.state not in OVER
 
 
+class PlacedVMs(dict):
+    """A seller's VMs by id, keeping the cores and memory they use summed."""
+
+    def __init__(self):
+        dict.__init__(self)
+        self.cores = self.memory = 0
+
+    def __setitem__(self, vmId, vm):
+        self.pop(vmId, None)
+        dict.__setitem__(self, vmId, vm)
+        self.cores += vm.cores
+        self.memory += vm.memory
+
+    def pop(self, vmId, *default):
+        if vmId in self:
+            vm = dict.pop(self, vmId)
+            self.cores -= vm.cores
+            self.memory -= vm.memory
+            return vm
+        if default:
+            return default[0]
+        raise KeyError(vmId)
+
+    def __delitem__(self, vmId):
+        self.pop(vmId)
+
+    def clear(self):
+        dict.clear(self)
+        self.cores = self.memory = 0
+
+
 class Orders:
     log = Logger()
 
@@ -275,11 +306,8 @@ class Orders:
                 self._allocate(vm)
 
     def used(self, seller):
-        cores = memory = 0
-        for vm in seller.vms.values():
-            cores += vm.cores
-            memory += vm.memory
-        return cores, memory
+        """(cores, memory) of the VMs placed on C{seller}."""
+        return seller.vms.cores, seller.vms.memory
 
     def _allocate(self, vm):
         if vm.buyerId in self.unfunded:

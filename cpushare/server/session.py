@@ -17,6 +17,7 @@ from cpushare.protocol.heartbeat import Heartbeat
 from cpushare.protocol.mux import ControlProtocol, MAX_CHANNEL, Multiplexer
 from cpushare.server import ledger, marketsql
 from cpushare.server.measure import BandwidthMeter
+from cpushare.server.orders import PlacedVMs
 from cpushare.server.screens import Screens, rating
 
 REFUSED_GRACE = 5.0
@@ -369,7 +370,7 @@ class MarketSession(Multiplexer):
         self.heartbeat = None
         self.links = {}
         self.uploads = {}
-        self.vms = {}
+        self.vms = PlacedVMs()
         self.stopping = {}
         self.connectedAt = None
         self.refusal = None

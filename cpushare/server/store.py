@@ -33,12 +33,16 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from cpushare.server import database as databases
 from cpushare.server.database import ConnectionLost, SQLite, Unavailable
 
 log = Logger()
+
+# The most calls one group commit takes.
+GROUP_MAX = 256
 
 
 class NameTaken(Exception):
@@ -192,6 +196,12 @@ class Store(Service):
         self._lock = threading.Lock()
         self._idle = []
         self._ordered = defer.succeed(None)
+        # Group commit (SQLite): calls queued while a transaction runs are
+        # run together in the next one, each in a savepoint of its own.
+        self.groupCommit = self.database.attempts == 1 and self.pool.max == 1
+        self._batch = []
+        self._draining = False
+        self.batches = 0            # group commits made, for tests and benchmarks
         self._orderedPending = 0
         self._inFlight = set()
 
@@ -268,7 +278,44 @@ class Store(Service):
     def _submit(self, fn, args):
         if self.pool.joined:
             return defer.fail(Unavailable(f"the store of {self.database} is closed"))
-        return deferToThreadPool(self.reactor, self.pool, self._call, fn, args)
+        if not self.groupCommit:
+            return deferToThreadPool(self.reactor, self.pool, self._call, fn, args)
+        d = defer.Deferred()
+        with self._lock:
+            self._batch.append((fn, args, d))
+            start = not self._draining
+            self._draining = True
+        if start:
+            self.pool.callInThread(self._drain)
+        return d
+
+    def _drain(self):
+        """On the pool's thread: run the queued calls, a batch per transaction."""
+        while True:
+            with self._lock:
+                if not self._batch:
+                    self._draining = False
+                    return
+                batch, self._batch = self._batch[:GROUP_MAX], self._batch[GROUP_MAX:]
+                self.batches += 1
+            try:
+                conn = self._connection()
+                try:
+                    outcomes = conn.transactMany([(fn, args) for fn, args, _ in batch])
+                finally:
+                    if conn.broken:
+                        conn.close()
+                    else:
+                        self._release(conn)
+            except BaseException as e:
+                failure = Failure(e)
+                outcomes = [(False, failure)] * len(batch)
+            for (_, _, d), (ok, value) in zip(batch, outcomes):
+                if ok:
+                    self.reactor.callFromThread(d.callback, value)
+                else:
+                    self.reactor.callFromThread(
+                        d.errback, value if isinstance(value, Failure) else Failure(value))
 
     def _afterOrdered(self):
         """A Deferred firing once the L{runInOrder} calls made so far are done."""

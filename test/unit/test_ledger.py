@@ -142,8 +142,22 @@ def test_books_find_a_tampered_entry(conn, alice, capsys):
                  " AND id = (SELECT MIN(id) FROM ledger_entries WHERE amount > 0)")
     report = run(conn, ledger.books)
     assert not report["ok"] and report["total"] == 1 and report["unbalanced"] == [(1, 1)]
+    assert report["drift"] == [("funds:%d" % alice, 9 * MICRO, 9 * MICRO + 1)]
     assert admin.main(adminArguments(conn) + ["books"]) == 2
     assert "UNBALANCED transaction 1" in capsys.readouterr().out
     conn.execute("UPDATE ledger_entries SET amount = -5 WHERE account_id ="
                  " (SELECT id FROM ledger_accounts WHERE kind = 'funds')")
     assert run(conn, ledger.books)["negative"] == [("funds:%d" % alice, -5)]
+
+
+def test_books_find_a_balance_that_drifted_from_its_entries(conn, alice, capsys):
+    deposit(conn, alice, 10 * MICRO, MICRO)
+    # The running balance is edited behind the ledger's back: the entries
+    # still balance, but the balance no longer is their sum.
+    conn.execute("UPDATE ledger_accounts SET balance = balance + 5 WHERE kind = 'funds'")
+    report = run(conn, ledger.books)
+    assert not report["ok"] and report["unbalanced"] == [] and report["total"] == 0
+    assert report["drift"] == [("funds:%d" % alice, 9 * MICRO + 5, 9 * MICRO)]
+    assert admin.main(adminArguments(conn) + ["books"]) == 2
+    assert (f"DRIFT funds:{alice}: its balance says 9.000005, its entries sum to 9.00"
+            in capsys.readouterr().out)

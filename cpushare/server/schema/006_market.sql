@@ -35,6 +35,8 @@ CREATE TABLE leases (
 );
 
 CREATE INDEX leases_vm ON leases (vm_id);
+CREATE INDEX leases_order ON leases (order_id);
+CREATE INDEX leases_open ON leases (settled);
 CREATE INDEX leases_buyer ON leases (buyer_account_id);
 CREATE INDEX leases_seller ON leases (seller_account_id);
 
