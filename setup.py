@@ -29,6 +29,7 @@ setup(
         "attrs",
         "pycdlib>=1.14",
         "psycopg[binary]>=3.1",
+        "paypalrestsdk>=1.13",
     ],
     extras_require={
         "test": ["pytest>=7"],

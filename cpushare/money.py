@@ -9,6 +9,7 @@ strings here, on both sides of the wire; the ledger
 import re
 
 MICRO = 1_000_000
+CENT = MICRO // 100
 
 # Largest amount a single entry may carry: a billion units.  Anything
 # larger is a mistake, not money.

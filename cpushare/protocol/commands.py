@@ -508,3 +508,140 @@ class Rate(amp.Command):
                  (b"comment", amp.Unicode(optional=True))]
     response = [(b"seller", amp.Unicode()), (b"rating", amp.Float()), (b"votes", amp.Integer())]
     errors = {**COMMON_ERRORS, NotPermitted: b"NOT_PERMITTED"}
+# -- money: adding funds with PayPal, balances, statements, payouts
+#
+# Amounts are integers of micro-units (millionths) of the market's
+# currency, named in each answer.
+
+
+class NoPayments(CPUShareError):
+    """The market takes no payments (PayPal is not set up)."""
+
+
+class PayPalFailed(CPUShareError):
+    """PayPal refused, or could not be asked; the message says what happened to the money."""
+
+
+MONEY_ERRORS = {**COMMON_ERRORS, NoPayments: b"NO_PAYMENTS", PayPalFailed: b"PAYPAL_FAILED"}
+
+
+class FundsAdd(amp.Command):
+    """
+    Buyer: create a PayPal payment of C{amount} (whole cents).  The answer
+    says the commission and what reaches the funds, and the link where the
+    buyer approves the payment; the funds are added when PayPal sends the
+    buyer back to the market's web endpoint.
+    """
+
+    arguments = [(b"amount", amp.Integer())]
+    response = [
+        (b"payment", amp.Unicode()),
+        (b"approval_url", amp.Unicode()),
+        (b"gross", amp.Integer()),
+        (b"commission", amp.Integer()),
+        (b"net", amp.Integer()),
+        (b"currency", amp.Unicode()),
+        (b"commission_percent", amp.Unicode()),
+    ]
+    errors = MONEY_ERRORS
+
+
+class Balance(amp.Command):
+    """
+    This account's balances, the payments waiting at PayPal, and the
+    market's terms: its currency, commission and whether it takes payments.
+    """
+
+    arguments = []
+    response = [
+        (b"funds", amp.Integer()),
+        (b"held", amp.Integer()),
+        (b"earnings", amp.Integer()),
+        (b"payout", amp.Integer()),
+        (b"currency", amp.Unicode()),
+        (b"commission_percent", amp.Unicode()),
+        (b"payments", amp.Boolean()),
+        (b"pending", amp.AmpList([
+            (b"payment", amp.Unicode()),
+            (b"gross", amp.Integer()),
+            (b"net", amp.Integer()),
+            (b"state", amp.Unicode()),
+            (b"created", amp.Unicode()),
+        ])),
+    ]
+    errors = COMMON_ERRORS
+
+
+STATEMENT_PAGE = 200
+
+
+class Statement(amp.Command):
+    """
+    This account's ledger entries, newest first, STATEMENT_PAGE at a time:
+    entries older than entry C{before} (all when absent).  Each has the
+    balance of its account (funds, held, earnings, payout) after it;
+    C{more} says whether older ones remain.
+    """
+
+    arguments = [(b"before", amp.Integer(optional=True))]
+    response = [
+        (b"entries", amp.AmpList([
+            (b"entry", amp.Integer()),
+            (b"transaction", amp.Integer()),
+            (b"time", amp.Unicode()),
+            (b"kind", amp.Unicode()),
+            (b"memo", amp.Unicode()),
+            (b"account", amp.Unicode()),
+            (b"amount", amp.Integer()),
+            (b"balance", amp.Integer()),
+        ])),
+        (b"more", amp.Boolean()),
+        (b"currency", amp.Unicode()),
+    ]
+    errors = COMMON_ERRORS
+
+
+class Earnings(amp.Command):
+    """Seller: earnings, money on its way out, the payout address and recent payouts."""
+
+    arguments = []
+    response = [
+        (b"earnings", amp.Integer()),
+        (b"payout", amp.Integer()),
+        (b"currency", amp.Unicode()),
+        (b"minimum", amp.Integer()),
+        (b"payments", amp.Boolean()),
+        (b"email", amp.Unicode(optional=True)),
+        (b"payouts", amp.AmpList([
+            (b"payout", amp.Integer()),
+            (b"amount", amp.Integer()),
+            (b"email", amp.Unicode()),
+            (b"state", amp.Unicode()),
+            (b"paypal_status", amp.Unicode(optional=True)),
+            (b"reason", amp.Unicode(optional=True)),
+            (b"created", amp.Unicode()),
+            (b"updated", amp.Unicode()),
+        ])),
+    ]
+    errors = COMMON_ERRORS
+
+
+class Payout(amp.Command):
+    """
+    Seller: pay C{amount} of the earnings (all of them, in whole cents, when
+    absent) to the PayPal account C{email} (the last one used when
+    absent; a given one is remembered).  C{state} is C{pending} once PayPal
+    took it, C{unknown} when PayPal's answer was lost (the operator
+    settles it); a refusal is C{PAYPAL_FAILED} and the amount is back in
+    the earnings.
+    """
+
+    arguments = [(b"amount", amp.Integer(optional=True)), (b"email", amp.Unicode(optional=True))]
+    response = [
+        (b"payout", amp.Integer()),
+        (b"amount", amp.Integer()),
+        (b"email", amp.Unicode()),
+        (b"state", amp.Unicode()),
+        (b"currency", amp.Unicode()),
+    ]
+    errors = MONEY_ERRORS

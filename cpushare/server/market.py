@@ -15,6 +15,7 @@ from cpushare.server import store
 from cpushare.server.billing import INTERVAL, WINDOW, Billing
 from cpushare.server.measure import EVERY as MEASURE_EVERY
 from cpushare.server.board import DEFAULT_PRICE, Board
+from cpushare.server.funds import Funds
 from cpushare.server.orders import Orders
 from cpushare.server.relay import Relay
 
@@ -42,6 +43,8 @@ class Market(Service):
         self.orders = Orders(self)
         self.billing = Billing(self, billingInterval, holdWindow)
         self.measureEvery = measureEvery
+        # Balances and statements; PayPal when makeService sets one up.
+        self.funds = Funds(reactor, store)
         self._nextSession = 1
 
     def startService(self):

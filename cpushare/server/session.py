@@ -16,6 +16,7 @@ from cpushare.protocol.commands import BadRequest, NotAuthenticated
 from cpushare.protocol.heartbeat import Heartbeat
 from cpushare.protocol.mux import ControlProtocol, MAX_CHANNEL, Multiplexer
 from cpushare.server import ledger, marketsql
+from cpushare.server.fundscontrol import FundsCommands
 from cpushare.server.measure import BandwidthMeter
 from cpushare.server.orders import PlacedVMs
 from cpushare.server.screens import Screens, rating
@@ -31,8 +32,8 @@ def _channel(value, what="channel"):
     return value
 
 
-class ServerControl(ControlProtocol):
-    """Responders for the commands clients send to the server."""
+class ServerControl(ControlProtocol, FundsCommands):
+    """Responders for the commands clients send to the server (money: L{FundsCommands})."""
 
     def __init__(self, session):
         ControlProtocol.__init__(self)

@@ -2,6 +2,12 @@
 twistd cpushare-server: the market server.
 
     twistd -n cpushare-server --data DIR --listen ENDPOINT --hostname NAME [--db URL]
+        [--web ENDPOINT --paypal-client-id ID --paypal-secret-file FILE ...]
+
+PayPal's client secret is read from a file or from $CPUSHARE_PAYPAL_SECRET,
+never from the command line: every local user can read a process's
+command line (ps, /proc/PID/cmdline), and shells and service managers keep
+it in histories and unit files.
 """
 
 import os
@@ -18,6 +24,7 @@ from cpushare.protocol.heartbeat import DEFAULT_INTERVAL, DEFAULT_TIMEOUT
 log = Logger()
 
 DEFAULT_LISTEN = "tcp:7444"
+SECRET_VARIABLE = "CPUSHARE_PAYPAL_SECRET"
 
 
 class Options(usage.Options):
@@ -52,6 +59,28 @@ class Options(usage.Options):
          "Seconds of full-tilt CPU time held from the buyer's funds ahead of each VM.", float],
         ["measure-every", None, 3600.0,
          "Seconds between measurements of each seller's bandwidth (0: never).", float],
+        ["web", None, None,
+         "Twisted server endpoint (or a port number) for the HTTPS endpoint buyers' "
+         "browsers reach when PayPal sends them back (TLS is added)."],
+        ["public-url", None, None,
+         "The web endpoint's address as browsers reach it "
+         "(default https://HOSTNAME:PORT of --web)."],
+        ["web-cert", None, None,
+         "Certificate (PEM, chain after it) for the web endpoint; default: the "
+         "market's own server certificate."],
+        ["web-key", None, None, "The key of --web-cert (PEM)."],
+        ["paypal-mode", None, "sandbox", "PayPal's sandbox or live."],
+        ["paypal-client-id", None, None,
+         "The PayPal REST app's client id: with it the market takes payments."],
+        ["paypal-secret-file", None, None,
+         "File holding the PayPal app's secret (else $" + SECRET_VARIABLE + ")."],
+        ["paypal-endpoint", None, None,
+         "PayPal's API address instead of the mode's (https, or http on loopback)."],
+        ["commission", None, "0",
+         "The market's commission on funds added, in percent (like 5 or 2.5)."],
+        ["payout-minimum", None, "10.00", "The smallest payout a seller may ask for."],
+        ["currency", None, "USD", "The market's currency (ISO 4217 code)."],
+        ["payout-poll", None, 60.0, "Seconds between asking PayPal about payouts.", float],
     ]
 
     def postOptions(self):
@@ -73,6 +102,84 @@ class Options(usage.Options):
             self["database"] = database.fromURL(url)
         except database.BadURL as e:
             raise usage.UsageError(f"--db: {e}")
+        self.postMoneyOptions(os.environ)
+
+    def postMoneyOptions(self, environ):
+        """Check the web, PayPal and money options; read the PayPal secret."""
+        from cpushare.money import BadAmount, parseAmount
+        from cpushare.server import funds, paypal
+
+        try:
+            self["commission-rate"] = funds.parsePercent(self["commission"])
+        except ValueError as e:
+            raise usage.UsageError(f"--commission: {e}")
+        try:
+            self["payout-minimum-micro"] = parseAmount(self["payout-minimum"])
+            paypal.paypalDecimal(self["payout-minimum-micro"])
+        except BadAmount as e:
+            raise usage.UsageError(f"--payout-minimum: {e}")
+        currency = self["currency"]
+        if not (len(currency) == 3 and currency.isascii() and currency.isupper()
+                and currency.isalpha()):
+            raise usage.UsageError(f"--currency {currency!r}: give a code like USD or EUR")
+        if currency in paypal.WHOLE_UNIT_CURRENCIES:
+            raise usage.UsageError(
+                f"--currency {currency}: PayPal takes it in whole units only, and the "
+                "market's amounts have cents")
+        if self["payout-poll"] <= 0:
+            raise usage.UsageError("--payout-poll must be positive")
+        if (self["web-cert"] is None) != (self["web-key"] is None):
+            raise usage.UsageError("--web-cert and --web-key go together")
+        if self["web-cert"] is not None:
+            from cpushare.server.web import loadWebTLS
+            try:
+                loadWebTLS(None, self["web-cert"], self["web-key"])
+            except OSError as e:
+                raise usage.UsageError(f"--web-cert/--web-key: {e.filename}: {e.strerror}")
+            except Exception as e:
+                raise usage.UsageError(
+                    f"--web-cert/--web-key: not a PEM certificate and its key ({e})")
+        if self["web"] is not None and self["web"].isdigit():
+            self["web"] = f"tcp:{self['web']}"
+        if self["public-url"] is not None:
+            url = self["public-url"].rstrip("/")
+            if not url.startswith("https://"):
+                raise usage.UsageError(
+                    f"--public-url {url!r}: PayPal sends buyers back to it, so it must be https")
+            self["public-url"] = url
+
+        self["paypal-secret"] = None
+        if self["paypal-client-id"] is None:
+            if self["paypal-secret-file"] is not None:
+                raise usage.UsageError("--paypal-secret-file needs --paypal-client-id")
+            return
+        if self["paypal-mode"] not in paypal.MODES:
+            raise usage.UsageError(
+                f"--paypal-mode {self['paypal-mode']!r}: use {' or '.join(paypal.MODES)}")
+        if self["paypal-endpoint"] is not None:
+            try:
+                self["paypal-endpoint"] = paypal.checkEndpoint(self["paypal-endpoint"])
+            except ValueError as e:
+                raise usage.UsageError(f"--paypal-endpoint: {e}")
+        if self["paypal-secret-file"] is not None:
+            try:
+                with open(self["paypal-secret-file"], encoding="utf-8") as f:
+                    secret = f.read().strip()
+            except OSError as e:
+                raise usage.UsageError(
+                    f"--paypal-secret-file {self['paypal-secret-file']}: {e.strerror}")
+        else:
+            secret = environ.get(SECRET_VARIABLE, "").strip()
+        if not secret:
+            raise usage.UsageError(
+                "--paypal-client-id needs the app's secret: put it in a file named by "
+                f"--paypal-secret-file, or in ${SECRET_VARIABLE} (not on the command line, "
+                "where every local user can read it)")
+        self["paypal-secret"] = secret
+        if self["web"] is None:
+            raise usage.UsageError(
+                "--paypal-client-id needs --web: PayPal sends buyers back to the market's "
+                "web endpoint, where their payments are completed")
 
 
 def makeService(options, reactor=None):
@@ -81,6 +188,7 @@ def makeService(options, reactor=None):
     from cpushare.listening import ListeningService
     from cpushare.server.credentials import loadOrCreate
     from cpushare.server.database import Unavailable
+    from cpushare.server.funds import Funds
     from cpushare.server.images import ImageStore
     from cpushare.server.market import Market
     from cpushare.server.session import MarketFactory
@@ -107,11 +215,40 @@ def makeService(options, reactor=None):
                     measureEvery=options["measure-every"])
     market.orders.grace = options["grace"]
     market.setServiceParent(service)
+    market.funds = funds = Funds(
+        reactor, store, paypal=makePayPal(reactor, options), currency=options["currency"],
+        commission=options["commission-rate"], payoutMinimum=options["payout-minimum-micro"],
+        publicUrl=options["public-url"], pollInterval=options["payout-poll"])
+    funds.setServiceParent(service)
+
+    async def openAll():
+        await market.open()
+        await funds.open()
+
+    before = lambda: defer.ensureDeferred(openAll())
+    if options["web"] is not None:
+        from cpushare.server.web import WebService, loadWebTLS
+        web = WebService(reactor, serverFromString(reactor, options["web"]),
+                         loadWebTLS(credentials, options["web-cert"], options["web-key"]),
+                         funds, options["hostname"], data, before=before)
+        web.setServiceParent(service)
+        # Clients are let in once the web endpoint listens, so that the
+        # links of their payments have somewhere to go.
+        before = web.whenListening
 
     factory = TLSMemoryBIOFactory(credentials.serverTLS(), False, MarketFactory(market))
     ListeningService(
         reactor, serverFromString(reactor, options["listen"]), factory,
         "CPUShare market server", os.path.join(data, "server.address"),
-        before=lambda: defer.ensureDeferred(market.open()),
+        before=before,
     ).setServiceParent(service)
     return service
+
+
+def makePayPal(reactor, options):
+    """The operator's PayPal, or None when the market takes no payments."""
+    if options["paypal-client-id"] is None:
+        return None
+    from cpushare.server.paypal import RESTPayPal
+    return RESTPayPal(reactor, options["paypal-mode"], options["paypal-client-id"],
+                      options["paypal-secret"], endpoint=options["paypal-endpoint"])

@@ -1,0 +1,228 @@
+"""
+The market's HTTPS endpoint for buyers' browsers: where PayPal sends a
+buyer back after approving or cancelling a payment.
+
+    /                 a page naming the market
+    /paypal/return    ?n=NONCE&paymentId=PAY-..&token=EC-..&PayerID=..
+    /paypal/cancel    ?n=NONCE&token=EC-..
+
+The pages are small and plain, and say what happened to the money.  The
+work is L{cpushare.server.funds.Funds}'s; this module only reads the
+query and renders the outcome.  TLS uses the market's server certificate
+unless the operator gives another (a certificate for a public name that
+browsers trust on their own).
+"""
+
+import html
+import os
+
+from cryptography import x509
+from OpenSSL import crypto
+from twisted.internet import defer, ssl
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.web import resource, server
+
+from cpushare import pki
+from cpushare.listening import ListeningService
+
+PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title} - CPUShare</title>
+<style>
+body {{ font-family: sans-serif; max-width: 36em; margin: 3em auto; padding: 0 1em;
+       line-height: 1.5; color: #222; }}
+h1 {{ font-size: 1.4em; }}
+p.note {{ color: #666; font-size: 0.9em; }}
+</style>
+</head>
+<body>
+<h1>{title}</h1>
+<p id="message">{message}</p>
+<p class="note">CPUShare market. You may close this page; <code>cpushare balance</code>
+shows your funds.</p>
+</body>
+</html>
+"""
+
+
+def page(title, message):
+    return PAGE.format(title=html.escape(title), message=html.escape(message)).encode("utf-8")
+
+
+def _arg(request, name):
+    values = request.args.get(name.encode())
+    if not values:
+        return None
+    try:
+        return values[0].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+class OutcomePage(resource.Resource):
+    """A page whose text comes from C{self.outcome(request)}, a coroutine returning an Outcome."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, funds):
+        resource.Resource.__init__(self)
+        self.funds = funds
+
+    def render_GET(self, request):
+        d = defer.ensureDeferred(self.outcome(request))
+
+        def done(outcome):
+            request.setResponseCode(outcome.status)
+            self._write(request, page(outcome.title, outcome.message))
+
+        def failed(failure):
+            self.log.failure("rendering {path}", failure, path=request.path.decode("latin-1"))
+            request.setResponseCode(500)
+            self._write(request, page(
+                "Something went wrong",
+                "The market could not finish this request.  Nothing was added to any "
+                "funds; the operator can see what happened in the market's log."))
+
+        d.addCallbacks(done, failed)
+        return server.NOT_DONE_YET
+
+    def _write(self, request, body):
+        if request._disconnected:
+            return
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        request.setHeader(b"content-length", str(len(body)).encode())
+        request.write(body)
+        request.finish()
+
+
+class PayPalReturn(OutcomePage):
+    async def outcome(self, request):
+        return await self.funds.paymentReturned(
+            _arg(request, "paymentId"), _arg(request, "PayerID"), _arg(request, "n"))
+
+
+class PayPalCancel(OutcomePage):
+    async def outcome(self, request):
+        return await self.funds.paymentCancelled(_arg(request, "n"))
+
+
+class Home(resource.Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        return page("CPUShare market",
+                    "This is a CPUShare market's web endpoint: PayPal brings buyers back "
+                    "here after they approve a payment.")
+
+
+class NotFound(resource.Resource):
+    isLeaf = True
+
+    def render(self, request):
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        return page("Not found", "There is no such page on this market.")
+
+
+class Branch(resource.Resource):
+    """A folder of pages: anything else in it, and itself, is not found."""
+
+    def getChild(self, path, request):
+        return NotFound()
+
+    def render(self, request):
+        return NotFound().render(request)
+
+
+class Root(Branch):
+    def __init__(self, funds):
+        Branch.__init__(self)
+        self.home = Home()
+        paypal = Branch()
+        paypal.putChild(b"return", PayPalReturn(funds))
+        paypal.putChild(b"cancel", PayPalCancel(funds))
+        self.putChild(b"paypal", paypal)
+
+    def getChild(self, path, request):
+        if path == b"" and not request.postpath:
+            return self.home
+        return NotFound()
+
+
+def site(funds):
+    s = server.Site(Root(funds))
+    s.displayTracebacks = False
+    s.noisy = False
+    return s
+
+
+def webTLS(keyPEM, certPEM):
+    """
+    Server TLS (1.2 or later) for browsers with the certificate in
+    C{certPEM}, which may be followed by its chain (a "fullchain" file).
+    """
+    certs = x509.load_pem_x509_certificates(certPEM)
+    key = crypto.PKey.from_cryptography_key(pki.loadKey(keyPEM))
+    leaf, *chain = [crypto.X509.from_cryptography(c) for c in certs]
+    return ssl.CertificateOptions(
+        privateKey=key, certificate=leaf, extraCertChain=chain,
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+    )
+
+
+def loadWebTLS(credentials, certPath=None, keyPath=None):
+    """The operator's certificate and key files, or the market's own server certificate."""
+    if certPath is None:
+        return webTLS(credentials.keyPEM, credentials.certPEM)
+    with open(certPath, "rb") as f:
+        certPEM = f.read()
+    with open(keyPath, "rb") as f:
+        keyPEM = f.read()
+    return webTLS(keyPEM, certPEM)
+
+
+class WebService(ListeningService):
+    """
+    The HTTPS endpoint as a listening service.  Once it listens, a market
+    without C{--public-url} gets C{https://HOSTNAME:PORT} as its public URL.
+    """
+
+    def __init__(self, reactor, endpoint, tlsOptions, funds, hostname, dataDir, before=None):
+        self.funds = funds
+        self.hostname = hostname
+        factory = TLSMemoryBIOFactory(tlsOptions, False, site(funds))
+        ListeningService.__init__(
+            self, reactor, endpoint, factory, "CPUShare web endpoint",
+            os.path.join(dataDir, "web.address"), before=before)
+        self._waiting = []
+
+    def whenListening(self):
+        """Fires once the endpoint listens (never, if it cannot: the server stops)."""
+        d = defer.Deferred()
+        if self.port is not None:
+            d.callback(None)
+        else:
+            self._waiting.append(d)
+        return d
+
+    def _listening(self, port):
+        port = ListeningService._listening(self, port)
+        if self.funds.publicUrl is None:
+            host = self.hostname
+            if ":" in host:
+                host = f"[{host}]"
+            self.funds.publicUrl = f"https://{host}:{port.getHost().port}"
+        self.log.info("PayPal sends buyers back to {url}/paypal/return",
+                      url=self.funds.publicUrl)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+        return port
