@@ -38,6 +38,7 @@ import time
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from twisted.internet import defer
+from twisted.protocols.policies import WrappingFactory
 from twisted.web import resource, server
 
 DEFAULT_KNOBS = {
@@ -65,6 +66,18 @@ DEFAULT_KNOBS = {
 TOTAL = re.compile(r"^\d{1,7}(\.\d{2})?$")
 CURRENCY = re.compile(r"^[A-Z]{3}$")
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+@defer.inlineCallbacks
+def closeAll(reactor, wrappingFactory, timeout=5.0):
+    """Abort every connection of a WrappingFactory and wait until they are gone."""
+    for protocol in list(wrappingFactory.protocols):
+        protocol.transport.abortConnection()
+    deadline = reactor.seconds() + timeout
+    while wrappingFactory.protocols and reactor.seconds() < deadline:
+        d = defer.Deferred()
+        reactor.callLater(0.01, d.callback, None)
+        yield d
 
 
 def _id(prefix, n=24):
@@ -115,9 +128,16 @@ class FakePayPal(resource.Resource):
         """Listen on 127.0.0.1, an ephemeral port; returns the port."""
         site = server.Site(self)
         site.noisy = False
-        port = self.reactor.listenTCP(0, site, interface="127.0.0.1")
-        self.baseUrl = f"http://127.0.0.1:{port.getHost().port}"
-        return port
+        self.connections = WrappingFactory(site)
+        self.port = self.reactor.listenTCP(0, self.connections, interface="127.0.0.1")
+        self.baseUrl = f"http://127.0.0.1:{self.port.getHost().port}"
+        return self.port
+
+    @defer.inlineCallbacks
+    def stop(self):
+        """Stop listening and close the connections still open; fires when they are closed."""
+        yield self.port.stopListening()
+        yield closeAll(self.reactor, self.connections)
 
     def count(self, method, suffix):
         """How many requests were METHOD PATH ending in C{suffix}."""

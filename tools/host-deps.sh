@@ -13,6 +13,10 @@ command -v ping >/dev/null || need+=(iputils-ping)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
 # The store's tests run on PostgreSQL as well as SQLite (test/postgres.py).
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)
+# The tests of adding funds open PayPal's approval link in a real browser
+# that trusts the market's CA through an NSS database (certutil).
+command -v chromium >/dev/null || need+=(chromium)
+command -v certutil >/dev/null || need+=(libnss3-tools)
 
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

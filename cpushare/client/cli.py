@@ -7,6 +7,7 @@ cpushare: the command line for buyers and sellers.
     cpushare terms, leases, rate (see marketcli)
     cpushare image build -o job.iso [--add DIR]... [--base other.iso] [--cache DIR]
     cpushare image upload|list, order place|cancel, vms, vm stop, console (see vmcli)
+    cpushare funds add, balance, statement, earnings, payout (see fundscli)
 
 Every failure is one line on stderr, naming the problem, and exit status 1.
 """
@@ -214,6 +215,8 @@ def parser():
     marketcli.addParsers(sub)
     vmcli.addImageParsers(images)
     vmcli.addParsers(sub)
+    from cpushare.client import fundscli
+    fundscli.addParsers(sub)
     return p
 
 

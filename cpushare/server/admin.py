@@ -5,6 +5,9 @@ cpushare-admin: the operator's tool, working on the market's database.
     cpushare-admin [--data DIR | --db URL] delete-account NAME
     cpushare-admin [--data DIR | --db URL] books
     cpushare-admin [--data DIR | --db URL] credit NAME AMOUNT [--memo TEXT]
+    cpushare-admin [--data DIR | --db URL] payments | payouts
+    cpushare-admin [--data DIR | --db URL] payout-sent ID | payout-returned ID
+    cpushare-admin [--data DIR | --db URL] credit-payment PAYPAL_ID
 
 The database is the server's: the SQLite file market.sqlite in --data, or
 the one --db names (the same URL as the server's --db).
@@ -12,6 +15,12 @@ the one --db names (the same URL as the server's --db).
 `books` proves the ledger: every entry summed is zero, every transaction
 balances, no owner's account is below zero.  It exits 0 when they hold and
 2 when they do not.
+
+`payout-sent` and `payout-returned` settle a payout whose outcome the
+market could not learn from PayPal (state unknown), once the operator has
+looked it up at PayPal; `credit-payment` credits a payment PayPal
+completed that the market could not (state check).  Each is posted once,
+with the same ledger references the server uses.
 
 It opens the database directly, which both SQLite and PostgreSQL allow
 while the server runs.  A deleted account's certificate is refused at its
@@ -42,6 +51,15 @@ def main(argv=None):
     c.add_argument("name")
     c.add_argument("amount", help="like 5 or 12.50")
     c.add_argument("--memo", default="credit from the market")
+    sub.add_parser("payments", help="list the PayPal payments buyers created")
+    sub.add_parser("payouts", help="list the sellers' PayPal payouts")
+    for name, what in (("payout-sent", "PayPal paid it"),
+                       ("payout-returned", "PayPal did not pay it: back to the earnings")):
+        s = sub.add_parser(name, help=f"settle a payout by hand: {what}")
+        s.add_argument("payout", type=int)
+    cp = sub.add_parser("credit-payment",
+                        help="credit a payment PayPal completed that the market could not")
+    cp.add_argument("paypal_id")
     args = p.parse_args(argv)
 
     try:
@@ -82,6 +100,8 @@ def main(argv=None):
             print(f"credited {ledger.formatAmount(amount)} to {args.name}")
         elif args.command == "books":
             return printBooks(store.transact(conn, ledger.books))
+        else:
+            return money(conn, args)
     except database.Unavailable as e:
         print(f"cpushare-admin: {e}", file=sys.stderr)
         return 1
@@ -101,6 +121,54 @@ def credit(cursor, name, amount, memo):
         raise LookupError(f"no active account named {name!r}")
     return ledger.post(cursor, "credit", memo,
                        [(ledger.GRANTS, None, -amount), (ledger.FUNDS, row[0], amount)])
+
+
+def money(conn, args):
+    """The commands about PayPal payments and payouts."""
+    from cpushare.server import funds
+
+    fmt = ledger.formatAmount
+    if args.command == "payments":
+        for p in store.transact(conn, funds.listPayments):
+            print(f"{p['id']:>6}  {p['paypal_id']:<28}  {p['account']:<16}"
+                  f"  {fmt(p['gross']):>10} {p['currency']}  commission {fmt(p['commission']):>8}"
+                  f"  {p['state']:<10}  {p['updated']}  {p['reason'] or ''}".rstrip())
+        return 0
+    if args.command == "payouts":
+        for p in store.transact(conn, funds.listPayouts):
+            print(f"{p['id']:>6}  {p['account']:<16}  {p['email']:<28}"
+                  f"  {fmt(p['amount']):>10} {p['currency']}  {p['state']:<8}"
+                  f"  batch {p['batch_id'] or '-':<14}  {p['paypal_status'] or '-':<20}"
+                  f"  {p['updated']}  {p['reason'] or ''}".rstrip())
+        return 0
+    if args.command in ("payout-sent", "payout-returned"):
+        outcome = args.command.split("-")[1]
+        found = store.transact(conn, funds.payout, args.payout)
+        if found is None:
+            print(f"cpushare-admin: there is no payout {args.payout}", file=sys.stderr)
+            return 1
+        if found["state"] != "unknown":
+            print(f"cpushare-admin: payout {args.payout} is {found['state']}, not unknown: "
+                  "the server settles it", file=sys.stderr)
+            return 1
+        store.transact(conn, funds.settlePayout, args.payout, outcome, None,
+                       "settled by the operator", "the operator")
+        print(f"payout {args.payout} {outcome}: {fmt(found['amount'])} {found['currency']}")
+        return 0
+    if args.command == "credit-payment":
+        payment = store.transact(conn, funds.paymentByPayPalId, args.paypal_id)
+        if payment is None or payment["state"] != "check":
+            state = "unknown" if payment is None else payment["state"]
+            print(f"cpushare-admin: payment {args.paypal_id} is {state}; only payments in "
+                  "state check are credited by hand", file=sys.stderr)
+            return 1
+        store.transact(conn, funds.creditPayment, payment["id"], payment["payer_id"],
+                       ("check",))
+        print(f"credited payment {args.paypal_id}: "
+              f"{fmt(payment['gross'] - payment['commission'])} {payment['currency']} to the "
+              f"funds of {payment['account']}")
+        return 0
+    raise AssertionError(args.command)
 
 
 def printBooks(report):

@@ -259,7 +259,8 @@ class RESTPayPal:
         self.pool.start()
 
     def stop(self):
-        self.pool.stop()
+        if self.pool.started and not self.pool.joined:
+            self.pool.stop()
 
     def _run(self, fn, *args):
         return deferToThreadPool(self.reactor, self.pool, _call, fn, *args)

@@ -17,11 +17,13 @@ import html
 import os
 
 from cryptography import x509
-from OpenSSL import crypto
-from twisted.internet import defer, ssl
+from OpenSSL import SSL
+from twisted.internet import defer
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import resource, server
+from zope.interface import implementer
 
 from cpushare import pki
 from cpushare.listening import ListeningService
@@ -50,7 +52,8 @@ shows your funds.</p>
 
 
 def page(title, message):
-    return PAGE.format(title=html.escape(title), message=html.escape(message)).encode("utf-8")
+    return PAGE.format(title=html.escape(title, quote=False),
+                       message=html.escape(message, quote=False)).encode("utf-8")
 
 
 def _arg(request, name):
@@ -164,29 +167,38 @@ def site(funds):
     return s
 
 
-def webTLS(keyPEM, certPEM):
+@implementer(IOpenSSLServerConnectionCreator)
+class WebTLS:
     """
     Server TLS (1.2 or later) for browsers with the certificate in
     C{certPEM}, which may be followed by its chain (a "fullchain" file).
     """
-    certs = x509.load_pem_x509_certificates(certPEM)
-    key = crypto.PKey.from_cryptography_key(pki.loadKey(keyPEM))
-    leaf, *chain = [crypto.X509.from_cryptography(c) for c in certs]
-    return ssl.CertificateOptions(
-        privateKey=key, certificate=leaf, extraCertChain=chain,
-        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
-    )
+
+    def __init__(self, keyPEM, certPEM):
+        leaf, *chain = x509.load_pem_x509_certificates(certPEM)
+        ctx = SSL.Context(SSL.TLS_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+        ctx.use_privatekey(pki.loadKey(keyPEM))
+        ctx.use_certificate(leaf)
+        for cert in chain:
+            ctx.add_extra_chain_cert(cert)
+        ctx.check_privatekey()
+        self._context = ctx
+
+    def serverConnectionForTLS(self, tlsProtocol):
+        return SSL.Connection(self._context, None)
 
 
 def loadWebTLS(credentials, certPath=None, keyPath=None):
     """The operator's certificate and key files, or the market's own server certificate."""
     if certPath is None:
-        return webTLS(credentials.keyPEM, credentials.certPEM)
+        return WebTLS(credentials.keyPEM, credentials.certPEM)
     with open(certPath, "rb") as f:
         certPEM = f.read()
     with open(keyPath, "rb") as f:
         keyPEM = f.read()
-    return webTLS(keyPEM, certPEM)
+    return WebTLS(keyPEM, certPEM)
 
 
 class WebService(ListeningService):

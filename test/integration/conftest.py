@@ -294,10 +294,11 @@ def waitUntil(condition, what, timeout=START_TIMEOUT, processes=None, interval=0
 class Market:
     """A cpushare-server process, its data folder and, if given, its --db URL."""
 
-    def __init__(self, processes, data, db=None):
+    def __init__(self, processes, data, db=None, extra=()):
         self.processes = processes
         self.data = Path(data)
         self.db = db
+        self.extra = [str(a) for a in extra]
         self.port = 0
         self.proc = None
         self.runs = []
@@ -324,7 +325,7 @@ class Market:
             executable("twistd"), "-n", "--pidfile=", "cpushare-server",
             "--data", self.data, "--listen", f"tcp:{port}:interface={LOOPBACK}",
             "--hostname", "localhost",
-            "--heartbeat", HEARTBEAT, "--timeout", SILENCE_TIMEOUT,
+            "--heartbeat", HEARTBEAT, "--timeout", SILENCE_TIMEOUT, *self.extra,
         ] + (["--db", self.db] if self.db else []))
         self.runs.append(self.proc)
 
