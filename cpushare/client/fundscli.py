@@ -63,7 +63,9 @@ async def balance(reactor, args, home):
     for p in sheet["pending"]:
         print(f"payment {p['payment']} of {formatAmount(p['gross'])} {cur} ({p['created']}): "
               + _pendingNote(p["state"]))
-    if not sheet["payments"]:
+    if sheet["payments"]:
+        print(f"this market's commission on funds added: {sheet['commission_percent']}%")
+    else:
         print("this market takes no payments")
 
 

@@ -17,8 +17,8 @@ balances, no owner's account is below zero.  It exits 0 when they hold and
 2 when they do not.
 
 `payout-sent` and `payout-returned` settle a payout whose outcome the
-market could not learn from PayPal (state unknown), once the operator has
-looked it up at PayPal; `credit-payment` credits a payment PayPal
+market could not learn from PayPal (state unknown, or pending for good),
+once the operator has looked it up at PayPal; `credit-payment` credits a payment PayPal
 completed that the market could not (state check).  Each is posted once,
 with the same ledger references the server uses.
 
@@ -147,9 +147,9 @@ def money(conn, args):
         if found is None:
             print(f"cpushare-admin: there is no payout {args.payout}", file=sys.stderr)
             return 1
-        if found["state"] != "unknown":
-            print(f"cpushare-admin: payout {args.payout} is {found['state']}, not unknown: "
-                  "the server settles it", file=sys.stderr)
+        if found["state"] not in ("unknown", "pending"):
+            print(f"cpushare-admin: payout {args.payout} is {found['state']} already",
+                  file=sys.stderr)
             return 1
         store.transact(conn, funds.settlePayout, args.payout, outcome, None,
                        "settled by the operator", "the operator")

@@ -463,7 +463,8 @@ class NoPayPalTests(test_session.MarketCase):
         self.assertIn("takes no payments", outcome.message)
 
 
-class PayoutTests(FundsCase):
+class SellerCase(FundsCase):
+    """A seller, sam, with 30.00 of earnings."""
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -495,6 +496,9 @@ class PayoutTests(FundsCase):
 
     def pollOnce(self):
         return self.funds._poll()
+
+
+class PayoutTests(SellerCase):
 
     @defer.inlineCallbacks
     def test_a_payout_leaves_the_earnings_and_is_sent_when_paypal_says_so(self):
@@ -621,3 +625,58 @@ class PayoutTests(FundsCase):
         yield restarted._polling
         e = yield self.earnings()
         self.assertEqual((e["payout"], e["payouts"][0]["state"]), (0, "sent"))
+
+
+class OperatorTests(SellerCase):
+    """cpushare-admin settling by hand what PayPal never told the market."""
+
+    def admin(self, *args):
+        import contextlib
+        import io
+        import os
+
+        from cpushare.server import admin
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = admin.main(["--data", os.path.dirname(self.store.path), *args])
+        return status, out.getvalue(), err.getvalue()
+
+    @defer.inlineCallbacks
+    def test_the_operator_returns_a_payout_whose_answer_was_lost(self):
+        self.fake.knobs["payout_answer_status"] = 500
+        answer = yield self.payout(amount=20 * MICRO, email="sam@example.com")
+        status, out, _ = self.admin("payouts")
+        self.assertEqual(status, 0)
+        self.assertIn("unknown", out)
+        status, out, _ = self.admin("payout-returned", str(answer["payout"]))
+        self.assertEqual((status, out.strip()), (0, f"payout {answer['payout']} returned: "
+                                                    "20.00 USD"))
+        e = yield self.earnings()
+        self.assertEqual((e["earnings"], e["payout"]), (30 * MICRO, 0))
+        # Once settled, never again.
+        status, _, err = self.admin("payout-sent", str(answer["payout"]))
+        self.assertEqual(status, 1)
+        self.assertIn("is returned already", err)
+        status, out, _ = self.admin("books")
+        self.assertEqual(status, 0)
+
+    @defer.inlineCallbacks
+    def test_the_operator_credits_a_payment_paypal_completed_late(self):
+        added = yield self.addFunds("20.00")
+        back = yield self.approve(added["approval_url"])
+        self.fake.knobs["sale_state"] = "pending"
+        yield self.get(back)
+        before, _, _ = yield self.balances()
+        status, _, err = self.admin("credit-payment", "PAY-NOSUCHPAYMENT")
+        self.assertEqual(status, 1)
+        self.assertIn("is unknown", err)
+        status, out, _ = self.admin("credit-payment", added["payment"])
+        self.assertEqual(status, 0, out)
+        self.assertIn("19.00 USD to the funds of alice", out)
+        after, _, _ = yield self.balances()
+        self.assertEqual(after - before, 19 * MICRO)
+        status, _, err = self.admin("credit-payment", added["payment"])
+        self.assertEqual(status, 1)
+        self.assertIn("is credited", err)
+        after, _, _ = yield self.balances()
+        self.assertEqual(after - before, 19 * MICRO)
