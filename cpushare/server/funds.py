@@ -245,6 +245,26 @@ def listPayments(cursor, limit=1000):
     return [dict(zip(keys, r)) for r in cursor.fetchall()]
 
 
+def recoverInterrupted(cursor):
+    """
+    At start: payments left C{executing} go back to C{created} (a return
+    retries them; PayPal refuses a second execution, and the ledger a
+    second credit), and payouts left C{requested} before PayPal answered
+    become C{unknown}, for the operator.  Returns how many of each.
+    """
+    stamp = now()
+    cursor.execute(
+        "UPDATE paypal_payments SET state = 'created', updated = ?,"
+        " reason = 'the server stopped while completing it' WHERE state = 'executing'",
+        (stamp,))
+    payments = cursor.rowcount
+    cursor.execute(
+        "UPDATE paypal_payouts SET state = 'unknown', updated = ?,"
+        " reason = 'the server stopped before PayPal answered' WHERE state = 'requested'",
+        (stamp,))
+    return payments, cursor.rowcount
+
+
 def paymentCurrencies(cursor):
     cursor.execute("SELECT DISTINCT currency FROM paypal_payments")
     found = {r[0] for r in cursor.fetchall()}
@@ -526,6 +546,14 @@ class Funds(Service):
             raise ValueError(
                 f"this market's payments and payouts are in {', '.join(other)}, not "
                 f"{self.currency}: start it with --currency {other[0]}")
+        payments, payouts = await self.store.run(recoverInterrupted)
+        if payments:
+            self.log.warn("{n} payments were being completed when the server stopped: "
+                          "their next return completes them", n=payments)
+        if payouts:
+            self.log.error("{n} payouts were being sent to PayPal when the server stopped: "
+                           "check them at PayPal, then settle them with cpushare-admin "
+                           "(see 'cpushare-admin payouts', state unknown)", n=payouts)
         self.poller = task.LoopingCall(self._poll)
         self.poller.clock = self.reactor
         self.poller.start(self.pollInterval, now=True)

@@ -680,3 +680,21 @@ class OperatorTests(SellerCase):
         self.assertIn("is credited", err)
         after, _, _ = yield self.balances()
         self.assertEqual(after - before, 19 * MICRO)
+
+
+def test_a_restart_lets_an_interrupted_payment_complete_and_flags_an_interrupted_payout(conn):
+    alice = run(conn, store.createAccount, "alice", "ab" * 32)
+    run(conn, ledger.post, "test", "earnings", [(PAYPAL, None, -30 * MICRO),
+                                                  (EARNINGS, alice, 30 * MICRO)])
+    paymentId = run(conn, fundsModule.recordPayment, alice, "PAY-1", "nonce", 20 * MICRO, 0,
+                    "USD")
+    run(conn, fundsModule.claimPayment, "PAY-1", "nonce")
+    p = run(conn, fundsModule.startPayout, alice, 25 * MICRO, "a@example.com", MICRO, "USD")
+    # The server stopped here, with both half done.
+    assert run(conn, fundsModule.recoverInterrupted) == (1, 1)
+    _, status = run(conn, fundsModule.claimPayment, "PAY-1", "nonce")
+    assert status == "claimed"
+    run(conn, fundsModule.creditPayment, paymentId, "PAYER")
+    assert run(conn, fundsModule.payout, p["id"])["state"] == "unknown"
+    assert run(conn, ledger.balances, alice)[PAYOUT] == 25 * MICRO
+    assert run(conn, fundsModule.recoverInterrupted) == (0, 0)
