@@ -143,7 +143,7 @@ def approveWithoutBrowser(market, link):
 
 
 def postInMarketDatabase(market, kind, memo, legs):
-    """Post a ledger transaction in the server's database, as billing will."""
+    """Post a ledger transaction in the server's database, as billing does."""
     conn = store.connect(str(market.data / "market.sqlite"))
     try:
         return store.transact(conn, ledger.post, kind, memo, legs)
@@ -157,7 +157,7 @@ def accountId(home):
 
 def test_a_buyer_adds_funds_with_paypal_and_a_replay_adds_nothing(
         paidMarket, paypal, browser, tmp_path, processes):
-    home = paidMarket.register(tmp_path / "alice", "alice")
+    home = paidMarket.register(tmp_path / "alice", "alice", funds=None)
 
     added = cpushare(home, "funds", "add", "20.00")
     assert added.status == 0, added
@@ -226,14 +226,15 @@ def test_a_buyer_adds_funds_with_paypal_and_a_replay_adds_nothing(
 
 def test_a_seller_is_paid_out_and_a_failed_payout_comes_back(
         paidMarket, paypal, tmp_path, processes):
-    buyer = paidMarket.register(tmp_path / "alice", "alice")
-    seller = paidMarket.register(tmp_path / "sam", "sam")
+    buyer = paidMarket.register(tmp_path / "alice", "alice", funds=None)
+    seller = paidMarket.register(tmp_path / "sam", "sam", funds=None)
     added = cpushare(buyer, "funds", "add", "40.00", "--json")
     page = approveWithoutBrowser(paidMarket, added.json()["approval_url"])
     assert "40.00 USD paid, 38.00 added" in page, page
 
-    # Billing is not written yet: post what it will, the buyer's funds
-    # paying the seller's earnings, straight into the market's database.
+    # Earnings come from billing the CPU time of VMs, which this test does
+    # not run: post the charges billing would make, the buyer's funds paying
+    # the seller's earnings, straight into the market's database.
     postInMarketDatabase(paidMarket, "charge", "CPU time (test)", [
         (ledger.FUNDS, accountId(buyer), -15 * MICRO),
         (ledger.EARNINGS, accountId(seller), 15 * MICRO),
@@ -295,7 +296,7 @@ def test_a_seller_is_paid_out_and_a_failed_payout_comes_back(
 
 
 def test_a_market_without_paypal_runs_and_says_it_takes_no_payments(market, tmp_path):
-    home = market.register(tmp_path / "alice", "alice")
+    home = market.register(tmp_path / "alice", "alice", funds=None)
     assertOneLineError(cpushare(home, "funds", "add", "20.00"),
                        "this market takes no payments")
     assertOneLineError(cpushare(home, "payout", "--email", "a@example.com"),

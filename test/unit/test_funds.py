@@ -477,8 +477,8 @@ class SellerCase(FundsCase):
     @defer.inlineCallbacks
     def earn(self, amount):
         """
-        Give sam earnings paid from alice's funds, as billing will: billing is
-        not written yet, so the test posts its transaction itself.
+        Give sam earnings paid from alice's funds: the charge billing posts
+        for CPU time, without running a VM.
         """
         added = yield self.addFunds(ledger.formatAmount(amount * 2))
         yield self.get((yield self.approve(added["approval_url"])))
