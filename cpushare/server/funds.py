@@ -559,10 +559,9 @@ class Funds(Service):
         self.poller.start(self.pollInterval, now=True)
         self.log.info(
             "taking payments with {paypal}: commission {commission}%, payouts from "
-            "{minimum} {currency}, return links at {url}",
+            "{minimum} {currency}",
             paypal=self.paypal, commission=formatPercent(self.commission),
-            minimum=formatAmount(self.payoutMinimum), currency=self.currency,
-            url=self.publicUrl)
+            minimum=formatAmount(self.payoutMinimum), currency=self.currency)
 
     @property
     def takesPayments(self):
