@@ -100,13 +100,12 @@ def paypal(processes, tmp_path):
     return PayPalFake(processes, tmp_path)
 
 
-@pytest.fixture
-def paidMarket(processes, tmp_path, paypal):
+def startPaidMarket(processes, tmp_path, paypal, db=None):
     """A market taking payments through the fake: 5% commission, payouts from 5.00."""
     secret = tmp_path / "paypal-secret"
     secret.write_text(SECRET + "\n")
     secret.chmod(0o600)
-    market = Market(processes, tmp_path / "market", extra=[
+    market = Market(processes, tmp_path / "market", db=db, extra=[
         "--web", f"tcp:0:interface={LOOPBACK}",
         "--paypal-client-id", CLIENT_ID, "--paypal-secret-file", secret,
         "--paypal-endpoint", paypal.url,
@@ -114,7 +113,20 @@ def paidMarket(processes, tmp_path, paypal):
     ]).start()
     web = json.loads((market.data / "web.address").read_text())
     market.webUrl = f"https://localhost:{web['port']}"
+    market.database = db or str(market.data / "market.sqlite")
     return market
+
+
+@pytest.fixture
+def paidMarket(processes, tmp_path, paypal):
+    return startPaidMarket(processes, tmp_path, paypal)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def paidMarketOnEither(request, processes, tmp_path, paypal):
+    """The same on SQLite, and on PostgreSQL (test/conftest.py)."""
+    db = request.getfixturevalue("postgresURL") if request.param == "postgresql" else None
+    return startPaidMarket(processes, tmp_path, paypal, db)
 
 
 @pytest.fixture
@@ -144,7 +156,7 @@ def approveWithoutBrowser(market, link):
 
 def postInMarketDatabase(market, kind, memo, legs):
     """Post a ledger transaction in the server's database, as billing does."""
-    conn = store.connect(str(market.data / "market.sqlite"))
+    conn = store.connect(market.database)
     try:
         return store.transact(conn, ledger.post, kind, memo, legs)
     finally:
@@ -225,7 +237,8 @@ def test_a_buyer_adds_funds_with_paypal_and_a_replay_adds_nothing(
 
 
 def test_a_seller_is_paid_out_and_a_failed_payout_comes_back(
-        paidMarket, paypal, tmp_path, processes):
+        paidMarketOnEither, paypal, tmp_path, processes):
+    paidMarket = paidMarketOnEither
     buyer = paidMarket.register(tmp_path / "alice", "alice", funds=None)
     seller = paidMarket.register(tmp_path / "sam", "sam", funds=None)
     added = cpushare(buyer, "funds", "add", "40.00", "--json")

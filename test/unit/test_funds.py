@@ -88,15 +88,10 @@ def test_the_paypal_endpoint_is_https_or_loopback():
             checkEndpoint(bad)
 
 
-# -- the store: a credit is posted once, a payout ends once
+# -- the store, on both databases: a credit is posted once, a payout ends once
 
 
-@pytest.fixture
-def conn(tmp_path):
-    c = store.connect(str(tmp_path / "market.sqlite"))
-    store.transact(c, store.migrate)
-    yield c
-    c.close()
+# `conn` (test/conftest.py) is a migrated connection, on SQLite and on PostgreSQL.
 
 
 def run(conn, fn, *args, **kw):
@@ -115,13 +110,54 @@ def test_a_payment_is_credited_once_even_when_a_second_claim_slips_through(conn)
     assert status == "credited"
     # Another server process that read the payment before this one
     # credited it, and claimed it: the ledger's reference stops it.
-    conn.execute("UPDATE paypal_payments SET state = 'executing' WHERE id = ?", (paymentId,))
+    run(conn, lambda c: c.execute(
+        "UPDATE paypal_payments SET state = 'executing' WHERE id = ?", (paymentId,)))
     with pytest.raises(ledger.AlreadyPosted):
         store.transact(conn, lambda c: ledger.post(c, "deposit", "again", [
             (PAYPAL, None, -20 * MICRO), (FUNDS, alice, 20 * MICRO)],
             reference="paypal-payment:PAY-1"))
     with pytest.raises(ledger.AlreadyPosted):
         run(conn, fundsModule.creditPayment, paymentId, "PAYER")
+    assert run(conn, ledger.balance, FUNDS, alice) == 19 * MICRO
+    assert run(conn, ledger.books)["ok"]
+
+
+def test_returns_racing_on_two_connections_claim_and_credit_once(db, conn):
+    """Two server processes (two connections) completing the same payment at once."""
+    import threading
+
+    alice = run(conn, store.createAccount, "alice", "ab" * 32)
+    paymentId = run(conn, fundsModule.recordPayment, alice, "PAY-1", "nonce", 20 * MICRO,
+                    MICRO, "USD")
+    others = [db.connect() for _ in range(4)]
+    barrier = threading.Barrier(len(others))
+    results = [None] * len(others)
+
+    def race(i, fn, *args):
+        barrier.wait()
+        try:
+            results[i] = store.transact(others[i], fn, *args)
+        except Exception as e:
+            results[i] = e
+
+    def together(fn, *args):
+        threads = [threading.Thread(target=race, args=(i, fn) + args)
+                   for i in range(len(others))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        return list(results)
+
+    try:
+        claims = together(fundsModule.claimPayment, "PAY-1", "nonce")
+        assert sorted(status for _, status in claims) == ["claimed"] + ["executing"] * 3
+        credits = together(fundsModule.creditPayment, paymentId, "PAYER")
+        assert sum(isinstance(r, int) for r in credits) == 1, credits
+        assert sum(isinstance(r, ledger.AlreadyPosted) for r in credits) == 3, credits
+    finally:
+        for c in others:
+            c.close()
     assert run(conn, ledger.balance, FUNDS, alice) == 19 * MICRO
     assert run(conn, ledger.books)["ok"]
 
@@ -638,7 +674,7 @@ class OperatorTests(SellerCase):
         from cpushare.server import admin
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            status = admin.main(["--data", os.path.dirname(self.store.path), *args])
+            status = admin.main(["--data", os.path.dirname(self.store.database.path), *args])
         return status, out.getvalue(), err.getvalue()
 
     @defer.inlineCallbacks
