@@ -77,11 +77,14 @@ class OutcomePage(resource.Resource):
         self.funds = funds
 
     def render_GET(self, request):
+        # The work goes on when the browser leaves: the page is then not sent.
+        gone = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
         d = defer.ensureDeferred(self.outcome(request))
 
         def done(outcome):
             request.setResponseCode(outcome.status)
-            self._write(request, page(outcome.title, outcome.message))
+            self._write(request, page(outcome.title, outcome.message), gone)
 
         def failed(failure):
             self.log.failure("rendering {path}", failure, path=request.path.decode("latin-1"))
@@ -89,13 +92,13 @@ class OutcomePage(resource.Resource):
             self._write(request, page(
                 "Something went wrong",
                 "The market could not finish this request.  Nothing was added to any "
-                "funds; the operator can see what happened in the market's log."))
+                "funds; the operator can see what happened in the market's log."), gone)
 
         d.addCallbacks(done, failed)
         return server.NOT_DONE_YET
 
-    def _write(self, request, body):
-        if request._disconnected:
+    def _write(self, request, body, gone):
+        if gone:
             return
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
