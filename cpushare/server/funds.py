@@ -518,6 +518,9 @@ class Funds(Service):
         self.pollInterval = pollInterval
         self.poller = None
         self._polling = None
+        # Called with the account id when funds were credited (the market
+        # places the VMs that waited for them).
+        self.onCredited = lambda accountId: None
 
     def startService(self):
         Service.startService(self)
@@ -719,6 +722,7 @@ class Funds(Service):
             await self.store.run(creditPayment, payment["id"], executed.payerId or payerId)
         except ledger.AlreadyPosted:
             return self._stateOutcome(payment, "credited")
+        self.onCredited(payment["account_id"])
         gross = f"{formatAmount(payment['gross'])} {payment['currency']}"
         net = formatAmount(payment["gross"] - payment["commission"])
         self.log.info("credited PayPal payment {payment}: {gross} paid, {net} to the funds "

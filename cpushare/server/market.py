@@ -45,6 +45,7 @@ class Market(Service):
         self.measureEvery = measureEvery
         # Balances and statements; PayPal when makeService sets one up.
         self.funds = Funds(reactor, store)
+        self.funds.onCredited = self.orders.retryFunding
         self._nextSession = 1
 
     def startService(self):

@@ -219,6 +219,7 @@ def makeService(options, reactor=None):
         reactor, store, paypal=makePayPal(reactor, options), currency=options["currency"],
         commission=options["commission-rate"], payoutMinimum=options["payout-minimum-micro"],
         publicUrl=options["public-url"], pollInterval=options["payout-poll"])
+    funds.onCredited = market.orders.retryFunding
     funds.setServiceParent(service)
 
     async def openAll():

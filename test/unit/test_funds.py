@@ -274,6 +274,8 @@ class AddingFundsTests(FundsCase):
 
     @defer.inlineCallbacks
     def test_approving_a_payment_adds_the_net_and_the_statement_shows_it(self):
+        credited = []
+        self.funds.onCredited = credited.append     # the market places waiting VMs
         added = yield self.addFunds("20.00")
         self.assertEqual((added["gross"], added["commission"], added["net"]),
                          (20 * MICRO, MICRO, 19 * MICRO))
@@ -290,6 +292,8 @@ class AddingFundsTests(FundsCase):
         code, page, _ = yield self.get(back)
         self.assertEqual(code, 200)
         self.assertIn("20.00 USD paid, 19.00 added to your CPUShare funds", page)
+        me = yield self.call(commands.WhoAmI)
+        self.assertEqual(credited, [me["account_id"]])
 
         balance = yield self.call(commands.Balance)
         self.assertEqual((balance["funds"], balance["pending"]), (19 * MICRO, []))
