@@ -15,6 +15,7 @@ from cpushare.server import store
 from cpushare.server.billing import INTERVAL, WINDOW, Billing
 from cpushare.server.measure import EVERY as MEASURE_EVERY
 from cpushare.server.board import DEFAULT_PRICE, Board
+from cpushare.server.cpubench import CPUBench
 from cpushare.server.funds import Funds
 from cpushare.server.orders import Orders
 from cpushare.server.relay import Relay
@@ -29,7 +30,11 @@ class Market(Service):
     def __init__(self, reactor, store, credentials, images=None,
                  heartbeat=DEFAULT_INTERVAL, timeout=DEFAULT_TIMEOUT,
                  defaultPrice=DEFAULT_PRICE, billingInterval=INTERVAL, holdWindow=WINDOW,
-                 measureEvery=MEASURE_EVERY):
+                 measureEvery=MEASURE_EVERY, cpuBench=None):
+        """
+        @param cpuBench: keyword arguments of L{CPUBench} plus C{folder},
+            where the benchmark image is kept; None: no CPU benchmark.
+        """
         self.reactor = reactor
         self.store = store
         self.images = images
@@ -43,6 +48,9 @@ class Market(Service):
         self.orders = Orders(self)
         self.billing = Billing(self, billingInterval, holdWindow)
         self.measureEvery = measureEvery
+        cpuBench = dict(cpuBench or {"every": 0})
+        self.cpuBenchFolder = cpuBench.pop("folder", None)
+        self.cpubench = CPUBench(self, **cpuBench)
         # Balances and statements; PayPal when makeService sets one up.
         self.funds = Funds(reactor, store)
         self.funds.onCredited = self.orders.retryFunding
@@ -55,6 +63,7 @@ class Market(Service):
 
     def stopService(self):
         Service.stopService(self)
+        self.cpubench.stop()
         self.billing.stop()
         self.orders.stop()
         for session in list(self.sessions.values()):
@@ -81,6 +90,7 @@ class Market(Service):
             if not buyers:
                 self._buyers.pop(session.account["id"], None)
         self.relay.dropSession(session, reason)
+        self.cpubench.sessionLost(session)
         self.orders.sessionLost(session)
 
     def buyerStarted(self, session):
@@ -99,6 +109,8 @@ class Market(Service):
         await self.store.open()
         await self.orders.load()
         self.billing.start()
+        if self.images is not None:
+            await self.cpubench.prepare(self.cpuBenchFolder)
 
     def sellers(self):
         """The sellers online now, ordered by session."""

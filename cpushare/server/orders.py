@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from cpushare.protocol import commands
 from cpushare.protocol.commands import BadRequest, NoSuchVM, consoleChannel, nicChannel
 from cpushare.server import billing as billing_, marketsql, store
+from cpushare.server.cpubench import SYSTEM_ACCOUNT
 from cpushare.server.screens import Screens
 
 GRACE = 600.0
@@ -73,10 +74,14 @@ class VM:
         self.buyerSession = None
         self.consoleHistory = b""
         self.consoles = set()
+        self.consoleObserver = None     # the market's own VMs: it reads their console
+        self.system = False
 
     def consoleReceived(self, data):
         """Console output from the seller: kept (the last CONSOLE_HISTORY bytes) and sent on."""
         self.consoleHistory = (self.consoleHistory + data)[-CONSOLE_HISTORY:]
+        if self.consoleObserver is not None:
+            self.consoleObserver(data)
         channel = consoleChannel(self.id)
         for session in self.consoles:
             session.sendFrame(channel, data)
@@ -159,6 +164,12 @@ class Orders:
                     Screens.fromArguments(**screens), budget)
             vm.started, vm.cpuSeconds, vm.ip = started, cpu, ip
             vm.sellerAccountId = sellerId
+            if buyerName == SYSTEM_ACCOUNT:
+                # A CPU benchmark the restart interrupted: its seller stops
+                # it when it reconnects (the market does not keep it).
+                self._save(lambda c, vmId=vmId: store.updateVM(
+                    c, vmId, state="stopped", reason="the market server restarted"))
+                continue
             self.vms[vmId] = vm
             lease = leases.get(vmId)
             if sellerId is None:
@@ -393,6 +404,35 @@ class Orders:
                                                 seller_account_id=None, reason=why))
         self.capacityChanged()
 
+    async def systemVM(self, seller, accountId, image, size, cores, memory, onConsole):
+        """
+        Start one of the market's own VMs (a CPU benchmark) on C{seller}: not
+        matched, not billed, its console read by C{onConsole}, its network
+        linked to nothing.
+        """
+        orderId, [vmId] = await self.db.run(
+            store.createOrder, accountId, image, 1, cores, memory)
+        vm = VM(vmId, orderId, accountId, SYSTEM_ACCOUNT, image, size, cores, memory,
+                store.macFor(vmId))
+        vm.system = True
+        vm.consoleObserver = onConsole
+        self.vms[vmId] = vm
+        self._bindSeller(vm, seller)
+        vm.sellerAccountId = seller.account["id"]
+        vm.state = "allocated"
+        self._save(lambda c: store.updateVM(c, vmId, seller_account_id=vm.sellerAccountId,
+                                            state="allocated"))
+        d = seller.control.callRemote(
+            commands.StartVM, vm=vm.id, image=image, size=size, cores=cores, memory=memory,
+            mac=vm.mac)
+        d.addErrback(self._startFailed, vm, seller)
+        return vm
+
+    def endSystemVM(self, vm):
+        if vm.active:
+            self._end(vm, "stopped", "the CPU benchmark is over")
+        self._save(lambda c: store.closeOrder(c, vm.order, "done"))
+
     def retryFunding(self, buyerId=None):
         """Funds may have come: try the VMs that waited for them again."""
         if buyerId is None:
@@ -486,7 +526,10 @@ class Orders:
     def sessionLost(self, session):
         for vm in list(getattr(session, "vms", {}).values()):
             if vm.seller is session and vm.active:
-                self._detach(vm, "the seller disconnected")
+                if vm.system:
+                    self._end(vm, "lost", "the seller disconnected", tellSeller=False)
+                else:
+                    self._detach(vm, "the seller disconnected")
         for vm in self.vms.values():
             if vm.buyerSession is session:
                 vm.buyerSession = None

@@ -112,6 +112,7 @@ class ServerControl(ControlProtocol, FundsCommands):
                     every=market.measureEvery)
             market.board.invalidate()
             market.orders.capacityChanged()
+            market.cpubench.sellerOnline(session)
             session.log.info(
                 "seller {name} (session {session}) offers {cores} cores, {memory} MB"
                 " at {price} a core-hour", name=session.account["name"],

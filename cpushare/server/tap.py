@@ -59,6 +59,12 @@ class Options(usage.Options):
          "Seconds of full-tilt CPU time held from the buyer's funds ahead of each VM.", float],
         ["measure-every", None, 3600.0,
          "Seconds between measurements of each seller's bandwidth (0: never).", float],
+        ["cpu-bench-every", None, 21600.0,
+         "Seconds between CPU benchmarks of each seller, in a VM on the seller (0: never).",
+         float],
+        ["cpu-bench-image", None, None,
+         "The benchmark ISO (default: built from the reference livecd into --data)."],
+        ["cpu-bench-mb", None, 16, "MiB each CPU benchmark hashes.", int],
         ["web", None, None,
          "Twisted server endpoint (or a port number) for the HTTPS endpoint buyers' "
          "browsers reach when PayPal sends them back (TLS is added)."],
@@ -212,7 +218,10 @@ def makeService(options, reactor=None):
                     defaultPrice=options["default-price"],
                     billingInterval=options["billing-interval"],
                     holdWindow=options["hold-window"],
-                    measureEvery=options["measure-every"])
+                    measureEvery=options["measure-every"],
+                    cpuBench={"every": options["cpu-bench-every"],
+                              "image": options["cpu-bench-image"],
+                              "mb": options["cpu-bench-mb"], "folder": data})
     market.orders.grace = options["grace"]
     market.setServiceParent(service)
     market.funds = funds = Funds(

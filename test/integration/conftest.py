@@ -325,7 +325,9 @@ class Market:
             executable("twistd"), "-n", "--pidfile=", "cpushare-server",
             "--data", self.data, "--listen", f"tcp:{port}:interface={LOOPBACK}",
             "--hostname", "localhost",
-            "--heartbeat", HEARTBEAT, "--timeout", SILENCE_TIMEOUT, *self.extra,
+            "--heartbeat", HEARTBEAT, "--timeout", SILENCE_TIMEOUT,
+            # No CPU benchmark VMs unless a test asks (extra comes last and wins).
+            "--cpu-bench-every", "0", *self.extra,
         ] + (["--db", self.db] if self.db else []))
         self.runs.append(self.proc)
 

@@ -9,9 +9,10 @@ from twisted.internet import defer, reactor
 from cpushare.client import images
 from cpushare.money import MICRO
 from cpushare.protocol import commands
-from cpushare.server import admin, billing, ledger
+from cpushare.server import admin, billing, cpubench, ledger
 from cpushare.server.screens import rating
 
+from test.unit import test_orders
 from test.unit.test_orders import FakeSellerControl, OrderCase, take, within
 from test.unit.test_session import sleep
 
@@ -345,3 +346,94 @@ class ShortProbeControl(FakeSellerControl):
     @commands.Probe.responder
     def probe(self, data, back=None):
         return {"data": b"x"} if back else {}
+
+
+class BenchSellerControl(FakeSellerControl):
+    """A seller whose VMs are a console that runs the CPU benchmark (or cheats)."""
+
+    @commands.StartVM.responder
+    def startVM(self, vm, image, size, cores, memory, mac):
+        session = self.session
+        session.started.put(dict(vm=vm, image=image, cores=cores, memory=memory))
+        channel = commands.consoleChannel(vm)
+
+        def typed(data):
+            line = data.decode().strip()
+            _, nonce, mb = line.split()
+            digest = cpubench.expectedDigest(nonce, int(mb))
+            if session.cheat:
+                digest = "0" * 64
+            answer = f"{line}\r\nCPUSHARE-BENCH-RESULT {nonce} {digest}\r\n/ # \x1b[6n"
+            reactor.callLater(0.05, session.sendFrame, channel, answer.encode())
+
+        session.routes[channel] = typed
+        if not session.silent:
+            reactor.callLater(0.05, session.sendFrame, channel,
+                              b"boot...\r\nCPUSHARE-READY mac=x ip=none\r\n/ # \x1b[6n")
+        return {}
+
+
+class BenchSeller(test_orders.FakeProgram):
+    controlClass = BenchSellerControl
+    cheat = silent = False
+
+
+class CPUBenchTests(OrderCase):
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield OrderCase.setUp(self)
+        image = self.makeFile(5000, b"bench")
+        bench = cpubench.CPUBench(self.market, image=image, every=3600, mb=2, timeout=2.0)
+        self.market.cpubench = bench
+        yield defer.ensureDeferred(bench.prepare(None))
+        self.assertTrue(bench.enabled)
+        self.addCleanup(bench.stop)
+        self.seller = yield self.connect("seller", *self.sam, sessionClass=BenchSeller)
+        yield self.call(self.seller, commands.Offer, cores=1, memory=1024)
+        [self.session] = self.market.sellers()
+        bench.sessionLost(self.session)     # the tests run it themselves
+
+    def measure(self):
+        return defer.ensureDeferred(self.market.cpubench.measure(self.session))
+
+    @defer.inlineCallbacks
+    def test_the_market_times_a_benchmark_vm_on_the_seller_and_keeps_the_score(self):
+        score = yield self.measure()
+        started = yield within(self.seller.started.get())
+        self.assertEqual((started["cores"], started["memory"]), (1, 256))
+        self.assertEqual(started["image"], self.market.cpubench.sha256)
+        # The VM is stopped at once, and it cost nobody anything.
+        self.assertEqual((yield within(self.seller.stopped.get())), started["vm"])
+        self.assertGreater(score, 0)
+        self.assertEqual(self.session.cpuScore, score)
+        [listed] = (yield self.call(self.cli, commands.ListSellers, offset=0,
+                                    min_cpu=score / 2))["sellers"]
+        self.assertAlmostEqual(listed["cpu_score"], score)
+        self.assertEqual((yield self.store.run(lambda c: c.execute(
+            "SELECT COUNT(*) FROM leases").fetchone()))[0], 0)
+        self.assertEqual(self.market.orders.used(self.session), (0, 0))
+
+    @defer.inlineCallbacks
+    def test_a_wrong_result_or_no_answer_leaves_no_score(self):
+        self.seller.cheat = True
+        self.assertIsNone((yield self.measure()))
+        self.assertIsNone(self.session.cpuScore)
+        excluded = yield self.call(self.cli, commands.ListSellers, offset=0, explain=True,
+                                   min_cpu=1.0)
+        self.assertIn("no CPU score measured yet", excluded["sellers"][0]["excluded"])
+        self.seller.cheat, self.seller.silent = False, True
+        self.assertIsNone((yield self.measure()))       # times out after 2 s
+        self.assertEqual(self.market.orders.used(self.session), (0, 0))
+
+    @defer.inlineCallbacks
+    def test_no_benchmark_when_the_seller_has_no_room(self):
+        yield self.order()
+        yield within(self.seller.started.get())
+        self.assertIsNone((yield self.measure()))
+        self.assertEqual(len(self.seller.started.pending), 0)
+        yield sleep(0.1)    # the order's VM has its console up
+
+    def order(self):
+        return self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=1, cores=1,
+                         memory=256)
