@@ -6,6 +6,9 @@ The parts of the reference livecd, taken from Debian packages.
     busybox-static        one static binary: shell, mount, insmod, udhcpc, ip
     isolinux              isolinux.bin, the El Torito boot loader
     syslinux-common       ldlinux.c32, which isolinux.bin loads
+    dropbear-bin          the ssh server, and from libc6, libcrypt1,
+                          libgmp10, libtomcrypt1, libtommath1 and zlib1g
+                          the dynamic loader and the libraries it loads
 
 `apt-get download` fetches the .deb files (no root needed) into
 CACHE/livecd/debs/, `dpkg-deb -x` unpacks them, and only the files the
@@ -28,6 +31,7 @@ import tempfile
 
 import attr
 
+from cpushare.vm.elflibs import LibraryError, libraryClosure, resolve
 from cpushare.vm.isoimage import ImageError
 from cpushare.vm.kmodules import ModuleError, indexModules, loadOrder
 
@@ -35,13 +39,17 @@ KERNEL_PACKAGE = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 ISOLINUX_PACKAGE = "isolinux"
 SYSLINUX_PACKAGE = "syslinux-common"
+SSH_PACKAGE = "dropbear-bin"
+SSH_PROGRAM = "usr/sbin/dropbear"
+# Only the shared objects dropbear loads are kept of these.
+SSH_LIBRARY_PACKAGES = ("libc6", "libcrypt1", "libgmp10", "libtomcrypt1", "libtommath1", "zlib1g")
 
 # virtio-net-pci is the only device the guest needs a driver for (the
 # serial console, the cdrom the boot loader reads and the initramfs need
 # none).
 GUEST_MODULES = ("virtio_pci", "virtio_net")
 
-PARTS_FORMAT = 1
+PARTS_FORMAT = 2
 
 
 def defaultCache():
@@ -63,6 +71,8 @@ class LivecdParts:
     isolinux = attr.ib()        # isolinux.bin
     ldlinux = attr.ib()         # ldlinux.c32
     packages = attr.ib(factory=dict)  # {package: version}, for the record
+    # (host path, path in the guest) of the ssh server, then of its loader and libraries
+    ssh = attr.ib(default=())
 
 
 def _run(argv, cwd=None):
@@ -74,7 +84,8 @@ def _run(argv, cwd=None):
 
 _NEEDS = (
     "the reference livecd is made from the Debian packages "
-    f"{KERNEL_PACKAGE}, {BUSYBOX_PACKAGE}, {ISOLINUX_PACKAGE} and {SYSLINUX_PACKAGE}, "
+    f"{KERNEL_PACKAGE}, {BUSYBOX_PACKAGE}, {ISOLINUX_PACKAGE}, {SYSLINUX_PACKAGE}, "
+    f"{SSH_PACKAGE} and its libraries {', '.join(SSH_LIBRARY_PACKAGES)}, "
     "fetched with apt-get and unpacked with dpkg-deb (Debian or Ubuntu)"
 )
 
@@ -102,8 +113,9 @@ class PartsCache:
         busyboxDeb = self._deb(BUSYBOX_PACKAGE)
         isolinuxDeb = self._deb(ISOLINUX_PACKAGE)
         syslinuxDeb = self._deb(SYSLINUX_PACKAGE)
+        sshDebs = [self._deb(p) for p in (SSH_PACKAGE,) + SSH_LIBRARY_PACKAGES]
         self._note(f"unpacking the livecd parts into {self.root}")
-        return self._extract(kernelDeb, busyboxDeb, isolinuxDeb, syslinuxDeb)
+        return self._extract(kernelDeb, busyboxDeb, isolinuxDeb, syslinuxDeb, sshDebs)
 
     def _manifests(self):
         return sorted(glob.glob(os.path.join(self.root, "parts-*", "parts.json")))
@@ -126,9 +138,10 @@ class PartsCache:
                 isolinux=os.path.join(folder, info["isolinux"]),
                 ldlinux=os.path.join(folder, info["ldlinux"]),
                 packages=info.get("packages", {}),
+                ssh=tuple((os.path.join(folder, "ssh", g), g) for g in info.get("ssh", ())),
             )
             paths = [parts.kernel, parts.busybox, parts.isolinux, parts.ldlinux,
-                     *(path for path, _ in parts.modules)]
+                     *(path for path, _ in parts.modules), *(path for path, _ in parts.ssh)]
             if all(os.path.isfile(p) for p in paths):
                 return parts
         return None
@@ -179,9 +192,9 @@ class PartsCache:
         if done.returncode != 0:
             raise ImageError(f"dpkg-deb -x {deb} failed: {_lastLine(done.stderr)}")
 
-    def _extract(self, kernelDeb, busyboxDeb, isolinuxDeb, syslinuxDeb):
+    def _extract(self, kernelDeb, busyboxDeb, isolinuxDeb, syslinuxDeb, sshDebs):
         packages = {}
-        for deb in (kernelDeb, busyboxDeb, isolinuxDeb, syslinuxDeb):
+        for deb in (kernelDeb, busyboxDeb, isolinuxDeb, syslinuxDeb, *sshDebs):
             packages[self._field(deb, "Package")] = self._field(deb, "Version")
         kernelVersion = os.path.basename(kernelDeb).split("_")[0][len("linux-image-"):]
         if kernelVersion.endswith("-unsigned"):
@@ -189,7 +202,7 @@ class PartsCache:
         final = os.path.join(self.root, f"parts-{kernelVersion}")
         with tempfile.TemporaryDirectory(dir=self.root, prefix=".unpack-") as scratch:
             unpacked = os.path.join(scratch, "debs")
-            for deb in (kernelDeb, busyboxDeb, isolinuxDeb, syslinuxDeb):
+            for deb in (kernelDeb, busyboxDeb, isolinuxDeb, syslinuxDeb, *sshDebs):
                 self._unpack(deb, unpacked)
             staging = os.path.join(scratch, "parts")
             os.makedirs(os.path.join(staging, "modules"))
@@ -211,6 +224,11 @@ class PartsCache:
                 order = loadOrder(GUEST_MODULES, indexModules(moduleRoot), builtin)
             except ModuleError as e:
                 raise ImageError(f"{os.path.basename(kernelDeb)}: {e}")
+            try:
+                libraries = libraryClosure(unpacked, SSH_PROGRAM)
+                sshFiles = [(SSH_PROGRAM, resolve(unpacked, SSH_PROGRAM))] + libraries
+            except LibraryError as e:
+                raise ImageError(f"the ssh server from {os.path.basename(sshDebs[0])}: {e}")
             info = {
                 "format": PARTS_FORMAT,
                 "wanted": list(GUEST_MODULES),
@@ -230,7 +248,10 @@ class PartsCache:
                 "ldlinux": keep(
                     os.path.join(unpacked, "usr", "lib", "syslinux", "modules", "bios", "ldlinux.c32"),
                     "ldlinux.c32", f"ldlinux.c32 in {os.path.basename(syslinuxDeb)}"),
+                "ssh": [guest for guest, _ in sshFiles],
             }
+            for guest, host in sshFiles:
+                keep(host, os.path.join("ssh", guest), f"{guest} for the ssh server")
             with open(os.path.join(staging, "parts.json"), "w") as f:
                 json.dump(info, f, indent=1)
             if os.path.exists(final) and self._cached() is None:

@@ -14,6 +14,7 @@ import pytest
 from cpushare.vm import livecdparts
 from cpushare.vm.isoimage import ImageError
 from cpushare.vm.livecdparts import PartsCache, defaultCache
+from test.unit.test_elflibs import fakeELF
 from test.unit.test_kmodules import fakeModule
 
 needsDpkg = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
@@ -30,7 +31,10 @@ def makeDeb(debs, package, version, files, depends=None):
     for name, data in files.items():
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+        if isinstance(data, str):
+            path.symlink_to(data)  # a symbolic link to the text
+        else:
+            path.write_bytes(data)
     subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(root),
                     str(debs / f"{package}_{version}_amd64.deb")], check=True, capture_output=True)
 
@@ -63,6 +67,25 @@ def fakePackages(debs, kernel="9.9.9-1-amd64"):
     makeDeb(debs, "busybox-static", "1:1.0-1", {"bin/busybox": b"busybox"})
     makeDeb(debs, "isolinux", "3:6.0-1", {"usr/lib/ISOLINUX/isolinux.bin": b"isolinux"})
     makeDeb(debs, "syslinux-common", "3:6.0-1", {"usr/lib/syslinux/modules/bios/ldlinux.c32": b"ldlinux"})
+    gnu = "x86_64-linux-gnu"
+    makeDeb(debs, "dropbear-bin", "2022.83-1", {"usr/sbin/dropbear": fakeELF(
+        "/lib64/ld-linux-x86-64.so.2", ["libtomcrypt.so.1", "libz.so.1", "libc.so.6"])})
+    makeDeb(debs, "libc6", "2.36-9", {
+        f"lib/{gnu}/ld-linux-x86-64.so.2": fakeELF(soname="ld-linux-x86-64.so.2"),
+        "lib64/ld-linux-x86-64.so.2": f"/lib/{gnu}/ld-linux-x86-64.so.2",
+        f"lib/{gnu}/libc.so.6": fakeELF(needed=["ld-linux-x86-64.so.2"], soname="libc.so.6"),
+        f"lib/{gnu}/libm.so.6": fakeELF(needed=["libc.so.6"], soname="libm.so.6"),
+        "usr/share/doc/libc6/changelog.gz": b"not kept",
+    })
+    makeDeb(debs, "libtomcrypt1", "1.18.2-6", {
+        f"usr/lib/{gnu}/libtomcrypt.so.1": fakeELF(needed=["libgmp.so.10", "libc.so.6"],
+                                                   soname="libtomcrypt.so.1")})
+    makeDeb(debs, "libgmp10", "2:6.2.1", {
+        f"usr/lib/{gnu}/libgmp.so.10": fakeELF(needed=["libc.so.6"], soname="libgmp.so.10")})
+    makeDeb(debs, "zlib1g", "1:1.2.13", {
+        f"lib/{gnu}/libz.so.1": fakeELF(needed=["libc.so.6"], soname="libz.so.1")})
+    for package in ("libcrypt1", "libtommath1"):
+        makeDeb(debs, package, "1.0-1", {f"usr/share/doc/{package}/copyright": b"none"})
 
 
 @needsDpkg
@@ -81,6 +104,15 @@ def test_parts_are_unpacked_once_and_then_reused(cache, noApt):
         "kernel/drivers/net/virtio_net.ko",
     ]
     assert parts.packages["busybox-static"] == "1:1.0-1"
+    assert parts.packages["dropbear-bin"] == "2022.83-1"
+    gnu = "x86_64-linux-gnu"
+    assert [guest for _, guest in parts.ssh] == [
+        "usr/sbin/dropbear", "lib64/ld-linux-x86-64.so.2", f"usr/lib/{gnu}/libtomcrypt.so.1",
+        f"lib/{gnu}/libz.so.1", f"lib/{gnu}/libc.so.6", f"usr/lib/{gnu}/libgmp.so.10",
+    ], "dropbear, its loader and the libraries it loads, nothing else of their packages"
+    ssh = dict((guest, host) for host, guest in parts.ssh)
+    assert open(ssh["lib64/ld-linux-x86-64.so.2"], "rb").read().startswith(b"\x7fELF")
+    assert not os.path.islink(ssh["lib64/ld-linux-x86-64.so.2"])
     folder = cache / "livecd" / "parts-9.9.9-1-amd64"
     assert json.loads((folder / "parts.json").read_text())["kernel_version"] == "9.9.9-1-amd64"
     assert not (folder / "modules" / "kernel" / "drivers" / "net" / "e1000.ko").exists(), \
@@ -100,12 +132,43 @@ def test_an_interrupted_unpack_is_redone(cache, noApt):
     assert open(again.busybox, "rb").read() == b"busybox"
 
 
+@needsDpkg
+def test_parts_of_an_older_format_are_unpacked_again(cache, noApt):
+    fakePackages(cache / "livecd" / "debs")
+    parts = PartsCache(str(cache)).fetch()
+    manifest = cache / "livecd" / "parts-9.9.9-1-amd64" / "parts.json"
+    old = json.loads(manifest.read_text())
+    old["format"] = 1
+    del old["ssh"]
+    manifest.write_text(json.dumps(old))
+    again = PartsCache(str(cache)).fetch()
+    assert again == parts
+    assert json.loads(manifest.read_text())["format"] == livecdparts.PARTS_FORMAT
+
+
+@needsDpkg
+def test_a_library_the_ssh_server_needs_and_no_package_has_is_named(cache, noApt):
+    debs = cache / "livecd" / "debs"
+    fakePackages(debs)
+    for deb in debs.glob("libgmp10_*.deb"):
+        deb.unlink()
+    shutil.rmtree(debs.parent / "build" / "libgmp10")
+    makeDeb(debs, "libgmp10", "2:6.2.2", {"usr/share/doc/libgmp10/copyright": b"moved"})
+    with pytest.raises(ImageError) as e:
+        PartsCache(str(cache)).fetch()
+    assert str(e.value) == (
+        "the ssh server from dropbear-bin_2022.83-1_amd64.deb: library libgmp.so.10 "
+        "(needed by libtomcrypt.so.1) is in none of the packages' library folders "
+        "(lib/x86_64-linux-gnu, usr/lib/x86_64-linux-gnu, lib64, usr/lib64, lib, usr/lib)")
+
+
 def test_without_apt_get_the_message_names_what_is_missing(cache, noApt):
     with pytest.raises(ImageError) as e:
         PartsCache(str(cache)).fetch()
     message = str(e.value)
     assert "apt-get is not installed" in message
-    for package in ("linux-image-amd64", "busybox-static", "isolinux", "syslinux-common"):
+    for package in ("linux-image-amd64", "busybox-static", "isolinux", "syslinux-common",
+                    "dropbear-bin", "libtomcrypt1"):
         assert package in message
     assert "\n" not in message
 
