@@ -5,7 +5,8 @@ cpushare: the command line for buyers and sellers.
     cpushare [--home H] whoami
     cpushare [--home H] sellers [SCREENS] [--explain] [--json]
     cpushare terms, leases, rate (see marketcli)
-    cpushare image build -o job.iso [--add DIR]... [--base other.iso] [--cache DIR]
+    cpushare image build -o job.iso [--add DIR]... [--ssh-key KEY.pub]... [--no-ssh-key]
+                         [--base other.iso] [--cache DIR]
     cpushare image upload|list, order place|cancel, vms, vm stop, console (see vmcli)
     cpushare funds add, balance, statement, earnings, payout (see fundscli)
 
@@ -162,10 +163,17 @@ async def imageBuild(reactor, args, home):
     def note(message):
         reactor.callFromThread(print, f"  {message}", file=sys.stderr)
 
+    if args.ssh_key and args.no_ssh_key:
+        raise CommandError("--ssh-key and --no-ssh-key contradict each other: give one")
+    keys = args.ssh_key
+    if not keys and not args.no_ssh_key and args.base is None:
+        keys = livecd.defaultKeyFiles()
+        for path in keys:
+            print(f"  adding your ssh key {path} (--no-ssh-key leaves it out)", file=sys.stderr)
     try:
         result = await threads.deferToThreadPool(
             reactor, reactor.getThreadPool(), livecd.build,
-            args.output, args.add, args.base, args.cache, note,
+            args.output, args.add, args.base, args.cache, note, keys,
         )
     except ImageError as e:
         raise CommandError(str(e))
@@ -196,14 +204,20 @@ def parser():
     images.required = True
     b = images.add_parser(
         "build", help="build a bootable livecd ISO with your files inside",
-        description="Build the reference livecd (a Debian kernel and a busybox system) with "
-        "the files of each --add DIR at /cpushare/ in the guest, or add them to the "
-        "bootable ISO --base. At boot the guest takes an address by DHCP, prints "
-        "CPUSHARE-READY on its serial console and runs /cpushare/start if it is executable.",
+        description="Build the reference livecd (a Debian kernel, a busybox system and the "
+        "dropbear ssh server) with the files of each --add DIR at /cpushare/ in the guest, "
+        "or add them to the bootable ISO --base. At boot the guest starts its ssh server "
+        "(root, by public key only), takes an address by DHCP, prints CPUSHARE-READY on its "
+        "serial console and runs /cpushare/start if it is executable.",
     )
     b.add_argument("-o", "--output", required=True, metavar="ISO", help="the ISO to write")
     b.add_argument("--add", action="append", default=[], metavar="DIR",
                    help="a folder whose files go to /cpushare/ (repeatable; later ones win)")
+    b.add_argument("--ssh-key", action="append", default=[], metavar="FILE",
+                   help="an OpenSSH public key file whose keys may log in to the VMs as root "
+                   "(repeatable; default: your ~/.ssh/id_*.pub when building a new livecd)")
+    b.add_argument("--no-ssh-key", action="store_true",
+                   help="put no ssh key in the image, not even your ~/.ssh/id_*.pub")
     b.add_argument("--base", metavar="ISO",
                    help="add the files to this bootable ISO instead of a new reference livecd")
     b.add_argument("--cache", metavar="DIR",

@@ -10,7 +10,8 @@ The ISO:
     /isolinux/ldlinux.c32    isolinux's second stage
     /isolinux/isolinux.cfg   boots straight away: no prompt, no timeout
     /boot/vmlinuz            the Debian kernel
-    /boot/initrd.img         the system: busybox, /init, virtio-net modules
+    /boot/initrd.img         the system: busybox, /init, virtio-net modules,
+                             the dropbear ssh server and its libraries
     /boot/files1.img ...     one cpio layer per build that added files
     /cpushare-livecd.json    what this is: format, kernel, cmdline, initrds
 
@@ -21,13 +22,22 @@ replaces equal names of an earlier one.  Adding files to a reference ISO
 (`--base`) adds a layer and rewrites only isolinux.cfg and the JSON.
 
 The guest's /init mounts proc, sys and devtmpfs, loads the virtio-net
-modules, asks DHCP for eth0's address (udhcpc), prints one readiness line
+modules, starts the ssh server (dropbear: root, by public key only; its
+host keys made at the first connection), asks DHCP for eth0's address
+(udhcpc), waits until the ssh server listens, prints one readiness line
 on the serial console (see L{READY_FORMAT}), starts /cpushare/start in the
 background if it is executable (its output on the console, then a
 "CPUSHARE-START-EXIT status=N" line), and hands over to busybox init, which
 keeps a root shell on ttyS0 and powers the VM off on `poweroff`.
+
+The public keys that may log in as root (`--ssh-key`) are in the files
+layer of the build that added them, as /etc/cpushare/authorized_keys.d/filesN
+(N the layer's number), so a `--base` build adds keys to those of its base;
+/init joins them into /root/.ssh/authorized_keys.
 """
 
+import base64
+import glob
 import gzip
 import hashlib
 import io
@@ -35,6 +45,7 @@ import json
 import os
 import re
 import stat
+import struct
 import tempfile
 
 import attr
@@ -63,6 +74,16 @@ READY = re.compile(
     r" gw=(?P<gw>[0-9.]+|none) uptime=(?P<uptime>[0-9]+(?:\.[0-9]+)?)"
 )
 START_EXIT = re.compile(r"CPUSHARE-START-EXIT status=(?P<status>[0-9]+)")
+
+SSH_SERVER = "dropbear"
+KEYS_FOLDER = "etc/cpushare/authorized_keys.d"
+# The key types the guest's dropbear (2022.83) takes in authorized_keys.
+SSH_KEY_TYPES = (
+    "ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384", "ecdsa-sha2-nistp521",
+    "ssh-rsa", "sk-ssh-ed25519@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com",
+)
+MAX_KEY_FILE = 1 << 20
+KEY_LINE = re.compile(r"(?:^|\s)(?P<type>[A-Za-z0-9@._-]+)\s+(?P<blob>AAAA[A-Za-z0-9+/]+={0,2})(?:\s|$)")
 
 
 def parseReady(line):
@@ -102,6 +123,15 @@ ip link set lo up
 while read -r module; do
     insmod "/$module" || echo "cpushare: cannot load $module"
 done < /etc/cpushare/modules
+mkdir -p -m 700 /root/.ssh
+if [ -d /etc/cpushare/authorized_keys.d ]; then
+    cat /etc/cpushare/authorized_keys.d/* > /root/.ssh/authorized_keys
+    chmod 600 /root/.ssh/authorized_keys
+fi
+if [ -x /usr/sbin/dropbear ]; then
+    # root by public key only (-s); host keys made at the first connection (-R)
+    /usr/sbin/dropbear -F -E -R -s -P /run/dropbear.pid >/run/cpushare/sshd.log 2>&1 &
+fi
 i=0
 while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do usleep 100000; i=$((i + 1)); done
 mac=none ip= gw=
@@ -113,6 +143,13 @@ if [ -e /sys/class/net/eth0 ]; then
     gw=$(ip -4 route show default | awk '{print $3; exit}')
 else
     echo "cpushare: no network interface eth0"
+fi
+if [ -x /usr/sbin/dropbear ]; then
+    i=0
+    while ! grep -q ' 00000000:0016 00000000:0000 0A ' /proc/net/tcp && [ $i -lt 50 ]; do
+        usleep 100000; i=$((i + 1))
+    done
+    [ $i -lt 50 ] || echo "cpushare: the ssh server is not listening; see /run/cpushare/sshd.log"
 fi
 echo "CPUSHARE-READY mac=$mac ip=${ip:-none} gw=${gw:-none} uptime=$(cut -d' ' -f1 /proc/uptime)"
 export CPUSHARE_MAC=$mac CPUSHARE_IP=$ip CPUSHARE_GW=$gw
@@ -161,6 +198,13 @@ cd /cpushare 2>/dev/null || cd /root
 """
 
 
+NSSWITCH = """\
+passwd: files
+group: files
+shadow: files
+"""
+
+
 def isolinuxConfig(initrds, cmdline):
     return (
         "# CPUShare reference livecd, made by `cpushare image build`; see /cpushare-livecd.json\n"
@@ -179,7 +223,7 @@ def _gzipped(path, level):
 
 
 def writeSystemInitrd(parts, path):
-    """The system initrd: busybox, /init, its config files and the modules."""
+    """The system initrd: busybox, /init, its config files, the modules and the ssh server."""
     raw, out = _gzipped(path, 9)
     with raw, out:
         archive = CpioWriter(out)
@@ -198,6 +242,12 @@ def writeSystemInitrd(parts, path):
         archive.addBytes("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
         archive.addBytes("etc/group", b"root:x:0:\n")
         archive.addBytes("etc/hostname", b"cpushare\n")
+        archive.addBytes("etc/shells", b"/bin/sh\n")
+        archive.addBytes("etc/nsswitch.conf", NSSWITCH.encode())
+        if parts.ssh:
+            archive.addDirectory("etc/dropbear", 0o700)
+        for host, guest in parts.ssh:
+            archive.addFile(guest, host, mode=0o755, mtime=0)
         loaded = []
         for module, rel in parts.modules:
             name = f"lib/modules/{parts.kernelVersion}/{rel}"
@@ -236,12 +286,72 @@ def mergedListing(sources):
     return merged
 
 
-def writeFilesLayer(sources, path):
-    """A gzip'ed cpio of the files of C{sources}, under cpushare/; returns the entry count."""
+def defaultKeyFiles():
+    """The public keys of the user building the image: ~/.ssh/id_*.pub."""
+    return sorted(glob.glob(os.path.join(os.path.expanduser("~"), ".ssh", "id_*.pub")))
+
+
+def readPublicKeys(path):
+    """
+    The lines of the OpenSSH public key file C{path} (one key a line, as
+    in authorized_keys); L{ImageError} names what is wrong with it.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_KEY_FILE + 1)
+    except OSError as e:
+        raise ImageError(f"--ssh-key {path}: cannot read it: {e.strerror}")
+    if len(data) > MAX_KEY_FILE:
+        raise ImageError(f"--ssh-key {path} is over {MAX_KEY_FILE >> 20} MB: not a public key file")
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise ImageError(f"--ssh-key {path} is not a public key file: it is not text")
+    if "PRIVATE KEY" in text:
+        public = path if path.endswith(".pub") else f"{path}.pub"
+        raise ImageError(f"--ssh-key {path} is a private key; give its public key ({public})")
+    keys = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = KEY_LINE.search(line)
+        if m is None:
+            raise ImageError(
+                f"--ssh-key {path} line {number} is not an OpenSSH public key "
+                "(like \"ssh-ed25519 AAAAC3Nz... you@host\")")
+        kind = m.group("type")
+        if kind not in SSH_KEY_TYPES:
+            raise ImageError(
+                f"--ssh-key {path} line {number}: the guest's ssh server takes no {kind} keys, "
+                f"only {', '.join(SSH_KEY_TYPES)}")
+        try:
+            blob = base64.b64decode(m.group("blob"), validate=True)
+            length, = struct.unpack_from(">I", blob)
+        except (ValueError, struct.error):
+            blob, length = b"", 0
+        if blob[4:4 + length].decode("ascii", "replace") != kind:
+            raise ImageError(f"--ssh-key {path} line {number}: the {kind} key is damaged")
+        keys.append(line)
+    if not keys:
+        raise ImageError(f"--ssh-key {path} holds no public key")
+    return keys
+
+
+def writeFilesLayer(sources, path, keys=(), keysName=None):
+    """
+    A gzip'ed cpio of the files of C{sources}, under cpushare/, and of the
+    ssh public keys C{keys} (authorized_keys lines) as C{keysName} in
+    L{KEYS_FOLDER}; returns the entry count.
+    """
     listing = mergedListing(sources)
     raw, out = _gzipped(path, 6)
     with raw, out:
         archive = CpioWriter(out)
+        if keys:
+            archive.addDirectory(KEYS_FOLDER, 0o700)
+            archive.addBytes(f"{KEYS_FOLDER}/{keysName}",
+                             "".join(f"{key}\n" for key in keys).encode(), 0o600)
         archive.addDirectory(GUEST_FILES, 0o755)
         for rel, (host, st) in listing.items():
             try:
@@ -288,12 +398,20 @@ def _layerName(index):
     return f"/boot/files{index}.img"
 
 
+def _keysName(layerPath):
+    """The name of a layer's key file: "files2" for /boot/files2.img."""
+    return os.path.splitext(os.path.basename(layerPath))[0]
+
+
 def _isoPath(guestPath, directory=False):
     return guestPath.upper() + ("" if directory else ";1")
 
 
-def buildLivecd(output, parts, sources=(), cmdline=CMDLINE, note=lambda message: None):
-    """Write the reference livecd to C{output}, with the files of C{sources} as a layer."""
+def buildLivecd(output, parts, sources=(), cmdline=CMDLINE, note=lambda message: None, keys=()):
+    """
+    Write the reference livecd to C{output}, with the files of C{sources}
+    and the ssh public keys C{keys} (authorized_keys lines) as a layer.
+    """
     info = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -303,14 +421,16 @@ def buildLivecd(output, parts, sources=(), cmdline=CMDLINE, note=lambda message:
         "files_at": GUEST_FILES,
         "initrds": [SYSTEM_INITRD],
     }
+    if parts.ssh:
+        info["ssh"] = SSH_SERVER
     folder = os.path.dirname(os.path.abspath(output))
     with tempfile.TemporaryDirectory(dir=folder, prefix=".build-") as scratch:
         system = os.path.join(scratch, "initrd.img")
         writeSystemInitrd(parts, system)
         layer = None
-        if sources:
+        if sources or keys:
             layer = os.path.join(scratch, "files.img")
-            writeFilesLayer(sources, layer)
+            writeFilesLayer(sources, layer, keys, _keysName(_layerName(1)))
             info["initrds"].append(_layerName(1))
         iso = pycdlib.PyCdlib()
         iso.new(interchange_level=1, vol_ident="CPUSHARE", joliet=3, rock_ridge="1.09",
@@ -373,12 +493,20 @@ def readMarker(iso):
     return info
 
 
-def addLayer(base, iso, info, sources, output, note=lambda message: None):
-    """Write C{output}: the reference livecd C{iso} (open, from C{base}) plus a files layer."""
+def addLayer(base, iso, info, sources, output, note=lambda message: None, keys=()):
+    """
+    Write C{output}: the reference livecd C{iso} (open, from C{base}) plus
+    a layer of files and ssh public keys.
+    """
     if info.get("version") != FORMAT_VERSION:
         raise ImageError(
             f"{os.path.basename(base)} is a reference livecd of format version "
             f"{info.get('version')}; this program handles version {FORMAT_VERSION}"
+        )
+    if keys and info.get("ssh") != SSH_SERVER:
+        raise ImageError(
+            f"{os.path.basename(base)} has no ssh server (an older cpushare made it), so "
+            "--ssh-key cannot be used with it; build a new reference livecd instead"
         )
     info = dict(info, initrds=list(info["initrds"]))
     index = len(info["initrds"])
@@ -388,7 +516,7 @@ def addLayer(base, iso, info, sources, output, note=lambda message: None):
     folder = os.path.dirname(os.path.abspath(output))
     with tempfile.TemporaryDirectory(dir=folder, prefix=".build-") as scratch:
         layer = os.path.join(scratch, "files.img")
-        writeFilesLayer(sources, layer)
+        writeFilesLayer(sources, layer, keys, _keysName(layerPath))
         info["initrds"].append(layerPath)
         config = isolinuxConfig(info["initrds"], info.get("cmdline", CMDLINE)).encode()
         iso.add_file(layer, iso_path=_isoPath(layerPath), rr_name=os.path.basename(layerPath),
@@ -403,10 +531,16 @@ def addLayer(base, iso, info, sources, output, note=lambda message: None):
     return info
 
 
-def build(output, sources=(), base=None, cache=None, note=lambda message: None):
+def _keysNote(keys):
+    return f"{len(keys)} ssh key{'s' if len(keys) != 1 else ''} for root"
+
+
+def build(output, sources=(), base=None, cache=None, note=lambda message: None, sshKeys=()):
     """
     `cpushare image build`: write C{output}, the reference livecd (or the
-    bootable ISO C{base}) with the files of the host folders C{sources}.
+    bootable ISO C{base}) with the files of the host folders C{sources}
+    and, on a reference livecd, the public keys of the files C{sshKeys} as
+    keys that may log in as root by ssh.
     Returns a L{BuildResult}; raises L{ImageError} naming any problem.
     Blocking (big file and CPU work): run it in a thread.
     """
@@ -414,6 +548,7 @@ def build(output, sources=(), base=None, cache=None, note=lambda message: None):
     for source in sources:
         if not os.path.isdir(source):
             raise ImageError(f"--add {source}: not a folder")
+    keys = [key for path in sshKeys for key in readPublicKeys(path)]
     outFolder = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(outFolder):
         raise ImageError(f"cannot write {output}: no folder {outFolder}")
@@ -428,23 +563,35 @@ def build(output, sources=(), base=None, cache=None, note=lambda message: None):
         if base is None:
             from cpushare.vm.livecdparts import PartsCache
             parts = PartsCache(cache, note).fetch()
-            buildLivecd(output, parts, sources, note=note)
-            description = f"reference livecd (Linux {parts.kernelVersion}, busybox)"
+            buildLivecd(output, parts, sources, note=note, keys=keys)
+            description = (f"reference livecd (Linux {parts.kernelVersion}, busybox"
+                           f"{', ' + SSH_SERVER if parts.ssh else ''})")
             if sources:
                 description += f" with {count} files at {GUEST_FILES}/"
+            if keys:
+                description += f"{',' if sources else ' with'} {_keysNote(keys)}"
+            elif parts.ssh:
+                notes.append("no ssh key in the image: its VMs take no ssh logins "
+                             "(give --ssh-key FILE.pub)")
         else:
-            if not sources:
-                raise ImageError("--base needs --add DIR: the files to add")
+            if not sources and not keys:
+                raise ImageError("--base needs --add DIR or --ssh-key FILE: what to add")
             iso = isoimage.openISO(base)
             try:
                 info = readMarker(iso)
                 if info is not None:
-                    info = addLayer(base, iso, info, sources, output, note)
+                    info = addLayer(base, iso, info, sources, output, note, keys)
+                    added = [f"{count} more files at {GUEST_FILES}/"] if sources else []
+                    added += [_keysNote(keys)] if keys else []
                     description = (
-                        f"{os.path.basename(base)} (a reference livecd) with {count} more files "
-                        f"at {GUEST_FILES}/, in initrd layer {len(info['initrds']) - 1}"
+                        f"{os.path.basename(base)} (a reference livecd) with {' and '.join(added)}, "
+                        f"in initrd layer {len(info['initrds']) - 1}"
                     )
                 else:
+                    if keys:
+                        raise ImageError(
+                            f"{os.path.basename(base)} is not a reference livecd: --ssh-key can "
+                            "only put keys in one; give its own system your keys")
                     iso.close()
                     iso = None
                     isoimage.addFiles(base, sources, output, note)

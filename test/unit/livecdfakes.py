@@ -22,6 +22,11 @@ def fakeParts(folder):
     modules = []
     for rel in ("kernel/drivers/virtio/virtio.ko", "kernel/drivers/net/virtio_net.ko"):
         modules.append((put(f"modules/{rel}", b"\x7fELF module " + rel.encode()), rel))
+    ssh = tuple(
+        (put(f"ssh/{guest}", b"\x7fELF fake " + guest.encode()), guest)
+        for guest in ("usr/sbin/dropbear", "lib64/ld-linux-x86-64.so.2",
+                      "lib/x86_64-linux-gnu/libc.so.6", "usr/lib/x86_64-linux-gnu/libtomcrypt.so.1")
+    )
     return LivecdParts(
         kernel=put("vmlinuz", b"fake kernel" * 1000),
         kernelVersion="9.9.9-1-amd64",
@@ -30,6 +35,7 @@ def fakeParts(folder):
         isolinux=put("isolinux.bin", b"\xfa" + b"isolinux" * 511),
         ldlinux=put("ldlinux.c32", b"ldlinux" * 100),
         packages={"linux-image-9.9.9-1-amd64": "9.9.9-1"},
+        ssh=ssh,
     )
 
 

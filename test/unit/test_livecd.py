@@ -4,13 +4,17 @@ adds, read back with pycdlib; made from stand-in parts (no download, no boot:
 test/vm/ boots the real thing).
 """
 
+import base64
 import gzip
 import io
 import json
 import os
 import stat
 import struct
+import subprocess
+import sys
 
+import attr
 import pycdlib
 import pytest
 
@@ -28,6 +32,18 @@ def job(tmp_path, name="job", start="#!/bin/sh\necho started\n", executable=True
         (folder / "start").write_text(start)
         (folder / "start").chmod(0o755 if executable else 0o644)
     return str(folder)
+
+
+def publicKey(kind="ssh-ed25519", comment="bob@desk"):
+    """An authorized_keys line of C{kind} (its blob starts with its type, as real ones do)."""
+    blob = struct.pack(">I", len(kind)) + kind.encode() + struct.pack(">I", 32) + os.urandom(32)
+    return f"{kind} {base64.b64encode(blob).decode()} {comment}"
+
+
+def keyFile(tmp_path, name, *lines):
+    path = tmp_path / name
+    path.write_text("".join(f"{line}\n" for line in lines))
+    return str(path)
 
 
 def opened(path):
@@ -121,6 +137,143 @@ def test_the_system_initrd_holds_busybox_init_and_the_nic_modules(built, parts):
     ]
     for module in modules:
         assert system[module][1].startswith(b"\x7fELF")
+
+
+def test_the_system_initrd_holds_the_ssh_server_and_what_it_loads(built, parts):
+    _, iso = built
+    system = initrd(iso, "/boot/initrd.img")
+    for host, guest in parts.ssh:
+        assert system[guest] == (stat.S_IFREG | 0o755, open(host, "rb").read())
+    assert system["usr/sbin/dropbear"][1].startswith(b"\x7fELF")
+    assert system["lib64/ld-linux-x86-64.so.2"][1].startswith(b"\x7fELF")
+    assert system["etc/dropbear"][0] == stat.S_IFDIR | 0o700, "where -R writes the host keys"
+    assert system["root"][0] == stat.S_IFDIR | 0o700
+    assert system["etc/passwd"][1] == b"root:x:0:0:root:/root:/bin/sh\n"
+    assert system["etc/shells"][1] == b"/bin/sh\n"
+    init = system["init"][1].decode()
+    [start] = [line.strip() for line in init.splitlines() if line.strip().startswith("/usr/sbin/dropbear")]
+    flags = start.split()
+    assert "-s" in flags, "no password logins"
+    assert "-R" in flags, "host keys made at the first connection"
+    assert "-w" not in flags, "root may log in"
+    assert "-F" in flags and start.endswith("&")
+    # it is started before DHCP, and listens on port 22 (0x16) before the readiness line
+    listening = init.index("00000000:0016 00000000:0000 0A")
+    assert init.index(start) < init.index("udhcpc -i eth0") < listening < init.index("CPUSHARE-READY")
+    assert "cat /etc/cpushare/authorized_keys.d/* > /root/.ssh/authorized_keys" in init
+    assert "chmod 600 /root/.ssh/authorized_keys" in init
+    assert "mkdir -p -m 700 /root/.ssh" in init
+
+
+def test_ssh_keys_go_in_the_files_layer_readable_by_root_alone(tmp_path, parts):
+    keys = [publicKey(), publicKey("ssh-rsa", "alice@laptop")]
+    first = keyFile(tmp_path, "id_ed25519.pub", "# my key", keys[0], "")
+    second = keyFile(tmp_path, "alice.pub", keys[1])
+    output = tmp_path / "keys.iso"
+    livecd.buildLivecd(str(output), parts, [job(tmp_path)],
+                       keys=livecd.readPublicKeys(first) + livecd.readPublicKeys(second))
+    iso = opened(output)
+    try:
+        files = initrd(iso, "/boot/files1.img")
+        assert files["etc/cpushare/authorized_keys.d"][0] == stat.S_IFDIR | 0o700
+        mode, body = files["etc/cpushare/authorized_keys.d/files1"]
+        assert mode == stat.S_IFREG | 0o600
+        assert body.decode() == f"{keys[0]}\n{keys[1]}\n"
+        assert files["cpushare/start"][0] == stat.S_IFREG | 0o755
+        assert json.loads(read(iso, "/cpushare-livecd.json"))["ssh"] == "dropbear"
+    finally:
+        iso.close()
+
+
+def test_keys_alone_make_a_layer(tmp_path, parts):
+    output = tmp_path / "keys.iso"
+    livecd.buildLivecd(str(output), parts, keys=[publicKey()])
+    iso = opened(output)
+    try:
+        assert "initrd=/boot/initrd.img,/boot/files1.img " in read(iso, "/isolinux/isolinux.cfg").decode()
+        assert "etc/cpushare/authorized_keys.d/files1" in initrd(iso, "/boot/files1.img")
+    finally:
+        iso.close()
+
+
+def test_a_base_build_adds_keys_to_those_of_its_base(tmp_path, parts):
+    base = tmp_path / "base.iso"
+    old, new = publicKey(comment="old"), publicKey(comment="new")
+    livecd.buildLivecd(str(base), parts, [job(tmp_path)], keys=[old])
+    output = tmp_path / "more.iso"
+    result = livecd.build(str(output), base=str(base), sshKeys=[keyFile(tmp_path, "new.pub", new)])
+    assert result.description == "base.iso (a reference livecd) with 1 ssh key for root, in initrd layer 2"
+    iso = opened(output)
+    try:
+        assert initrd(iso, "/boot/files1.img")["etc/cpushare/authorized_keys.d/files1"][1] == \
+            f"{old}\n".encode()
+        assert initrd(iso, "/boot/files2.img")["etc/cpushare/authorized_keys.d/files2"] == \
+            (stat.S_IFREG | 0o600, f"{new}\n".encode())
+    finally:
+        iso.close()
+
+
+def test_a_build_without_keys_says_ssh_logins_are_impossible(tmp_path, monkeypatch, parts):
+    from cpushare.vm import livecdparts
+    monkeypatch.setattr(livecdparts.PartsCache, "fetch", lambda self: parts)
+    result = livecd.build(str(tmp_path / "job.iso"), [job(tmp_path)])
+    assert result.notes == [
+        "no ssh key in the image: its VMs take no ssh logins (give --ssh-key FILE.pub)"]
+
+
+def test_the_default_keys_are_the_users_public_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert livecd.defaultKeyFiles() == []
+    (tmp_path / ".ssh").mkdir()
+    for name in ("id_rsa", "id_rsa.pub", "id_ed25519.pub", "authorized_keys", "known_hosts"):
+        (tmp_path / ".ssh" / name).write_text("x")
+    assert livecd.defaultKeyFiles() == [
+        str(tmp_path / ".ssh" / "id_ed25519.pub"), str(tmp_path / ".ssh" / "id_rsa.pub")]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n",
+     "is a private key; give its public key ({path}.pub)"),
+    ("hello world\n", "line 1 is not an OpenSSH public key"),
+    ("# only a comment\n\n", "holds no public key"),
+    (publicKey("ssh-dss") + "\n", "line 1: the guest's ssh server takes no ssh-dss keys, only ssh-ed25519,"),
+    ("ssh-ed25519 AAAAB3NzaC1yc2EAAAADAQABAAAAgQC bob\n", "line 1: the ssh-ed25519 key is damaged"),
+    ("ssh-ed25519 AAAA%%%% bob\n", "line 1 is not an OpenSSH public key"),
+])
+def test_what_is_not_a_public_key_file_is_refused_by_name(tmp_path, content, message):
+    path = tmp_path / "key"
+    path.write_text(content)
+    with pytest.raises(ImageError) as e:
+        livecd.readPublicKeys(str(path))
+    assert str(e.value).startswith(f"--ssh-key {path}")
+    assert message.format(path=path) in str(e.value)
+
+
+def test_a_key_file_that_cannot_be_read_is_named(tmp_path):
+    with pytest.raises(ImageError, match=r"--ssh-key .*missing.pub: cannot read it: No such file"):
+        livecd.readPublicKeys(str(tmp_path / "missing.pub"))
+    binary = tmp_path / "binary.pub"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ImageError, match="is not a public key file: it is not text"):
+        livecd.readPublicKeys(str(binary))
+
+
+def test_options_before_a_key_are_kept(tmp_path):
+    line = 'no-port-forwarding,command="uptime" ' + publicKey()
+    assert livecd.readPublicKeys(keyFile(tmp_path, "k.pub", line)) == [line]
+
+
+def test_keys_go_only_into_a_reference_livecd_with_an_ssh_server(tmp_path, parts):
+    from test.unit.livecdfakes import otherISO
+    key = keyFile(tmp_path, "k.pub", publicKey())
+    other = otherISO(str(tmp_path / "other.iso"))
+    with pytest.raises(ImageError, match="other.iso is not a reference livecd: --ssh-key"):
+        livecd.build(str(tmp_path / "out.iso"), base=other, sshKeys=[key])
+    old = tmp_path / "old.iso"
+    livecd.buildLivecd(str(old), attr.evolve(parts, ssh=()), [job(tmp_path)])
+    with pytest.raises(ImageError, match="old.iso has no ssh server .* build a new reference livecd"):
+        livecd.build(str(tmp_path / "out.iso"), base=str(old), sshKeys=[key])
+    assert not (tmp_path / "out.iso").exists()
 
 
 def test_the_buyers_files_are_a_layer_at_cpushare(built):
@@ -218,7 +371,8 @@ def test_the_output_folder_must_exist(tmp_path, built):
         livecd.build(str(tmp_path / "no" / "out.iso"), [job(tmp_path, "other")], base=str(base))
 
 
-def test_a_build_reuses_the_parts_in_the_cache_without_apt(tmp_path, monkeypatch):
+def fakeCache(tmp_path):
+    """A cache folder holding stand-in parts, as a download would have left it."""
     from cpushare.vm import livecdparts
 
     cache = tmp_path / "cache"
@@ -234,11 +388,73 @@ def test_a_build_reuses_the_parts_in_the_cache_without_apt(tmp_path, monkeypatch
         "busybox": "busybox",
         "isolinux": "isolinux.bin",
         "ldlinux": "ldlinux.c32",
+        "ssh": [guest for _, guest in parts.ssh],
     }))
+    return cache
+
+
+def test_a_build_reuses_the_parts_in_the_cache_without_apt(tmp_path, monkeypatch):
+    from cpushare.vm import livecdparts
+
+    cache = fakeCache(tmp_path)
     monkeypatch.setattr(livecdparts.shutil, "which", lambda name: None)
-    result = livecd.build(str(tmp_path / "job.iso"), [job(tmp_path)], cache=str(cache))
+    key = keyFile(tmp_path, "id_ed25519.pub", publicKey())
+    result = livecd.build(str(tmp_path / "job.iso"), [job(tmp_path)], cache=str(cache),
+                          sshKeys=[key])
     assert result.description == (
-        "reference livecd (Linux 9.9.9-1-amd64, busybox) with 2 files at /cpushare/")
+        "reference livecd (Linux 9.9.9-1-amd64, busybox, dropbear) with 2 files at /cpushare/, "
+        "1 ssh key for root")
+    assert result.notes == []
+
+
+def cli(tmp_path, *args):
+    env = dict(os.environ, HOME=str(tmp_path / "user"), CPUSHARE_CACHE=str(fakeCache(tmp_path)))
+    return subprocess.run(
+        [sys.executable, "-c", "from cpushare.client.cli import main; main()",
+         "--home", str(tmp_path / "home"), "image", "build", *args],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+
+
+def test_the_cli_puts_the_users_own_public_key_in_by_default(tmp_path):
+    ssh = tmp_path / "user" / ".ssh"
+    ssh.mkdir(parents=True)
+    key = publicKey(comment="user@desk")
+    (ssh / "id_ed25519.pub").write_text(key + "\n")
+    (ssh / "id_ed25519").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    done = cli(tmp_path, "-o", str(tmp_path / "job.iso"))
+    assert done.returncode == 0, done
+    assert f"adding your ssh key {ssh / 'id_ed25519.pub'} (--no-ssh-key leaves it out)" in done.stderr
+    assert "with 1 ssh key for root" in done.stdout
+    iso = opened(tmp_path / "job.iso")
+    try:
+        assert initrd(iso, "/boot/files1.img")["etc/cpushare/authorized_keys.d/files1"][1] == \
+            f"{key}\n".encode()
+    finally:
+        iso.close()
+
+    done = cli(tmp_path, "-o", str(tmp_path / "nokey.iso"), "--no-ssh-key")
+    assert done.returncode == 0, done
+    assert "cpushare: note: no ssh key in the image: its VMs take no ssh logins" in done.stderr
+    iso = opened(tmp_path / "nokey.iso")
+    try:
+        assert {name for _, _, files in iso.walk(rr_path="/boot") for name in files} == {
+            "vmlinuz", "initrd.img"}
+    finally:
+        iso.close()
+
+
+def test_the_cli_names_a_bad_key_or_contradicting_options_in_one_line(tmp_path):
+    private = tmp_path / "id_rsa"
+    private.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    done = cli(tmp_path, "-o", str(tmp_path / "job.iso"), "--ssh-key", str(private))
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr.splitlines() == [
+        f"cpushare: --ssh-key {private} is a private key; give its public key ({private}.pub)"]
+    done = cli(tmp_path, "-o", str(tmp_path / "job.iso"), "--ssh-key", str(private), "--no-ssh-key")
+    assert done.stderr.splitlines() == [
+        "cpushare: --ssh-key and --no-ssh-key contradict each other: give one"]
+    assert not (tmp_path / "job.iso").exists()
 
 
 @pytest.mark.parametrize("line, fields", [
