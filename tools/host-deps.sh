@@ -10,6 +10,7 @@ command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v chrt >/dev/null || need+=(util-linux)
 command -v ip >/dev/null || need+=(iproute2)
 command -v ping >/dev/null || need+=(iputils-ping)
+command -v ssh >/dev/null && command -v ssh-keygen >/dev/null || need+=(openssh-client)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
 # The store's tests run on PostgreSQL as well as SQLite (test/postgres.py).
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)

@@ -15,6 +15,7 @@ import subprocess
 import pytest
 
 from cpushare.client.pinger import UnixSocketPinger
+from cpushare.vm import isoimage, livecd
 from test.integration.conftest import (
     CLEAN_EXIT, START_TIMEOUT, cpushare, executable, waitUntil,
 )
@@ -30,7 +31,16 @@ def run(home, *args, timeout=60):
 
 
 @pytest.fixture(scope="module")
-def jobISO(tmp_path_factory):
+def sshKey(tmp_path_factory):
+    """A fresh ssh key of the buyer's, with no passphrase."""
+    key = tmp_path_factory.mktemp("ssh") / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "buyer@test", "-f", key],
+                   check=True, timeout=60)
+    return key
+
+
+@pytest.fixture(scope="module")
+def jobISO(tmp_path_factory, sshKey):
     folder = tmp_path_factory.mktemp("job")
     (folder / "files").mkdir()
     start = folder / "files" / "start"
@@ -38,9 +48,11 @@ def jobISO(tmp_path_factory):
     start.chmod(0o755)
     iso = folder / "job.iso"
     result = subprocess.run(
-        [executable("cpushare"), "image", "build", "-o", iso, "--add", folder / "files"],
+        [executable("cpushare"), "image", "build", "-o", iso, "--add", folder / "files",
+         "--ssh-key", f"{sshKey}.pub"],
         capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result
+    assert "1 ssh key for root" in result.stdout, result
     return iso
 
 
@@ -104,6 +116,18 @@ def ping(address, count=3, interface=None):
     return subprocess.run(argv, capture_output=True, text=True, timeout=30)
 
 
+def ssh(address, command, knownHosts, key=None):
+    """Run C{command} in a VM with OpenSSH's client, as root, with C{key} or none."""
+    argv = ["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+            "-o", f"UserKnownHostsFile={knownHosts}", "-o", "ConnectTimeout=60"]
+    if key is None:
+        argv += ["-o", "PubkeyAuthentication=no"]
+    else:
+        argv += ["-o", "IdentitiesOnly=yes", "-i", str(key)]
+    return subprocess.run(argv + [f"root@{address}", command], capture_output=True, text=True,
+                          timeout=120)
+
+
 def console(home, vm, typed, linger=3.0):
     """Type into a VM's console and return what it showed (history included)."""
     result = subprocess.run(
@@ -139,7 +163,7 @@ def qemuOf(vm):
 
 
 def test_an_ordered_vm_boots_sandboxed_and_joins_the_buyers_network(
-        market, processes, tmp_path, jobISO):
+        market, processes, tmp_path, jobISO, sshKey):
     seller = market.register(tmp_path / "sam", "sam")
     buyer = market.register(tmp_path / "bob", "bob")
     sellerProc = startSeller(processes, seller, cores=2, memory=1024)
@@ -164,6 +188,20 @@ def test_an_ordered_vm_boots_sandboxed_and_joins_the_buyers_network(
         mac = tool.arp(ip)
         assert mac.hex(":") == listed["mac"]
         assert tool.ping(ip, mac) is not None
+
+    # The buyer logs in by ssh with the key the image was built with, and
+    # in no other way.
+    knownHosts = tmp_path / "known_hosts"
+    result = ssh(ip, "uname -r; grep -c processor /proc/cpuinfo", knownHosts, sshKey)
+    assert result.returncode == 0, result
+    iso = isoimage.openISO(str(jobISO))
+    kernel = livecd.readMarker(iso)["kernel_version"]
+    iso.close()
+    assert result.stdout.split() == [kernel, "1"], result
+    assert knownHosts.read_text().startswith(f"{ip} ssh-ed25519 "), "a host key made at boot"
+    refused = ssh(ip, "true", knownHosts)
+    assert refused.returncode == 255, refused
+    assert f"root@{ip}: Permission denied (publickey)." in refused.stderr, refused
 
     # The console shows the readiness line and the job's output, and takes commands.
     shown = consoleRun(buyer, vm, "echo typed-$((6*7))", r"typed-42")
