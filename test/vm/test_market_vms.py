@@ -14,10 +14,10 @@ import subprocess
 
 import pytest
 
-from cpushare.client.pinger import UnixSocketPinger
+from cpushare.client.pinger import PingError, UnixSocketPinger
 from cpushare.vm import isoimage, livecd
 from test.integration.conftest import (
-    CLEAN_EXIT, START_TIMEOUT, cpushare, executable, waitUntil,
+    CLEAN_EXIT, START_TIMEOUT, Market, cpushare, executable, waitUntil,
 )
 
 BOOT_TIMEOUT = 180.0
@@ -70,11 +70,11 @@ class Network:
 SELLER_GRACE = 12
 
 
-def startSeller(processes, home, cores, memory, name="seller"):
+def startSeller(processes, home, cores, memory, name="seller", extra=()):
     proc = processes.start(name, [
         executable("twistd"), "-n", "--pidfile=", "cpushare-seller", "--home", home,
         "--cores", cores, "--memory", memory, "--accel", "tcg", "--cache-size", 200,
-        "--grace", SELLER_GRACE,
+        "--grace", SELLER_GRACE, *extra,
     ])
     proc.waitForLog("offering", timeout=START_TIMEOUT)
     return proc
@@ -383,6 +383,59 @@ def test_a_crashed_vm_and_a_corrupt_image_show_their_reasons(
     assert not os.path.exists(f"/proc/{pid}"), "QEMU outlived its seller"
     listed = vms(buyer)[last]
     assert (listed["state"], listed["reason"]) == ("stopped", "the seller is shutting down")
+
+
+MARKET_GRACE = 4
+
+
+def test_a_vm_whose_seller_vanishes_mid_boot_is_placed_again_on_another(
+        processes, tmp_path, jobISO):
+    market = Market(processes, tmp_path / "market", extra=["--grace", MARKET_GRACE]).start()
+    buyer = market.register(tmp_path / "bob", "bob")
+    sam = startSeller(processes, market.register(tmp_path / "sam", "sam"), 1, 512, "sam",
+                      ["--price", "0.01"])
+    sue = startSeller(processes, market.register(tmp_path / "sue", "sue"), 1, 512, "sue",
+                      ["--price", "0.02"])
+    _, net = startBuyer(processes, buyer, None, "10.77.0.0")
+    run(buyer, "image", "upload", jobISO)
+    [vm] = order(buyer, jobISO)
+    # The cheapest seller first: sam.
+    waitUntil(lambda: vms(buyer)[vm]["state"] == "running", "the VM to boot on sam",
+              BOOT_TIMEOUT, processes, 0.2)
+    assert vms(buyer)[vm]["seller"] == "sam"
+    pid = qemuOf(vm)
+
+    # sam vanishes while its VM boots; its QEMU dies with it.
+    sam.signal(signal.SIGKILL)
+    waitUntil(lambda: not os.path.exists(f"/proc/{pid}"), "QEMU to die with its seller",
+              30, processes, 0.1)
+    detached = waitUntil(lambda: (lambda v: v if v["state"] == "detached" else None)(vms(buyer)[vm]),
+                         "the VM to be detached", 30, processes, 0.2)
+    assert detached["reason"] == (
+        f"the seller disconnected; waiting up to {MARKET_GRACE}s for it to come back")
+
+    # Past the market's grace period it boots again, from scratch, on sue.
+    moved = waitUntil(lambda: (lambda v: v if v.get("seller") == "sue" else None)(vms(buyer)[vm]),
+                      "the VM to be placed on sue", MARKET_GRACE + 30, processes, 0.2)
+    assert moved["state"] in ("allocated", "fetching", "booting", "running"), moved
+    market.waitForLog(f"VM {vm}: its seller did not come back in {MARKET_GRACE}s; placing it again")
+    waitUntil(lambda: vms(buyer)[vm]["state"] == "running", "the VM to boot on sue",
+              BOOT_TIMEOUT, processes, 0.5)
+    assert qemuOf(vm) != pid
+    ip = waitForAddress(buyer, vm, processes)
+    mac = bytes.fromhex(vms(buyer)[vm]["mac"].replace(":", ""))
+    # The guest on sue took its DHCP lease: it answers at that address.
+    with UnixSocketPinger(net.socket, "10.77.0.50") as tool:
+        def arp():
+            try:
+                return tool.arp(ip, timeout=1.0)
+            except PingError:
+                return None
+        assert waitUntil(arp, f"{ip} to answer ARP", BOOT_TIMEOUT, processes, 0.5) == mac
+        assert tool.ping(ip, mac) is not None
+    listed = vms(buyer)[vm]
+    assert (listed["state"], listed["seller"]) == ("running", "sue")
+    assert "Traceback" not in sue.log() + market.log()
 
 
 RAW_UPLOAD = """
