@@ -555,10 +555,13 @@ class Orders:
         vm.reason = "its seller did not come back; waiting for capacity"
         vm.foldLink()
         self._endLease(vm, "its seller did not come back", waitForSeller=False)
+        # It boots again from scratch: its uptime and CPU seconds (the ones
+        # its next lease is billed for) start anew, as its new QEMU's do.
         vm.started = None
+        vm.cpuSeconds = 0.0
         vm.sellerAccountId = None
         self._save(lambda c: store.updateVM(c, vm.id, state="pending", seller_account_id=None,
-                                            started=None, reason=vm.reason))
+                                            started=None, cpu_seconds=0.0, reason=vm.reason))
         self._allocate(vm)
 
     def _end(self, vm, state, reason, tellSeller=True, refill=True):

@@ -250,6 +250,33 @@ class OrderTests(OrderCase):
         self.assertEqual((listed[0]["state"], listed[0]["seller"]), ("allocated", "ben"))
 
     @defer.inlineCallbacks
+    def test_a_vm_placed_again_counts_and_pays_only_the_cpu_of_its_new_seller(self):
+        self.market.orders.grace = 0.3
+        seller, vm = yield self.runOne()
+        yield self.call(seller, commands.VMState, vm=vm, state="running", cpu_seconds=50.0)
+        yield self.close(seller)
+        ben = yield self.register("ben")
+        other = yield self.program("seller", ben)
+        yield self.offer(other, 1, 1024)
+        yield within(other.started.get())
+        listed = (yield self.call(self.cli, commands.ListVMs))["vms"][0]
+        self.assertEqual((listed["seller"], listed["cpu_seconds"]), ("ben", 0.0))
+        yield self.call(other, commands.VMState, vm=vm, state="running", cpu_seconds=2.0)
+        listed = (yield self.call(self.cli, commands.ListVMs))["vms"][0]
+        self.assertEqual((listed["state"], listed["cpu_seconds"]), ("running", 2.0))
+
+        # An hour on, ben's lease is billed the 2 CPU seconds ben gave, not sam's 50.
+        class HourLater:
+            def seconds(self):
+                return reactor.seconds() + 3600
+
+        self.patch(self.market.billing, "reactor", HourLater())
+        yield self.market.billing.tick()
+        leases = (yield self.call(self.cli, commands.ListLeases))["leases"]
+        self.assertEqual([(lease["seller"], lease["cpu_seconds"]) for lease in leases][0],
+                         ("ben", 2.0))
+
+    @defer.inlineCallbacks
     def test_the_console_shows_recent_output_then_follows_and_takes_input(self):
         seller, vm = yield self.runOne()
         seller.sendFrame(consoleChannel(vm), b"booting...\r\n")
