@@ -138,9 +138,13 @@ mac=none ip= gw=
 if [ -e /sys/class/net/eth0 ]; then
     mac=$(cat /sys/class/net/eth0/address)
     ip link set eth0 up
-    udhcpc -i eth0 -s /etc/cpushare/udhcpc.sh -t 10 -T 2 -b >/run/cpushare/udhcpc.log 2>&1
-    ip=$(ip -4 -o addr show dev eth0 | awk '{print $4; exit}')
-    gw=$(ip -4 route show default | awk '{print $3; exit}')
+    if [ -e /cpushare/no-network ]; then
+        echo "cpushare: /cpushare/no-network is there: not asking DHCP for an address"
+    else
+        udhcpc -i eth0 -s /etc/cpushare/udhcpc.sh -t 10 -T 2 -b >/run/cpushare/udhcpc.log 2>&1
+        ip=$(ip -4 -o addr show dev eth0 | awk '{print $4; exit}')
+        gw=$(ip -4 route show default | awk '{print $3; exit}')
+    fi
 else
     echo "cpushare: no network interface eth0"
 fi

@@ -451,3 +451,25 @@ async def main(reactor):
 
 task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
 """
+
+
+def test_the_market_scores_a_sellers_cpu_with_a_benchmark_vm(processes, tmp_path):
+    market = Market(processes, tmp_path / "market",
+                    extra=["--cpu-bench-every", "3600", "--cpu-bench-mb", "4"]).start()
+    market.waitForLog("CPU benchmark image", timeout=BOOT_TIMEOUT)
+    seller = market.register(tmp_path / "sam", "sam", funds=None)
+    buyer = market.register(tmp_path / "bob", "bob")
+    proc = startSeller(processes, seller, 1, 512)
+    market.waitForLog("CPU benchmark of sam:", timeout=BOOT_TIMEOUT)
+    score = float(re.search(r"CPU benchmark of sam: ([0-9.]+) MB/s", market.log()).group(1))
+    assert score > 0
+    # The benchmark VM, a real one on the seller, was stopped once it answered.
+    waitUntil(lambda: re.search(r"VM \d+ stopped", proc.log()), "the benchmark VM stopped",
+              processes=processes)
+    [listed] = run(buyer, "sellers", "--json", "--min-cpu", str(score / 2)).json()
+    assert abs(listed["cpu_score"] - score) < 0.051      # the log rounds it
+    excluded = run(buyer, "sellers", "--min-cpu", str(score * 2), "--explain").stdout
+    assert "less than --min-cpu" in excluded
+    # Nobody paid for it.
+    books = market.admin("books")
+    assert books.status == 0 and "transactions: 1," in books.stdout, books
