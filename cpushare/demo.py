@@ -122,6 +122,9 @@ class Demo:
             "cpushare-server", "--data", data,
             "--listen", "tcp:0:interface=127.0.0.1", "--hostname", "localhost",
             "--heartbeat", "1", "--timeout", "10",
+            # Bill every 5 s so the demo's few seconds show on the bill; no
+            # CPU benchmark VM competing with the demo's own.
+            "--billing-interval", "5", "--cpu-bench-every", "0",
         ])
         address = self.waitFor("the server to listen", lambda: self._address(data))
         server = f"127.0.0.1:{address['port']}"
@@ -135,9 +138,9 @@ class Demo:
         subprocess.run([exe("cpushare-admin"), "--data", data, "credit", "demo-buyer", "5",
                         "--memo", "demo trial credit"], check=True, capture_output=True)
 
-        self.say("starting the seller (2 cores, 1024 MB on offer) and the buyer")
+        self.say("starting the seller (2 cores, 1024 MB at 0.36 a core-hour) and the buyer")
         self.start("seller", ["cpushare-seller", "--home", self.path("seller-home"),
-                              "--cores", "2", "--memory", "1024"])
+                              "--cores", "2", "--memory", "1024", "--price", "0.36"])
         self.start("buyer", ["cpushare-buyer", "--home", self.path("buyer-home"),
                              "--tap", TAP if useTap else "none"])
         if not useTap:
@@ -183,6 +186,23 @@ class Demo:
 
         self.say(f"stopping the order: cpushare order cancel {placed['order']}")
         self.cli("buyer-home", "order", "cancel", str(placed["order"]))
+
+        def settled():
+            leases = json.loads(self.cli("buyer-home", "leases", "--json", show=False))
+            return leases and all(lease.get("ended") and not lease["held"] for lease in leases)
+
+        self.waitFor("the VM's lease to be settled", settled, timeout=60)
+        self.say("what it cost: cpushare leases")
+        self.cli("buyer-home", "leases")
+        self.say("the buyer's funds: cpushare balance")
+        self.cli("buyer-home", "balance")
+        self.say("the operator checks the books: cpushare-admin books")
+        books = subprocess.run([exe("cpushare-admin"), "--data", data, "books"],
+                               capture_output=True, text=True)
+        for line in books.stdout.rstrip().splitlines():
+            print(f"    {line}")
+        if books.returncode != 0:
+            raise RuntimeError("the books do not balance")
         self.say("stopping the buyer, the seller and the server")
         unclean = self.stop()
         if unclean:

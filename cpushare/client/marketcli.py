@@ -129,14 +129,16 @@ async def terms(reactor, args, home):
 
 def formatLeases(leases, now):
     rows = [("LEASE", "VM", "ORDER", "SELLER", "PRICE/CORE-H", "NET/GB", "CORES", "TIME", "CPU",
-             "TRAFFIC", "CHARGED", "RATED", "END")]
+             "CPU-COST", "TRAFFIC", "NET-COST", "CHARGED", "HELD", "RATED", "END")]
     for lease in leases:
         ended = lease.get("ended")
         rows.append((
             str(lease["lease"]), str(lease["vm"]), str(lease["order"]), lease["seller"],
             formatAmount(lease["price"]), formatAmount(lease["net_fee"]), str(lease["cores"]),
             duration((ended or now) - lease["started"]), f"{lease['cpu_seconds']:.1f}s",
-            f"{lease['net_bytes'] / 1e6:.1f} MB", formatAmount(lease["charged"]),
+            formatAmount(lease["cpu_cost"]), f"{lease['net_bytes'] / 1e6:.1f}MB",
+            formatAmount(lease["net_cost"]), formatAmount(lease["charged"]),
+            formatAmount(lease["held"]),
             lease.get("rating") or "-", lease.get("reason") or ("running" if not ended else ""),
         ))
     return formatTable(rows)

@@ -495,6 +495,9 @@ class ListLeases(amp.Command):
         (b"cpu_seconds", amp.Float()),
         (b"net_bytes", amp.Integer()),
         (b"charged", amp.Integer()),
+        (b"cpu_cost", amp.Integer()),
+        (b"net_cost", amp.Integer()),
+        (b"held", amp.Integer()),
         (b"reason", amp.Unicode(optional=True)),
         (b"rating", amp.Unicode(optional=True)),
     ]))]

@@ -111,14 +111,21 @@ def accountLeases(cursor, accountId, limit=1000):
     """The leases of this account's VMs, newest first."""
     cursor.execute(
         "SELECT l.id, l.vm_id, l.order_id, s.name, l.price, l.net_fee, l.cores, l.started,"
-        " l.ended, l.cpu_seconds, l.net_bytes, l.charged, l.reason, r.good"
+        " l.ended, l.cpu_seconds, l.net_bytes, l.charged, l.reason, r.good, l.held"
         " FROM leases l JOIN accounts s ON s.id = l.seller_account_id"
         " LEFT JOIN ratings r ON r.lease_id = l.id"
         " WHERE l.buyer_account_id = ? ORDER BY l.id DESC LIMIT ?",
         (accountId, limit))
     rows = []
-    for row in cursor.fetchall():
+    for *row, held in cursor.fetchall():
         entry = dict(zip(LEASE_KEYS, row))
+        for key in ("price", "net_fee", "net_bytes", "charged"):
+            entry[key] = int(entry[key])
+        # The breakdown of what was charged: CPU time, then traffic (billing
+        # rounds each down, so they may add up to a micro-unit less).
+        entry["cpu_cost"] = int(entry["cpu_seconds"] * 1000) * entry["price"] // 3_600_000
+        entry["net_cost"] = entry["net_bytes"] * entry["net_fee"] // 10**9
+        entry["held"] = int(held)
         entry["rating"] = None if entry["rating"] is None else (
             "good" if entry["rating"] else "bad")
         rows.append(entry)

@@ -298,6 +298,7 @@ class BillingTests(OrderCase):
         yield sleep(0.2)
         [lease] = (yield self.call(self.carolCli, commands.ListLeases))["leases"]
         self.assertEqual((lease["cpu_seconds"], lease["charged"]), (104.5, 104_500))
+        self.assertEqual((lease["cpu_cost"], lease["net_cost"], lease["held"]), (104_500, 0, 0))
         carol = yield self.balances("carol")
         self.assertEqual((carol[ledger.FUNDS], carol[ledger.HELD]), (45_500, 0))
         self.assertEqual((yield self.balances("sam"))[ledger.EARNINGS], 104_500)
