@@ -193,11 +193,7 @@ class Connection:
                 cursor.execute("COMMIT")
                 return result
             except BaseException as e:
-                self._rollback()
-                if self.broken:
-                    raise ConnectionLost(
-                        f"lost the connection to the database {database}: {oneLine(e)}",
-                        committing) from e
+                self._failed(e, committing)
                 if attempt < database.attempts and database.retryable(e):
                     # Let the transaction that won finish first.
                     time.sleep(random.uniform(0, 0.002 * 2 ** min(attempt, 8)))
@@ -234,12 +230,16 @@ class Connection:
             cursor.execute("COMMIT")
             return outcomes
         except BaseException as e:
-            self._rollback()
-            if self.broken:
-                raise ConnectionLost(
-                    f"lost the connection to the database {self.database}: {oneLine(e)}",
-                    committing) from e
+            self._failed(e, committing)
             raise
+
+    def _failed(self, error, committing):
+        """A transaction failed: roll it back; ConnectionLost if the connection went."""
+        self._rollback()
+        if self.broken:
+            raise ConnectionLost(
+                f"lost the connection to the database {self.database}: {oneLine(error)}",
+                committing) from error
 
     def _rollback(self):
         try:
