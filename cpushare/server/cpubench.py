@@ -228,21 +228,31 @@ class CPUBench:
         vm = await orders.systemVM(session, self.accountId, self.sha256, self.size, CORES,
                                    MEMORY, console)
         self.running[session] = vm
+        ended = defer.Deferred()
+        vm.endWaiters.append(ended)
         timeout = defer.Deferred()
         call = self.reactor.callLater(self.timeout, timeout.callback, None)
         try:
-            first = await defer.DeferredList([prompt, timeout], fireOnOneCallback=True)
+            first = await defer.DeferredList([prompt, timeout, ended], fireOnOneCallback=True)
             if first[1] == 1:
                 self.log.warn("CPU benchmark of {name}: its VM did not come up in {t:.0f}s",
                               name=name, t=self.timeout)
                 return None
+            if first[1] == 2:
+                self.log.warn("CPU benchmark of {name}: its VM {state}: {reason}", name=name,
+                              state=first[0][0], reason=first[0][1])
+                return None
             state["typed"] = len(seen)
             started = self.reactor.seconds()
             vm.consoleInput(f"/cpushare/bench {nonce} {self.mb}\n".encode("ascii"))
-            first = await defer.DeferredList([result, timeout], fireOnOneCallback=True)
+            first = await defer.DeferredList([result, timeout, ended], fireOnOneCallback=True)
             if first[1] == 1:
                 self.log.warn("CPU benchmark of {name}: no result in {t:.0f}s",
                               name=name, t=self.timeout)
+                return None
+            if first[1] == 2:
+                self.log.warn("CPU benchmark of {name}: its VM {state}: {reason}", name=name,
+                              state=first[0][0], reason=first[0][1])
                 return None
             finished, match = first[0]
             digest = match.group(2).decode("ascii")

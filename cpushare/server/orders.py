@@ -76,6 +76,7 @@ class VM:
         self.consoles = set()
         self.consoleObserver = None     # the market's own VMs: it reads their console
         self.system = False
+        self.endWaiters = []            # Deferreds fired with (state, reason) when it ends
 
     def consoleReceived(self, data):
         """Console output from the seller: kept (the last CONSOLE_HISTORY bytes) and sent on."""
@@ -568,6 +569,9 @@ class Orders:
         seller = vm.seller
         vm.state = state
         vm.reason = reason
+        waiters, vm.endWaiters = vm.endWaiters, []
+        for d in waiters:
+            d.callback((state, reason))
         if vm.graceCall is not None and vm.graceCall.active():
             vm.graceCall.cancel()
         vm.graceCall = None

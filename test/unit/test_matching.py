@@ -438,3 +438,28 @@ class CPUBenchTests(OrderCase):
     def order(self):
         return self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=1, cores=1,
                          memory=256)
+
+    @defer.inlineCallbacks
+    def test_a_restart_drops_an_interrupted_benchmark_and_keeps_buyers_vms(self):
+        from cpushare.server.orders import Orders
+        yield self.call(self.seller, commands.Offer, cores=2, memory=1024)
+        yield self.order()
+        buyerVM = (yield within(self.seller.started.get()))["vm"]
+        self.seller.silent = True
+        self.market.cpubench.timeout = 30.0
+        measuring = self.measure()
+        benchVM = (yield within(self.seller.started.get()))["vm"]
+        yield sleep(0.2)
+        # The market server restarts: its orders are loaded from the database.
+        restarted = Orders(self.market, grace=60)
+        self.addCleanup(restarted.stop)
+        yield defer.ensureDeferred(restarted.load())
+        self.assertEqual(sorted(restarted.vms), [buyerVM])
+        self.assertEqual(restarted.vms[buyerVM].state, "detached")
+        yield sleep(0.2)
+        state = yield self.store.run(lambda c: c.execute(
+            "SELECT state, reason FROM vms WHERE id = ?", (benchVM,)).fetchone())
+        self.assertEqual(tuple(state), ("stopped", "the market server restarted"))
+        # The benchmark does not wait for a VM that ended.
+        self.market.orders._end(self.market.orders.vms[benchVM], "failed", "QEMU crashed")
+        self.assertIsNone((yield within(measuring)))
