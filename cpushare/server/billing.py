@@ -29,6 +29,7 @@ lease neither twice nor never: the next bill starts from what the
 database says was charged.
 """
 
+from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -37,6 +38,8 @@ from cpushare.server import ledger
 from cpushare.server.ledger import EARNINGS, FUNDS, HELD
 
 INTERVAL = 60.0
+# Bills a tick has waiting for the store at once.
+IN_FLIGHT = 64
 WINDOW = 600.0
 # Traffic held for per window when a seller charges for it, in bytes.
 NET_ALLOWANCE = 10**9
@@ -254,26 +257,35 @@ class Billing:
             self._loop.stop()
         return self._running
 
+    async def _billOne(self, vm):
+        leaseId = vm.leaseId
+        try:
+            result = await self.market.store.run(
+                bill, leaseId, vm.cpuSeconds, vm.netBytes(), self.reactor.seconds(),
+                False, self.interval, self.window)
+        except Exception:
+            self.log.failure("billing lease {lease} of VM {vm}", lease=leaseId, vm=vm.id)
+            return
+        if result["stop"] is not None and vm.active and vm.leaseId == leaseId:
+            self.market.orders.outOfFunds(vm, result["stop"])
+
     async def _tick(self):
-        orders = self.market.orders
-        for vm in list(orders.vms.values()):
-            if vm.leaseId is None or not vm.active:
-                continue
-            try:
-                result = await self.market.store.run(
-                    bill, vm.leaseId, vm.cpuSeconds, vm.netBytes(), self.reactor.seconds(),
-                    False, self.interval, self.window)
-            except Exception:
-                self.log.failure("billing lease {lease} of VM {vm}", lease=vm.leaseId, vm=vm.id)
-                continue
-            if result["stop"] is not None and vm.active and vm.leaseId is not None:
-                orders.outOfFunds(vm, result["stop"])
-        orders.retryFunding()
+        # Bills go to the store a few at a time, one transaction each: on
+        # SQLite IN_FLIGHT of them share a commit; on PostgreSQL as many as
+        # the store has connections (more would only conflict over the
+        # same buyers' funds and be run again).
+        store = self.market.store
+        limit = defer.DeferredSemaphore(
+            IN_FLIGHT if getattr(store, "groupCommit", False) else store.pool.max)
+        bills = [limit.run(lambda vm=vm: defer.ensureDeferred(self._billOne(vm)))
+                 for vm in list(self.market.orders.vms.values())
+                 if vm.leaseId is not None and vm.active]
+        await defer.gatherResults(bills)
+        self.market.orders.retryFunding()
 
     def tick(self):
         """Bill every lease once; returns a Deferred (the LoopingCall waits for it)."""
-        from twisted.internet.defer import ensureDeferred
-        self._running = ensureDeferred(self._tick())
+        self._running = defer.ensureDeferred(self._tick())
         return self._running
 
     def settle(self, leaseId, cpuSeconds, netBytes, reason=None, ended=None):
