@@ -32,6 +32,7 @@ whole (5% is 50000) so that no float is ever involved, rounded down to the
 cent: in the buyer's favour.
 """
 
+import datetime
 import re
 import secrets
 from urllib.parse import urlencode
@@ -219,6 +220,22 @@ def cancelPayment(cursor, nonce):
                         fromState="created")
         payment["state"] = "cancelled"
     return payment
+
+
+# PayPal lets a buyer approve a payment for about three hours; a payment
+# not approved within a day (well past that) is marked expired.
+PAYMENT_LIFETIME = 24 * 3600
+
+
+def expirePayments(cursor, before):
+    """Mark the payments created before C{before} (ISO time) and never returned expired."""
+    cursor.execute(
+        "UPDATE paypal_payments SET state = 'expired', updated = ?,"
+        " reason = 'not approved at PayPal within a day'"
+        " WHERE state = 'created' AND created < ?",
+        (now(), before),
+    )
+    return cursor.rowcount
 
 
 def pendingPayments(cursor, accountId, limit=10):
@@ -671,6 +688,11 @@ class Funds(Service):
             return Outcome(409, "Being completed",
                            f"Payment {payment['paypal_id']} is being completed right now.  "
                            "Reload this page in a moment to see how it ended.")
+        if state == "expired":
+            return Outcome(409, "Payment expired",
+                           f"The payment of {gross} was not completed within a day and has "
+                           "expired; nothing was charged or added.  Start again with "
+                           "'cpushare funds add'.")
         if state == "cancelled":
             return Outcome(409, "Payment cancelled",
                            f"The payment of {gross} was cancelled; nothing was charged or "
@@ -839,6 +861,11 @@ class Funds(Service):
         return d
 
     async def _pollOnce(self):
+        cutoff = datetime.datetime.fromtimestamp(
+            self.reactor.seconds() - PAYMENT_LIFETIME, datetime.timezone.utc)
+        expired = await self.store.run(expirePayments, cutoff.isoformat(timespec="seconds"))
+        if expired:
+            self.log.info("{n} payments never approved at PayPal expired", n=expired)
         for payoutId, batchId in await self.store.run(pendingPayouts):
             try:
                 status = await self.paypal.payoutStatus(batchId)

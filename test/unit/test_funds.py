@@ -427,6 +427,26 @@ class AddingFundsTests(FundsCase):
         self.assertEqual(self.fake.count("POST", "/execute"), 0)
 
     @defer.inlineCallbacks
+    def test_a_payment_never_approved_expires_after_a_day(self):
+        old = yield self.addFunds("20.00")
+        fresh = yield self.addFunds("30.00")
+        # The first was made more than a day ago.
+        yield self.store.run(lambda c: c.execute(
+            "UPDATE paypal_payments SET created = '2000-01-01T00:00:00+00:00'"
+            " WHERE paypal_id = ?", (old["payment"],)))
+        yield self.funds._poll()
+        balance = yield self.call(commands.Balance)
+        self.assertEqual([p["payment"] for p in balance["pending"]], [fresh["payment"]])
+        self.assertEqual((yield self.payment(old["payment"]))["state"], "expired")
+        # A late return completes nothing, and says why.
+        back = yield self.approve(old["approval_url"])
+        code, page, _ = yield self.get(back)
+        self.assertEqual(code, 409)
+        self.assertIn("was not completed within a day and has expired", page)
+        self.assertEqual(self.fake.count("POST", "/execute"), 0)
+        self.assertEqual((yield self.balances())[0], 0)
+
+    @defer.inlineCallbacks
     def test_a_payment_paypal_refuses_to_complete_can_be_tried_again(self):
         added = yield self.addFunds("20.00")
         back = yield self.approve(added["approval_url"])
