@@ -60,7 +60,16 @@ class Server:
     def dropDatabase(self, url):
         name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
         assert name.startswith("cpushare_test_"), name
-        self.admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        # A session still on it (a test's connection the server has not seen
+        # close yet) is ended; one the test role may not end is waited for.
+        for attempt in range(20):
+            try:
+                self.admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+                return
+            except (psycopg.errors.InsufficientPrivilege, psycopg.errors.ObjectInUse):
+                if attempt == 19:
+                    raise
+                time.sleep(0.25)
 
     def close(self):
         self.admin.close()
