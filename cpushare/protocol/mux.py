@@ -21,8 +21,16 @@ Flow control: the multiplexer is the push producer of its transport.  While
 the transport's buffer is full, messages wait in a queue of our own.
 Control data is never dropped: if a peer lets more than CONTROL_QUEUE_LIMIT
 bytes pile up, we stop reading from it until it catches up.  Frames are
-dropped, and counted, once more than FRAME_QUEUE_LIMIT bytes wait, as a
-switch drops frames on a congested port.
+dropped, and counted, as a switch drops frames on a congested port, and
+fairly: the channels (on a seller's connection, one per VM, of different
+buyers) share the queue.  While the transport is full, one channel never
+holds more than CHANNEL_QUEUE_LIMIT bytes of it, so a channel that floods
+loses its own frames first; once more than FRAME_QUEUE_LIMIT bytes wait in
+all, a channel's frames are only taken while it holds less than
+CHANNEL_RESERVE.  (Within one reactor turn, before anything is written, a
+sender may queue up to FRAME_QUEUE_LIMIT on one channel: C{congested}
+tells a bulk sender when to wait.)
+The queue is bounded by FRAME_QUEUE_LIMIT plus CHANNEL_RESERVE a channel.
 """
 
 import re
@@ -45,6 +53,8 @@ MAX_CHANNEL = 2**32 - 1
 MAX_PAYLOAD = 65535
 MAX_GREETING = 128
 FRAME_QUEUE_LIMIT = 256 * 1024
+CHANNEL_QUEUE_LIMIT = 128 * 1024
+CHANNEL_RESERVE = 16 * 1024
 CONTROL_QUEUE_LIMIT = 1024 * 1024
 CLOSE_TIMEOUT = 10.0
 
@@ -170,6 +180,7 @@ class Multiplexer(Protocol):
         self._buffer = b""
         self._out = []
         self._queued = 0
+        self._perChannel = {}       # frame bytes queued, by channel
         self._writePaused = False
         self._readPaused = False
         self._flushCall = None
@@ -324,6 +335,7 @@ class Multiplexer(Protocol):
             self._closeTimeout.cancel()
         self._out = []
         self._queued = 0
+        self._perChannel.clear()
         self.routes = {}
         self._drained()
         if self.control is not None:
@@ -336,13 +348,16 @@ class Multiplexer(Protocol):
         Queue one frame on C{channel}.  Returns False (and counts a drop)
         when the outbound queue is past its bound or the connection is gone.
         """
-        if self._queued > FRAME_QUEUE_LIMIT or self._closing:
+        held = self._perChannel.get(channel, 0)
+        if self._closing or (self._writePaused and held >= CHANNEL_QUEUE_LIMIT) or \
+                (self._queued > FRAME_QUEUE_LIMIT and held >= CHANNEL_RESERVE):
             self.counters.droppedFull += 1
             return False
         n = len(payload)
         self._out.append(HEADER.pack(channel, n))
         self._out.append(payload)
         self._queued += HEADER_SIZE + n
+        self._perChannel[channel] = held + HEADER_SIZE + n
         self.counters.framesOut += 1
         self.counters.bytesOut += n
         if self._flushCall is None and not self._writePaused:
@@ -372,6 +387,7 @@ class Multiplexer(Protocol):
             data = b"".join(self._out)
             self._out = []
             self._queued = 0
+            self._perChannel.clear()
             self.transport.write(data)
 
     def _flush(self):

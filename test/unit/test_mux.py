@@ -10,7 +10,8 @@ from twisted.test import iosim
 
 from cpushare.protocol import mux
 from cpushare.protocol.mux import (
-    CONTROL_QUEUE_LIMIT, FRAME_QUEUE_LIMIT, MAX_PAYLOAD, ControlProtocol,
+    CHANNEL_QUEUE_LIMIT, CHANNEL_RESERVE, CONTROL_QUEUE_LIMIT, FRAME_QUEUE_LIMIT, MAX_PAYLOAD,
+    ControlProtocol,
     Multiplexer, ProtocolError, VersionMismatch, encode, greeting,
 )
 
@@ -118,6 +119,32 @@ def test_frames_are_written_in_one_batch_per_reactor_turn():
     assert transport.value() == b"".join(encode(9, b"%d" % i) for i in range(10))
 
 
+def test_a_flooding_channel_loses_its_own_frames_and_the_others_get_through():
+    clock, m, transport = connected()
+    clock.advance(0)
+    transport.clear()
+    m.pauseProducing()
+    frame = b"f" * 1500
+    flooded = sum(1 for _ in range(1000) if m.sendFrame(2, frame))
+    # The flooder holds at most its share of the queue, and its excess is dropped.
+    assert flooded * (len(frame) + 8) <= CHANNEL_QUEUE_LIMIT + len(frame) + 8
+    assert m.counters.droppedFull == 1000 - flooded
+    # Another VM's frames still go (the queue is not full).
+    assert all(m.sendFrame(4, b"g" * 100) for _ in range(50))
+    # Even with the whole queue taken by flooders, every other channel keeps
+    # a reserve of its own.
+    for flooder in (6, 8, 10):
+        for _ in range(1000):
+            m.sendFrame(flooder, frame)
+    assert m._queued > FRAME_QUEUE_LIMIT
+    taken = sum(1 for _ in range(300) if m.sendFrame(12, b"h" * 100))
+    assert CHANNEL_RESERVE <= taken * 108 < CHANNEL_RESERVE + 108
+    assert not m.sendFrame(6, frame)
+    m.resumeProducing()
+    data = transport.value()
+    assert data.count(b"h" * 100) == taken and data.count(b"g" * 100) == 50
+
+
 def test_frames_past_the_queue_bound_are_dropped_while_the_transport_is_full():
     clock, m, transport = connected()
     clock.advance(0)
@@ -125,7 +152,8 @@ def test_frames_past_the_queue_bound_are_dropped_while_the_transport_is_full():
     m.pauseProducing()
     frame = b"f" * 1500
     sent = 0
-    while m.sendFrame(3, frame):
+    # Three channels fill the queue (one alone may hold only part of it).
+    while m.sendFrame(3 + 2 * (sent % 3), frame):
         sent += 1
     assert sent * (len(frame) + 8) > FRAME_QUEUE_LIMIT
     assert sent * (len(frame) + 8) <= FRAME_QUEUE_LIMIT + len(frame) + 8
