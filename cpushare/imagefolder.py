@@ -4,10 +4,23 @@ file work (writing, hashing, reading chunks): the market's image store and
 the seller's image cache are both one.
 """
 
+import hashlib
 import os
 
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
+
+
+READ = 1024 * 1024
+
+
+def hashFile(path):
+    """(sha256 hex, size) of a file; blocking: call it on a thread."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(READ), b""):
+            h.update(block)
+    return h.hexdigest(), os.path.getsize(path)
 
 
 class ImageFolder:

@@ -15,6 +15,10 @@ CENT = MICRO // 100
 # larger is a mistake, not money.
 MAX_AMOUNT = 10**9 * MICRO
 
+# The largest price a core-hour, or fee a GB, a seller may ask: 1000.00.
+# Beyond it is a typo.
+MAX_PRICE = 1000 * MICRO
+
 
 class BadAmount(ValueError):
     pass

@@ -6,29 +6,16 @@ is pipelined: up to WINDOW chunks are in flight, each acknowledged by the
 server, so a slow link slows the upload instead of growing a queue.
 """
 
-import hashlib
 import os
 import sys
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 
+from cpushare.imagefolder import hashFile
 from cpushare.protocol import commands
 
 WINDOW = 8
-READ = 1024 * 1024
-
-
-def hashFile(path):
-    """(sha256 hex, size) of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(READ)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest(), os.path.getsize(path)
 
 
 def _readAt(path, offset, length):

@@ -22,14 +22,11 @@ import json
 
 from cpushare.client.cli import CommandError, Market, duration, formatTable, printListing
 from cpushare.protocol import commands
-from cpushare.money import BadAmount, formatAmount, parseAmount
-
-PRICE_MAX = 1_000_000_000
-
+from cpushare.money import MAX_PRICE, BadAmount, formatAmount, parseAmount
 
 def amount(text, what, allowZero=False):
     try:
-        return parseAmount(text, maximum=PRICE_MAX, allowZero=allowZero)
+        return parseAmount(text, maximum=MAX_PRICE, allowZero=allowZero)
     except BadAmount as e:
         raise CommandError(f"{what}: {e}")
 

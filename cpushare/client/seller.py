@@ -67,12 +67,12 @@ class Options(ClientOptions):
             raise usage.UsageError("--memory must be at least 64 (MB)")
         if self["cache-size"] < 1:
             raise usage.UsageError("--cache-size must be at least 1 (MB)")
-        from cpushare.money import BadAmount, parseAmount
+        from cpushare.money import MAX_PRICE, BadAmount, parseAmount
         terms = {}
         for key, option in (("price", "price"), ("net_fee", "net-fee")):
             if self[option] is not None:
                 try:
-                    terms[key] = parseAmount(self[option], maximum=10**9,
+                    terms[key] = parseAmount(self[option], maximum=MAX_PRICE,
                                              allowZero=key == "net_fee")
                 except BadAmount as e:
                     raise usage.UsageError(f"--{option}: {e}")

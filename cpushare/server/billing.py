@@ -55,9 +55,19 @@ def windowCost(price, netFee, cores, seconds):
         netFee * NET_ALLOWANCE * int(seconds * 1000) // (int(WINDOW * 1000) * 10**9)
 
 
+def cpuCost(price, cpuSeconds):
+    """C{cpuSeconds} at C{price} a core-hour, rounded down to the micro-unit."""
+    return int(cpuSeconds * 1000) * price // 3_600_000
+
+
+def netCost(netFee, netBytes):
+    """C{netBytes} at C{netFee} a GB, rounded down to the micro-unit."""
+    return netBytes * netFee // 10**9
+
+
 def cost(price, netFee, cpuSeconds, netBytes):
-    """The cost of C{cpuSeconds} and C{netBytes}, rounded down to the micro-unit."""
-    return int(cpuSeconds * 1000) * price // 3_600_000 + netBytes * netFee // 10**9
+    """The cost of C{cpuSeconds} and C{netBytes}: each rounded down, then summed."""
+    return cpuCost(price, cpuSeconds) + netCost(netFee, netBytes)
 
 
 def _budgetLeft(cursor, orderId):

@@ -19,12 +19,11 @@ from twisted.logger import Logger
 
 from cpushare.protocol.commands import BadRequest
 from cpushare.server import marketsql
-from cpushare.server.ledger import formatAmount
+from cpushare.money import MAX_PRICE, formatAmount
 from cpushare.server.screens import Figures, country as countryCode, preference, rating
 
 RERANK = 5.0
 DEFAULT_PRICE = 10_000      # micro-units a core-hour: 0.01
-MAX_PRICE = 1_000_000_000   # 1000.00 a core-hour, or a GB: beyond it is a typo
 
 
 def checkTerms(price=None, net_fee=None, country=None):

@@ -37,6 +37,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from cpushare.imagefolder import hashFile
 from cpushare.server import store
 
 EVERY = 6 * 3600.0
@@ -95,14 +96,6 @@ def buildImage(path, cache=None):
     return result.sha256, result.size
 
 
-def hashImage(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest(), os.path.getsize(path)
-
-
 def systemAccount(cursor, sha256, size):
     """The benchmark's account id; the image recorded as stored."""
     cursor.execute("SELECT id FROM accounts WHERE name = ?", (SYSTEM_ACCOUNT,))
@@ -145,14 +138,14 @@ class CPUBench:
             if self.image is None:
                 path = os.path.join(dataFolder, "cpu-benchmark.iso")
                 if os.path.exists(path):
-                    sha256, size = await deferToThreadPool(self.reactor, pool, hashImage, path)
+                    sha256, size = await deferToThreadPool(self.reactor, pool, hashFile, path)
                 else:
                     self.log.info("building the CPU benchmark image {path}", path=path)
                     sha256, size = await deferToThreadPool(
                         self.reactor, pool, buildImage, path, self.cache)
             else:
                 path = self.image
-                sha256, size = await deferToThreadPool(self.reactor, pool, hashImage, path)
+                sha256, size = await deferToThreadPool(self.reactor, pool, hashFile, path)
             images = self.market.images
             target = images.pathFor(sha256)
             if not os.path.exists(target):
@@ -215,7 +208,7 @@ class CPUBench:
             if state["typed"] is None:
                 ready = seen.find(b"CPUSHARE-READY")
                 if ready >= 0 and seen.find(_PROMPT, ready) >= 0 and not prompt.called:
-                    prompt.callback(None)
+                    prompt.callback(True)
             else:
                 match = _RESULT.search(bytes(seen[state["typed"]:]))
                 if match and not result.called:
@@ -232,29 +225,31 @@ class CPUBench:
         vm.endWaiters.append(ended)
         timeout = defer.Deferred()
         call = self.reactor.callLater(self.timeout, timeout.callback, None)
-        try:
-            first = await defer.DeferredList([prompt, timeout, ended], fireOnOneCallback=True)
-            if first[1] == 1:
-                self.log.warn("CPU benchmark of {name}: its VM did not come up in {t:.0f}s",
-                              name=name, t=self.timeout)
+
+        async def until(awaited, late):
+            """What C{awaited} fires with, or None (logged) on the timeout or the VM's end."""
+            value, which = await defer.DeferredList([awaited, timeout, ended],
+                                                    fireOnOneCallback=True)
+            if which == 1:
+                self.log.warn("CPU benchmark of {name}: {late} in {t:.0f}s", name=name,
+                              late=late, t=self.timeout)
                 return None
-            if first[1] == 2:
+            if which == 2:
                 self.log.warn("CPU benchmark of {name}: its VM {state}: {reason}", name=name,
-                              state=first[0][0], reason=first[0][1])
+                              state=value[0], reason=value[1])
+                return None
+            return value
+
+        try:
+            if await until(prompt, "its VM did not come up") is None:
                 return None
             state["typed"] = len(seen)
             started = self.reactor.seconds()
             vm.consoleInput(f"/cpushare/bench {nonce} {self.mb}\n".encode("ascii"))
-            first = await defer.DeferredList([result, timeout, ended], fireOnOneCallback=True)
-            if first[1] == 1:
-                self.log.warn("CPU benchmark of {name}: no result in {t:.0f}s",
-                              name=name, t=self.timeout)
+            answer = await until(result, "no result")
+            if answer is None:
                 return None
-            if first[1] == 2:
-                self.log.warn("CPU benchmark of {name}: its VM {state}: {reason}", name=name,
-                              state=first[0][0], reason=first[0][1])
-                return None
-            finished, match = first[0]
+            finished, match = answer
             digest = match.group(2).decode("ascii")
             if match.group(1).decode("ascii") != nonce or digest != await expected:
                 self.log.warn("CPU benchmark of {name}: a wrong result; no score", name=name)

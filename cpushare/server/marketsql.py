@@ -8,6 +8,7 @@ runs inside one store transaction.
 import json
 
 from cpushare.protocol.commands import BadRequest, NotPermitted
+from cpushare.server import billing
 from cpushare.server.store import now
 
 # -- sellers' terms
@@ -95,12 +96,9 @@ def endLease(cursor, leaseId, ended, reason):
 
 
 def openLeases(cursor):
-    """{vm id: lease row} of the leases not ended, for a restarting server."""
-    cursor.execute(
-        "SELECT id, vm_id, seller_account_id, price, net_fee, started FROM leases"
-        " WHERE ended IS NULL")
-    return {r[1]: {"lease": r[0], "seller": r[2], "price": int(r[3]), "net_fee": int(r[4]),
-                   "started": r[5]} for r in cursor.fetchall()}
+    """{vm id: lease id} of the leases not ended, for a restarting server."""
+    cursor.execute("SELECT id, vm_id FROM leases WHERE ended IS NULL")
+    return {vmId: leaseId for leaseId, vmId in cursor.fetchall()}
 
 
 LEASE_KEYS = ("lease", "vm", "order", "seller", "price", "net_fee", "cores", "started",
@@ -123,8 +121,8 @@ def accountLeases(cursor, accountId, limit=1000):
             entry[key] = int(entry[key])
         # The breakdown of what was charged: CPU time, then traffic (billing
         # rounds each down, so they may add up to a micro-unit less).
-        entry["cpu_cost"] = int(entry["cpu_seconds"] * 1000) * entry["price"] // 3_600_000
-        entry["net_cost"] = entry["net_bytes"] * entry["net_fee"] // 10**9
+        entry["cpu_cost"] = billing.cpuCost(entry["price"], entry["cpu_seconds"])
+        entry["net_cost"] = billing.netCost(entry["net_fee"], entry["net_bytes"])
         entry["held"] = int(held)
         entry["rating"] = None if entry["rating"] is None else (
             "good" if entry["rating"] else "bad")

@@ -60,7 +60,6 @@ class VM:
         self.screens = screens
         self.budget = budget
         self.leaseId = None         # the lease it runs under, once funded
-        self.terms = None           # the Figures of the seller when placed
         self.link = None            # the relay link of its NIC to the buyer
         self.netBase = 0            # bytes of its earlier links, this lease
         self.state = "pending"
@@ -109,7 +108,10 @@ class VM:
 
 
 class PlacedVMs(dict):
-    """A seller's VMs by id, keeping the cores and memory they use summed."""
+    """
+    A seller's VMs by id, keeping the cores and memory they use summed:
+    change it with C{placed[vmId] = vm} and C{placed.pop(vmId)} only.
+    """
 
     def __init__(self):
         dict.__init__(self)
@@ -130,13 +132,6 @@ class PlacedVMs(dict):
         if default:
             return default[0]
         raise KeyError(vmId)
-
-    def __delitem__(self, vmId):
-        self.pop(vmId)
-
-    def clear(self):
-        dict.clear(self)
-        self.cores = self.memory = 0
 
 
 class Orders:
@@ -172,13 +167,10 @@ class Orders:
                     c, vmId, state="stopped", reason="the market server restarted"))
                 continue
             self.vms[vmId] = vm
-            lease = leases.get(vmId)
             if sellerId is None:
                 vm.state = "pending"
             else:
-                if lease is not None:
-                    vm.leaseId = lease["lease"]
-                    vm.terms = lease
+                vm.leaseId = leases.get(vmId)
                 self._detach(vm, "the market server restarted")
         await self.market.billing.settleLeftovers(
             {vm.leaseId for vm in self.vms.values() if vm.leaseId is not None})
@@ -350,7 +342,6 @@ class Orders:
         vm.sellerAccountId = seller.account["id"]
         vm.state = "allocated"
         vm.reason = None
-        vm.terms = figures
         vm.netBase = 0
         self.log.info("VM {vm} of {buyer} placed on seller {seller} (session {session})",
                       vm=vm.id, buyer=vm.buyerName, seller=seller.account["name"],
@@ -397,7 +388,6 @@ class Orders:
             seller.routes.pop(consoleChannel(vm.id), None)
             vm.seller = None
         vm.sellerAccountId = None
-        vm.terms = None
         if vm.active:
             vm.state = "pending"
             vm.reason = why

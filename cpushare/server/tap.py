@@ -92,9 +92,9 @@ class Options(usage.Options):
     def postOptions(self):
         if self["heartbeat"] <= 0 or self["timeout"] <= self["heartbeat"]:
             raise usage.UsageError("--timeout must be longer than --heartbeat, both positive")
-        from cpushare.money import BadAmount, parseAmount
+        from cpushare.money import MAX_PRICE, BadAmount, parseAmount
         try:
-            self["default-price"] = parseAmount(self["default-price"], maximum=10**9)
+            self["default-price"] = parseAmount(self["default-price"], maximum=MAX_PRICE)
         except BadAmount as e:
             raise usage.UsageError(f"--default-price: {e}")
         if not 0 < self["billing-interval"] < self["hold-window"]:

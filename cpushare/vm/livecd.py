@@ -39,7 +39,6 @@ layer of the build that added them, as /etc/cpushare/authorized_keys.d/filesN
 import base64
 import glob
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -52,6 +51,7 @@ import attr
 import pycdlib
 from pycdlib.pycdlibexception import PyCdlibException
 
+from cpushare.imagefolder import hashFile
 from cpushare.vm import isoimage
 from cpushare.vm.cpio import CpioWriter, walkTree
 from cpushare.vm.isoimage import ImageError
@@ -390,14 +390,6 @@ class BuildResult:
     notes = attr.ib(factory=list)
 
 
-def _digest(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _layerName(index):
     return f"/boot/files{index}.img"
 
@@ -617,6 +609,6 @@ def build(output, sources=(), base=None, cache=None, note=lambda message: None, 
     except OSError as e:
         raise ImageError(f"cannot build {output}: {e.strerror}: {e.filename}")
     isoimage.checkBootable(output)
-    return BuildResult(path=output, size=os.path.getsize(output), sha256=_digest(output),
+    return BuildResult(path=output, size=os.path.getsize(output), sha256=hashFile(output)[0],
                        description=description, notes=notes)
 
