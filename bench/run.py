@@ -333,6 +333,9 @@ def runConnectionBenchmark(ctx, args, env, summary):
                          f"for {args.connections} connections")
     data = os.path.join(ctx.tmp, "conn-server")
     extra = ["--heartbeat", str(args.heartbeat)] if args.heartbeat else []
+    # Idle connections only: no bandwidth measurements or CPU benchmark VMs
+    # (scheduled work, at most four of each at once; see docs/performance.md).
+    extra += ["--measure-every", "0", "--cpu-bench-every", "0"]
     ctx.say(f"connections: {args.connections} seller connections, {args.batch} at a time, "
             f"{args.idle:g}s idle windows")
     started = time.monotonic()

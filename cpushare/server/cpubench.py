@@ -22,6 +22,10 @@ each time means the work cannot be skipped or replayed, and the clock is
 the market's, so the seller can make its score lower, never higher.  The
 VM is stopped at once; benchmark VMs are not billed.
 
+At most C{AT_ONCE} benchmarks run at a time, market-wide, so sellers
+coming back together after a restart do not all fetch the benchmark image
+and boot it at once.
+
 A seller keeps its score while it stays online; one that fails the
 benchmark (a wrong digest, no answer within C{timeout}) keeps none and
 fails --min-cpu screens.
@@ -44,6 +48,7 @@ EVERY = 6 * 3600.0
 FIRST = 5.0
 MB = 16
 TIMEOUT = 300.0
+AT_ONCE = 4
 CORES, MEMORY = 1, 256
 # The account benchmark VMs belong to: a name registration cannot take.
 SYSTEM_ACCOUNT = "~market"
@@ -122,7 +127,9 @@ class CPUBench:
         self.first = first
         self.cache = cache
         self.sha256 = self.size = self.accountId = None
+        self.slots = defer.DeferredSemaphore(AT_ONCE)
         self.calls = {}                 # session -> the next benchmark's DelayedCall
+        self.queued = set()             # sessions waiting for a benchmark slot
         self.running = {}               # session -> the VM measuring it
 
     @property
@@ -160,7 +167,8 @@ class CPUBench:
                       "every {every:.0f}s", sha256=sha256, size=size, every=self.every)
 
     def sellerOnline(self, session):
-        if self.enabled and session not in self.calls and session not in self.running:
+        if self.enabled and session not in self.calls and session not in self.queued \
+                and session not in self.running:
             self.calls[session] = self.reactor.callLater(self.first, self._start, session)
 
     def sessionLost(self, session):
@@ -178,7 +186,15 @@ class CPUBench:
         self.calls.pop(session, None)
         if not session.connected:
             return
-        d = defer.ensureDeferred(self.measure(session))
+        self.queued.add(session)
+
+        def measure():
+            self.queued.discard(session)
+            if not session.connected:
+                return defer.succeed(None)
+            return defer.ensureDeferred(self.measure(session))
+
+        d = self.slots.run(measure)
         d.addErrback(lambda f: self.log.failure("CPU benchmark of {name}", f,
                                                  name=session.account["name"]))
         d.addBoth(lambda _: self._again(session))

@@ -5,6 +5,7 @@ The market: who is connected, accounts and registration, the relay.
 import re
 
 from twisted.application.service import Service
+from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -13,7 +14,7 @@ from cpushare.protocol import commands
 from cpushare.protocol.heartbeat import DEFAULT_INTERVAL, DEFAULT_TIMEOUT
 from cpushare.server import store
 from cpushare.server.billing import INTERVAL, WINDOW, Billing
-from cpushare.server.measure import EVERY as MEASURE_EVERY
+from cpushare.server.measure import AT_ONCE as MEASURE_AT_ONCE, EVERY as MEASURE_EVERY
 from cpushare.server.board import DEFAULT_PRICE, Board
 from cpushare.server.cpubench import CPUBench
 from cpushare.server.funds import Funds
@@ -48,6 +49,7 @@ class Market(Service):
         self.orders = Orders(self)
         self.billing = Billing(self, billingInterval, holdWindow)
         self.measureEvery = measureEvery
+        self.measureSlots = defer.DeferredSemaphore(MEASURE_AT_ONCE)
         cpuBench = dict(cpuBench or {"every": 0})
         self.cpuBenchFolder = cpuBench.pop("folder", None)
         self.cpubench = CPUBench(self, **cpuBench)

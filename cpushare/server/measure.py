@@ -12,6 +12,10 @@ the two, in megabits a second.  A seller is measured shortly after it
 comes online and then every C{EVERY} seconds; about 2 MB cross its
 connection each time.  A seller that does not answer within C{TIMEOUT}
 keeps no figure (and fails --min-bandwidth screens).
+
+At most C{AT_ONCE} sellers are measured at a time, market-wide: when
+thousands of sellers come back together (the server restarted), their
+measurements queue instead of putting gigabytes in flight at once.
 """
 
 from twisted.internet import defer
@@ -23,6 +27,7 @@ COUNT = 16
 FIRST = 2.0
 EVERY = 3600.0
 TIMEOUT = 60.0
+AT_ONCE = 4
 
 log = Logger()
 
@@ -55,9 +60,11 @@ async def bandwidth(reactor, session, count=COUNT, timeout=TIMEOUT):
 class BandwidthMeter:
     """Measures a seller session now and then; keeps C{session.bandwidthMbps}."""
 
-    def __init__(self, reactor, session, onMeasured, first=FIRST, every=EVERY):
+    def __init__(self, reactor, session, onMeasured, slots, first=FIRST, every=EVERY):
+        """@param slots: the market's DeferredSemaphore of measurements at once."""
         self.reactor = reactor
         self.session = session
+        self.slots = slots
         self.onMeasured = onMeasured
         self.every = every
         self._call = reactor.callLater(first, self._run)
@@ -69,8 +76,14 @@ class BandwidthMeter:
 
     def _run(self):
         self._call = None
-        d = defer.ensureDeferred(bandwidth(self.reactor, self.session))
-        d.addCallbacks(self._measured, self._failed)
+
+        def measure():
+            if not self.session.connected:
+                return defer.succeed(None)
+            d = defer.ensureDeferred(bandwidth(self.reactor, self.session))
+            return d.addCallbacks(self._measured, self._failed)
+
+        d = self.slots.run(measure)
         d.addBoth(self._again)
 
     def _measured(self, result):

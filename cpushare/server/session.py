@@ -109,7 +109,7 @@ class ServerControl(ControlProtocol, FundsCommands):
             if session.meter is None and market.measureEvery and session.connected:
                 session.meter = BandwidthMeter(
                     market.reactor, session, lambda s: market.board.invalidate(),
-                    every=market.measureEvery)
+                    market.measureSlots, every=market.measureEvery)
             market.board.invalidate()
             market.orders.capacityChanged()
             market.cpubench.sellerOnline(session)

@@ -463,3 +463,48 @@ class CPUBenchTests(OrderCase):
         # The benchmark does not wait for a VM that ended.
         self.market.orders._end(self.market.orders.vms[benchVM], "failed", "QEMU crashed")
         self.assertIsNone((yield within(measuring)))
+
+
+def test_measurements_and_benchmarks_wait_for_a_free_slot():
+    """Sellers coming back together are measured a few at a time, not all at once."""
+    from types import SimpleNamespace
+
+    from twisted.internet.task import Clock
+
+    from cpushare.server.measure import BandwidthMeter
+
+    class Control:
+        def callRemote(self, command, data, back=None):
+            sent.append(back)
+            return defer.succeed({"data": b"\0" * back} if back else {})
+
+    sent, measured = [], []
+    clock = Clock()
+    class Session(SimpleNamespace):
+        __hash__ = object.__hash__      # sessions are keys, as the market's are
+
+    session = Session(connected=True, heartbeat=None, control=Control(),
+                      account={"name": "sam"}, bandwidthMbps=None)
+    slots = defer.DeferredSemaphore(1)
+    slots.acquire()                     # another seller is being measured
+    BandwidthMeter(clock, session, measured.append, slots, first=1.0, every=0)
+    clock.advance(1.0)
+    assert sent == [] and measured == []
+    slots.release()
+    assert len(sent) == 32 and measured == [session]
+    assert session.bandwidthMbps is not None
+
+    market = SimpleNamespace(reactor=clock)
+    bench = cpubench.CPUBench(market, every=3600)
+    ran = []
+
+    async def measure(s):
+        ran.append(s)
+
+    bench.measure = measure
+    bench.slots = defer.DeferredSemaphore(1)
+    bench.slots.acquire()
+    bench._start(session)
+    assert ran == [] and session in bench.queued
+    bench.slots.release()
+    assert ran == [session] and not bench.queued
