@@ -177,7 +177,9 @@ class ServerControl(ControlProtocol, FundsCommands):
         session = self.session
         account = session.requireHello()
         if sha256 in session.uploads:
-            raise BadRequest(f"image {sha256} is already being uploaded on this connection")
+            if session.uploads[sha256].ended is None:
+                raise BadRequest(f"image {sha256} is already being uploaded on this connection")
+            del session.uploads[sha256]
 
         async def start():
             upload = await session.market.images.begin(account, sha256, size, name)
@@ -196,6 +198,9 @@ class ServerControl(ControlProtocol, FundsCommands):
         upload = self.session.uploads.get(sha256)
         if upload is None:
             raise BadRequest(f"no upload of image {sha256} was started on this connection")
+        if upload.ended is not None:
+            del self.session.uploads[sha256]
+            raise BadRequest(upload.ended)
         return upload
 
     @commands.ImageUploadChunk.responder

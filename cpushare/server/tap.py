@@ -49,6 +49,9 @@ class Options(usage.Options):
         ["timeout", None, DEFAULT_TIMEOUT,
          "Seconds of silence after which a client is declared gone.", float],
         ["image-quota", None, 4096, "Megabytes of images each account may store.", int],
+        ["max-uploads", None, 4, "Image uploads one account may have in progress at once.", int],
+        ["upload-idle", None, 300.0,
+         "Seconds an image upload may go without data before it is discarded.", float],
         ["grace", None, 600.0,
          "Seconds a disconnected seller's VMs wait for it to come back before "
          "they are placed elsewhere.", float],
@@ -100,6 +103,8 @@ class Options(usage.Options):
         if not 0 < self["billing-interval"] < self["hold-window"]:
             raise usage.UsageError(
                 "--billing-interval must be positive and shorter than --hold-window")
+        if self["max-uploads"] < 1 or self["upload-idle"] <= 0:
+            raise usage.UsageError("--max-uploads and --upload-idle must be positive")
 
         from cpushare.server import database
 
@@ -212,7 +217,8 @@ def makeService(options, reactor=None):
     store = Store(reactor, database)
     store.setServiceParent(service)
     images = ImageStore(reactor, store, os.path.join(data, "images"),
-                        quota=options["image-quota"] * 1024 * 1024)
+                        quota=options["image-quota"] * 1024 * 1024,
+                        maxUploads=options["max-uploads"], idleTimeout=options["upload-idle"])
     market = Market(reactor, store, credentials, images,
                     heartbeat=options["heartbeat"], timeout=options["timeout"],
                     defaultPrice=options["default-price"],
