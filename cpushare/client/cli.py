@@ -78,6 +78,20 @@ class Market:
     def call(self, command, **kw):
         return _call(self.session, command, self.host, self.port, **kw)
 
+    async def every(self, command, name, key, cursor, **kw):
+        """
+        All the entries of the paged list C{name} that C{command} answers
+        with, page after page: each next page is asked for with C{cursor}
+        set to the C{key} of the last entry so far, until C{more} is false.
+        """
+        found = []
+        while True:
+            page = await self.call(command, **kw)
+            found.extend(page[name])
+            if not page["more"] or not page[name]:
+                return found
+            kw[cursor] = page[name][-1][key]
+
 
 async def register(reactor, args, home):
     if home.exists():

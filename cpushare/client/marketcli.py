@@ -143,7 +143,7 @@ def formatLeases(leases, now):
 
 async def leases(reactor, args, home):
     async with Market(reactor, home) as market:
-        found = (await market.call(commands.ListLeases))["leases"]
+        found = await market.every(commands.ListLeases, "leases", "lease", "before")
     printListing(args.json, found, "no leases yet: place an order with 'cpushare order place'",
                  formatLeases)
 

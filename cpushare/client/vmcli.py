@@ -54,7 +54,7 @@ async def imageUpload(reactor, args, home):
 
 async def imageList(reactor, args, home):
     async with Market(reactor, home) as market:
-        listed = (await market.call(commands.ListImages))["images"]
+        listed = await market.every(commands.ListImages, "images", "sha256", "after")
     printListing(args.json, listed, "no images: upload one with 'cpushare image upload ISO'",
                  formatImages)
 
@@ -116,7 +116,7 @@ def formatVMs(vms, now):
 
 async def listVMs(reactor, args, home):
     async with Market(reactor, home) as market:
-        vms = (await market.call(commands.ListVMs))["vms"]
+        vms = await market.every(commands.ListVMs, "vms", "vm", "before")
     printListing(args.json, vms, "no VMs: place an order with 'cpushare order place'", formatVMs)
 
 

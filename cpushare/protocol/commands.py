@@ -244,10 +244,18 @@ class ChannelUnlinked(amp.Command):
     requiresAnswer = False
 
 
-class LinkStats(amp.Command):
-    """The frames and bytes the relay counted on this connection's links."""
+LINKS_PAGE = 300
 
-    arguments = []
+
+class LinkStats(amp.Command):
+    """
+    The frames and bytes the relay counted on this connection's links, by
+    channel, a page at a time (see L{cpushare.protocol.paging}): at most
+    LINKS_PAGE, those of channels above C{after} when given; C{more} says
+    whether others follow.
+    """
+
+    arguments = [(b"after", amp.Integer(optional=True))]
     response = [
         (b"links", amp.AmpList([
             (b"channel", amp.Integer()),
@@ -260,6 +268,7 @@ class LinkStats(amp.Command):
             (b"dropped", amp.Integer()),
         ])),
         (b"unrouted", amp.Integer()),
+        (b"more", amp.Boolean()),
     ]
     errors = COMMON_ERRORS
 
@@ -294,8 +303,18 @@ class ImageUploadFinish(amp.Command):
     errors = COMMON_ERRORS
 
 
+IMAGES_PAGE = 300
+
+
 class ListImages(amp.Command):
-    arguments = []
+    """
+    This account's images in the order they were uploaded, a page at a time
+    (see L{cpushare.protocol.paging}): at most IMAGES_PAGE, those after the
+    image C{after} (a sha256 the previous page ended with) when given;
+    C{more} says whether others follow.
+    """
+
+    arguments = [(b"after", amp.Unicode(optional=True))]
     response = [
         (b"images", amp.AmpList([
             (b"sha256", amp.Unicode()),
@@ -303,6 +322,7 @@ class ListImages(amp.Command):
             (b"size", amp.Integer()),
             (b"uploaded", amp.Unicode()),
         ])),
+        (b"more", amp.Boolean()),
     ]
     errors = COMMON_ERRORS
 
@@ -356,10 +376,18 @@ class CancelOrder(amp.Command):
     errors = COMMON_ERRORS
 
 
-class ListVMs(amp.Command):
-    """Buyer: this account's VMs, newest first (at most 1000)."""
+VMS_PAGE = 200
 
-    arguments = [(b"all", amp.Boolean(optional=True))]
+
+class ListVMs(amp.Command):
+    """
+    Buyer: this account's VMs, newest first, a page at a time (see
+    L{cpushare.protocol.paging}): at most VMS_PAGE, those older than VM
+    C{before} when given; C{more} says whether older ones remain.
+    """
+
+    arguments = [(b"all", amp.Boolean(optional=True)),
+                 (b"before", amp.Integer(optional=True))]
     response = [
         (b"vms", amp.AmpList([
             (b"vm", amp.Integer()),
@@ -375,6 +403,7 @@ class ListVMs(amp.Command):
             (b"cpu_seconds", amp.Float()),
             (b"reason", amp.Unicode(optional=True)),
         ])),
+        (b"more", amp.Boolean()),
     ]
     errors = COMMON_ERRORS
 
@@ -475,13 +504,18 @@ class VMAddress(amp.Command):
     errors = VM_ERRORS
 
 
+LEASES_PAGE = 150
+
+
 class ListLeases(amp.Command):
     """
     Buyer: the leases of this account's VMs, newest first.  A lease is one
-    VM's stay on one seller at the terms it was placed at.
+    VM's stay on one seller at the terms it was placed at.  A page at a time
+    (see L{cpushare.protocol.paging}): at most LEASES_PAGE, those older than
+    lease C{before} when given; C{more} says whether older ones remain.
     """
 
-    arguments = []
+    arguments = [(b"before", amp.Integer(optional=True))]
     response = [(b"leases", amp.AmpList([
         (b"lease", amp.Integer()),
         (b"vm", amp.Integer()),
@@ -500,7 +534,7 @@ class ListLeases(amp.Command):
         (b"held", amp.Integer()),
         (b"reason", amp.Unicode(optional=True)),
         (b"rating", amp.Unicode(optional=True)),
-    ]))]
+    ])), (b"more", amp.Boolean())]
     errors = COMMON_ERRORS
 
 
@@ -580,7 +614,8 @@ STATEMENT_PAGE = 200
 
 class Statement(amp.Command):
     """
-    This account's ledger entries, newest first, STATEMENT_PAGE at a time:
+    This account's ledger entries, newest first, STATEMENT_PAGE at a time
+    (fewer when they would not fit L{cpushare.protocol.paging.PAGE_BYTES}):
     entries older than entry C{before} (all when absent).  Each has the
     balance of its account (funds, held, earnings, payout) after it;
     C{more} says whether older ones remain.

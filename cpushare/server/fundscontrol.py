@@ -7,7 +7,7 @@ control protocol; the work is done by the market's L{Funds}.
 from twisted.internet import defer
 from twisted.protocols import amp
 
-from cpushare.protocol import commands
+from cpushare.protocol import commands, paging
 from cpushare.server.funds import formatPercent
 
 
@@ -36,12 +36,13 @@ class FundsCommands(amp.CommandLocator):
     @commands.Statement.responder
     def statement(self, before=None):
         account, funds = self._funds()
-        if before is not None and before <= 0:
+        if before is not None and not 0 < before <= 2**62:
             raise commands.BadRequest("before must be a positive entry number")
 
         def answer(page):
             entries, more = page
-            return {"entries": entries, "more": more, "currency": funds.currency}
+            fitted, cut = paging.pageOf(commands.Statement, "entries", entries, len(entries))
+            return {"entries": fitted, "more": more or cut, "currency": funds.currency}
 
         return funds.statement(account, before).addCallback(answer)
 
@@ -53,7 +54,10 @@ class FundsCommands(amp.CommandLocator):
             result = {
                 "earnings": sheet["earnings"], "payout": sheet["payout"],
                 "currency": funds.currency, "minimum": funds.payoutMinimum,
-                "payments": funds.takesPayments, "payouts": sheet["payouts"],
+                "payments": funds.takesPayments,
+                # The most recent few, each with PayPal's words clipped.
+                "payouts": [dict(p, **{k: paging.clip(p[k]) for k in ("reason", "paypal_status")
+                                       if k in p}) for p in sheet["payouts"]],
             }
             if sheet["email"] is not None:
                 result["email"] = sheet["email"]

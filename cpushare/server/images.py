@@ -26,7 +26,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from cpushare.imagefolder import ImageFolder
-from cpushare.protocol.commands import BadRequest, QuotaExceeded
+from cpushare.protocol import paging
+from cpushare.protocol.commands import IMAGES_PAGE, BadRequest, ListImages, QuotaExceeded
 from cpushare.server import store
 
 SHA256 = re.compile(r"[0-9a-f]{64}\Z")
@@ -247,8 +248,15 @@ class ImageStore(ImageFolder):
         self.log.info("stored image {sha256} ({size} bytes) for {name}",
                       sha256=upload.sha256, size=upload.size, name=upload.account["name"])
 
-    def list(self, account):
-        return self.db.run(store.accountImages, account["id"])
+    async def list(self, account, after=None):
+        """A page of the account's images, after its image C{after}: (images, more)."""
+        try:
+            rows = await self.db.run(store.accountImages, account["id"], after,
+                                     IMAGES_PAGE + 1)
+        except LookupError:
+            raise BadRequest(f"after must be the sha256 of one of your images, "
+                             f"not {after[:64]!r}")
+        return paging.pageOf(ListImages, "images", rows, IMAGES_PAGE)
 
     def readChunk(self, sha256, offset, length):
         return self.inThread(self._read, self.pathFor(checkSha256(sha256)), offset, length)

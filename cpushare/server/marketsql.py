@@ -8,6 +8,7 @@ runs inside one store transaction.
 import json
 
 from cpushare.protocol.commands import BadRequest, NotPermitted
+from cpushare.protocol.paging import clip
 from cpushare.server import billing
 from cpushare.server.store import now
 
@@ -105,15 +106,15 @@ LEASE_KEYS = ("lease", "vm", "order", "seller", "price", "net_fee", "cores", "st
               "ended", "cpu_seconds", "net_bytes", "charged", "reason", "rating")
 
 
-def accountLeases(cursor, accountId, limit=1000):
-    """The leases of this account's VMs, newest first."""
+def accountLeases(cursor, accountId, before=None, limit=1000):
+    """The leases of this account's VMs, newest first, older than lease C{before} if given."""
     cursor.execute(
         "SELECT l.id, l.vm_id, l.order_id, s.name, l.price, l.net_fee, l.cores, l.started,"
         " l.ended, l.cpu_seconds, l.net_bytes, l.charged, l.reason, r.good, l.held"
         " FROM leases l JOIN accounts s ON s.id = l.seller_account_id"
         " LEFT JOIN ratings r ON r.lease_id = l.id"
-        " WHERE l.buyer_account_id = ? ORDER BY l.id DESC LIMIT ?",
-        (accountId, limit))
+        " WHERE l.buyer_account_id = ? AND l.id < ? ORDER BY l.id DESC LIMIT ?",
+        (accountId, 2**62 if before is None else before, limit))
     rows = []
     for *row, held in cursor.fetchall():
         entry = dict(zip(LEASE_KEYS, row))
@@ -126,6 +127,7 @@ def accountLeases(cursor, accountId, limit=1000):
         entry["held"] = int(held)
         entry["rating"] = None if entry["rating"] is None else (
             "good" if entry["rating"] else "bad")
+        entry["reason"] = clip(entry["reason"])
         rows.append(entry)
     return rows
 

@@ -29,7 +29,7 @@ as detached.
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from cpushare.protocol import commands
+from cpushare.protocol import commands, paging
 from cpushare.protocol.commands import BadRequest, NoSuchVM, consoleChannel, nicChannel
 from cpushare.server import billing as billing_, marketsql, store
 from cpushare.server.cpubench import SYSTEM_ACCOUNT
@@ -629,9 +629,13 @@ class Orders:
         d.addErrback(lambda f: self.log.failure("saving VM state", f))
         return d
 
-    def list(self, account):
-        """This account's VMs: live figures for active ones, stored ones for the rest."""
-        d = self.db.run(store.accountVMs, account["id"])
+    def list(self, account, before=None):
+        """
+        A page of this account's VMs, newest first, older than VM C{before}
+        when given: (VMs, more).  Live figures for active ones, stored ones
+        for the rest.
+        """
+        d = self.db.run(store.accountVMs, account["id"], before, commands.VMS_PAGE + 1)
 
         def merge(rows):
             for row in rows:
@@ -640,6 +644,8 @@ class Orders:
                     row.update(state=vm.state, reason=vm.reason, ip=vm.ip,
                                started=vm.started, cpu_seconds=vm.cpuSeconds,
                                seller=vm.seller.account["name"] if vm.seller else row["seller"])
-            return [{k: v for k, v in row.items() if v is not None} for row in rows]
+                row["reason"] = paging.clip(row["reason"])
+            rows = [{k: v for k, v in row.items() if v is not None} for row in rows]
+            return paging.pageOf(commands.ListVMs, "vms", rows, commands.VMS_PAGE)
 
         return d.addCallback(merge)

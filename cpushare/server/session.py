@@ -11,7 +11,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from cpushare import pki
-from cpushare.protocol import commands
+from cpushare.protocol import commands, paging
 from cpushare.protocol.commands import BadRequest, NotAuthenticated
 from cpushare.protocol.heartbeat import Heartbeat
 from cpushare.protocol.mux import ControlProtocol, MAX_CHANNEL, Multiplexer
@@ -24,12 +24,19 @@ from cpushare.server.screens import Screens, rating
 REFUSED_GRACE = 5.0
 MAX_CORES = 4096
 MAX_MEMORY_MB = 64 * 1024 * 1024
+MAX_ID = 2**62   # the largest id a list's cursor may name
 
 
 def _channel(value, what="channel"):
     if not 1 <= value <= MAX_CHANNEL:
         raise BadRequest(f"{what} {value} is out of range (1 to {MAX_CHANNEL})")
     return value
+
+
+def _cursor(before, what):
+    """Check a list's C{before} argument: the id of the last entry of a page."""
+    if before is not None and not 0 < before <= MAX_ID:
+        raise BadRequest(f"before must be a {what} number from 1 to {MAX_ID}, not {before}")
 
 
 class ServerControl(ControlProtocol, FundsCommands):
@@ -167,9 +174,12 @@ class ServerControl(ControlProtocol, FundsCommands):
                 "country": fig.country,
                 "bandwidth_mbps": fig.bandwidthMbps,
                 "cpu_score": fig.cpuScore,
-                "excluded": None if reason is None else str(reason),
+                "excluded": None if reason is None else paging.clip(str(reason)),
             }
             page.append({k: v for k, v in entry.items() if v is not None})
+        # Fewer when long reasons would not fit one AMP value: the client
+        # asks again from the offset it reached.
+        page = paging.fitPage(page, paging.listArgument(commands.ListSellers, "sellers"))
         return {"sellers": page, "total": len(listed), "passing": len(passing)}
 
     @commands.ImageUploadStart.responder
@@ -222,10 +232,10 @@ class ServerControl(ControlProtocol, FundsCommands):
         return defer.ensureDeferred(finish())
 
     @commands.ListImages.responder
-    def listImages(self):
+    def listImages(self, after=None):
         account = self.session.requireHello()
-        return self.session.market.images.list(account).addCallback(
-            lambda images: {"images": images})
+        d = defer.ensureDeferred(self.session.market.images.list(account, after))
+        return d.addCallback(lambda page: {"images": page[0], "more": page[1]})
 
     # -- orders and VMs
 
@@ -241,12 +251,19 @@ class ServerControl(ControlProtocol, FundsCommands):
             orders.place(account, image, vms, cores, memory, screens, budget))
 
     @commands.ListLeases.responder
-    def listLeases(self):
+    def listLeases(self, before=None):
         account = self.session.requireHello()
-        d = self.session.market.store.run(marketsql.accountLeases, account["id"])
-        return d.addCallback(
-            lambda rows: {"leases": [{k: v for k, v in r.items() if v is not None}
-                                     for r in rows]})
+        _cursor(before, "lease")
+        d = self.session.market.store.run(marketsql.accountLeases, account["id"], before,
+                                          commands.LEASES_PAGE + 1)
+
+        def page(rows):
+            rows = [{k: v for k, v in r.items() if v is not None} for r in rows]
+            leases, more = paging.pageOf(commands.ListLeases, "leases", rows,
+                                         commands.LEASES_PAGE)
+            return {"leases": leases, "more": more}
+
+        return d.addCallback(page)
 
     @commands.Rate.responder
     def rate(self, lease, good, comment=None):
@@ -268,10 +285,11 @@ class ServerControl(ControlProtocol, FundsCommands):
         return d.addCallback(lambda stopped: {"stopped": stopped})
 
     @commands.ListVMs.responder
-    def listVMs(self, all=False):
+    def listVMs(self, all=False, before=None):
         account = self.session.requireHello()
-        d = self.session.market.orders.list(account)
-        return d.addCallback(lambda vms: {"vms": vms})
+        _cursor(before, "VM")
+        d = self.session.market.orders.list(account, before)
+        return d.addCallback(lambda page: {"vms": page[0], "more": page[1]})
 
     @commands.StopVM.responder
     def stopVM(self, vm):
@@ -349,11 +367,14 @@ class ServerControl(ControlProtocol, FundsCommands):
         return {}
 
     @commands.LinkStats.responder
-    def linkStats(self):
+    def linkStats(self, after=None):
         session = self.session
         session.requireHello()
-        links = [link.statsFor(session, ch) for ch, link in sorted(session.links.items())]
-        return {"links": links, "unrouted": session.counters.droppedUnrouted}
+        after = 0 if after is None else after
+        channels = sorted(ch for ch in session.links if ch > after)[:commands.LINKS_PAGE + 1]
+        links = [session.links[ch].statsFor(session, ch) for ch in channels]
+        links, more = paging.pageOf(commands.LinkStats, "links", links, commands.LINKS_PAGE)
+        return {"links": links, "unrouted": session.counters.droppedUnrouted, "more": more}
 
 
 @implementer(IHandshakeListener)

@@ -385,12 +385,28 @@ class Store(Service):
 # -- images
 
 
-def accountImages(cursor, accountId):
+def accountImages(cursor, accountId, after=None, limit=None):
+    """
+    The account's images in the order they were uploaded (ties by sha256),
+    those after its image C{after} when given, at most C{limit}.  Raises
+    LookupError when the account has no image C{after}.
+    """
+    where, args = "", [accountId]
+    if after is not None:
+        cursor.execute(
+            "SELECT uploaded FROM account_images WHERE account_id = ? AND sha256 = ?",
+            (accountId, after))
+        row = cursor.fetchone()
+        if row is None:
+            raise LookupError(after)
+        where = " AND (ai.uploaded > ? OR (ai.uploaded = ? AND ai.sha256 > ?))"
+        args += [row[0], row[0], after]
     cursor.execute(
         "SELECT ai.sha256, ai.name, i.size, ai.uploaded"
         " FROM account_images ai JOIN images i ON i.sha256 = ai.sha256"
-        " WHERE ai.account_id = ? ORDER BY ai.uploaded, ai.sha256",
-        (accountId,),
+        " WHERE ai.account_id = ?" + where + " ORDER BY ai.uploaded, ai.sha256"
+        + ("" if limit is None else f" LIMIT {int(limit)}"),
+        args,
     )
     return [
         {"sha256": r[0], "name": r[1], "size": r[2], "uploaded": r[3]}
@@ -514,14 +530,15 @@ def activeVMs(cursor):
     return cursor.fetchall()
 
 
-def accountVMs(cursor, accountId, limit=1000):
+def accountVMs(cursor, accountId, before=None, limit=1000):
+    """The account's VMs, newest first, older than VM C{before} when given."""
     cursor.execute(
         "SELECT v.id, v.order_id, s.name, v.state, v.mac, v.ip, o.cores, o.memory,"
         " v.started, v.ended, v.cpu_seconds, v.reason"
         " FROM vms v JOIN orders o ON o.id = v.order_id"
         " LEFT JOIN accounts s ON s.id = v.seller_account_id"
-        " WHERE o.account_id = ? ORDER BY v.id DESC LIMIT ?",
-        (accountId, limit),
+        " WHERE o.account_id = ? AND v.id < ? ORDER BY v.id DESC LIMIT ?",
+        (accountId, 2**62 if before is None else before, limit),
     )
     keys = ("vm", "order", "seller", "state", "mac", "ip", "cores", "memory",
             "started", "ended", "cpu_seconds", "reason")
