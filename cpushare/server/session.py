@@ -198,6 +198,10 @@ class ServerControl(ControlProtocol, FundsCommands):
             if not session.connected:
                 upload.abort()
                 return {"needed": False}
+            if sha256 in session.uploads and session.uploads[sha256].ended is None:
+                # Another start of the same image was pipelined before this one.
+                upload.abort()
+                raise BadRequest(f"image {sha256} is already being uploaded on this connection")
             session.uploads[sha256] = upload
             return {"needed": True}
 

@@ -95,6 +95,27 @@ class InProgressTests(QuotaCase):
                       str(e.exception))
 
     @defer.inlineCallbacks
+    def test_pipelined_starts_of_one_image_open_one_upload(self):
+        key, cert = yield self.register("alice")
+        session = yield self.connect("cli", key, cert)
+        results = yield defer.DeferredList(
+            [self.start(session, "a", 10) for _ in range(3)], consumeErrors=True)
+        self.assertEqual([ok for ok, _ in results].count(True), 1)
+        for ok, result in results:
+            if not ok:
+                result.trap(commands.BadRequest)
+                self.assertIn("already being uploaded", result.getErrorMessage())
+        self.assertEqual(len((yield self.partials())), 1)
+        # The one upload that was opened is whole: it can be finished.
+        yield session.control.callRemote(
+            commands.ImageUploadChunk, sha256="a" * 64, offset=0, data=b"0123456789")
+        with self.assertRaises(commands.BadRequest) as e:
+            yield session.control.callRemote(commands.ImageUploadFinish, sha256="a" * 64)
+        self.assertIn("sha256", str(e.exception))
+        self.assertEqual((yield self.partials()), [])
+        self.assertEqual(self.images.uploading, {})
+
+    @defer.inlineCallbacks
     def test_uploads_in_progress_are_limited_in_number(self):
         key, cert = yield self.register("alice")
         session = yield self.connect("cli", key, cert)
