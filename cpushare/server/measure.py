@@ -22,7 +22,7 @@ answers are counted in C{BandwidthMeter.rejected}, and the seller loses any
 figure it had until it is measured honestly.  A seller is measured shortly
 after it comes online and then every C{EVERY} seconds; about 2 MB cross
 its connection each time.  A seller that does not answer within C{TIMEOUT}
-keeps no new figure (and fails --min-bandwidth screens until it has one).
+gets no new figure (one never measured fails --min-bandwidth screens).
 
 At most C{AT_ONCE} sellers are measured at a time, market-wide: when
 thousands of sellers come back together (the server restarted), their

@@ -300,6 +300,18 @@ class EarlyProbes(SlowPings):
         self.answered = tag + measure.COUNT - 1
 
 
+class TurnsLiar(LyingSeller):
+    """Answers probes honestly until C{lying}, then with bytes of its own."""
+
+    lying = False
+
+    def probe(self, box):
+        if not self.lying:
+            return LyingSeller.probe(self, box)
+        self.answer(box[amp.ASK], digest=os.urandom(32),
+                    data=b"\0" * int(box.get(b"back", b"0")))
+
+
 class LyingSellerTests(MeasurementCase):
 
     def assertNoBetterThanTheLink(self, latency):
@@ -350,5 +362,14 @@ class LyingSellerTests(MeasurementCase):
         mbps, meter = self.measured()
         self.assertTrue(mbps is None or mbps <= LINK_MBPS,
                         f"a lying seller was shown {mbps} Mbps on an 8 Mbps link")
+        self.assertIsNone(mbps)
+        self.assertEqual(meter.rejected, measure.COUNT)
+
+    def test_a_seller_caught_lying_loses_the_figure_it_had(self):
+        self.connect(TurnsLiar)
+        mbps, _ = self.measured()
+        self.assertLessEqual(mbps, LINK_MBPS)
+        self.seller.lying = True
+        mbps, meter = self.measured()
         self.assertIsNone(mbps)
         self.assertEqual(meter.rejected, measure.COUNT)
