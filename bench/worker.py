@@ -438,7 +438,7 @@ async def probe(reactor, args):
     rtts = []
     for _ in range(args.count):
         start = time.perf_counter()
-        await session.control.callRemote(commands.Ping, sent=reactor.seconds())
+        await session.control.callRemote(commands.Ping, nonce=os.urandom(16))
         rtts.append((time.perf_counter() - start) * 1000.0)
         await task.deferLater(reactor, args.interval, lambda: None)
     emit(event="result", rtt_ms=percentiles(sorted(rtts)))

@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 
 import cpushare
 from cpushare import pki
-from cpushare.protocol import commands
+from cpushare.protocol import commands, proof
 from cpushare.protocol.heartbeat import Heartbeat
 from cpushare.protocol.mux import ControlProtocol, Multiplexer, ProtocolError
 
@@ -69,18 +69,20 @@ class ClientControl(ControlProtocol):
         self.session = session
 
     @commands.Ping.responder
-    def ping(self, sent):
-        result = {"sent": sent}
+    def ping(self, nonce):
+        result = {"nonce": nonce}
         latency = self.session.heartbeat.latencyMs() if self.session.heartbeat else None
         if latency is not None:
             result["latency_ms"] = latency
         return result
 
     @commands.Probe.responder
-    def probe(self, data, back=None):
-        if back is None:
-            return {}
-        return {"data": b"\0" * max(0, min(back, commands.PROBE_CHUNK))}
+    def probe(self, nonce, data, back=None):
+        # The answers prove this seller received the bytes, or sent its own.
+        result = {"digest": proof.probeDigest(nonce, data)}
+        if back:
+            result["data"] = proof.probeFill(nonce, max(0, min(back, commands.PROBE_CHUNK)))
+        return result
 
     @commands.ChannelLinked.responder
     def channelLinked(self, channel, peer_session, peer_channel):

@@ -116,12 +116,15 @@ PROBE_CHUNK = 60000
 class Probe(amp.Command):
     """
     Server to seller: bytes to measure the connection's bandwidth towards
-    the seller.  The seller answers as soon as it has them; with C{back}
-    it answers with that many bytes, to measure the other way.
+    the seller.  The seller answers as soon as it has them, with C{digest},
+    L{cpushare.protocol.proof.probeDigest} of C{nonce} and C{data}; with
+    C{back} it also answers with that many bytes, C{proof.probeFill} of
+    C{nonce}, to measure the other way.
     """
 
-    arguments = [(b"data", amp.String()), (b"back", amp.Integer(optional=True))]
-    response = [(b"data", amp.String(optional=True))]
+    arguments = [(b"nonce", amp.String()), (b"data", amp.String()),
+                 (b"back", amp.Integer(optional=True))]
+    response = [(b"digest", amp.String(optional=True)), (b"data", amp.String(optional=True))]
     errors = COMMON_ERRORS
 
 
@@ -188,13 +191,13 @@ class ListSellers(amp.Command):
 
 class Ping(amp.Command):
     """
-    A heartbeat, sent both ways.  The responder echoes C{sent} so the
-    sender can measure the round trip, and tells the latency it measured
-    itself.
+    A heartbeat, sent both ways.  The responder echoes C{nonce}, a random
+    value the sender checks (the sender times the round trip on its own
+    clock), and tells the latency it measured itself.
     """
 
-    arguments = [(b"sent", amp.Float())]
-    response = [(b"sent", amp.Float()), (b"latency_ms", amp.Float(optional=True))]
+    arguments = [(b"nonce", amp.String())]
+    response = [(b"nonce", amp.String()), (b"latency_ms", amp.Float(optional=True))]
 
 
 class LinkChannel(amp.Command):

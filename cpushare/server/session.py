@@ -330,8 +330,8 @@ class ServerControl(ControlProtocol, FundsCommands):
         return {}
 
     @commands.Ping.responder
-    def ping(self, sent):
-        result = {"sent": sent}
+    def ping(self, nonce):
+        result = {"nonce": nonce}
         heartbeat = self.session.heartbeat
         latency = heartbeat.latencyMs() if heartbeat else None
         if latency is not None:

@@ -581,7 +581,7 @@ class RawClient:
         for box in list(self.boxes):
             if box.get("_command") == b"Ping":
                 self.boxes.remove(box)
-                self.sendMessage(0, ampBox(_answer=box["_ask"], sent=box["sent"]))
+                self.sendMessage(0, ampBox(_answer=box["_ask"], nonce=box["nonce"]))
 
     def waitClosed(self, timeout=10.0):
         """Read until the server closes the connection; returns what arrived."""

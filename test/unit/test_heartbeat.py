@@ -42,7 +42,7 @@ def test_latency_is_the_median_of_answered_pings():
         assert command is Ping
         clock.advance(delay)
         mux.lastReceived = clock.seconds()
-        d.callback({"sent": kw["sent"]})
+        d.callback({"nonce": kw["nonce"]})
         clock.advance(1.0 - delay)
     assert abs(hb.latencyMs() - 4.0) < 1e-6
     hb.stop()

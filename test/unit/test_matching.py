@@ -8,7 +8,7 @@ from twisted.internet import defer, reactor
 
 from cpushare.client import images
 from cpushare.money import MICRO
-from cpushare.protocol import commands
+from cpushare.protocol import commands, proof
 from cpushare.server import admin, billing, cpubench, ledger
 from cpushare.server.screens import rating
 
@@ -338,15 +338,17 @@ class BandwidthTests(OrderCase):
         seller.control.__class__ = ShortProbeControl
         yield self.call(seller, commands.Offer, cores=1, memory=1024)
         [session] = self.market.sellers()
-        with self.assertRaises(ValueError) as e:
+        with self.assertRaises(measure.UnprovenAnswers) as e:
             yield defer.ensureDeferred(measure.bandwidth(reactor, session, count=2))
-        self.assertIn("the seller answered 2 bytes of 120000", str(e.exception))
+        self.assertIn("2 of 2 answers to Probe did not carry the bytes asked for",
+                      str(e.exception))
 
 
 class ShortProbeControl(FakeSellerControl):
     @commands.Probe.responder
-    def probe(self, data, back=None):
-        return {"data": b"x"} if back else {}
+    def probe(self, nonce, data, back=None):
+        answer = {"digest": proof.probeDigest(nonce, data)}
+        return dict(answer, data=b"x") if back else answer
 
 
 class BenchSellerControl(FakeSellerControl):
@@ -474,9 +476,12 @@ def test_measurements_and_benchmarks_wait_for_a_free_slot():
     from cpushare.server.measure import BandwidthMeter
 
     class Control:
-        def callRemote(self, command, data, back=None):
+        def callRemote(self, command, nonce, data, back=None):
             sent.append(back)
-            return defer.succeed({"data": b"\0" * back} if back else {})
+            answer = {"digest": proof.probeDigest(nonce, data)}
+            if back:
+                answer["data"] = proof.probeFill(nonce, back)
+            return defer.succeed(answer)
 
     sent, measured = [], []
     clock = Clock()
