@@ -249,10 +249,11 @@ class ServerControl(ControlProtocol, FundsCommands):
         market = self.session.market
 
         async def rate():
-            sellerId, name, (goodVotes, bad) = await market.store.run(
+            sellerId, name, votes = await market.store.run(
                 marketsql.rate, account["id"], lease, good, comment)
-            market.board.voted(sellerId, good)
-            return {"seller": name, "rating": rating(goodVotes, bad), "votes": goodVotes + bad}
+            market.board.voted(sellerId, votes)
+            goodVotes, bad, raters = votes
+            return {"seller": name, "rating": rating(goodVotes, bad), "votes": raters}
 
         return defer.ensureDeferred(rate())
 
