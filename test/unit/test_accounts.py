@@ -217,3 +217,94 @@ class AccountMarketTests(MarketCase):
         self.assertTrue(new.connected)
         reason = yield self.refusal(key, cert)
         self.assertIn("the certificate of account 'alice' was revoked", reason)
+
+    @defer.inlineCallbacks
+    def test_a_handshake_authenticated_while_its_account_is_suspended_is_refused(self):
+        """The suspension is read between the handshake's query and its answer."""
+        yield defer.ensureDeferred(self.market.access.start())
+        self.addCleanup(self.market.access.stop)
+        key, cert = yield self.register("alice")
+        authenticate = self.market.authenticate
+        stale = []
+
+        def racing(fingerprint):
+            d = authenticate(fingerprint)
+            if not stale:
+                def suspendMeanwhile(result):
+                    stale.append(result)
+                    d2 = self.store.run(store.suspendAccount, "alice", None)
+                    d2.addCallback(lambda _: self.market.access.check())
+                    return d2.addCallback(lambda _: result)
+                d.addCallback(suspendMeanwhile)
+            return d
+
+        self.market.authenticate = racing
+        reason = yield self.refusal(key, cert)
+        self.assertIn("'alice' is suspended since", reason)
+        self.assertIsNotNone(stale[0][0])       # the first answer was the stale one
+
+
+class FakeSession:
+    def __init__(self, accountId, certificate):
+        self.account = {"id": accountId, "name": f"a{accountId}"}
+        self.certificate = certificate
+        self.ended = []
+
+    def accessEnded(self, why):
+        self.ended.append(why)
+
+
+class FakeStore:
+    def __init__(self):
+        self.changes = []
+        self.pending = None
+
+    def run(self, fn, *args):
+        if fn is store.lastAccessChange:
+            return defer.succeed(0)
+        assert fn is store.accessChanges
+        self.pending = defer.Deferred()
+        after = args[0]
+        return self.pending.addCallback(lambda _: [c for c in self.changes if c[0] > after])
+
+
+def test_the_access_watch_closes_only_the_sessions_a_change_concerns():
+    from cpushare.server.access import AccessWatch
+
+    clock = task.Clock()
+    market = type("M", (), {})()
+    market.reactor, market.store = clock, FakeStore()
+    a1, a1other, b = FakeSession(1, "f1"), FakeSession(1, "f2"), FakeSession(2, "f3")
+    market.sessions = {1: a1, 2: a1other, 3: b}
+    watch = AccessWatch(market, every=1.0)
+    defer.ensureDeferred(watch.start())
+    market.store.changes = [(1, 1, "f1", "revoked"), (2, 2, None, "deleted")]
+    clock.advance(1.0)
+    # While a query runs the next tick does not start another.
+    first = market.store.pending
+    clock.advance(1.0)
+    assert market.store.pending is first
+    first.callback(None)
+    assert (a1.ended, a1other.ended, b.ended) == (["revoked"], [], ["deleted"])
+    assert watch.changedSince(1, 0) and not watch.changedSince(1, 1)
+    assert watch.lastId == 2
+    clock.advance(1.0)
+    market.store.pending.callback(None)     # nothing new: nothing closed twice
+    assert (a1.ended, b.ended) == (["revoked"], ["deleted"])
+    watch.stop()
+
+
+def test_the_server_options_name_the_limits_and_refuse_nonsense(tmp_path):
+    from twisted.python import usage
+
+    from cpushare.server.tap import Options
+
+    options = Options()
+    options.parseOptions(["--data", str(tmp_path)])
+    assert (options["registrations-per-address"], options["registrations-per-minute"],
+            options["rekeys-per-day"], options["access-check"]) == (5, 30, 5, 1.0)
+    for bad, text in ((["--registrations-per-minute", "-1"], r"0 \(no limit\) or more"),
+                      (["--access-check", "0"], "--access-check must be above 0"),
+                      (["--rekeys-per-day", "0"], "--rekeys-per-day must be 1 or more")):
+        with pytest.raises(usage.UsageError, match=text):
+            Options().parseOptions(["--data", str(tmp_path)] + bad)
