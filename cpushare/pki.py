@@ -78,6 +78,19 @@ def fingerprint(cert):
     return hashlib.sha256(der).hexdigest()
 
 
+def publicKeyFingerprint(cert):
+    """The SHA-256 (hex) of a certificate's SubjectPublicKeyInfo: the same for every
+    certificate of one key."""
+    der = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
+def serialHex(cert):
+    """A certificate's serial number as lower-case hex, as C{cpushare-admin revoke} takes it."""
+    return format(cert.serial_number, "x")
+
+
 def writePrivate(path, data):
     """
     Write C{data} to C{path} readable by the owner alone (mode 0600), by

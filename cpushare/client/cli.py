@@ -3,6 +3,7 @@ cpushare: the command line for buyers and sellers.
 
     cpushare [--home H] register --server HOST:PORT --ca ca.pem --name NAME
     cpushare [--home H] whoami
+    cpushare [--home H] rekey
     cpushare [--home H] sellers [SCREENS] [--explain] [--json]
     cpushare terms, leases, rate (see marketcli)
     cpushare image build -o job.iso [--add DIR]... [--ssh-key KEY.pub]... [--no-ssh-key]
@@ -135,7 +136,37 @@ async def whoami(reactor, args, home):
     print(f"created:     {info['created']}")
     print(f"server:      {host}:{port}")
     print(f"certificate: sha256 {info['fingerprint']}")
+    try:
+        print(f"serial:      {pki.serialHex(pki.loadCertificate(home.read('cert.pem')))}")
+    except (HomeError, ValueError):
+        pass
     print(f"home:        {home.path}")
+
+
+async def rekey(reactor, args, home):
+    """
+    A new key made here and a certificate for it, asked over the current
+    certificate's connection; once both are stored, a connection with the
+    new one makes the market revoke the old one.
+    """
+    name = home.config.get("name")
+    key = pki.generateKey()
+    async with Market(reactor, home) as market:
+        answer = await market.call(commands.Rekey, csr=pki.makeRequest(key, name))
+    certPEM = answer["certificate"]
+    try:
+        cert = pki.loadCertificate(certPEM)
+    except ValueError:
+        raise CommandError("the market answered with a certificate that does not parse")
+    home.saveNewCertificate(key, certPEM)
+    async with Market(reactor, home) as market:
+        info = await market.call(commands.WhoAmI)
+    if info["fingerprint"] != pki.fingerprint(cert):
+        raise CommandError("the market did not take the new certificate; the old one is in "
+                           f"{home.file('cert.pem.old')}")
+    home.forgetOldCertificate()
+    print(f"account {info['name']} has a new certificate: serial {pki.serialHex(cert)},"
+          f" sha256 {info['fingerprint']}; the old one is revoked")
 
 
 def formatTable(rows):
@@ -212,6 +243,13 @@ def parser():
     w = sub.add_parser("whoami", help="show this home's account")
     w.add_argument("--json", action="store_true")
     w.set_defaults(run=whoami)
+
+    k = sub.add_parser("rekey", help="make a new key and certificate; the old one is revoked",
+                       description="Make a new key here, have the market certify it over this "
+                       "home's current connection, store both, and connect with them, which "
+                       "revokes the old certificate. Running seller and buyer programs "
+                       "reconnect with the new one.")
+    k.set_defaults(run=rekey)
 
     image = sub.add_parser("image", help="build livecd images")
     images = image.add_subparsers(dest="image_command", metavar="ACTION")

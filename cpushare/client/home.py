@@ -88,6 +88,26 @@ class Home:
         pki.writePrivate(self.file("key.pem"), pki.keyToPEM(key))
         return key
 
+    def saveNewCertificate(self, key, certPEM):
+        """
+        Put a new key and its certificate in place of the old ones (kept as
+        key.pem.old and cert.pem.old until L{forgetOldCertificate}), each file
+        replaced whole so that a reader never sees half of one.
+        """
+        pki.writePrivate(self.file("key.pem.new"), pki.keyToPEM(key))
+        pki.writePublic(self.file("cert.pem.new"), certPEM)
+        for name in ("key.pem", "cert.pem"):
+            os.replace(self.file(name), self.file(name + ".old"))
+        for name in ("key.pem", "cert.pem"):
+            os.replace(self.file(name + ".new"), self.file(name))
+
+    def forgetOldCertificate(self):
+        for name in ("key.pem.old", "cert.pem.old"):
+            try:
+                os.remove(self.file(name))
+            except FileNotFoundError:
+                pass
+
     def saveRegistration(self, server, name, accountId, caPEM, certPEM):
         pki.writePublic(self.file("ca.pem"), caPEM)
         pki.writePublic(self.file("cert.pem"), certPEM)

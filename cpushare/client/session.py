@@ -200,9 +200,29 @@ def endpointFor(reactor, host, port, caPEM, keyPEM=None, certPEM=None):
 
 
 def homeEndpoint(reactor, home):
-    host, port = home.server
-    caPEM, keyPEM, certPEM = home.credentials()
-    return endpointFor(reactor, host, port, caPEM, keyPEM, certPEM)
+    """
+    An endpoint to the home's market with the home's certificate, read
+    afresh at every connection: after 'cpushare rekey' a running seller or
+    buyer reconnects with the new certificate.
+    """
+    return HomeEndpoint(reactor, home)
+
+
+class HomeEndpoint:
+    def __init__(self, reactor, home):
+        self.reactor = reactor
+        self.home = home
+
+    def connect(self, factory):
+        from twisted.internet import defer
+
+        from cpushare.client.home import HomeError
+        try:
+            host, port = self.home.server
+            caPEM, keyPEM, certPEM = self.home.credentials()
+        except HomeError as e:
+            return defer.fail(ConnectError(str(e)))
+        return endpointFor(self.reactor, host, port, caPEM, keyPEM, certPEM).connect(factory)
 
 
 def connectOnce(reactor, endpoint, role, hello=True, host="?", port=0, **kw):

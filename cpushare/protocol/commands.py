@@ -74,7 +74,20 @@ class Register(amp.Command):
 
     arguments = [(b"name", amp.Unicode()), (b"csr", amp.String())]
     response = [(b"certificate", amp.String()), (b"account_id", amp.Integer())]
-    errors = {**COMMON_ERRORS, NameTaken: b"NAME_TAKEN"}
+    # NotPermitted: over a registration limit, or the key has an account already.
+    errors = {**COMMON_ERRORS, NameTaken: b"NAME_TAKEN", NotPermitted: b"NOT_PERMITTED"}
+
+
+class Rekey(amp.Command):
+    """
+    A new client certificate for this connection's account, for the key in
+    C{csr} (made on the client).  The certificate this connection uses is
+    revoked once the new one is first used to connect.
+    """
+
+    arguments = [(b"csr", amp.String())]
+    response = [(b"certificate", amp.String())]
+    errors = {**COMMON_ERRORS, NotPermitted: b"NOT_PERMITTED"}
 
 
 class WhoAmI(amp.Command):

@@ -3,6 +3,9 @@ cpushare-admin: the operator's tool, working on the market's database.
 
     cpushare-admin [--data DIR | --db URL] accounts
     cpushare-admin [--data DIR | --db URL] delete-account NAME
+    cpushare-admin [--data DIR | --db URL] suspend NAME [--reason TEXT] | unsuspend NAME
+    cpushare-admin [--data DIR | --db URL] certificates [NAME]
+    cpushare-admin [--data DIR | --db URL] revoke ACCOUNT|SERIAL|FINGERPRINT
     cpushare-admin [--data DIR | --db URL] books
     cpushare-admin [--data DIR | --db URL] credit NAME AMOUNT [--memo TEXT]
     cpushare-admin [--data DIR | --db URL] payments | payouts
@@ -23,8 +26,10 @@ completed that the market could not (state check).  Each is posted once,
 with the same ledger references the server uses.
 
 It opens the database directly, which both SQLite and PostgreSQL allow
-while the server runs.  A deleted account's certificate is refused at its
-next connection.
+while the server runs.  Deleting or suspending an account, or revoking a
+certificate, is recorded for the running server too: it closes the
+connections concerned within its --access-check (1 s by default), and
+refuses them at every later handshake.
 """
 
 import argparse
@@ -45,6 +50,17 @@ def main(argv=None):
     sub.add_parser("accounts", help="list the accounts")
     d = sub.add_parser("delete-account", help="delete an account; its certificate stops working")
     d.add_argument("name")
+    su = sub.add_parser("suspend", help="suspend an account: its connections close, "
+                        "its certificates are refused until unsuspend")
+    su.add_argument("name")
+    su.add_argument("--reason", help="told to the account's programs when they connect")
+    un = sub.add_parser("unsuspend", help="let a suspended account connect again")
+    un.add_argument("name")
+    ce = sub.add_parser("certificates", help="list the certificates (of one account)")
+    ce.add_argument("name", nargs="?")
+    rv = sub.add_parser("revoke", help="revoke an account's certificates, or one certificate "
+                        "by its serial number or SHA-256 fingerprint")
+    rv.add_argument("what", metavar="ACCOUNT|SERIAL|FINGERPRINT")
     sub.add_parser("books", help="prove the ledger sums to zero")
     c = sub.add_parser("credit", help="give an account funds from the market's own money "
                        "(a refund, trial credit)")
@@ -79,13 +95,16 @@ def main(argv=None):
         store.transact(conn, store.migrate)
         if args.command == "accounts":
             for a in store.transact(conn, store.listAccounts):
-                state = f"deleted {a['deleted']}" if a["deleted"] else "active"
+                state = (f"deleted {a['deleted']}" if a["deleted"] else
+                         f"suspended {a['suspended']}" if a["suspended"] else "active")
                 print(f"{a['id']:>6}  {a['name']:<32}  created {a['created']}  {state}")
         elif args.command == "delete-account":
             if not store.transact(conn, store.deleteAccount, args.name):
                 print(f"cpushare-admin: no active account named {args.name!r}", file=sys.stderr)
                 return 1
             print(f"deleted account {args.name}")
+        elif args.command in ("suspend", "unsuspend", "certificates", "revoke"):
+            return access(conn, args)
         elif args.command == "credit":
             try:
                 amount = ledger.parseAmount(args.amount, maximum=CREDIT_MAX)
@@ -107,6 +126,39 @@ def main(argv=None):
         return 1
     finally:
         conn.close()
+    return 0
+
+
+def access(conn, args):
+    """Suspension and certificates."""
+    if args.command == "suspend":
+        if args.reason is not None and len(args.reason) > 200:
+            print("cpushare-admin: a reason is at most 200 characters", file=sys.stderr)
+            return 1
+        if not store.transact(conn, store.suspendAccount, args.name, args.reason):
+            print(f"cpushare-admin: no active, unsuspended account named {args.name!r}",
+                  file=sys.stderr)
+            return 1
+        print(f"suspended account {args.name}")
+    elif args.command == "unsuspend":
+        if not store.transact(conn, store.unsuspendAccount, args.name):
+            print(f"cpushare-admin: no suspended account named {args.name!r}", file=sys.stderr)
+            return 1
+        print(f"account {args.name} may connect again")
+    elif args.command == "certificates":
+        for c in store.transact(conn, store.listCertificates, args.name):
+            state = f"revoked {c['revoked']}" if c["revoked"] else "valid"
+            print(f"{c['account']:<32}  serial {c['serial'] or '-':<40}  "
+                  f"sha256 {c['fingerprint']}  issued {c['issued']}  {state}")
+    elif args.command == "revoke":
+        try:
+            revoked = store.transact(conn, store.revoke, args.what)
+        except LookupError as e:
+            print(f"cpushare-admin: {e}", file=sys.stderr)
+            return 1
+        for name, fingerprint, serial in revoked:
+            print(f"revoked the certificate of {name}: serial {serial or '-'},"
+                  f" sha256 {fingerprint}")
     return 0
 
 

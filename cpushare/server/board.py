@@ -77,24 +77,24 @@ class Board:
         self.invalidate()
         return terms
 
-    def voted(self, sellerId, good):
+    def voted(self, sellerId, votes):
+        """A seller's votes changed: C{votes} as L{marketsql.votes} gives them."""
         entry = self.standing.get(sellerId)
         if entry is not None:
-            g, b = entry["votes"]
-            entry["votes"] = (g + 1, b) if good else (g, b + 1)
+            entry["votes"] = votes
             self.invalidate()
 
     def figures(self, session):
         entry = self.standing.get(session.account["id"])
         terms = entry["terms"] if entry else self.defaults
-        good, bad = entry["votes"] if entry else (0, 0)
+        good, bad, raters = entry["votes"] if entry else (0, 0, 0)
         return Figures(
             name=session.account["name"],
             price=terms["price"],
             netFee=terms["net_fee"],
             country=terms["country"],
             rating=rating(good, bad),
-            votes=good + bad,
+            votes=raters,
             latencyMs=session.heartbeat.latencyMs() if session.heartbeat else None,
             bandwidthMbps=getattr(session, "bandwidthMbps", None),
             cpuScore=getattr(session, "cpuScore", None),

@@ -13,6 +13,8 @@ from cpushare import pki
 from cpushare.protocol import commands
 from cpushare.protocol.heartbeat import DEFAULT_INTERVAL, DEFAULT_TIMEOUT
 from cpushare.server import store
+from cpushare.server.access import (
+    CHECK_EVERY, REKEYS_PER_DAY, AccessWatch, RegistrationRefused)
 from cpushare.server.billing import INTERVAL, WINDOW, Billing
 from cpushare.server.measure import AT_ONCE as MEASURE_AT_ONCE, EVERY as MEASURE_EVERY
 from cpushare.server.board import DEFAULT_PRICE, Board
@@ -23,6 +25,8 @@ from cpushare.server.relay import Relay
 
 ACCOUNT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}\Z")
 MAX_CSR = 16 * 1024
+KEY_TAKEN = ("this public key already belongs to an account: make a new key for each "
+             "account (one account per key)")
 
 
 class Market(Service):
@@ -31,10 +35,15 @@ class Market(Service):
     def __init__(self, reactor, store, credentials, images=None,
                  heartbeat=DEFAULT_INTERVAL, timeout=DEFAULT_TIMEOUT,
                  defaultPrice=DEFAULT_PRICE, billingInterval=INTERVAL, holdWindow=WINDOW,
-                 measureEvery=MEASURE_EVERY, cpuBench=None):
+                 measureEvery=MEASURE_EVERY, cpuBench=None,
+                 registrations=None, accessCheck=CHECK_EVERY, rekeysPerDay=REKEYS_PER_DAY):
         """
         @param cpuBench: keyword arguments of L{CPUBench} plus C{folder},
             where the benchmark image is kept; None: no CPU benchmark.
+        @param registrations: a L{cpushare.server.access.RegistrationLimits},
+            or None for none (the server's options always give one).
+        @param accessCheck: seconds between looks for suspensions, deletions
+            and revocations made by cpushare-admin.
         """
         self.reactor = reactor
         self.store = store
@@ -57,6 +66,9 @@ class Market(Service):
         self.funds = Funds(reactor, store)
         self.funds.onCredited = self.orders.retryFunding
         self._nextSession = 1
+        self.registrations = registrations
+        self.rekeysPerDay = rekeysPerDay
+        self.access = AccessWatch(self, accessCheck)
 
     def startService(self):
         Service.startService(self)
@@ -66,6 +78,7 @@ class Market(Service):
     def stopService(self):
         Service.stopService(self)
         self.cpubench.stop()
+        self.access.stop()
         self.billing.stop()
         self.orders.stop()
         for session in list(self.sessions.values()):
@@ -109,6 +122,7 @@ class Market(Service):
     async def open(self):
         """Open the database and bring back the active VMs: run before listening."""
         await self.store.open()
+        await self.access.start()
         await self.orders.load()
         self.billing.start()
         if self.images is not None:
@@ -127,10 +141,10 @@ class Market(Service):
         """Fires with (account dict, None) or (None, reason)."""
         return self.store.run(store.accountForCertificate, fingerprint)
 
-    def register(self, name, csrPEM):
+    def register(self, name, csrPEM, address=None):
         """
-        Create account C{name} for the key in C{csrPEM}; fires with
-        (certificate PEM, account id).
+        Create account C{name} for the key in C{csrPEM}, asked from
+        C{address} (the peer's host); fires with (certificate PEM, account id).
         """
         if not ACCOUNT_NAME.match(name):
             raise commands.BadRequest(
@@ -139,6 +153,44 @@ class Market(Service):
             )
         if len(csrPEM) > MAX_CSR:
             raise commands.BadRequest("the certificate request is too large")
+        token = None
+        if self.registrations is not None:
+            try:
+                token = self.registrations.take(address or "?")
+            except RegistrationRefused as e:
+                self.log.info("refused a registration of {name!r} from {address}: {why}",
+                              name=name, address=address, why=str(e))
+                raise commands.NotPermitted(str(e))
+
+        def signed(certPEM):
+            cert = pki.loadCertificate(certPEM)
+            d = self.store.run(store.createAccount, name, pki.fingerprint(cert),
+                               pki.publicKeyFingerprint(cert), pki.serialHex(cert))
+            d.addCallback(lambda accountId: (certPEM, accountId))
+            return d
+
+        def translate(failure):
+            if failure.check(store.NameTaken, store.KeyTaken) and token is not None:
+                self.registrations.give(token)
+            if failure.check(store.NameTaken):
+                raise commands.NameTaken(f"the account name {name!r} is taken")
+            if failure.check(store.KeyTaken):
+                raise commands.NotPermitted(KEY_TAKEN)
+            return failure
+
+        d = self._sign(csrPEM, name)
+        d.addCallback(signed)
+        d.addErrback(translate)
+
+        def logged(result):
+            self.log.info("registered account {name} (id {id}) from {address}",
+                          name=name, id=result[1], address=address)
+            return result
+
+        return d.addCallback(logged)
+
+    def _sign(self, csrPEM, name):
+        """Sign a client's request for account C{name}; fires with the certificate PEM."""
         creds = self.credentials
         # Signing is CPU work: keep it off the reactor thread.
         d = deferToThreadPool(
@@ -146,24 +198,31 @@ class Market(Service):
             pki.signClientRequest, creds.caKey, creds.caCert, csrPEM, name,
         )
 
-        def signed(certPEM):
-            fp = pki.fingerprint(pki.loadCertificate(certPEM))
-            d = self.store.run(store.createAccount, name, fp)
-            d.addCallback(lambda accountId: (certPEM, accountId))
-            return d
-
         def translate(failure):
-            if failure.check(pki.BadRequest):
-                raise commands.BadRequest(str(failure.value))
-            if failure.check(store.NameTaken):
-                raise commands.NameTaken(f"the account name {name!r} is taken")
-            return failure
+            failure.trap(pki.BadRequest)
+            raise commands.BadRequest(str(failure.value))
 
-        d.addCallback(signed)
-        d.addErrback(translate)
+        return d.addErrback(translate)
 
-        def logged(result):
-            self.log.info("registered account {name} (id {id})", name=name, id=result[1])
-            return result
-
-        return d.addCallback(logged)
+    async def rekey(self, account, current, csrPEM):
+        """
+        A new certificate for C{account} to replace its certificate
+        C{current} (a fingerprint), for the key in C{csrPEM}; fires with the
+        certificate PEM.  The old certificate is revoked at the new one's
+        first use.
+        """
+        if len(csrPEM) > MAX_CSR:
+            raise commands.BadRequest("the certificate request is too large")
+        certPEM = await self._sign(csrPEM, account["name"])
+        cert = pki.loadCertificate(certPEM)
+        try:
+            await self.store.run(
+                store.addReplacement, account["id"], current, pki.fingerprint(cert),
+                pki.publicKeyFingerprint(cert), pki.serialHex(cert), self.rekeysPerDay)
+        except store.RekeyRefused as e:
+            raise commands.NotPermitted(str(e))
+        except store.KeyTaken:
+            raise commands.NotPermitted(KEY_TAKEN)
+        self.log.info("issued account {name} a new certificate (serial {serial})",
+                      name=account["name"], serial=pki.serialHex(cert))
+        return certPEM

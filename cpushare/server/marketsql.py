@@ -49,13 +49,37 @@ def setSellerTerms(cursor, accountId, defaults, price=None, net_fee=None, countr
     return terms
 
 
+# A buyer account's vote counts in full once it has paid the seller this
+# much (micro-units, 1.00) over all their leases; below, in proportion.
+RATING_FULL_VOTE = 1_000_000
+
+
 def votes(cursor, accountId):
-    """A seller's (good, bad) votes."""
+    """
+    A seller's votes as (good, bad, raters): each buyer account that rated
+    it counts once, its leases' ratings averaged, weighted by what it paid
+    this seller up to L{RATING_FULL_VOTE}; C{raters} is how many buyer
+    accounts rated it.  So many votes from one account, or from fresh
+    accounts that paid next to nothing, weigh next to nothing.
+    """
     cursor.execute(
-        "SELECT COALESCE(SUM(good), 0), COUNT(*) FROM ratings WHERE seller_account_id = ?",
-        (accountId,))
-    good, total = cursor.fetchone()
-    return int(good), int(total) - int(good)
+        "SELECT buyer_account_id, SUM(good), COUNT(*) FROM ratings"
+        " WHERE seller_account_id = ? AND buyer_account_id <> seller_account_id"
+        " GROUP BY buyer_account_id", (accountId,))
+    rated = cursor.fetchall()
+    if not rated:
+        return 0.0, 0.0, 0
+    cursor.execute(
+        "SELECT buyer_account_id, SUM(charged) FROM leases WHERE seller_account_id = ?"
+        " GROUP BY buyer_account_id", (accountId,))
+    paid = {buyer: int(total) for buyer, total in cursor.fetchall()}
+    good = bad = 0.0
+    for buyer, goodCount, count in rated:
+        weight = min(1.0, paid.get(buyer, 0) / RATING_FULL_VOTE)
+        share = int(goodCount) / int(count)
+        good += weight * share
+        bad += weight * (1.0 - share)
+    return good, bad, len(rated)
 
 
 def sellerStanding(cursor, accountId, defaults):
@@ -139,17 +163,25 @@ MAX_COMMENT = 500
 
 def rate(cursor, accountId, leaseId, good, comment):
     """
-    The lease's buyer rates its seller, once; returns the seller's account
-    id, name and votes (good, bad) after this one.  Anyone else's lease is
-    refused as if it did not exist.
+    The lease's buyer rates its seller, once, and only a lease it was
+    charged for; returns the seller's account id, name and votes (L{votes})
+    after this one.  Anyone else's lease is refused as if it did not
+    exist; a lease of an account's own VM on its own seller is never rated.
     """
     if comment is not None and len(comment) > MAX_COMMENT:
         raise BadRequest(f"a comment is at most {MAX_COMMENT} characters")
     cursor.execute(
-        "SELECT buyer_account_id, seller_account_id FROM leases WHERE id = ?", (leaseId,))
+        "SELECT buyer_account_id, seller_account_id, charged FROM leases WHERE id = ?",
+        (leaseId,))
     row = cursor.fetchone()
     if row is None or row[0] != accountId:
         raise BadRequest(f"you have no lease {leaseId}")
+    if row[1] == accountId:
+        raise NotPermitted(f"lease {leaseId} ran on your own seller: you cannot rate yourself")
+    if int(row[2]) <= 0:
+        raise NotPermitted(
+            f"lease {leaseId} was not billed anything yet: only a lease you paid for can be "
+            "rated (try again after its first bill)")
     cursor.execute("SELECT good, created FROM ratings WHERE lease_id = ?", (leaseId,))
     done = cursor.fetchone()
     if done is not None:

@@ -71,7 +71,7 @@ class Figures:
     netFee = attr.ib()                  # micro-units per GB
     country = attr.ib()                 # "IT" or None when not said
     rating = attr.ib()                  # 0..1, see rating()
-    votes = attr.ib()                   # good + bad
+    votes = attr.ib()                   # buyer accounts that rated it
     latencyMs = attr.ib()               # None until measured
     bandwidthMbps = attr.ib()           # None until measured
     cpuScore = attr.ib()                # None until measured

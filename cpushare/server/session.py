@@ -56,13 +56,20 @@ class ServerControl(ControlProtocol, FundsCommands):
                     "this connection already has a client certificate; "
                     "register from a connection without one"
                 )
-            return session.market.register(name, csr)
+            return session.market.register(name, csr, session.peerHost())
 
         def done(result):
             certificate, accountId = result
             return {"certificate": certificate, "account_id": accountId}
 
         return session.whenAuthenticated().addCallback(check).addCallback(done)
+
+    @commands.Rekey.responder
+    def rekey(self, csr):
+        session = self.session
+        account = session.requireHello()
+        d = defer.ensureDeferred(session.market.rekey(account, session.certificate, csr))
+        return d.addCallback(lambda certificate: {"certificate": certificate})
 
     @commands.Hello.responder
     def hello(self, role, software):
@@ -275,10 +282,11 @@ class ServerControl(ControlProtocol, FundsCommands):
         market = self.session.market
 
         async def rate():
-            sellerId, name, (goodVotes, bad) = await market.store.run(
+            sellerId, name, votes = await market.store.run(
                 marketsql.rate, account["id"], lease, good, comment)
-            market.board.voted(sellerId, good)
-            return {"seller": name, "rating": rating(goodVotes, bad), "votes": goodVotes + bad}
+            market.board.voted(sellerId, votes)
+            goodVotes, bad, raters = votes
+            return {"seller": name, "rating": rating(goodVotes, bad), "votes": raters}
 
         return defer.ensureDeferred(rate())
 
@@ -445,10 +453,19 @@ class MarketSession(Multiplexer):
             self._setAuthenticated(None)
             return
         self.certificate = pki.fingerprint(peerCert)
+        self._authenticate()
+
+    def _authenticate(self):
+        # A suspension or revocation read by the market's access watch while
+        # this query ran may not be in its answer: then it asks again.
+        seen = self.market.access.lastId
         d = self.market.authenticate(self.certificate)
 
         def found(result):
             account, reason = result
+            if account is not None and self.market.access.changedSince(account["id"], seen):
+                self._authenticate()
+                return
             if account is None:
                 self.refusal = f"refused: {reason}"
                 self.log.warn(
@@ -486,6 +503,24 @@ class MarketSession(Multiplexer):
             self._refuseCall = self.reactor.callLater(
                 REFUSED_GRACE, self.transport.loseConnection
             )
+
+    def peerHost(self):
+        """The peer's address, as registration limits count it."""
+        try:
+            return self.transport.getPeer().host
+        except Exception:
+            return "?"
+
+    def accessEnded(self, why):
+        """The account was suspended or deleted, or this certificate revoked: close now."""
+        if self.account is None:
+            return
+        self.refusal = f"refused: account {self.account['name']!r}: {why}"
+        self.log.warn(
+            "closing session {session} of account {name} ({peer}): {why}",
+            session=self.sessionId, name=self.account["name"], peer=self.describePeer(),
+            why=why)
+        self.transport.abortConnection()
 
     def requireHello(self):
         if self.account is None:

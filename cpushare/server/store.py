@@ -49,6 +49,10 @@ class NameTaken(Exception):
     pass
 
 
+class KeyTaken(Exception):
+    """A public key that already belongs to a certificate of some account."""
+
+
 def now():
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -109,28 +113,47 @@ def migrate(cursor, types=None):
 # -- accounts
 
 
-def createAccount(cursor, name, fingerprint):
+def createAccount(cursor, name, fingerprint, publicKey=None, serial=None):
+    """
+    A new account holding one certificate; raises L{NameTaken} for a name
+    in use (or once used) and L{KeyTaken} for a public key another
+    certificate already has.
+    """
     cursor.execute("SELECT id FROM accounts WHERE name = ?", (name,))
     if cursor.fetchone() is not None:
         raise NameTaken(name)
+    _checkKeyFree(cursor, publicKey)
     stamp = now()
     cursor.execute(
         "INSERT INTO accounts (name, created) VALUES (?, ?) RETURNING id", (name, stamp))
     accountId = cursor.fetchone()[0]
     cursor.execute(
-        "INSERT INTO certificates (fingerprint, account_id, issued) VALUES (?, ?, ?)",
-        (fingerprint, accountId, stamp),
+        "INSERT INTO certificates (fingerprint, account_id, issued, public_key, serial)"
+        " VALUES (?, ?, ?, ?, ?)",
+        (fingerprint, accountId, stamp, publicKey, serial),
     )
     return accountId
+
+
+def _checkKeyFree(cursor, publicKey):
+    if publicKey is None:
+        return
+    cursor.execute("SELECT 1 FROM certificates WHERE public_key = ?", (publicKey,))
+    if cursor.fetchone() is not None:
+        raise KeyTaken(publicKey)
 
 
 def accountForCertificate(cursor, fingerprint):
     """
     The live account a certificate belongs to, as a dict, or None with the
     reason as a string.
+
+    The first use of a certificate that C{cpushare rekey} issued revokes
+    the one it replaces: the client has stored the new one.
     """
     cursor.execute(
-        "SELECT a.id, a.name, a.created, a.deleted, c.revoked"
+        "SELECT a.id, a.name, a.created, a.deleted, c.revoked, a.suspended,"
+        " a.suspended_reason, c.replaces"
         " FROM certificates c JOIN accounts a ON a.id = c.account_id"
         " WHERE c.fingerprint = ?",
         (fingerprint,),
@@ -138,31 +161,181 @@ def accountForCertificate(cursor, fingerprint):
     row = cursor.fetchone()
     if row is None:
         return None, "the certificate is not registered to any account"
-    accountId, name, created, deleted, revoked = row
+    accountId, name, created, deleted, revoked, suspended, why, replaces = row
     if deleted is not None:
         return None, f"account {name!r} was deleted on {deleted}"
     if revoked is not None:
         return None, f"the certificate of account {name!r} was revoked on {revoked}"
+    if suspended is not None:
+        return None, f"account {name!r} is suspended since {suspended}" + (
+            f": {why}" if why else "")
+    if replaces is not None:
+        cursor.execute("UPDATE certificates SET replaces = NULL WHERE fingerprint = ?",
+                       (fingerprint,))
+        revokeCertificate(cursor, accountId, replaces, "replaced by a new certificate")
     return {"id": accountId, "name": name, "created": created}, None
 
 
 def listAccounts(cursor):
     cursor.execute(
-        "SELECT id, name, created, deleted FROM accounts ORDER BY id"
+        "SELECT id, name, created, deleted, suspended FROM accounts ORDER BY id"
     )
     return [
-        {"id": r[0], "name": r[1], "created": r[2], "deleted": r[3]}
+        {"id": r[0], "name": r[1], "created": r[2], "deleted": r[3], "suspended": r[4]}
         for r in cursor.fetchall()
     ]
 
 
 def deleteAccount(cursor, name):
     """Mark an account deleted; its certificates stop working.  Its name stays taken."""
+    stamp = now()
     cursor.execute(
-        "UPDATE accounts SET deleted = ? WHERE name = ? AND deleted IS NULL",
-        (now(), name),
-    )
+        "UPDATE accounts SET deleted = ? WHERE name = ? AND deleted IS NULL", (stamp, name))
+    if cursor.rowcount != 1:
+        return False
+    _accessChanged(cursor, _accountId(cursor, name), None, "deleted", stamp)
+    return True
+
+
+def _accountId(cursor, name):
+    cursor.execute("SELECT id FROM accounts WHERE name = ?", (name,))
+    row = cursor.fetchone()
+    return None if row is None else row[0]
+
+
+def _accessChanged(cursor, accountId, fingerprint, what, stamp=None):
+    """Record a change of access for the running server to act on (L{accessChanges})."""
+    cursor.execute(
+        "INSERT INTO access_changes (account_id, fingerprint, what, created)"
+        " VALUES (?, ?, ?, ?)", (accountId, fingerprint, what, stamp or now()))
+
+
+def suspendAccount(cursor, name, reason=None):
+    """Suspend an active account: its connections close, its certificates are refused."""
+    stamp = now()
+    cursor.execute(
+        "UPDATE accounts SET suspended = ?, suspended_reason = ?"
+        " WHERE name = ? AND deleted IS NULL AND suspended IS NULL", (stamp, reason, name))
+    if cursor.rowcount != 1:
+        return False
+    _accessChanged(cursor, _accountId(cursor, name), None,
+                   "suspended" + (f": {reason}" if reason else ""), stamp)
+    return True
+
+
+def unsuspendAccount(cursor, name):
+    cursor.execute(
+        "UPDATE accounts SET suspended = NULL, suspended_reason = NULL"
+        " WHERE name = ? AND deleted IS NULL AND suspended IS NOT NULL", (name,))
     return cursor.rowcount == 1
+
+
+def revokeCertificate(cursor, accountId, fingerprint, why="revoked"):
+    """Revoke one live certificate; returns whether it was live."""
+    stamp = now()
+    cursor.execute(
+        "UPDATE certificates SET revoked = ? WHERE fingerprint = ? AND account_id = ?"
+        " AND revoked IS NULL", (stamp, fingerprint, accountId))
+    if cursor.rowcount != 1:
+        return False
+    _accessChanged(cursor, accountId, fingerprint, why, stamp)
+    return True
+
+
+class RekeyRefused(Exception):
+    """A rekey the market will not do; the message says why."""
+
+
+def addReplacement(cursor, accountId, current, fingerprint, publicKey, serial, perDay):
+    """
+    Store a certificate that replaces the live certificate C{current} of the
+    account (L{accountForCertificate} revokes C{current} at its first use).
+    A replacement issued earlier and never used is revoked.  At most
+    C{perDay} certificates are issued to one account in 24 hours.
+    """
+    cursor.execute(
+        "SELECT revoked FROM certificates WHERE fingerprint = ? AND account_id = ?",
+        (current, accountId))
+    row = cursor.fetchone()
+    if row is None or row[0] is not None:
+        raise RekeyRefused("this connection's certificate is no longer valid")
+    since = (datetime.datetime.now(datetime.timezone.utc)
+             - datetime.timedelta(days=1)).isoformat(timespec="seconds")
+    cursor.execute(
+        "SELECT COUNT(*) FROM certificates WHERE account_id = ? AND issued > ?",
+        (accountId, since))
+    if cursor.fetchone()[0] >= perDay:
+        raise RekeyRefused(
+            f"rekey refused: at most {perDay} certificates a day for one account")
+    _checkKeyFree(cursor, publicKey)
+    cursor.execute(
+        "SELECT fingerprint FROM certificates WHERE replaces = ? AND revoked IS NULL",
+        (current,))
+    for (pending,) in cursor.fetchall():
+        revokeCertificate(cursor, accountId, pending, "replaced by a newer rekey")
+    cursor.execute(
+        "INSERT INTO certificates (fingerprint, account_id, issued, public_key, serial,"
+        " replaces) VALUES (?, ?, ?, ?, ?, ?)",
+        (fingerprint, accountId, now(), publicKey, serial, current))
+
+
+def normalSerial(text):
+    """A serial number as stored: lower-case hex without colons or leading zeros."""
+    return text.strip().lower().replace(":", "").lstrip("0") or "0"
+
+
+def revoke(cursor, what):
+    """
+    Revoke the live certificates C{what} names: an account name (all of its
+    certificates), a serial number (hex) or a SHA-256 fingerprint.  Returns
+    [(account name, fingerprint, serial)] revoked; raises LookupError when
+    C{what} names nothing live.
+    """
+    cursor.execute(
+        "SELECT a.id, a.name, c.fingerprint, c.serial FROM certificates c"
+        " JOIN accounts a ON a.id = c.account_id WHERE a.name = ? AND c.revoked IS NULL",
+        (what,))
+    rows = cursor.fetchall()
+    if not rows and re.fullmatch(r"[0-9a-fA-F:]{1,128}", what.strip()):
+        key = what.strip().lower().replace(":", "")
+        cursor.execute(
+            "SELECT a.id, a.name, c.fingerprint, c.serial FROM certificates c"
+            " JOIN accounts a ON a.id = c.account_id"
+            " WHERE (c.serial = ? OR c.fingerprint = ?) AND c.revoked IS NULL",
+            (normalSerial(what), key))
+        rows = cursor.fetchall()
+    if not rows:
+        raise LookupError(
+            f"{what!r} names no live certificate: give an account name, a certificate's "
+            "serial number or its SHA-256 fingerprint (see 'cpushare-admin certificates')")
+    done = []
+    for accountId, name, fingerprint, serial in rows:
+        if revokeCertificate(cursor, accountId, fingerprint):
+            done.append((name, fingerprint, serial))
+    return done
+
+
+def listCertificates(cursor, name=None):
+    cursor.execute(
+        "SELECT a.name, c.serial, c.fingerprint, c.issued, c.revoked FROM certificates c"
+        " JOIN accounts a ON a.id = c.account_id"
+        + (" WHERE a.name = ?" if name else "") + " ORDER BY a.name, c.issued",
+        (name,) if name else ())
+    return [dict(zip(("account", "serial", "fingerprint", "issued", "revoked"), r))
+            for r in cursor.fetchall()]
+
+
+def lastAccessChange(cursor):
+    cursor.execute("SELECT COALESCE(MAX(id), 0) FROM access_changes")
+    return cursor.fetchone()[0]
+
+
+def accessChanges(cursor, after, limit=1000):
+    """The changes of access recorded after id C{after}: [(id, account id, fingerprint, what)]."""
+    cursor.execute(
+        "SELECT id, account_id, fingerprint, what FROM access_changes WHERE id > ?"
+        " ORDER BY id LIMIT ?", (after, limit))
+    return [tuple(r) for r in cursor.fetchall()]
 
 
 class Store(Service):

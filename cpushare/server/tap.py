@@ -90,6 +90,15 @@ class Options(usage.Options):
         ["payout-minimum", None, "10.00", "The smallest payout a seller may ask for."],
         ["currency", None, "USD", "The market's currency (ISO 4217 code)."],
         ["payout-poll", None, 60.0, "Seconds between asking PayPal about payouts.", float],
+        ["registrations-per-address", None, 5,
+         "New accounts an hour from one address (an IPv6 /64) (0: no limit).", int],
+        ["registrations-per-minute", None, 30,
+         "New accounts a minute on the whole market (0: no limit).", int],
+        ["rekeys-per-day", None, 5, "Certificates 'cpushare rekey' issues one account a day.",
+         int],
+        ["access-check", None, 1.0,
+         "Seconds between looks for accounts suspended or deleted and certificates revoked "
+         "by cpushare-admin, whose connections are then closed.", float],
     ]
 
     def postOptions(self):
@@ -100,6 +109,13 @@ class Options(usage.Options):
             self["default-price"] = parseAmount(self["default-price"], maximum=MAX_PRICE)
         except BadAmount as e:
             raise usage.UsageError(f"--default-price: {e}")
+        for name in ("registrations-per-address", "registrations-per-minute"):
+            if self[name] < 0:
+                raise usage.UsageError(f"--{name} must be 0 (no limit) or more")
+        if self["rekeys-per-day"] < 1:
+            raise usage.UsageError("--rekeys-per-day must be 1 or more")
+        if not 0 < self["access-check"] <= 60:
+            raise usage.UsageError("--access-check must be above 0 and at most 60 seconds")
         if not 0 < self["billing-interval"] < self["hold-window"]:
             raise usage.UsageError(
                 "--billing-interval must be positive and shorter than --hold-window")
@@ -197,6 +213,7 @@ def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     from cpushare.listening import ListeningService
+    from cpushare.server.access import RegistrationLimits
     from cpushare.server.credentials import loadOrCreate
     from cpushare.server.database import Unavailable
     from cpushare.server.funds import Funds
@@ -227,7 +244,12 @@ def makeService(options, reactor=None):
                     measureEvery=options["measure-every"],
                     cpuBench={"every": options["cpu-bench-every"],
                               "image": options["cpu-bench-image"],
-                              "mb": options["cpu-bench-mb"], "folder": data})
+                              "mb": options["cpu-bench-mb"], "folder": data},
+                    registrations=RegistrationLimits(
+                        reactor, options["registrations-per-address"],
+                        options["registrations-per-minute"]),
+                    accessCheck=options["access-check"],
+                    rekeysPerDay=options["rekeys-per-day"])
     market.orders.grace = options["grace"]
     market.setServiceParent(service)
     market.funds = funds = Funds(

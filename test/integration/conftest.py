@@ -327,7 +327,9 @@ class Market:
             "--hostname", "localhost",
             "--heartbeat", HEARTBEAT, "--timeout", SILENCE_TIMEOUT,
             # No CPU benchmark VMs unless a test asks (extra comes last and wins).
-            "--cpu-bench-every", "0", *self.extra,
+            "--cpu-bench-every", "0",
+            # Every account of the suite registers from 127.0.0.1.
+            "--registrations-per-address", "0", *self.extra,
         ] + (["--db", self.db] if self.db else []))
         self.runs.append(self.proc)
 

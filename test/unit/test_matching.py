@@ -183,7 +183,7 @@ class MatchingTests(OrderCase):
 
     @defer.inlineCallbacks
     def test_only_a_leases_buyer_rates_it_once_and_the_rating_is_shown(self):
-        seller, _, _ = yield self.seller("rated", cores=1)
+        seller, _, _ = yield self.seller("rated", cores=1, price=3_600_000)
         placed = yield self.order()
         yield within(seller.started.get())
         [lease] = (yield self.call(self.cli, commands.ListLeases))["leases"]
@@ -196,6 +196,17 @@ class MatchingTests(OrderCase):
         self.assertIn(f"you have no lease {lease['lease']}", str(e.exception))
         with self.assertRaises(commands.BadRequest):
             yield self.call(self.cli, commands.Rate, lease=999999, good=True)
+        # Nothing billed yet: nothing to rate.
+        with self.assertRaises(commands.NotPermitted) as e:
+            yield self.call(self.cli, commands.Rate, lease=lease["lease"], good=True)
+        self.assertIn("was not billed anything yet", str(e.exception))
+        # The VM ran 1000 CPU seconds at 3.60 a core-hour: 1.00 billed, a full vote.
+        yield self.call(seller, commands.VMState, vm=lease["vm"], state="running",
+                        cpu_seconds=1000.0)
+        yield self.store.run(lambda c: c.execute("UPDATE leases SET started = started - 1100"))
+        yield self.market.billing.tick()
+        [lease] = (yield self.call(self.cli, commands.ListLeases))["leases"]
+        self.assertEqual(lease["charged"], MICRO)
 
         result = yield self.call(self.cli, commands.Rate, lease=lease["lease"], good=True,
                                  comment="fast and steady")
