@@ -13,6 +13,7 @@ from twisted.python.failure import Failure
 
 import cpushare
 from cpushare import pki
+from cpushare.client import marketchecks
 from cpushare.protocol import commands
 from cpushare.protocol.heartbeat import Heartbeat
 from cpushare.protocol.mux import ControlProtocol, Multiplexer, ProtocolError
@@ -78,6 +79,7 @@ class ClientControl(ControlProtocol):
 
     @commands.Probe.responder
     def probe(self, data, back=None):
+        marketchecks.checkProbe(data, back)
         if back is None:
             return {}
         return {"data": b"\0" * max(0, min(back, commands.PROBE_CHUNK))}
@@ -151,7 +153,8 @@ class ClientSession(Multiplexer):
 
     def channelUnlinked(self, channel, reason):
         self.linked.pop(channel, None)
-        self.log.info("channel {channel} unlinked: {reason}", channel=channel, reason=reason)
+        self.log.info("channel {channel} unlinked: {reason}", channel=channel,
+                      reason=marketchecks.printable(reason, 200))
 
     def connectionLost(self, reason):
         if self.heartbeat is not None:

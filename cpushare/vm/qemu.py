@@ -26,6 +26,7 @@ the lowest priority, and the desktop's own work always wins.
 """
 
 import os
+import re
 import shutil
 
 import attr
@@ -43,13 +44,37 @@ class LaunchError(Exception):
     """The VM could not be started; the message says why."""
 
 
+_MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
+
+
+def _count(minimum):
+    """An attrs validator: a plain int (not a bool, not a string) of at least C{minimum}."""
+    def check(self, attribute, value):
+        if type(value) is not int or value < minimum:
+            raise ValueError(f"{attribute.name} must be an integer of at least {minimum},"
+                             f" not {value!r}")
+    return check
+
+
+def _mac(self, attribute, value):
+    if not isinstance(value, str) or not _MAC.fullmatch(value):
+        raise ValueError(f"mac must be like 52:54:00:12:34:56, not {value!r}")
+
+
 @attr.s(frozen=True)
 class VMConfig:
-    vmId = attr.ib()
-    cores = attr.ib()
-    memoryMB = attr.ib()
-    iso = attr.ib()
-    mac = attr.ib()
+    """
+    What one VM is sold.  Every field that reaches QEMU's command line is
+    checked here too (the seller checks the market's commands first, see
+    L{cpushare.client.marketchecks}): numbers are ints, the MAC is six hex
+    pairs, so no value can add an option.
+    """
+
+    vmId = attr.ib(validator=_count(0))
+    cores = attr.ib(validator=_count(1))
+    memoryMB = attr.ib(validator=_count(1))
+    iso = attr.ib(validator=attr.validators.instance_of(str))
+    mac = attr.ib(validator=_mac)
     accel = attr.ib(default="tcg")
 
     @accel.validator

@@ -12,7 +12,7 @@ from cpushare.vm import probe, qemu
 
 
 def config(**kw):
-    values = dict(vmId="v1", cores=2, memoryMB=512, iso="/cache/ab.iso", mac="52:54:00:00:00:01")
+    values = dict(vmId=1, cores=2, memoryMB=512, iso="/cache/ab.iso", mac="52:54:00:00:00:01")
     values.update(kw)
     return qemu.VMConfig(**values)
 
@@ -42,6 +42,20 @@ def test_the_guest_gets_what_was_sold_and_nothing_else():
     assert option(argv, "-device") == ["virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,romfile="]
     assert "-runas" not in argv
     assert not any(a.startswith("user") for a in option(argv, "-netdev"))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("mac", "52:54:00:00:00:01,romfile=/etc/shadow"),
+    ("mac", "52:54:00:00:00:01\n"),
+    ("mac", "-drive"),
+    ("cores", 0), ("cores", -1), ("cores", "2,maxcpus=9"), ("cores", True),
+    ("memoryMB", 0), ("memoryMB", "512,slots=2"),
+    ("vmId", -1), ("vmId", "1 -drive file=/etc/shadow"),
+    ("iso", None),
+])
+def test_nothing_free_form_reaches_the_command_line(field, value):
+    with pytest.raises((ValueError, TypeError)):
+        config(**{field: value})
 
 
 def test_kvm_only_when_asked_and_nothing_else():
