@@ -30,7 +30,9 @@ import re
 import shutil
 
 import attr
+from zope.interface import implementer
 from twisted.internet import protocol
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -120,10 +122,15 @@ def idleWrapper():
     return [setpriv, "--pdeathsig", "KILL", chrt, "--idle", "0", nice, "-n", "19"]
 
 
+@implementer(IPushProducer)
 class VMProcess(protocol.ProcessProtocol):
     """
     QEMU's process.  Console output goes to C{onConsole(bytes)}; the end to
-    C{onExit(reason)} with a one-line reason.
+    C{onExit(reason)} with a one-line reason.  Console input is written to
+    QEMU's stdin while its pipe keeps up; past the pipe's buffer (64 KiB,
+    Twisted's) it is dropped and counted in C{consoleDropped}, like a
+    serial line's overrun, so a guest that reads nothing (or a market that
+    floods the console) costs the seller bounded memory.
     """
 
     log = Logger()
@@ -135,9 +142,23 @@ class VMProcess(protocol.ProcessProtocol):
         self.stderr = b""
         self.pid = None
         self.ended = False
+        self.inputPaused = False
+        self.consoleDropped = 0
 
     def connectionMade(self):
         self.pid = self.transport.pid
+        self.transport.registerProducer(self, True)
+
+    # IPushProducer: QEMU's stdin says whether it keeps up.
+
+    def pauseProducing(self):
+        self.inputPaused = True
+
+    def resumeProducing(self):
+        self.inputPaused = False
+
+    def stopProducing(self):
+        self.inputPaused = True
 
     def outReceived(self, data):
         self.onConsole(data)
@@ -146,8 +167,12 @@ class VMProcess(protocol.ProcessProtocol):
         self.stderr = (self.stderr + data)[-STDERR_KEPT:]
 
     def writeConsole(self, data):
-        if not self.ended:
-            self.transport.write(data)
+        if self.ended:
+            return
+        if self.inputPaused:
+            self.consoleDropped += len(data)
+            return
+        self.transport.write(data)
 
     def processEnded(self, reason):
         self.ended = True

@@ -3,7 +3,8 @@
 import shutil
 
 import pytest
-from twisted.internet import defer, reactor
+from twisted.internet import abstract, defer, reactor
+from twisted.internet.testing import MemoryReactor
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -76,9 +77,51 @@ class FakeProcessTransport:
 
     def __init__(self):
         self.written = []
+        self.producer = None
 
     def write(self, data):
         self.written.append(data)
+
+    def registerProducer(self, producer, streaming):
+        self.producer = producer
+
+
+class StdinOfAStuckGuest:
+    """
+    QEMU's stdin as Twisted holds it (a real FileDescriptor and its write
+    buffer), for a guest that reads nothing: no byte ever leaves the buffer.
+    """
+
+    pid = 4242
+
+    def __init__(self):
+        self.pipe = abstract.FileDescriptor(MemoryReactor())
+        self.pipe.connected = True
+        self.pipe.fileno = lambda: 99
+
+    def write(self, data):
+        self.pipe.write(data)
+
+    def registerProducer(self, producer, streaming):
+        self.pipe.registerProducer(producer, streaming)
+
+    def buffered(self):
+        return len(self.pipe.dataBuffer) + self.pipe._tempDataLen
+
+
+def test_console_input_a_guest_does_not_read_takes_bounded_memory():
+    p = qemu.VMProcess(1, lambda data: None, lambda why: None)
+    stdin = StdinOfAStuckGuest()
+    p.makeConnection(stdin)
+    for _ in range(10_000):  # 15 MB of console input from the market
+        p.writeConsole(b"x" * 1500)
+    assert stdin.buffered() <= abstract.FileDescriptor.bufferSize + 1500
+    assert p.consoleDropped >= 10_000 * 1500 - stdin.buffered()
+    # Once the guest reads again, input flows again.
+    stdin.pipe.dataBuffer, stdin.pipe._tempDataBuffer, stdin.pipe._tempDataLen = b"", [], 0
+    p.resumeProducing()
+    p.writeConsole(b"ls\n")
+    assert stdin.buffered() == 3
 
 
 def run(reason, stderr=b""):
