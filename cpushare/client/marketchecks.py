@@ -22,6 +22,10 @@ The checks, and why:
   where a comma would add options;
 - cores and memory are at least 1 core and MIN_VM_MEMORY MB, and together
   with the VMs already running, within what this seller offers;
+- the heartbeat the market asks for in its answer to Hello is every
+  MIN_HEARTBEAT to MAX_HEARTBEAT seconds, its silence timeout longer and
+  at most MAX_SILENCE (a client pinging without pause, or never noticing
+  a dead market, is refused: the connection is dropped and retried);
 - a Probe asks for 0 to PROBE_CHUNK bytes back and sends at most
   PROBE_CHUNK;
 - a seller never links channels itself, so ChannelLinked is ignored (a
@@ -39,6 +43,9 @@ from cpushare.protocol.mux import MAX_CHANNEL
 
 MAX_VM_ID = (MAX_CHANNEL - 1) // 2
 MIN_VM_MEMORY = 64
+MIN_HEARTBEAT = 0.05
+MAX_HEARTBEAT = 3600.0
+MAX_SILENCE = 86400.0
 REFUSALS_LOGGED = 10
 REFUSAL_WINDOW = 60.0
 SHOWN = 80
@@ -126,6 +133,21 @@ def malformedField(command, box, proto):
                     f"{name.decode('ascii', 'replace')}: {_shown(box.get(name))} "
                     f"is missing or malformed")
     return None
+
+
+def checkHeartbeat(heartbeat, timeout):
+    """
+    The heartbeat settings of the market's answer to Hello: a ping every
+    C{heartbeat} seconds (MIN_HEARTBEAT to MAX_HEARTBEAT), silence for
+    C{timeout} seconds (longer, at most MAX_SILENCE) ends the connection.
+    """
+    if not MIN_HEARTBEAT <= heartbeat <= MAX_HEARTBEAT:
+        refuse("Hello", "heartbeat", heartbeat,
+               f"seconds is not {MIN_HEARTBEAT} to {MAX_HEARTBEAT:.0f}")
+    if not heartbeat < timeout <= MAX_SILENCE:
+        refuse("Hello", "timeout", timeout,
+               f"seconds is not more than the heartbeat ({heartbeat}) and at most "
+               f"{MAX_SILENCE:.0f}")
 
 
 def checkProbe(data, back):

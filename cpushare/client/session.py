@@ -129,6 +129,11 @@ class ClientSession(Multiplexer):
         d.addCallbacks(self._helloed, self._helloFailed)
 
     def _helloed(self, info):
+        try:
+            marketchecks.checkHeartbeat(info["heartbeat"], info["timeout"])
+        except commands.BadRequest as e:
+            self._helloFailed(Failure(ConnectError(f"the market's answer was refused: {e}")))
+            return
         self.info = info
         self.heartbeat = Heartbeat(self.reactor, self, info["heartbeat"], info["timeout"])
         self.heartbeat.start()

@@ -10,16 +10,21 @@ import os
 
 import pytest
 from twisted.internet.testing import MemoryReactorClock
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.logger import capturedLogs, formatEvent
 from twisted.protocols import amp
 from twisted.test import iosim
 
 from cpushare.client import marketchecks
+from cpushare import pki
+from cpushare.client.session import ClientSessionFactory, ConnectError, endpointFor
 from cpushare.client.seller import SellerControl, SellerSession
 from cpushare.client.vmhost import VMHost
 from cpushare.protocol import commands
+from cpushare.server.session import ServerControl
 from cpushare.vm import qemu
+
+from test.unit import test_session
 
 DIGEST = "ab" * 32
 MAC = "0a:cb:00:00:00:07"
@@ -300,3 +305,59 @@ def test_a_flood_of_refusals_is_logged_a_few_lines_a_minute(tmp_path):
     with capturedLogs() as events:
         refusal(seller.call(commands.StartVM, **startVM(vm=-1)))
     assert len(events) == 1
+
+
+class HostileHeartbeatTests(test_session.MarketCase):
+    """
+    A market answering Hello with heartbeat settings that would make the
+    client ping without pause (0), crash its heartbeat loop (negative) or
+    never notice silence: the client refuses the connection, naming them.
+    """
+
+    timeout = 10
+
+    def lieInHello(self, heartbeat, timeout):
+        """The market keeps its own heartbeat and tells clients these settings."""
+        dispatch = ServerControl._commandDispatch
+        command, honest = dispatch[b"Hello"]
+
+        def hostile(control, **kw):
+            d = defer.maybeDeferred(honest, control, **kw)
+            return d.addCallback(lambda answer: {**answer, "heartbeat": heartbeat,
+                                                 "timeout": timeout})
+
+        dispatch[b"Hello"] = (command, hostile)
+        self.addCleanup(dispatch.__setitem__, b"Hello", (command, honest))
+
+    @defer.inlineCallbacks
+    def connectWith(self, heartbeat, timeout):
+        """Why the seller refused the market's Hello answer, or None."""
+        if not hasattr(self, "sam"):
+            self.sam = yield self.register("sam")
+        self.lieInHello(heartbeat, timeout)
+        key, cert = self.sam
+        endpoint = endpointFor(reactor, "localhost", self.portNumber, self.credentials.caPEM,
+                               pki.keyToPEM(key), cert)
+        session = yield endpoint.connect(ClientSessionFactory(reactor, "seller"))
+        why = None
+        try:
+            yield session.ready
+        except ConnectError as e:
+            why = str(e)
+        else:
+            session.transport.loseConnection()
+        yield session.whenLost()
+        return why
+
+    @defer.inlineCallbacks
+    def test_hostile_heartbeat_settings_are_refused(self):
+        for heartbeat, timeout in ((0.0, 2.0), (-1.0, 2.0), (float("nan"), 2.0),
+                                   (0.2, float("inf")), (1e-9, 2.0), (5.0, 1.0)):
+            why = yield self.connectWith(heartbeat, timeout)
+            self.assertIsNotNone(why, (heartbeat, timeout))
+            self.assertIn("heartbeat", why)
+
+    @defer.inlineCallbacks
+    def test_sane_heartbeat_settings_are_kept(self):
+        why = yield self.connectWith(0.2, 2.0)
+        self.assertIsNone(why)
