@@ -7,6 +7,7 @@ processes it would spawn instead of spawning them.
 """
 
 import os
+import re
 
 import pytest
 from twisted.internet.testing import MemoryReactorClock
@@ -361,3 +362,58 @@ class HostileHeartbeatTests(test_session.MarketCase):
     def test_sane_heartbeat_settings_are_kept(self):
         why = yield self.connectWith(0.2, 2.0)
         self.assertIsNone(why)
+
+
+def test_an_unknown_command_is_refused_and_the_connection_stays(tmp_path):
+    seller = Seller(tmp_path)
+    answers = []
+    with capturedLogs() as events:
+        seller.market.callRemoteString(b"RunShell", argv=b"rm -rf /").addBoth(answers.append)
+        seller.pump.flush()
+    [failure] = answers
+    assert failure.check(amp.UnhandledCommand), failure
+    assert not [e for e in events if "log_failure" in e]
+    assert seller.call(commands.StartVM, **startVM()) == {}
+
+
+def test_mutated_starts_run_nothing_unless_they_are_honest(tmp_path):
+    """2,000 StartVMs with one field mangled at random: no traceback, no stray QEMU."""
+    import random
+    rng = random.Random(9)
+    seller = Seller(tmp_path)
+    honest = {k: str(v).encode() for k, v in startVM().items()}
+    spawned = 0
+    with capturedLogs() as events:
+        for vm in range(1, 2001):
+            box = dict(honest, vm=str(vm).encode())
+            field = rng.choice(sorted(box))
+            value = bytearray(box[field])
+            for _ in range(rng.randint(1, 4)):
+                action = rng.randrange(3)
+                position = rng.randint(0, len(value))
+                if action == 0:
+                    value.insert(position, rng.choice(b"-,=/.:\n 0123456789abcdefABCDEF\xff"))
+                elif action == 1 and value:
+                    del value[min(position, len(value) - 1)]
+                elif value:
+                    value[min(position, len(value) - 1)] = rng.randrange(256)
+            box[field] = bytes(value)
+            answers = []
+            seller.market.callRemoteString(b"StartVM", **box).addBoth(answers.append)
+            seller.pump.flush()
+            [answer] = answers
+            if not isinstance(answer, dict):
+                assert answer.value.errorCode == b"BAD_REQUEST", answer
+                continue
+            # Accepted: it was still an honest request, and QEMU got exactly it.
+            spawned += 1
+            argv = seller.reactor.spawned[-1]
+            assert argv[argv.index("-name") + 1] == f"cpushare-vm-{int(box['vm'])}"
+            assert re.fullmatch(r"[0-9a-f]{64}", seller.cache.asked[-1])
+            assert f"mac={box['mac'].decode()}," in argv[argv.index("-device") + 1]
+            seller.host.vms.clear()  # make room for the next one
+    assert spawned == len(seller.reactor.spawned)
+    assert 0 < spawned < 2000
+    for argv in seller.reactor.spawned:
+        assert all("\n" not in a and "/etc" not in a for a in argv)
+    assert not [e for e in events if "log_failure" in e]
