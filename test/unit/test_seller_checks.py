@@ -417,3 +417,56 @@ def test_mutated_starts_run_nothing_unless_they_are_honest(tmp_path):
     for argv in seller.reactor.spawned:
         assert all("\n" not in a and "/etc" not in a for a in argv)
     assert not [e for e in events if "log_failure" in e]
+
+
+class RecordingProxy:
+    """The real reactor, except that processes and adopted sockets are only recorded."""
+
+    def __init__(self, real):
+        self._real = real
+        self.spawned = []
+
+    def spawnProcess(self, processProtocol, executable, args=(), **kw):
+        self.spawned.append(list(args))
+        return FakeTransport()
+
+    def adoptStreamConnection(self, fileno, family, factory):
+        return None
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+class HostileMarketOverTLSTests(test_session.MarketCase):
+    """
+    The market's own server code, over real TLS on loopback, sending a
+    seller hostile StartVMs on its live connection: the refusals travel the
+    real wire and the seller stays connected.
+    """
+
+    @defer.inlineCallbacks
+    def test_hostile_starts_over_the_wire_run_nothing(self):
+        key, cert = yield self.register("sam")
+        proxy = RecordingProxy(reactor)
+        folder = self.mktemp()
+        os.makedirs(folder)
+        host = VMHost(proxy, FakeCache(folder), "/usr/bin/qemu-system-x86_64",
+                      cores=2, memory=1024)
+        endpoint = endpointFor(reactor, "localhost", self.portNumber, self.credentials.caPEM,
+                               pki.keyToPEM(key), cert)
+        seller = yield endpoint.connect(ClientSessionFactory(
+            reactor, "seller", sessionClass=SellerSession, host=host))
+        info = yield seller.ready
+        market = self.market.sessions[info["session"]]
+        for hostile, field in HOSTILE_STARTS[::3]:
+            with self.assertRaises(commands.BadRequest) as e:
+                yield market.control.callRemote(commands.StartVM, **startVM(**hostile))
+            self.assertTrue(str(e.exception).startswith(f"StartVM {field}: "), e.exception)
+        self.assertEqual(proxy.spawned, [])
+        yield market.control.callRemote(commands.StartVM, **startVM())
+        [argv] = proxy.spawned
+        self.assertIn("virtio-net-pci,netdev=net0,mac=0a:cb:00:00:00:07,romfile=", argv)
+        self.assertTrue(seller.connected)
+        host.vms.clear()
+        seller.transport.loseConnection()
+        yield seller.whenLost()
