@@ -18,6 +18,8 @@ compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)
 # that trusts the market's CA through an NSS database (certutil).
 command -v chromium >/dev/null || need+=(chromium)
 command -v certutil >/dev/null || need+=(libnss3-tools)
+# The web port's TLS is checked with testssl.sh (test/integration/test_web_tls.py).
+command -v testssl >/dev/null || command -v testssl.sh >/dev/null || need+=(testssl.sh)
 
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

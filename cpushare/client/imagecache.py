@@ -12,6 +12,7 @@ running VM are removed first.
 
 import hashlib
 import os
+import re
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -21,6 +22,7 @@ from cpushare.imagefolder import ImageFolder
 from cpushare.protocol.commands import IMAGE_CHUNK
 
 WINDOW = 8
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class CacheError(Exception):
@@ -75,6 +77,8 @@ class ImageCache(ImageFolder):
         return d.addBoth(done)
 
     async def _ensure(self, sha256, size, fetch):
+        if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+            raise CacheError(f"{sha256!r:.80} is not a sha256 (64 lowercase hex digits)")
         path = self.pathFor(sha256)
         if await self.inThread(_touch, path):
             return path

@@ -15,8 +15,11 @@ import shutil
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.protocols import amp
 from twisted.python import usage
+from twisted.python.failure import Failure
 
+from cpushare.client import marketchecks
 from cpushare.client.options import ClientOptions
 from cpushare.client.session import ClientControl, ClientSession
 from cpushare.protocol import commands
@@ -105,6 +108,50 @@ class Options(ClientOptions):
 
 
 class SellerControl(ClientControl):
+    """
+    The commands the market sends a seller.  Each field is checked (see
+    L{cpushare.client.marketchecks}) before it is used; a refused command
+    gets a BadRequest naming the field and one line in the log.
+    """
+
+    def __init__(self, session):
+        ClientControl.__init__(self, session)
+        self.refusals = marketchecks.RefusalLog(session.reactor)
+
+    def locateResponder(self, name):
+        """
+        Every responder, behind a check that each field parses (a malformed
+        one is a BadRequest naming it, not a traceback and a dropped
+        connection) and a log line for each command refused.
+        """
+        responder = ClientControl.locateResponder(self, name)
+        entry = self._commandDispatch.get(name)
+        if responder is None or entry is None:
+            return responder
+
+        def logRefusal(failure):
+            local = getattr(failure.value, "local", None)
+            if isinstance(failure.value, amp.RemoteAmpError) and local is not None and \
+                    local.check(commands.BadRequest):
+                self.refusals.refused(local.getErrorMessage())
+            return failure
+
+        def checked(box):
+            why = marketchecks.malformedField(entry[0], box, self)
+            if why is None:
+                return responder(box).addErrback(logRefusal)
+            self.refusals.refused(why)
+            if amp.ASK not in box:
+                return defer.succeed(amp.AmpBox())
+            return defer.fail(amp.RemoteAmpError(
+                b"BAD_REQUEST", why, local=Failure(commands.BadRequest(why))))
+
+        return checked
+
+    def connectionLost(self, reason):
+        self.refusals.stop()
+        ClientControl.connectionLost(self, reason)
+
     @commands.StartVM.responder
     def startVM(self, vm, image, size, cores, memory, mac):
         self.session.host.start(vm, image, size, cores, memory, mac)
@@ -112,7 +159,13 @@ class SellerControl(ClientControl):
 
     @commands.StopVM.responder
     def stopVM(self, vm):
+        marketchecks.checkVMId("StopVM", vm)
         self.session.host.stop(vm)
+        return {}
+
+    @commands.ChannelLinked.responder
+    def channelLinked(self, channel, peer_session, peer_channel):
+        # A seller never asks for links of its own: nothing to remember.
         return {}
 
 

@@ -13,6 +13,7 @@ from twisted.python.failure import Failure
 
 import cpushare
 from cpushare import pki
+from cpushare.client import marketchecks
 from cpushare.protocol import commands, proof
 from cpushare.protocol.heartbeat import Heartbeat
 from cpushare.protocol.mux import ControlProtocol, Multiplexer, ProtocolError
@@ -78,6 +79,7 @@ class ClientControl(ControlProtocol):
 
     @commands.Probe.responder
     def probe(self, nonce, data, back=None):
+        marketchecks.checkProbe(data, back)
         # The answers prove this seller received the bytes, or sent its own.
         result = {"digest": proof.probeDigest(nonce, data)}
         if back:
@@ -129,6 +131,11 @@ class ClientSession(Multiplexer):
         d.addCallbacks(self._helloed, self._helloFailed)
 
     def _helloed(self, info):
+        try:
+            marketchecks.checkHeartbeat(info["heartbeat"], info["timeout"])
+        except commands.BadRequest as e:
+            self._helloFailed(Failure(ConnectError(f"the market's answer was refused: {e}")))
+            return
         self.info = info
         self.heartbeat = Heartbeat(self.reactor, self, info["heartbeat"], info["timeout"])
         self.heartbeat.start()
@@ -153,7 +160,8 @@ class ClientSession(Multiplexer):
 
     def channelUnlinked(self, channel, reason):
         self.linked.pop(channel, None)
-        self.log.info("channel {channel} unlinked: {reason}", channel=channel, reason=reason)
+        self.log.info("channel {channel} unlinked: {reason}", channel=channel,
+                      reason=marketchecks.printable(reason, 200))
 
     def connectionLost(self, reason):
         if self.heartbeat is not None:

@@ -23,6 +23,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from cpushare.client import marketchecks
 from cpushare.protocol import commands
 from cpushare.protocol.commands import consoleChannel, nicChannel
 from cpushare.protocol.mux import MAX_PAYLOAD
@@ -299,14 +300,18 @@ class VMHost(Service):
     # -- commands from the market
 
     def start(self, vmId, image, size, cores, memory, mac):
+        """
+        Start VM C{vmId} as the market asks, once every field is checked
+        (L{marketchecks.checkStartVM}); a refusal is a BadRequest naming the field.
+        """
+        marketchecks.checkVMId("StartVM", vmId)
         if vmId in self.vms:
-            raise commands.BadRequest(f"VM {vmId} is already running here")
+            raise commands.BadRequest(f"StartVM vm: VM {vmId} is already running here")
         usedCores = sum(vm.cores for vm in self.vms.values())
         usedMemory = sum(vm.memory for vm in self.vms.values())
-        if usedCores + cores > self.cores or usedMemory + memory > self.memory:
-            raise commands.BadRequest(
-                f"this seller has {self.cores - usedCores} cores and "
-                f"{self.memory - usedMemory} MB free, not {cores} cores and {memory} MB")
+        marketchecks.checkStartVM(
+            vmId, image, size, cores, memory, mac, cacheBytes=self.cache.capBytes,
+            freeCores=self.cores - usedCores, freeMemory=self.memory - usedMemory)
         vm = HostedVM(self, vmId, image, size, cores, memory, mac)
         self.vms[vmId] = vm
         defer.ensureDeferred(self._boot(vm))

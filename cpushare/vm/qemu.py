@@ -26,10 +26,13 @@ the lowest priority, and the desktop's own work always wins.
 """
 
 import os
+import re
 import shutil
 
 import attr
+from zope.interface import implementer
 from twisted.internet import protocol
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -43,13 +46,37 @@ class LaunchError(Exception):
     """The VM could not be started; the message says why."""
 
 
+_MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
+
+
+def _count(minimum):
+    """An attrs validator: a plain int (not a bool, not a string) of at least C{minimum}."""
+    def check(self, attribute, value):
+        if type(value) is not int or value < minimum:
+            raise ValueError(f"{attribute.name} must be an integer of at least {minimum},"
+                             f" not {value!r}")
+    return check
+
+
+def _mac(self, attribute, value):
+    if not isinstance(value, str) or not _MAC.fullmatch(value):
+        raise ValueError(f"mac must be like 52:54:00:12:34:56, not {value!r}")
+
+
 @attr.s(frozen=True)
 class VMConfig:
-    vmId = attr.ib()
-    cores = attr.ib()
-    memoryMB = attr.ib()
-    iso = attr.ib()
-    mac = attr.ib()
+    """
+    What one VM is sold.  Every field that reaches QEMU's command line is
+    checked here too (the seller checks the market's commands first, see
+    L{cpushare.client.marketchecks}): numbers are ints, the MAC is six hex
+    pairs, so no value can add an option.
+    """
+
+    vmId = attr.ib(validator=_count(0))
+    cores = attr.ib(validator=_count(1))
+    memoryMB = attr.ib(validator=_count(1))
+    iso = attr.ib(validator=attr.validators.instance_of(str))
+    mac = attr.ib(validator=_mac)
     accel = attr.ib(default="tcg")
 
     @accel.validator
@@ -95,10 +122,15 @@ def idleWrapper():
     return [setpriv, "--pdeathsig", "KILL", chrt, "--idle", "0", nice, "-n", "19"]
 
 
+@implementer(IPushProducer)
 class VMProcess(protocol.ProcessProtocol):
     """
     QEMU's process.  Console output goes to C{onConsole(bytes)}; the end to
-    C{onExit(reason)} with a one-line reason.
+    C{onExit(reason)} with a one-line reason.  Console input is written to
+    QEMU's stdin while its pipe keeps up; past the pipe's buffer (64 KiB,
+    Twisted's) it is dropped and counted in C{consoleDropped}, like a
+    serial line's overrun, so a guest that reads nothing (or a market that
+    floods the console) costs the seller bounded memory.
     """
 
     log = Logger()
@@ -110,9 +142,23 @@ class VMProcess(protocol.ProcessProtocol):
         self.stderr = b""
         self.pid = None
         self.ended = False
+        self.inputPaused = False
+        self.consoleDropped = 0
 
     def connectionMade(self):
         self.pid = self.transport.pid
+        self.transport.registerProducer(self, True)
+
+    # IPushProducer: QEMU's stdin says whether it keeps up.
+
+    def pauseProducing(self):
+        self.inputPaused = True
+
+    def resumeProducing(self):
+        self.inputPaused = False
+
+    def stopProducing(self):
+        self.inputPaused = True
 
     def outReceived(self, data):
         self.onConsole(data)
@@ -121,8 +167,12 @@ class VMProcess(protocol.ProcessProtocol):
         self.stderr = (self.stderr + data)[-STDERR_KEPT:]
 
     def writeConsole(self, data):
-        if not self.ended:
-            self.transport.write(data)
+        if self.ended:
+            return
+        if self.inputPaused:
+            self.consoleDropped += len(data)
+            return
+        self.transport.write(data)
 
     def processEnded(self, reason):
         self.ended = True

@@ -86,3 +86,17 @@ class ImageCacheTests(unittest.TestCase):
         with self.assertRaises(CacheError) as e:
             yield self.cache.ensure(sha, len(data), FakeMarket(data).fetch)
         self.assertIn("larger than this seller's cache", str(e.exception))
+
+    @defer.inlineCallbacks
+    def test_a_name_that_is_not_a_sha256_never_becomes_a_path(self):
+        # A file outside the cache that a traversal would reach.
+        outside = os.path.join(os.path.dirname(self.folder), "outside.iso")
+        self.addCleanup(lambda: os.path.exists(outside) and os.remove(outside))
+        with open(outside, "wb") as f:
+            f.write(b"not an image")
+        for name in ("../outside", "../" + os.path.basename(self.folder) + "/x", "AB" * 32, ""):
+            market = FakeMarket(b"data")
+            with self.assertRaises(CacheError) as e:
+                yield self.cache.ensure(name, 4, market.fetch)
+            self.assertIn("not a sha256", str(e.exception))
+            self.assertEqual(market.calls, 0)

@@ -3,7 +3,8 @@
 import shutil
 
 import pytest
-from twisted.internet import defer, reactor
+from twisted.internet import abstract, defer, reactor
+from twisted.internet.testing import MemoryReactor
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.python.failure import Failure
 from twisted.trial import unittest
@@ -12,7 +13,7 @@ from cpushare.vm import probe, qemu
 
 
 def config(**kw):
-    values = dict(vmId="v1", cores=2, memoryMB=512, iso="/cache/ab.iso", mac="52:54:00:00:00:01")
+    values = dict(vmId=1, cores=2, memoryMB=512, iso="/cache/ab.iso", mac="52:54:00:00:00:01")
     values.update(kw)
     return qemu.VMConfig(**values)
 
@@ -44,6 +45,20 @@ def test_the_guest_gets_what_was_sold_and_nothing_else():
     assert not any(a.startswith("user") for a in option(argv, "-netdev"))
 
 
+@pytest.mark.parametrize("field,value", [
+    ("mac", "52:54:00:00:00:01,romfile=/etc/shadow"),
+    ("mac", "52:54:00:00:00:01\n"),
+    ("mac", "-drive"),
+    ("cores", 0), ("cores", -1), ("cores", "2,maxcpus=9"), ("cores", True),
+    ("memoryMB", 0), ("memoryMB", "512,slots=2"),
+    ("vmId", -1), ("vmId", "1 -drive file=/etc/shadow"),
+    ("iso", None),
+])
+def test_nothing_free_form_reaches_the_command_line(field, value):
+    with pytest.raises((ValueError, TypeError)):
+        config(**{field: value})
+
+
 def test_kvm_only_when_asked_and_nothing_else():
     assert option(qemu.commandLine(config(accel="kvm")), "-accel") == ["kvm"]
     with pytest.raises(ValueError):
@@ -62,9 +77,51 @@ class FakeProcessTransport:
 
     def __init__(self):
         self.written = []
+        self.producer = None
 
     def write(self, data):
         self.written.append(data)
+
+    def registerProducer(self, producer, streaming):
+        self.producer = producer
+
+
+class StdinOfAStuckGuest:
+    """
+    QEMU's stdin as Twisted holds it (a real FileDescriptor and its write
+    buffer), for a guest that reads nothing: no byte ever leaves the buffer.
+    """
+
+    pid = 4242
+
+    def __init__(self):
+        self.pipe = abstract.FileDescriptor(MemoryReactor())
+        self.pipe.connected = True
+        self.pipe.fileno = lambda: 99
+
+    def write(self, data):
+        self.pipe.write(data)
+
+    def registerProducer(self, producer, streaming):
+        self.pipe.registerProducer(producer, streaming)
+
+    def buffered(self):
+        return len(self.pipe.dataBuffer) + self.pipe._tempDataLen
+
+
+def test_console_input_a_guest_does_not_read_takes_bounded_memory():
+    p = qemu.VMProcess(1, lambda data: None, lambda why: None)
+    stdin = StdinOfAStuckGuest()
+    p.makeConnection(stdin)
+    for _ in range(10_000):  # 15 MB of console input from the market
+        p.writeConsole(b"x" * 1500)
+    assert stdin.buffered() <= abstract.FileDescriptor.bufferSize + 1500
+    assert p.consoleDropped >= 10_000 * 1500 - stdin.buffered()
+    # Once the guest reads again, input flows again.
+    stdin.pipe.dataBuffer, stdin.pipe._tempDataBuffer, stdin.pipe._tempDataLen = b"", [], 0
+    p.resumeProducing()
+    p.writeConsole(b"ls\n")
+    assert stdin.buffered() == 3
 
 
 def run(reason, stderr=b""):
