@@ -2,14 +2,28 @@
 The channel relay: links a channel on one connection to a channel on
 another and forwards each frame without looking inside it.
 
-A link counts frames and bytes each way and the frames it had to drop
-because the receiving connection's queue was full.  Frames on a channel
-that is not linked are dropped by the multiplexer and counted there; they
-are never delivered anywhere else.  A link is owned by both of its
-sessions (C{session.links}, by channel) and goes away with either.
+A link counts the frames and bytes it delivered each way (what a VM's
+traffic is billed for) and the frames it had to drop because the
+receiving connection's queue was full; a dropped frame is never counted
+as traffic.  Frames on a channel that is not linked are dropped by the
+multiplexer and counted there; they are never delivered anywhere else.  A
+link is owned by both of its sessions (C{session.links}, by channel) and
+goes away with either.
+
+A VM's link also carries what its lease may still pay for: C{allowance},
+the bytes (both ways together) it may deliver before the funds held for
+the lease are spent.  A frame that does not fit is dropped, counted in
+C{overAllowance}, and C{onSpent} is called (once per link) so that the
+market stops the VM before anything more is charged.  C{onFirstAB}, when
+set, is called once just before the first frame from A reaches B: for a
+VM's NIC, the first frame that reaches the buyer's network, which is when
+its billing starts.  Links the market does not bill have no limit.
 """
 
 from cpushare.protocol.commands import ChannelBusy
+
+# The allowance of links nobody pays for: more than any link can carry.
+UNLIMITED = 1 << 62
 
 
 class Link:
@@ -17,23 +31,47 @@ class Link:
         "a", "channelA", "b", "channelB",
         "framesAB", "bytesAB", "droppedAB",
         "framesBA", "bytesBA", "droppedBA",
+        "allowance", "overAllowance", "onSpent", "onFirstAB",
     )
 
     def __init__(self, a, channelA, b, channelB):
         self.a, self.channelA, self.b, self.channelB = a, channelA, b, channelB
         self.framesAB = self.bytesAB = self.droppedAB = 0
         self.framesBA = self.bytesBA = self.droppedBA = 0
+        self.allowance = UNLIMITED
+        self.overAllowance = 0
+        self.onSpent = None
+        self.onFirstAB = None
+
+    def _spent(self):
+        self.overAllowance += 1
+        onSpent, self.onSpent = self.onSpent, None
+        if onSpent is not None:
+            onSpent()
 
     def forwardAB(self, payload):
-        self.framesAB += 1
-        self.bytesAB += len(payload)
-        if not self.b.sendFrame(self.channelB, payload):
+        n = len(payload)
+        if n > self.allowance:
+            self._spent()
+        elif self.b.sendFrame(self.channelB, payload):
+            if self.onFirstAB is not None:
+                first, self.onFirstAB = self.onFirstAB, None
+                first()
+            self.framesAB += 1
+            self.bytesAB += n
+            self.allowance -= n
+        else:
             self.droppedAB += 1
 
     def forwardBA(self, payload):
-        self.framesBA += 1
-        self.bytesBA += len(payload)
-        if not self.a.sendFrame(self.channelA, payload):
+        n = len(payload)
+        if n > self.allowance:
+            self._spent()
+        elif self.a.sendFrame(self.channelA, payload):
+            self.framesBA += 1
+            self.bytesBA += n
+            self.allowance -= n
+        else:
             self.droppedBA += 1
 
     def statsFor(self, session, channel):
