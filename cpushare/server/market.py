@@ -15,7 +15,7 @@ from cpushare.protocol.heartbeat import DEFAULT_INTERVAL, DEFAULT_TIMEOUT
 from cpushare.server import store
 from cpushare.server.billing import INTERVAL, WINDOW, Billing
 from cpushare.server.measure import AT_ONCE as MEASURE_AT_ONCE, EVERY as MEASURE_EVERY
-from cpushare.server.board import DEFAULT_PRICE, Board
+from cpushare.server.board import DEFAULT_PRICE, MAX_NET_FEE, Board
 from cpushare.server.cpubench import CPUBench
 from cpushare.server.funds import Funds
 from cpushare.server.orders import Orders
@@ -31,7 +31,7 @@ class Market(Service):
     def __init__(self, reactor, store, credentials, images=None,
                  heartbeat=DEFAULT_INTERVAL, timeout=DEFAULT_TIMEOUT,
                  defaultPrice=DEFAULT_PRICE, billingInterval=INTERVAL, holdWindow=WINDOW,
-                 measureEvery=MEASURE_EVERY, cpuBench=None):
+                 measureEvery=MEASURE_EVERY, cpuBench=None, maxNetFee=MAX_NET_FEE):
         """
         @param cpuBench: keyword arguments of L{CPUBench} plus C{folder},
             where the benchmark image is kept; None: no CPU benchmark.
@@ -45,7 +45,7 @@ class Market(Service):
         self.sessions = {}
         self._buyers = {}           # account id -> [buyer sessions], oldest first
         self.relay = Relay()
-        self.board = Board(self, defaultPrice)
+        self.board = Board(self, defaultPrice, maxNetFee)
         self.orders = Orders(self)
         self.billing = Billing(self, billingInterval, holdWindow)
         self.measureEvery = measureEvery

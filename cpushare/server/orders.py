@@ -11,7 +11,12 @@ or a VM ending.  Matching runs on the reactor thread only, so two VMs can
 never be given the same capacity.
 
 Each stay of a VM on a seller is a lease, recorded with the terms it was
-placed at; a VM placed again elsewhere starts a new lease.  A VM is only
+placed at; a VM placed again elsewhere starts a new lease.  A VM is never
+placed on a seller of its own buyer's account.  A lease is billed from
+the moment its VM shows life: the first frame its NIC delivers to the
+buyer's network, or the first output on its console.  Its NIC's link
+carries only the traffic the funds held for the lease can pay for; past
+that the VM is stopped (L{cpushare.server.billing.netLimit}).  A VM is only
 started once its lease holds the buyer's funds for a window ahead
 (L{cpushare.server.billing}); a buyer whose funds cannot hold it has its
 VMs wait until funds are added, and a VM whose funds run out is stopped.  A placed VM is started on its
@@ -29,9 +34,11 @@ as detached.
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from cpushare.money import formatAmount
 from cpushare.protocol import commands
 from cpushare.protocol.commands import BadRequest, NoSuchVM, consoleChannel, nicChannel
 from cpushare.server import billing as billing_, marketsql, store
+from cpushare.server.relay import UNLIMITED
 from cpushare.server.cpubench import SYSTEM_ACCOUNT
 from cpushare.server.screens import Screens
 
@@ -62,6 +69,10 @@ class VM:
         self.leaseId = None         # the lease it runs under, once funded
         self.link = None            # the relay link of its NIC to the buyer
         self.netBase = 0            # bytes of its earlier links, this lease
+        self.aliveAt = None         # when it showed life, this lease (billing starts)
+        self.lifeWatch = None       # called on its first sign of life, then None
+        self.netLimit = None        # total bytes its lease may carry; None: no limit
+        self.netFee = 0             # its lease's fee a GB
         self.state = "pending"
         self.reason = None
         self.seller = None
@@ -79,6 +90,9 @@ class VM:
 
     def consoleReceived(self, data):
         """Console output from the seller: kept (the last CONSOLE_HISTORY bytes) and sent on."""
+        if self.lifeWatch is not None:
+            watch, self.lifeWatch = self.lifeWatch, None
+            watch()
         self.consoleHistory = (self.consoleHistory + data)[-CONSOLE_HISTORY:]
         if self.consoleObserver is not None:
             self.consoleObserver(data)
@@ -153,6 +167,7 @@ class Orders:
         rows = await self.db.run(store.activeVMs)
         orders = await self.db.run(marketsql.orderScreens, {row[1] for row in rows})
         leases = await self.db.run(marketsql.openLeases)
+        leaseStates = await self.db.run(billing_.openLeaseStates, self.market.billing.interval)
         for (vmId, orderId, sellerId, mac, state, started, cpu, ip, buyerId, image,
              cores, memory, size, buyerName, sellerName) in rows:
             screens, budget = orders.get(orderId, ({}, None))
@@ -171,6 +186,10 @@ class Orders:
                 vm.state = "pending"
             else:
                 vm.leaseId = leases.get(vmId)
+                if vm.leaseId is not None and vm.leaseId in leaseStates:
+                    vm.aliveAt, vm.netLimit, vm.netBase, vm.netFee = leaseStates[vm.leaseId]
+                    if vm.aliveAt is None:
+                        vm.lifeWatch = lambda vm=vm: self._showedLife(vm)
                 self._detach(vm, "the market server restarted")
         await self.market.billing.settleLeftovers(
             {vm.leaseId for vm in self.vms.values() if vm.leaseId is not None})
@@ -235,7 +254,7 @@ class Orders:
 
     def whyWaiting(self, vm):
         """Why no seller online can take C{vm} now, in one line."""
-        passing, excluded = self.market.board.explain(vm.screens)
+        passing, excluded = self.market.board.explain(vm.screens, vm.buyerId, vm.cores)
         if not passing and not excluded:
             return "no seller is online; waiting for one"
         if passing:
@@ -293,7 +312,8 @@ class Orders:
     def buyerConnected(self, session):
         """A buyer program connected: its VMs' NICs now reach it."""
         for vm in self.vms.values():
-            if vm.buyerId == session.account["id"] and vm.seller is not None and vm.active:
+            if vm.buyerId == session.account["id"] and vm.seller is not None and vm.active \
+                    and vm.leaseId is not None:
                 self._linkBuyer(vm, session)
 
     def vmAddress(self, account, vmId, ip):
@@ -317,13 +337,15 @@ class Orders:
         if vm.buyerId in self.unfunded:
             vm.reason = self.unfunded[vm.buyerId]
             return False
-        for seller, figures in self.market.board.ranked():
+        board = self.market.board
+        for seller, figures in board.ranked(vm.cores, vm.screens.traffic):
             if not seller.connected or seller.offer is None:
                 continue
             cores, memory = self.used(seller)
+            # Never on the buyer's own account (self-dealing), nor above the ceiling.
             if cores + vm.cores <= seller.offer["cores"] and \
                     memory + vm.memory <= seller.offer["memory"] and \
-                    vm.screens.exclusion(figures) is None:
+                    board.exclusion(seller, figures, vm.screens, vm.buyerId) is None:
                 self._place(vm, seller, figures)
                 return True
         return False
@@ -343,6 +365,10 @@ class Orders:
         vm.state = "allocated"
         vm.reason = None
         vm.netBase = 0
+        vm.aliveAt = None
+        vm.lifeWatch = None
+        vm.netLimit = None
+        vm.netFee = figures.netFee
         self.log.info("VM {vm} of {buyer} placed on seller {seller} (session {session})",
                       vm=vm.id, buyer=vm.buyerName, seller=seller.account["name"],
                       session=seller.sessionId)
@@ -356,13 +382,14 @@ class Orders:
         def save(cursor):
             store.updateVM(cursor, vm.id, seller_account_id=vm.sellerAccountId,
                            state="allocated", reason=None)
-            return billing_.openLease(
+            leaseId = billing_.openLease(
                 cursor, vm.id, vm.order, vm.buyerId, vm.sellerAccountId, figures.name,
                 figures.price, figures.netFee, vm.cores, placed, billing.interval,
                 billing.window)
+            return leaseId, billing_.leaseNetLimit(cursor, leaseId, billing.interval)
 
         try:
-            leaseId = await self.db.run(save)
+            leaseId, netLimit = await self.db.run(save)
         except billing_.CannotFund as e:
             self._unfunded(vm, seller, str(e))
             return
@@ -371,6 +398,8 @@ class Orders:
             await self.market.billing.settle(leaseId, 0.0, 0, vm.reason or "ended")
             return
         vm.leaseId = leaseId
+        vm.netLimit = netLimit
+        vm.lifeWatch = lambda: self._showedLife(vm)
         buyer = self.market.buyerSession(vm.buyerId)
         if buyer is not None:
             self._linkBuyer(vm, buyer)
@@ -437,6 +466,51 @@ class Orders:
         self._end(vm, "stopped", why)
         self.unfunded[vm.buyerId] = why
 
+    def _showedLife(self, vm):
+        """The VM's first frame reached the buyer, or its console printed: billing starts."""
+        if vm.aliveAt is not None or vm.leaseId is None or not vm.active:
+            return
+        vm.aliveAt = when = self.reactor.seconds()
+        vm.lifeWatch = None
+        # Its traffic counts from now: what crossed before is not billed.
+        link = vm.link
+        vm.netBase = 0 if link is None else -(link.bytesAB + link.bytesBA)
+        self._armLink(vm)
+        leaseId = vm.leaseId
+        self._save(lambda c: billing_.showedLife(c, leaseId, when))
+
+    def netLimitChanged(self, vm, limit):
+        """A bill set how many bytes the VM's lease may carry in all."""
+        vm.netLimit = limit
+        self._armLink(vm)
+
+    def _armLink(self, vm):
+        """Give the VM's link its allowance: what the lease's hold still pays for."""
+        link = vm.link
+        if link is None:
+            return
+        if vm.aliveAt is None:
+            # Not billed yet: its first frame to the buyer starts the lease.
+            link.allowance = UNLIMITED
+            link.onFirstAB = vm.lifeWatch
+            return
+        link.onFirstAB = None
+        if vm.netLimit is None:
+            link.allowance = UNLIMITED
+        else:
+            link.allowance = max(0, vm.netLimit - vm.netBytes())
+        link.onSpent = lambda: self._holdSpent(vm, link)
+
+    def _holdSpent(self, vm, link):
+        """The VM's traffic used up what its lease holds: stop it before more is charged."""
+        if vm.link is not link or not vm.active:
+            return
+        why = ("the funds held for this VM are spent by its network traffic"
+               f" at {formatAmount(vm.netFee)} a GB;"
+               " it was stopped before anything more was charged")
+        self.log.info("VM {vm} of {buyer} stopped: {why}", vm=vm.id, buyer=vm.buyerName, why=why)
+        self._end(vm, "stopped", why)
+
     def _startFailed(self, failure, vm, seller):
         if vm.seller is seller and vm.active:
             self._end(vm, "failed", f"the seller could not start it: {failure.getErrorMessage()}")
@@ -447,6 +521,7 @@ class Orders:
             return
         vm.foldLink()
         vm.link = self.market.relay.link(vm.seller, channel, buyer, channel)
+        self._armLink(vm)
         vm.buyerSession = buyer
         buyer.control.callRemote(commands.PortAttached, vm=vm.id, mac=vm.mac)
 

@@ -140,11 +140,12 @@ class ServerControl(ControlProtocol, FundsCommands):
 
     @commands.ListSellers.responder
     def listSellers(self, offset, explain=False, **screens):
-        self.session.requireHello()
+        account = self.session.requireHello()
         if offset < 0:
             raise BadRequest("offset must not be negative")
         market = self.session.market
-        passing, excluded = market.board.explain(Screens.fromArguments(**screens))
+        passing, excluded = market.board.explain(Screens.fromArguments(**screens),
+                                                 account["id"])
         listed = [(s, fig, None) for s, fig in passing]
         if explain:
             listed += excluded

@@ -87,6 +87,8 @@ class Options(usage.Options):
         ["payout-minimum", None, "10.00", "The smallest payout a seller may ask for."],
         ["currency", None, "USD", "The market's currency (ISO 4217 code)."],
         ["payout-poll", None, 60.0, "Seconds between asking PayPal about payouts.", float],
+        ["max-net-fee", None, "1.00",
+         "The ceiling on sellers' network fees, a GB: higher terms are refused."],
     ]
 
     def postOptions(self):
@@ -97,6 +99,11 @@ class Options(usage.Options):
             self["default-price"] = parseAmount(self["default-price"], maximum=MAX_PRICE)
         except BadAmount as e:
             raise usage.UsageError(f"--default-price: {e}")
+        try:
+            self["max-net-fee"] = parseAmount(self["max-net-fee"], maximum=MAX_PRICE,
+                                              allowZero=True)
+        except BadAmount as e:
+            raise usage.UsageError(f"--max-net-fee: {e}")
         if not 0 < self["billing-interval"] < self["hold-window"]:
             raise usage.UsageError(
                 "--billing-interval must be positive and shorter than --hold-window")
@@ -219,6 +226,7 @@ def makeService(options, reactor=None):
                     billingInterval=options["billing-interval"],
                     holdWindow=options["hold-window"],
                     measureEvery=options["measure-every"],
+                    maxNetFee=options["max-net-fee"],
                     cpuBench={"every": options["cpu-bench-every"],
                               "image": options["cpu-bench-image"],
                               "mb": options["cpu-bench-mb"], "folder": data})
