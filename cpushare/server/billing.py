@@ -319,16 +319,21 @@ class Billing:
             self._loop.stop()
         return self._running
 
-    async def _billOne(self, vm):
+    async def billNow(self, vm):
+        """Bill the lease of C{vm} now; its result (see L{bill}), or None if that failed."""
         leaseId = vm.leaseId
         try:
-            result = await self.market.store.run(
+            return await self.market.store.run(
                 bill, leaseId, vm.cpuSeconds, vm.netBytes(), self.reactor.seconds(),
                 False, self.interval, self.window)
         except Exception:
             self.log.failure("billing lease {lease} of VM {vm}", lease=leaseId, vm=vm.id)
-            return
-        if not vm.active or vm.leaseId != leaseId:
+            return None
+
+    async def _billOne(self, vm):
+        leaseId = vm.leaseId
+        result = await self.billNow(vm)
+        if result is None or not vm.active or vm.leaseId != leaseId:
             return
         if result["stop"] is not None:
             self.market.orders.outOfFunds(vm, result["stop"])

@@ -15,8 +15,9 @@ placed at; a VM placed again elsewhere starts a new lease.  A VM is never
 placed on a seller of its own buyer's account.  A lease is billed from
 the moment its VM shows life: the first frame its NIC delivers to the
 buyer's network, or the first output on its console.  Its NIC's link
-carries only the traffic the funds held for the lease can pay for; past
-that the VM is stopped (L{cpushare.server.billing.netLimit}).  A VM is only
+carries only the traffic the funds held for the lease can pay for
+(L{cpushare.server.billing.netLimit}); past that it is billed at once and
+its hold topped up, or, when the buyer's funds or budget cannot, stopped.  A VM is only
 started once its lease holds the buyer's funds for a window ahead
 (L{cpushare.server.billing}); a buyer whose funds cannot hold it has its
 VMs wait until funds are added, and a VM whose funds run out is stopped.  A placed VM is started on its
@@ -38,7 +39,6 @@ from cpushare.money import formatAmount
 from cpushare.protocol import commands
 from cpushare.protocol.commands import BadRequest, NoSuchVM, consoleChannel, nicChannel
 from cpushare.server import billing as billing_, marketsql, store
-from cpushare.server.relay import UNLIMITED
 from cpushare.server.cpubench import SYSTEM_ACCOUNT
 from cpushare.server.screens import Screens
 
@@ -50,6 +50,9 @@ MAX_VM_CORES = 256
 MAX_VM_MEMORY = 1024 * 1024
 OVER = ("stopped", "failed", "lost", "cancelled")
 CONSOLE_HISTORY = 4096
+# A VM whose traffic spent its network allowance is billed at once and its
+# hold topped up; it stops when that gives it fewer bytes than this.
+MIN_NET_ALLOWANCE = 10**6
 
 
 class VM:
@@ -472,7 +475,8 @@ class Orders:
             return
         vm.aliveAt = when = self.reactor.seconds()
         vm.lifeWatch = None
-        # Its traffic counts from now: what crossed before is not billed.
+        # Its traffic counts from now: what crossed before (its first frame
+        # too, when that is its sign of life) is not billed.
         link = vm.link
         vm.netBase = 0 if link is None else -(link.bytesAB + link.bytesBA)
         self._armLink(vm)
@@ -491,25 +495,45 @@ class Orders:
             return
         if vm.aliveAt is None:
             # Not billed yet: its first frame to the buyer starts the lease.
-            link.allowance = UNLIMITED
-            link.onFirstAB = vm.lifeWatch
+            link.meter(None)
+            link.watchFirstAB(vm.lifeWatch)
             return
-        link.onFirstAB = None
+        link.watchFirstAB(None)
         if vm.netLimit is None:
-            link.allowance = UNLIMITED
+            link.meter(None)
         else:
-            link.allowance = max(0, vm.netLimit - vm.netBytes())
-        link.onSpent = lambda: self._holdSpent(vm, link)
+            link.meter(max(0, vm.netLimit - vm.netBytes()),
+                       lambda: self._holdSpent(vm, link))
 
     def _holdSpent(self, vm, link):
-        """The VM's traffic used up what its lease holds: stop it before more is charged."""
-        if vm.link is not link or not vm.active:
+        """
+        The VM's traffic used up what its lease holds: its frames are
+        dropped while it is billed at once and its hold topped up; if that
+        does not give it MIN_NET_ALLOWANCE more, it stops before anything
+        more is charged.
+        """
+        if vm.link is not link or not vm.active or vm.leaseId is None:
             return
-        why = ("the funds held for this VM are spent by its network traffic"
-               f" at {formatAmount(vm.netFee)} a GB;"
-               " it was stopped before anything more was charged")
-        self.log.info("VM {vm} of {buyer} stopped: {why}", vm=vm.id, buyer=vm.buyerName, why=why)
-        self._end(vm, "stopped", why)
+        defer.ensureDeferred(self._refill(vm, vm.leaseId)).addErrback(
+            lambda f: self.log.failure("billing the traffic of VM {vm}", f, vm=vm.id))
+
+    async def _refill(self, vm, leaseId):
+        result = await self.market.billing.billNow(vm)
+        if result is None or not vm.active or vm.leaseId != leaseId:
+            return
+        why = (f"the funds held for this VM are spent by its network traffic"
+               f" at {formatAmount(vm.netFee)} a GB")
+        if result["stop"] is not None:
+            self.outOfFunds(vm, f"{why}: {result['stop']}")
+            return
+        limit = result["net_limit"]
+        if limit is not None and limit - vm.netBytes() < MIN_NET_ALLOWANCE:
+            why += "; it was stopped before anything more was charged"
+            self.log.info("VM {vm} of {buyer} stopped: {why}", vm=vm.id, buyer=vm.buyerName,
+                          why=why)
+            self._end(vm, "stopped", why)
+            return
+        self.netLimitChanged(vm, limit)
 
     def _startFailed(self, failure, vm, seller):
         if vm.seller is seller and vm.active:

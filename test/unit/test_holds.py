@@ -107,6 +107,39 @@ class NetworkFeeTests(HoldCase):
         yield self.checkBooks()
 
     @defer.inlineCallbacks
+    def test_a_buyer_with_funds_keeps_its_traffic_flowing_past_one_hold(self):
+        # A hold of 1 MB of traffic a window (instead of 1 GB) at 1000.00 a
+        # GB: 1.00.  Alice has 100.00 and no budget: each time the traffic
+        # spends the hold, the VM is billed and the hold topped up.
+        self.patch(billing, "NET_ALLOWANCE", 10**6)
+        self.market.board.maxNetFee = 1000 * MICRO
+        greedy, _ = yield self.seller("greedy", price=10_000, net_fee=1000 * MICRO)
+        buyer = yield self.program("buyer", self.alice)
+        before = (yield self.balances("alice"))[ledger.FUNDS]
+        placed = yield self.order()
+        [vm] = placed["vm_ids"]
+        yield within(greedy.started.get())
+        yield within(buyer.attached.get())
+        received = []
+        buyer.routes[nicChannel(vm)] = received.append
+        frame = b"\xff" * 6 + b"\x00" * 1494
+        while sum(map(len, received)) < 3_500_000:
+            for _ in range(50):
+                greedy.sendFrame(nicChannel(vm), frame)
+            yield sleep(0.01)
+            self.assertEqual(len(greedy.stopped.pending), 0)
+        [shown] = (yield self.call(self.cli, commands.ListVMs))["vms"]
+        self.assertNotIn(shown["state"], ("stopped", "failed"))
+        yield self.call(self.cli, commands.StopVM, vm=vm)
+        yield self.call(greedy, commands.VMState, vm=vm, state="stopped", cpu_seconds=0.0)
+        [(_, charged, held, _, netBytes, _)] = yield self.settled()
+        # Every byte delivered was paid for, from holds topped up as it went.
+        self.assertGreaterEqual(netBytes, 3_500_000)
+        self.assertEqual(charged, billing.cost(10_000, 1000 * MICRO, 0.0, netBytes))
+        self.assertEqual(before - (yield self.balances("alice"))[ledger.FUNDS], charged)
+        yield self.checkBooks()
+
+    @defer.inlineCallbacks
     def test_matching_ranks_sellers_by_what_a_vm_hour_really_costs(self):
         # 0.01 a core-hour but 0.50 a GB, against 0.05 a core-hour and free traffic.
         yield self.seller("cheapcpu", price=10_000, net_fee=MICRO // 2)

@@ -67,8 +67,7 @@ def test_a_link_delivers_no_byte_past_its_allowance_and_says_so_once():
     seller, buyer = FakeSession(1), FakeSession(2)
     link = relay.link(seller, 5, buyer, 5)
     spent = []
-    link.allowance = 2500
-    link.onSpent = lambda: spent.append(True)
+    link.meter(2500, lambda: spent.append(True))
     seller.receive(5, b"a" * 1500)
     buyer.receive(5, b"b" * 900)
     # 100 bytes left: a frame of 101 does not fit, in either direction.
@@ -84,21 +83,34 @@ def test_a_link_delivers_no_byte_past_its_allowance_and_says_so_once():
     # What still fits goes through.
     buyer.receive(5, b"e" * 100)
     assert link.bytesAB + link.bytesBA == 2500 and link.allowance == 0
+    # A new allowance, and its own call when it is spent; no limit at all.
+    link.meter(10, lambda: spent.append("again"))
+    seller.receive(5, b"f" * 11)
+    assert spent == [True, "again"]
+    link.meter(None)
+    seller.receive(5, b"g" * 100_000)
+    assert buyer.sent[-1] == (5, b"g" * 100_000)
 
 
-def test_the_first_frame_delivered_towards_b_is_noticed_before_it_is_counted():
+def test_the_first_frame_delivered_towards_b_is_noticed_once():
     relay = Relay()
     seller, buyer = FakeSession(1, room=False), FakeSession(2, room=False)
     link = relay.link(seller, 5, buyer, 5)
     seen = []
-    link.onFirstAB = lambda: seen.append(link.bytesAB + link.bytesBA)
+    link.watchFirstAB(lambda: seen.append(link.bytesAB))
     seller.receive(5, b"dropped")       # not delivered: no sign of life
     seller.room = buyer.room = True
     buyer.receive(5, b"to the VM")      # the other way: no sign of life either
     assert seen == []
     seller.receive(5, b"dhcp request")
     seller.receive(5, b"more")
-    assert seen == [9]
+    assert seen == [12]
+    assert buyer.sent == [(5, b"dhcp request"), (5, b"more")]
+    # Once unlinked, nothing puts its routes back.
+    relay.unlink(link, "gone")
+    link.meter(5)
+    link.watchFirstAB(lambda: None)
+    assert seller.routes == {} and buyer.routes == {}
 
 
 def test_frames_on_other_channels_go_nowhere():
