@@ -19,6 +19,7 @@ from cpushare.server import ledger, marketsql
 from cpushare.server.fundscontrol import FundsCommands
 from cpushare.server.measure import BandwidthMeter
 from cpushare.server.orders import PlacedVMs
+from cpushare.server.board import OWN_ACCOUNT
 from cpushare.server.screens import Screens, rating
 
 REFUSED_GRACE = 5.0
@@ -149,6 +150,9 @@ class ServerControl(ControlProtocol, FundsCommands):
         listed = [(s, fig, None) for s, fig in passing]
         if explain:
             listed += excluded
+        else:
+            # Its own sellers, which never take its orders, are shown as such.
+            listed += [e for e in excluded if e[2].screen == OWN_ACCOUNT]
         page = []
         for s, fig, reason in listed[offset:offset + commands.SELLERS_PAGE]:
             cores, memory = market.orders.used(s)
