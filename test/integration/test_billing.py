@@ -159,6 +159,8 @@ def test_a_seller_flooding_junk_frames_never_charges_the_buyer_past_its_budget(
     [entry] = json.loads(shown.stdout)
     assert entry["vm"] == vm and entry["state"] == "stopped", entry
     assert "the funds held for this VM are spent by its network traffic" in entry["reason"]
+    # The buyer's program was told too, and logs it.
+    bobBuyer.proc.waitForLog(f"VM {vm} left the network: the funds held for this VM are spent")
     assert bobBuyer.proc.alive()
 
 
