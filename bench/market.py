@@ -243,6 +243,8 @@ def billingSetup(cursor, leases):
         orderId, [vmId] = store.createOrder(cursor, buyer, "b", 1, 1, 256)
         out.append(billing.openLease(cursor, vmId, orderId, buyer, seller, "seller", 36_000,
                                      10_000, 1, 0.0))
+        # Its VM showed life at once: every bill charges, as a booted VM's do.
+        billing.showedLife(cursor, out[-1], 0.0)
     return out
 
 

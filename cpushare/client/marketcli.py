@@ -16,6 +16,9 @@ SCREENS, shared with `cpushare order place`:
     --min-cpu SCORE
     --country CC,..     only in these countries
     --not-country CC,..
+    --traffic GB        not a screen: the GB of network traffic a VM-hour is
+                        expected to carry (default 1), to rank sellers by what
+                        a VM-hour really costs (price + fee x GB)
 """
 
 import json
@@ -44,6 +47,9 @@ def addScreenArguments(p):
                    help="at least SCORE on the CPU benchmark")
     g.add_argument("--country", metavar="CC,..", help="only sellers in these countries")
     g.add_argument("--not-country", metavar="CC,..", help="no sellers in these countries")
+    g.add_argument("--traffic", type=float, metavar="GB",
+                   help="GB of network traffic a VM-hour is expected to carry (default 1):"
+                        " sellers are ranked by price a core-hour + fee a GB x GB")
 
 
 def screenArguments(args):
@@ -53,7 +59,7 @@ def screenArguments(args):
         screens["max_price"] = amount(args.max_price, "--max-price")
     if args.max_net_fee is not None:
         screens["max_net_fee"] = amount(args.max_net_fee, "--max-net-fee", allowZero=True)
-    for name in ("min_rating", "max_latency", "min_bandwidth", "min_cpu"):
+    for name in ("min_rating", "max_latency", "min_bandwidth", "min_cpu", "traffic"):
         if getattr(args, name) is not None:
             screens[name] = getattr(args, name)
     for name, key in (("country", "countries"), ("not_country", "not_countries")):

@@ -159,6 +159,8 @@ SCREENS = [
     (b"countries", amp.ListOf(amp.Unicode(), optional=True)),
     (b"not_countries", amp.ListOf(amp.Unicode(), optional=True)),
     (b"max_net_fee", amp.Integer(optional=True)),
+    # Not a screen: the GB a VM-hour the order expects, to rank sellers by cost.
+    (b"traffic", amp.Float(optional=True)),
 ]
 
 

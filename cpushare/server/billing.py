@@ -7,14 +7,22 @@ C{window} seconds at full tilt (price x cores x window) is moved from the
 buyer's funds to its held funds, and the VM is only started once that
 hold is made.  Every C{interval} seconds each lease is billed:
 
+ - its wall time starts when the VM first showed life (its first frame
+   reached the buyer's network or its console printed: C{live_since});
+   a VM that never shows life is never charged, whatever its seller says;
  - its CPU seconds are those the seller reported, never more than the
    lease's wall time times its cores, and never fewer than already billed;
- - its cost so far is CPU seconds x price / 3600 plus bytes x fee / 10^9,
-   rounded down to the micro-unit; what was not charged yet moves from
-   held funds (then from funds, for traffic beyond the hold) to the
-   seller's earnings;
+ - its cost so far is CPU seconds x price / 3600 plus bytes x fee / 10^9
+   (the bytes the relay delivered, never those it dropped), rounded down
+   to the micro-unit; what was not charged yet moves from held funds to
+   the seller's earnings, and never more than is held: no charge passes
+   the funds held for the lease, so none passes the buyer's funds or the
+   order's budget;
  - the hold is topped up to a whole window again from the buyer's funds,
-   within the order's budget.
+   within the order's budget;
+ - the lease's network allowance (L{netLimit}) is set again: the bytes it
+   may carry before the hold, less one interval of CPU at full tilt, is
+   spent.  The relay drops the frames past it and the VM is stopped.
 
 When the buyer's funds (or the order's budget) can no longer hold one
 billing interval at full tilt, the VM is stopped with a notice: it never
@@ -43,6 +51,19 @@ IN_FLIGHT = 64
 WINDOW = 600.0
 # Traffic held for per window when a seller charges for it, in bytes.
 NET_ALLOWANCE = 10**9
+
+
+def netLimit(price, netFee, cores, held, netBytes, interval=INTERVAL):
+    """
+    The total bytes a lease may have carried before its next bill: those
+    billed (C{netBytes}) and as many more as its hold pays for at C{netFee},
+    keeping one interval of CPU at full tilt for the seller.  None when
+    traffic is free.
+    """
+    if netFee <= 0:
+        return None
+    spare = held - windowCost(price, 0, cores, interval)
+    return netBytes + max(0, spare) * 10**9 // netFee
 
 
 class CannotFund(Exception):
@@ -137,7 +158,33 @@ def openLease(cursor, vmId, orderId, buyerId, sellerId, sellerName, price, netFe
 
 LEASE_COLUMNS = ("id", "vm", "order", "buyer", "seller", "seller_name", "price", "net_fee",
                  "cores", "started", "ended", "cpu_seconds", "net_bytes", "charged", "held",
-                 "held_total", "settled")
+                 "held_total", "settled", "live_since")
+
+
+def leaseNetLimit(cursor, leaseId, interval=INTERVAL):
+    """L{netLimit} of a lease as stored now (for a lease just opened)."""
+    cursor.execute("SELECT price, net_fee, cores, held, net_bytes FROM leases WHERE id = ?",
+                   (leaseId,))
+    price, netFee, cores, held, netBytes = cursor.fetchone()
+    return netLimit(int(price), int(netFee), cores, int(held), int(netBytes), interval)
+
+
+def openLeaseStates(cursor, interval=INTERVAL):
+    """
+    {lease id: (live_since, L{netLimit}, net bytes, net fee)} of the leases
+    not ended, for a restarting server.
+    """
+    cursor.execute("SELECT id, live_since, price, net_fee, cores, held, net_bytes FROM leases"
+                   " WHERE ended IS NULL")
+    return {leaseId: (alive, netLimit(int(price), int(fee), cores, int(held), int(nbytes),
+                                      interval), int(nbytes), int(fee))
+            for leaseId, alive, price, fee, cores, held, nbytes in cursor.fetchall()}
+
+
+def showedLife(cursor, leaseId, when):
+    """The lease's VM showed life at C{when}: its billing starts (once)."""
+    cursor.execute("UPDATE leases SET live_since = ? WHERE id = ? AND live_since IS NULL",
+                   (when, leaseId))
 
 
 def bill(cursor, leaseId, cpuSeconds, netBytes, now, final=False, interval=INTERVAL,
@@ -146,13 +193,13 @@ def bill(cursor, leaseId, cpuSeconds, netBytes, now, final=False, interval=INTER
     Bill one lease up to C{now}; with C{final}, settle it: the lease ends
     at C{now} (unless it ended before) for C{reason}, the last charge is
     made, and what is still held goes back to the buyer.  Returns a dict:
-    what was charged now, what is held, and C{stop}: why the VM must stop,
-    or None.
+    what was charged now, what is held, C{stop}: why the VM must stop, or
+    None, and C{net_limit}: the lease's L{netLimit}.
     """
     cursor.execute(
         "SELECT l.id, l.vm_id, l.order_id, l.buyer_account_id, l.seller_account_id, s.name,"
         " l.price, l.net_fee, l.cores, l.started, l.ended, l.cpu_seconds, l.net_bytes,"
-        " l.charged, l.held, l.held_total, l.settled"
+        " l.charged, l.held, l.held_total, l.settled, l.live_since"
         " FROM leases l JOIN accounts s ON s.id = l.seller_account_id WHERE l.id = ?",
         (leaseId,))
     row = cursor.fetchone()
@@ -162,34 +209,37 @@ def bill(cursor, leaseId, cpuSeconds, netBytes, now, final=False, interval=INTER
     for key in ("price", "net_fee", "charged", "held", "held_total", "net_bytes"):
         lease[key] = int(lease[key])
     if lease["settled"]:
-        return {"charged": 0, "held": 0, "stop": None, "settled": True}
+        return {"charged": 0, "held": 0, "stop": None, "settled": True, "net_limit": 0}
     if final and lease["ended"] is None:
         lease["ended"] = now
         cursor.execute("UPDATE leases SET ended = ?, reason = ? WHERE id = ?",
                        (now, reason, leaseId))
     end = lease["ended"] if lease["ended"] is not None else now
-    wall = max(0.0, end - lease["started"])
+    if lease["live_since"] is None:
+        # It never showed life: nothing it did is charged.
+        wall, cpuSeconds, netBytes = 0.0, 0.0, 0
+    else:
+        wall = max(0.0, end - max(lease["started"], lease["live_since"]))
     cpu = max(float(lease["cpu_seconds"]), min(float(cpuSeconds), wall * lease["cores"]))
     traffic = max(lease["net_bytes"], int(netBytes))
     due = cost(lease["price"], lease["net_fee"], cpu, traffic) - lease["charged"]
     paid = 0
     stop = None
     if due > 0:
-        fromHeld = min(due, lease["held"])
-        funds = ledger.balance(cursor, FUNDS, lease["buyer"])
-        fromFunds = min(due - fromHeld, funds)
-        paid = fromHeld + fromFunds
+        # Never more than is held for the lease: its hold is all the buyer
+        # agreed to pay for it so far.
+        paid = min(due, lease["held"])
         if paid < due:
-            stop = ("the buyer's funds ran out; add funds with 'cpushare funds add'")
+            stop = ("the funds held for this VM are spent"
+                    f" ({formatAmount(due - paid)} of its use was not charged)")
         if paid > 0:
             lease["charged"] += paid
-            lease["held"] -= fromHeld
+            lease["held"] -= paid
             ledger.post(
                 cursor, "charge",
                 f"VM {lease['vm']} on {lease['seller_name']} (lease {lease['id']}):"
                 f" {cpu:.1f} CPU s, {traffic} bytes",
-                [(HELD, lease["buyer"], -fromHeld), (FUNDS, lease["buyer"], -fromFunds),
-                 (EARNINGS, lease["seller"], paid)],
+                [(HELD, lease["buyer"], -paid), (EARNINGS, lease["seller"], paid)],
                 reference=f"lease:{lease['id']}:charged:{lease['charged']}")
     if final:
         if lease["held"] > 0:
@@ -207,7 +257,9 @@ def bill(cursor, leaseId, cpuSeconds, netBytes, now, final=False, interval=INTER
         (cpu, traffic, lease["charged"], lease["held"], lease["held_total"], lease["settled"],
          lease["id"]))
     return {"charged": paid, "held": lease["held"], "stop": stop,
-            "settled": bool(lease["settled"])}
+            "settled": bool(lease["settled"]),
+            "net_limit": netLimit(lease["price"], lease["net_fee"], lease["cores"],
+                                  lease["held"], traffic, interval)}
 
 
 def unsettledLeases(cursor):
@@ -267,17 +319,26 @@ class Billing:
             self._loop.stop()
         return self._running
 
-    async def _billOne(self, vm):
+    async def billNow(self, vm):
+        """Bill the lease of C{vm} now; its result (see L{bill}), or None if that failed."""
         leaseId = vm.leaseId
         try:
-            result = await self.market.store.run(
+            return await self.market.store.run(
                 bill, leaseId, vm.cpuSeconds, vm.netBytes(), self.reactor.seconds(),
                 False, self.interval, self.window)
         except Exception:
             self.log.failure("billing lease {lease} of VM {vm}", lease=leaseId, vm=vm.id)
+            return None
+
+    async def _billOne(self, vm):
+        leaseId = vm.leaseId
+        result = await self.billNow(vm)
+        if result is None or not vm.active or vm.leaseId != leaseId:
             return
-        if result["stop"] is not None and vm.active and vm.leaseId == leaseId:
+        if result["stop"] is not None:
             self.market.orders.outOfFunds(vm, result["stop"])
+        else:
+            self.market.orders.netLimitChanged(vm, result["net_limit"])
 
     async def _tick(self):
         # Bills go to the store a few at a time, one transaction each: on

@@ -17,7 +17,7 @@ from cpushare.server.access import (
     CHECK_EVERY, REKEYS_PER_DAY, AccessWatch, RegistrationRefused)
 from cpushare.server.billing import INTERVAL, WINDOW, Billing
 from cpushare.server.measure import AT_ONCE as MEASURE_AT_ONCE, EVERY as MEASURE_EVERY
-from cpushare.server.board import DEFAULT_PRICE, Board
+from cpushare.server.board import DEFAULT_PRICE, MAX_NET_FEE, Board
 from cpushare.server.cpubench import CPUBench
 from cpushare.server.funds import Funds
 from cpushare.server.orders import Orders
@@ -36,7 +36,8 @@ class Market(Service):
                  heartbeat=DEFAULT_INTERVAL, timeout=DEFAULT_TIMEOUT,
                  defaultPrice=DEFAULT_PRICE, billingInterval=INTERVAL, holdWindow=WINDOW,
                  measureEvery=MEASURE_EVERY, cpuBench=None,
-                 registrations=None, accessCheck=CHECK_EVERY, rekeysPerDay=REKEYS_PER_DAY):
+                 registrations=None, accessCheck=CHECK_EVERY, rekeysPerDay=REKEYS_PER_DAY,
+                 maxNetFee=MAX_NET_FEE):
         """
         @param cpuBench: keyword arguments of L{CPUBench} plus C{folder},
             where the benchmark image is kept; None: no CPU benchmark.
@@ -54,7 +55,7 @@ class Market(Service):
         self.sessions = {}
         self._buyers = {}           # account id -> [buyer sessions], oldest first
         self.relay = Relay()
-        self.board = Board(self, defaultPrice)
+        self.board = Board(self, defaultPrice, maxNetFee)
         self.orders = Orders(self)
         self.billing = Billing(self, billingInterval, holdWindow)
         self.measureEvery = measureEvery

@@ -11,7 +11,13 @@ or a VM ending.  Matching runs on the reactor thread only, so two VMs can
 never be given the same capacity.
 
 Each stay of a VM on a seller is a lease, recorded with the terms it was
-placed at; a VM placed again elsewhere starts a new lease.  A VM is only
+placed at; a VM placed again elsewhere starts a new lease.  A VM is never
+placed on a seller of its own buyer's account.  A lease is billed from
+the moment its VM shows life: the first frame its NIC delivers to the
+buyer's network, or the first output on its console.  Its NIC's link
+carries only the traffic the funds held for the lease can pay for
+(L{cpushare.server.billing.netLimit}); past that it is billed at once and
+its hold topped up, or, when the buyer's funds or budget cannot, stopped.  A VM is only
 started once its lease holds the buyer's funds for a window ahead
 (L{cpushare.server.billing}); a buyer whose funds cannot hold it has its
 VMs wait until funds are added, and a VM whose funds run out is stopped.  A placed VM is started on its
@@ -29,6 +35,7 @@ as detached.
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from cpushare.money import formatAmount
 from cpushare.protocol import commands, paging
 from cpushare.protocol.commands import BadRequest, NoSuchVM, consoleChannel, nicChannel
 from cpushare.server import billing as billing_, marketsql, store
@@ -43,6 +50,9 @@ MAX_VM_CORES = 256
 MAX_VM_MEMORY = 1024 * 1024
 OVER = ("stopped", "failed", "lost", "cancelled")
 CONSOLE_HISTORY = 4096
+# A VM whose traffic spent its network allowance is billed at once and its
+# hold topped up; it stops when that gives it fewer bytes than this.
+MIN_NET_ALLOWANCE = 10**6
 
 
 class VM:
@@ -62,6 +72,10 @@ class VM:
         self.leaseId = None         # the lease it runs under, once funded
         self.link = None            # the relay link of its NIC to the buyer
         self.netBase = 0            # bytes of its earlier links, this lease
+        self.aliveAt = None         # when it showed life, this lease (billing starts)
+        self.lifeWatch = None       # called on its first sign of life, then None
+        self.netLimit = None        # total bytes its lease may carry; None: no limit
+        self.netFee = 0             # its lease's fee a GB
         self.state = "pending"
         self.reason = None
         self.seller = None
@@ -79,6 +93,9 @@ class VM:
 
     def consoleReceived(self, data):
         """Console output from the seller: kept (the last CONSOLE_HISTORY bytes) and sent on."""
+        if self.lifeWatch is not None:
+            watch, self.lifeWatch = self.lifeWatch, None
+            watch()
         self.consoleHistory = (self.consoleHistory + data)[-CONSOLE_HISTORY:]
         if self.consoleObserver is not None:
             self.consoleObserver(data)
@@ -153,6 +170,7 @@ class Orders:
         rows = await self.db.run(store.activeVMs)
         orders = await self.db.run(marketsql.orderScreens, {row[1] for row in rows})
         leases = await self.db.run(marketsql.openLeases)
+        leaseStates = await self.db.run(billing_.openLeaseStates, self.market.billing.interval)
         for (vmId, orderId, sellerId, mac, state, started, cpu, ip, buyerId, image,
              cores, memory, size, buyerName, sellerName) in rows:
             screens, budget = orders.get(orderId, ({}, None))
@@ -171,6 +189,10 @@ class Orders:
                 vm.state = "pending"
             else:
                 vm.leaseId = leases.get(vmId)
+                if vm.leaseId is not None and vm.leaseId in leaseStates:
+                    vm.aliveAt, vm.netLimit, vm.netBase, vm.netFee = leaseStates[vm.leaseId]
+                    if vm.aliveAt is None:
+                        vm.lifeWatch = lambda vm=vm: self._showedLife(vm)
                 self._detach(vm, "the market server restarted")
         await self.market.billing.settleLeftovers(
             {vm.leaseId for vm in self.vms.values() if vm.leaseId is not None})
@@ -235,7 +257,7 @@ class Orders:
 
     def whyWaiting(self, vm):
         """Why no seller online can take C{vm} now, in one line."""
-        passing, excluded = self.market.board.explain(vm.screens)
+        passing, excluded = self.market.board.explain(vm.screens, vm.buyerId, vm.cores)
         if not passing and not excluded:
             return "no seller is online; waiting for one"
         if passing:
@@ -293,7 +315,8 @@ class Orders:
     def buyerConnected(self, session):
         """A buyer program connected: its VMs' NICs now reach it."""
         for vm in self.vms.values():
-            if vm.buyerId == session.account["id"] and vm.seller is not None and vm.active:
+            if vm.buyerId == session.account["id"] and vm.seller is not None and vm.active \
+                    and vm.leaseId is not None:
                 self._linkBuyer(vm, session)
 
     def vmAddress(self, account, vmId, ip):
@@ -317,13 +340,15 @@ class Orders:
         if vm.buyerId in self.unfunded:
             vm.reason = self.unfunded[vm.buyerId]
             return False
-        for seller, figures in self.market.board.ranked():
+        board = self.market.board
+        for seller, figures in board.ranked(vm.cores, vm.screens.traffic):
             if not seller.connected or seller.offer is None:
                 continue
             cores, memory = self.used(seller)
+            # Never on the buyer's own account (self-dealing), nor above the ceiling.
             if cores + vm.cores <= seller.offer["cores"] and \
                     memory + vm.memory <= seller.offer["memory"] and \
-                    vm.screens.exclusion(figures) is None:
+                    board.exclusion(seller, figures, vm.screens, vm.buyerId) is None:
                 self._place(vm, seller, figures)
                 return True
         return False
@@ -343,6 +368,10 @@ class Orders:
         vm.state = "allocated"
         vm.reason = None
         vm.netBase = 0
+        vm.aliveAt = None
+        vm.lifeWatch = None
+        vm.netLimit = None
+        vm.netFee = figures.netFee
         self.log.info("VM {vm} of {buyer} placed on seller {seller} (session {session})",
                       vm=vm.id, buyer=vm.buyerName, seller=seller.account["name"],
                       session=seller.sessionId)
@@ -356,13 +385,14 @@ class Orders:
         def save(cursor):
             store.updateVM(cursor, vm.id, seller_account_id=vm.sellerAccountId,
                            state="allocated", reason=None)
-            return billing_.openLease(
+            leaseId = billing_.openLease(
                 cursor, vm.id, vm.order, vm.buyerId, vm.sellerAccountId, figures.name,
                 figures.price, figures.netFee, vm.cores, placed, billing.interval,
                 billing.window)
+            return leaseId, billing_.leaseNetLimit(cursor, leaseId, billing.interval)
 
         try:
-            leaseId = await self.db.run(save)
+            leaseId, netLimit = await self.db.run(save)
         except billing_.CannotFund as e:
             self._unfunded(vm, seller, str(e))
             return
@@ -371,6 +401,8 @@ class Orders:
             await self.market.billing.settle(leaseId, 0.0, 0, vm.reason or "ended")
             return
         vm.leaseId = leaseId
+        vm.netLimit = netLimit
+        vm.lifeWatch = lambda: self._showedLife(vm)
         buyer = self.market.buyerSession(vm.buyerId)
         if buyer is not None:
             self._linkBuyer(vm, buyer)
@@ -437,6 +469,72 @@ class Orders:
         self._end(vm, "stopped", why)
         self.unfunded[vm.buyerId] = why
 
+    def _showedLife(self, vm):
+        """The VM's first frame reached the buyer, or its console printed: billing starts."""
+        if vm.aliveAt is not None or vm.leaseId is None or not vm.active:
+            return
+        vm.aliveAt = when = self.reactor.seconds()
+        vm.lifeWatch = None
+        # Its traffic counts from now: what crossed before (its first frame
+        # too, when that is its sign of life) is not billed.
+        link = vm.link
+        vm.netBase = 0 if link is None else -(link.bytesAB + link.bytesBA)
+        self._armLink(vm)
+        leaseId = vm.leaseId
+        self._save(lambda c: billing_.showedLife(c, leaseId, when))
+
+    def netLimitChanged(self, vm, limit):
+        """A bill set how many bytes the VM's lease may carry in all."""
+        vm.netLimit = limit
+        self._armLink(vm)
+
+    def _armLink(self, vm):
+        """Give the VM's link its allowance: what the lease's hold still pays for."""
+        link = vm.link
+        if link is None:
+            return
+        if vm.aliveAt is None:
+            # Not billed yet: its first frame to the buyer starts the lease.
+            link.meter(None)
+            link.watchFirstAB(vm.lifeWatch)
+            return
+        link.watchFirstAB(None)
+        if vm.netLimit is None:
+            link.meter(None)
+        else:
+            link.meter(max(0, vm.netLimit - vm.netBytes()),
+                       lambda: self._holdSpent(vm, link))
+
+    def _holdSpent(self, vm, link):
+        """
+        The VM's traffic used up what its lease holds: its frames are
+        dropped while it is billed at once and its hold topped up; if that
+        does not give it MIN_NET_ALLOWANCE more, it stops before anything
+        more is charged.
+        """
+        if vm.link is not link or not vm.active or vm.leaseId is None:
+            return
+        defer.ensureDeferred(self._refill(vm, vm.leaseId)).addErrback(
+            lambda f: self.log.failure("billing the traffic of VM {vm}", f, vm=vm.id))
+
+    async def _refill(self, vm, leaseId):
+        result = await self.market.billing.billNow(vm)
+        if result is None or not vm.active or vm.leaseId != leaseId:
+            return
+        why = (f"the funds held for this VM are spent by its network traffic"
+               f" at {formatAmount(vm.netFee)} a GB")
+        if result["stop"] is not None:
+            self.outOfFunds(vm, f"{why}: {result['stop']}")
+            return
+        limit = result["net_limit"]
+        if limit is not None and limit - vm.netBytes() < MIN_NET_ALLOWANCE:
+            why += "; it was stopped before anything more was charged"
+            self.log.info("VM {vm} of {buyer} stopped: {why}", vm=vm.id, buyer=vm.buyerName,
+                          why=why)
+            self._end(vm, "stopped", why)
+            return
+        self.netLimitChanged(vm, limit)
+
     def _startFailed(self, failure, vm, seller):
         if vm.seller is seller and vm.active:
             self._end(vm, "failed", f"the seller could not start it: {failure.getErrorMessage()}")
@@ -447,6 +545,7 @@ class Orders:
             return
         vm.foldLink()
         vm.link = self.market.relay.link(vm.seller, channel, buyer, channel)
+        self._armLink(vm)
         vm.buyerSession = buyer
         buyer.control.callRemote(commands.PortAttached, vm=vm.id, mac=vm.mac)
 

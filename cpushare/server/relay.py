@@ -2,11 +2,27 @@
 The channel relay: links a channel on one connection to a channel on
 another and forwards each frame without looking inside it.
 
-A link counts frames and bytes each way and the frames it had to drop
-because the receiving connection's queue was full.  Frames on a channel
-that is not linked are dropped by the multiplexer and counted there; they
-are never delivered anywhere else.  A link is owned by both of its
-sessions (C{session.links}, by channel) and goes away with either.
+A link counts the frames and bytes it delivered each way (what a VM's
+traffic is billed for) and the frames it had to drop because the
+receiving connection's queue was full; a dropped frame is never counted
+as traffic.  Frames on a channel that is not linked are dropped by the
+multiplexer and counted there; they are never delivered anywhere else.  A
+link is owned by both of its sessions (C{session.links}, by channel) and
+goes away with either.
+
+A VM's link is also metered (L{Link.meter}): C{allowance} is the bytes
+(both ways together) it may still deliver before the funds held for the
+lease are spent.  A frame that does not fit is dropped, counted in
+C{overAllowance}, and C{onSpent} is called (once per meter) so that the
+market bills the lease at once, and stops the VM when its funds cannot
+hold more, before anything more is charged.  L{Link.watchFirstAB} asks
+to be called once, just after the first frame from A reached B: for a
+VM's NIC, the first frame that reached the buyer's network, which is when
+its billing starts.  Links nobody pays for are not metered.
+
+Each of these is a different forwarding function put in the sessions'
+C{routes}, so that a frame on a link pays only for the checks that link
+needs: an unmetered link costs what it did before metering existed.
 """
 
 from cpushare.protocol.commands import ChannelBusy
@@ -17,24 +33,98 @@ class Link:
         "a", "channelA", "b", "channelB",
         "framesAB", "bytesAB", "droppedAB",
         "framesBA", "bytesBA", "droppedBA",
+        "allowance", "overAllowance", "onSpent", "onFirstAB",
     )
 
     def __init__(self, a, channelA, b, channelB):
         self.a, self.channelA, self.b, self.channelB = a, channelA, b, channelB
         self.framesAB = self.bytesAB = self.droppedAB = 0
         self.framesBA = self.bytesBA = self.droppedBA = 0
+        self.allowance = None           # bytes it may still deliver; None: no limit
+        self.overAllowance = 0
+        self.onSpent = None
+        self.onFirstAB = None
+
+    def meter(self, allowance, onSpent=None):
+        """
+        Deliver at most C{allowance} more bytes (None: no limit); the first
+        frame that does not fit calls C{onSpent}.
+        """
+        self.allowance = allowance
+        self.onSpent = onSpent
+        self._route()
+
+    def watchFirstAB(self, callback):
+        """Call C{callback} once, after the first frame from A reached B (None: do not)."""
+        self.onFirstAB = callback
+        self._route()
+
+    def _route(self):
+        """Point both ends' routes at the forwarding functions this link needs now."""
+        if self.a.links.get(self.channelA) is not self:
+            return              # unlinked
+        metered = self.allowance is not None
+        if self.onFirstAB is not None:
+            self.a.routes[self.channelA] = self.firstAB
+        else:
+            self.a.routes[self.channelA] = self.meteredAB if metered else self.forwardAB
+        self.b.routes[self.channelB] = self.meteredBA if metered else self.forwardBA
+
+    def _spent(self):
+        self.overAllowance += 1
+        onSpent, self.onSpent = self.onSpent, None
+        if onSpent is not None:
+            onSpent()
 
     def forwardAB(self, payload):
-        self.framesAB += 1
-        self.bytesAB += len(payload)
-        if not self.b.sendFrame(self.channelB, payload):
+        if self.b.sendFrame(self.channelB, payload):
+            self.framesAB += 1
+            self.bytesAB += len(payload)
+        else:
             self.droppedAB += 1
 
     def forwardBA(self, payload):
-        self.framesBA += 1
-        self.bytesBA += len(payload)
-        if not self.a.sendFrame(self.channelA, payload):
+        if self.a.sendFrame(self.channelA, payload):
+            self.framesBA += 1
+            self.bytesBA += len(payload)
+        else:
             self.droppedBA += 1
+
+    def meteredAB(self, payload):
+        n = len(payload)
+        left = self.allowance - n
+        if left < 0:
+            self._spent()
+        elif self.b.sendFrame(self.channelB, payload):
+            self.allowance = left
+            self.framesAB += 1
+            self.bytesAB += n
+        else:
+            self.droppedAB += 1
+
+    def meteredBA(self, payload):
+        n = len(payload)
+        left = self.allowance - n
+        if left < 0:
+            self._spent()
+        elif self.a.sendFrame(self.channelA, payload):
+            self.allowance = left
+            self.framesBA += 1
+            self.bytesBA += n
+        else:
+            self.droppedBA += 1
+
+    def firstAB(self, payload):
+        frames = self.framesAB
+        if self.allowance is None:
+            self.forwardAB(payload)
+        else:
+            self.meteredAB(payload)
+        if self.framesAB != frames:
+            first, self.onFirstAB = self.onFirstAB, None
+            self._route()
+            if first is not None:
+                first()
 
     def statsFor(self, session, channel):
         """This link as seen from one end: out is what that end sent."""

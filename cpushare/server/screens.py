@@ -8,9 +8,12 @@ on it, because a buyer who asks for a floor wants it proven.  The first
 screen a seller fails is the reason given by `cpushare sellers --explain`
 and by an order that waits.
 
-The order of candidates among the sellers that pass is fixed: the cheapest
-asking price first, then the better rating, then the lower latency, then
-the older connection.
+The order of candidates among the sellers that pass is fixed: the lowest
+cost a VM-hour first, then the better rating, then the lower latency, then
+the older connection.  A VM-hour's cost is what the buyer will really pay
+for it: the seller's price a core-hour times the VM's cores, plus its fee
+a GB times the traffic the order expects a VM-hour (C{traffic}, in GB;
+DEFAULT_TRAFFIC when the order does not say).
 """
 
 import math
@@ -26,6 +29,10 @@ _COUNTRY = re.compile(r"^[A-Z]{2}$")
 MAX_SCREEN_LATENCY_MS = 600_000.0
 MAX_SCREEN_BANDWIDTH = 1_000_000.0    # Mbps
 MAX_SCREEN_CPU = 1e9
+# The network traffic a VM-hour is expected to carry, in GB, when an order
+# does not say: what ranking weighs sellers' fees a GB with.
+DEFAULT_TRAFFIC = 1.0
+MAX_TRAFFIC = 1_000_000.0
 
 
 def country(code, what="country"):
@@ -104,11 +111,12 @@ class Screens:
     countries = attr.ib(default=())         # only these, when given
     notCountries = attr.ib(default=())
     maxNetFee = attr.ib(default=None)       # micro-units per GB
+    traffic = attr.ib(default=DEFAULT_TRAFFIC)  # GB a VM-hour, to rank by cost (not a screen)
 
     @classmethod
     def fromArguments(cls, max_price=None, min_rating=None, max_latency=None,
                       min_bandwidth=None, min_cpu=None, countries=None,
-                      not_countries=None, max_net_fee=None):
+                      not_countries=None, max_net_fee=None, traffic=None):
         """Screens from a command's arguments, checked: BadRequest names a bad one."""
         only = tuple(sorted({country(c, "country") for c in countries or ()}))
         never = tuple(sorted({country(c, "excluded country") for c in not_countries or ()}))
@@ -126,6 +134,8 @@ class Screens:
             countries=only,
             notCountries=never,
             maxNetFee=_money(max_net_fee, "the maximum network fee"),
+            traffic=DEFAULT_TRAFFIC if traffic is None else _number(
+                traffic, "the expected traffic (GB a VM-hour)", 0.0, MAX_TRAFFIC),
         )
 
     def toArguments(self):
@@ -136,6 +146,7 @@ class Screens:
             "min_cpu": self.minCpuScore, "countries": list(self.countries) or None,
             "not_countries": list(self.notCountries) or None,
             "max_net_fee": self.maxNetFee,
+            "traffic": None if self.traffic == DEFAULT_TRAFFIC else self.traffic,
         }
         return {k: v for k, v in values.items() if v is not None}
 
@@ -179,7 +190,15 @@ class Screens:
         return None
 
 
-def preference(seller, connectedAt=0.0):
+def hourCost(seller, cores=1, traffic=DEFAULT_TRAFFIC):
+    """
+    What a VM of C{cores} cores carrying C{traffic} GB an hour costs a
+    VM-hour on C{seller} at full tilt, in micro-units.
+    """
+    return seller.price * cores + seller.netFee * int(traffic * 1000) // 1000
+
+
+def preference(seller, connectedAt=0.0, cores=1, traffic=DEFAULT_TRAFFIC):
     """The sort key among sellers that pass: cheapest, best rated, nearest, oldest."""
     latency = seller.latencyMs if seller.latencyMs is not None else math.inf
-    return (seller.price, -seller.rating, latency, connectedAt)
+    return (hourCost(seller, cores, traffic), -seller.rating, latency, connectedAt)

@@ -19,6 +19,7 @@ from cpushare.server import ledger, marketsql
 from cpushare.server.fundscontrol import FundsCommands
 from cpushare.server.measure import BandwidthMeter
 from cpushare.server.orders import PlacedVMs
+from cpushare.server.board import OWN_ACCOUNT
 from cpushare.server.screens import Screens, rating
 
 REFUSED_GRACE = 5.0
@@ -154,14 +155,18 @@ class ServerControl(ControlProtocol, FundsCommands):
 
     @commands.ListSellers.responder
     def listSellers(self, offset, explain=False, **screens):
-        self.session.requireHello()
+        account = self.session.requireHello()
         if offset < 0:
             raise BadRequest("offset must not be negative")
         market = self.session.market
-        passing, excluded = market.board.explain(Screens.fromArguments(**screens))
+        passing, excluded = market.board.explain(Screens.fromArguments(**screens),
+                                                 account["id"])
         listed = [(s, fig, None) for s, fig in passing]
         if explain:
             listed += excluded
+        else:
+            # Its own sellers, which never take its orders, are shown as such.
+            listed += [e for e in excluded if e[2].screen == OWN_ACCOUNT]
         page = []
         for s, fig, reason in listed[offset:offset + commands.SELLERS_PAGE]:
             cores, memory = market.orders.used(s)

@@ -99,6 +99,8 @@ class Options(usage.Options):
         ["access-check", None, 1.0,
          "Seconds between looks for accounts suspended or deleted and certificates revoked "
          "by cpushare-admin, whose connections are then closed.", float],
+        ["max-net-fee", None, "1.00",
+         "The ceiling on sellers' network fees, a GB: higher terms are refused."],
     ]
 
     def postOptions(self):
@@ -116,6 +118,11 @@ class Options(usage.Options):
             raise usage.UsageError("--rekeys-per-day must be 1 or more")
         if not 0 < self["access-check"] <= 60:
             raise usage.UsageError("--access-check must be above 0 and at most 60 seconds")
+        try:
+            self["max-net-fee"] = parseAmount(self["max-net-fee"], maximum=MAX_PRICE,
+                                              allowZero=True)
+        except BadAmount as e:
+            raise usage.UsageError(f"--max-net-fee: {e}")
         if not 0 < self["billing-interval"] < self["hold-window"]:
             raise usage.UsageError(
                 "--billing-interval must be positive and shorter than --hold-window")
@@ -242,6 +249,7 @@ def makeService(options, reactor=None):
                     billingInterval=options["billing-interval"],
                     holdWindow=options["hold-window"],
                     measureEvery=options["measure-every"],
+                    maxNetFee=options["max-net-fee"],
                     cpuBench={"every": options["cpu-bench-every"],
                               "image": options["cpu-bench-image"],
                               "mb": options["cpu-bench-mb"], "folder": data},

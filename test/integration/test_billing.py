@@ -17,14 +17,14 @@ from cpushare.server import billing, ledger, store
 
 from test.unit.livecdfakes import otherISO
 
-from .conftest import Market, cpushare, waitUntil
+from .conftest import Market, cpushare, startBuyer, waitUntil
 
 FAKE_SELLER = Path(__file__).parent / "fakeseller.py"
 PRICE = 36_000_000          # 36.00 a core-hour: 0.01 a core-second
 
 
-def startFakeSeller(processes, home, cores, name):
-    return processes.start(name, [sys.executable, FAKE_SELLER, home, cores, PRICE])
+def startFakeSeller(processes, home, cores, name, price=PRICE, extra=()):
+    return processes.start(name, [sys.executable, FAKE_SELLER, home, cores, price, *extra])
 
 
 def leases(market):
@@ -107,3 +107,87 @@ def test_killing_the_server_while_it_bills_charges_each_lease_exactly_once(
     shown = cpushare(buyer, "leases", "--json")
     assert sorted(entry["charged"] for entry in json.loads(shown.stdout)) == \
         sorted(row[5] for row in rows)
+
+
+def fundsOf(market, name):
+    conn = store.connect(str(market.data / "market.sqlite"))
+    try:
+        return store.transact(conn, lambda c: ledger.balances(c, c.execute(
+            "SELECT id FROM accounts WHERE name = ?", (name,)).fetchone()[0]))
+    finally:
+        conn.close()
+
+
+def test_a_seller_flooding_junk_frames_never_charges_the_buyer_past_its_budget(
+        processes, tmp_path):
+    # An operator who allows fees up to 1000.00 a GB; a seller asking that
+    # and pushing junk frames at the buyer's network as fast as it can; a
+    # buyer with 10.00 of funds and an order budget of 1.00.
+    market = Market(processes, tmp_path / "market",
+                    extra=["--billing-interval", "0.5", "--hold-window", "5",
+                           "--max-net-fee", "1000", "--measure-every", "0"]).start()
+    buyer = market.register(tmp_path / "bob", "bob", funds="10")
+    home = market.register(tmp_path / "greedy", "greedy", funds=None)
+    seller = startFakeSeller(processes, home, 2, "seller-greedy", price=10_000,
+                             extra=["--flood", "--net-fee", str(1000 * ledger.MICRO)])
+    seller.waitForLog("offering")
+    bobBuyer = startBuyer(processes, buyer)
+    market.waitForLog("buyer bob connected")
+    iso = tmp_path / "job.iso"
+    otherISO(str(iso))
+    assert cpushare(buyer, "image", "upload", iso).status == 0
+    placed = cpushare(buyer, "order", "place", "--image", iso, "--budget", "1.00", "--json")
+    assert placed.status == 0, placed
+    [vm] = json.loads(placed.stdout)["vm_ids"]
+    # The hold is spent within a second or so of flooding: the market stops the VM.
+    seller.waitForLog("stopped VM", timeout=30)
+    waitUntil(lambda: leases(market) and all(row[7] for row in leases(market)),
+              "the lease settled", timeout=30, processes=processes)
+    [(leaseId, price, netFee, cpu, traffic, charged, held, settled, _)] = leases(market)
+    assert charged <= ledger.MICRO, charged
+    assert held == 0
+    # Traffic stopped at what the hold paid for, about 1 MB, though the
+    # seller pushed far more.
+    assert 0 < traffic <= ledger.MICRO * 10**9 // netFee
+    bob = fundsOf(market, "bob")
+    assert bob[ledger.FUNDS] == 10 * ledger.MICRO - charged >= 9 * ledger.MICRO
+    assert bob[ledger.HELD] == 0
+    assert fundsOf(market, "greedy")[ledger.EARNINGS] == charged
+    status, out = books(market)
+    assert status == 0, out
+    shown = cpushare(buyer, "vms", "--json")
+    [entry] = json.loads(shown.stdout)
+    assert entry["vm"] == vm and entry["state"] == "stopped", entry
+    assert "the funds held for this VM are spent by its network traffic" in entry["reason"]
+    # The buyer's program was told too, and logs it.
+    bobBuyer.proc.waitForLog(f"VM {vm} left the network: the funds held for this VM are spent")
+    assert bobBuyer.proc.alive()
+
+
+def test_a_seller_that_fakes_its_vms_is_paid_nothing(processes, tmp_path):
+    market = Market(processes, tmp_path / "market",
+                    extra=["--billing-interval", "0.5", "--hold-window", "5",
+                           "--measure-every", "0"]).start()
+    buyer = market.register(tmp_path / "bob", "bob", funds="50")
+    home = market.register(tmp_path / "faker", "faker", funds=None)
+    faker = startFakeSeller(processes, home, 2, "seller-faker", extra=["--silent"])
+    faker.waitForLog("offering")
+    iso = tmp_path / "job.iso"
+    otherISO(str(iso))
+    assert cpushare(buyer, "image", "upload", iso).status == 0
+    placed = cpushare(buyer, "order", "place", "--image", iso, "--vms", "2", "--json")
+    assert placed.status == 0, placed
+    order = json.loads(placed.stdout)
+    waitUntil(lambda: faker.log().count("started VM") == 2, "the two VMs started",
+              processes=processes)
+    # It reports both VMs running flat out for a few bills.
+    time.sleep(2.0)
+    assert cpushare(buyer, "order", "cancel", str(order["order"])).status == 0
+    waitUntil(lambda: len(leases(market)) == 2 and all(row[7] for row in leases(market)),
+              "the leases settled", timeout=30, processes=processes)
+    for row in leases(market):
+        assert row[3] == 0.0 and row[5] == 0, row      # no CPU second billed, nothing charged
+    assert fundsOf(market, "faker")[ledger.EARNINGS] == 0
+    assert fundsOf(market, "bob")[ledger.FUNDS] == 50 * ledger.MICRO
+    status, out = books(market)
+    assert status == 0, out

@@ -182,12 +182,14 @@ def test_seller_is_listed_with_latency_and_buyer_is_not(market, processes, tmp_p
         assert started - 5 <= s["connected"] <= time.time() + 5, s
     assert byName["alice"]["session"] != byName["dave"]["session"]
 
-    table = cpushare(bob, "sellers")
+    # With no traffic expected, the cheapest CPU first: dave asks 0.02 a
+    # core-hour, alice 0.03 (with 1 GB a VM-hour, the default, dave's 0.50
+    # a GB puts alice first).
+    table = cpushare(bob, "sellers", "--traffic", "0")
     assert table.status == 0, table
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["NAME", "PRICE/CORE-H", "NET/GB", "FREE/CORES", "FREE/MEMORY",
                                 "RATING", "LATENCY", "MBPS", "CPU", "COUNTRY", "ONLINE"]
-    # The cheapest first: dave asks 0.02 a core-hour, alice 0.03.
     assert [line.split()[0] for line in lines[1:]] == ["dave", "alice"], table.stdout
     row = lines[2].split()
     assert row[1:6] == ["0.03", "0.00", "2/2", "1024/1024MB", "new"], table.stdout

@@ -36,9 +36,13 @@ def market(conn):
     return {"alice": alice, "sam": sam, "order": orderId, "vm": vmId}
 
 
-def lease(conn, m, started=1000.0, price=PRICE, netFee=0, cores=2):
-    return run(conn, openLease, m["vm"], m["order"], m["alice"], m["sam"], "sam", price,
-               netFee, cores, started, INTERVAL, WINDOW)
+def lease(conn, m, started=1000.0, price=PRICE, netFee=0, cores=2, alive=True):
+    """A lease opened at C{started}; with C{alive} its VM showed life at once."""
+    leaseId = run(conn, openLease, m["vm"], m["order"], m["alice"], m["sam"], "sam", price,
+                  netFee, cores, started, INTERVAL, WINDOW)
+    if alive:
+        run(conn, billing.showedLife, leaseId, started)
+    return leaseId
 
 
 def credit(conn, m, amount):
@@ -126,6 +130,66 @@ def test_an_orders_budget_caps_what_it_holds_and_spends(conn, market):
     assert result["stop"] == "the order's budget is spent"
     run(conn, bill, leaseId, 480.0, 0, 1240.0, True)
     assert balances(conn, market)[2] == 4800
+    check(conn)
+
+
+def test_traffic_never_charges_more_than_the_hold_nor_the_budget(conn, market):
+    # 10.00 of funds, an order budget of 1.00, a seller at 1000.00 a GB
+    # pushing 12 MB of junk frames: 12.00 of traffic at its fee.
+    credit(conn, market, 10 * MICRO)
+    conn.execute("UPDATE orders SET budget = ? WHERE id = ?", (MICRO, market["order"]))
+    leaseId = lease(conn, market, netFee=1000 * MICRO)
+    funds, held, _ = balances(conn, market)
+    assert held == MICRO and funds == 9 * MICRO
+    result = run(conn, bill, leaseId, 10.0, 12_000_000, 1010.0, False, INTERVAL, WINDOW)
+    assert result["charged"] == MICRO
+    assert "the funds held for this VM are spent" in result["stop"]
+    run(conn, bill, leaseId, 10.0, 13_000_000, 1011.0, True, INTERVAL, WINDOW, "spent")
+    funds, held, earned = balances(conn, market)
+    # Never more than the budget, and the rest of the funds untouched.
+    assert (funds, held, earned) == (9 * MICRO, 0, MICRO)
+    check(conn)
+
+
+def test_the_network_allowance_keeps_an_interval_of_cpu_for_the_seller(conn, market):
+    credit(conn, market, 10 * MICRO)
+    conn.execute("UPDATE orders SET budget = ? WHERE id = ?", (MICRO, market["order"]))
+    leaseId = lease(conn, market, netFee=1000 * MICRO)
+    # 1.00 held; an interval of 2 cores at full tilt is 1200: the rest pays
+    # for (1_000_000 - 1200) micro-units at 1000 a GB of traffic.
+    assert run(conn, billing.leaseNetLimit, leaseId, INTERVAL) == 998_800
+    result = run(conn, bill, leaseId, 50.0, 500_000, 1060.0, False, INTERVAL, WINDOW)
+    assert result["charged"] == 500 + 500_000 and result["stop"] is None
+    # Bytes billed plus what the remaining hold pays for, less an interval of CPU.
+    assert result["net_limit"] == 500_000 + (MICRO - 500_500 - 1200)
+    # Carrying exactly the limit, then a full interval of CPU, is all paid.
+    result = run(conn, bill, leaseId, 170.0, result["net_limit"], 1120.0, True, INTERVAL,
+                 WINDOW, "done")
+    assert result["stop"] is None
+    assert balances(conn, market)[2] == MICRO
+    assert billing.netLimit(PRICE, 0, 2, MICRO, 5) is None      # free traffic: no limit
+    check(conn)
+
+
+def test_a_vm_that_never_shows_life_earns_its_seller_nothing(conn, market):
+    credit(conn, market, 10 * MICRO)
+    leaseId = lease(conn, market, netFee=MICRO, alive=False)
+    # Its seller says it ran flat out for an hour and carried traffic.
+    result = run(conn, bill, leaseId, 7200.0, 10**8, 4600.0, False, INTERVAL, WINDOW)
+    assert result["charged"] == 0
+    run(conn, bill, leaseId, 7200.0, 10**8, 4600.0, True, INTERVAL, WINDOW, "stopped")
+    assert balances(conn, market) == (10 * MICRO, 0, 0)
+    check(conn)
+
+
+def test_billing_counts_wall_time_from_the_first_sign_of_life(conn, market):
+    credit(conn, market, 10 * MICRO)
+    leaseId = lease(conn, market, alive=False)
+    run(conn, billing.showedLife, leaseId, 1100.0)
+    run(conn, billing.showedLife, leaseId, 1200.0)          # only the first counts
+    # 300 s after placement, 200 s after life: at most 2 x 200 CPU seconds.
+    result = run(conn, bill, leaseId, 600.0, 0, 1300.0, False, INTERVAL, WINDOW)
+    assert result["charged"] == 400 * 10
     check(conn)
 
 

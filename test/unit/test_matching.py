@@ -64,7 +64,7 @@ class MatchingTests(OrderCase):
     @defer.inlineCallbacks
     def test_screens_exclude_sellers_and_explain_why(self):
         yield self.seller("cheap", price=20_000, country="DE")
-        yield self.seller("italian", price=40_000, country="IT", net_fee=2 * MICRO)
+        yield self.seller("italian", price=40_000, country="IT", net_fee=MICRO // 2)
         yield self.seller("anywhere", price=30_000)
 
         listed = yield self.sellers(max_price=35_000, explain=True)
@@ -85,9 +85,9 @@ class MatchingTests(OrderCase):
                          "is in an unstated country, not in --country IT")
         listed = yield self.sellers(not_countries=["DE", "IT"])
         self.assertEqual([s["name"] for s in listed["sellers"]], ["anywhere"])
-        listed = yield self.sellers(max_net_fee=MICRO, countries=["IT"], explain=True)
+        listed = yield self.sellers(max_net_fee=MICRO // 4, countries=["IT"], explain=True)
         self.assertEqual(listed["passing"], 0)
-        self.assertIn("charges 2.00 a GB, more than --max-net-fee 1.00",
+        self.assertIn("charges 0.50 a GB, more than --max-net-fee 0.25",
                       [s.get("excluded") for s in listed["sellers"]])
         # A new seller has no votes: a rating floor excludes it; latency is
         # measured by the heartbeats (0.2 s here) and may not be yet.
@@ -183,7 +183,7 @@ class MatchingTests(OrderCase):
 
     @defer.inlineCallbacks
     def test_only_a_leases_buyer_rates_it_once_and_the_rating_is_shown(self):
-        seller, _, _ = yield self.seller("rated", cores=1, price=3_600_000)
+        seller, _, _ = yield self.seller("rated", cores=1, price=6_000_000)
         placed = yield self.order()
         yield within(seller.started.get())
         [lease] = (yield self.call(self.cli, commands.ListLeases))["leases"]
@@ -200,10 +200,13 @@ class MatchingTests(OrderCase):
         with self.assertRaises(commands.NotPermitted) as e:
             yield self.call(self.cli, commands.Rate, lease=lease["lease"], good=True)
         self.assertIn("was not billed anything yet", str(e.exception))
-        # The VM ran 1000 CPU seconds at 3.60 a core-hour: 1.00 billed, a full vote.
+        # The VM ran 600 CPU seconds at 6.00 a core-hour: 1.00 billed (all
+        # that the ten minutes' hold holds), a full vote.
         yield self.call(seller, commands.VMState, vm=lease["vm"], state="running",
-                        cpu_seconds=1000.0)
-        yield self.store.run(lambda c: c.execute("UPDATE leases SET started = started - 1100"))
+                        cpu_seconds=600.0)
+        # It showed life from the start (billing counts only from then).
+        yield self.store.run(lambda c: c.execute(
+            "UPDATE leases SET started = started - 700, live_since = started - 700"))
         yield self.market.billing.tick()
         [lease] = (yield self.call(self.cli, commands.ListLeases))["leases"]
         self.assertEqual(lease["charged"], MICRO)
@@ -290,13 +293,15 @@ class BillingTests(OrderCase):
         placed = yield self.place()
         [vmId] = placed["vm_ids"]
         yield within(self.seller.started.get())
+        yield self.showLife(self.seller, vmId)
         self.assertEqual((yield self.balances("carol"))[ledger.HELD], 150_000)
         self.market.billing.interval = 60.0
         # The VM used 100 CPU seconds: 0.10 of the 0.15 held.
         yield self.call(self.seller, commands.VMState, vm=vmId, state="running",
                         cpu_seconds=100.0)
         # As if the lease began 110 s ago (the cap is wall time x cores).
-        yield self.store.run(lambda c: c.execute("UPDATE leases SET started = started - 110"))
+        yield self.store.run(lambda c: c.execute("UPDATE leases SET started = started - 110,"
+                                             " live_since = live_since - 110"))
         yield self.market.billing.tick()
         # 0.05 left cannot hold an interval at full tilt (0.06): stopped.
         self.assertEqual((yield within(self.seller.stopped.get())), vmId)

@@ -93,6 +93,23 @@ class OrderCase(test_session.ImageCase):
         return session.control.callRemote(command, **kw)
 
     @defer.inlineCallbacks
+    def showLife(self, seller, vmId):
+        """The VM prints on its console, as a booting VM does: its lease is billed from now."""
+        seller.sendFrame(consoleChannel(vmId), b"Linux version ...\r\n")
+
+        def alive(cursor):
+            cursor.execute("SELECT live_since FROM leases WHERE vm_id = ? AND ended IS NULL",
+                           (vmId,))
+            row = cursor.fetchone()
+            return row is not None and row[0] is not None
+
+        for _ in range(100):
+            if (yield self.store.run(alive)):
+                return
+            yield sleep(0.05)
+        self.fail(f"VM {vmId} never showed life")
+
+    @defer.inlineCallbacks
     def runOne(self):
         """A seller (sam) offering one core, and one VM of alice's started on it."""
         seller = yield self.program("seller", self.sam)
@@ -259,6 +276,7 @@ class OrderTests(OrderCase):
         other = yield self.program("seller", ben)
         yield self.offer(other, 1, 1024)
         yield within(other.started.get())
+        yield self.showLife(other, vm)
         listed = (yield self.call(self.cli, commands.ListVMs))["vms"][0]
         self.assertEqual((listed["seller"], listed["cpu_seconds"]), ("ben", 0.0))
         yield self.call(other, commands.VMState, vm=vm, state="running", cpu_seconds=2.0)

@@ -46,14 +46,71 @@ def test_frames_cross_a_link_both_ways_unchanged_and_counted():
     assert link.statsFor(buyer, 20)["frames_out"] == 1
 
 
-def test_a_full_receiver_drops_and_counts():
+def test_a_full_receiver_drops_and_counts_the_drops_but_bills_no_traffic_for_them():
     relay = Relay()
     a, b = FakeSession(1), FakeSession(2, room=False)
     link = relay.link(a, 1, b, 1)
     a.receive(1, b"x")
-    a.receive(1, b"y")
-    assert link.statsFor(a, 1)["dropped"] == 2
-    assert link.statsFor(a, 1)["frames_out"] == 2
+    a.receive(1, b"y" * 1500)
+    stats = link.statsFor(a, 1)
+    assert stats["dropped"] == 2
+    # Traffic (what a VM's lease pays for) is only what was delivered.
+    assert (stats["frames_out"], stats["bytes_out"]) == (0, 0)
+    assert link.bytesAB + link.bytesBA == 0
+    b.room = True
+    a.receive(1, b"z" * 100)
+    assert (link.framesAB, link.bytesAB) == (1, 100)
+
+
+def test_a_link_delivers_no_byte_past_its_allowance_and_says_so_once():
+    relay = Relay()
+    seller, buyer = FakeSession(1), FakeSession(2)
+    link = relay.link(seller, 5, buyer, 5)
+    spent = []
+    link.meter(2500, lambda: spent.append(True))
+    seller.receive(5, b"a" * 1500)
+    buyer.receive(5, b"b" * 900)
+    # 100 bytes left: a frame of 101 does not fit, in either direction.
+    seller.receive(5, b"c" * 101)
+    buyer.receive(5, b"d" * 101)
+    for _ in range(1000):
+        seller.receive(5, b"junk" * 375)
+    assert buyer.sent == [(5, b"a" * 1500)]
+    assert seller.sent == [(5, b"b" * 900)]
+    assert link.bytesAB + link.bytesBA == 2400
+    assert spent == [True]
+    assert link.overAllowance == 1002
+    # What still fits goes through.
+    buyer.receive(5, b"e" * 100)
+    assert link.bytesAB + link.bytesBA == 2500 and link.allowance == 0
+    # A new allowance, and its own call when it is spent; no limit at all.
+    link.meter(10, lambda: spent.append("again"))
+    seller.receive(5, b"f" * 11)
+    assert spent == [True, "again"]
+    link.meter(None)
+    seller.receive(5, b"g" * 100_000)
+    assert buyer.sent[-1] == (5, b"g" * 100_000)
+
+
+def test_the_first_frame_delivered_towards_b_is_noticed_once():
+    relay = Relay()
+    seller, buyer = FakeSession(1, room=False), FakeSession(2, room=False)
+    link = relay.link(seller, 5, buyer, 5)
+    seen = []
+    link.watchFirstAB(lambda: seen.append(link.bytesAB))
+    seller.receive(5, b"dropped")       # not delivered: no sign of life
+    seller.room = buyer.room = True
+    buyer.receive(5, b"to the VM")      # the other way: no sign of life either
+    assert seen == []
+    seller.receive(5, b"dhcp request")
+    seller.receive(5, b"more")
+    assert seen == [12]
+    assert buyer.sent == [(5, b"dhcp request"), (5, b"more")]
+    # Once unlinked, nothing puts its routes back.
+    relay.unlink(link, "gone")
+    link.meter(5)
+    link.watchFirstAB(lambda: None)
+    assert seller.routes == {} and buyer.routes == {}
 
 
 def test_frames_on_other_channels_go_nowhere():
