@@ -31,12 +31,20 @@ CHANNEL_RESERVE.  (Within one reactor turn, before anything is written, a
 sender may queue up to FRAME_QUEUE_LIMIT on one channel: C{congested}
 tells a bulk sender when to wait.)
 The queue is bounded by FRAME_QUEUE_LIMIT plus CHANNEL_RESERVE a channel.
+
+While control is paused that way, what the peer still sends is held, at
+most HELD_INPUT_LIMIT bytes (a transport stops reading once paused, so an
+honest peer never comes near it), and the AMP parser stops after the box
+at hand.  The AMP boxes themselves are bounded (L{ControlProtocol}): at
+most MAX_BOX_KEYS keys, MAX_BOX_BYTES bytes, keys of MAX_KEY_LENGTH and
+values of MAX_VALUE_LENGTH bytes; at most MAX_IN_FLIGHT requests of one
+peer are answered at a time, the excess refused with an error.
 """
 
 import re
 import struct
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IPushProducer, ITransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -44,6 +52,7 @@ from twisted.protocols import amp
 from zope.interface import implementer
 
 import cpushare
+from cpushare.protocol.arguments import BadArgument, checkArguments, show
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct("!II")
@@ -57,6 +66,14 @@ CHANNEL_QUEUE_LIMIT = 128 * 1024
 CHANNEL_RESERVE = 16 * 1024
 CONTROL_QUEUE_LIMIT = 1024 * 1024
 CLOSE_TIMEOUT = 10.0
+HELD_INPUT_LIMIT = 256 * 1024
+MAX_BOX_KEYS = 64
+MAX_BOX_BYTES = 256 * 1024
+MAX_KEY_LENGTH = 255
+MAX_VALUE_LENGTH = 65535
+MAX_IN_FLIGHT = 16
+BAD_INPUT_LOG_INTERVAL = 60.0
+BAD_REQUEST_CODE = b"BAD_REQUEST"
 
 _GREETING = re.compile(rb"CPUSHARE/([0-9]{1,6}) ([\x21-\x7e]{1,64})\Z")
 
@@ -187,6 +204,7 @@ class Multiplexer(Protocol):
         self._closing = False
         self._closeTimeout = None
         self._drainWaiters = []
+        self._resumeCall = None
 
     # -- Protocol
 
@@ -221,6 +239,9 @@ class Multiplexer(Protocol):
         if self._buffer:
             data = self._buffer + data
             self._buffer = b""
+        if self._readPaused:
+            self._holdInput(data)
+            return
         offset = 0
         if not self._greeted:
             offset = self._readGreeting(data)
@@ -248,6 +269,11 @@ class Multiplexer(Protocol):
                 self.control.dataReceived(payload)
                 if self._closing:
                     return
+                if self._readPaused:
+                    # The peer is not reading our answers: its further
+                    # requests wait until it does.
+                    self._holdInput(data[offset:])
+                    return
             else:
                 counters.framesIn += 1
                 counters.bytesIn += length
@@ -258,6 +284,41 @@ class Multiplexer(Protocol):
                     route(payload)
         if offset < n:
             self._buffer = data[offset:]
+
+    def _holdInput(self, data):
+        if len(data) > HELD_INPUT_LIMIT:
+            self.protocolError(
+                f"the peer sent more than {HELD_INPUT_LIMIT} bytes while not "
+                f"reading the answers it asked for"
+            )
+            return
+        self._buffer = data
+
+    def _resumeInput(self):
+        """Our control queue drained: go on with the input we held."""
+        self._resumeCall = None
+        if self._closing or self._readPaused or self.control is None:
+            return
+        self.control.resumeInput()
+        if self._closing or self._readPaused or self.control.paused:
+            return
+        if self._buffer:
+            self.dataReceived(b"")
+
+    @property
+    def controlBacklogged(self):
+        """True while the peer owes us reading more than CONTROL_QUEUE_LIMIT bytes."""
+        return self._readPaused
+
+    def bufferedBytes(self):
+        """
+        Bytes this connection holds for its peer, both ways: input not yet
+        parsed, the control box being read, and output not yet written.
+        """
+        held = len(self._buffer) + self._queued
+        if self.control is not None:
+            held += self.control.bufferedBytes()
+        return held
 
     def _readGreeting(self, data):
         magic = b"CPUSHARE/"
@@ -333,6 +394,10 @@ class Multiplexer(Protocol):
         self._flushCall = None
         if self._closeTimeout is not None and self._closeTimeout.active():
             self._closeTimeout.cancel()
+        if self._resumeCall is not None and self._resumeCall.active():
+            self._resumeCall.cancel()
+        self._resumeCall = None
+        self._buffer = b""
         self._out = []
         self._queued = 0
         self._perChannel.clear()
@@ -399,6 +464,8 @@ class Multiplexer(Protocol):
             if self._readPaused:
                 self._readPaused = False
                 self.transport.resumeProducing()
+                if self._resumeCall is None:
+                    self._resumeCall = self.reactor.callLater(0, self._resumeInput)
             if self._drainWaiters:
                 self._drained()
 
@@ -444,13 +511,153 @@ class ControlProtocol(amp.AMP):
     """
     AMP on channel 0.  The multiplexer logs connections once; AMP's own
     per-connection log lines would only repeat it.
+
+    Every peer may be hostile, so: a box is bounded (MAX_BOX_KEYS keys,
+    MAX_BOX_BYTES bytes in all, keys of MAX_KEY_LENGTH bytes) and a peer
+    that sends a larger one is disconnected; each command's arguments are
+    checked against their types (L{cpushare.protocol.arguments}) before its
+    responder runs, and a bad one answered with an error naming it; at
+    most C{maxInFlight} commands are answered at a time, the excess
+    refused; answers to questions never asked are ignored.  Each of these
+    is logged, one line per connection at most every
+    BAD_INPUT_LOG_INTERVAL seconds, never with a traceback.
     """
+
+    _MAX_KEY_LENGTH = MAX_KEY_LENGTH
+    _MAX_VALUE_LENGTH = MAX_VALUE_LENGTH
+    MAX_LENGTH = MAX_KEY_LENGTH
+    maxInFlight = MAX_IN_FLIGHT
+    log = Logger()
+
+    _mux = None
+    _boxKeys = 0
+    _boxBytes = 0
+    _refused = False
+    inFlight = 0
+    badInputs = 0
+    _badLogged = None
+    _badUnlogged = 0
 
     def makeConnection(self, transport):
         self._transportPeer = transport.getPeer()
         self._transportHost = transport.getHost()
+        self._mux = getattr(transport, "_mux", None)
         return amp.BinaryBoxProtocol.makeConnection(self, transport)
 
     def connectionLost(self, reason):
         amp.BinaryBoxProtocol.connectionLost(self, reason)
         self.transport = None
+        self._unprocessed = b""
+        self._currentBox = None
+
+    # -- bounded boxes
+
+    def stringReceived(self, string):
+        if self._refused:
+            return
+        self._boxBytes += 2 + len(string)
+        if self._boxBytes > MAX_BOX_BYTES:
+            self._refuseBox(f"a control message larger than the limit of {MAX_BOX_BYTES} bytes")
+            return
+        amp.AMP.stringReceived(self, string)
+
+    def proto_key(self, string):
+        if string:
+            self._boxKeys += 1
+            if self._boxKeys > MAX_BOX_KEYS:
+                self._refuseBox(
+                    f"a control message with more than the limit of {MAX_BOX_KEYS} keys")
+                return "key"
+        else:
+            self._boxKeys = 0
+            self._boxBytes = 0
+        return amp.AMP.proto_key(self, string)
+
+    def lengthLimitExceeded(self, length):
+        self._refuseBox(
+            f"a control message key of {length} bytes (the limit is {MAX_KEY_LENGTH})")
+
+    def _refuseBox(self, what):
+        """The peer sent a box past a limit: nothing more of it is read."""
+        self._refused = True
+        self.paused = True
+        self._currentBox = None
+        self._unprocessed = b""
+        if self._mux is not None:
+            self._mux.protocolError(f"the peer sent {what}")
+        elif self.transport is not None:
+            self.transport.abortConnection()
+
+    def bufferedBytes(self):
+        """Input bytes held: unparsed, and the box being read."""
+        return len(self._unprocessed) + self._boxBytes
+
+    def resumeInput(self):
+        """The multiplexer's output drained: read the boxes already received."""
+        if self.paused and not self._refused and self.transport is not None:
+            self.paused = False
+            self.dataReceived(b"")
+
+    # -- checked commands and answers
+
+    def ampBoxReceived(self, box):
+        if amp.ANSWER in box or amp.ERROR in box:
+            tag = box[amp.ANSWER] if amp.ANSWER in box else box[amp.ERROR]
+            if tag not in self._outstandingRequests:
+                self.badInput(f"an answer to a question never asked ({show(tag)})")
+                return
+            if amp.ANSWER not in box:
+                box.setdefault(amp.ERROR_CODE, b"UNKNOWN")
+                box.setdefault(amp.ERROR_DESCRIPTION, b"(the peer gave no description)")
+        elif amp.COMMAND not in box:
+            self.badInput("a control message that is neither a command nor an answer")
+            return
+        amp.AMP.ampBoxReceived(self, box)
+        if self._mux is not None and self._mux.controlBacklogged:
+            # Stop after this box: the rest waits until the peer reads.
+            self.paused = True
+
+    def dispatchCommand(self, box):
+        name = box[amp.COMMAND]
+        entry = self._commandDispatch.get(name)
+        if entry is None:
+            self.badInput(f"unknown command {show(name)}")
+            return fail(amp.RemoteAmpError(
+                amp.UNHANDLED_ERROR_CODE, f"unknown command {show(name)}"))
+        if self.inFlight >= self.maxInFlight:
+            problem = f"too many requests in flight (limit {self.maxInFlight})"
+            self.badInput(problem)
+            return fail(amp.RemoteAmpError(BAD_REQUEST_CODE, problem))
+        command = entry[0]
+        try:
+            checkArguments(command.arguments, box)
+        except BadArgument as e:
+            problem = f"{command.__name__}: {e}"
+            self.badInput(problem)
+            return fail(amp.RemoteAmpError(BAD_REQUEST_CODE, str(e)))
+        self.inFlight += 1
+
+        def answered(result):
+            self.inFlight -= 1
+            return result
+
+        return amp.AMP.dispatchCommand(self, box).addBoth(answered)
+
+    def badInput(self, problem):
+        """
+        Note a bad message from the peer: logged once, then at most once
+        every BAD_INPUT_LOG_INTERVAL seconds for this connection.
+        """
+        self.badInputs += 1
+        now = self._mux.reactor.seconds() if self._mux is not None else 0.0
+        if self._badLogged is not None and now - self._badLogged < BAD_INPUT_LOG_INTERVAL:
+            self._badUnlogged += 1
+            return
+        self._badLogged = now
+        unlogged, self._badUnlogged = self._badUnlogged, 0
+        self.log.warn(
+            "{peer} sent a bad control message: {problem}{more}",
+            peer=self._mux.describePeer() if self._mux is not None else "?",
+            problem=problem,
+            more=f" ({unlogged} more since the last report)" if unlogged else "",
+        )
