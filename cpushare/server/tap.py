@@ -20,6 +20,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from cpushare.protocol.heartbeat import DEFAULT_INTERVAL, DEFAULT_TIMEOUT
+from cpushare.server.admission import UNAUTHENTICATED_PER_ADDRESS, UNAUTHENTICATED_TOTAL
 
 log = Logger()
 
@@ -87,6 +88,11 @@ class Options(usage.Options):
         ["payout-minimum", None, "10.00", "The smallest payout a seller may ask for."],
         ["currency", None, "USD", "The market's currency (ISO 4217 code)."],
         ["payout-poll", None, 60.0, "Seconds between asking PayPal about payouts.", float],
+        ["max-unauthenticated-per-address", None, UNAUTHENTICATED_PER_ADDRESS,
+         "Connections one source address may hold open before saying hello "
+         "(a TLS handshake, a registration); more are closed at once.", int],
+        ["max-unauthenticated", None, UNAUTHENTICATED_TOTAL,
+         "Connections all addresses together may hold open before saying hello.", int],
     ]
 
     def postOptions(self):
@@ -97,6 +103,9 @@ class Options(usage.Options):
             self["default-price"] = parseAmount(self["default-price"], maximum=MAX_PRICE)
         except BadAmount as e:
             raise usage.UsageError(f"--default-price: {e}")
+        if self["max-unauthenticated-per-address"] < 1 or self["max-unauthenticated"] < 1:
+            raise usage.UsageError(
+                "--max-unauthenticated-per-address and --max-unauthenticated must be at least 1")
         if not 0 < self["billing-interval"] < self["hold-window"]:
             raise usage.UsageError(
                 "--billing-interval must be positive and shorter than --hold-window")
@@ -223,6 +232,8 @@ def makeService(options, reactor=None):
                               "image": options["cpu-bench-image"],
                               "mb": options["cpu-bench-mb"], "folder": data})
     market.orders.grace = options["grace"]
+    market.admission.perAddress = options["max-unauthenticated-per-address"]
+    market.admission.total = options["max-unauthenticated"]
     market.setServiceParent(service)
     market.funds = funds = Funds(
         reactor, store, paypal=makePayPal(reactor, options), currency=options["currency"],
