@@ -618,23 +618,32 @@ class ControlProtocol(amp.AMP):
             self.paused = True
 
     def dispatchCommand(self, box):
+        d = self._dispatchChecked(box)
+        if amp.ASK not in box:
+            # Nobody to answer: a refusal is noted, not logged as a failure.
+            d.addErrback(self._unanswerable, box[amp.COMMAND])
+        return d
+
+    def _unanswerable(self, failure, name):
+        failure.trap(amp.RemoteAmpError)
+        if not getattr(failure.value, "noted", False):
+            self.badInput(f"{show(name)} (asking no answer): {failure.value.description}")
+
+    def _dispatchChecked(self, box):
         name = box[amp.COMMAND]
         entry = self._commandDispatch.get(name)
+        if entry is not None and entry[0].__module__ == amp.__name__:
+            entry = None        # AMP's own StartTLS: not spoken on channel 0
         if entry is None:
-            self.badInput(f"unknown command {show(name)}")
-            return fail(amp.RemoteAmpError(
-                amp.UNHANDLED_ERROR_CODE, f"unknown command {show(name)}"))
+            return self._refuse(amp.UNHANDLED_ERROR_CODE, f"unknown command {show(name)}")
         if self.inFlight >= self.maxInFlight:
-            problem = f"too many requests in flight (limit {self.maxInFlight})"
-            self.badInput(problem)
-            return fail(amp.RemoteAmpError(BAD_REQUEST_CODE, problem))
+            return self._refuse(
+                BAD_REQUEST_CODE, f"too many requests in flight (limit {self.maxInFlight})")
         command = entry[0]
         try:
             checkArguments(command.arguments, box)
         except BadArgument as e:
-            problem = f"{command.__name__}: {e}"
-            self.badInput(problem)
-            return fail(amp.RemoteAmpError(BAD_REQUEST_CODE, str(e)))
+            return self._refuse(BAD_REQUEST_CODE, str(e), f"{command.__name__}: {e}")
         self.inFlight += 1
 
         def answered(result):
@@ -642,6 +651,13 @@ class ControlProtocol(amp.AMP):
             return result
 
         return amp.AMP.dispatchCommand(self, box).addBoth(answered)
+
+    def _refuse(self, code, description, logged=None):
+        """A command refused before its responder: noted, and answered with C{code}."""
+        self.badInput(logged or description)
+        error = amp.RemoteAmpError(code, description)
+        error.noted = True
+        return fail(error)
 
     def badInput(self, problem):
         """

@@ -166,7 +166,10 @@ class MemoryMarket:
         self.store = InlineStore(self.reactor, os.path.join(self.folder, "market.sqlite"))
         self.store.startService()
         self.store.open()
-        self.market = Market(self.reactor, self.store, self.credentials,
+        from cpushare.server.images import ImageStore
+        self.images = ImageStore(self.reactor, self.store, os.path.join(self.folder, "images"),
+                                 quota=64 * 1024 * 1024)
+        self.market = Market(self.reactor, self.store, self.credentials, self.images,
                              heartbeat=heartbeat, timeout=timeout, measureEvery=0)
         self.factory = MarketFactory(self.market)
         self._port = 40000

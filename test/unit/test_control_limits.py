@@ -299,3 +299,12 @@ def test_an_error_answer_without_its_code_reaches_the_caller_as_an_error():
         m.dataReceived(control(amp.AmpBox({b"_error": sent[b"_ask"]}).serialize()))
     assert failures and "no description" in str(failures[0].value)
     assert not log.failures
+
+
+def test_amps_own_start_tls_is_an_unknown_command_here():
+    clock, m, transport = connected()
+    with LogCapture() as log:
+        answer = ask(m, clock, transport, request(b"StartTLS", 1))
+        assert answer[b"_error_code"] == b"UNHANDLED"
+        assert ask(m, clock, transport, request(b"Echo", 2, text=b"x"))[b"text"] == b"X"
+    assert not log.failures
