@@ -38,7 +38,10 @@ honest peer never comes near it), and the AMP parser stops after the box
 at hand.  The AMP boxes themselves are bounded (L{ControlProtocol}): at
 most MAX_BOX_KEYS keys, MAX_BOX_BYTES bytes, keys of MAX_KEY_LENGTH and
 values of MAX_VALUE_LENGTH bytes; at most MAX_IN_FLIGHT requests of one
-peer are answered at a time, the excess refused with an error.
+peer are answered at a time, the excess refused with an error.  And a
+connection reads at most MAX_BOXES_PER_TURN boxes in one turn of the
+reactor before it lets the other connections have theirs: a peer that
+pipelines thousands of requests delays its own answers, not everybody's.
 """
 
 import re
@@ -72,6 +75,7 @@ MAX_BOX_BYTES = 256 * 1024
 MAX_KEY_LENGTH = 255
 MAX_VALUE_LENGTH = 65535
 MAX_IN_FLIGHT = 16
+MAX_BOXES_PER_TURN = 32
 BAD_INPUT_LOG_INTERVAL = 60.0
 BAD_REQUEST_CODE = b"BAD_REQUEST"
 
@@ -205,6 +209,8 @@ class Multiplexer(Protocol):
         self._closeTimeout = None
         self._drainWaiters = []
         self._resumeCall = None
+        self._turnPaused = False
+        self._transportPaused = False
 
     # -- Protocol
 
@@ -239,7 +245,7 @@ class Multiplexer(Protocol):
         if self._buffer:
             data = self._buffer + data
             self._buffer = b""
-        if self._readPaused:
+        if self._readPaused or self._turnPaused:
             self._holdInput(data)
             return
         offset = 0
@@ -269,9 +275,9 @@ class Multiplexer(Protocol):
                 self.control.dataReceived(payload)
                 if self._closing:
                     return
-                if self._readPaused:
-                    # The peer is not reading our answers: its further
-                    # requests wait until it does.
+                if self._readPaused or self._turnPaused:
+                    # The peer is not reading our answers, or has had its
+                    # turn: its further requests wait.
                     self._holdInput(data[offset:])
                     return
             else:
@@ -295,15 +301,45 @@ class Multiplexer(Protocol):
         self._buffer = data
 
     def _resumeInput(self):
-        """Our control queue drained: go on with the input we held."""
+        """Our control queue drained, or a new turn came: go on with the input we held."""
         self._resumeCall = None
-        if self._closing or self._readPaused or self.control is None:
+        if self._closing or self._readPaused or self._turnPaused or self.control is None:
             return
         self.control.resumeInput()
-        if self._closing or self._readPaused or self.control.paused:
+        if self._closing or self._readPaused or self._turnPaused or self.control.paused:
             return
         if self._buffer:
             self.dataReceived(b"")
+
+    def yieldTurn(self):
+        """
+        The control protocol read its share of boxes for this reactor turn:
+        read no more from this peer until the next one.
+        """
+        if self._turnPaused or self._closing:
+            return
+        self._turnPaused = True
+        self._setReading()
+        self.reactor.callLater(0, self._nextTurn)
+
+    def _nextTurn(self):
+        self._turnPaused = False
+        if self._closing:
+            return
+        if self.control is not None:
+            self.control.newTurn()
+        self._setReading()
+        self._resumeInput()
+
+    def _setReading(self):
+        """Pause or resume reading from the transport, as our state wants."""
+        paused = self._readPaused or self._turnPaused
+        if paused != self._transportPaused and not self._closing:
+            self._transportPaused = paused
+            if paused:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
 
     @property
     def controlBacklogged(self):
@@ -442,7 +478,7 @@ class Multiplexer(Protocol):
             # The peer is not reading what we owe it; stop reading its
             # requests until it catches up.
             self._readPaused = True
-            self.transport.pauseProducing()
+            self._setReading()
         if self._flushCall is None and not self._writePaused:
             self._flushCall = self.reactor.callLater(0, self._flush)
 
@@ -463,7 +499,7 @@ class Multiplexer(Protocol):
         if not self._writePaused:
             if self._readPaused:
                 self._readPaused = False
-                self.transport.resumeProducing()
+                self._setReading()
                 if self._resumeCall is None:
                     self._resumeCall = self.reactor.callLater(0, self._resumeInput)
             if self._drainWaiters:
@@ -535,6 +571,7 @@ class ControlProtocol(amp.AMP):
     _refused = False
     inFlight = 0
     badInputs = 0
+    _turnBoxes = 0
     _badLogged = None
     _badUnlogged = 0
 
@@ -601,6 +638,18 @@ class ControlProtocol(amp.AMP):
     # -- checked commands and answers
 
     def ampBoxReceived(self, box):
+        self._boxReceived(box)
+        if self._mux is None:
+            return
+        self._turnBoxes += 1
+        if self._mux.controlBacklogged:
+            # Stop after this box: the rest waits until the peer reads.
+            self.paused = True
+        elif self._turnBoxes >= MAX_BOXES_PER_TURN:
+            self.paused = True
+            self._mux.yieldTurn()
+
+    def _boxReceived(self, box):
         if amp.ANSWER in box or amp.ERROR in box:
             tag = box[amp.ANSWER] if amp.ANSWER in box else box[amp.ERROR]
             if tag not in self._outstandingRequests:
@@ -613,9 +662,9 @@ class ControlProtocol(amp.AMP):
             self.badInput("a control message that is neither a command nor an answer")
             return
         amp.AMP.ampBoxReceived(self, box)
-        if self._mux is not None and self._mux.controlBacklogged:
-            # Stop after this box: the rest waits until the peer reads.
-            self.paused = True
+
+    def newTurn(self):
+        self._turnBoxes = 0
 
     def dispatchCommand(self, box):
         d = self._dispatchChecked(box)

@@ -308,3 +308,13 @@ def test_amps_own_start_tls_is_an_unknown_command_here():
         assert answer[b"_error_code"] == b"UNHANDLED"
         assert ask(m, clock, transport, request(b"Echo", 2, text=b"x"))[b"text"] == b"X"
     assert not log.failures
+
+
+def test_a_connection_reads_a_bounded_number_of_boxes_a_reactor_turn():
+    clock, m, transport = connected()
+    n = 3 * mux.MAX_BOXES_PER_TURN + 5
+    m.dataReceived(control(b"".join(request(b"Echo", i, text=b"x") for i in range(n))))
+    # This turn's answers are queued; the rest waits for the next turns.
+    assert len(answers(b"".join(m._out))) == mux.MAX_BOXES_PER_TURN
+    clock.advance(0)
+    assert [int(b[b"_answer"]) for b in answers(transport.value())] == list(range(n))
