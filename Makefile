@@ -33,6 +33,7 @@ fuzz: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
 	$(PY) bench/market.py $(MARKET_BENCH_ARGS)
+	$(PY) bench/flood.py $(FLOOD_BENCH_ARGS)
 	@if [ "$$(id -u)" = 0 ]; then $(PY) bench/vms.py $(VM_BENCH_ARGS); \
 	else echo "bench/vms.py skipped: it needs root (a TAP device, the cpushare-vm user)"; fi
 
