@@ -334,7 +334,8 @@ class Multiplexer(Protocol):
     def _setReading(self):
         """Pause or resume reading from the transport, as our state wants."""
         paused = self._readPaused or self._turnPaused
-        if paused != self._transportPaused and not self._closing:
+        if paused != self._transportPaused and not self._closing \
+                and not getattr(self.transport, "disconnecting", False):
             self._transportPaused = paused
             if paused:
                 self.transport.pauseProducing()

@@ -15,6 +15,8 @@ cases per test instead.
 import gc
 import os
 import struct
+import sys
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -44,6 +46,29 @@ def examples(target):
     if wanted.isdigit() and int(wanted) > 1:
         return int(wanted)
     return (LARGE if wanted else QUICK)[target]
+
+
+CASES = {"run": 0}
+
+
+def counted(target, run):
+    """Run a fuzz test's cases and say how many ran, past pytest's capture."""
+    CASES["run"] = 0
+    started = time.monotonic()
+    run()
+    line = f"fuzz: {target}: {CASES['run']} cases in {time.monotonic() - started:.0f}s"
+    capture = CASES.get("capture")
+    if capture is not None:
+        with capture.global_and_fixture_disabled():
+            sys.stdout.write(f"\n{line}\n")
+            sys.stdout.flush()
+    else:
+        sys.stdout.write(line + "\n")
+
+
+@pytest.fixture(autouse=True)
+def _capture(request):
+    CASES["capture"] = request.config.pluginmanager.get_plugin("capturemanager")
 
 
 def profile(target):
@@ -243,6 +268,7 @@ def honestClientServed(m):
 
 
 def playServer(m, failures, account, hello, stream, cuts, what):
+    CASES["run"] += 1
     sessions = len(m.market.sessions)
     session, transport = m.connect(account, host="198.51.100.1")
     if hello and session.connected:
@@ -278,7 +304,7 @@ class TestServer:
         def case(account, role, stream, cuts):
             playServer(market, failures, account, role, stream, cuts, "a random stream")
 
-        case()
+        counted("server_stream", case)
 
     def test_every_command(self, market, failures):
         @profile("server_commands")
@@ -286,7 +312,7 @@ class TestServer:
         def case(account, role, stream, cuts):
             playServer(market, failures, account, role, stream, cuts, "a command stream")
 
-        case()
+        counted("server_commands", case)
 
     def test_registration(self, market, failures):
         """Register, with names and requests good and bad, before and after Hello."""
@@ -307,7 +333,7 @@ class TestServer:
         def case(account, role, stream, cuts):
             playServer(market, failures, account, role, stream, cuts, "a registration")
 
-        case()
+        counted("registration", case)
 
 
 # -- the clients
@@ -377,6 +403,7 @@ def honestServerServes(kind):
 
 
 def playClient(kind, failures, helloFirst, stream, cuts):
+    CASES["run"] += 1
     reactor, session, transport = clientConnection(kind)
     reactor.advance(0)
     if helloFirst:
@@ -407,7 +434,7 @@ class TestClients:
         def case(helloFirst, stream, cuts):
             playClient("seller", failures, helloFirst, stream, cuts)
 
-        case()
+        counted("seller", case)
 
     def test_buyer(self, failures):
         from cpushare.client.buyer import BuyerControl
@@ -417,7 +444,7 @@ class TestClients:
         def case(helloFirst, stream, cuts):
             playClient("buyer", failures, helloFirst, stream, cuts)
 
-        case()
+        counted("buyer", case)
 
 
 def test_every_command_is_fuzzed():
