@@ -151,7 +151,9 @@ _CREDENTIALS = {}
 def credentials():
     """One CA and server certificate for every test in the process (making them is slow)."""
     if "c" not in _CREDENTIALS:
+        import atexit
         folder = tempfile.mkdtemp(prefix="cpushare-memmarket-ca-")
+        atexit.register(shutil.rmtree, folder, True)
         _CREDENTIALS["c"] = loadOrCreate(folder, "localhost")
     return _CREDENTIALS["c"]
 
