@@ -1,12 +1,13 @@
 # CPUShare: `make demo` runs a whole market locally, `make test` runs every
-# test, `make bench` runs the benchmarks.  Each sets itself up first.
+# test, `make bench` runs the benchmarks, `make fuzz` runs the fuzzer's long
+# profile (over 100,000 cases).  Each sets itself up first.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all demo test bench setup clean
+.PHONY: all demo test fuzz bench setup clean
 
 all: test
 
@@ -25,9 +26,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest test $(PYTEST_ARGS)
 
+fuzz: $(STAMP)
+	CPUSHARE_FUZZ=1 $(PY) -m pytest test/unit/test_fuzz.py -p no:cacheprovider \
+		--hypothesis-show-statistics $(PYTEST_ARGS)
+
 bench: $(STAMP)
 	$(PY) bench/run.py $(BENCH_ARGS)
 	$(PY) bench/market.py $(MARKET_BENCH_ARGS)
+	$(PY) bench/flood.py $(FLOOD_BENCH_ARGS)
 	@if [ "$$(id -u)" = 0 ]; then $(PY) bench/vms.py $(VM_BENCH_ARGS); \
 	else echo "bench/vms.py skipped: it needs root (a TAP device, the cpushare-vm user)"; fi
 

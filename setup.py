@@ -32,7 +32,7 @@ setup(
         "paypalrestsdk>=1.13",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "hypothesis>=6.100"],
     },
     entry_points={
         "console_scripts": [

@@ -336,6 +336,9 @@ def runConnectionBenchmark(ctx, args, env, summary):
     # Idle connections only: no bandwidth measurements or CPU benchmark VMs
     # (scheduled work, at most four of each at once; see docs/performance.md).
     extra += ["--measure-every", "0", "--cpu-bench-every", "0"]
+    # Every connection comes from 127.0.0.1, a batch of them in their TLS
+    # handshakes at once: more than one address may hold before Hello.
+    extra += ["--max-unauthenticated-per-address", str(max(16, 2 * args.batch))]
     ctx.say(f"connections: {args.connections} seller connections, {args.batch} at a time, "
             f"{args.idle:g}s idle windows")
     started = time.monotonic()

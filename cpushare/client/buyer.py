@@ -53,9 +53,28 @@ class Options(ClientOptions):
             raise usage.UsageError(f"--subnet {self['subnet']}: {e}")
 
 
+def _badPort(vm, mac):
+    """Why the market's PortAttached cannot be a port of this switch, or None."""
+    from cpushare.client.frames import macFromString
+    from cpushare.protocol.mux import MAX_CHANNEL
+    if not 1 <= vm or commands.consoleChannel(vm) > MAX_CHANNEL:
+        return f"VM {vm} has no channel (VM ids are 1 to {(MAX_CHANNEL - 1) // 2})"
+    try:
+        macFromString(mac)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 class BuyerControl(ClientControl):
     @commands.PortAttached.responder
     def portAttached(self, vm, mac):
+        # The market is trusted no more than any peer: a port it names that
+        # cannot be one is left out (PortAttached has no answer to refuse with).
+        bad = _badPort(vm, mac)
+        if bad is not None:
+            self.badInput(f"PortAttached: {bad}")
+            return {}
         self.session.buyer.attach(self.session, vm, mac)
         return {}
 

@@ -91,9 +91,12 @@ class Heartbeat:
     def _failed(self, failure):
         # A ping outstanding when the connection goes fails with the reason
         # the connection went; that is reported elsewhere.
+        # Anything else is the peer's answer (an error, a malformed box): a
+        # line for the operator, not a traceback.
         if self.mux.connected:
-            self.log.failure(
-                "heartbeat to {peer} failed", failure, peer=self.mux.describePeer()
+            self.log.warn(
+                "heartbeat to {peer} failed: {why}", peer=self.mux.describePeer(),
+                why=failure.getErrorMessage(),
             )
 
     def latencyMs(self):

@@ -31,12 +31,23 @@ CHANNEL_RESERVE.  (Within one reactor turn, before anything is written, a
 sender may queue up to FRAME_QUEUE_LIMIT on one channel: C{congested}
 tells a bulk sender when to wait.)
 The queue is bounded by FRAME_QUEUE_LIMIT plus CHANNEL_RESERVE a channel.
+
+While control is paused that way, what the peer still sends is held, at
+most HELD_INPUT_LIMIT bytes (a transport stops reading once paused, so an
+honest peer never comes near it), and the AMP parser stops after the box
+at hand.  The AMP boxes themselves are bounded (L{ControlProtocol}): at
+most MAX_BOX_KEYS keys, MAX_BOX_BYTES bytes, keys of MAX_KEY_LENGTH and
+values of MAX_VALUE_LENGTH bytes; at most MAX_IN_FLIGHT requests of one
+peer are answered at a time, the excess refused with an error.  And a
+connection reads at most MAX_BOXES_PER_TURN boxes in one turn of the
+reactor before it lets the other connections have theirs: a peer that
+pipelines thousands of requests delays its own answers, not everybody's.
 """
 
 import re
 import struct
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IPushProducer, ITransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -44,6 +55,7 @@ from twisted.protocols import amp
 from zope.interface import implementer
 
 import cpushare
+from cpushare.protocol.arguments import BadArgument, checkArguments, show
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct("!II")
@@ -57,6 +69,15 @@ CHANNEL_QUEUE_LIMIT = 128 * 1024
 CHANNEL_RESERVE = 16 * 1024
 CONTROL_QUEUE_LIMIT = 1024 * 1024
 CLOSE_TIMEOUT = 10.0
+HELD_INPUT_LIMIT = 256 * 1024
+MAX_BOX_KEYS = 64
+MAX_BOX_BYTES = 256 * 1024
+MAX_KEY_LENGTH = 255
+MAX_VALUE_LENGTH = 65535
+MAX_IN_FLIGHT = 16
+MAX_BOXES_PER_TURN = 8
+BAD_INPUT_LOG_INTERVAL = 60.0
+BAD_REQUEST_CODE = b"BAD_REQUEST"
 
 _GREETING = re.compile(rb"CPUSHARE/([0-9]{1,6}) ([\x21-\x7e]{1,64})\Z")
 
@@ -187,6 +208,9 @@ class Multiplexer(Protocol):
         self._closing = False
         self._closeTimeout = None
         self._drainWaiters = []
+        self._resumeCall = None
+        self._turnPaused = False
+        self._transportPaused = False
 
     # -- Protocol
 
@@ -221,6 +245,9 @@ class Multiplexer(Protocol):
         if self._buffer:
             data = self._buffer + data
             self._buffer = b""
+        if self._readPaused or self._turnPaused:
+            self._holdInput(data)
+            return
         offset = 0
         if not self._greeted:
             offset = self._readGreeting(data)
@@ -248,6 +275,11 @@ class Multiplexer(Protocol):
                 self.control.dataReceived(payload)
                 if self._closing:
                     return
+                if self._readPaused or self._turnPaused:
+                    # The peer is not reading our answers, or has had its
+                    # turn: its further requests wait.
+                    self._holdInput(data[offset:])
+                    return
             else:
                 counters.framesIn += 1
                 counters.bytesIn += length
@@ -258,6 +290,72 @@ class Multiplexer(Protocol):
                     route(payload)
         if offset < n:
             self._buffer = data[offset:]
+
+    def _holdInput(self, data):
+        if len(data) > HELD_INPUT_LIMIT:
+            self.protocolError(
+                f"the peer sent more than {HELD_INPUT_LIMIT} bytes while not "
+                f"reading the answers it asked for"
+            )
+            return
+        self._buffer = data
+
+    def _resumeInput(self):
+        """Our control queue drained, or a new turn came: go on with the input we held."""
+        self._resumeCall = None
+        if self._closing or self._readPaused or self._turnPaused or self.control is None:
+            return
+        self.control.resumeInput()
+        if self._closing or self._readPaused or self._turnPaused or self.control.paused:
+            return
+        if self._buffer:
+            self.dataReceived(b"")
+
+    def yieldTurn(self):
+        """
+        The control protocol read its share of boxes for this reactor turn:
+        read no more from this peer until the next one.
+        """
+        if self._turnPaused or self._closing:
+            return
+        self._turnPaused = True
+        self._setReading()
+        self.reactor.callLater(0, self._nextTurn)
+
+    def _nextTurn(self):
+        self._turnPaused = False
+        if self._closing:
+            return
+        if self.control is not None:
+            self.control.newTurn()
+        self._setReading()
+        self._resumeInput()
+
+    def _setReading(self):
+        """Pause or resume reading from the transport, as our state wants."""
+        paused = self._readPaused or self._turnPaused
+        if paused != self._transportPaused and not self._closing \
+                and not getattr(self.transport, "disconnecting", False):
+            self._transportPaused = paused
+            if paused:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
+
+    @property
+    def controlBacklogged(self):
+        """True while the peer owes us reading more than CONTROL_QUEUE_LIMIT bytes."""
+        return self._readPaused
+
+    def bufferedBytes(self):
+        """
+        Bytes this connection holds for its peer, both ways: input not yet
+        parsed, the control box being read, and output not yet written.
+        """
+        held = len(self._buffer) + self._queued
+        if self.control is not None:
+            held += self.control.bufferedBytes()
+        return held
 
     def _readGreeting(self, data):
         magic = b"CPUSHARE/"
@@ -333,6 +431,10 @@ class Multiplexer(Protocol):
         self._flushCall = None
         if self._closeTimeout is not None and self._closeTimeout.active():
             self._closeTimeout.cancel()
+        if self._resumeCall is not None and self._resumeCall.active():
+            self._resumeCall.cancel()
+        self._resumeCall = None
+        self._buffer = b""
         self._out = []
         self._queued = 0
         self._perChannel.clear()
@@ -377,7 +479,7 @@ class Multiplexer(Protocol):
             # The peer is not reading what we owe it; stop reading its
             # requests until it catches up.
             self._readPaused = True
-            self.transport.pauseProducing()
+            self._setReading()
         if self._flushCall is None and not self._writePaused:
             self._flushCall = self.reactor.callLater(0, self._flush)
 
@@ -398,7 +500,9 @@ class Multiplexer(Protocol):
         if not self._writePaused:
             if self._readPaused:
                 self._readPaused = False
-                self.transport.resumeProducing()
+                self._setReading()
+                if self._resumeCall is None:
+                    self._resumeCall = self.reactor.callLater(0, self._resumeInput)
             if self._drainWaiters:
                 self._drained()
 
@@ -444,13 +548,182 @@ class ControlProtocol(amp.AMP):
     """
     AMP on channel 0.  The multiplexer logs connections once; AMP's own
     per-connection log lines would only repeat it.
+
+    Every peer may be hostile, so: a box is bounded (MAX_BOX_KEYS keys,
+    MAX_BOX_BYTES bytes in all, keys of MAX_KEY_LENGTH bytes) and a peer
+    that sends a larger one is disconnected; each command's arguments are
+    checked against their types (L{cpushare.protocol.arguments}) before its
+    responder runs, and a bad one answered with an error naming it; at
+    most C{maxInFlight} commands are answered at a time, the excess
+    refused; answers to questions never asked are ignored.  Each of these
+    is logged, one line per connection at most every
+    BAD_INPUT_LOG_INTERVAL seconds, never with a traceback.
     """
+
+    _MAX_KEY_LENGTH = MAX_KEY_LENGTH
+    _MAX_VALUE_LENGTH = MAX_VALUE_LENGTH
+    MAX_LENGTH = MAX_KEY_LENGTH
+    maxInFlight = MAX_IN_FLIGHT
+    log = Logger()
+
+    _mux = None
+    _boxKeys = 0
+    _boxBytes = 0
+    _refused = False
+    inFlight = 0
+    badInputs = 0
+    _turnBoxes = 0
+    _badLogged = None
+    _badUnlogged = 0
 
     def makeConnection(self, transport):
         self._transportPeer = transport.getPeer()
         self._transportHost = transport.getHost()
+        self._mux = getattr(transport, "_mux", None)
         return amp.BinaryBoxProtocol.makeConnection(self, transport)
 
     def connectionLost(self, reason):
         amp.BinaryBoxProtocol.connectionLost(self, reason)
         self.transport = None
+        self._unprocessed = b""
+        self._currentBox = None
+
+    # -- bounded boxes
+
+    def stringReceived(self, string):
+        if self._refused:
+            return
+        self._boxBytes += 2 + len(string)
+        if self._boxBytes > MAX_BOX_BYTES:
+            self._refuseBox(f"a control message larger than the limit of {MAX_BOX_BYTES} bytes")
+            return
+        amp.AMP.stringReceived(self, string)
+
+    def proto_key(self, string):
+        if string:
+            self._boxKeys += 1
+            if self._boxKeys > MAX_BOX_KEYS:
+                self._refuseBox(
+                    f"a control message with more than the limit of {MAX_BOX_KEYS} keys")
+                return "key"
+        else:
+            self._boxKeys = 0
+            self._boxBytes = 0
+        return amp.AMP.proto_key(self, string)
+
+    def lengthLimitExceeded(self, length):
+        self._refuseBox(
+            f"a control message key of {length} bytes (the limit is {MAX_KEY_LENGTH})")
+
+    def _refuseBox(self, what):
+        """The peer sent a box past a limit: nothing more of it is read."""
+        self._refused = True
+        self.paused = True
+        self._currentBox = None
+        self._unprocessed = b""
+        if self._mux is not None:
+            self._mux.protocolError(f"the peer sent {what}")
+        elif self.transport is not None:
+            self.transport.abortConnection()
+
+    def bufferedBytes(self):
+        """Input bytes held: unparsed, and the box being read."""
+        return len(self._unprocessed) + self._boxBytes
+
+    def resumeInput(self):
+        """The multiplexer's output drained: read the boxes already received."""
+        if self.paused and not self._refused and self.transport is not None:
+            self.paused = False
+            self.dataReceived(b"")
+
+    # -- checked commands and answers
+
+    def ampBoxReceived(self, box):
+        self._boxReceived(box)
+        if self._mux is None:
+            return
+        self._turnBoxes += 1
+        if self._mux.controlBacklogged:
+            # Stop after this box: the rest waits until the peer reads.
+            self.paused = True
+        elif self._turnBoxes >= MAX_BOXES_PER_TURN:
+            self.paused = True
+            self._mux.yieldTurn()
+
+    def _boxReceived(self, box):
+        if amp.ANSWER in box or amp.ERROR in box:
+            tag = box[amp.ANSWER] if amp.ANSWER in box else box[amp.ERROR]
+            if tag not in self._outstandingRequests:
+                self.badInput(f"an answer to a question never asked ({show(tag)})")
+                return
+            if amp.ANSWER not in box:
+                box.setdefault(amp.ERROR_CODE, b"UNKNOWN")
+                box.setdefault(amp.ERROR_DESCRIPTION, b"(the peer gave no description)")
+        elif amp.COMMAND not in box:
+            self.badInput("a control message that is neither a command nor an answer")
+            return
+        amp.AMP.ampBoxReceived(self, box)
+
+    def newTurn(self):
+        self._turnBoxes = 0
+
+    def dispatchCommand(self, box):
+        d = self._dispatchChecked(box)
+        if amp.ASK not in box:
+            # Nobody to answer: a refusal is noted, not logged as a failure.
+            d.addErrback(self._unanswerable, box[amp.COMMAND])
+        return d
+
+    def _unanswerable(self, failure, name):
+        failure.trap(amp.RemoteAmpError)
+        if not getattr(failure.value, "noted", False):
+            self.badInput(f"{show(name)} (asking no answer): {failure.value.description}")
+
+    def _dispatchChecked(self, box):
+        name = box[amp.COMMAND]
+        entry = self._commandDispatch.get(name)
+        if entry is not None and entry[0].__module__ == amp.__name__:
+            entry = None        # AMP's own StartTLS: not spoken on channel 0
+        if entry is None:
+            return self._refuse(amp.UNHANDLED_ERROR_CODE, f"unknown command {show(name)}")
+        if self.inFlight >= self.maxInFlight:
+            return self._refuse(
+                BAD_REQUEST_CODE, f"too many requests in flight (limit {self.maxInFlight})")
+        command = entry[0]
+        try:
+            checkArguments(command.arguments, box)
+        except BadArgument as e:
+            return self._refuse(BAD_REQUEST_CODE, str(e), f"{command.__name__}: {e}")
+        self.inFlight += 1
+
+        def answered(result):
+            self.inFlight -= 1
+            return result
+
+        return amp.AMP.dispatchCommand(self, box).addBoth(answered)
+
+    def _refuse(self, code, description, logged=None):
+        """A command refused before its responder: noted, and answered with C{code}."""
+        self.badInput(logged or description)
+        error = amp.RemoteAmpError(code, description)
+        error.noted = True
+        return fail(error)
+
+    def badInput(self, problem):
+        """
+        Note a bad message from the peer: logged once, then at most once
+        every BAD_INPUT_LOG_INTERVAL seconds for this connection.
+        """
+        self.badInputs += 1
+        now = self._mux.reactor.seconds() if self._mux is not None else 0.0
+        if self._badLogged is not None and now - self._badLogged < BAD_INPUT_LOG_INTERVAL:
+            self._badUnlogged += 1
+            return
+        self._badLogged = now
+        unlogged, self._badUnlogged = self._badUnlogged, 0
+        self.log.warn(
+            "{peer} sent a bad control message: {problem}{more}",
+            peer=self._mux.describePeer() if self._mux is not None else "?",
+            problem=problem,
+            more=f" ({unlogged} more since the last report)" if unlogged else "",
+        )

@@ -15,6 +15,7 @@ from cpushare.protocol.heartbeat import DEFAULT_INTERVAL, DEFAULT_TIMEOUT
 from cpushare.server import store
 from cpushare.server.access import (
     CHECK_EVERY, REKEYS_PER_DAY, AccessWatch, RegistrationRefused)
+from cpushare.server.admission import Admission
 from cpushare.server.billing import INTERVAL, WINDOW, Billing
 from cpushare.server.measure import AT_ONCE as MEASURE_AT_ONCE, EVERY as MEASURE_EVERY
 from cpushare.server.board import DEFAULT_PRICE, MAX_NET_FEE, Board
@@ -53,6 +54,7 @@ class Market(Service):
         self.heartbeatInterval = float(heartbeat)
         self.heartbeatTimeout = float(timeout)
         self.sessions = {}
+        self.admission = Admission()    # caps on connections before Hello
         self._buyers = {}           # account id -> [buyer sessions], oldest first
         self.relay = Relay()
         self.board = Board(self, defaultPrice, maxNetFee)

@@ -424,12 +424,19 @@ class MarketSession(Multiplexer):
         self._refuseCall = None
         self._helloDeadline = None
         self._handshakeDone = False
+        self._admitted = True
 
     def makeControl(self):
         return ServerControl(self)
 
     def connectionMade(self):
         self.connectedAt = self.reactor.seconds()
+        refusal = self.market.admission.admit(
+            self, self.transport.getPeer().host, self.connectedAt)
+        if refusal is not None:
+            self._admitted = False
+            self.transport.abortConnection()
+            return
         self.market.sessionStarted(self)
         # A connection that has not said Hello within the heartbeat timeout
         # (stalled handshake, a client that goes quiet, a registration left
@@ -501,13 +508,18 @@ class MarketSession(Multiplexer):
 
     def refuse(self):
         """Close this connection soon, after it has had time to hear why."""
+        if not self.connected:
+            return
         if self.certificate is None and self.account is None:
             self.log.warn("refusing connection {peer}: no client certificate",
                           peer=self.describePeer())
         if self._refuseCall is None:
-            self._refuseCall = self.reactor.callLater(
-                REFUSED_GRACE, self.transport.loseConnection
-            )
+            self._refuseCall = self.reactor.callLater(REFUSED_GRACE, self._closeRefused)
+
+    def _closeRefused(self):
+        self._refuseCall = None
+        if self.connected:
+            self.transport.loseConnection()
 
     def peerHost(self):
         """The peer's address, as registration limits count it."""
@@ -538,6 +550,7 @@ class MarketSession(Multiplexer):
         if self._helloDeadline is not None and self._helloDeadline.active():
             self._helloDeadline.cancel()
         self._helloDeadline = None
+        self.market.admission.release(self)
         self.role = role
         self.clientSoftware = software
         self.log.info(
@@ -572,6 +585,10 @@ class MarketSession(Multiplexer):
             self.control.callRemote(commands.ChannelUnlinked, channel=channel, reason=reason)
 
     def connectionLost(self, reason):
+        self.market.admission.release(self)
+        if not self._admitted:
+            Multiplexer.connectionLost(self, reason)
+            return
         if self.meter is not None:
             self.meter.stop()
         if not self._handshakeDone:

@@ -20,6 +20,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from cpushare.protocol.heartbeat import DEFAULT_INTERVAL, DEFAULT_TIMEOUT
+from cpushare.server.admission import UNAUTHENTICATED_PER_ADDRESS, UNAUTHENTICATED_TOTAL
 
 log = Logger()
 
@@ -101,6 +102,11 @@ class Options(usage.Options):
          "by cpushare-admin, whose connections are then closed.", float],
         ["max-net-fee", None, "1.00",
          "The ceiling on sellers' network fees, a GB: higher terms are refused."],
+        ["max-unauthenticated-per-address", None, UNAUTHENTICATED_PER_ADDRESS,
+         "Connections one source address may hold open before saying hello "
+         "(a TLS handshake, a registration); more are closed at once.", int],
+        ["max-unauthenticated", None, UNAUTHENTICATED_TOTAL,
+         "Connections all addresses together may hold open before saying hello.", int],
     ]
 
     def postOptions(self):
@@ -123,6 +129,9 @@ class Options(usage.Options):
                                               allowZero=True)
         except BadAmount as e:
             raise usage.UsageError(f"--max-net-fee: {e}")
+        if self["max-unauthenticated-per-address"] < 1 or self["max-unauthenticated"] < 1:
+            raise usage.UsageError(
+                "--max-unauthenticated-per-address and --max-unauthenticated must be at least 1")
         if not 0 < self["billing-interval"] < self["hold-window"]:
             raise usage.UsageError(
                 "--billing-interval must be positive and shorter than --hold-window")
@@ -259,6 +268,8 @@ def makeService(options, reactor=None):
                     accessCheck=options["access-check"],
                     rekeysPerDay=options["rekeys-per-day"])
     market.orders.grace = options["grace"]
+    market.admission.perAddress = options["max-unauthenticated-per-address"]
+    market.admission.total = options["max-unauthenticated"]
     market.setServiceParent(service)
     market.funds = funds = Funds(
         reactor, store, paypal=makePayPal(reactor, options), currency=options["currency"],

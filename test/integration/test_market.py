@@ -373,7 +373,7 @@ BAD_INPUT = {
     "malformed control": (
         # An AMP key longer than AMP allows.
         b"CPUSHARE/1 raw/1\n" + HEADER.pack(0, 2 + 300) + b"\x01\x2c" + b"k" * 300,
-        "malformed control message",
+        "the peer sent a control message key of 300 bytes (the limit is 255)",
     ),
     "bad greeting": (b"CPUSHARE/one two three\n", "is not a CPUShare greeting"),
 }

@@ -157,7 +157,7 @@ class MatchingTests(OrderCase):
         bad = [
             (dict(max_price=-5), "the maximum price must be an amount between 0"),
             (dict(min_rating=1.5), "the minimum rating must be between 0 and 1"),
-            (dict(max_latency=float("nan")), "the maximum latency (ms) must be between"),
+            (dict(max_latency=float("nan")), "max_latency: 'nan' is not a finite number"),
             (dict(min_cpu=-1.0), "the minimum CPU score must be between"),
             (dict(countries=["ITA"]), "country 'ITA' is not a two-letter country code"),
             (dict(countries=["IT"], not_countries=["it"]), "IT is both wanted and excluded"),
