@@ -36,7 +36,6 @@ The checks, and why:
 import re
 
 from twisted.logger import Logger
-from twisted.protocols import amp
 
 from cpushare.protocol.commands import PROBE_CHUNK, BadRequest
 from cpushare.protocol.mux import MAX_CHANNEL
@@ -117,22 +116,6 @@ def checkStartVM(vm, image, size, cores, memory, mac, cacheBytes,
         refuse(command, "memory", memory,
                f"MB is not {MIN_VM_MEMORY} to the {freeMemory} MB this seller has free")
     checkMAC(command, mac)
-
-
-def malformedField(command, box, proto):
-    """
-    Why C{box} cannot be parsed as C{command}, naming the first field that is
-    missing or malformed (not a number, not UTF-8 ...), or None.
-    """
-    strings = amp.AmpBox(box)
-    for name, argument in command.arguments:
-        try:
-            argument.fromBox(name, strings, {}, proto)
-        except Exception:  # whatever a parser raises: the peer's input is at fault
-            return (f"{command.commandName.decode('ascii', 'replace')} "
-                    f"{name.decode('ascii', 'replace')}: {_shown(box.get(name))} "
-                    f"is missing or malformed")
-    return None
 
 
 def checkHeartbeat(heartbeat, timeout):

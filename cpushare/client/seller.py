@@ -17,7 +17,6 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python import usage
-from twisted.python.failure import Failure
 
 from cpushare.client import marketchecks
 from cpushare.client.options import ClientOptions
@@ -120,13 +119,11 @@ class SellerControl(ClientControl):
 
     def locateResponder(self, name):
         """
-        Every responder, behind a check that each field parses (a malformed
-        one is a BadRequest naming it, not a traceback and a dropped
-        connection) and a log line for each command refused.
+        Every responder, with a log line for each command it refuses (the
+        fields' types were checked before, in L{ControlProtocol}).
         """
         responder = ClientControl.locateResponder(self, name)
-        entry = self._commandDispatch.get(name)
-        if responder is None or entry is None:
+        if responder is None:
             return responder
 
         def logRefusal(failure):
@@ -137,14 +134,7 @@ class SellerControl(ClientControl):
             return failure
 
         def checked(box):
-            why = marketchecks.malformedField(entry[0], box, self)
-            if why is None:
-                return responder(box).addErrback(logRefusal)
-            self.refusals.refused(why)
-            if amp.ASK not in box:
-                return defer.succeed(amp.AmpBox())
-            return defer.fail(amp.RemoteAmpError(
-                b"BAD_REQUEST", why, local=Failure(commands.BadRequest(why))))
+            return responder(box).addErrback(logRefusal)
 
         return checked
 

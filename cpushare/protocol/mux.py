@@ -693,7 +693,8 @@ class ControlProtocol(amp.AMP):
         try:
             checkArguments(command.arguments, box)
         except BadArgument as e:
-            return self._refuse(BAD_REQUEST_CODE, str(e), f"{command.__name__}: {e}")
+            # "StartVM vm: ...": the command, then the field and its problem.
+            return self._refuse(BAD_REQUEST_CODE, f"{command.__name__} {e}")
         self.inFlight += 1
 
         def answered(result):

@@ -196,7 +196,7 @@ def boxesFor(locator, answers=False):
     if answers:
         choices.append(st.tuples(st.integers(0, 5), st.dictionaries(
             st.sampled_from([b"account", b"account_id", b"session", b"heartbeat",
-                             b"timeout", b"sent", b"data", b"latency_ms"]),
+                             b"timeout", b"nonce", b"digest", b"data", b"latency_ms"]),
             st.one_of(INTEGERS, FLOATS, JUNK), max_size=6)).map(
             lambda p: amp.AmpBox({**p[1], b"_answer": b"%d" % p[0]}).serialize()))
         choices.append(st.integers(0, 5).map(lambda t: amp.AmpBox(
@@ -396,9 +396,9 @@ def honestServerServes(kind):
     session.dataReceived(control(amp.AmpBox({**HELLO_ANSWER, b"_answer": b"1"}).serialize()))
     assert session.ready.called and session.info["account"] == "alice"
     transport.clear()
-    session.dataReceived(control(command("Ping", 77, sent=b"12.5")))
+    session.dataReceived(control(command("Ping", 77, nonce=b"n" * 16)))
     reactor.advance(0)
-    assert Replies(_withGreeting(transport)).answer(77)[b"sent"] == b"12.5"
+    assert Replies(_withGreeting(transport)).answer(77)[b"nonce"] == b"n" * 16
     session.connectionLost(gone())
 
 

@@ -141,7 +141,7 @@ def test_bad_values_get_an_error_naming_the_field_and_the_connection_stays(
         mm.reactor.advance(0)
         answer = Replies(transport).answer(2)
         assert answer[b"_error_code"] == b"BAD_REQUEST"
-        assert answer[b"_error_description"].startswith(words), answer
+        assert answer[b"_error_description"].startswith(name.encode() + b" " + words), answer
         session.dataReceived(control(command("WhoAmI", 3)))
         mm.reactor.advance(0)
         assert Replies(transport).answer(3)[b"name"] == b"alice"
