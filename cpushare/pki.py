@@ -255,21 +255,19 @@ def makeRevocationList(caKey, caCert, revoked, number, now=None, lifetime=CRL_LI
     is due to be replaced after C{lifetime}.
     """
     now = now or _now()
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(caCert.subject)
-        .last_update(now)
-        .next_update(now + lifetime)
-        .add_extension(x509.CRLNumber(number), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(caKey.public_key()),
-            critical=False)
-    )
+    entries = []
     for serial, when, reason in revoked:
         entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when)
         if reason is not None:
             entry = entry.add_extension(x509.CRLReason(reason), critical=False)
-        builder = builder.add_revoked_certificate(entry.build())
+        entries.append(entry.build())
+    # Given whole (add_revoked_certificate copies the list at each entry).
+    builder = x509.CertificateRevocationListBuilder(
+        issuer_name=caCert.subject, last_update=now, next_update=now + lifetime,
+        revoked_certificates=entries,
+    ).add_extension(x509.CRLNumber(number), critical=False).add_extension(
+        x509.AuthorityKeyIdentifier.from_issuer_public_key(caKey.public_key()),
+        critical=False)
     return builder.sign(caKey, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
 

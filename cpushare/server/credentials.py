@@ -152,8 +152,9 @@ class ServerCertificateRenewal(Service):
     Keeps the server certificate valid: L{start} checks it at once and then
     every C{every} seconds on the reactor's clock, and issues a new one
     (off the reactor thread: key generation and file writes) when fewer than
-    C{renewBefore} remain, or when it names another revocation list address
-    than the credentials' C{crlUrl}.
+    C{renewBefore} remain, when it was issued for longer than
+    pki.SERVER_VALIDITY (by an older market), or when it names another
+    revocation list address than the credentials' C{crlUrl}.
 
     @param inThread: how to run the issuing, C{inThread(f, *args)} returning
         a Deferred; the reactor's thread pool by default.
@@ -198,6 +199,10 @@ class ServerCertificateRenewal(Service):
         if left < self.renewBefore:
             return f"{left.days} days of validity left" if left.total_seconds() > 0 else (
                 "it has expired")
+        lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+        if lifetime > pki.SERVER_VALIDITY + datetime.timedelta(days=1):
+            # Issued by an older market, for years.
+            return f"it was issued for {lifetime.days} days"
         named, wanted = pki.crlUrlOf(cert), self.credentials.crlUrl
         if named != wanted:
             if named is None:

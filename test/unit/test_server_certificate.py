@@ -198,3 +198,19 @@ def test_a_key_that_does_not_match_the_certificate_on_disk_gets_a_new_pair(tmp_p
     assert again.cert.serial_number != first.cert.serial_number
     assert pki.loadKey(again.keyPEM).public_key() == again.cert.public_key()
     again.serverTLS()                                   # the pair loads
+
+
+def test_a_long_lived_certificate_of_an_older_market_is_replaced_at_start(tmp_path,
+                                                                          monkeypatch):
+    data = str(tmp_path / "data")
+    monkeypatch.setattr(pki, "SERVER_VALIDITY", datetime.timedelta(days=825))
+    creds = loadOrCreate(data, "localhost")
+    monkeypatch.undo()
+    first = creds.cert
+    assert first.not_valid_after_utc - first.not_valid_before_utc > datetime.timedelta(
+        days=800)
+    ServerCertificateRenewal(clockAtNow(), creds, every=0, inThread=inline).start()
+    renewed = creds.cert
+    assert renewed.serial_number != first.serial_number
+    assert renewed.not_valid_after_utc - renewed.not_valid_before_utc <= datetime.timedelta(
+        days=90, minutes=5)
