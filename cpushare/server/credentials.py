@@ -231,9 +231,10 @@ class ServerCertificateRenewal(Service):
                 until=cert.not_valid_after_utc.isoformat(timespec="seconds"))
 
         def failed(failure):
-            self.log.failure(
-                "could not renew the server certificate ({why}); it is valid until {until}",
-                failure, why=why,
+            self.log.error(
+                "could not renew the server certificate ({why}): {error}; it is valid until "
+                "{until}; trying again in {every:.0f}s", why=why,
+                error=failure.getErrorMessage(), every=self.every,
                 until=self.credentials.cert.not_valid_after_utc.isoformat(timespec="seconds"))
 
         def done(_):

@@ -14,6 +14,7 @@ import pytest
 from cryptography import x509
 from OpenSSL import SSL
 from twisted.internet import defer, task
+from twisted.logger import formatEvent, globalLogPublisher
 
 from cpushare import pki
 from cpushare.server.credentials import ServerCertificateRenewal, loadOrCreate
@@ -167,8 +168,7 @@ def test_a_certificate_naming_another_revocation_list_is_renewed(tmp_path):
     assert creds.cert.serial_number == before, "nothing to renew"
 
 
-def test_a_failed_renewal_keeps_the_certificate_and_is_tried_again_the_next_day(
-        tmp_path, caplog):
+def test_a_failed_renewal_keeps_the_certificate_and_is_tried_again_the_next_day(tmp_path):
     clock = clockAtNow()
     creds = loadOrCreate(str(tmp_path / "data"), "localhost")
     first = creds.cert
@@ -180,9 +180,18 @@ def test_a_failed_renewal_keeps_the_certificate_and_is_tried_again_the_next_day(
             return defer.fail(OSError(28, "No space left on device"))
         return inline(f, *args)
 
-    renewal = ServerCertificateRenewal(clock, creds, inThread=diskFull)
-    renewal.start()
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        renewal = ServerCertificateRenewal(clock, creds, inThread=diskFull)
+        renewal.start()
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
     assert creds.cert.serial_number == first.serial_number
+    [line] = [formatEvent(e) for e in logged if "renew" in formatEvent(e)]
+    assert "could not renew the server certificate" in line
+    assert "No space left on device" in line and "trying again in 86400s" in line
+    assert not any(e.get("log_failure") for e in logged), "no traceback"
     failing.clear()
     clock.advance(DAY)
     assert creds.cert.serial_number != first.serial_number
