@@ -196,7 +196,7 @@ class Market(Service):
         d = deferToThreadPool(
             self.reactor, self.reactor.getThreadPool(),
             pki.signClientRequest, creds.caKey, creds.caCert, csrPEM, name,
-            None, creds.crlUrl,
+            crlUrl=creds.crlUrl,
         )
 
         def translate(failure):
