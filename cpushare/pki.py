@@ -32,8 +32,17 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 log = Logger()
 
 CA_VALIDITY = datetime.timedelta(days=3650)
-SERVER_VALIDITY = datetime.timedelta(days=825)
+# The server's certificate is short-lived, as a public CA's are: the running
+# server issues itself a new one from its CA when fewer than
+# SERVER_RENEW_BEFORE remain (cpushare.server.credentials), checking daily.
+# 61 days, so that it never has fewer than 60 left: scanners (testssl.sh)
+# call a certificate that expires within 60 days a MEDIUM finding.
+SERVER_VALIDITY = datetime.timedelta(days=90)
+SERVER_RENEW_BEFORE = datetime.timedelta(days=61)
 CLIENT_VALIDITY = datetime.timedelta(days=3650)
+# A revocation list says when the next one is due; the server makes a new
+# one whenever a certificate is revoked and well before this runs out.
+CRL_LIFETIME = datetime.timedelta(days=1)
 
 
 class BadRequest(ValueError):
@@ -170,8 +179,38 @@ def _subjectAltNames(hostname):
     return x509.SubjectAlternativeName(names)
 
 
-def _leaf(caKey, caCert, subject, publicKey, validity, usage, extra=(), now=None):
+# A leaf's key signs (its TLS handshakes) and nothing else.
+_SIGNING_ONLY = x509.KeyUsage(
+    digital_signature=True, content_commitment=False, key_encipherment=False,
+    data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
+    encipher_only=False, decipher_only=False)
+
+
+def _crlDistributionPoint(crlUrl):
+    return x509.CRLDistributionPoints([x509.DistributionPoint(
+        full_name=[x509.UniformResourceIdentifier(crlUrl)],
+        relative_name=None, reasons=None, crl_issuer=None)])
+
+
+def crlUrlOf(cert):
+    """The revocation list address a certificate names, or None."""
+    try:
+        points = cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    except x509.ExtensionNotFound:
+        return None
+    for point in points:
+        for name in point.full_name or ():
+            if isinstance(name, x509.UniformResourceIdentifier):
+                return name.value
+    return None
+
+
+def _leaf(caKey, caCert, subject, publicKey, validity, usage, extra=(), now=None,
+          crlUrl=None):
     now = now or _now()
+    extra = list(extra)
+    if crlUrl is not None:
+        extra.append(_crlDistributionPoint(crlUrl))
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -188,22 +227,48 @@ def _leaf(caKey, caCert, subject, publicKey, validity, usage, extra=(), now=None
         )
     )
     for ext in extra:
-        builder = builder.add_extension(ext, critical=False)
+        builder = builder.add_extension(ext, critical=isinstance(ext, x509.KeyUsage))
     return builder.sign(caKey, hashes.SHA256())
 
 
-def issueServerCertificate(caKey, caCert, hostname, now=None):
+def issueServerCertificate(caKey, caCert, hostname, now=None, crlUrl=None):
     """
     A key and certificate for the market server under C{hostname} (a DNS
-    name or an IP address; C{localhost} also covers the loopback addresses).
+    name or an IP address; C{localhost} also covers the loopback addresses),
+    valid for SERVER_VALIDITY and naming C{crlUrl}, when given, as where its
+    CA's revocation list is.
     """
     key = generateKey()
     cert = _leaf(
         caKey, caCert, _name(hostname, "Market Server"), key.public_key(),
         SERVER_VALIDITY, ExtendedKeyUsageOID.SERVER_AUTH,
-        [_subjectAltNames(hostname)], now,
+        [_subjectAltNames(hostname), _SIGNING_ONLY], now, crlUrl,
     )
     return key, cert
+
+
+def makeRevocationList(caKey, caCert, revoked, number, now=None, lifetime=CRL_LIFETIME):
+    """
+    The CA's certificate revocation list (DER): C{revoked} is
+    [(serial number, datetime revoked, x509.ReasonFlags or None)];
+    C{number} is the list's CRLNumber, larger for each new list.  The list
+    is due to be replaced after C{lifetime}.
+    """
+    now = now or _now()
+    entries = []
+    for serial, when, reason in revoked:
+        entry = x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when)
+        if reason is not None:
+            entry = entry.add_extension(x509.CRLReason(reason), critical=False)
+        entries.append(entry.build())
+    # Given whole (add_revoked_certificate copies the list at each entry).
+    builder = x509.CertificateRevocationListBuilder(
+        issuer_name=caCert.subject, last_update=now, next_update=now + lifetime,
+        revoked_certificates=entries,
+    ).add_extension(x509.CRLNumber(number), critical=False).add_extension(
+        x509.AuthorityKeyIdentifier.from_issuer_public_key(caKey.public_key()),
+        critical=False)
+    return builder.sign(caKey, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
 
 def makeRequest(key, name):
@@ -216,10 +281,11 @@ def makeRequest(key, name):
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
-def signClientRequest(caKey, caCert, csrPEM, name, now=None):
+def signClientRequest(caKey, caCert, csrPEM, name, now=None, crlUrl=None):
     """
     Check a client's certificate signing request and sign it for account
-    C{name}.  Returns the certificate as PEM.
+    C{name}, naming C{crlUrl} (when given) as where its CA's revocation
+    list is.  Returns the certificate as PEM.
 
     @raise BadRequest: the request does not parse, is not self-consistent,
         or carries a key the market does not accept.
@@ -240,7 +306,7 @@ def signClientRequest(caKey, caCert, csrPEM, name, now=None):
             raise BadRequest("keys must be ECDSA P-256 or RSA of at least 2048 bits")
     cert = _leaf(
         caKey, caCert, _name(name, "Account"), publicKey,
-        CLIENT_VALIDITY, ExtendedKeyUsageOID.CLIENT_AUTH, (), now,
+        CLIENT_VALIDITY, ExtendedKeyUsageOID.CLIENT_AUTH, (), now, crlUrl,
     )
     return certToPEM(cert)
 
@@ -277,6 +343,12 @@ class ServerTLS:
     """
 
     def __init__(self, caPEM, keyPEM, certPEM):
+        self._caPEM = caPEM
+        self.useCertificate(keyPEM, certPEM)
+
+    def useCertificate(self, keyPEM, certPEM):
+        """Serve this key and certificate to the connections that begin from now on."""
+        caPEM = self._caPEM
         ctx = SSL.Context(SSL.TLS_METHOD)
         ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
         ctx.set_options(

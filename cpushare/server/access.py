@@ -125,6 +125,8 @@ class AccessWatch:
         self.changed = collections.OrderedDict()    # account id -> latest change id
         self._loop = None
         self._busy = False
+        # Called (without arguments) after each batch of changes is acted on.
+        self.listeners = []
 
     async def start(self):
         self.lastId = await self.market.store.run(store.lastAccessChange)
@@ -166,6 +168,9 @@ class AccessWatch:
                 if fingerprint is not None and session.certificate != fingerprint:
                     continue
                 session.accessEnded(what)
+        if changes:
+            for listener in self.listeners:
+                listener()
 
     def changedSince(self, accountId, changeId):
         """Whether a change of this account was seen after change C{changeId}."""

@@ -199,6 +199,7 @@ class Market(Service):
         d = deferToThreadPool(
             self.reactor, self.reactor.getThreadPool(),
             pki.signClientRequest, creds.caKey, creds.caCert, csrPEM, name,
+            crlUrl=creds.crlUrl,
         )
 
         def translate(failure):

@@ -338,6 +338,21 @@ def accessChanges(cursor, after, limit=1000):
     return [tuple(r) for r in cursor.fetchall()]
 
 
+def revokedCertificates(cursor):
+    """
+    The certificates with a serial number that no longer work, for the
+    revocation list: [(serial hex, revoked, account deleted, issued)], the
+    times as stored (revoked is None for a certificate of a deleted account
+    that was never revoked itself).
+    """
+    cursor.execute(
+        "SELECT c.serial, c.revoked, a.deleted, c.issued FROM certificates c"
+        " JOIN accounts a ON a.id = c.account_id"
+        " WHERE c.serial IS NOT NULL AND (c.revoked IS NOT NULL OR a.deleted IS NOT NULL)"
+        " ORDER BY c.issued, c.serial")
+    return [tuple(r) for r in cursor.fetchall()]
+
+
 class Store(Service):
     """
     The SQL store as a service: opens and migrates the database at start and

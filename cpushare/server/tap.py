@@ -230,11 +230,12 @@ def makeService(options, reactor=None):
         from twisted.internet import reactor
     from cpushare.listening import ListeningService
     from cpushare.server.access import RegistrationLimits
-    from cpushare.server.credentials import loadOrCreate
+    from cpushare.server.credentials import ServerCertificateRenewal, loadOrCreate
     from cpushare.server.database import Unavailable
     from cpushare.server.funds import Funds
     from cpushare.server.images import ImageStore
     from cpushare.server.market import Market
+    from cpushare.server.revocation import RevocationList
     from cpushare.server.session import MarketFactory
     from cpushare.server.store import Store
 
@@ -278,20 +279,40 @@ def makeService(options, reactor=None):
     funds.onCredited = market.orders.retryFunding
     funds.setServiceParent(service)
 
+    # The server certificate is renewed while the server runs; with a web
+    # endpoint, it serves the CA's revocation list, which certificates name.
+    renewal = ServerCertificateRenewal(reactor, credentials)
+    renewal.setServiceParent(service)
+    revocations = None
+    if options["web"] is not None:
+        revocations = RevocationList(reactor, store, credentials)
+        revocations.setServiceParent(service)
+        market.access.listeners.append(revocations.changed)
+
     async def openAll():
         await market.open()
         await funds.open()
+        if revocations is not None:
+            await revocations.start()
+
+    async def certify(listening):
+        await listening()
+        if funds.publicUrl is not None and options["web"] is not None:
+            credentials.crlUrl = funds.publicUrl + "/ca.crl"
+        await renewal.start()
 
     before = lambda: defer.ensureDeferred(openAll())
     if options["web"] is not None:
         from cpushare.server.web import WebService, loadWebTLS
         web = WebService(reactor, serverFromString(reactor, options["web"]),
                          loadWebTLS(credentials, options["web-cert"], options["web-key"]),
-                         funds, options["hostname"], data, before=before)
+                         funds, options["hostname"], data, before=before,
+                         revocations=revocations)
         web.setServiceParent(service)
         # Clients are let in once the web endpoint listens, so that the
         # links of their payments have somewhere to go.
         before = web.whenListening
+    before = lambda listening=before: defer.ensureDeferred(certify(listening))
 
     factory = TLSMemoryBIOFactory(credentials.serverTLS(), False, MarketFactory(market))
     ListeningService(

@@ -3,6 +3,7 @@ The market's HTTPS endpoint for buyers' browsers: where PayPal sends a
 buyer back after approving or cancelling a payment.
 
     /                 a page naming the market
+    /ca.crl           the market CA's certificate revocation list (DER)
     /paypal/return    ?n=NONCE&paymentId=PAY-..&token=EC-..&PayerID=..
     /paypal/cancel    ?n=NONCE&token=EC-..
 
@@ -151,9 +152,13 @@ class Branch(resource.Resource):
 
 
 class Root(Branch):
-    def __init__(self, funds):
+    def __init__(self, funds, revocations=None):
         Branch.__init__(self)
         self.home = Home()
+        self.crl = None
+        if revocations is not None:
+            from cpushare.server.revocation import RevocationListPage
+            self.crl = RevocationListPage(revocations)
         paypal = Branch()
         paypal.putChild(b"return", PayPalReturn(funds))
         paypal.putChild(b"cancel", PayPalCancel(funds))
@@ -162,6 +167,8 @@ class Root(Branch):
     def getChild(self, path, request):
         if path == b"" and not request.postpath:
             return self.home
+        if path == b"ca.crl" and not request.postpath and self.crl is not None:
+            return self.crl
         return NotFound()
 
 
@@ -200,8 +207,8 @@ class WebSite(server.Site):
         return server.Site.getResourceFor(self, request)
 
 
-def site(funds):
-    return WebSite(Root(funds))
+def site(funds, revocations=None):
+    return WebSite(Root(funds, revocations))
 
 
 # TLS 1.2 suites: forward secret (ECDHE) and AEAD (AES-GCM, ChaCha20-Poly1305)
@@ -222,6 +229,10 @@ class WebTLS:
     """
 
     def __init__(self, keyPEM, certPEM):
+        self.useCertificate(keyPEM, certPEM)
+
+    def useCertificate(self, keyPEM, certPEM):
+        """Serve this key and certificate to the connections that begin from now on."""
         leaf, *chain = x509.load_pem_x509_certificates(certPEM)
         ctx = SSL.Context(SSL.TLS_METHOD)
         ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
@@ -241,9 +252,12 @@ class WebTLS:
 
 
 def loadWebTLS(credentials, certPath=None, keyPath=None):
-    """The operator's certificate and key files, or the market's own server certificate."""
+    """
+    The operator's certificate and key files, or the market's own server
+    certificate, renewed with it.
+    """
     if certPath is None:
-        return WebTLS(credentials.keyPEM, credentials.certPEM)
+        return credentials.follow(WebTLS(credentials.keyPEM, credentials.certPEM))
     with open(certPath, "rb") as f:
         certPEM = f.read()
     with open(keyPath, "rb") as f:
@@ -257,10 +271,11 @@ class WebService(ListeningService):
     without C{--public-url} gets C{https://HOSTNAME:PORT} as its public URL.
     """
 
-    def __init__(self, reactor, endpoint, tlsOptions, funds, hostname, dataDir, before=None):
+    def __init__(self, reactor, endpoint, tlsOptions, funds, hostname, dataDir, before=None,
+                 revocations=None):
         self.funds = funds
         self.hostname = hostname
-        factory = TLSMemoryBIOFactory(tlsOptions, False, site(funds))
+        factory = TLSMemoryBIOFactory(tlsOptions, False, site(funds, revocations))
         ListeningService.__init__(
             self, reactor, endpoint, factory, "CPUShare web endpoint",
             os.path.join(dataDir, "web.address"), before=before)

@@ -1,9 +1,12 @@
 """
 The web port as a scanner sees it: testssl.sh (Debian's testssl.sh
 package, tools/host-deps.sh installs it) against a real cpushare-server's
-web port on loopback, with a certificate like one a public market would
-have (short-lived, naming where its revocation list is).  No finding may
-be MEDIUM or worse.
+web port on loopback, once on the market's defaults (its own CA's
+certificate, which testssl is given as a user is given ca.pem) and once
+with an operator's certificate (--web-cert, like one from a public CA).
+No finding may be MEDIUM or worse.  On its defaults the market also serves
+its CA's revocation list there, which lists a certificate within seconds
+of cpushare-admin revoking it.
 
 The scan stays on this machine: testssl is given the address (--ip), makes
 no DNS lookups (--nodns none) and fetches no revocation list or OCSP answer
@@ -14,7 +17,9 @@ and headers in memory, in a fraction of a second.
 import datetime
 import json
 import shutil
+import ssl
 import subprocess
+import urllib.request
 
 import pytest
 from cryptography import x509
@@ -23,7 +28,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cpushare import pki
 
-from .conftest import LOOPBACK, Market
+from .conftest import LOOPBACK, Market, waitUntil
 
 WEAK = ("MEDIUM", "HIGH", "CRITICAL")
 # The checks: protocols, cipher categories, forward secrecy, the server's
@@ -75,37 +80,95 @@ def publicLikeCertificate(folder):
     return paths
 
 
-def test_testssl_finds_nothing_weak_on_the_web_port(processes, tmp_path):
+def webPort(market):
+    return json.loads((market.data / "web.address").read_text())["port"]
+
+
+def scan(tmp_path, port, ca, checks):
+    """testssl's findings on the web port, by id, after asserting none is MEDIUM or worse."""
     testssl = shutil.which("testssl") or shutil.which("testssl.sh")
     if testssl is None:
         pytest.fail("this test needs Debian's testssl.sh: run tools/host-deps.sh as root "
                     "(or apt-get install testssl.sh)")
-    ca, cert, key = publicLikeCertificate(tmp_path)
-    market = Market(processes, tmp_path / "market", extra=[
-        "--web", f"tcp:0:interface={LOOPBACK}", "--web-cert", cert, "--web-key", key,
-    ]).start()
-    port = json.loads((market.data / "web.address").read_text())["port"]
     report = tmp_path / "testssl.json"
     done = subprocess.run(
         [testssl, "--quiet", "--color", "0", "--warnings", "off", "--nodns", "none",
          "--ip", LOOPBACK, "--add-ca", str(ca), "--connect-timeout", "10",
-         "--openssl-timeout", "10", "--jsonfile", str(report), *CHECKS,
+         "--openssl-timeout", "10", "--jsonfile", str(report), *checks,
          f"localhost:{port}"],
         capture_output=True, text=True, timeout=SCAN_TIMEOUT, cwd=tmp_path)
     assert report.exists(), f"testssl wrote no report:\n{done.stdout[-3000:]}{done.stderr}"
     findings = json.loads(report.read_text())
     byId = {f["id"]: f for f in findings}
-    # The scan did reach the port and test what matters.
-    for checked in ("TLS1_3", "cipherlist_AVERAGE", "banner_server", "LUCKY13",
-                    "sessionresumption_ticket"):
+    for checked in ("TLS1_3", "banner_server", "cert_validityPeriod",
+                    "cert_crlDistributionPoints"):
         assert checked in byId, f"testssl did not report {checked}:\n{done.stdout[-3000:]}"
     weak = [f"{f['severity']} {f['id']}: {f['finding']}" for f in findings
             if f["severity"] in WEAK]
     assert weak == [], "\n".join(weak)
     assert byId["TLS1"]["finding"] == "not offered"
     assert byId["TLS1_1"]["finding"] == "not offered"
+    assert byId["cert_chain_of_trust"]["severity"] == "OK", byId["cert_chain_of_trust"]
+    assert "HSTS_time" in byId and byId["HSTS_time"]["severity"] == "OK", byId.get("HSTS")
+    assert byId["banner_server"]["finding"].startswith("No Server banner")
+    return byId
+
+
+def revocationList(url, ca):
+    """The list at C{url}, fetched over TLS checked against C{ca}, as a user's tool would."""
+    context = ssl.create_default_context(cafile=str(ca))
+    with urllib.request.urlopen(url, context=context, timeout=10) as response:
+        assert response.headers["content-type"] == "application/pkix-crl"
+        return x509.load_der_x509_crl(response.read())
+
+
+def test_a_market_on_its_defaults_passes_testssl_and_lists_revoked_certificates(
+        processes, tmp_path):
+    market = Market(processes, tmp_path / "market", extra=[
+        "--web", f"tcp:0:interface={LOOPBACK}"]).start()
+    port = webPort(market)
+    crlUrl = f"https://localhost:{port}/ca.crl"
+    caCert = pki.loadCertificate(market.ca.read_bytes())
+
+    # The certificates the market's CA issues name its list on the web port.
+    server = pki.loadCertificate((market.data / "server.pem").read_bytes())
+    assert pki.crlUrlOf(server) == crlUrl
+    alice = market.register(tmp_path / "alice", "alice", funds=None)
+    bob = market.register(tmp_path / "bob", "bob", funds=None)
+    aliceCert = pki.loadCertificate((alice / "cert.pem").read_bytes())
+    bobCert = pki.loadCertificate((bob / "cert.pem").read_bytes())
+    assert pki.crlUrlOf(aliceCert) == crlUrl
+    crl = revocationList(crlUrl, market.ca)
+    assert crl.is_signature_valid(caCert.public_key())
+    assert len(crl) == 0
+
+    revoked = market.admin("revoke", "alice")
+    assert revoked.status == 0, revoked
+    waitUntil(lambda: revocationList(crlUrl, market.ca).get_revoked_certificate_by_serial_number(
+        aliceCert.serial_number) is not None, "alice's certificate in the revocation list",
+        timeout=10, processes=processes)
+    crl = revocationList(crlUrl, market.ca)
+    assert crl.is_signature_valid(caCert.public_key())
+    assert crl.get_revoked_certificate_by_serial_number(bobCert.serial_number) is None
+
+    byId = scan(tmp_path, port, market.ca, CHECKS)
+    for checked in ("cipherlist_AVERAGE", "LUCKY13", "sessionresumption_ticket"):
+        assert checked in byId, f"testssl did not report {checked}"
     assert byId["cipherlist_AVERAGE"]["finding"] == "not offered"
     assert byId["LUCKY13"]["finding"] == "not vulnerable"
     assert byId["sessionresumption_ticket"]["finding"] == "not supported"
-    assert "HSTS_time" in byId and byId["HSTS_time"]["severity"] == "OK", byId.get("HSTS")
-    assert byId["banner_server"]["finding"].startswith("No Server banner")
+    assert byId["cert_crlDistributionPoints"]["finding"] == crlUrl
+    assert int(byId["cert_serialNumber"]["finding"], 16) == server.serial_number
+
+
+def test_a_market_with_an_operators_certificate_passes_testssl(processes, tmp_path):
+    ca, cert, key = publicLikeCertificate(tmp_path)
+    market = Market(processes, tmp_path / "market", extra=[
+        "--web", f"tcp:0:interface={LOOPBACK}", "--web-cert", cert, "--web-key", key,
+    ]).start()
+    # The TLS settings are the defaults' (scanned above): here the
+    # certificate, the protocols and the headers.
+    byId = scan(tmp_path, webPort(market), ca, ["-p", "-S", "-h"])
+    served = pki.loadCertificate(cert.read_bytes())
+    assert int(byId["cert_serialNumber"]["finding"], 16) == served.serial_number
+    assert byId["cert_crlDistributionPoints"]["finding"] == f"http://{LOOPBACK}:9/web.crl"
