@@ -167,6 +167,7 @@ def test_without_a_list_the_page_is_not_found_and_before_the_first_it_is_unavail
     channel.makeConnection(transport)
     channel.dataReceived(b"GET /ca.crl HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert transport.value().startswith(b"HTTP/1.1 404")
+    channel.connectionLost(None)
     revocations = RevocationList(task.Clock(), None, CA(), inThread=inline)
     status, _, body = fetch(revocations)
     assert status == 503 and b"not ready" in body
