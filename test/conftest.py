@@ -47,3 +47,59 @@ def conn(db):
     store.transact(c, store.migrate)
     yield c
     c.close()
+
+
+# Deprecation warnings our own code causes fail the test that causes them.
+# A library's warning is often attributed (stacklevel) to the library itself,
+# as pyOpenSSL's are, so -W filters on the module cannot see who called it:
+# this walks the stack from the attributed frame up past the library's own
+# frames, and raises the warning as an error when the caller is cpushare/.
+
+import os as _os
+import sys as _sys
+import warnings as _warnings
+
+import cpushare as _cpushare
+
+_OURS = _os.path.dirname(_os.path.abspath(_cpushare.__file__)) + _os.sep
+
+
+def _package(path):
+    """The directory that names the package a source file belongs to."""
+    path = _os.path.abspath(path)
+    if path.startswith(_OURS):
+        return _OURS
+    parts = path.split(_os.sep)
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts:
+            return _os.sep.join(parts[:parts.index(marker) + 2])
+    return _os.path.dirname(path)
+
+
+def _causedByUs(filename, lineno):
+    frame = _sys._getframe(2)
+    while frame is not None and not (
+            frame.f_code.co_filename == filename and frame.f_lineno == lineno):
+        frame = frame.f_back
+    if frame is None:
+        return _os.path.abspath(filename).startswith(_OURS)
+    library = _package(filename)
+    while frame is not None and _package(frame.f_code.co_filename) == library:
+        if library == _OURS:
+            return True
+        frame = frame.f_back
+    return frame is not None and _package(frame.f_code.co_filename) == _OURS
+
+
+@pytest.fixture(autouse=True)
+def _deprecationsOfOursAreErrors(monkeypatch):
+    forward = _warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DeprecationWarning) and _causedByUs(filename, lineno):
+            if not isinstance(message, Warning):
+                message = category(message)
+            raise message
+        forward(message, category, filename, lineno, file, line)
+
+    monkeypatch.setattr(_warnings, "showwarning", showwarning)
