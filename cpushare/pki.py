@@ -386,12 +386,13 @@ def clientTLS(hostname, caPEM, keyPEM=None, certPEM=None):
     C{hostname} signed by the CA in C{caPEM}; the client presents its own
     certificate when it has one.
     """
-    clientCertificate = None
+    extra = {"raiseMinimumTo": ssl.TLSVersion.TLSv1_3}
     if keyPEM is not None and certPEM is not None:
-        clientCertificate = ssl.PrivateCertificate.loadPEM(keyPEM + b"\n" + certPEM)
+        # cryptography objects: pyOpenSSL deprecates its own X509 and PKey,
+        # which ssl.PrivateCertificate would hand it.
+        extra.update(privateKey=loadKey(keyPEM), certificate=loadCertificate(certPEM))
     return ssl.optionsForClientTLS(
         hostname,
         trustRoot=ssl.Certificate.loadPEM(caPEM),
-        clientCertificate=clientCertificate,
-        extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_3},
+        extraCertificateOptions=extra,
     )

@@ -5,6 +5,10 @@ X509/PKey wrappers, so building a client or server TLS context warns nothing.
 
 import warnings
 
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
 from cpushare import pki
 from cpushare.server.web import WebTLS
 
@@ -24,7 +28,11 @@ def _deprecations(build):
 
 def test_clientTLSWarnsNothing():
     caPEM, keyPEM, certPEM, _ = _credentials()
-    assert _deprecations(lambda: pki.clientTLS("market.example", caPEM, keyPEM, certPEM)) == []
+    options = pki.clientTLS("market.example", caPEM, keyPEM, certPEM)
+    # The context is built for the first connection.
+    factory = TLSMemoryBIOFactory(options, True, Factory.forProtocol(Protocol))
+    connect = lambda: factory.buildProtocol(None).makeConnection(StringTransport())
+    assert _deprecations(connect) == []
 
 
 def test_serverTLSWarnsNothing():
