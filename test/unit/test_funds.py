@@ -11,7 +11,9 @@ from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.ssl import Certificate
 from twisted.protocols.policies import WrappingFactory
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, readBody
+from twisted.internet.protocol import Protocol
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
 from cpushare.money import CENT, MICRO, BadAmount
@@ -203,6 +205,29 @@ def test_statement_pages_carry_each_accounts_running_balance(conn):
 # -- the whole path: a client, the market, PayPal's fake, the web endpoint
 
 
+
+class _Body(Protocol):
+    """Collects a response body; readBody would warn that the agent's
+    transport proxy has no abortConnection."""
+
+    def __init__(self, done):
+        self.done, self.parts = done, []
+
+    def dataReceived(self, data):
+        self.parts.append(data)
+
+    def connectionLost(self, reason):
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self.parts))
+        else:
+            self.done.errback(reason)
+
+
+def _readBody(response):
+    done = defer.Deferred()
+    response.deliverBody(_Body(done))
+    return done
+
 class FundsCase(test_session.MarketCase):
     commission = "5"
 
@@ -238,7 +263,7 @@ class FundsCase(test_session.MarketCase):
     def get(self, url):
         """GET C{url} (no redirects followed): (status, body text, Location)."""
         response = yield self.agent.request(b"GET", url.encode(), Headers())
-        body = (yield readBody(response)).decode("utf-8")
+        body = (yield _readBody(response)).decode("utf-8")
         location = response.headers.getRawHeaders(b"location", [b""])[0].decode()
         return response.code, body, location
 
