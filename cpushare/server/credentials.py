@@ -26,12 +26,11 @@ import os
 import attr
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from twisted.application.service import Service
-from twisted.internet import defer, task
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from cpushare import pki
+from cpushare.server.clocked import ClockedService
 
 # Seconds between looks at the server certificate's remaining validity.
 RENEW_CHECK_EVERY = 24 * 3600.0
@@ -147,7 +146,7 @@ def _matches(keyPEM, cert):
     return spki(key.public_key()) == spki(cert.public_key())
 
 
-class ServerCertificateRenewal(Service):
+class ServerCertificateRenewal(ClockedService):
     """
     Keeps the server certificate valid: L{start} checks it at once and then
     every C{every} seconds on the reactor's clock, and issues a new one
@@ -164,33 +163,17 @@ class ServerCertificateRenewal(Service):
 
     def __init__(self, reactor, credentials, every=RENEW_CHECK_EVERY,
                  renewBefore=pki.SERVER_RENEW_BEFORE, inThread=None):
-        self.reactor = reactor
+        ClockedService.__init__(self, reactor, every, inThread)
         self.credentials = credentials
-        self.every = every
         self.renewBefore = renewBefore
-        if inThread is None:
-            inThread = lambda f, *args: deferToThreadPool(
-                reactor, reactor.getThreadPool(), f, *args)
-        self.inThread = inThread
-        self._loop = None
         self._busy = False
 
-    def now(self):
-        return datetime.datetime.fromtimestamp(self.reactor.seconds(), datetime.timezone.utc)
+    def first(self):
+        """Check now (fires once any renewal is installed)."""
+        return self.check()
 
-    def start(self):
-        """Check now (fires once any renewal is installed), then every C{every} seconds."""
-        d = self.check()
-        if self._loop is None and self.every > 0:
-            self._loop = task.LoopingCall(self.check)
-            self._loop.clock = self.reactor
-            self._loop.start(self.every, now=False)
-        return d
-
-    def stopService(self):
-        Service.stopService(self)
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+    def repeat(self):
+        return self.check()
 
     def reason(self, now):
         """Why the certificate needs renewing now, or None."""

@@ -21,14 +21,13 @@ through the store's pool, signing through the reactor's thread pool.
 import datetime
 
 from cryptography import x509
-from twisted.application.service import Service
-from twisted.internet import defer, task
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource
 
 from cpushare import pki
 from cpushare.server import store
+from cpushare.server.clocked import ClockedService
 
 # Seconds between new lists when nothing is revoked: well inside pki.CRL_LIFETIME.
 REFRESH_EVERY = 3600.0
@@ -54,7 +53,7 @@ def revokedEntries(rows, now):
     return entries
 
 
-class RevocationList(Service):
+class RevocationList(ClockedService):
     """
     The current list, as C{der}.  C{inThread(f, *args)} runs the signing
     (the reactor's thread pool by default).
@@ -64,38 +63,22 @@ class RevocationList(Service):
 
     def __init__(self, reactor, store, credentials, every=REFRESH_EVERY,
                  lifetime=pki.CRL_LIFETIME, inThread=None):
-        self.reactor = reactor
+        ClockedService.__init__(self, reactor, every, inThread)
         self.store = store
         self.credentials = credentials
-        self.every = every
         self.lifetime = lifetime
-        if inThread is None:
-            inThread = lambda f, *args: deferToThreadPool(
-                reactor, reactor.getThreadPool(), f, *args)
-        self.inThread = inThread
         self.der = None
         self.number = 0
         self.count = 0
-        self._loop = None
         self._running = False
         self._again = False
 
-    def now(self):
-        return datetime.datetime.fromtimestamp(self.reactor.seconds(), datetime.timezone.utc)
+    def first(self):
+        """Make the first list (fires when it is ready)."""
+        return self.update()
 
-    def start(self):
-        """Make the first list (fires when it is ready), then a new one every C{every} seconds."""
-        d = self.update()
-        if self._loop is None and self.every > 0:
-            self._loop = task.LoopingCall(self.changed)
-            self._loop.clock = self.reactor
-            self._loop.start(self.every, now=False)
-        return d
-
-    def stopService(self):
-        Service.stopService(self)
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
+    def repeat(self):
+        return self.changed()
 
     def changed(self):
         """Certificates may have been revoked: make a new list (errors are logged)."""
