@@ -11,11 +11,23 @@ rounds: on a shared machine the best round is the one least disturbed.
 
 The end-to-end throughput through TLS is bench/relay.py's; this one
 isolates what per-link accounting adds to a frame.
+
+With --instructions it counts instructions instead of timing, under
+valgrind's callgrind: the same count for the same code whatever else the
+machine does, so a change of a few percent shows.  Each case runs twice,
+with FEW and MANY frames, in a process of its own; the difference over
+MANY - FEW frames is the cost of one frame, start-up excluded.  Results go
+to bench/results/relay_cost.json.
+
+    python bench/relaycost.py --instructions [--other /path/to/main]
 """
 
 import argparse
 import importlib.util
+import json
 import os
+import re
+import subprocess
 import sys
 import time
 
@@ -74,11 +86,88 @@ def once(relay, blob, frames, metered):
     return elapsed / frames * 1e9
 
 
+FEW, MANY = 2_000, 12_000
+
+
+def oneRun(tree, size, frames, metered):
+    """Relay C{frames} frames through the multiplexer and relay of C{tree}, once."""
+    global mux, Session
+    for name in [n for n in sys.modules if n == "cpushare" or n.startswith("cpushare.")]:
+        del sys.modules[name]
+    sys.path.insert(0, tree)
+    from cpushare.protocol import mux
+    from cpushare.server import relay
+    assert relay.__file__.startswith(tree), relay.__file__
+
+    class Session(mux.Multiplexer):     # noqa: F811 (the tree's own Multiplexer)
+        sessionId = 1
+
+        def __init__(self, reactor):
+            mux.Multiplexer.__init__(self, reactor)
+            self.links = {}
+
+        def makeControl(self):
+            return amp.AMP()
+
+    blob = (mux.HEADER.pack(1, size) + b"x" * size) * frames
+    once(relay, blob, frames, metered)
+
+
+def instructions(tree, size, frames, metered):
+    """Instructions callgrind counts for L{oneRun} in a process of its own."""
+    out = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+         __file__, "--run-one", tree, str(size), str(frames), str(int(metered))],
+        capture_output=True, text=True, check=True,
+        # A fixed hash seed: the same dict layouts, so the same count every run.
+        env={**os.environ, "PYTHONHASHSEED": "0"}).stderr
+    return int(re.search(r"Collected : (\d+)", out).group(1))
+
+
+def countInstructions(args):
+    this = os.path.dirname(HERE)
+    trees = [("this", this)] + ([("other", os.path.abspath(args.other))] if args.other else [])
+    rows = []
+    for size in (64, 1500):
+        for label, tree in trees:
+            hasMeter = "def meter(" in open(os.path.join(tree, "cpushare/server/relay.py")).read()
+            for metered in (False, True) if hasMeter else (False,):
+                few = instructions(tree, size, FEW, metered)
+                many = instructions(tree, size, MANY, metered)
+                rows.append({"tree": label, "size": size, "metered": metered,
+                             "instructions_per_frame": round((many - few) / (MANY - FEW))})
+    base = {(r["tree"], r["size"]): r["instructions_per_frame"]
+            for r in rows if not r["metered"]}
+    for r in rows:
+        # Against this tree's plain link; and against the other tree's, when given.
+        r["ratio_to_plain"] = round(r["instructions_per_frame"] / base[("this", r["size"])], 4)
+        if args.other:
+            r["ratio_to_other"] = round(
+                r["instructions_per_frame"] / base[("other", r["size"])], 4)
+        print(f"{r['size']:5d} B {r['tree']:5s} {'metered' if r['metered'] else 'plain':7s}"
+              f" {r['instructions_per_frame']:7d} instructions a frame"
+              + "".join(f", {k} {v:.3f}" for k, v in r.items() if k.startswith("ratio")))
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    with open(os.path.join(HERE, "results", "relay_cost.json"), "w") as f:
+        json.dump({"benchmark": "relay_cost", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                   "frames": [FEW, MANY], "other": args.other, "rows": rows}, f, indent=2)
+        f.write("\n")
+
+
 def main():
+    if sys.argv[1:2] == ["--run-one"]:
+        tree, size, frames, metered = sys.argv[2:6]
+        return oneRun(tree, int(size), int(frames), metered == "1")
     p = argparse.ArgumentParser(prog="bench/relaycost.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--other", required=True, help="another tree, holding cpushare/server/relay.py")
+    p.add_argument("--other", help="another tree, holding cpushare/server/relay.py")
     p.add_argument("--rounds", type=int, default=60)
+    p.add_argument("--instructions", action="store_true",
+                   help="count instructions under callgrind instead of timing")
     args = p.parse_args()
+    if args.instructions:
+        return countInstructions(args)
+    if not args.other:
+        p.error("--other is needed to time against another tree")
     other = load(os.path.join(args.other, "cpushare", "server", "relay.py"), "relay_other")
     this = load(os.path.join(os.path.dirname(HERE), "cpushare", "server", "relay.py"),
                 "relay_this")
