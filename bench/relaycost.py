@@ -48,15 +48,23 @@ def load(path, name):
     return module
 
 
-class Session(mux.Multiplexer):
-    sessionId = 1
+def sessionClass(muxModule):
+    """A market session of C{muxModule}'s Multiplexer: routes, links, AMP."""
 
-    def __init__(self, reactor):
-        mux.Multiplexer.__init__(self, reactor)
-        self.links = {}
+    class Session(muxModule.Multiplexer):
+        sessionId = 1
 
-    def makeControl(self):
-        return amp.AMP()
+        def __init__(self, reactor):
+            muxModule.Multiplexer.__init__(self, reactor)
+            self.links = {}
+
+        def makeControl(self):
+            return amp.AMP()
+
+    return Session
+
+
+Session = sessionClass(mux)
 
 
 def connected(clock):
@@ -98,16 +106,7 @@ def oneRun(tree, size, frames, metered):
     from cpushare.protocol import mux
     from cpushare.server import relay
     assert relay.__file__.startswith(tree), relay.__file__
-
-    class Session(mux.Multiplexer):     # noqa: F811 (the tree's own Multiplexer)
-        sessionId = 1
-
-        def __init__(self, reactor):
-            mux.Multiplexer.__init__(self, reactor)
-            self.links = {}
-
-        def makeControl(self):
-            return amp.AMP()
+    Session = sessionClass(mux)
 
     blob = (mux.HEADER.pack(1, size) + b"x" * size) * frames
     once(relay, blob, frames, metered)

@@ -54,11 +54,6 @@ class HoldCase(OrderCase):
             yield sleep(0.05)
         self.fail(f"leases not settled: {rows}")
 
-    @defer.inlineCallbacks
-    def checkBooks(self):
-        books = yield self.store.run(ledger.books)
-        self.assertTrue(books["ok"], books)
-        self.assertEqual((yield self.store.run(billing.heldMismatch)), [])
 
 
 class NetworkFeeTests(HoldCase):

@@ -7,7 +7,7 @@ from twisted.internet import defer, reactor
 
 from cpushare.client import images
 from cpushare.money import MICRO
-from cpushare.server import admin
+from cpushare.server import admin, billing, ledger
 from cpushare.client.session import ClientControl, ClientSession
 from cpushare.protocol import commands
 from cpushare.protocol.commands import consoleChannel, nicChannel
@@ -60,6 +60,13 @@ def take(queue, n):
 
 class OrderCase(test_session.ImageCase):
     """A market with alice (buyer, an image uploaded) and sam (seller) registered."""
+
+    @defer.inlineCallbacks
+    def checkBooks(self):
+        """The books balance and every lease's hold matches the ledger."""
+        books = yield self.store.run(ledger.books)
+        self.assertTrue(books["ok"], books)
+        self.assertEqual((yield self.store.run(billing.heldMismatch)), [])
 
     @defer.inlineCallbacks
     def setUp(self):
