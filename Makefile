@@ -21,7 +21,7 @@ $(STAMP): setup.py pyproject.toml tools/host-deps.sh
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m cpushare.demo
+	$(PY) -m cpushare.client.demo
 
 test: $(STAMP)
 	$(PY) -m pytest test $(PYTEST_ARGS)

@@ -1,6 +1,6 @@
 """Packaging for CPUShare: one package, three twistd plugins and two console scripts."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="cpushare",
@@ -10,15 +10,11 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=[
-        "cpushare",
-        "cpushare.protocol",
-        "cpushare.server",
-        "cpushare.client",
-        "cpushare.vm",
+        *find_packages(include=["cpushare", "cpushare.*"]),
         "twisted.plugins",
     ],
     package_data={
-        "cpushare.server": ["schema/*.sql"],
+        "cpushare.server.db": ["schema/*.sql"],
         "twisted": ["plugins/cpushare_plugins.py"],
     },
     install_requires=[
@@ -32,11 +28,11 @@ setup(
         "paypalrestsdk>=1.13",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6.100"],
+        "test": ["pytest>=7", "hypothesis>=6.100", "import-linter>=2.0"],
     },
     entry_points={
         "console_scripts": [
-            "cpushare = cpushare.client.cli:main",
+            "cpushare = cpushare.client.cli.main:main",
             "cpushare-admin = cpushare.server.admin:main",
         ],
     },

@@ -41,10 +41,12 @@ from twisted.internet import defer, task  # noqa: E402
 
 from cpushare.money import MICRO  # noqa: E402
 from cpushare.protocol import commands  # noqa: E402
-from cpushare.server import billing, ledger, store  # noqa: E402
-from cpushare.server.market import Market  # noqa: E402
-from cpushare.server.orders import PlacedVMs  # noqa: E402
-from cpushare.server.screens import Screens  # noqa: E402
+from cpushare.server.money import billing
+from cpushare.server.money import ledger
+from cpushare.server.db import store
+from cpushare.server.market.market import Market  # noqa: E402
+from cpushare.server.market.orders import PlacedVMs  # noqa: E402
+from cpushare.server.market.screens import Screens  # noqa: E402
 
 COUNTRIES = ("IT", "DE", "FR", "US", "JP", "BR", "IN", "SE")
 

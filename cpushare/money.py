@@ -3,7 +3,7 @@ Money: integer micro-units (millionths) of the market's one currency.
 
 Floats never touch money.  Amounts are read from and written as decimal
 strings here, on both sides of the wire; the ledger
-(L{cpushare.server.ledger}) moves them.
+(L{cpushare.server.money.ledger}) moves them.
 """
 
 import re
@@ -57,3 +57,18 @@ def formatAmount(micro):
     whole, fraction = divmod(abs(micro), MICRO)
     digits = f"{fraction:06d}".rstrip("0").ljust(2, "0")
     return f"{sign}{whole}.{digits}"
+
+
+def cpuCost(price, cpuSeconds):
+    """C{cpuSeconds} at C{price} a core-hour, rounded down to the micro-unit."""
+    return int(cpuSeconds * 1000) * price // 3_600_000
+
+
+def netCost(netFee, netBytes):
+    """C{netBytes} at C{netFee} a GB, rounded down to the micro-unit."""
+    return netBytes * netFee // 10**9
+
+
+def cost(price, netFee, cpuSeconds, netBytes):
+    """The cost of C{cpuSeconds} and C{netBytes}: each rounded down, then summed."""
+    return cpuCost(price, cpuSeconds) + netCost(netFee, netBytes)

@@ -8,8 +8,8 @@ Fixtures for every test: the databases the market's store runs on.
 
 import pytest
 
-from cpushare.server import store
-from cpushare.server.database import PostgreSQL, SQLite
+from cpushare.server.db import store
+from cpushare.server.db.database import PostgreSQL, SQLite
 
 from . import postgres as _postgres
 

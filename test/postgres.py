@@ -23,7 +23,7 @@ import time
 
 import psycopg
 
-from cpushare.server.database import masked, oneLine
+from cpushare.server.db.database import masked, oneLine
 
 ENVIRONMENT = "CPUSHARE_TEST_POSTGRES"
 START_TIMEOUT = 30.0

@@ -38,15 +38,17 @@ def test_the_wheel_holds_plugins_scripts_and_schema(tmp_path):
     assert "twisted/plugins/cpushare_plugins.py" in names
     assert "twisted/__init__.py" not in names, "must not shadow Twisted"
     assert "twisted/plugins/__init__.py" not in names, "must not shadow Twisted's plugins"
-    assert "cpushare/server/schema/001_accounts.sql" in names
-    for package in ("cpushare/server/", "cpushare/client/", "cpushare/vm/", "cpushare/protocol/"):
+    assert "cpushare/server/db/schema/001_accounts.sql" in names
+    for package in ("cpushare/server/market/", "cpushare/server/money/", "cpushare/server/db/",
+                    "cpushare/client/seller/", "cpushare/client/buyer/", "cpushare/client/cli/",
+                    "cpushare/vm/", "cpushare/protocol/"):
         assert package + "__init__.py" in names
 
     [entryPoints] = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     config = configparser.ConfigParser()
     config.read_string((site / entryPoints).read_text())
     assert dict(config["console_scripts"]) == {
-        "cpushare": "cpushare.client.cli:main",
+        "cpushare": "cpushare.client.cli.main:main",
         "cpushare-admin": "cpushare.server.admin:main",
     }
 

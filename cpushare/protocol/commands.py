@@ -149,7 +149,7 @@ class SetTerms(amp.Command):
     errors = COMMON_ERRORS
 
 
-# A buy order's screens; see cpushare.server.screens.  Money in micro-units.
+# A buy order's screens; see cpushare.server.market.screens.  Money in micro-units.
 SCREENS = [
     (b"max_price", amp.Integer(optional=True)),
     (b"min_rating", amp.Float(optional=True)),

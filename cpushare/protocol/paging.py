@@ -11,8 +11,6 @@ memo) is clipped to MAX_TEXT characters in lists, so that every single
 entry fits a page with room to spare.
 """
 
-from twisted.protocols import amp
-
 PAGE_BYTES = 60000   # below AMP's 65,535-byte value limit, for the box around it
 MAX_TEXT = 200       # characters of free-form text shown in a list entry
 AMP_MAX_VALUE = 0xFFFF

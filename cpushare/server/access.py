@@ -23,7 +23,7 @@ import ipaddress
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from cpushare.server import store
+from cpushare.server.db import store
 
 PER_ADDRESS_HOUR = 5        # registrations an hour from one address (or IPv6 /64)
 PER_MINUTE = 30             # registrations a minute, market-wide

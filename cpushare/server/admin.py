@@ -36,7 +36,9 @@ import argparse
 import os
 import sys
 
-from cpushare.server import database, ledger, store
+from cpushare.server.db import database
+from cpushare.server.money import ledger
+from cpushare.server.db import store
 
 
 def main(argv=None):
@@ -177,7 +179,7 @@ def credit(cursor, name, amount, memo):
 
 def money(conn, args):
     """The commands about PayPal payments and payouts."""
-    from cpushare.server import funds
+    from cpushare.server.money import funds
 
     fmt = ledger.formatAmount
     if args.command == "payments":

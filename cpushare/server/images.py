@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from cpushare.imagefolder import ImageFolder
 from cpushare.protocol import paging
 from cpushare.protocol.commands import IMAGES_PAGE, BadRequest, ListImages, QuotaExceeded
-from cpushare.server import store
+from cpushare.server.db import store
 
 SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 MAX_IMAGE = 16 * 1024**3

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.web import resource
 
 from cpushare import pki
-from cpushare.server import store
+from cpushare.server.db import store
 from cpushare.server.clocked import ClockedService
 
 # Seconds between new lists when nothing is revoked: well inside pki.CRL_LIFETIME.

@@ -15,12 +15,13 @@ from cpushare.protocol import commands, paging
 from cpushare.protocol.commands import BadRequest, NotAuthenticated
 from cpushare.protocol.heartbeat import Heartbeat
 from cpushare.protocol.mux import ControlProtocol, MAX_CHANNEL, Multiplexer
-from cpushare.server import ledger, marketsql
-from cpushare.server.fundscontrol import FundsCommands
-from cpushare.server.measure import BandwidthMeter
-from cpushare.server.orders import PlacedVMs
-from cpushare.server.board import OWN_ACCOUNT
-from cpushare.server.screens import Screens, rating
+from cpushare.server.money import ledger
+from cpushare.server.db import marketsql
+from cpushare.server.money.fundscontrol import FundsCommands
+from cpushare.server.market.measure import BandwidthMeter
+from cpushare.server.market.orders import PlacedVMs
+from cpushare.server.market.board import OWN_ACCOUNT
+from cpushare.server.market.screens import Screens, rating
 
 REFUSED_GRACE = 5.0
 MAX_CORES = 4096

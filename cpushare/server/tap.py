@@ -138,7 +138,7 @@ class Options(usage.Options):
         if self["max-uploads"] < 1 or self["upload-idle"] <= 0:
             raise usage.UsageError("--max-uploads and --upload-idle must be positive")
 
-        from cpushare.server import database
+        from cpushare.server.db import database
 
         url = self["db"] or os.path.join(os.path.abspath(self["data"]), "market.sqlite")
         try:
@@ -150,7 +150,8 @@ class Options(usage.Options):
     def postMoneyOptions(self, environ):
         """Check the web, PayPal and money options; read the PayPal secret."""
         from cpushare.money import BadAmount, parseAmount
-        from cpushare.server import funds, paypal
+        from cpushare.server.money import funds
+        from cpushare.server.money import paypal
 
         try:
             self["commission-rate"] = funds.parsePercent(self["commission"])
@@ -231,13 +232,13 @@ def makeService(options, reactor=None):
     from cpushare.listening import ListeningService
     from cpushare.server.access import RegistrationLimits
     from cpushare.server.credentials import ServerCertificateRenewal, loadOrCreate
-    from cpushare.server.database import Unavailable
-    from cpushare.server.funds import Funds
+    from cpushare.server.db.database import Unavailable
+    from cpushare.server.money.funds import Funds
     from cpushare.server.images import ImageStore
-    from cpushare.server.market import Market
+    from cpushare.server.market.market import Market
     from cpushare.server.revocation import RevocationList
     from cpushare.server.session import MarketFactory
-    from cpushare.server.store import Store
+    from cpushare.server.db.store import Store
 
     data = os.path.abspath(options["data"])
     credentials = loadOrCreate(data, options["hostname"], log)
@@ -327,6 +328,6 @@ def makePayPal(reactor, options):
     """The operator's PayPal, or None when the market takes no payments."""
     if options["paypal-client-id"] is None:
         return None
-    from cpushare.server.paypal import RESTPayPal
+    from cpushare.server.money.paypal import RESTPayPal
     return RESTPayPal(reactor, options["paypal-mode"], options["paypal-client-id"],
                       options["paypal-secret"], endpoint=options["paypal-endpoint"])

@@ -8,7 +8,7 @@ buyer back after approving or cancelling a payment.
     /paypal/cancel    ?n=NONCE&token=EC-..
 
 The pages are small and plain, and say what happened to the money.  The
-work is L{cpushare.server.funds.Funds}'s; this module only reads the
+work is L{cpushare.server.money.funds.Funds}'s; this module only reads the
 query and renders the outcome.  TLS uses the market's server certificate
 unless the operator gives another (a certificate for a public name that
 browsers trust on their own).

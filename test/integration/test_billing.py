@@ -13,7 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from cpushare.server import billing, ledger, store
+from cpushare import money
+from cpushare.server.money import ledger
+from cpushare.server.db import store
 
 from test.unit.livecdfakes import otherISO
 
@@ -90,7 +92,7 @@ def test_killing_the_server_while_it_bills_charges_each_lease_exactly_once(
     earnings = {}
     for (leaseId, price, netFee, cpu, traffic, charged, held, settled, seller) in rows:
         # Charged exactly what its CPU seconds cost, once, and nothing left held.
-        assert charged == billing.cost(price, netFee, cpu, traffic), rows
+        assert charged == money.cost(price, netFee, cpu, traffic), rows
         assert held == 0 and cpu > 3.0, rows
         earnings[seller] = earnings.get(seller, 0) + charged
     conn = store.connect(str(market.data / "market.sqlite"))

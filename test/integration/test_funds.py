@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from cpushare.server import ledger, store
+from cpushare.server.money import ledger
+from cpushare.server.db import store
 
 from .conftest import LOOPBACK, Market, assertOneLineError, cpushare, waitUntil
 

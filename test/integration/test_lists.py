@@ -10,7 +10,8 @@ write them (no QEMU, no sellers running): the VMs are over, so the running
 server has nothing of them in memory.
 """
 
-from cpushare.server import admin, store
+from cpushare.server import admin
+from cpushare.server.db import store
 
 from .conftest import cpushare
 

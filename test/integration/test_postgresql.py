@@ -6,7 +6,7 @@ and a database it cannot reach stops it at once with one line.
 
 import psycopg
 
-from cpushare.server.database import masked
+from cpushare.server.db.database import masked
 
 from .conftest import START_TIMEOUT, Market, cpushare, executable
 

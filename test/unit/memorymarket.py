@@ -18,11 +18,11 @@ from twisted.protocols import amp
 
 from cpushare import pki
 from cpushare.protocol import mux
-from cpushare.server import store as storesql
+from cpushare.server.db import store as storesql
 from cpushare.server.credentials import loadOrCreate
-from cpushare.server.market import Market
+from cpushare.server.market.market import Market
 from cpushare.server.session import MarketFactory
-from cpushare.server.store import Store
+from cpushare.server.db.store import Store
 
 
 class SynchronousPool:

@@ -9,7 +9,7 @@ from twisted.internet import defer, task
 
 from cpushare import pki
 from cpushare.protocol import commands
-from cpushare.server import store
+from cpushare.server.db import store
 from cpushare.server.access import RegistrationLimits, RegistrationRefused, addressKey
 
 from test.unit.test_session import MarketCase

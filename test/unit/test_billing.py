@@ -13,10 +13,14 @@ import time
 
 import pytest
 
+from cpushare import money
 from cpushare.money import MICRO
-from cpushare.server import admin, billing, ledger, store
-from cpushare.server.billing import CannotFund, bill, heldMismatch, openLease
-from cpushare.server.ledger import EARNINGS, FUNDS, HELD
+from cpushare.server import admin
+from cpushare.server.money import billing
+from cpushare.server.money import ledger
+from cpushare.server.db import store
+from cpushare.server.money.billing import CannotFund, bill, heldMismatch, openLease
+from cpushare.server.money.ledger import EARNINGS, FUNDS, HELD
 
 PRICE = 36_000          # 0.036 a core-hour: 10 micro-units a core-second
 INTERVAL, WINDOW = 60.0, 600.0
@@ -195,7 +199,8 @@ def test_billing_counts_wall_time_from_the_first_sign_of_life(conn, market):
 
 KILLED_BILLER = textwrap.dedent("""
     import sys
-    from cpushare.server import billing, store
+    from cpushare.server.money import billing
+    from cpushare.server.db import store
     path, leaseId, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
     conn = store.connect(path)
     t = start
@@ -233,6 +238,6 @@ def test_killing_the_biller_at_random_points_never_charges_twice_or_skips(conn, 
         (cpu, traffic, charged), = run(conn, lambda c: c.execute(
             "SELECT cpu_seconds, net_bytes, charged FROM leases").fetchall())
         # Whatever was committed is charged exactly once, to the micro-unit.
-        assert charged == billing.cost(PRICE, 2 * MICRO, cpu, traffic)
+        assert charged == money.cost(PRICE, 2 * MICRO, cpu, traffic)
         assert balances(conn, market)[2] == charged
     assert last > 1000.0, "the biller never committed a bill"

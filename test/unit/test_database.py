@@ -13,9 +13,11 @@ from twisted.internet import defer, reactor
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
-from cpushare.server import admin, database, store
-from cpushare.server.database import BadURL, PostgreSQL, SQLite, Unavailable
-from cpushare.server.store import Store
+from cpushare.server import admin
+from cpushare.server.db import database
+from cpushare.server.db import store
+from cpushare.server.db.database import BadURL, PostgreSQL, SQLite, Unavailable
+from cpushare.server.db.store import Store
 
 # -- URLs
 

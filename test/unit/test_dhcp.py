@@ -13,11 +13,12 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from cpushare.client import dhcp, frames
-from cpushare.client.dhcp import (
+from cpushare.client.buyer import dhcp
+from cpushare.client.buyer import frames
+from cpushare.client.buyer.dhcp import (
     ACK, DISCOVER, NAK, OFFER, DEFAULT_SERVER_MAC, DHCPServer, Subnet, parseDHCP,
 )
-from cpushare.client.switch import IPort, Switch
+from cpushare.client.buyer.switch import IPort, Switch
 
 BROADCAST = b"\xff" * 6
 ANY = b"\x00" * 4

@@ -18,11 +18,12 @@ from twisted.web.http_headers import Headers
 
 from cpushare.money import CENT, MICRO, BadAmount
 from cpushare.protocol import commands
-from cpushare.server import funds as fundsModule
-from cpushare.server import ledger, store
-from cpushare.server.funds import Funds, commissionOn, formatPercent, parsePercent
-from cpushare.server.ledger import EARNINGS, FUNDS, PAYOUT, PAYPAL
-from cpushare.server.paypal import (
+from cpushare.server.money import funds as fundsModule
+from cpushare.server.money import ledger
+from cpushare.server.db import store
+from cpushare.server.money.funds import Funds, commissionOn, formatPercent, parsePercent
+from cpushare.server.money.ledger import EARNINGS, FUNDS, PAYOUT, PAYPAL
+from cpushare.server.money.paypal import (
     RESTPayPal, checkEndpoint, parsePayPalDecimal, paypalDecimal,
 )
 from cpushare.server.web import loadWebTLS, site

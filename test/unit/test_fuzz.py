@@ -26,8 +26,8 @@ from twisted.logger import globalLogPublisher
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
-from cpushare.client.buyer import Buyer, BuyerSession
-from cpushare.client.seller import SellerSession
+from cpushare.client.buyer.service import Buyer, BuyerSession
+from cpushare.client.seller.service import SellerSession
 from cpushare.protocol import commands, mux
 from cpushare.server.session import ServerControl
 from test.unit.memorymarket import MemoryMarket, Replies, command, control
@@ -427,7 +427,7 @@ def playClient(kind, failures, helloFirst, stream, cuts):
 @pytest.mark.usefixtures("failures")
 class TestClients:
     def test_seller(self, failures):
-        from cpushare.client.seller import SellerControl
+        from cpushare.client.seller.service import SellerControl
 
         @profile("seller")
         @given(st.booleans(), messages(boxesFor(SellerControl, answers=True)), CUTS)
@@ -437,7 +437,7 @@ class TestClients:
         counted("seller", case)
 
     def test_buyer(self, failures):
-        from cpushare.client.buyer import BuyerControl
+        from cpushare.client.buyer.service import BuyerControl
 
         @profile("buyer")
         @given(st.booleans(), messages(boxesFor(BuyerControl, answers=True)), CUTS)
@@ -449,8 +449,8 @@ class TestClients:
 
 def test_every_command_is_fuzzed():
     """The fuzzer knows every command the server and the clients answer."""
-    from cpushare.client.buyer import BuyerControl
-    from cpushare.client.seller import SellerControl
+    from cpushare.client.buyer.service import BuyerControl
+    from cpushare.client.seller.service import SellerControl
     served = {name for name, _ in commandsOf(ServerControl)}
     declared = {cls.commandName for cls in vars(commands).values()
                 if isinstance(cls, type) and issubclass(cls, amp.Command)

@@ -6,7 +6,7 @@ import tempfile
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from cpushare.server import store
+from cpushare.server.db import store
 
 
 def insert(cursor, n):

@@ -7,10 +7,12 @@ real server in this process with fake seller and buyer programs.
 
 from twisted.internet import defer, reactor
 
+from cpushare import money
 from cpushare.money import MICRO
 from cpushare.protocol import commands
 from cpushare.protocol.commands import nicChannel
-from cpushare.server import billing, ledger
+from cpushare.server.money import billing
+from cpushare.server.money import ledger
 
 from test.unit.test_orders import OrderCase, within
 from test.unit.test_session import sleep
@@ -130,7 +132,7 @@ class NetworkFeeTests(HoldCase):
         [(_, charged, held, _, netBytes, _)] = yield self.settled()
         # Every byte delivered was paid for, from holds topped up as it went.
         self.assertGreaterEqual(netBytes, 3_500_000)
-        self.assertEqual(charged, billing.cost(10_000, 1000 * MICRO, 0.0, netBytes))
+        self.assertEqual(charged, money.cost(10_000, 1000 * MICRO, 0.0, netBytes))
         self.assertEqual(before - (yield self.balances("alice"))[ledger.FUNDS], charged)
         yield self.checkBooks()
 

@@ -9,7 +9,7 @@ import tempfile
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from cpushare.client.imagecache import CacheError, ImageCache
+from cpushare.client.seller.imagecache import CacheError, ImageCache
 
 
 class FakeMarket:

@@ -81,13 +81,13 @@ class InProgressTests(QuotaCase):
 
     @defer.inlineCallbacks
     def test_a_stored_image_and_one_in_progress_add_up(self):
-        from cpushare.client import images
+        from cpushare.client.cli import upload
         key, cert = yield self.register("alice")
         session = yield self.connect("cli", key, cert)
         path = os.path.join(self.images.folder, "one.iso")
         with open(path, "wb") as f:
             f.write(b"1" * (MiB + 5))
-        yield defer.ensureDeferred(images.upload(reactor, session, path))
+        yield defer.ensureDeferred(upload.upload(reactor, session, path))
         yield self.start(session, "a", MiB)
         with self.assertRaises(commands.QuotaExceeded) as e:
             yield self.start(session, "b", MiB)

@@ -112,7 +112,7 @@ def test_the_cli_rejects_a_broken_base_in_one_line_and_writes_nothing(tmp_path):
     (tmp_path / "job").mkdir()
     (tmp_path / "broken.iso").write_bytes(b"\0" * 40_000)
     done = subprocess.run(
-        [sys.executable, "-c", "from cpushare.client.cli import main; main()",
+        [sys.executable, "-c", "from cpushare.client.cli.main import main; main()",
          "--home", str(tmp_path / "home"), "image", "build",
          "--base", str(tmp_path / "broken.iso"), "--add", str(tmp_path / "job"),
          "-o", str(tmp_path / "out.iso")],

@@ -4,9 +4,11 @@ import os
 
 import pytest
 
-from cpushare.server import admin, ledger, store
-from cpushare.server.database import SQLite
-from cpushare.server.ledger import COMMISSION, EARNINGS, FUNDS, HELD, MICRO, PAYPAL
+from cpushare.server import admin
+from cpushare.server.money import ledger
+from cpushare.server.db import store
+from cpushare.server.db.database import SQLite
+from cpushare.server.money.ledger import COMMISSION, EARNINGS, FUNDS, HELD, MICRO, PAYPAL
 
 
 @pytest.fixture

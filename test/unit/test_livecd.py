@@ -410,7 +410,7 @@ def test_a_build_reuses_the_parts_in_the_cache_without_apt(tmp_path, monkeypatch
 def cli(tmp_path, *args):
     env = dict(os.environ, HOME=str(tmp_path / "user"), CPUSHARE_CACHE=str(fakeCache(tmp_path)))
     return subprocess.run(
-        [sys.executable, "-c", "from cpushare.client.cli import main; main()",
+        [sys.executable, "-c", "from cpushare.client.cli.main import main; main()",
          "--home", str(tmp_path / "home"), "image", "build", *args],
         capture_output=True, text=True, timeout=60, env=env,
     )

@@ -6,11 +6,13 @@ ratings; on a real server in this process with fake seller programs.
 
 from twisted.internet import defer, reactor
 
-from cpushare.client import images
+from cpushare.client.cli import upload
 from cpushare.money import MICRO
 from cpushare.protocol import commands, proof
-from cpushare.server import admin, cpubench, ledger
-from cpushare.server.screens import rating
+from cpushare.server import admin
+from cpushare.server.market import cpubench
+from cpushare.server.money import ledger
+from cpushare.server.market.screens import rating
 
 from test.unit import test_orders
 from test.unit.test_orders import FakeSellerControl, OrderCase, take, within
@@ -250,7 +252,7 @@ class BillingTests(OrderCase):
         self.carol = yield self.register("carol")
         self.carolCli = yield self.connect("cli", *self.carol)
         self.carolSha, _, _ = yield defer.ensureDeferred(
-            images.upload(reactor, self.carolCli, self.iso))
+            upload.upload(reactor, self.carolCli, self.iso))
         self.seller = yield self.program("seller", self.sam)
         # 3.60 a core-hour: 1000 micro-units a core-second.
         yield self.call(self.seller, commands.Offer, cores=2, memory=4096, price=3_600_000)
@@ -325,7 +327,7 @@ class BandwidthTests(OrderCase):
 
     @defer.inlineCallbacks
     def test_the_market_measures_a_sellers_bandwidth_on_its_connection(self):
-        from cpushare.server import measure
+        from cpushare.server.market import measure
         seller = yield self.program("seller", self.sam)
         yield self.call(seller, commands.Offer, cores=1, memory=1024)
         [session] = self.market.sellers()
@@ -347,7 +349,7 @@ class BandwidthTests(OrderCase):
 
     @defer.inlineCallbacks
     def test_a_seller_that_answers_short_gets_no_figure(self):
-        from cpushare.server import measure
+        from cpushare.server.market import measure
         seller = yield self.program("seller", self.sam)
         seller.control.__class__ = ShortProbeControl
         yield self.call(seller, commands.Offer, cores=1, memory=1024)
@@ -457,7 +459,7 @@ class CPUBenchTests(OrderCase):
 
     @defer.inlineCallbacks
     def test_a_restart_drops_an_interrupted_benchmark_and_keeps_buyers_vms(self):
-        from cpushare.server.orders import Orders
+        from cpushare.server.market.orders import Orders
         yield self.call(self.seller, commands.Offer, cores=2, memory=1024)
         yield self.order()
         buyerVM = (yield within(self.seller.started.get()))["vm"]
@@ -487,7 +489,7 @@ def test_measurements_and_benchmarks_wait_for_a_free_slot():
 
     from twisted.internet.task import Clock
 
-    from cpushare.server.measure import BandwidthMeter
+    from cpushare.server.market.measure import BandwidthMeter
 
     class Control:
         def callRemote(self, command, nonce, data, back=None):

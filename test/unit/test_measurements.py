@@ -20,7 +20,7 @@ from cpushare.client.session import ClientControl
 from cpushare.protocol import commands
 from cpushare.protocol.heartbeat import Heartbeat
 from cpushare.protocol.mux import ControlProtocol
-from cpushare.server import measure
+from cpushare.server.market import measure
 
 ONE_WAY = 0.020         # seconds each way: a 40 ms round trip
 RATE = 1_000_000        # bytes a second each way: 8 Mbps

@@ -10,11 +10,12 @@ from twisted.internet import reactor as globalReactor
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from cpushare.client import dhcp, network
-from cpushare.client.network import BuyerNetwork
-from cpushare.client.ports import listenUNIX
-from cpushare.client.switch import Switch
-from cpushare.client.tap import TapUnavailable
+from cpushare.client.buyer import dhcp
+from cpushare.client.buyer import network
+from cpushare.client.buyer.network import BuyerNetwork
+from cpushare.client.buyer.ports import listenUNIX
+from cpushare.client.buyer.switch import Switch
+from cpushare.client.buyer.tapdevice import TapUnavailable
 
 from test.unit.test_dhcp import bootp, option, udpFrame
 from test.unit.test_ports import FakeSession
@@ -68,8 +69,8 @@ class StaleSocketTests(unittest.TestCase):
         path = os.path.join(folder, "net.sock")
         code = (
             "import os, sys; from twisted.internet import reactor;"
-            "from cpushare.client.switch import Switch;"
-            "from cpushare.client.ports import listenUNIX;"
+            "from cpushare.client.buyer.switch import Switch;"
+            "from cpushare.client.buyer.ports import listenUNIX;"
             "listenUNIX(reactor, Switch(reactor), sys.argv[1]); os._exit(0)"
         )
         subprocess.run([sys.executable, "-c", code, path], check=True, timeout=60)

@@ -5,9 +5,11 @@ real server in this process with fake seller and buyer programs.
 
 from twisted.internet import defer, reactor
 
-from cpushare.client import images
+from cpushare.client.cli import upload
 from cpushare.money import MICRO
-from cpushare.server import admin, billing, ledger
+from cpushare.server import admin
+from cpushare.server.money import billing
+from cpushare.server.money import ledger
 from cpushare.client.session import ClientControl, ClientSession
 from cpushare.protocol import commands
 from cpushare.protocol.commands import consoleChannel, nicChannel
@@ -77,7 +79,7 @@ class OrderCase(test_session.ImageCase):
         self.aliceId = (yield self.cli.control.callRemote(commands.WhoAmI))["account_id"]
         yield self.store.run(admin.credit, "alice", 100 * MICRO, "funds for the tests")
         self.iso = self.makeFile(300000, b"livecd")
-        self.sha, _, _ = yield defer.ensureDeferred(images.upload(reactor, self.cli, self.iso))
+        self.sha, _, _ = yield defer.ensureDeferred(upload.upload(reactor, self.cli, self.iso))
 
     def program(self, role, who):
         return self.connect(role, *who, sessionClass=FakeProgram)

@@ -8,7 +8,8 @@ every entry once, in order, on SQLite and PostgreSQL alike.
 from twisted.protocols import amp
 
 from cpushare.protocol import commands, paging
-from cpushare.server import marketsql, store
+from cpushare.server.db import marketsql
+from cpushare.server.db import store
 
 BOOM = "\U0001f4a5"   # four bytes in UTF-8
 

@@ -21,11 +21,11 @@ from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from cpushare.client import dhcp
-from cpushare.client.dhcp import DHCPServer
-from cpushare.client.ports import ChannelPort, StreamPort, StreamPortFactory, listenUNIX
+from cpushare.client.buyer import dhcp
+from cpushare.client.buyer.dhcp import DHCPServer
+from cpushare.client.buyer.ports import ChannelPort, StreamPort, StreamPortFactory, listenUNIX
 from cpushare.protocol.qemustream import MAX_STREAM_FRAME
-from cpushare.client.switch import IPort, Switch
+from cpushare.client.buyer.switch import IPort, Switch
 
 from test.unit.test_dhcp import bootp, udpFrame
 

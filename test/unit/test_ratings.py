@@ -6,8 +6,9 @@ accounts (docs/buyer.md, "Rate the sellers"), on SQLite and PostgreSQL.
 import pytest
 
 from cpushare.protocol import commands
-from cpushare.server import marketsql, store
-from cpushare.server.screens import rating
+from cpushare.server.db import marketsql
+from cpushare.server.db import store
+from cpushare.server.market.screens import rating
 
 
 def _account(conn, name):

@@ -15,7 +15,8 @@ from twisted.internet import defer, task
 from twisted.internet.testing import StringTransport
 
 from cpushare import pki
-from cpushare.server import store, web
+from cpushare.server import web
+from cpushare.server.db import store
 from cpushare.server.access import AccessWatch
 from cpushare.server.revocation import REFRESH_EVERY, RevocationList, revokedEntries
 

@@ -19,8 +19,8 @@ from twisted.test import iosim
 from cpushare.client import marketchecks
 from cpushare import pki
 from cpushare.client.session import ClientSessionFactory, ConnectError, endpointFor
-from cpushare.client.seller import SellerControl, SellerSession
-from cpushare.client.vmhost import VMHost
+from cpushare.client.seller.service import SellerControl, SellerSession
+from cpushare.client.seller.vmhost import VMHost
 from cpushare.protocol import commands, proof
 from cpushare.server.session import ServerControl
 from cpushare.vm import qemu

@@ -16,9 +16,9 @@ from cpushare import pki
 from cpushare.client.session import ConnectError, connectOnce, endpointFor
 from cpushare.protocol import commands
 from cpushare.server.credentials import loadOrCreate
-from cpushare.server.market import Market
+from cpushare.server.market.market import Market
 from cpushare.server.session import MarketFactory
-from cpushare.server.store import Store
+from cpushare.server.db.store import Store
 
 
 def sleep(seconds):
@@ -219,27 +219,28 @@ class ImageTests(ImageCase):
 
     @defer.inlineCallbacks
     def test_upload_is_stored_by_sha256_and_not_sent_twice(self):
-        from cpushare.client import images
+        from cpushare.client.cli import upload
+        from cpushare.imagefolder import hashFile
         key, cert = yield self.register("alice")
         session = yield self.connect("cli", key, cert)
         path = self.makeFile(1000003, b"abc")
         seen = []
         sha256, size, sent = yield defer.ensureDeferred(
-            images.upload(reactor, session, path, progress=seen.append))
+            upload.upload(reactor, session, path, progress=seen.append))
         self.assertTrue(sent)
-        self.assertEqual((sha256, size), images.hashFile(path))
+        self.assertEqual((sha256, size), hashFile(path))
         self.assertEqual(seen[-1], size)
         with open(self.images.pathFor(sha256), "rb") as f, open(path, "rb") as g:
             self.assertEqual(f.read(), g.read())
         listed = yield session.control.callRemote(commands.ListImages)
         self.assertEqual([(i["sha256"], i["size"], i["name"]) for i in listed["images"]],
                          [(sha256, size, os.path.basename(path))])
-        _, _, sent = yield defer.ensureDeferred(images.upload(reactor, session, path))
+        _, _, sent = yield defer.ensureDeferred(upload.upload(reactor, session, path))
         self.assertFalse(sent)
         # Another account holding the same image still has to send it.
         otherKey, otherCert = yield self.register("bob")
         other = yield self.connect("cli", otherKey, otherCert)
-        _, _, sent = yield defer.ensureDeferred(images.upload(reactor, other, path))
+        _, _, sent = yield defer.ensureDeferred(upload.upload(reactor, other, path))
         self.assertTrue(sent)
         self.assertEqual(os.listdir(self.images.incoming), [])
 

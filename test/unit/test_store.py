@@ -2,7 +2,7 @@
 
 import pytest
 
-from cpushare.server import store
+from cpushare.server.db import store
 
 
 def test_migrations_apply_once(conn):

@@ -7,7 +7,7 @@ from twisted.internet.task import Clock
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from cpushare.client.switch import (
+from cpushare.client.buyer.switch import (
     AGING_TIME, JUMBO_FRAME_SIZE, MAX_FRAME_SIZE, IPort, Switch,
 )
 

@@ -22,9 +22,10 @@ from twisted.trial import unittest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from cpushare.client import frames, tap
-from cpushare.client.switch import IPort, Switch
-from cpushare.client.tap import TapPort, TapUnavailable, explainOpenError, hasNetAdmin
+from cpushare.client.buyer import frames
+from cpushare.client.buyer import tapdevice as tap
+from cpushare.client.buyer.switch import IPort, Switch
+from cpushare.client.buyer.tapdevice import TapPort, TapUnavailable, explainOpenError, hasNetAdmin
 
 BROADCAST = b"\xff" * 6
 HOST = bytes.fromhex("020000000005")

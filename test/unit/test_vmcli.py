@@ -2,7 +2,7 @@
 
 from twisted.internet.task import Clock
 
-from cpushare.client.vmcli import PipedTyping
+from cpushare.client.cli.vms import PipedTyping
 
 
 def test_lines_are_typed_one_prompt_at_a_time():

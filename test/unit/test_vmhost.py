@@ -2,7 +2,7 @@
 
 from twisted.internet.task import Clock
 
-from cpushare.client.vmhost import HostedVM
+from cpushare.client.seller.vmhost import HostedVM
 
 
 class FakeHost:

@@ -20,7 +20,7 @@ from twisted.internet.testing import StringTransport
 
 from cpushare import pki
 from cpushare.server import web
-from cpushare.server.funds import Outcome
+from cpushare.server.money.funds import Outcome
 
 
 def ecCredentials():

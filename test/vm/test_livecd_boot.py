@@ -114,7 +114,7 @@ def boot():
 
 def cli(*args):
     done = subprocess.run(
-        [sys.executable, "-c", "from cpushare.client.cli import main; main()", *args],
+        [sys.executable, "-c", "from cpushare.client.cli.main import main; main()", *args],
         capture_output=True, text=True, timeout=900,
     )
     assert done.returncode == 0, f"cpushare {' '.join(args)} failed:\n{done.stderr}"

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from cpushare.client.pinger import PingError, UnixSocketPinger
+from cpushare.client.buyer.pinger import PingError, UnixSocketPinger
 from cpushare.vm import isoimage, livecd
 from test.integration.conftest import (
     CLEAN_EXIT, START_TIMEOUT, Market, cpushare, executable, waitUntil,
@@ -441,13 +441,13 @@ def test_a_vm_whose_seller_vanishes_mid_boot_is_placed_again_on_another(
 RAW_UPLOAD = """
 import sys
 from twisted.internet import defer, task
-from cpushare.client import images
-from cpushare.client.cli import Market
+from cpushare.client.cli import upload
+from cpushare.client.cli.connection import Connection
 from cpushare.client.home import Home
 
 async def main(reactor):
-    async with Market(reactor, Home(sys.argv[1])) as market:
-        await images.upload(reactor, market.session, sys.argv[2])
+    async with Connection(reactor, Home(sys.argv[1])) as market:
+        await upload.upload(reactor, market.session, sys.argv[2])
 
 task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
 """

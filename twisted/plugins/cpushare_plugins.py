@@ -13,14 +13,14 @@ cpushareServer = ServiceMaker(
 
 cpushareSeller = ServiceMaker(
     "CPUShare seller",
-    "cpushare.client.seller",
+    "cpushare.client.seller.service",
     "Rent this computer's idle CPU time on the CPUShare market",
     "cpushare-seller",
 )
 
 cpushareBuyer = ServiceMaker(
     "CPUShare buyer",
-    "cpushare.client.buyer",
+    "cpushare.client.buyer.service",
     "Run VMs on the CPUShare market and join them to a virtual ethernet",
     "cpushare-buyer",
 )

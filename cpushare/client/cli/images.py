@@ -1,0 +1,118 @@
+"""
+The image commands: build a livecd, upload an ISO, list the market's images.
+
+    cpushare image build -o job.iso [--add DIR]... [--ssh-key KEY.pub]... [--no-ssh-key]
+                         [--base other.iso] [--cache DIR]
+    cpushare image upload ISO [--name NAME]
+    cpushare image list [--json]
+"""
+
+import os
+import sys
+
+from twisted.internet.threads import deferToThreadPool
+
+from cpushare.client.cli import upload
+from cpushare.client.cli.connection import CommandError, Connection
+from cpushare.client.cli.output import formatTable, printListing
+from cpushare.protocol import commands
+
+
+async def imageBuild(reactor, args, home):
+    """Build a livecd ISO in a thread: it is big file and CPU work."""
+    from cpushare.vm import livecd
+    from cpushare.vm.isoimage import ImageError
+
+    def note(message):
+        reactor.callFromThread(print, f"  {message}", file=sys.stderr)
+
+    if args.ssh_key and args.no_ssh_key:
+        raise CommandError("--ssh-key and --no-ssh-key contradict each other: give one")
+    keys = args.ssh_key
+    if not keys and not args.no_ssh_key and args.base is None:
+        keys = livecd.defaultKeyFiles()
+        for path in keys:
+            print(f"  adding your ssh key {path} (--no-ssh-key leaves it out)", file=sys.stderr)
+    try:
+        result = await deferToThreadPool(
+            reactor, reactor.getThreadPool(), livecd.build,
+            args.output, args.add, args.base, args.cache, note, keys,
+        )
+    except ImageError as e:
+        raise CommandError(str(e))
+    for message in result.notes:
+        print(f"cpushare: note: {message}", file=sys.stderr)
+    print(f"wrote {result.path}: {result.description}")
+    print(f"size {result.size / 1e6:.1f} MB, sha256 {result.sha256}")
+
+
+async def imageUpload(reactor, args, home):
+    if not os.path.isfile(args.iso):
+        raise CommandError(f"{args.iso} is not a file")
+    from cpushare.vm.isoimage import ImageError, checkBootable
+    try:
+        await deferToThreadPool(reactor, reactor.getThreadPool(), checkBootable, args.iso)
+    except ImageError as e:
+        raise CommandError(str(e))
+    async with Connection(reactor, home) as market:
+        bar = upload.ProgressBar(os.path.getsize(args.iso))
+        try:
+            sha256, size, sent = await upload.upload(
+                reactor, market.session, args.iso, args.name, progress=bar.update)
+        except commands.CPUShareError as e:
+            raise CommandError(str(e))
+        finally:
+            bar.close()
+    if sent:
+        print(f"uploaded {args.iso}: {size} bytes, sha256 {sha256}")
+    else:
+        print(f"{args.iso} is already on the market (sha256 {sha256}); nothing sent")
+
+
+async def imageList(reactor, args, home):
+    async with Connection(reactor, home) as market:
+        listed = await market.every(commands.ListImages, "images", "sha256", "after")
+    printListing(args.json, listed, "no images: upload one with 'cpushare image upload ISO'",
+                 formatImages)
+
+
+def formatImages(listed, now):
+    rows = [("SHA256", "SIZE", "NAME", "UPLOADED")]
+    rows += [(i["sha256"], f"{i['size'] / 1e6:.1f} MB", i["name"], i["uploaded"])
+             for i in listed]
+    return formatTable(rows)
+
+
+def addParsers(sub):
+    image = sub.add_parser("image", help="build livecd images")
+    actions = image.add_subparsers(dest="image_command", metavar="ACTION")
+    actions.required = True
+    b = actions.add_parser(
+        "build", help="build a bootable livecd ISO with your files inside",
+        description="Build the reference livecd (a Debian kernel, a busybox system and the "
+        "dropbear ssh server) with the files of each --add DIR at /cpushare/ in the guest, "
+        "or add them to the bootable ISO --base. At boot the guest starts its ssh server "
+        "(root, by public key only), takes an address by DHCP, prints CPUSHARE-READY on its "
+        "serial console and runs /cpushare/start if it is executable.",
+    )
+    b.add_argument("-o", "--output", required=True, metavar="ISO", help="the ISO to write")
+    b.add_argument("--add", action="append", default=[], metavar="DIR",
+                   help="a folder whose files go to /cpushare/ (repeatable; later ones win)")
+    b.add_argument("--ssh-key", action="append", default=[], metavar="FILE",
+                   help="an OpenSSH public key file whose keys may log in to the VMs as root "
+                   "(repeatable; default: your ~/.ssh/id_*.pub when building a new livecd)")
+    b.add_argument("--no-ssh-key", action="store_true",
+                   help="put no ssh key in the image, not even your ~/.ssh/id_*.pub")
+    b.add_argument("--base", metavar="ISO",
+                   help="add the files to this bootable ISO instead of a new reference livecd")
+    b.add_argument("--cache", metavar="DIR",
+                   help="where the Debian parts are kept (default $CPUSHARE_CACHE, "
+                   "else $XDG_CACHE_HOME/cpushare or ~/.cache/cpushare)")
+    b.set_defaults(run=imageBuild)
+    u = actions.add_parser("upload", help="upload an ISO to the market")
+    u.add_argument("iso")
+    u.add_argument("--name", help="a name for it (default: the file's name)")
+    u.set_defaults(run=imageUpload)
+    lst = actions.add_parser("list", help="the images on the market")
+    lst.add_argument("--json", action="store_true")
+    lst.set_defaults(run=imageList)

@@ -1,0 +1,286 @@
+"""
+The buyer's commands about images, orders, VMs and consoles:
+
+    cpushare image upload job.iso        cpushare image list
+    cpushare order place --image job.iso|SHA256 --vms N [--cores C] [--memory MB]
+    cpushare order cancel ORDER
+    cpushare vms [--json]                cpushare vm stop VM
+    cpushare console VM
+"""
+
+import json
+import os
+import re
+import sys
+
+from twisted.internet import defer, stdio
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.threads import deferToThreadPool
+from zope.interface import implementer
+
+from cpushare.client.cli.connection import CommandError, Connection
+from cpushare.client.cli.output import amount, duration, formatTable, printListing
+from cpushare.client.cli.screens import addScreenArguments, screenArguments
+from cpushare.imagefolder import hashFile
+from cpushare.protocol import commands
+from cpushare.protocol.commands import consoleChannel
+
+SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+ESCAPE = b"\x1d"  # Ctrl-]
+CURSOR_QUERY = b"\x1b[6n"
+
+
+async def resolveImage(reactor, image):
+    """An --image argument (a sha256, or an ISO file to hash) as a sha256."""
+    if SHA256.match(image):
+        return image
+    if os.path.isfile(image):
+        sha256, _ = await deferToThreadPool(
+            reactor, reactor.getThreadPool(), hashFile, image)
+        return sha256
+    raise CommandError(f"--image {image}: neither a sha256 nor an ISO file")
+
+
+async def orderPlace(reactor, args, home):
+    extra = screenArguments(args)
+    if args.budget is not None:
+        extra["budget"] = amount(args.budget, "--budget")
+    sha256 = await resolveImage(reactor, args.image)
+    async with Connection(reactor, home) as market:
+        placed = await market.call(commands.PlaceOrder, image=sha256, vms=args.vms,
+                                   cores=args.cores, memory=args.memory, **extra)
+    if args.json:
+        print(json.dumps(placed))
+        return
+    ids = ", ".join(str(v) for v in placed["vm_ids"])
+    print(f"order {placed['order']}: VMs {ids}; {placed['allocated']} placed on sellers now")
+    if placed.get("waiting"):
+        print(f"the rest wait: {placed['waiting']}")
+
+
+async def orderCancel(reactor, args, home):
+    async with Connection(reactor, home) as market:
+        stopped = (await market.call(commands.CancelOrder, order=args.order))["stopped"]
+    print(f"order {args.order} cancelled; {stopped} VMs stopped")
+
+
+def formatVMs(vms, now):
+    rows = [("VM", "ORDER", "SELLER", "STATE", "MAC", "IP", "UPTIME", "CPU", "REASON")]
+    for vm in vms:
+        started, ended = vm.get("started"), vm.get("ended")
+        up = "-" if started is None else duration((ended or now) - started)
+        rows.append((
+            str(vm["vm"]), str(vm["order"]), vm.get("seller") or "-", vm["state"], vm["mac"],
+            vm.get("ip") or "-", up, f"{vm['cpu_seconds']:.1f}s", vm.get("reason") or "",
+        ))
+    return formatTable(rows)
+
+
+async def listVMs(reactor, args, home):
+    async with Connection(reactor, home) as market:
+        vms = await market.every(commands.ListVMs, "vms", "vm", "before")
+    printListing(args.json, vms, "no VMs: place an order with 'cpushare order place'", formatVMs)
+
+
+async def vmStop(reactor, args, home):
+    async with Connection(reactor, home) as market:
+        await market.call(commands.StopVM, vm=args.vm)
+    print(f"VM {args.vm} stopped")
+
+
+@implementer(IHalfCloseableProtocol)
+class _Keyboard(Protocol):
+    """
+    Standard input to the console; Ctrl-] (on a terminal) leaves.  The end
+    of piped input closes only the input: the VM's output goes on.
+    """
+
+    def __init__(self, send, done, interactive):
+        self.send = send
+        self.done = done
+        self.interactive = interactive
+
+    def dataReceived(self, data):
+        if self.interactive and ESCAPE in data:
+            data = data[:data.index(ESCAPE)]
+            if data:
+                self.send(data)
+            if not self.done.called:
+                self.done.callback(None)
+            return
+        self.send(data)
+
+    def readConnectionLost(self):
+        if not self.done.called:
+            self.done.callback(None)
+
+    def writeConnectionLost(self):
+        pass
+
+    def connectionLost(self, reason):
+        self.readConnectionLost()
+
+
+class PipedTyping:
+    """
+    Piped input typed into a VM's shell as a person at a terminal would:
+    a line at a time, each once the shell shows its next prompt, so each
+    command's output follows its command.  The livecd's shell (busybox)
+    marks its prompts by asking the terminal where the cursor is (ESC [ 6
+    n); with a guest that does not, the next line goes after QUIET seconds
+    without output.
+    """
+
+    QUIET = 1.0
+
+    def __init__(self, reactor, send):
+        self.reactor = reactor
+        self.send = send
+        self.lines = []
+        self.partial = b""
+        self.tail = b""
+        self.ready = False
+        self.ended = False
+        self.typed = defer.Deferred()
+        self._quiet = None
+        self._restartQuiet()
+
+    def input(self, data):
+        data = self.partial + data
+        *lines, self.partial = data.split(b"\n")
+        self.lines.extend(line + b"\n" for line in lines)
+        self._pump()
+
+    def inputEnded(self):
+        if self.partial:
+            self.lines.append(self.partial)
+            self.partial = b""
+        self.ended = True
+        self._pump()
+
+    def output(self, data):
+        self.tail = (self.tail + data)[-len(CURSOR_QUERY):]
+        if CURSOR_QUERY in data or self.tail == CURSOR_QUERY:
+            self.tail = b""
+            self.ready = True
+            self._pump()
+        self._restartQuiet()
+
+    def _restartQuiet(self):
+        if self._quiet is not None and self._quiet.active():
+            self._quiet.cancel()
+        self._quiet = self.reactor.callLater(self.QUIET, self._quietNow)
+
+    def _quietNow(self):
+        self._quiet = None
+        self.ready = True
+        self._pump()
+
+    def _pump(self):
+        if self.ready and self.lines:
+            self.ready = False
+            self.send(self.lines.pop(0))
+        if self.ended and not self.lines and not self.typed.called:
+            if self._quiet is not None and self._quiet.active():
+                self._quiet.cancel()
+            self.typed.callback(None)
+
+
+async def console(reactor, args, home):
+    """
+    Attach to a VM's serial console: the recent output, then whatever
+    follows; what is typed goes in.  On a terminal, Ctrl-] leaves.  Fed
+    from a pipe, it types the input and leaves --linger seconds after the
+    input ends.
+    """
+    interactive = sys.stdin.isatty()
+    async with Connection(reactor, home) as market:
+        session = market.session
+        channel = consoleChannel(args.vm)
+        out = sys.stdout.buffer
+        ended = defer.Deferred()
+
+        typing = None if interactive else PipedTyping(
+            reactor, lambda data: session.sendFrame(channel, data))
+
+        def show(data):
+            out.write(data)
+            out.flush()
+            if typing is not None:
+                typing.output(data)
+
+        def gone(ch, reason):
+            if ch == channel and not ended.called:
+                ended.callback(reason)
+
+        session.routes[channel] = show
+        session.channelUnlinked = gone
+        await market.call(commands.AttachConsole, vm=args.vm)
+        done = defer.Deferred()
+        saved = None
+        if interactive:
+            import termios
+            import tty
+            saved = termios.tcgetattr(sys.stdin.fileno())
+            tty.setraw(sys.stdin.fileno())
+            print(f"[console of VM {args.vm}; Ctrl-] leaves]\r", file=sys.stderr)
+        if interactive:
+            keyboard = stdio.StandardIO(
+                _Keyboard(lambda data: session.sendFrame(channel, data), done, True),
+                reactor=reactor)
+        else:
+            keyboard = stdio.StandardIO(_Keyboard(typing.input, done, False), reactor=reactor)
+            done.addCallback(lambda _: typing.inputEnded())
+            done.addCallback(lambda _: typing.typed)
+        try:
+            # With fireOnOneCallback a DeferredList fires with (result, index).
+            _, which = await defer.DeferredList(
+                [done, ended, session.whenLost()], fireOnOneCallback=True, consumeErrors=True)
+            if which == 0 and not interactive:
+                linger = defer.Deferred()
+                reactor.callLater(args.linger, linger.callback, None)
+                await defer.DeferredList([linger, ended], fireOnOneCallback=True)
+        finally:
+            if saved is not None:
+                import termios
+                termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, saved)
+            keyboard.loseConnection()
+        if ended.called:
+            print(f"\r\n[VM {args.vm}: {ended.result}]", file=sys.stderr)
+
+
+def addParsers(sub):
+    order = sub.add_parser("order", help="place and cancel buy orders")
+    orders = order.add_subparsers(dest="order_command", metavar="ACTION")
+    orders.required = True
+    place = orders.add_parser("place", help="run VMs booting one of your images")
+    place.add_argument("--image", required=True, help="an uploaded ISO file, or its sha256")
+    place.add_argument("--vms", type=int, default=1, help="how many VMs (default 1)")
+    place.add_argument("--cores", type=int, default=1, help="cores per VM (default 1)")
+    place.add_argument("--memory", type=int, default=256, help="MB per VM (default 256)")
+    place.add_argument("--budget", metavar="AMOUNT",
+                       help="the most the order may spend; its VMs stop when it is spent")
+    place.add_argument("--json", action="store_true")
+    addScreenArguments(place)
+    place.set_defaults(run=orderPlace)
+    cancel = orders.add_parser("cancel", help="stop all VMs of an order")
+    cancel.add_argument("order", type=int)
+    cancel.set_defaults(run=orderCancel)
+
+    vms = sub.add_parser("vms", help="list your VMs")
+    vms.add_argument("--json", action="store_true")
+    vms.set_defaults(run=listVMs)
+
+    vm = sub.add_parser("vm", help="act on one VM")
+    vmActions = vm.add_subparsers(dest="vm_command", metavar="ACTION")
+    vmActions.required = True
+    stop = vmActions.add_parser("stop", help="stop a VM")
+    stop.add_argument("vm", type=int)
+    stop.set_defaults(run=vmStop)
+
+    c = sub.add_parser("console", help="attach to a VM's serial console")
+    c.add_argument("vm", type=int)
+    c.add_argument("--linger", type=float, default=2.0,
+                   help="with piped input: seconds to keep showing output after it ends")
+    c.set_defaults(run=console)

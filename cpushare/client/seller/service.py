@@ -1,0 +1,233 @@
+"""
+twistd cpushare-seller: rent out this computer's idle CPU time.
+
+    twistd -n cpushare-seller --home H --cores N --memory MB
+
+Keeps one outbound connection to the market (no inbound port), announces
+the capacity on offer, boots the VMs the market places here in sandboxed
+QEMU, and reconnects by itself when the connection drops (its VMs keep
+running meanwhile, for --grace seconds).
+"""
+
+import os
+import shutil
+
+from twisted.application.service import MultiService
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.protocols import amp
+from twisted.python import usage
+
+from cpushare.client import marketchecks
+from cpushare.client.options import ClientOptions
+from cpushare.client.session import ClientControl, ClientSession
+from cpushare.protocol import commands
+from cpushare.money import formatAmount
+
+log = Logger()
+
+DEFAULT_VM_USER = "cpushare-vm"
+
+
+def physicalMemoryMB():
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1024 * 1024)
+
+
+class Options(ClientOptions):
+    synopsis = ("[--home H] [--cores N] [--memory MB] [--cache-size MB] [--price P]"
+                " [--net-fee F] [--country CC]")
+    longdesc = "Sell this computer's idle CPU time on the CPUShare market."
+    optParameters = [
+        ["cores", None, None, "Cores to offer (default: all of them).", int],
+        ["memory", None, None, "Memory to offer in MB (default: half of this computer's).", int],
+        ["cache-size", None, 10240, "MB of disk for cached buyer images.", int],
+        ["cache", None, None, "Folder for cached images (default: HOME/images).", str],
+        ["vm-user", None, DEFAULT_VM_USER,
+         "When run as root: the unprivileged user QEMU runs as."],
+        ["qemu", None, None, "The qemu-system-x86_64 program (default: found on PATH)."],
+        ["accel", None, "auto",
+         "auto (KVM if a probe guest proves it works), kvm (always) or tcg."],
+        ["grace", None, 600.0,
+         "Seconds to keep VMs running while the market is unreachable.", float],
+        ["price", None, None,
+         "Asking price a core-hour, like 0.02 (default: the terms stored for this "
+         "account, else the market's default; change it while running with "
+         "'cpushare terms --price').", str],
+        ["net-fee", None, None, "Fee a GB of network traffic (default 0).", str],
+        ["country", None, None, "The country this computer is in (ISO code, like IT).", str],
+    ]
+
+    def postOptions(self):
+        ClientOptions.postOptions(self)
+        if self["cores"] is None:
+            self["cores"] = os.cpu_count() or 1
+        if self["memory"] is None:
+            self["memory"] = physicalMemoryMB() // 2
+        if self["cores"] < 1:
+            raise usage.UsageError("--cores must be at least 1")
+        if self["memory"] < 64:
+            raise usage.UsageError("--memory must be at least 64 (MB)")
+        if self["cache-size"] < 1:
+            raise usage.UsageError("--cache-size must be at least 1 (MB)")
+        from cpushare.money import MAX_PRICE, BadAmount, parseAmount
+        terms = {}
+        for key, option in (("price", "price"), ("net_fee", "net-fee")):
+            if self[option] is not None:
+                try:
+                    terms[key] = parseAmount(self[option], maximum=MAX_PRICE,
+                                             allowZero=key == "net_fee")
+                except BadAmount as e:
+                    raise usage.UsageError(f"--{option}: {e}")
+        if self["country"] is not None:
+            code = self["country"].strip().upper()
+            if len(code) != 2 or not code.isalpha():
+                raise usage.UsageError(
+                    f"--country {self['country']!r} is not a two-letter code like IT")
+            terms["country"] = code
+        self.terms = terms
+        if self["accel"] not in ("auto", "kvm", "tcg"):
+            raise usage.UsageError("--accel is auto, kvm or tcg")
+        self["qemu"] = self["qemu"] or shutil.which("qemu-system-x86_64")
+        if not self["qemu"]:
+            raise usage.UsageError(
+                "qemu-system-x86_64 is not installed: sudo apt-get install qemu-system-x86")
+        if os.getuid() == 0:
+            import pwd
+            try:
+                pwd.getpwnam(self["vm-user"])
+            except KeyError:
+                raise usage.UsageError(
+                    f"the VM user {self['vm-user']!r} does not exist: create it with "
+                    f"'useradd --system --no-create-home --shell /usr/sbin/nologin "
+                    f"{self['vm-user']}', or name another with --vm-user")
+        else:
+            self["vm-user"] = None
+        if self["cache"] is None:
+            self["cache"] = self.home.file("images")
+
+
+class SellerControl(ClientControl):
+    """
+    The commands the market sends a seller.  Each field is checked (see
+    L{cpushare.client.marketchecks}) before it is used; a refused command
+    gets a BadRequest naming the field and one line in the log.
+    """
+
+    def __init__(self, session):
+        ClientControl.__init__(self, session)
+        self.refusals = marketchecks.RefusalLog(session.reactor)
+
+    def locateResponder(self, name):
+        """
+        Every responder, with a log line for each command it refuses (the
+        fields' types were checked before, in L{ControlProtocol}).
+        """
+        responder = ClientControl.locateResponder(self, name)
+        if responder is None:
+            return responder
+
+        def logRefusal(failure):
+            local = getattr(failure.value, "local", None)
+            if isinstance(failure.value, amp.RemoteAmpError) and local is not None and \
+                    local.check(commands.BadRequest):
+                self.refusals.refused(local.getErrorMessage())
+            return failure
+
+        def checked(box):
+            return responder(box).addErrback(logRefusal)
+
+        return checked
+
+    def connectionLost(self, reason):
+        self.refusals.stop()
+        ClientControl.connectionLost(self, reason)
+
+    @commands.StartVM.responder
+    def startVM(self, vm, image, size, cores, memory, mac):
+        self.session.host.start(vm, image, size, cores, memory, mac)
+        return {}
+
+    @commands.StopVM.responder
+    def stopVM(self, vm):
+        marketchecks.checkVMId("StopVM", vm)
+        self.session.host.stop(vm)
+        return {}
+
+    @commands.ChannelLinked.responder
+    def channelLinked(self, channel, peer_session, peer_channel):
+        # A seller never asks for links of its own: nothing to remember.
+        return {}
+
+
+class SellerSession(ClientSession):
+    controlClass = SellerControl
+
+    def __init__(self, reactor, role, hello=True, host=None):
+        ClientSession.__init__(self, reactor, role, hello)
+        self.host = host
+
+
+def makeService(options, reactor=None):
+    if reactor is None:
+        from twisted.internet import reactor
+    from cpushare.client.seller.imagecache import ImageCache
+    from cpushare.client.service import MarketConnection
+    from cpushare.client.session import homeEndpoint
+    from cpushare.client.seller.vmhost import VMHost
+    from cpushare.vm import cgroups, probe
+
+    cores, memory = options["cores"], options["memory"]
+    cg, cgText = cgroups.detect()
+    log.info("VM limits: {how}", how=cgText)
+    if options["vm-user"]:
+        log.info("VMs run as user {user}", user=options["vm-user"])
+    else:
+        log.info("VMs run as this user (start the seller as root to give them a user of their own)")
+    cache = ImageCache(reactor, options["cache"], options["cache-size"] * 1024 * 1024)
+    host = VMHost(reactor, cache, options["qemu"], user=options["vm-user"], cgroups=cg,
+                  grace=options["grace"], cores=cores, memory=memory)
+    accel = defer.ensureDeferred(probe.chooseAccel(
+        reactor, options["qemu"], options["accel"], uid=host.uid, gid=host.gid))
+
+    def chosen(result):
+        host.accel, why = result
+        log.info("VM acceleration: {why}", why=why)
+        return host.accel
+
+    accel.addCallback(chosen)
+
+    async def serve(session):
+        await accel
+        await host.connected(session)
+        terms = await session.control.callRemote(
+            commands.Offer, cores=cores, memory=memory, **options.terms)
+        log.info("offering {cores} cores and {memory} MB at {price} a core-hour"
+                 " ({fee} a GB)", cores=cores, memory=memory,
+                 price=formatAmount(terms["price"]), fee=formatAmount(terms["net_fee"]))
+
+    service = SellerService(host)
+    connection = MarketConnection(
+        reactor, homeEndpoint(reactor, options.home), "seller",
+        onSession=lambda session: defer.ensureDeferred(serve(session)),
+        sessionClass=SellerSession, sessionKw={"host": host},
+        where=f"{options.host}:{options.port}",
+    )
+    connection.setServiceParent(service)
+    host.setServiceParent(service)
+    return service
+
+
+class SellerService(MultiService):
+    """
+    The seller program.  Stopping it stops the VMs first, so their end is
+    reported while the market connection is still up, and then the rest.
+    """
+
+    def __init__(self, host):
+        MultiService.__init__(self)
+        self.host = host
+
+    def stopService(self):
+        d = defer.maybeDeferred(self.host.stopService)
+        d.addBoth(lambda _: MultiService.stopService(self))
+        return d

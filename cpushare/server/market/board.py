@@ -1,0 +1,167 @@
+"""
+The board: the sellers online, what they ask and how they stand, ranked
+the way matching wants them.
+
+A seller's terms (price per core-hour, fee per GB, country) are kept in
+the database per account, so they survive reconnections: the seller
+program sends those its owner gave on its command line, `cpushare terms`
+changes them while it runs, and a seller that never said gets the market's
+default price.  Its votes (for the rating) are read when it comes online
+and kept up to date as buyers rate.
+
+Ranking every seller for every VM would be wasteful: the ranked list is
+rebuilt when a seller comes or goes or its terms or rating change, and
+otherwise at most every RERANK seconds so latency, which changes all the
+time, is followed without re-sorting on every heartbeat.  Sellers are
+ranked by what a VM-hour costs the buyer (L{cpushare.server.market.screens}),
+which depends on the VM's cores and the order's expected traffic: one
+ranking is kept per such pair in use, at most RANKINGS of them.
+
+The operator sets a ceiling on sellers' fees a GB (C{maxNetFee}, the
+server's --max-net-fee): terms above it are refused, naming it, and a
+seller whose stored fee is above it (the ceiling was lowered) is not
+matched until it lowers its fee.
+"""
+
+from twisted.logger import Logger
+
+from cpushare.protocol.commands import BadRequest
+from cpushare.server.db import marketsql
+from cpushare.money import MAX_PRICE, formatAmount
+from cpushare.server.market.screens import (
+    DEFAULT_TRAFFIC, Exclusion, Figures, country as countryCode, preference, rating)
+
+RERANK = 5.0
+DEFAULT_PRICE = 10_000      # micro-units a core-hour: 0.01
+# The market-wide ceiling on sellers' network fees, micro-units a GB: 1.00.
+MAX_NET_FEE = 1_000_000
+# Rankings kept at once, one per (cores, expected traffic) in use.
+RANKINGS = 64
+OWN_ACCOUNT = "own account"
+
+
+def checkTerms(price=None, net_fee=None, country=None, maxNetFee=MAX_NET_FEE):
+    """Terms as given by a seller, checked: BadRequest names a bad one."""
+    for what, value, low in (("price", price, 1), ("network fee", net_fee, 0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or not low <= value <= MAX_PRICE):
+            raise BadRequest(
+                f"the {what} must be {'above 0' if low else '0 or more'} and at most"
+                f" {formatAmount(MAX_PRICE)}, not {value!r} micro-units")
+    if net_fee is not None and net_fee > maxNetFee:
+        raise BadRequest(
+            f"the network fee {formatAmount(net_fee)} a GB is above this market's ceiling"
+            f" of {formatAmount(maxNetFee)} a GB (the server's --max-net-fee)")
+    if country is not None:
+        country = countryCode(country)
+    return {"price": price, "net_fee": net_fee, "country": country}
+
+
+class Board:
+    log = Logger()
+
+    def __init__(self, market, defaultPrice=DEFAULT_PRICE, maxNetFee=MAX_NET_FEE):
+        self.market = market
+        self.reactor = market.reactor
+        self.defaults = {"price": defaultPrice, "net_fee": 0, "country": None}
+        self.maxNetFee = maxNetFee
+        self.standing = {}          # account id -> {"terms": {...}, "votes": (good, bad)}
+        self._ranked = {}           # (cores, traffic) -> [(session, figures)], best first
+        self._rankedAt = None
+
+    def invalidate(self):
+        self._ranked = {}
+
+    async def sellerOnline(self, session, price=None, net_fee=None, country=None):
+        """A seller offers capacity: load its standing, store the terms it gives."""
+        given = checkTerms(price, net_fee, country, self.maxNetFee)
+        accountId = session.account["id"]
+        db = self.market.store
+        terms, votes = await db.run(marketsql.sellerStanding, accountId, self.defaults)
+        if (price, net_fee, country) != (None, None, None):
+            terms = await db.run(marketsql.setSellerTerms, accountId, self.defaults,
+                                 given["price"], given["net_fee"], given["country"])
+        self.standing[accountId] = {"terms": terms, "votes": votes}
+        self.invalidate()
+        return terms
+
+    async def setTerms(self, accountId, price=None, net_fee=None, country=None):
+        given = checkTerms(price, net_fee, country, self.maxNetFee)
+        terms = await self.market.store.run(
+            marketsql.setSellerTerms, accountId, self.defaults,
+            given["price"], given["net_fee"], given["country"])
+        entry = self.standing.get(accountId)
+        if entry is not None:
+            entry["terms"] = terms
+        self.invalidate()
+        return terms
+
+    def voted(self, sellerId, votes):
+        """A seller's votes changed: C{votes} as L{marketsql.votes} gives them."""
+        entry = self.standing.get(sellerId)
+        if entry is not None:
+            entry["votes"] = votes
+            self.invalidate()
+
+    def figures(self, session):
+        entry = self.standing.get(session.account["id"])
+        terms = entry["terms"] if entry else self.defaults
+        good, bad, raters = entry["votes"] if entry else (0, 0, 0)
+        return Figures(
+            name=session.account["name"],
+            price=terms["price"],
+            netFee=terms["net_fee"],
+            country=terms["country"],
+            rating=rating(good, bad),
+            votes=raters,
+            latencyMs=session.heartbeat.latencyMs() if session.heartbeat else None,
+            bandwidthMbps=getattr(session, "bandwidthMbps", None),
+            cpuScore=getattr(session, "cpuScore", None),
+        )
+
+    def ranked(self, cores=1, traffic=DEFAULT_TRAFFIC):
+        """
+        [(session, figures)] of the sellers online, cheapest a VM-hour of
+        C{cores} cores and C{traffic} GB first.
+        """
+        now = self.reactor.seconds()
+        if self._rankedAt is None or now - self._rankedAt >= RERANK:
+            self._ranked = {}
+        key = (cores, traffic)
+        entries = self._ranked.get(key)
+        if entries is None:
+            if len(self._ranked) >= RANKINGS:
+                self._ranked = {}
+            entries = [(s, self.figures(s)) for s in self.market.sellers()
+                       if s.account["id"] in self.standing]
+            entries.sort(key=lambda e: preference(e[1], e[0].connectedAt or 0.0,
+                                                  cores, traffic))
+            if not self._ranked:
+                self._rankedAt = now
+            self._ranked[key] = entries
+        return entries
+
+    def exclusion(self, session, fig, screens, accountId=None):
+        """Why the seller of C{session} cannot take a VM of C{accountId}'s (or None)."""
+        if accountId is not None and session.account["id"] == accountId:
+            return Exclusion(OWN_ACCOUNT, "is your own account: an account is never matched"
+                             " with itself")
+        if fig.netFee > self.maxNetFee:
+            return Exclusion("ceiling", f"charges {formatAmount(fig.netFee)} a GB, above the"
+                             f" market's ceiling of {formatAmount(self.maxNetFee)}")
+        return screens.exclusion(fig)
+
+    def explain(self, screens, accountId=None, cores=1):
+        """
+        ([(session, figures)] that pass, [(session, figures, reason)] that do
+        not), for a VM of C{cores} cores of the account C{accountId}: its own
+        sellers never pass.
+        """
+        passing, excluded = [], []
+        for session, fig in self.ranked(cores, screens.traffic):
+            reason = self.exclusion(session, fig, screens, accountId)
+            if reason is None:
+                passing.append((session, fig))
+            else:
+                excluded.append((session, fig, reason))
+        return passing, excluded

@@ -1,0 +1,232 @@
+"""
+The market: who is connected, accounts and registration, the relay.
+"""
+
+import re
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from cpushare import pki
+from cpushare.protocol import commands
+from cpushare.protocol.heartbeat import DEFAULT_INTERVAL, DEFAULT_TIMEOUT
+from cpushare.server.db import store
+from cpushare.server.access import (
+    CHECK_EVERY, REKEYS_PER_DAY, AccessWatch, RegistrationRefused)
+from cpushare.server.admission import Admission
+from cpushare.server.money.billing import INTERVAL, WINDOW, Billing
+from cpushare.server.market.measure import AT_ONCE as MEASURE_AT_ONCE, EVERY as MEASURE_EVERY
+from cpushare.server.market.board import DEFAULT_PRICE, MAX_NET_FEE, Board
+from cpushare.server.market.cpubench import CPUBench
+from cpushare.server.money.funds import Funds
+from cpushare.server.market.orders import Orders
+from cpushare.server.relay import Relay
+
+ACCOUNT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}\Z")
+MAX_CSR = 16 * 1024
+KEY_TAKEN = ("this public key already belongs to an account: make a new key for each "
+             "account (one account per key)")
+
+
+class Market(Service):
+    log = Logger()
+
+    def __init__(self, reactor, store, credentials, images=None,
+                 heartbeat=DEFAULT_INTERVAL, timeout=DEFAULT_TIMEOUT,
+                 defaultPrice=DEFAULT_PRICE, billingInterval=INTERVAL, holdWindow=WINDOW,
+                 measureEvery=MEASURE_EVERY, cpuBench=None,
+                 registrations=None, accessCheck=CHECK_EVERY, rekeysPerDay=REKEYS_PER_DAY,
+                 maxNetFee=MAX_NET_FEE):
+        """
+        @param cpuBench: keyword arguments of L{CPUBench} plus C{folder},
+            where the benchmark image is kept; None: no CPU benchmark.
+        @param registrations: a L{cpushare.server.access.RegistrationLimits},
+            or None for none (the server's options always give one).
+        @param accessCheck: seconds between looks for suspensions, deletions
+            and revocations made by cpushare-admin.
+        """
+        self.reactor = reactor
+        self.store = store
+        self.images = images
+        self.credentials = credentials
+        self.heartbeatInterval = float(heartbeat)
+        self.heartbeatTimeout = float(timeout)
+        self.sessions = {}
+        self.admission = Admission()    # caps on connections before Hello
+        self._buyers = {}           # account id -> [buyer sessions], oldest first
+        self.relay = Relay()
+        self.board = Board(self, defaultPrice, maxNetFee)
+        self.orders = Orders(self)
+        self.billing = Billing(self, billingInterval, holdWindow)
+        self.measureEvery = measureEvery
+        self.measureSlots = defer.DeferredSemaphore(MEASURE_AT_ONCE)
+        cpuBench = dict(cpuBench or {"every": 0})
+        self.cpuBenchFolder = cpuBench.pop("folder", None)
+        self.cpubench = CPUBench(self, **cpuBench)
+        # Balances and statements; PayPal when makeService sets one up.
+        self.funds = Funds(reactor, store)
+        self.funds.onCredited = self.orders.retryFunding
+        self._nextSession = 1
+        self.registrations = registrations
+        self.rekeysPerDay = rekeysPerDay
+        self.access = AccessWatch(self, accessCheck)
+
+    def startService(self):
+        Service.startService(self)
+        if self.images is not None:
+            self.images.start()
+
+    def stopService(self):
+        Service.stopService(self)
+        self.cpubench.stop()
+        self.access.stop()
+        self.billing.stop()
+        self.orders.stop()
+        for session in list(self.sessions.values()):
+            session.transport.loseConnection()
+        if self.images is not None:
+            self.images.stop()
+
+    # -- sessions
+
+    def sessionStarted(self, session):
+        session.sessionId = self._nextSession
+        self._nextSession += 1
+        self.sessions[session.sessionId] = session
+
+    def sessionEnded(self, session, reason):
+        if self.sessions.get(session.sessionId) is session:
+            del self.sessions[session.sessionId]
+        if session.role == "seller":
+            self.board.invalidate()
+        elif session.role == "buyer" and session.account is not None:
+            buyers = self._buyers.get(session.account["id"], [])
+            if session in buyers:
+                buyers.remove(session)
+            if not buyers:
+                self._buyers.pop(session.account["id"], None)
+        self.relay.dropSession(session, reason)
+        self.cpubench.sessionLost(session)
+        self.orders.sessionLost(session)
+
+    def buyerStarted(self, session):
+        """A buyer program said hello."""
+        self._buyers.setdefault(session.account["id"], []).append(session)
+
+    def buyerSession(self, accountId):
+        """The account's buyer program's session (the oldest, if several), or None."""
+        for s in self._buyers.get(accountId, ()):
+            if s.connected:
+                return s
+        return None
+
+    async def open(self):
+        """Open the database and bring back the active VMs: run before listening."""
+        await self.store.open()
+        await self.access.start()
+        await self.orders.load()
+        self.billing.start()
+        if self.images is not None:
+            await self.cpubench.prepare(self.cpuBenchFolder)
+
+    def sellers(self):
+        """The sellers online now, ordered by session."""
+        return [
+            s for _, s in sorted(self.sessions.items())
+            if s.role == "seller" and s.offer is not None
+        ]
+
+    # -- accounts
+
+    def authenticate(self, fingerprint):
+        """Fires with (account dict, None) or (None, reason)."""
+        return self.store.run(store.accountForCertificate, fingerprint)
+
+    def register(self, name, csrPEM, address=None):
+        """
+        Create account C{name} for the key in C{csrPEM}, asked from
+        C{address} (the peer's host); fires with (certificate PEM, account id).
+        """
+        if not ACCOUNT_NAME.match(name):
+            raise commands.BadRequest(
+                f"{name!r} is not a valid account name: use 1 to 32 lowercase "
+                "letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        if len(csrPEM) > MAX_CSR:
+            raise commands.BadRequest("the certificate request is too large")
+        token = None
+        if self.registrations is not None:
+            try:
+                token = self.registrations.take(address or "?")
+            except RegistrationRefused as e:
+                self.log.info("refused a registration of {name!r} from {address}: {why}",
+                              name=name, address=address, why=str(e))
+                raise commands.NotPermitted(str(e))
+
+        def signed(certPEM):
+            cert = pki.loadCertificate(certPEM)
+            d = self.store.run(store.createAccount, name, pki.fingerprint(cert),
+                               pki.publicKeyFingerprint(cert), pki.serialHex(cert))
+            d.addCallback(lambda accountId: (certPEM, accountId))
+            return d
+
+        def translate(failure):
+            if failure.check(store.NameTaken, store.KeyTaken) and token is not None:
+                self.registrations.give(token)
+            if failure.check(store.NameTaken):
+                raise commands.NameTaken(f"the account name {name!r} is taken")
+            if failure.check(store.KeyTaken):
+                raise commands.NotPermitted(KEY_TAKEN)
+            return failure
+
+        d = self._sign(csrPEM, name)
+        d.addCallback(signed)
+        d.addErrback(translate)
+
+        def logged(result):
+            self.log.info("registered account {name} (id {id}) from {address}",
+                          name=name, id=result[1], address=address)
+            return result
+
+        return d.addCallback(logged)
+
+    def _sign(self, csrPEM, name):
+        """Sign a client's request for account C{name}; fires with the certificate PEM."""
+        creds = self.credentials
+        # Signing is CPU work: keep it off the reactor thread.
+        d = deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(),
+            pki.signClientRequest, creds.caKey, creds.caCert, csrPEM, name,
+            crlUrl=creds.crlUrl,
+        )
+
+        def translate(failure):
+            failure.trap(pki.BadRequest)
+            raise commands.BadRequest(str(failure.value))
+
+        return d.addErrback(translate)
+
+    async def rekey(self, account, current, csrPEM):
+        """
+        A new certificate for C{account} to replace its certificate
+        C{current} (a fingerprint), for the key in C{csrPEM}; fires with the
+        certificate PEM.  The old certificate is revoked at the new one's
+        first use.
+        """
+        if len(csrPEM) > MAX_CSR:
+            raise commands.BadRequest("the certificate request is too large")
+        certPEM = await self._sign(csrPEM, account["name"])
+        cert = pki.loadCertificate(certPEM)
+        try:
+            await self.store.run(
+                store.addReplacement, account["id"], current, pki.fingerprint(cert),
+                pki.publicKeyFingerprint(cert), pki.serialHex(cert), self.rekeysPerDay)
+        except store.RekeyRefused as e:
+            raise commands.NotPermitted(str(e))
+        except store.KeyTaken:
+            raise commands.NotPermitted(KEY_TAKEN)
+        self.log.info("issued account {name} a new certificate (serial {serial})",
+                      name=account["name"], serial=pki.serialHex(cert))
+        return certPEM

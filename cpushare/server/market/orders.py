@@ -1,0 +1,752 @@
+"""
+Orders and the VMs that run them, on the server.
+
+A buy order asks for N VMs of C cores and M MB booting one of the buyer's
+images, on sellers that pass its screens (L{cpushare.server.market.screens}).
+Each VM is placed on the best seller that passes and has room for it: the
+cheapest, then the best rated, then the nearest (L{cpushare.server.market.board}).
+VMs that find none wait, with the reason, and are placed as soon as
+capacity that passes appears: a seller coming online, changing its terms,
+or a VM ending.  Matching runs on the reactor thread only, so two VMs can
+never be given the same capacity.
+
+Each stay of a VM on a seller is a lease, recorded with the terms it was
+placed at; a VM placed again elsewhere starts a new lease.  A VM is never
+placed on a seller of its own buyer's account.  A lease is billed from
+the moment its VM shows life: the first frame its NIC delivers to the
+buyer's network, or the first output on its console.  Its NIC's link
+carries only the traffic the funds held for the lease can pay for
+(L{cpushare.server.money.billing.netLimit}); past that it is billed at once and
+its hold topped up, or, when the buyer's funds or budget cannot, stopped.  A VM is only
+started once its lease holds the buyer's funds for a window ahead
+(L{cpushare.server.money.billing}); a buyer whose funds cannot hold it has its
+VMs wait until funds are added, and a VM whose funds run out is stopped.  A placed VM is started on its
+seller with StartVM; its NIC channel on the seller's connection is linked
+to the same channel on the buyer's `cpushare-buyer` connection, so its
+frames reach only the buyer's own network.
+
+A seller that disconnects keeps its VMs running; the server marks them
+detached and gives the seller GRACE seconds to come back and reattach them
+(ReattachVMs).  Past that they are lost and placed again elsewhere.  The
+same holds across a server restart: active VMs are loaded from the database
+as detached.
+"""
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from cpushare.money import formatAmount
+from cpushare.protocol import commands, paging
+from cpushare.protocol.commands import BadRequest, NoSuchVM, consoleChannel, nicChannel
+from cpushare.server.money import billing as billing_
+from cpushare.server.db import marketsql
+from cpushare.server.db import store
+from cpushare.server.market.cpubench import SYSTEM_ACCOUNT
+from cpushare.server.market.screens import Screens
+
+GRACE = 600.0
+# Seconds to wait for a stopped VM's last CPU seconds before settling its lease.
+SETTLE_WAIT = 15.0
+MAX_VMS_PER_ORDER = 1000
+MAX_VM_CORES = 256
+MAX_VM_MEMORY = 1024 * 1024
+OVER = ("stopped", "failed", "lost", "cancelled")
+CONSOLE_HISTORY = 4096
+# A VM whose traffic spent its network allowance is billed at once and its
+# hold topped up; it stops when that gives it fewer bytes than this.
+MIN_NET_ALLOWANCE = 10**6
+
+
+class VM:
+    def __init__(self, vmId, orderId, buyerId, buyerName, image, size, cores, memory, mac,
+                 screens=Screens(), budget=None):
+        self.id = vmId
+        self.order = orderId
+        self.buyerId = buyerId
+        self.buyerName = buyerName
+        self.image = image
+        self.size = size
+        self.cores = cores
+        self.memory = memory
+        self.mac = mac
+        self.screens = screens
+        self.budget = budget
+        self.leaseId = None         # the lease it runs under, once funded
+        self.link = None            # the relay link of its NIC to the buyer
+        self.netBase = 0            # bytes of its earlier links, this lease
+        self.aliveAt = None         # when it showed life, this lease (billing starts)
+        self.lifeWatch = None       # called on its first sign of life, then None
+        self.netLimit = None        # total bytes its lease may carry; None: no limit
+        self.netFee = 0             # its lease's fee a GB
+        self.state = "pending"
+        self.reason = None
+        self.seller = None
+        self.sellerAccountId = None
+        self.started = None
+        self.cpuSeconds = 0.0
+        self.ip = None
+        self.graceCall = None
+        self.buyerSession = None
+        self.consoleHistory = b""
+        self.consoles = set()
+        self.consoleObserver = None     # the market's own VMs: it reads their console
+        self.system = False
+        self.endWaiters = []            # Deferreds fired with (state, reason) when it ends
+
+    def consoleReceived(self, data):
+        """Console output from the seller: kept (the last CONSOLE_HISTORY bytes) and sent on."""
+        if self.lifeWatch is not None:
+            watch, self.lifeWatch = self.lifeWatch, None
+            watch()
+        self.consoleHistory = (self.consoleHistory + data)[-CONSOLE_HISTORY:]
+        if self.consoleObserver is not None:
+            self.consoleObserver(data)
+        channel = consoleChannel(self.id)
+        for session in self.consoles:
+            session.sendFrame(channel, data)
+
+    def consoleInput(self, data):
+        if self.seller is not None:
+            self.seller.sendFrame(consoleChannel(self.id), data)
+
+    def netBytes(self):
+        """Bytes its NIC exchanged with the buyer's network during this lease."""
+        link = self.link
+        current = 0 if link is None else link.bytesAB + link.bytesBA
+        return self.netBase + current
+
+    def foldLink(self):
+        """The current link ends: keep its count."""
+        if self.link is not None:
+            self.netBase += self.link.bytesAB + self.link.bytesBA
+            self.link = None
+
+    @property
+    def active(self):
+        return self.state not in OVER
+
+
+class PlacedVMs(dict):
+    """
+    A seller's VMs by id, keeping the cores and memory they use summed:
+    change it with C{placed[vmId] = vm} and C{placed.pop(vmId)} only.
+    """
+
+    def __init__(self):
+        dict.__init__(self)
+        self.cores = self.memory = 0
+
+    def __setitem__(self, vmId, vm):
+        self.pop(vmId, None)
+        dict.__setitem__(self, vmId, vm)
+        self.cores += vm.cores
+        self.memory += vm.memory
+
+    def pop(self, vmId, *default):
+        if vmId in self:
+            vm = dict.pop(self, vmId)
+            self.cores -= vm.cores
+            self.memory -= vm.memory
+            return vm
+        if default:
+            return default[0]
+        raise KeyError(vmId)
+
+
+class Orders:
+    log = Logger()
+
+    def __init__(self, market, grace=GRACE):
+        self.market = market
+        self.reactor = market.reactor
+        self.db = market.store
+        self.grace = grace
+        self.vms = {}
+        self.unfunded = {}          # buyer id -> why its VMs cannot be funded now
+        self.settling = {}          # vm id -> (lease id, call): waiting for final CPU time
+
+    # -- loading
+
+    async def load(self):
+        """Bring back the VMs that were active when the server stopped."""
+        rows = await self.db.run(store.activeVMs)
+        orders = await self.db.run(marketsql.orderScreens, {row[1] for row in rows})
+        leases = await self.db.run(marketsql.openLeases)
+        leaseStates = await self.db.run(billing_.openLeaseStates, self.market.billing.interval)
+        for (vmId, orderId, sellerId, mac, state, started, cpu, ip, buyerId, image,
+             cores, memory, size, buyerName, sellerName) in rows:
+            screens, budget = orders.get(orderId, ({}, None))
+            vm = VM(vmId, orderId, buyerId, buyerName, image, size, cores, memory, mac,
+                    Screens.fromArguments(**screens), budget)
+            vm.started, vm.cpuSeconds, vm.ip = started, cpu, ip
+            vm.sellerAccountId = sellerId
+            if buyerName == SYSTEM_ACCOUNT:
+                # A CPU benchmark the restart interrupted: its seller stops
+                # it when it reconnects (the market does not keep it).
+                self._save(lambda c, vmId=vmId: store.updateVM(
+                    c, vmId, state="stopped", reason="the market server restarted"))
+                continue
+            self.vms[vmId] = vm
+            if sellerId is None:
+                vm.state = "pending"
+            else:
+                vm.leaseId = leases.get(vmId)
+                if vm.leaseId is not None and vm.leaseId in leaseStates:
+                    vm.aliveAt, vm.netLimit, vm.netBase, vm.netFee = leaseStates[vm.leaseId]
+                    if vm.aliveAt is None:
+                        vm.lifeWatch = lambda vm=vm: self._showedLife(vm)
+                self._detach(vm, "the market server restarted")
+        await self.market.billing.settleLeftovers(
+            {vm.leaseId for vm in self.vms.values() if vm.leaseId is not None})
+        pending = [vm for vm in self.vms.values() if vm.state == "pending"]
+        if rows:
+            self.log.info("loaded {n} active VMs ({p} waiting for capacity)",
+                          n=len(rows), p=len(pending))
+
+    def stop(self):
+        """The server is stopping: VMs stay as they are in the database."""
+        for vm in self.vms.values():
+            if vm.graceCall is not None and vm.graceCall.active():
+                vm.graceCall.cancel()
+            vm.graceCall = None
+        for leaseId, call in self.settling.values():
+            if call.active():
+                call.cancel()
+        self.settling.clear()
+
+    # -- buyers
+
+    async def place(self, account, image, count, cores, memory, screens=Screens(),
+                    budget=None):
+        if not 1 <= count <= MAX_VMS_PER_ORDER:
+            raise BadRequest(f"an order is for 1 to {MAX_VMS_PER_ORDER} VMs, not {count}")
+        if not 1 <= cores <= MAX_VM_CORES:
+            raise BadRequest(f"a VM has 1 to {MAX_VM_CORES} cores, not {cores}")
+        if not 64 <= memory <= MAX_VM_MEMORY:
+            raise BadRequest(f"a VM has 64 to {MAX_VM_MEMORY} MB of memory, not {memory}")
+
+        def create(cursor):
+            size = store.imageSize(cursor, account["id"], image)
+            if size is None:
+                raise BadRequest(
+                    f"this account has no image {image!r}:"
+                    " upload it with 'cpushare image upload'")
+            orderId, ids = store.createOrder(cursor, account["id"], image, count, cores, memory)
+            marketsql.setOrderScreens(cursor, orderId, screens.toArguments(), budget)
+            return size, orderId, ids
+
+        size, orderId, ids = await self.db.run(create)
+        allocated = 0
+        waiting = None
+        for vmId in ids:
+            vm = VM(vmId, orderId, account["id"], account["name"], image, size,
+                    cores, memory, store.macFor(vmId), screens, budget)
+            self.vms[vmId] = vm
+            if self._allocate(vm):
+                allocated += 1
+            else:
+                if waiting is None:
+                    waiting = self.whyWaiting(vm)
+                vm.reason = waiting
+        self.log.info(
+            "order {order} by {buyer}: {n} VMs of {cores} cores/{memory} MB, {a} placed",
+            order=orderId, buyer=account["name"], n=count, cores=cores, memory=memory,
+            a=allocated)
+        result = {"order": orderId, "vm_ids": ids, "allocated": allocated}
+        if waiting is not None:
+            result["waiting"] = waiting
+        return result
+
+    def whyWaiting(self, vm):
+        """Why no seller online can take C{vm} now, in one line."""
+        passing, excluded = self.market.board.explain(vm.screens, vm.buyerId, vm.cores)
+        if not passing and not excluded:
+            return "no seller is online; waiting for one"
+        if passing:
+            return (f"the {len(passing)} sellers that pass the screens have no room for"
+                    f" {vm.cores} cores and {vm.memory} MB; waiting for capacity")
+        counts = {}
+        for _, _, reason in excluded:
+            counts[reason.screen] = counts.get(reason.screen, 0) + 1
+        detail = ", ".join(f"{n} by {key}" for key, n in sorted(counts.items()))
+        return (f"none of the {len(excluded)} sellers online passes the screens"
+                f" ({detail}); waiting for one that does")
+
+    def owned(self, account, vmId):
+        vm = self.vms.get(vmId)
+        if vm is None or vm.buyerId != account["id"]:
+            raise NoSuchVM(f"you have no VM {vmId}")
+        return vm
+
+    def stopVM(self, account, vmId):
+        vm = self.vms.get(vmId)
+        if vm is None or vm.buyerId != account["id"] or not vm.active:
+            raise NoSuchVM(f"you have no running VM {vmId}")
+        self._end(vm, "stopped", "stopped by the buyer")
+
+    async def cancel(self, account, orderId):
+        if await self.db.run(store.orderAccount, orderId) != account["id"]:
+            raise BadRequest(f"you have no order {orderId}")
+        vms = [vm for vm in self.vms.values()
+               if vm.order == orderId and vm.buyerId == account["id"] and vm.active]
+        # End them all before the freed capacity is offered to waiting VMs,
+        # or a waiting VM of this very order would take it.
+        for vm in vms:
+            self._end(vm, "stopped", "the order was cancelled", refill=False)
+        self.capacityChanged()
+        self._save(lambda c: store.closeOrder(c, orderId, "cancelled"))
+        return len(vms)
+
+    def attachConsole(self, session, vmId):
+        """
+        Join C{session} to the VM's serial console: it gets the recent
+        output at once, then what follows; what it sends is typed in.
+        """
+        vm = self.owned(session.account, vmId)
+        if not vm.active:
+            raise NoSuchVM(f"VM {vmId} is {vm.state}: {vm.reason}")
+        channel = consoleChannel(vmId)
+        if channel in session.links:
+            raise BadRequest(f"channel {channel} of this connection is in use")
+        vm.consoles.add(session)
+        session.routes[channel] = vm.consoleInput
+        if vm.consoleHistory:
+            session.sendFrame(channel, vm.consoleHistory)
+        return channel
+
+    def buyerConnected(self, session):
+        """A buyer program connected: its VMs' NICs now reach it."""
+        for vm in self.vms.values():
+            if vm.buyerId == session.account["id"] and vm.seller is not None and vm.active \
+                    and vm.leaseId is not None:
+                self._linkBuyer(vm, session)
+
+    def vmAddress(self, account, vmId, ip):
+        vm = self.owned(account, vmId)
+        vm.ip = ip
+        self._save(lambda c: store.updateVM(c, vmId, ip=ip))
+
+    # -- sellers
+
+    def capacityChanged(self):
+        """Capacity appeared or terms changed: place the VMs that wait, oldest first."""
+        for vm in sorted(self.vms.values(), key=lambda v: v.id):
+            if vm.state == "pending":
+                self._allocate(vm)
+
+    def used(self, seller):
+        """(cores, memory) of the VMs placed on C{seller}."""
+        return seller.vms.cores, seller.vms.memory
+
+    def _allocate(self, vm):
+        if vm.buyerId in self.unfunded:
+            vm.reason = self.unfunded[vm.buyerId]
+            return False
+        board = self.market.board
+        for seller, figures in board.ranked(vm.cores, vm.screens.traffic):
+            if not seller.connected or seller.offer is None:
+                continue
+            cores, memory = self.used(seller)
+            # Never on the buyer's own account (self-dealing), nor above the ceiling.
+            if cores + vm.cores <= seller.offer["cores"] and \
+                    memory + vm.memory <= seller.offer["memory"] and \
+                    board.exclusion(seller, figures, vm.screens, vm.buyerId) is None:
+                self._place(vm, seller, figures)
+                return True
+        return False
+
+    def _bindSeller(self, vm, seller):
+        vm.seller = seller
+        seller.vms[vm.id] = vm
+        seller.routes[consoleChannel(vm.id)] = vm.consoleReceived
+
+    def _place(self, vm, seller, figures):
+        """
+        Give C{vm} the capacity on C{seller} now (so nothing else takes it),
+        hold the buyer's funds for its lease, then start it.
+        """
+        self._bindSeller(vm, seller)
+        vm.sellerAccountId = seller.account["id"]
+        vm.state = "allocated"
+        vm.reason = None
+        vm.netBase = 0
+        vm.aliveAt = None
+        vm.lifeWatch = None
+        vm.netLimit = None
+        vm.netFee = figures.netFee
+        self.log.info("VM {vm} of {buyer} placed on seller {seller} (session {session})",
+                      vm=vm.id, buyer=vm.buyerName, seller=seller.account["name"],
+                      session=seller.sessionId)
+        defer.ensureDeferred(self._fund(vm, seller, figures)).addErrback(
+            lambda f: self.log.failure("starting VM {vm}", f, vm=vm.id))
+
+    async def _fund(self, vm, seller, figures):
+        billing = self.market.billing
+        placed = self.reactor.seconds()
+
+        def save(cursor):
+            store.updateVM(cursor, vm.id, seller_account_id=vm.sellerAccountId,
+                           state="allocated", reason=None)
+            leaseId = billing_.openLease(
+                cursor, vm.id, vm.order, vm.buyerId, vm.sellerAccountId, figures.name,
+                figures.price, figures.netFee, vm.cores, placed, billing.interval,
+                billing.window)
+            return leaseId, billing_.leaseNetLimit(cursor, leaseId, billing.interval)
+
+        try:
+            leaseId, netLimit = await self.db.run(save)
+        except billing_.CannotFund as e:
+            self._unfunded(vm, seller, str(e))
+            return
+        if vm.seller is not seller or not vm.active:
+            # It ended (cancelled, its seller went) while the hold was made.
+            await self.market.billing.settle(leaseId, 0.0, 0, vm.reason or "ended")
+            return
+        vm.leaseId = leaseId
+        vm.netLimit = netLimit
+        vm.lifeWatch = lambda: self._showedLife(vm)
+        buyer = self.market.buyerSession(vm.buyerId)
+        if buyer is not None:
+            self._linkBuyer(vm, buyer)
+        d = seller.control.callRemote(
+            commands.StartVM, vm=vm.id, image=vm.image, size=vm.size,
+            cores=vm.cores, memory=vm.memory, mac=vm.mac)
+        d.addErrback(self._startFailed, vm, seller)
+
+    def _unfunded(self, vm, seller, why):
+        """The buyer cannot pay for C{vm}: it waits, and so do its other VMs."""
+        self.log.info("VM {vm} of {buyer} waits: {why}", vm=vm.id, buyer=vm.buyerName, why=why)
+        self.unfunded[vm.buyerId] = why
+        if vm.seller is seller:
+            seller.vms.pop(vm.id, None)
+            seller.routes.pop(consoleChannel(vm.id), None)
+            vm.seller = None
+        vm.sellerAccountId = None
+        if vm.active:
+            vm.state = "pending"
+            vm.reason = why
+            self._save(lambda c: store.updateVM(c, vm.id, state="pending",
+                                                seller_account_id=None, reason=why))
+        self.capacityChanged()
+
+    async def systemVM(self, seller, accountId, image, size, cores, memory, onConsole):
+        """
+        Start one of the market's own VMs (a CPU benchmark) on C{seller}: not
+        matched, not billed, its console read by C{onConsole}, its network
+        linked to nothing.
+        """
+        orderId, [vmId] = await self.db.run(
+            store.createOrder, accountId, image, 1, cores, memory)
+        vm = VM(vmId, orderId, accountId, SYSTEM_ACCOUNT, image, size, cores, memory,
+                store.macFor(vmId))
+        vm.system = True
+        vm.consoleObserver = onConsole
+        self.vms[vmId] = vm
+        self._bindSeller(vm, seller)
+        vm.sellerAccountId = seller.account["id"]
+        vm.state = "allocated"
+        self._save(lambda c: store.updateVM(c, vmId, seller_account_id=vm.sellerAccountId,
+                                            state="allocated"))
+        d = seller.control.callRemote(
+            commands.StartVM, vm=vm.id, image=image, size=size, cores=cores, memory=memory,
+            mac=vm.mac)
+        d.addErrback(self._startFailed, vm, seller)
+        return vm
+
+    def endSystemVM(self, vm):
+        if vm.active:
+            self._end(vm, "stopped", "the CPU benchmark is over")
+        self._save(lambda c: store.closeOrder(c, vm.order, "done"))
+
+    def retryFunding(self, buyerId=None):
+        """Funds may have come: try the VMs that waited for them again."""
+        if buyerId is None:
+            self.unfunded.clear()
+        else:
+            self.unfunded.pop(buyerId, None)
+        self.capacityChanged()
+
+    def outOfFunds(self, vm, why):
+        self.log.info("VM {vm} of {buyer} stopped: {why}", vm=vm.id, buyer=vm.buyerName, why=why)
+        self._end(vm, "stopped", why)
+        self.unfunded[vm.buyerId] = why
+
+    def _showedLife(self, vm):
+        """The VM's first frame reached the buyer, or its console printed: billing starts."""
+        if vm.aliveAt is not None or vm.leaseId is None or not vm.active:
+            return
+        vm.aliveAt = when = self.reactor.seconds()
+        vm.lifeWatch = None
+        # Its traffic counts from now: what crossed before (its first frame
+        # too, when that is its sign of life) is not billed.
+        link = vm.link
+        vm.netBase = 0 if link is None else -(link.bytesAB + link.bytesBA)
+        self._armLink(vm)
+        leaseId = vm.leaseId
+        self._save(lambda c: billing_.showedLife(c, leaseId, when))
+
+    def netLimitChanged(self, vm, limit):
+        """A bill set how many bytes the VM's lease may carry in all."""
+        vm.netLimit = limit
+        self._armLink(vm)
+
+    def _armLink(self, vm):
+        """Give the VM's link its allowance: what the lease's hold still pays for."""
+        link = vm.link
+        if link is None:
+            return
+        if vm.aliveAt is None:
+            # Not billed yet: its first frame to the buyer starts the lease.
+            link.meter(None)
+            link.watchFirstAB(vm.lifeWatch)
+            return
+        link.watchFirstAB(None)
+        if vm.netLimit is None:
+            link.meter(None)
+        else:
+            link.meter(max(0, vm.netLimit - vm.netBytes()),
+                       lambda: self._holdSpent(vm, link))
+
+    def _holdSpent(self, vm, link):
+        """
+        The VM's traffic used up what its lease holds: its frames are
+        dropped while it is billed at once and its hold topped up; if that
+        does not give it MIN_NET_ALLOWANCE more, it stops before anything
+        more is charged.
+        """
+        if vm.link is not link or not vm.active or vm.leaseId is None:
+            return
+        defer.ensureDeferred(self._refill(vm, vm.leaseId)).addErrback(
+            lambda f: self.log.failure("billing the traffic of VM {vm}", f, vm=vm.id))
+
+    async def _refill(self, vm, leaseId):
+        result = await self.market.billing.billNow(vm)
+        if result is None or not vm.active or vm.leaseId != leaseId:
+            return
+        why = (f"the funds held for this VM are spent by its network traffic"
+               f" at {formatAmount(vm.netFee)} a GB")
+        if result["stop"] is not None:
+            self.outOfFunds(vm, f"{why}: {result['stop']}")
+            return
+        limit = result["net_limit"]
+        if limit is not None and limit - vm.netBytes() < MIN_NET_ALLOWANCE:
+            why += "; it was stopped before anything more was charged"
+            self.log.info("VM {vm} of {buyer} stopped: {why}", vm=vm.id, buyer=vm.buyerName,
+                          why=why)
+            self._end(vm, "stopped", why)
+            return
+        self.netLimitChanged(vm, limit)
+
+    def _startFailed(self, failure, vm, seller):
+        if vm.seller is seller and vm.active:
+            self._end(vm, "failed", f"the seller could not start it: {failure.getErrorMessage()}")
+
+    def _linkBuyer(self, vm, buyer):
+        channel = nicChannel(vm.id)
+        if channel in buyer.links or channel in vm.seller.links:
+            return
+        vm.foldLink()
+        vm.link = self.market.relay.link(vm.seller, channel, buyer, channel)
+        self._armLink(vm)
+        vm.buyerSession = buyer
+        buyer.control.callRemote(commands.PortAttached, vm=vm.id, mac=vm.mac)
+
+    def vmState(self, seller, vmId, state, cpuSeconds, reason):
+        stopping = seller.stopping.get(vmId)
+        if stopping is not None:
+            # The last word on a VM the market stopped: its final CPU time.
+            if state in OVER:
+                del seller.stopping[vmId]
+                stopping.cpuSeconds = max(stopping.cpuSeconds, cpuSeconds)
+                self._save(lambda c: store.updateVM(c, vmId, cpu_seconds=stopping.cpuSeconds))
+                self._settleNow(stopping)
+            return
+        vm = seller.vms.get(vmId)
+        if vm is None:
+            away = self.vms.get(vmId)
+            if away is not None and away.state == "detached" and state in OVER \
+                    and away.sellerAccountId == seller.account["id"]:
+                # It ended while its seller was away; the seller says so now.
+                away.cpuSeconds = max(away.cpuSeconds, cpuSeconds)
+                self._end(away, state, reason or state, tellSeller=False)
+                return
+            raise NoSuchVM(f"VM {vmId} is not running on this seller")
+        if state not in commands.VM_STATES:
+            raise BadRequest(f"unknown VM state {state!r}")
+        vm.cpuSeconds = max(vm.cpuSeconds, cpuSeconds)
+        if state in OVER:
+            self._end(vm, state, reason or state, tellSeller=False)
+            return
+        if state == "running" and vm.started is None:
+            vm.started = self.reactor.seconds()
+        vm.state = state
+        self._save(lambda c: store.updateVM(
+            c, vmId, state=state, cpu_seconds=vm.cpuSeconds, started=vm.started))
+
+    def fetchChunk(self, seller, vmId, offset, length):
+        vm = seller.vms.get(vmId)
+        if vm is None:
+            raise NoSuchVM(f"VM {vmId} is not assigned to this seller")
+        if not 0 <= offset <= vm.size or not 0 < length <= commands.IMAGE_CHUNK:
+            raise BadRequest(f"bad range {offset}+{length} of a {vm.size}-byte image")
+        return self.market.images.readChunk(vm.image, offset, length)
+
+    def reattach(self, seller, vmIds):
+        """A seller came back with these VMs still running: keep ours."""
+        keep = []
+        for vmId in vmIds:
+            vm = self.vms.get(vmId)
+            if vm is None or not vm.active or vm.sellerAccountId != seller.account["id"] \
+                    or (vm.seller is not None and vm.seller is not seller):
+                continue
+            if vm.graceCall is not None and vm.graceCall.active():
+                vm.graceCall.cancel()
+            vm.graceCall = None
+            self._bindSeller(vm, seller)
+            if vm.state == "detached":
+                vm.state = "running"
+                vm.reason = None
+            buyer = self.market.buyerSession(vm.buyerId)
+            if buyer is not None:
+                self._linkBuyer(vm, buyer)
+            keep.append(vmId)
+        if keep:
+            self.log.info("seller {seller} reattached VMs {vms}",
+                          seller=seller.account["name"], vms=keep)
+        return keep
+
+    def sessionLost(self, session):
+        for vm in list(getattr(session, "vms", {}).values()):
+            if vm.seller is session and vm.active:
+                if vm.system:
+                    self._end(vm, "lost", "the seller disconnected", tellSeller=False)
+                else:
+                    self._detach(vm, "the seller disconnected")
+        for vm in self.vms.values():
+            if vm.buyerSession is session:
+                vm.buyerSession = None
+                # Another buyer program of the account takes the VM's port.
+                other = self.market.buyerSession(vm.buyerId)
+                if other is not None and vm.seller is not None and vm.active:
+                    self._linkBuyer(vm, other)
+            vm.consoles.discard(session)
+
+    def _detach(self, vm, why):
+        vm.seller = None
+        vm.state = "detached"
+        vm.reason = f"{why}; waiting up to {self.grace:.0f}s for it to come back"
+        vm.graceCall = self.reactor.callLater(self.grace, self._graceOver, vm)
+
+    def _graceOver(self, vm):
+        vm.graceCall = None
+        if vm.state != "detached":
+            return
+        self.log.warn("VM {vm}: its seller did not come back in {grace:.0f}s; placing it again",
+                      vm=vm.id, grace=self.grace)
+        vm.state = "pending"
+        vm.reason = "its seller did not come back; waiting for capacity"
+        vm.foldLink()
+        self._endLease(vm, "its seller did not come back", waitForSeller=False)
+        # It boots again from scratch: its uptime and CPU seconds (the ones
+        # its next lease is billed for) start anew, as its new QEMU's do.
+        vm.started = None
+        vm.cpuSeconds = 0.0
+        vm.sellerAccountId = None
+        self._save(lambda c: store.updateVM(c, vm.id, state="pending", seller_account_id=None,
+                                            started=None, cpu_seconds=0.0, reason=vm.reason))
+        self._allocate(vm)
+
+    def _end(self, vm, state, reason, tellSeller=True, refill=True):
+        seller = vm.seller
+        vm.state = state
+        vm.reason = reason
+        waiters, vm.endWaiters = vm.endWaiters, []
+        for d in waiters:
+            d.callback((state, reason))
+        if vm.graceCall is not None and vm.graceCall.active():
+            vm.graceCall.cancel()
+        vm.graceCall = None
+        for session in vm.consoles:
+            session.routes.pop(consoleChannel(vm.id), None)
+            if session.connected:
+                session.channelUnlinked(consoleChannel(vm.id), f"VM {vm.id} {state}: {reason}")
+        vm.consoles.clear()
+        if seller is not None:
+            seller.vms.pop(vm.id, None)
+            seller.routes.pop(consoleChannel(vm.id), None)
+            link = seller.links.get(nicChannel(vm.id))
+            if link is not None:
+                others = tuple(s for s in (link.a, link.b) if s is not seller)
+                self.market.relay.unlink(link, reason, notify=others)
+            if tellSeller and seller.connected:
+                seller.stopping[vm.id] = vm
+                seller.control.callRemote(commands.StopVM, vm=vm.id).addErrback(
+                    lambda f: self.log.warn("stopping VM {vm}: {why}", vm=vm.id,
+                                            why=f.getErrorMessage()))
+        if vm.buyerSession is not None and vm.buyerSession.connected:
+            vm.buyerSession.control.callRemote(commands.PortDetached, vm=vm.id, reason=reason)
+        vm.buyerSession = None
+        vm.seller = None
+        self.vms.pop(vm.id, None)
+        vm.foldLink()
+        self._endLease(vm, reason, waitForSeller=seller is not None and tellSeller
+                       and seller.connected)
+        ended = self.reactor.seconds()
+        self._save(lambda c: store.updateVM(
+            c, vm.id, state=state, reason=reason, ended=ended, cpu_seconds=vm.cpuSeconds))
+        self.log.info("VM {vm} {state}: {reason}", vm=vm.id, state=state, reason=reason)
+        if seller is not None and refill:
+            self.capacityChanged()
+
+    def _endLease(self, vm, reason, waitForSeller):
+        """
+        The lease of C{vm} ends: it is settled once the seller has reported
+        the VM's last CPU seconds, or at once when the seller cannot.
+        """
+        leaseId, vm.leaseId = vm.leaseId, None
+        if leaseId is None:
+            return
+        vm.endReason = reason
+        vm.endedAt = ended = self.reactor.seconds()
+        self._save(lambda c: marketsql.endLease(c, leaseId, ended, reason))
+        if waitForSeller:
+            call = self.reactor.callLater(SETTLE_WAIT, self._settleNow, vm)
+            self.settling[vm.id] = (leaseId, call)
+        else:
+            self.market.billing.settle(leaseId, vm.cpuSeconds, vm.netBytes(), reason, vm.endedAt)
+
+    def _settleNow(self, vm):
+        entry = self.settling.pop(vm.id, None)
+        if entry is None:
+            return
+        leaseId, call = entry
+        if call.active():
+            call.cancel()
+        self.market.billing.settle(leaseId, vm.cpuSeconds, vm.netBytes(), vm.endReason,
+                                   vm.endedAt)
+
+    def _save(self, fn):
+        d = self.db.runInOrder(fn)
+        d.addErrback(lambda f: self.log.failure("saving VM state", f))
+        return d
+
+    def list(self, account, before=None):
+        """
+        A page of this account's VMs, newest first, older than VM C{before}
+        when given: (VMs, more).  Live figures for active ones, stored ones
+        for the rest.
+        """
+        d = self.db.run(store.accountVMs, account["id"], before, commands.VMS_PAGE + 1)
+
+        def merge(rows):
+            for row in rows:
+                vm = self.vms.get(row["vm"])
+                if vm is not None and vm.buyerId == account["id"]:
+                    row.update(state=vm.state, reason=vm.reason, ip=vm.ip,
+                               started=vm.started, cpu_seconds=vm.cpuSeconds,
+                               seller=vm.seller.account["name"] if vm.seller else row["seller"])
+                row["reason"] = paging.clip(row["reason"])
+            rows = [{k: v for k, v in row.items() if v is not None} for row in rows]
+            return paging.pageOf(commands.ListVMs, "vms", rows, commands.VMS_PAGE)
+
+        return d.addCallback(merge)

@@ -1,0 +1,353 @@
+"""
+Billing: each VM pays for the CPU time it really used, at the price of the
+lease it runs under, and for the network traffic the market counted.
+
+The buyer's money is held ahead.  When a VM is placed, a window of
+C{window} seconds at full tilt (price x cores x window) is moved from the
+buyer's funds to its held funds, and the VM is only started once that
+hold is made.  Every C{interval} seconds each lease is billed:
+
+ - its wall time starts when the VM first showed life (its first frame
+   reached the buyer's network or its console printed: C{live_since});
+   a VM that never shows life is never charged, whatever its seller says;
+ - its CPU seconds are those the seller reported, never more than the
+   lease's wall time times its cores, and never fewer than already billed;
+ - its cost so far is CPU seconds x price / 3600 plus bytes x fee / 10^9
+   (the bytes the relay delivered, never those it dropped), rounded down
+   to the micro-unit; what was not charged yet moves from held funds to
+   the seller's earnings, and never more than is held: no charge passes
+   the funds held for the lease, so none passes the buyer's funds or the
+   order's budget;
+ - the hold is topped up to a whole window again from the buyer's funds,
+   within the order's budget;
+ - the lease's network allowance (L{netLimit}) is set again: the bytes it
+   may carry before the hold, less one interval of CPU at full tilt, is
+   spent.  The relay drops the frames past it and the VM is stopped.
+
+When the buyer's funds (or the order's budget) can no longer hold one
+billing interval at full tilt, the VM is stopped with a notice: it never
+runs on credit, and because one interval at full tilt is always held, the
+seller is paid for every CPU second it gave.  When a lease ends, a last
+bill is made with the CPU seconds the seller reported last and what is
+still held goes back to the buyer's funds.
+
+Every bill is one store transaction that updates the lease and posts its
+ledger transactions together, so a server killed at any point charges a
+lease neither twice nor never: the next bill starts from what the
+database says was charged.
+"""
+
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from cpushare.money import cost, formatAmount
+from cpushare.server.money import ledger
+from cpushare.server.money.ledger import EARNINGS, FUNDS, HELD
+
+INTERVAL = 60.0
+# Bills a tick has waiting for the store at once.
+IN_FLIGHT = 64
+WINDOW = 600.0
+# Traffic held for per window when a seller charges for it, in bytes.
+NET_ALLOWANCE = 10**9
+
+
+def netLimit(price, netFee, cores, held, netBytes, interval=INTERVAL):
+    """
+    The total bytes a lease may have carried before its next bill: those
+    billed (C{netBytes}) and as many more as its hold pays for at C{netFee},
+    keeping one interval of CPU at full tilt for the seller.  None when
+    traffic is free.
+    """
+    if netFee <= 0:
+        return None
+    spare = held - windowCost(price, 0, cores, interval)
+    return netBytes + max(0, spare) * 10**9 // netFee
+
+
+class CannotFund(Exception):
+    """The buyer's funds or the order's budget cannot hold a lease: the reason."""
+
+
+def windowCost(price, netFee, cores, seconds):
+    """What a lease can cost at most in C{seconds}: full tilt, plus the traffic allowance."""
+    return price * cores * int(seconds * 1000) // 3_600_000 + \
+        netFee * NET_ALLOWANCE * int(seconds * 1000) // (int(WINDOW * 1000) * 10**9)
+
+
+def _budgetLeft(cursor, orderId):
+    """What the order may still hold or spend, or None when it has no budget."""
+    cursor.execute("SELECT budget FROM orders WHERE id = ?", (orderId,))
+    (budget,) = cursor.fetchone()
+    if budget is None:
+        return None
+    cursor.execute(
+        "SELECT COALESCE(SUM(charged), 0), COALESCE(SUM(held), 0) FROM leases"
+        " WHERE order_id = ?", (orderId,))
+    charged, held = cursor.fetchone()
+    return max(0, int(budget) - int(charged) - int(held))
+
+
+def _hold(cursor, lease, amount):
+    """Move C{amount} of the buyer's funds to held for C{lease} (a dict, updated)."""
+    lease["held"] += amount
+    lease["held_total"] += amount
+    ledger.post(
+        cursor, "hold", f"held for VM {lease['vm']} (lease {lease['id']})",
+        [(FUNDS, lease["buyer"], -amount), (HELD, lease["buyer"], amount)],
+        reference=f"lease:{lease['id']}:held:{lease['held_total']}")
+
+
+def _topUp(cursor, lease, interval, window):
+    """
+    Hold up to a whole window again; returns why the lease cannot go on
+    (its funds or budget do not hold one more interval), or None.
+    """
+    target = windowCost(lease["price"], lease["net_fee"], lease["cores"], window)
+    least = windowCost(lease["price"], 0, lease["cores"], interval)
+    want = target - lease["held"]
+    budget = _budgetLeft(cursor, lease["order"])
+    funds = ledger.balance(cursor, FUNDS, lease["buyer"])
+    take = max(0, min(want, funds, want if budget is None else budget))
+    if take > 0:
+        _hold(cursor, lease, take)
+    if lease["held"] >= least:
+        return None
+    if budget is not None and budget < want and budget < funds:
+        return "the order's budget is spent"
+    return ("the buyer's funds ran out; add funds with 'cpushare funds add'"
+            f" (this VM needs {formatAmount(least - lease['held'])} more)")
+
+
+def openLease(cursor, vmId, orderId, buyerId, sellerId, sellerName, price, netFee, cores,
+              started, interval=INTERVAL, window=WINDOW):
+    """
+    Create a lease and hold its first window; returns its id.  Raises
+    CannotFund (and nothing is kept) when the buyer's funds or the order's
+    budget do not hold one interval.
+    """
+    cursor.execute(
+        "INSERT INTO leases (vm_id, order_id, buyer_account_id, seller_account_id, price,"
+        " net_fee, cores, started) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        (vmId, orderId, buyerId, sellerId, price, netFee, cores, started))
+    lease = {"id": cursor.fetchone()[0], "vm": vmId, "order": orderId, "buyer": buyerId,
+             "price": price, "net_fee": netFee, "cores": cores, "held": 0, "held_total": 0}
+    why = _topUp(cursor, lease, interval, window)
+    if why is not None:
+        raise CannotFund(why)
+    cursor.execute("UPDATE leases SET held = ?, held_total = ? WHERE id = ?",
+                   (lease["held"], lease["held_total"], lease["id"]))
+    return lease["id"]
+
+
+LEASE_COLUMNS = ("id", "vm", "order", "buyer", "seller", "seller_name", "price", "net_fee",
+                 "cores", "started", "ended", "cpu_seconds", "net_bytes", "charged", "held",
+                 "held_total", "settled", "live_since")
+
+
+def leaseNetLimit(cursor, leaseId, interval=INTERVAL):
+    """L{netLimit} of a lease as stored now (for a lease just opened)."""
+    cursor.execute("SELECT price, net_fee, cores, held, net_bytes FROM leases WHERE id = ?",
+                   (leaseId,))
+    price, netFee, cores, held, netBytes = cursor.fetchone()
+    return netLimit(int(price), int(netFee), cores, int(held), int(netBytes), interval)
+
+
+def openLeaseStates(cursor, interval=INTERVAL):
+    """
+    {lease id: (live_since, L{netLimit}, net bytes, net fee)} of the leases
+    not ended, for a restarting server.
+    """
+    cursor.execute("SELECT id, live_since, price, net_fee, cores, held, net_bytes FROM leases"
+                   " WHERE ended IS NULL")
+    return {leaseId: (alive, netLimit(int(price), int(fee), cores, int(held), int(nbytes),
+                                      interval), int(nbytes), int(fee))
+            for leaseId, alive, price, fee, cores, held, nbytes in cursor.fetchall()}
+
+
+def showedLife(cursor, leaseId, when):
+    """The lease's VM showed life at C{when}: its billing starts (once)."""
+    cursor.execute("UPDATE leases SET live_since = ? WHERE id = ? AND live_since IS NULL",
+                   (when, leaseId))
+
+
+def bill(cursor, leaseId, cpuSeconds, netBytes, now, final=False, interval=INTERVAL,
+         window=WINDOW, reason=None):
+    """
+    Bill one lease up to C{now}; with C{final}, settle it: the lease ends
+    at C{now} (unless it ended before) for C{reason}, the last charge is
+    made, and what is still held goes back to the buyer.  Returns a dict:
+    what was charged now, what is held, C{stop}: why the VM must stop, or
+    None, and C{net_limit}: the lease's L{netLimit}.
+    """
+    cursor.execute(
+        "SELECT l.id, l.vm_id, l.order_id, l.buyer_account_id, l.seller_account_id, s.name,"
+        " l.price, l.net_fee, l.cores, l.started, l.ended, l.cpu_seconds, l.net_bytes,"
+        " l.charged, l.held, l.held_total, l.settled, l.live_since"
+        " FROM leases l JOIN accounts s ON s.id = l.seller_account_id WHERE l.id = ?",
+        (leaseId,))
+    row = cursor.fetchone()
+    if row is None:
+        raise KeyError(f"no lease {leaseId}")
+    lease = dict(zip(LEASE_COLUMNS, row))
+    for key in ("price", "net_fee", "charged", "held", "held_total", "net_bytes"):
+        lease[key] = int(lease[key])
+    if lease["settled"]:
+        return {"charged": 0, "held": 0, "stop": None, "settled": True, "net_limit": 0}
+    if final and lease["ended"] is None:
+        lease["ended"] = now
+        cursor.execute("UPDATE leases SET ended = ?, reason = ? WHERE id = ?",
+                       (now, reason, leaseId))
+    end = lease["ended"] if lease["ended"] is not None else now
+    if lease["live_since"] is None:
+        # It never showed life: nothing it did is charged.
+        wall, cpuSeconds, netBytes = 0.0, 0.0, 0
+    else:
+        wall = max(0.0, end - max(lease["started"], lease["live_since"]))
+    cpu = max(float(lease["cpu_seconds"]), min(float(cpuSeconds), wall * lease["cores"]))
+    traffic = max(lease["net_bytes"], int(netBytes))
+    due = cost(lease["price"], lease["net_fee"], cpu, traffic) - lease["charged"]
+    paid = 0
+    stop = None
+    if due > 0:
+        # Never more than is held for the lease: its hold is all the buyer
+        # agreed to pay for it so far.
+        paid = min(due, lease["held"])
+        if paid < due:
+            stop = ("the funds held for this VM are spent"
+                    f" ({formatAmount(due - paid)} of its use was not charged)")
+        if paid > 0:
+            lease["charged"] += paid
+            lease["held"] -= paid
+            ledger.post(
+                cursor, "charge",
+                f"VM {lease['vm']} on {lease['seller_name']} (lease {lease['id']}):"
+                f" {cpu:.1f} CPU s, {traffic} bytes",
+                [(HELD, lease["buyer"], -paid), (EARNINGS, lease["seller"], paid)],
+                reference=f"lease:{lease['id']}:charged:{lease['charged']}")
+    if final:
+        if lease["held"] > 0:
+            ledger.post(
+                cursor, "release", f"released from VM {lease['vm']} (lease {lease['id']})",
+                [(HELD, lease["buyer"], -lease["held"]), (FUNDS, lease["buyer"], lease["held"])],
+                reference=f"lease:{lease['id']}:released")
+            lease["held"] = 0
+        lease["settled"] = 1
+    elif stop is None:
+        stop = _topUp(cursor, lease, interval, window)
+    cursor.execute(
+        "UPDATE leases SET cpu_seconds = ?, net_bytes = ?, charged = ?, held = ?,"
+        " held_total = ?, settled = ? WHERE id = ?",
+        (cpu, traffic, lease["charged"], lease["held"], lease["held_total"], lease["settled"],
+         lease["id"]))
+    return {"charged": paid, "held": lease["held"], "stop": stop,
+            "settled": bool(lease["settled"]),
+            "net_limit": netLimit(lease["price"], lease["net_fee"], lease["cores"],
+                                  lease["held"], traffic, interval)}
+
+
+def unsettledLeases(cursor):
+    """[(lease id, vm id, ended)] of the leases not settled yet."""
+    cursor.execute("SELECT id, vm_id, ended FROM leases WHERE settled = 0 ORDER BY id")
+    return cursor.fetchall()
+
+
+def heldMismatch(cursor):
+    """
+    Buyers whose held funds differ from what their unsettled leases hold:
+    [(account id, held balance, held by leases)]; empty when all agree.
+    """
+    cursor.execute(
+        "SELECT buyer_account_id, COALESCE(SUM(held), 0) FROM leases GROUP BY buyer_account_id")
+    byLeases = {a: int(h) for a, h in cursor.fetchall()}
+    cursor.execute("SELECT owner_id FROM ledger_accounts WHERE kind = ?", (HELD,))
+    owners = {r[0] for r in cursor.fetchall()} | set(byLeases)
+    out = []
+    for owner in sorted(owners):
+        held = ledger.balance(cursor, HELD, owner)
+        if held != byLeases.get(owner, 0):
+            out.append((owner, held, byLeases.get(owner, 0)))
+    return out
+
+
+class Billing:
+    """Bills every running lease each C{interval} seconds; see the module."""
+
+    log = Logger()
+
+    def __init__(self, market, interval=INTERVAL, window=WINDOW):
+        self.market = market
+        self.reactor = market.reactor
+        self.interval = interval
+        self.window = window
+        self._loop = None
+        self._running = None
+
+    async def settleLeftovers(self, keep):
+        """
+        At start: settle the leases left unsettled by the last run, except
+        those of the VMs in C{keep} ({lease id}), which go on.
+        """
+        for leaseId, vmId, ended in await self.market.store.run(unsettledLeases):
+            if leaseId not in keep:
+                await self.settle(leaseId, 0.0, 0, "the market server restarted", ended)
+
+    def start(self):
+        self._loop = LoopingCall(self.tick)
+        self._loop.clock = self.reactor
+        self._loop.start(self.interval, now=False).addErrback(
+            lambda f: self.log.failure("billing", f))
+
+    def stop(self):
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return self._running
+
+    async def billNow(self, vm):
+        """Bill the lease of C{vm} now; its result (see L{bill}), or None if that failed."""
+        leaseId = vm.leaseId
+        try:
+            return await self.market.store.run(
+                bill, leaseId, vm.cpuSeconds, vm.netBytes(), self.reactor.seconds(),
+                False, self.interval, self.window)
+        except Exception:
+            self.log.failure("billing lease {lease} of VM {vm}", lease=leaseId, vm=vm.id)
+            return None
+
+    async def _billOne(self, vm):
+        leaseId = vm.leaseId
+        result = await self.billNow(vm)
+        if result is None or not vm.active or vm.leaseId != leaseId:
+            return
+        if result["stop"] is not None:
+            self.market.orders.outOfFunds(vm, result["stop"])
+        else:
+            self.market.orders.netLimitChanged(vm, result["net_limit"])
+
+    async def _tick(self):
+        # Bills go to the store a few at a time, one transaction each: on
+        # SQLite IN_FLIGHT of them share a commit; on PostgreSQL as many as
+        # the store has connections (more would only conflict over the
+        # same buyers' funds and be run again).
+        store = self.market.store
+        limit = defer.DeferredSemaphore(
+            IN_FLIGHT if getattr(store, "groupCommit", False) else store.pool.max)
+        bills = [limit.run(lambda vm=vm: defer.ensureDeferred(self._billOne(vm)))
+                 for vm in list(self.market.orders.vms.values())
+                 if vm.leaseId is not None and vm.active]
+        await defer.gatherResults(bills)
+        self.market.orders.retryFunding()
+
+    def tick(self):
+        """Bill every lease once; returns a Deferred (the LoopingCall waits for it)."""
+        self._running = defer.ensureDeferred(self._tick())
+        return self._running
+
+    def settle(self, leaseId, cpuSeconds, netBytes, reason=None, ended=None):
+        """The last bill of a lease that ended; fires with its result."""
+        when = self.reactor.seconds() if ended is None else ended
+        d = self.market.store.run(bill, leaseId, cpuSeconds, netBytes, when,
+                                  True, self.interval, self.window, reason)
+        d.addErrback(lambda f: self.log.failure("settling lease {lease}", f, lease=leaseId))
+        return d
