@@ -79,20 +79,28 @@ def main(argv=None):
                         help="credit a payment PayPal completed that the market could not")
     cp.add_argument("paypal_id")
     args = p.parse_args(argv)
+    try:
+        return run(args)
+    except Refused as e:
+        print(f"cpushare-admin: {e}", file=sys.stderr)
+        return 1
 
+
+class Refused(Exception):
+    """What the operator asked cannot be done; the message says why."""
+
+
+def run(args):
     try:
         db = database.fromURL(args.db or os.path.join(args.data, "market.sqlite"))
     except database.BadURL as e:
-        print(f"cpushare-admin: --db: {e}", file=sys.stderr)
-        return 1
+        raise Refused(f"--db: {e}")
     if isinstance(db, database.SQLite) and not os.path.exists(db.path):
-        print(f"cpushare-admin: no market database at {db.path}", file=sys.stderr)
-        return 1
+        raise Refused(f"no market database at {db.path}")
     try:
         conn = db.connect()
     except database.Unavailable as e:
-        print(f"cpushare-admin: {e}", file=sys.stderr)
-        return 1
+        raise Refused(str(e))
     try:
         store.transact(conn, store.migrate)
         if args.command == "accounts":
@@ -102,8 +110,7 @@ def main(argv=None):
                 print(f"{a['id']:>6}  {a['name']:<32}  created {a['created']}  {state}")
         elif args.command == "delete-account":
             if not store.transact(conn, store.deleteAccount, args.name):
-                print(f"cpushare-admin: no active account named {args.name!r}", file=sys.stderr)
-                return 1
+                raise Refused(f"no active account named {args.name!r}")
             print(f"deleted account {args.name}")
         elif args.command in ("suspend", "unsuspend", "certificates", "revoke"):
             return access(conn, args)
@@ -111,21 +118,18 @@ def main(argv=None):
             try:
                 amount = ledger.parseAmount(args.amount, maximum=CREDIT_MAX)
             except ledger.BadAmount as e:
-                print(f"cpushare-admin: {e}", file=sys.stderr)
-                return 1
+                raise Refused(str(e))
             try:
                 store.transact(conn, credit, args.name, amount, args.memo)
             except LookupError as e:
-                print(f"cpushare-admin: {e}", file=sys.stderr)
-                return 1
+                raise Refused(str(e))
             print(f"credited {ledger.formatAmount(amount)} to {args.name}")
         elif args.command == "books":
             return printBooks(store.transact(conn, ledger.books))
         else:
             return money(conn, args)
     except database.Unavailable as e:
-        print(f"cpushare-admin: {e}", file=sys.stderr)
-        return 1
+        raise Refused(str(e))
     finally:
         conn.close()
     return 0
@@ -135,17 +139,13 @@ def access(conn, args):
     """Suspension and certificates."""
     if args.command == "suspend":
         if args.reason is not None and len(args.reason) > 200:
-            print("cpushare-admin: a reason is at most 200 characters", file=sys.stderr)
-            return 1
+            raise Refused("a reason is at most 200 characters")
         if not store.transact(conn, store.suspendAccount, args.name, args.reason):
-            print(f"cpushare-admin: no active, unsuspended account named {args.name!r}",
-                  file=sys.stderr)
-            return 1
+            raise Refused(f"no active, unsuspended account named {args.name!r}")
         print(f"suspended account {args.name}")
     elif args.command == "unsuspend":
         if not store.transact(conn, store.unsuspendAccount, args.name):
-            print(f"cpushare-admin: no suspended account named {args.name!r}", file=sys.stderr)
-            return 1
+            raise Refused(f"no suspended account named {args.name!r}")
         print(f"account {args.name} may connect again")
     elif args.command == "certificates":
         for c in store.transact(conn, store.listCertificates, args.name):
@@ -156,8 +156,7 @@ def access(conn, args):
         try:
             revoked = store.transact(conn, store.revoke, args.what)
         except LookupError as e:
-            print(f"cpushare-admin: {e}", file=sys.stderr)
-            return 1
+            raise Refused(str(e))
         for name, fingerprint, serial in revoked:
             print(f"revoked the certificate of {name}: serial {serial or '-'},"
                   f" sha256 {fingerprint}")
@@ -199,12 +198,9 @@ def money(conn, args):
         outcome = args.command.split("-")[1]
         found = store.transact(conn, funds.payout, args.payout)
         if found is None:
-            print(f"cpushare-admin: there is no payout {args.payout}", file=sys.stderr)
-            return 1
+            raise Refused(f"there is no payout {args.payout}")
         if found["state"] not in ("unknown", "pending"):
-            print(f"cpushare-admin: payout {args.payout} is {found['state']} already",
-                  file=sys.stderr)
-            return 1
+            raise Refused(f"payout {args.payout} is {found['state']} already")
         store.transact(conn, funds.settlePayout, args.payout, outcome, None,
                        "settled by the operator", "the operator")
         print(f"payout {args.payout} {outcome}: {fmt(found['amount'])} {found['currency']}")
@@ -213,9 +209,8 @@ def money(conn, args):
         payment = store.transact(conn, funds.paymentByPayPalId, args.paypal_id)
         if payment is None or payment["state"] != "check":
             state = "unknown" if payment is None else payment["state"]
-            print(f"cpushare-admin: payment {args.paypal_id} is {state}; only payments in "
-                  "state check are credited by hand", file=sys.stderr)
-            return 1
+            raise Refused(f"payment {args.paypal_id} is {state}; only payments in "
+                          "state check are credited by hand")
         store.transact(conn, funds.creditPayment, payment["id"], payment["payer_id"],
                        ("check",))
         print(f"credited payment {args.paypal_id}: "

@@ -124,6 +124,20 @@ def _read(path, what):
         raise LibraryError(f"cannot read {what}: {e.strerror}")
 
 
+def _info(host, what):
+    """The dynamic section of the file C{host}, errors named by C{what}."""
+    try:
+        return dynamicInfo(_read(host, what))
+    except LibraryError as e:
+        raise LibraryError(f"{what}: {e}")
+
+
+def _file(root, path):
+    """C{path} resolved in C{root}, when it is a file there; else None."""
+    host = resolve(root, path)
+    return host if host is not None and os.path.isfile(host) else None
+
+
 def libraryClosure(root, program, searchDirs=SEARCH_DIRS):
     """
     What the program at C{program} (a path relative to C{root}) loads: a
@@ -135,22 +149,16 @@ def libraryClosure(root, program, searchDirs=SEARCH_DIRS):
     """
     found = []
     loaded = set()
-    path = resolve(root, program)
-    if path is None or not os.path.isfile(path):
+    path = _file(root, program)
+    if path is None:
         raise LibraryError(f"{program} is not in the unpacked packages")
-    try:
-        interpreter, queue, _ = dynamicInfo(_read(path, program))
-    except LibraryError as e:
-        raise LibraryError(f"{program}: {e}")
+    interpreter, queue, _ = _info(path, program)
     queue = [(name, program) for name in queue]
     if interpreter is not None:
-        host = resolve(root, interpreter)
-        if host is None or not os.path.isfile(host):
+        host = _file(root, interpreter)
+        if host is None:
             raise LibraryError(f"the dynamic loader {interpreter} of {program} is not in the packages")
-        try:
-            _, _, soname = dynamicInfo(_read(host, interpreter))
-        except LibraryError as e:
-            raise LibraryError(f"{interpreter}: {e}")
+        _, _, soname = _info(host, interpreter)
         found.append((interpreter.lstrip("/"), host))
         loaded.update({os.path.basename(interpreter), soname} - {None})
     while queue:
@@ -158,17 +166,14 @@ def libraryClosure(root, program, searchDirs=SEARCH_DIRS):
         if name in loaded:
             continue
         for folder in searchDirs:
-            host = resolve(root, f"{folder}/{name}")
-            if host is not None and os.path.isfile(host):
+            host = _file(root, f"{folder}/{name}")
+            if host is not None:
                 break
         else:
             raise LibraryError(
                 f"library {name} (needed by {needer}) is in none of the packages' "
                 f"library folders ({', '.join(searchDirs)})")
-        try:
-            _, needed, soname = dynamicInfo(_read(host, name))
-        except LibraryError as e:
-            raise LibraryError(f"{name}: {e}")
+        _, needed, soname = _info(host, name)
         found.append((f"{folder}/{name}", host))
         loaded.update({name, soname} - {None})
         queue.extend((n, name) for n in needed)

@@ -10,6 +10,7 @@ import json
 
 from cpushare import pki
 from cpushare.client.cli.connection import CommandError, Connection, call, close
+from cpushare.client.cli.output import ask, command
 from cpushare.client.home import HomeError, parseServer
 from cpushare.client.session import connectOnce, endpointFor
 from cpushare.protocol import commands
@@ -72,16 +73,14 @@ async def rekey(reactor, args, home):
     """
     name = home.config.get("name")
     key = pki.generateKey()
-    async with Connection(reactor, home) as market:
-        answer = await market.call(commands.Rekey, csr=pki.makeRequest(key, name))
+    answer = await ask(reactor, home, commands.Rekey, csr=pki.makeRequest(key, name))
     certPEM = answer["certificate"]
     try:
         cert = pki.loadCertificate(certPEM)
     except ValueError:
         raise CommandError("the market answered with a certificate that does not parse")
     home.saveNewCertificate(key, certPEM)
-    async with Connection(reactor, home) as market:
-        info = await market.call(commands.WhoAmI)
+    info = await ask(reactor, home, commands.WhoAmI)
     if info["fingerprint"] != pki.fingerprint(cert):
         raise CommandError("the market did not take the new certificate; the old one is in "
                            f"{home.file('cert.pem.old')}")
@@ -91,19 +90,15 @@ async def rekey(reactor, args, home):
 
 
 def addParsers(sub):
-    r = sub.add_parser("register", help="create an account on a market")
+    r = command(sub, "register", register, help="create an account on a market")
     r.add_argument("--server", required=True, help="the market's HOST:PORT")
     r.add_argument("--ca", required=True, help="the market's CA certificate (ca.pem)")
     r.add_argument("--name", required=True, help="the account name to take")
-    r.set_defaults(run=register)
 
-    w = sub.add_parser("whoami", help="show this home's account")
-    w.add_argument("--json", action="store_true")
-    w.set_defaults(run=whoami)
+    command(sub, "whoami", whoami, json=True, help="show this home's account")
 
-    k = sub.add_parser("rekey", help="make a new key and certificate; the old one is revoked",
-                       description="Make a new key here, have the market certify it over this "
-                       "home's current connection, store both, and connect with them, which "
-                       "revokes the old certificate. Running seller and buyer programs "
-                       "reconnect with the new one.")
-    k.set_defaults(run=rekey)
+    command(sub, "rekey", rekey, help="make a new key and certificate; the old one is revoked",
+            description="Make a new key here, have the market certify it over this "
+            "home's current connection, store both, and connect with them, which "
+            "revokes the old certificate. Running seller and buyer programs "
+            "reconnect with the new one.")

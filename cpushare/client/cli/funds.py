@@ -15,7 +15,7 @@ amount has them.
 import json
 
 from cpushare.client.cli.connection import CommandError, Connection
-from cpushare.client.cli.output import formatTable
+from cpushare.client.cli.output import actions, ask, command, formatTable, printedAsJSON
 from cpushare.money import BadAmount, formatAmount, parseAmount
 from cpushare.protocol import commands
 
@@ -29,10 +29,8 @@ def _amount(text):
 
 async def fundsAdd(reactor, args, home):
     amount = _amount(args.amount)
-    async with Connection(reactor, home) as market:
-        added = await market.call(commands.FundsAdd, amount=amount)
-    if args.json:
-        print(json.dumps(added))
+    added = await ask(reactor, home, commands.FundsAdd, amount=amount)
+    if printedAsJSON(args, added):
         return
     cur = added["currency"]
     print(f"adding {formatAmount(added['gross'])} {cur} with PayPal: the market's commission "
@@ -45,10 +43,8 @@ async def fundsAdd(reactor, args, home):
 
 
 async def balance(reactor, args, home):
-    async with Connection(reactor, home) as market:
-        sheet = await market.call(commands.Balance)
-    if args.json:
-        print(json.dumps(sheet))
+    sheet = await ask(reactor, home, commands.Balance)
+    if printedAsJSON(args, sheet):
         return
     cur = sheet["currency"]
     rows = [
@@ -117,10 +113,8 @@ def formatStatement(entries, currency):
 
 
 async def earnings(reactor, args, home):
-    async with Connection(reactor, home) as market:
-        sheet = await market.call(commands.Earnings)
-    if args.json:
-        print(json.dumps(sheet))
+    sheet = await ask(reactor, home, commands.Earnings)
+    if printedAsJSON(args, sheet):
         return
     cur = sheet["currency"]
     print(f"earnings:        {formatAmount(sheet['earnings'])} {cur}")
@@ -145,10 +139,8 @@ async def payout(reactor, args, home):
         kw["amount"] = _amount(args.amount)
     if args.email is not None:
         kw["email"] = args.email
-    async with Connection(reactor, home) as market:
-        answer = await market.call(commands.Payout, **kw)
-    if args.json:
-        print(json.dumps(answer))
+    answer = await ask(reactor, home, commands.Payout, **kw)
+    if printedAsJSON(args, answer):
         return
     what = f"payout {answer['payout']}: {formatAmount(answer['amount'])} {answer['currency']}"
     if answer["state"] == "unknown":
@@ -161,35 +153,23 @@ async def payout(reactor, args, home):
 
 
 def addParsers(sub):
-    funds = sub.add_parser("funds", help="add funds with PayPal")
-    actions = funds.add_subparsers(dest="funds_command", metavar="ACTION")
-    actions.required = True
-    add = actions.add_parser(
-        "add", help="pay AMOUNT with PayPal into your funds",
+    fundsActions = actions(sub, "funds", "add funds with PayPal")
+    add = command(
+        fundsActions, "add", fundsAdd, json=True, help="pay AMOUNT with PayPal into your funds",
         description="Create a PayPal payment of AMOUNT in the market's currency and print "
         "the link where you approve it. The market's commission and what reaches your funds "
         "are shown first. Your funds grow once PayPal brings you back to the market.")
     add.add_argument("amount", help="like 20 or 12.50 (whole cents)")
-    add.add_argument("--json", action="store_true")
-    add.set_defaults(run=fundsAdd)
 
-    b = sub.add_parser("balance", help="show your funds, held money and earnings")
-    b.add_argument("--json", action="store_true")
-    b.set_defaults(run=balance)
+    command(sub, "balance", balance, json=True, help="show your funds, held money and earnings")
 
-    s = sub.add_parser("statement", help="list every movement of your money")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(run=statement)
+    command(sub, "statement", statement, json=True, help="list every movement of your money")
 
-    e = sub.add_parser("earnings", help="show your earnings and payouts (sellers)")
-    e.add_argument("--json", action="store_true")
-    e.set_defaults(run=earnings)
+    command(sub, "earnings", earnings, json=True, help="show your earnings and payouts (sellers)")
 
-    p = sub.add_parser(
-        "payout", help="pay your earnings out with PayPal (sellers)",
+    p = command(
+        sub, "payout", payout, json=True, help="pay your earnings out with PayPal (sellers)",
         description="Pay AMOUNT of your earnings (all of them when left out) to your PayPal "
         "account. The first payout needs --email; the address is remembered.")
     p.add_argument("amount", nargs="?", help="like 25 or 12.50 (default: all your earnings)")
     p.add_argument("--email", help="the email address of your PayPal account")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(run=payout)

@@ -14,7 +14,7 @@ from twisted.internet.threads import deferToThreadPool
 
 from cpushare.client.cli import upload
 from cpushare.client.cli.connection import CommandError, Connection
-from cpushare.client.cli.output import formatTable, printListing
+from cpushare.client.cli.output import actions, command, formatTable, printListing
 from cpushare.protocol import commands
 
 
@@ -84,11 +84,10 @@ def formatImages(listed, now):
 
 
 def addParsers(sub):
-    image = sub.add_parser("image", help="build livecd images")
-    actions = image.add_subparsers(dest="image_command", metavar="ACTION")
-    actions.required = True
-    b = actions.add_parser(
-        "build", help="build a bootable livecd ISO with your files inside",
+    imageActions = actions(sub, "image", "build livecd images")
+    b = command(
+        imageActions, "build", imageBuild,
+        help="build a bootable livecd ISO with your files inside",
         description="Build the reference livecd (a Debian kernel, a busybox system and the "
         "dropbear ssh server) with the files of each --add DIR at /cpushare/ in the guest, "
         "or add them to the bootable ISO --base. At boot the guest starts its ssh server "
@@ -108,11 +107,7 @@ def addParsers(sub):
     b.add_argument("--cache", metavar="DIR",
                    help="where the Debian parts are kept (default $CPUSHARE_CACHE, "
                    "else $XDG_CACHE_HOME/cpushare or ~/.cache/cpushare)")
-    b.set_defaults(run=imageBuild)
-    u = actions.add_parser("upload", help="upload an ISO to the market")
+    u = command(imageActions, "upload", imageUpload, help="upload an ISO to the market")
     u.add_argument("iso")
     u.add_argument("--name", help="a name for it (default: the file's name)")
-    u.set_defaults(run=imageUpload)
-    lst = actions.add_parser("list", help="the images on the market")
-    lst.add_argument("--json", action="store_true")
-    lst.set_defaults(run=imageList)
+    command(imageActions, "list", imageList, json=True, help="the images on the market")

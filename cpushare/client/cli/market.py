@@ -21,10 +21,9 @@ SCREENS, shared with `cpushare order place`:
                         a VM-hour really costs (price + fee x GB)
 """
 
-import json
-
 from cpushare.client.cli.connection import Connection
-from cpushare.client.cli.output import amount, duration, formatTable, printListing
+from cpushare.client.cli.output import (
+    amount, command, duration, formatTable, printedAsJSON, printListing)
 from cpushare.client.cli.screens import addScreenArguments, screenArguments
 from cpushare.protocol import commands
 from cpushare.money import formatAmount
@@ -83,8 +82,7 @@ async def terms(reactor, args, home):
             result = await market.call(commands.SetTerms, **given)
         else:
             result = await market.call(commands.SetTerms)
-    if args.json:
-        print(json.dumps(result))
+    if printedAsJSON(args, result):
         return
     print(f"price:   {formatAmount(result['price'])} a core-hour")
     print(f"net fee: {formatAmount(result['net_fee'])} a GB")
@@ -125,33 +123,27 @@ async def rate(reactor, args, home):
 
 
 def addParsers(sub):
-    s = sub.add_parser(
-        "sellers", help="the sellers an order with these screens would use",
+    s = command(
+        sub, "sellers", sellers, json=True,
+        help="the sellers an order with these screens would use",
         description="List the sellers online that pass the screens, in the order an order "
         "with the same screens would use them: the cheapest first, then the best rated, "
         "then the nearest.")
     addScreenArguments(s)
     s.add_argument("--explain", action="store_true",
                    help="also list the sellers the screens exclude, and why")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(run=sellers)
 
-    t = sub.add_parser(
-        "terms", help="show or change what your seller asks",
+    t = command(
+        sub, "terms", terms, json=True, help="show or change what your seller asks",
         description="Show the terms your account sells at, or change them; a running "
         "seller program uses the new terms at once.")
     t.add_argument("--price", metavar="P", help="asking price a core-hour")
     t.add_argument("--net-fee", metavar="F", help="fee a GB of network traffic (0 for none)")
     t.add_argument("--country", metavar="CC", help="the country the seller runs in")
-    t.add_argument("--json", action="store_true")
-    t.set_defaults(run=terms)
 
-    lst = sub.add_parser("leases", help="your VMs' leases and what they cost")
-    lst.add_argument("--json", action="store_true")
-    lst.set_defaults(run=leases)
+    command(sub, "leases", leases, json=True, help="your VMs' leases and what they cost")
 
-    r = sub.add_parser("rate", help="rate the seller of one of your leases, once")
+    r = command(sub, "rate", rate, help="rate the seller of one of your leases, once")
     r.add_argument("lease", type=int)
     r.add_argument("verdict", choices=("good", "bad"))
     r.add_argument("--comment")
-    r.set_defaults(run=rate)

@@ -1,9 +1,12 @@
-"""What the commands print: tables, listings, durations, amounts typed in."""
+"""
+What the commands print (tables, listings, durations, JSON), the amounts
+typed in, and the small pieces every command group declares itself with.
+"""
 
 import json
 import time
 
-from cpushare.client.cli.connection import CommandError
+from cpushare.client.cli.connection import CommandError, Connection
 from cpushare.money import MAX_PRICE, BadAmount, parseAmount
 
 
@@ -41,3 +44,33 @@ def amount(text, what, allowZero=False):
         return parseAmount(text, maximum=MAX_PRICE, allowZero=allowZero)
     except BadAmount as e:
         raise CommandError(f"{what}: {e}")
+
+
+def command(parent, name, run, json=False, **kw):
+    """Declare the command C{name} under C{parent}, run by C{run}, with C{--json} when asked."""
+    p = parent.add_parser(name, **kw)
+    if json:
+        p.add_argument("--json", action="store_true", help="print the answer as JSON")
+    p.set_defaults(run=run)
+    return p
+
+
+def actions(parent, name, help):
+    """Declare the command C{name}, whose ACTION (one of those added to the result) is required."""
+    p = parent.add_parser(name, help=help)
+    acts = p.add_subparsers(dest=f"{name}_command", metavar="ACTION")
+    acts.required = True
+    return acts
+
+
+async def ask(reactor, home, command, **kw):
+    """One call of C{command} on a connection of its own."""
+    async with Connection(reactor, home) as market:
+        return await market.call(command, **kw)
+
+
+def printedAsJSON(args, value):
+    """With --json, print C{value} as JSON and say so."""
+    if args.json:
+        print(json.dumps(value))
+    return args.json

@@ -8,7 +8,6 @@ The buyer's commands about images, orders, VMs and consoles:
     cpushare console VM
 """
 
-import json
 import os
 import re
 import sys
@@ -20,7 +19,8 @@ from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from cpushare.client.cli.connection import CommandError, Connection
-from cpushare.client.cli.output import amount, duration, formatTable, printListing
+from cpushare.client.cli.output import (
+    actions, amount, ask, command, duration, formatTable, printedAsJSON, printListing)
 from cpushare.client.cli.screens import addScreenArguments, screenArguments
 from cpushare.imagefolder import hashFile
 from cpushare.protocol import commands
@@ -50,8 +50,7 @@ async def orderPlace(reactor, args, home):
     async with Connection(reactor, home) as market:
         placed = await market.call(commands.PlaceOrder, image=sha256, vms=args.vms,
                                    cores=args.cores, memory=args.memory, **extra)
-    if args.json:
-        print(json.dumps(placed))
+    if printedAsJSON(args, placed):
         return
     ids = ", ".join(str(v) for v in placed["vm_ids"])
     print(f"order {placed['order']}: VMs {ids}; {placed['allocated']} placed on sellers now")
@@ -60,8 +59,7 @@ async def orderPlace(reactor, args, home):
 
 
 async def orderCancel(reactor, args, home):
-    async with Connection(reactor, home) as market:
-        stopped = (await market.call(commands.CancelOrder, order=args.order))["stopped"]
+    stopped = (await ask(reactor, home, commands.CancelOrder, order=args.order))["stopped"]
     print(f"order {args.order} cancelled; {stopped} VMs stopped")
 
 
@@ -251,36 +249,26 @@ async def console(reactor, args, home):
 
 
 def addParsers(sub):
-    order = sub.add_parser("order", help="place and cancel buy orders")
-    orders = order.add_subparsers(dest="order_command", metavar="ACTION")
-    orders.required = True
-    place = orders.add_parser("place", help="run VMs booting one of your images")
+    orders = actions(sub, "order", "place and cancel buy orders")
+    place = command(orders, "place", orderPlace, json=True,
+                    help="run VMs booting one of your images")
     place.add_argument("--image", required=True, help="an uploaded ISO file, or its sha256")
     place.add_argument("--vms", type=int, default=1, help="how many VMs (default 1)")
     place.add_argument("--cores", type=int, default=1, help="cores per VM (default 1)")
     place.add_argument("--memory", type=int, default=256, help="MB per VM (default 256)")
     place.add_argument("--budget", metavar="AMOUNT",
                        help="the most the order may spend; its VMs stop when it is spent")
-    place.add_argument("--json", action="store_true")
     addScreenArguments(place)
-    place.set_defaults(run=orderPlace)
-    cancel = orders.add_parser("cancel", help="stop all VMs of an order")
+    cancel = command(orders, "cancel", orderCancel, help="stop all VMs of an order")
     cancel.add_argument("order", type=int)
-    cancel.set_defaults(run=orderCancel)
 
-    vms = sub.add_parser("vms", help="list your VMs")
-    vms.add_argument("--json", action="store_true")
-    vms.set_defaults(run=listVMs)
+    command(sub, "vms", listVMs, json=True, help="list your VMs")
 
-    vm = sub.add_parser("vm", help="act on one VM")
-    vmActions = vm.add_subparsers(dest="vm_command", metavar="ACTION")
-    vmActions.required = True
-    stop = vmActions.add_parser("stop", help="stop a VM")
+    vmActions = actions(sub, "vm", "act on one VM")
+    stop = command(vmActions, "stop", vmStop, help="stop a VM")
     stop.add_argument("vm", type=int)
-    stop.set_defaults(run=vmStop)
 
-    c = sub.add_parser("console", help="attach to a VM's serial console")
+    c = command(sub, "console", console, help="attach to a VM's serial console")
     c.add_argument("vm", type=int)
     c.add_argument("--linger", type=float, default=2.0,
                    help="with piped input: seconds to keep showing output after it ends")
-    c.set_defaults(run=console)
