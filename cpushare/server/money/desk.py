@@ -16,7 +16,9 @@ from cpushare.server.money.statements import Statements
 
 def currencies(cursor):
     """The currencies of every payment and payout there is."""
-    return funds.paymentCurrencies(cursor) | payouts.payoutCurrencies(cursor)
+    cursor.execute("SELECT DISTINCT currency FROM paypal_payments"
+                   " UNION SELECT DISTINCT currency FROM paypal_payouts")
+    return {r[0] for r in cursor.fetchall()}
 
 
 def recoverInterrupted(cursor):

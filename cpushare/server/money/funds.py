@@ -29,6 +29,7 @@ cent: in the buyer's favour.
 import datetime
 import re
 import secrets
+from typing import Optional
 from urllib.parse import urlencode
 
 import attr
@@ -39,6 +40,7 @@ from cpushare.protocol import commands
 from cpushare.server.money import ledger
 from cpushare.server.money.ledger import COMMISSION, FUNDS, PAYPAL
 from cpushare.server.money.paypal import PayPalError
+from cpushare.server.money.rows import accountRows
 from cpushare.server.db.store import now
 
 # One deposit is at least DEPOSIT_MINIMUM and at most DEPOSIT_MAXIMUM:
@@ -96,7 +98,7 @@ class Outcome:
     credited = attr.ib(default=False)
 
 
-@attr.s(frozen=True)
+@attr.s(frozen=True, auto_attribs=True)
 class Payment:
     """
     A payment this market created at PayPal, as its row stands: our id,
@@ -107,19 +109,19 @@ class Payment:
     last changed.
     """
 
-    id = attr.ib()
-    account_id = attr.ib()
-    paypal_id = attr.ib()
-    nonce = attr.ib()
-    gross = attr.ib()
-    commission = attr.ib()
-    currency = attr.ib()
-    state = attr.ib()
-    payer_id = attr.ib()
-    reason = attr.ib()
-    created = attr.ib()
-    updated = attr.ib()
-    account = attr.ib()
+    id: int
+    account_id: int
+    paypal_id: str
+    nonce: str
+    gross: int
+    commission: int
+    currency: str
+    state: str
+    payer_id: Optional[str]
+    reason: Optional[str]
+    created: str
+    updated: str
+    account: str
 
     @property
     def net(self):
@@ -129,16 +131,9 @@ class Payment:
 
 # -- SQL, run on the store's pool (Store.run) or directly by cpushare-admin
 
-_PAYMENTS = (
-    "SELECT p.id, p.account_id, p.paypal_id, p.nonce, p.gross, p.commission,"
-    " p.currency, p.state, p.payer_id, p.reason, p.created, p.updated, a.name"
-    " FROM paypal_payments p JOIN accounts a ON a.id = p.account_id")
-
-
 def _payments(cursor, rest, args):
     """The L{Payment}s that C{rest} (a WHERE, ORDER BY or LIMIT clause) selects."""
-    cursor.execute(_PAYMENTS + rest, args)
-    return [Payment(*row) for row in cursor.fetchall()]
+    return accountRows(cursor, Payment, "paypal_payments", rest, args)
 
 
 def _payment(cursor, where, args):
@@ -272,11 +267,6 @@ def recoverInterruptedPayments(cursor):
         " reason = 'the server stopped while completing it' WHERE state = 'executing'",
         (now(),))
     return cursor.rowcount
-
-
-def paymentCurrencies(cursor):
-    cursor.execute("SELECT DISTINCT currency FROM paypal_payments")
-    return {r[0] for r in cursor.fetchall()}
 
 
 class Funds:

@@ -13,6 +13,7 @@ with cpushare-admin (L{settlePayout}).
 
 import re
 import secrets
+from typing import Optional
 
 import attr
 from twisted.internet import defer, task
@@ -23,6 +24,7 @@ from cpushare.protocol import commands
 from cpushare.server.money import ledger
 from cpushare.server.money.ledger import EARNINGS, PAYOUT, PAYPAL
 from cpushare.server.money.paypal import PayPalError
+from cpushare.server.money.rows import accountRows
 from cpushare.server.db.store import now
 
 # One payout is at most this: larger amounts are mistakes more often than money.
@@ -40,7 +42,7 @@ def checkEmail(email):
     return email
 
 
-@attr.s(frozen=True)
+@attr.s(frozen=True, auto_attribs=True)
 class Payout:
     """
     A payout of a seller's earnings, as its row stands: our id, the
@@ -51,33 +53,26 @@ class Payout:
     created and last changed.
     """
 
-    id = attr.ib()
-    account_id = attr.ib()
-    email = attr.ib()
-    amount = attr.ib()
-    currency = attr.ib()
-    sender_batch_id = attr.ib()
-    batch_id = attr.ib()
-    state = attr.ib()
-    paypal_status = attr.ib()
-    reason = attr.ib()
-    created = attr.ib()
-    updated = attr.ib()
-    account = attr.ib()
+    id: int
+    account_id: int
+    email: str
+    amount: int
+    currency: str
+    sender_batch_id: str
+    batch_id: Optional[str]
+    state: str
+    paypal_status: Optional[str]
+    reason: Optional[str]
+    created: str
+    updated: str
+    account: str
 
 
 # -- SQL, run on the store's pool (Store.run) or directly by cpushare-admin
 
-_PAYOUTS = (
-    "SELECT p.id, p.account_id, p.email, p.amount, p.currency, p.sender_batch_id,"
-    " p.batch_id, p.state, p.paypal_status, p.reason, p.created, p.updated, a.name"
-    " FROM paypal_payouts p JOIN accounts a ON a.id = p.account_id")
-
-
 def _payouts(cursor, rest, args):
     """The L{Payout}s that C{rest} (a WHERE, ORDER BY or LIMIT clause) selects."""
-    cursor.execute(_PAYOUTS + rest, args)
-    return [Payout(*row) for row in cursor.fetchall()]
+    return accountRows(cursor, Payout, "paypal_payouts", rest, args)
 
 
 def payout(cursor, payoutId):
@@ -239,11 +234,6 @@ def recoverInterruptedPayouts(cursor):
         " reason = 'the server stopped before PayPal answered' WHERE state = 'requested'",
         (now(),))
     return cursor.rowcount
-
-
-def payoutCurrencies(cursor):
-    cursor.execute("SELECT DISTINCT currency FROM paypal_payouts")
-    return {r[0] for r in cursor.fetchall()}
 
 
 class Payouts:

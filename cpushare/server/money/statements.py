@@ -5,18 +5,20 @@ each with its account's balance after it), and a seller's earnings with
 its payout address and recent payouts.
 """
 
+from typing import List, Optional
+
 import attr
 
 from cpushare.protocol.commands import STATEMENT_PAGE
 from cpushare.server.money import ledger
-from cpushare.server.money.funds import pendingPayments
+from cpushare.server.money.funds import Payment, pendingPayments
 from cpushare.server.money.ledger import EARNINGS, FUNDS, HELD, PAYOUT
-from cpushare.server.money.payouts import accountPayouts, payoutEmail
+from cpushare.server.money.payouts import Payout, accountPayouts, payoutEmail
 
 MAX_MEMO = 200
 
 
-@attr.s(frozen=True)
+@attr.s(frozen=True, auto_attribs=True)
 class StatementEntry:
     """
     One ledger entry of an owner's: its id and its transaction's, when,
@@ -26,38 +28,38 @@ class StatementEntry:
     the C{Statement} command.
     """
 
-    entry = attr.ib()
-    transaction = attr.ib()
-    time = attr.ib()
-    kind = attr.ib()
-    memo = attr.ib()
-    account = attr.ib()
-    amount = attr.ib()
-    balance = attr.ib()
+    entry: int
+    transaction: int
+    time: str
+    kind: str
+    memo: str
+    account: str
+    amount: int
+    balance: int
 
 
-@attr.s(frozen=True)
+@attr.s(frozen=True, auto_attribs=True)
 class BalanceSheet:
     """An owner's balances (micro-units) and its L{Payment}s still waiting at PayPal."""
 
-    funds = attr.ib()
-    held = attr.ib()
-    earnings = attr.ib()
-    payout = attr.ib()
-    pending = attr.ib()
+    funds: int
+    held: int
+    earnings: int
+    payout: int
+    pending: List[Payment]
 
 
-@attr.s(frozen=True)
+@attr.s(frozen=True, auto_attribs=True)
 class EarningsSheet:
     """
     A seller's earnings and money on its way out (micro-units), its payout
     address (None before its first payout) and its recent L{Payout}s.
     """
 
-    earnings = attr.ib()
-    payout = attr.ib()
-    email = attr.ib()
-    payouts = attr.ib()
+    earnings: int
+    payout: int
+    email: Optional[str]
+    payouts: List[Payout]
 
 
 # -- SQL, run on the store's pool (Store.run)
