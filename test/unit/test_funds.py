@@ -774,6 +774,11 @@ class OperatorTests(SellerCase):
         self.assertIn("is credited", err)
         after, _, _ = yield self.balances()
         self.assertEqual(after - before, 19 * MICRO)
+        status, out, _ = self.admin("payments")
+        self.assertEqual(status, 0)
+        [line] = [x for x in out.splitlines() if added["payment"] in x]
+        self.assertEqual(line.split()[2:6], ["alice", "20.00", "USD", "commission"])
+        self.assertIn(" credited ", line)
 
 
 def test_a_restart_lets_an_interrupted_payment_complete_and_flags_an_interrupted_payout(conn):
