@@ -178,44 +178,44 @@ def credit(cursor, name, amount, memo):
 
 def money(conn, args):
     """The commands about PayPal payments and payouts."""
-    from cpushare.server.money import funds
+    from cpushare.server.money import funds, payouts
 
     fmt = ledger.formatAmount
     if args.command == "payments":
         for p in store.transact(conn, funds.listPayments):
-            print(f"{p['id']:>6}  {p['paypal_id']:<28}  {p['account']:<16}"
-                  f"  {fmt(p['gross']):>10} {p['currency']}  commission {fmt(p['commission']):>8}"
-                  f"  {p['state']:<10}  {p['updated']}  {p['reason'] or ''}".rstrip())
+            print(f"{p.id:>6}  {p.paypal_id:<28}  {p.account:<16}"
+                  f"  {fmt(p.gross):>10} {p.currency}  commission {fmt(p.commission):>8}"
+                  f"  {p.state:<10}  {p.updated}  {p.reason or ''}".rstrip())
         return 0
     if args.command == "payouts":
-        for p in store.transact(conn, funds.listPayouts):
-            print(f"{p['id']:>6}  {p['account']:<16}  {p['email']:<28}"
-                  f"  {fmt(p['amount']):>10} {p['currency']}  {p['state']:<8}"
-                  f"  batch {p['batch_id'] or '-':<14}  {p['paypal_status'] or '-':<20}"
-                  f"  {p['updated']}  {p['reason'] or ''}".rstrip())
+        for p in store.transact(conn, payouts.listPayouts):
+            print(f"{p.id:>6}  {p.account:<16}  {p.email:<28}"
+                  f"  {fmt(p.amount):>10} {p.currency}  {p.state:<8}"
+                  f"  batch {p.batch_id or '-':<14}  {p.paypal_status or '-':<20}"
+                  f"  {p.updated}  {p.reason or ''}".rstrip())
         return 0
     if args.command in ("payout-sent", "payout-returned"):
         outcome = args.command.split("-")[1]
-        found = store.transact(conn, funds.payout, args.payout)
+        found = store.transact(conn, payouts.payout, args.payout)
         if found is None:
             raise Refused(f"there is no payout {args.payout}")
-        if found["state"] not in ("unknown", "pending"):
-            raise Refused(f"payout {args.payout} is {found['state']} already")
-        store.transact(conn, funds.settlePayout, args.payout, outcome, None,
+        if found.state not in ("unknown", "pending"):
+            raise Refused(f"payout {args.payout} is {found.state} already")
+        store.transact(conn, payouts.settlePayout, args.payout, outcome, None,
                        "settled by the operator", "the operator")
-        print(f"payout {args.payout} {outcome}: {fmt(found['amount'])} {found['currency']}")
+        print(f"payout {args.payout} {outcome}: {fmt(found.amount)} {found.currency}")
         return 0
     if args.command == "credit-payment":
         payment = store.transact(conn, funds.paymentByPayPalId, args.paypal_id)
-        if payment is None or payment["state"] != "check":
-            state = "unknown" if payment is None else payment["state"]
+        if payment is None or payment.state != "check":
+            state = "unknown" if payment is None else payment.state
             raise Refused(f"payment {args.paypal_id} is {state}; only payments in "
                           "state check are credited by hand")
-        store.transact(conn, funds.creditPayment, payment["id"], payment["payer_id"],
+        store.transact(conn, funds.creditPayment, payment.id, payment.payer_id,
                        ("check",))
         print(f"credited payment {args.paypal_id}: "
-              f"{fmt(payment['gross'] - payment['commission'])} {payment['currency']} to the "
-              f"funds of {payment['account']}")
+              f"{fmt(payment.net)} {payment.currency} to the "
+              f"funds of {payment.account}")
         return 0
     raise AssertionError(args.command)
 

@@ -233,7 +233,7 @@ def makeService(options, reactor=None):
     from cpushare.server.access import RegistrationLimits
     from cpushare.server.credentials import ServerCertificateRenewal, loadOrCreate
     from cpushare.server.db.database import Unavailable
-    from cpushare.server.money.funds import Funds
+    from cpushare.server.money.desk import MoneyDesk
     from cpushare.server.images import ImageStore
     from cpushare.server.market.market import Market
     from cpushare.server.revocation import RevocationList
@@ -273,12 +273,13 @@ def makeService(options, reactor=None):
     market.admission.perAddress = options["max-unauthenticated-per-address"]
     market.admission.total = options["max-unauthenticated"]
     market.setServiceParent(service)
-    market.funds = funds = Funds(
+    market.money = money = MoneyDesk(
         reactor, store, paypal=makePayPal(reactor, options), currency=options["currency"],
         commission=options["commission-rate"], payoutMinimum=options["payout-minimum-micro"],
         publicUrl=options["public-url"], pollInterval=options["payout-poll"])
+    funds = money.funds
     funds.onCredited = market.orders.retryFunding
-    funds.setServiceParent(service)
+    money.setServiceParent(service)
 
     # The server certificate is renewed while the server runs; with a web
     # endpoint, it serves the CA's revocation list, which certificates name.
@@ -292,7 +293,7 @@ def makeService(options, reactor=None):
 
     async def openAll():
         await market.open()
-        await funds.open()
+        await money.open()
         if revocations is not None:
             await revocations.start()
 

@@ -18,10 +18,14 @@ from twisted.web.http_headers import Headers
 
 from cpushare.money import CENT, MICRO, BadAmount
 from cpushare.protocol import commands
+from cpushare.server.money import desk
 from cpushare.server.money import funds as fundsModule
 from cpushare.server.money import ledger
+from cpushare.server.money import payouts
+from cpushare.server.money import statements
 from cpushare.server.db import store
-from cpushare.server.money.funds import Funds, commissionOn, formatPercent, parsePercent
+from cpushare.server.money.desk import MoneyDesk
+from cpushare.server.money.funds import commissionOn, formatPercent, parsePercent
 from cpushare.server.money.ledger import EARNINGS, FUNDS, PAYOUT, PAYPAL
 from cpushare.server.money.paypal import (
     RESTPayPal, checkEndpoint, parsePayPalDecimal, paypalDecimal,
@@ -170,18 +174,18 @@ def test_a_forged_nonce_or_an_unknown_payment_claims_nothing(conn):
     run(conn, fundsModule.recordPayment, alice, "PAY-1", "nonce", 20 * MICRO, 0, "USD")
     assert run(conn, fundsModule.claimPayment, "PAY-2", "nonce") == (None, "unknown")
     payment, status = run(conn, fundsModule.claimPayment, "PAY-1", "other")
-    assert status == "forged" and payment["state"] == "created"
+    assert status == "forged" and payment.state == "created"
 
 
 def test_a_payout_ends_once_sent_or_returned(conn):
     sam = run(conn, store.createAccount, "sam", "ab" * 32)
     run(conn, ledger.post, "test", "earnings", [(PAYPAL, None, -30 * MICRO),
                                                   (EARNINGS, sam, 30 * MICRO)])
-    p = run(conn, fundsModule.startPayout, sam, 25 * MICRO, "sam@example.com", MICRO, "USD")
+    p = run(conn, payouts.startPayout, sam, 25 * MICRO, "sam@example.com", MICRO, "USD")
     assert run(conn, ledger.balances, sam)[PAYOUT] == 25 * MICRO
-    assert run(conn, fundsModule.settlePayout, p["id"], "returned", reason="test")
-    assert not run(conn, fundsModule.settlePayout, p["id"], "sent")
-    assert not run(conn, fundsModule.settlePayout, p["id"], "returned")
+    assert run(conn, payouts.settlePayout, p.id, "returned", reason="test")
+    assert not run(conn, payouts.settlePayout, p.id, "sent")
+    assert not run(conn, payouts.settlePayout, p.id, "returned")
     assert run(conn, ledger.balances, sam)[EARNINGS] == 30 * MICRO
     assert run(conn, ledger.balances, sam)[PAYOUT] == 0
     assert run(conn, ledger.books)["ok"]
@@ -192,14 +196,14 @@ def test_statement_pages_carry_each_accounts_running_balance(conn):
     for i in range(1, 6):
         run(conn, ledger.post, "test", f"earning {i}", [(PAYPAL, None, -i * MICRO),
                                                           (EARNINGS, sam, i * MICRO)])
-    first, more = run(conn, fundsModule.statementPage, sam, None, 2)
+    first, more = run(conn, statements.statementPage, sam, None, 2)
     assert more
-    second, more = run(conn, fundsModule.statementPage, sam, first[-1]["entry"], 2)
-    third, more = run(conn, fundsModule.statementPage, sam, second[-1]["entry"], 2)
+    second, more = run(conn, statements.statementPage, sam, first[-1].entry, 2)
+    third, more = run(conn, statements.statementPage, sam, second[-1].entry, 2)
     assert not more
     entries = first + second + third
-    assert [e["memo"] for e in entries] == [f"earning {i}" for i in (5, 4, 3, 2, 1)]
-    assert [e["balance"] for e in entries] == [15 * MICRO, 10 * MICRO, 6 * MICRO, 3 * MICRO,
+    assert [e.memo for e in entries] == [f"earning {i}" for i in (5, 4, 3, 2, 1)]
+    assert [e.balance for e in entries] == [15 * MICRO, 10 * MICRO, 6 * MICRO, 3 * MICRO,
                                                MICRO]
 
 
@@ -241,12 +245,13 @@ class FundsCase(test_session.MarketCase):
         self.paypal = RESTPayPal(reactor, "sandbox", self.fake.clientId, self.fake.secret,
                                  endpoint=self.fake.baseUrl)
         # Payouts are polled by the tests themselves (pollOnce): a day apart.
-        self.funds = Funds(reactor, self.store, self.paypal,
-                           commission=parsePercent(self.commission),
-                           payoutMinimum=5 * MICRO, pollInterval=86400.0)
-        self.market.funds = self.funds
-        self.funds.startService()
-        self.addCleanup(self.funds.stopService)
+        self.money = MoneyDesk(reactor, self.store, self.paypal,
+                               commission=parsePercent(self.commission),
+                               payoutMinimum=5 * MICRO, pollInterval=86400.0)
+        self.market.money = self.money
+        self.funds = self.money.funds
+        self.money.startService()
+        self.addCleanup(self.money.stopService)
         from twisted.protocols.tls import TLSMemoryBIOFactory
         connections = WrappingFactory(
             TLSMemoryBIOFactory(loadWebTLS(self.credentials), False, site(self.funds)))
@@ -254,7 +259,7 @@ class FundsCase(test_session.MarketCase):
         self.addCleanup(closeAll, reactor, connections)
         self.addCleanup(web.stopListening)
         self.funds.publicUrl = f"https://localhost:{web.getHost().port}"
-        yield defer.ensureDeferred(self.funds.open())
+        yield defer.ensureDeferred(self.money.open())
         self.agent = Agent(reactor, BrowserLikePolicyForHTTPS(
             trustRoot=Certificate.loadPEM(self.credentials.caPEM)))
         self.alice = yield self.register("alice")
@@ -396,7 +401,7 @@ class AddingFundsTests(FundsCase):
             self.assertEqual(funds, 0)
         self.assertNotIn("<script>", page)
         payment = yield self.payment(added["payment"])
-        self.assertEqual(payment["state"], "created")
+        self.assertEqual(payment.state, "created")
 
         code, page, _ = yield self.get(back)
         self.assertEqual(code, 200)
@@ -418,7 +423,7 @@ class AddingFundsTests(FundsCase):
         funds, _, _ = yield self.balances()
         self.assertEqual(funds, 0)
         payment = yield self.payment(added["payment"])
-        self.assertEqual(payment["state"], "mismatch")
+        self.assertEqual(payment.state, "mismatch")
         books = yield self.books()
         self.assertEqual(books["transactions"], 0)
 
@@ -433,7 +438,7 @@ class AddingFundsTests(FundsCase):
         funds, _, _ = yield self.balances()
         self.assertEqual(funds, 0)
         payment = yield self.payment(added["payment"])
-        self.assertEqual(payment["state"], "check")
+        self.assertEqual(payment.state, "check")
 
     @defer.inlineCallbacks
     def test_a_cancelled_payment_credits_nothing(self):
@@ -460,10 +465,10 @@ class AddingFundsTests(FundsCase):
         yield self.store.run(lambda c: c.execute(
             "UPDATE paypal_payments SET created = '2000-01-01T00:00:00+00:00'"
             " WHERE paypal_id = ?", (old["payment"],)))
-        yield self.funds._poll()
+        yield self.money.payouts._poll()
         balance = yield self.call(commands.Balance)
         self.assertEqual([p["payment"] for p in balance["pending"]], [fresh["payment"]])
-        self.assertEqual((yield self.payment(old["payment"]))["state"], "expired")
+        self.assertEqual((yield self.payment(old["payment"])).state, "expired")
         # A late return completes nothing, and says why.
         back = yield self.approve(old["approval_url"])
         code, page, _ = yield self.get(back)
@@ -544,7 +549,7 @@ class NoPayPalTests(test_session.MarketCase):
     @defer.inlineCallbacks
     def test_the_return_page_says_so(self):
         outcome = yield defer.ensureDeferred(
-            self.market.funds.paymentReturned("PAY-1", "PAYER", "n"))
+            self.market.money.funds.paymentReturned("PAY-1", "PAYER", "n"))
         self.assertEqual(outcome.status, 404)
         self.assertIn("takes no payments", outcome.message)
 
@@ -581,7 +586,7 @@ class SellerCase(FundsCase):
         return answer
 
     def pollOnce(self):
-        return self.funds._poll()
+        return self.money.payouts._poll()
 
 
 class PayoutTests(SellerCase):
@@ -596,8 +601,8 @@ class PayoutTests(SellerCase):
         self.assertEqual((e["earnings"], e["payout"]), (5 * MICRO, 25 * MICRO))
         # The market asks PayPal at once after creating a payout (PayPal:
         # PROCESSING); the test waits for that question to be answered.
-        if self.funds._polling is not None:
-            yield self.funds._polling
+        if self.money.payouts._polling is not None:
+            yield self.money.payouts._polling
         e = yield self.earnings()
         self.assertEqual(e["payouts"][0]["state"], "pending")
         self.assertEqual(e["payouts"][0]["paypal_status"], "PROCESSING/PENDING")
@@ -660,7 +665,7 @@ class PayoutTests(SellerCase):
         e = yield self.earnings()
         self.assertEqual(e["payouts"][0]["state"], "unknown")
         # The operator looked at PayPal: it was paid.
-        settled = yield self.store.run(fundsModule.settlePayout, answer["payout"], "sent",
+        settled = yield self.store.run(payouts.settlePayout, answer["payout"], "sent",
                                        None, None, "the operator")
         self.assertTrue(settled)
         e = yield self.earnings()
@@ -703,15 +708,15 @@ class PayoutTests(SellerCase):
     def test_a_payout_survives_a_restart_of_the_market(self):
         self.fake.knobs["payout_polls"] = 0
         yield self.payout(amount=30 * MICRO, email="sam@example.com")
-        yield self.funds.stopService()
-        restarted = Funds(reactor, self.store, RESTPayPal(
+        yield self.money.stopService()
+        restarted = MoneyDesk(reactor, self.store, RESTPayPal(
             reactor, "sandbox", self.fake.clientId, self.fake.secret,
             endpoint=self.fake.baseUrl), pollInterval=86400.0)
         restarted.startService()
         self.addCleanup(restarted.stopService)
         # Opening polls at once, as the server does at start.
         yield defer.ensureDeferred(restarted.open())
-        yield restarted._polling
+        yield restarted.payouts._polling
         e = yield self.earnings()
         self.assertEqual((e["payout"], e["payouts"][0]["state"]), (0, "sent"))
 
@@ -769,6 +774,11 @@ class OperatorTests(SellerCase):
         self.assertIn("is credited", err)
         after, _, _ = yield self.balances()
         self.assertEqual(after - before, 19 * MICRO)
+        status, out, _ = self.admin("payments")
+        self.assertEqual(status, 0)
+        [line] = [x for x in out.splitlines() if added["payment"] in x]
+        self.assertEqual(line.split()[2:6], ["alice", "20.00", "USD", "commission"])
+        self.assertIn(" credited ", line)
 
 
 def test_a_restart_lets_an_interrupted_payment_complete_and_flags_an_interrupted_payout(conn):
@@ -778,12 +788,12 @@ def test_a_restart_lets_an_interrupted_payment_complete_and_flags_an_interrupted
     paymentId = run(conn, fundsModule.recordPayment, alice, "PAY-1", "nonce", 20 * MICRO, 0,
                     "USD")
     run(conn, fundsModule.claimPayment, "PAY-1", "nonce")
-    p = run(conn, fundsModule.startPayout, alice, 25 * MICRO, "a@example.com", MICRO, "USD")
+    p = run(conn, payouts.startPayout, alice, 25 * MICRO, "a@example.com", MICRO, "USD")
     # The server stopped here, with both half done.
-    assert run(conn, fundsModule.recoverInterrupted) == (1, 1)
+    assert run(conn, desk.recoverInterrupted) == (1, 1)
     _, status = run(conn, fundsModule.claimPayment, "PAY-1", "nonce")
     assert status == "claimed"
     run(conn, fundsModule.creditPayment, paymentId, "PAYER")
-    assert run(conn, fundsModule.payout, p["id"])["state"] == "unknown"
+    assert run(conn, payouts.payout, p.id).state == "unknown"
     assert run(conn, ledger.balances, alice)[PAYOUT] == 25 * MICRO
-    assert run(conn, fundsModule.recoverInterrupted) == (0, 0)
+    assert run(conn, desk.recoverInterrupted) == (0, 0)

@@ -20,7 +20,7 @@ from cpushare.server.money.billing import INTERVAL, WINDOW, Billing
 from cpushare.server.market.measure import AT_ONCE as MEASURE_AT_ONCE, EVERY as MEASURE_EVERY
 from cpushare.server.market.board import DEFAULT_PRICE, MAX_NET_FEE, Board
 from cpushare.server.market.cpubench import CPUBench
-from cpushare.server.money.funds import Funds
+from cpushare.server.money.desk import MoneyDesk
 from cpushare.server.market.orders import Orders
 from cpushare.server.relay import Relay
 
@@ -66,8 +66,8 @@ class Market(Service):
         self.cpuBenchFolder = cpuBench.pop("folder", None)
         self.cpubench = CPUBench(self, **cpuBench)
         # Balances and statements; PayPal when makeService sets one up.
-        self.funds = Funds(reactor, store)
-        self.funds.onCredited = self.orders.retryFunding
+        self.money = MoneyDesk(reactor, store)
+        self.money.funds.onCredited = self.orders.retryFunding
         self._nextSession = 1
         self.registrations = registrations
         self.rekeysPerDay = rekeysPerDay
