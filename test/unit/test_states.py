@@ -127,8 +127,21 @@ class FakeSession:
 
 
 class FakeCache:
+    def __init__(self):
+        self.fetched = defer.Deferred()
+
+    def acquire(self, image):
+        pass
+
+    def ensure(self, image, size, fetch):
+        return self.fetched
+
     def release(self, image):
         pass
+
+
+class FakeTransport:
+    pid = 1234
 
 
 def hosted():
@@ -291,3 +304,28 @@ def test_vmstate_takes_only_the_states_a_seller_reports(mm):
     report(mm, seller, 10, vm, "pending")
     assert answer(sellerOut, 10)[b"_error_description"] == b"unknown VM state 'pending'"
     assert vm.state is VMState.ALLOCATED
+
+
+@pytest.mark.parametrize("outcome,told", [
+    ("runs", ["fetching", "booting", "running"]),
+    ("cannot launch", ["fetching", "booting", "failed"]),
+    ("stopped while fetching", ["fetching", "stopped"]),
+])
+def test_the_sellers_boot_reports_each_move_once(outcome, told):
+    host, vm = hosted()
+
+    def launch(path):
+        if outcome == "cannot launch":
+            raise OSError("no QEMU here")
+        vm.transport = FakeTransport()
+        vm.moveTo(VMState.RUNNING)
+
+    vm.launch = launch
+    with LogCapture() as log:
+        defer.ensureDeferred(host._boot(vm))
+        if outcome == "stopped while fetching":
+            vm.stop("stopped by the market")
+        host.cache.fetched.callback("/cache/image.iso")
+    assert [kw["state"] for _, kw in host.session.control.calls] == told
+    assert vm.state == told[-1]
+    assert not [t for t in log.texts() if "refused" in t]
