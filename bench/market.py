@@ -41,6 +41,7 @@ from twisted.internet import defer, task  # noqa: E402
 
 from cpushare.money import MICRO  # noqa: E402
 from cpushare.protocol import commands  # noqa: E402
+from cpushare.protocol.states import VMState  # noqa: E402
 from cpushare.server.money import billing
 from cpushare.server.money import ledger
 from cpushare.server.db import store
@@ -181,7 +182,7 @@ async def matching(reactor, folder, sellerCount, orderCount, concurrency, rng, s
         deadline = time.perf_counter() + 60
         while len([i for i in vmOf if vmOf[i] in started]) < len(vmOf) and \
                 time.perf_counter() < deadline:
-            waiting = [vm for vm in market.orders.vms.values() if vm.state == "pending"]
+            waiting = [vm for vm in market.orders.vms.values() if vm.state == VMState.PENDING]
             if len(started) + len(waiting) >= len(vmOf):
                 break
             await task.deferLater(reactor, 0.01, lambda: None)

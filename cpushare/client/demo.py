@@ -21,6 +21,8 @@ import sys
 import tempfile
 import time
 
+from cpushare.protocol.states import VMState
+
 BIN = os.path.dirname(sys.executable)
 TAP = "cpushare0"
 BOOT_TIMEOUT = 240
@@ -167,7 +169,7 @@ class Demo:
         def leased():
             for entry in json.loads(self.cli("buyer-home", "vms", "--json", show=False)):
                 if entry["vm"] == vm:
-                    if entry["state"] in ("failed", "stopped"):
+                    if entry["state"] in (VMState.FAILED, VMState.STOPPED):
                         raise RuntimeError(f"VM {vm} {entry['state']}: {entry.get('reason')}")
                     return entry.get("ip")
             return None

@@ -469,13 +469,12 @@ class FetchImageChunk(amp.Command):
     errors = VM_ERRORS
 
 
-VM_STATES = ("allocated", "fetching", "booting", "running", "stopped", "failed", "lost")
-
-
 class VMState(amp.Command):
     """
     Seller to server: a VM's state changed (or a periodic report of its CPU
-    seconds).  C{reason} says why a VM stopped or failed.
+    seconds).  C{state} is one of L{cpushare.protocol.states.REPORTED}, a
+    move the table L{cpushare.protocol.states.TRANSITIONS} holds (or the
+    VM's state already); C{reason} says why a VM stopped or failed.
     """
 
     arguments = [

@@ -28,6 +28,7 @@ from cpushare.protocol import commands
 from cpushare.protocol.commands import consoleChannel, nicChannel
 from cpushare.protocol.mux import MAX_PAYLOAD
 from cpushare.protocol.qemustream import QemuStreamProtocol
+from cpushare.protocol.states import IllegalTransition, VMLife, VMState
 from cpushare.vm import cgroups, qemu
 
 REPORT_INTERVAL = 10.0
@@ -72,10 +73,16 @@ def processCPUSeconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-class HostedVM:
+class HostedVM(VMLife):
+    """
+    One VM on this seller.  It starts C{allocated} (the market placed it
+    here) and moves along L{cpushare.protocol.states.TRANSITIONS}.
+    """
+
     log = Logger()
 
     def __init__(self, host, vmId, image, size, cores, memory, mac):
+        VMLife.__init__(self, VMState.ALLOCATED)
         self.host = host
         self.id = vmId
         self.image = image
@@ -83,7 +90,6 @@ class HostedVM:
         self.cores = cores
         self.memory = memory
         self.mac = mac
-        self.state = "fetching"
         self.process = None
         self.transport = None
         self.nic = None
@@ -172,7 +178,7 @@ class HostedVM:
         self.nic = NicBridge(self)
         _adopt(host.reactor, nicOurs, self.nic)
         _adopt(host.reactor, qmpOurs, QMPDrain())
-        self.state = "running"
+        self.moveTo(VMState.RUNNING)
         if host.session is not None:
             self.bind(host.session)
 
@@ -197,13 +203,13 @@ class HostedVM:
         if self.cgroup is not None:
             self.cgroup.remove()
         if self.failReason is not None:
-            state, reason = "failed", self.failReason
+            state, reason = VMState.FAILED, self.failReason
         elif self.stopReason is not None:
-            state, reason = "stopped", self.stopReason
+            state, reason = VMState.STOPPED, self.stopReason
         elif why == "powered off":
-            state, reason = "stopped", "the VM powered off"
+            state, reason = VMState.STOPPED, "the VM powered off"
         else:
-            state, reason = "failed", why
+            state, reason = VMState.FAILED, why
         self.host.vmEnded(self, state, reason)
         self.ended.callback(None)
 
@@ -278,7 +284,7 @@ class VMHost(Service):
                           gone=sorted(set(running) - keep))
         endedAway, self.endedAway = self.endedAway, []
         for vm, state, reason in endedAway:
-            self.report(vm, state, reason)
+            self.tell(vm, reason)
         session.whenLost().addCallback(self._lost)
 
     def _lost(self, session):
@@ -317,7 +323,7 @@ class VMHost(Service):
         defer.ensureDeferred(self._boot(vm))
 
     async def _boot(self, vm):
-        self.report(vm, "fetching")
+        self.report(vm, VMState.FETCHING)
         self.cache.acquire(vm.image)
 
         def fetch(offset, length):
@@ -330,19 +336,19 @@ class VMHost(Service):
         try:
             path = await self.cache.ensure(vm.image, vm.size, fetch)
             if vm.stopReason is None:
-                self.report(vm, "booting")
+                self.report(vm, VMState.BOOTING)
                 vm.launch(path)
         except Exception as e:
-            state, reason = "failed", f"could not start: {e}"
+            state, reason = VMState.FAILED, f"could not start: {e}"
         else:
             if vm.stopReason is None:
                 self.log.info(
                     "VM {vm} running (pid {pid}, {cores} cores, {memory} MB, {accel})",
                     vm=vm.id, pid=vm.transport.pid, cores=vm.cores, memory=vm.memory,
                     accel=self.accel)
-                self.report(vm, "running")
+                self.tell(vm)
                 return
-            state, reason = "stopped", vm.stopReason
+            state, reason = VMState.STOPPED, vm.stopReason
         self.cache.release(vm.image)
         self.vms.pop(vm.id, None)
         self.log.warn("VM {vm} {state}: {reason}", vm=vm.id, state=state, reason=reason)
@@ -369,16 +375,28 @@ class VMHost(Service):
     # -- reports
 
     def report(self, vm, state, reason=None):
-        vm.state = state
+        """
+        Move C{vm} to C{state} and tell the market; a move the table refuses
+        is logged in one line and neither made nor told.
+        """
+        try:
+            vm.moveTo(state)
+        except IllegalTransition as e:
+            self.log.warn("refused: {error}", error=str(e))
+            return
+        self.tell(vm, reason)
+
+    def tell(self, vm, reason=None):
+        """Tell the market C{vm}'s state and CPU seconds."""
         if self.session is None:
             return
         kw = {"reason": reason} if reason else {}
         d = self.session.control.callRemote(
-            commands.VMState, vm=vm.id, state=state, cpu_seconds=vm.cpuSeconds(), **kw)
+            commands.VMState, vm=vm.id, state=vm.state, cpu_seconds=vm.cpuSeconds(), **kw)
         d.addErrback(lambda f: self.log.warn("reporting VM {vm}: {why}", vm=vm.id,
                                              why=f.getErrorMessage()))
 
     def reportAll(self):
         for vm in list(self.vms.values()):
-            if vm.state == "running":
-                self.report(vm, "running")
+            if vm.state == VMState.RUNNING:
+                self.tell(vm)

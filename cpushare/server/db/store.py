@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
+from cpushare.protocol import states
 from cpushare.server.db import database as databases
 from cpushare.server.db.database import ConnectionLost, SQLite, Unavailable
 
@@ -656,16 +657,16 @@ def createOrder(cursor, accountId, image, vms, cores, memory):
     stamp = now()
     cursor.execute(
         "INSERT INTO orders (account_id, image, vms, cores, memory, state, created)"
-        " VALUES (?, ?, ?, ?, ?, 'open', ?) RETURNING id",
-        (accountId, image, vms, cores, memory, stamp),
+        " VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        (accountId, image, vms, cores, memory, states.OrderState.OPEN, stamp),
     )
     orderId = cursor.fetchone()[0]
     ids = []
     for _ in range(vms):
         cursor.execute(
             "INSERT INTO vms (order_id, mac, state, created)"
-            " VALUES (?, '', 'pending', ?) RETURNING id",
-            (orderId, stamp),
+            " VALUES (?, '', ?, ?) RETURNING id",
+            (orderId, states.VMState.PENDING, stamp),
         )
         vmId = cursor.fetchone()[0]
         cursor.execute("UPDATE vms SET mac = ? WHERE id = ?", (macFor(vmId), vmId))
@@ -698,9 +699,6 @@ def closeOrder(cursor, orderId, state):
     cursor.execute("UPDATE orders SET state = ? WHERE id = ?", (state, orderId))
 
 
-ACTIVE_STATES = ("pending", "allocated", "fetching", "booting", "running", "detached")
-
-
 def activeVMs(cursor):
     """VMs that were not over when the server last stopped, with their orders."""
     cursor.execute(
@@ -711,9 +709,9 @@ def activeVMs(cursor):
         " JOIN images i ON i.sha256 = o.image"
         " JOIN accounts a ON a.id = o.account_id"
         " LEFT JOIN accounts s ON s.id = v.seller_account_id"
-        " WHERE v.state IN (" + ",".join("?" * len(ACTIVE_STATES)) + ")"
+        " WHERE v.state IN (" + ",".join("?" * len(states.ACTIVE)) + ")"
         " ORDER BY v.id",
-        ACTIVE_STATES,
+        states.ACTIVE,
     )
     return cursor.fetchall()
 

@@ -38,6 +38,8 @@ from twisted.logger import Logger
 from cpushare.money import formatAmount
 from cpushare.protocol import commands, paging
 from cpushare.protocol.commands import BadRequest, NoSuchVM, consoleChannel, nicChannel
+from cpushare.protocol.states import (
+    OVER, REPORTED, IllegalTransition, OrderState, VMLife, VMState, check as checkTransition)
 from cpushare.server.money import billing as billing_
 from cpushare.server.db import marketsql
 from cpushare.server.db import store
@@ -50,16 +52,16 @@ SETTLE_WAIT = 15.0
 MAX_VMS_PER_ORDER = 1000
 MAX_VM_CORES = 256
 MAX_VM_MEMORY = 1024 * 1024
-OVER = ("stopped", "failed", "lost", "cancelled")
 CONSOLE_HISTORY = 4096
 # A VM whose traffic spent its network allowance is billed at once and its
 # hold topped up; it stops when that gives it fewer bytes than this.
 MIN_NET_ALLOWANCE = 10**6
 
 
-class VM:
+class VM(VMLife):
     def __init__(self, vmId, orderId, buyerId, buyerName, image, size, cores, memory, mac,
-                 screens=Screens(), budget=None):
+                 screens=Screens(), budget=None, state=VMState.PENDING):
+        VMLife.__init__(self, state)
         self.id = vmId
         self.order = orderId
         self.buyerId = buyerId
@@ -78,7 +80,6 @@ class VM:
         self.lifeWatch = None       # called on its first sign of life, then None
         self.netLimit = None        # total bytes its lease may carry; None: no limit
         self.netFee = 0             # its lease's fee a GB
-        self.state = "pending"
         self.reason = None
         self.seller = None
         self.sellerAccountId = None
@@ -177,19 +178,18 @@ class Orders:
              cores, memory, size, buyerName, sellerName) in rows:
             screens, budget = orders.get(orderId, ({}, None))
             vm = VM(vmId, orderId, buyerId, buyerName, image, size, cores, memory, mac,
-                    Screens.fromArguments(**screens), budget)
+                    Screens.fromArguments(**screens), budget,
+                    VMState.PENDING if sellerId is None else VMState(state))
             vm.started, vm.cpuSeconds, vm.ip = started, cpu, ip
             vm.sellerAccountId = sellerId
             if buyerName == SYSTEM_ACCOUNT:
                 # A CPU benchmark the restart interrupted: its seller stops
                 # it when it reconnects (the market does not keep it).
                 self._save(lambda c, vmId=vmId: store.updateVM(
-                    c, vmId, state="stopped", reason="the market server restarted"))
+                    c, vmId, state=VMState.STOPPED, reason="the market server restarted"))
                 continue
             self.vms[vmId] = vm
-            if sellerId is None:
-                vm.state = "pending"
-            else:
+            if sellerId is not None:
                 vm.leaseId = leases.get(vmId)
                 if vm.leaseId is not None and vm.leaseId in leaseStates:
                     vm.aliveAt, vm.netLimit, vm.netBase, vm.netFee = leaseStates[vm.leaseId]
@@ -198,7 +198,7 @@ class Orders:
                 self._detach(vm, "the market server restarted")
         await self.market.billing.settleLeftovers(
             {vm.leaseId for vm in self.vms.values() if vm.leaseId is not None})
-        pending = [vm for vm in self.vms.values() if vm.state == "pending"]
+        pending = [vm for vm in self.vms.values() if vm.state == VMState.PENDING]
         if rows:
             self.log.info("loaded {n} active VMs ({p} waiting for capacity)",
                           n=len(rows), p=len(pending))
@@ -282,7 +282,7 @@ class Orders:
         vm = self.vms.get(vmId)
         if vm is None or vm.buyerId != account["id"] or not vm.active:
             raise NoSuchVM(f"you have no running VM {vmId}")
-        self._end(vm, "stopped", "stopped by the buyer")
+        self._end(vm, VMState.STOPPED, "stopped by the buyer")
 
     async def cancel(self, account, orderId):
         if await self.db.run(store.orderAccount, orderId) != account["id"]:
@@ -292,9 +292,9 @@ class Orders:
         # End them all before the freed capacity is offered to waiting VMs,
         # or a waiting VM of this very order would take it.
         for vm in vms:
-            self._end(vm, "stopped", "the order was cancelled", refill=False)
+            self._end(vm, VMState.STOPPED, "the order was cancelled", refill=False)
         self.capacityChanged()
-        self._save(lambda c: store.closeOrder(c, orderId, "cancelled"))
+        self._save(lambda c: store.closeOrder(c, orderId, OrderState.CANCELLED))
         return len(vms)
 
     def attachConsole(self, session, vmId):
@@ -331,7 +331,7 @@ class Orders:
     def capacityChanged(self):
         """Capacity appeared or terms changed: place the VMs that wait, oldest first."""
         for vm in sorted(self.vms.values(), key=lambda v: v.id):
-            if vm.state == "pending":
+            if vm.state == VMState.PENDING:
                 self._allocate(vm)
 
     def used(self, seller):
@@ -351,8 +351,7 @@ class Orders:
             if cores + vm.cores <= seller.offer["cores"] and \
                     memory + vm.memory <= seller.offer["memory"] and \
                     board.exclusion(seller, figures, vm.screens, vm.buyerId) is None:
-                self._place(vm, seller, figures)
-                return True
+                return self._place(vm, seller, figures)
         return False
 
     def _bindSeller(self, vm, seller):
@@ -363,11 +362,13 @@ class Orders:
     def _place(self, vm, seller, figures):
         """
         Give C{vm} the capacity on C{seller} now (so nothing else takes it),
-        hold the buyer's funds for its lease, then start it.
+        hold the buyer's funds for its lease, then start it.  False if
+        the table refuses the move (logged; nothing changes).
         """
+        if not self._move(vm, VMState.ALLOCATED):
+            return False
         self._bindSeller(vm, seller)
         vm.sellerAccountId = seller.account["id"]
-        vm.state = "allocated"
         vm.reason = None
         vm.netBase = 0
         vm.aliveAt = None
@@ -379,6 +380,7 @@ class Orders:
                       session=seller.sessionId)
         defer.ensureDeferred(self._fund(vm, seller, figures)).addErrback(
             lambda f: self.log.failure("starting VM {vm}", f, vm=vm.id))
+        return True
 
     async def _fund(self, vm, seller, figures):
         billing = self.market.billing
@@ -386,7 +388,7 @@ class Orders:
 
         def save(cursor):
             store.updateVM(cursor, vm.id, seller_account_id=vm.sellerAccountId,
-                           state="allocated", reason=None)
+                           state=VMState.ALLOCATED, reason=None)
             leaseId = billing_.openLease(
                 cursor, vm.id, vm.order, vm.buyerId, vm.sellerAccountId, figures.name,
                 figures.price, figures.netFee, vm.cores, placed, billing.interval,
@@ -422,10 +424,9 @@ class Orders:
             seller.routes.pop(consoleChannel(vm.id), None)
             vm.seller = None
         vm.sellerAccountId = None
-        if vm.active:
-            vm.state = "pending"
+        if vm.active and self._move(vm, VMState.PENDING):
             vm.reason = why
-            self._save(lambda c: store.updateVM(c, vm.id, state="pending",
+            self._save(lambda c: store.updateVM(c, vm.id, state=VMState.PENDING,
                                                 seller_account_id=None, reason=why))
         self.capacityChanged()
 
@@ -444,9 +445,9 @@ class Orders:
         self.vms[vmId] = vm
         self._bindSeller(vm, seller)
         vm.sellerAccountId = seller.account["id"]
-        vm.state = "allocated"
+        vm.moveTo(VMState.ALLOCATED)
         self._save(lambda c: store.updateVM(c, vmId, seller_account_id=vm.sellerAccountId,
-                                            state="allocated"))
+                                            state=VMState.ALLOCATED))
         d = seller.control.callRemote(
             commands.StartVM, vm=vm.id, image=image, size=size, cores=cores, memory=memory,
             mac=vm.mac)
@@ -455,8 +456,8 @@ class Orders:
 
     def endSystemVM(self, vm):
         if vm.active:
-            self._end(vm, "stopped", "the CPU benchmark is over")
-        self._save(lambda c: store.closeOrder(c, vm.order, "done"))
+            self._end(vm, VMState.STOPPED, "the CPU benchmark is over")
+        self._save(lambda c: store.closeOrder(c, vm.order, OrderState.DONE))
 
     def retryFunding(self, buyerId=None):
         """Funds may have come: try the VMs that waited for them again."""
@@ -468,7 +469,7 @@ class Orders:
 
     def outOfFunds(self, vm, why):
         self.log.info("VM {vm} of {buyer} stopped: {why}", vm=vm.id, buyer=vm.buyerName, why=why)
-        self._end(vm, "stopped", why)
+        self._end(vm, VMState.STOPPED, why)
         self.unfunded[vm.buyerId] = why
 
     def _showedLife(self, vm):
@@ -533,13 +534,14 @@ class Orders:
             why += "; it was stopped before anything more was charged"
             self.log.info("VM {vm} of {buyer} stopped: {why}", vm=vm.id, buyer=vm.buyerName,
                           why=why)
-            self._end(vm, "stopped", why)
+            self._end(vm, VMState.STOPPED, why)
             return
         self.netLimitChanged(vm, limit)
 
     def _startFailed(self, failure, vm, seller):
         if vm.seller is seller and vm.active:
-            self._end(vm, "failed", f"the seller could not start it: {failure.getErrorMessage()}")
+            self._end(vm, VMState.FAILED,
+                      f"the seller could not start it: {failure.getErrorMessage()}")
 
     def _linkBuyer(self, vm, buyer):
         channel = nicChannel(vm.id)
@@ -564,22 +566,31 @@ class Orders:
         vm = seller.vms.get(vmId)
         if vm is None:
             away = self.vms.get(vmId)
-            if away is not None and away.state == "detached" and state in OVER \
+            if away is not None and away.state == VMState.DETACHED and state in OVER \
                     and away.sellerAccountId == seller.account["id"]:
                 # It ended while its seller was away; the seller says so now.
                 away.cpuSeconds = max(away.cpuSeconds, cpuSeconds)
                 self._end(away, state, reason or state, tellSeller=False)
                 return
             raise NoSuchVM(f"VM {vmId} is not running on this seller")
-        if state not in commands.VM_STATES:
+        if state not in REPORTED:
             raise BadRequest(f"unknown VM state {state!r}")
+        state = VMState(state)
+        if state != vm.state:
+            try:
+                checkTransition(vmId, vm.state, state)
+            except IllegalTransition as e:
+                self.log.warn("seller {seller} refused: {error}",
+                              seller=seller.account["name"], error=str(e))
+                raise BadRequest(str(e))
         vm.cpuSeconds = max(vm.cpuSeconds, cpuSeconds)
         if state in OVER:
             self._end(vm, state, reason or state, tellSeller=False)
             return
-        if state == "running" and vm.started is None:
+        if state == VMState.RUNNING and vm.started is None:
             vm.started = self.reactor.seconds()
-        vm.state = state
+        if state != vm.state:
+            vm.moveTo(state)
         self._save(lambda c: store.updateVM(
             c, vmId, state=state, cpu_seconds=vm.cpuSeconds, started=vm.started))
 
@@ -603,8 +614,7 @@ class Orders:
                 vm.graceCall.cancel()
             vm.graceCall = None
             self._bindSeller(vm, seller)
-            if vm.state == "detached":
-                vm.state = "running"
+            if vm.state == VMState.DETACHED and self._move(vm, VMState.RUNNING):
                 vm.reason = None
             buyer = self.market.buyerSession(vm.buyerId)
             if buyer is not None:
@@ -619,7 +629,7 @@ class Orders:
         for vm in list(getattr(session, "vms", {}).values()):
             if vm.seller is session and vm.active:
                 if vm.system:
-                    self._end(vm, "lost", "the seller disconnected", tellSeller=False)
+                    self._end(vm, VMState.LOST, "the seller disconnected", tellSeller=False)
                 else:
                     self._detach(vm, "the seller disconnected")
         for vm in self.vms.values():
@@ -633,17 +643,17 @@ class Orders:
 
     def _detach(self, vm, why):
         vm.seller = None
-        vm.state = "detached"
+        if not self._move(vm, VMState.DETACHED):
+            return
         vm.reason = f"{why}; waiting up to {self.grace:.0f}s for it to come back"
         vm.graceCall = self.reactor.callLater(self.grace, self._graceOver, vm)
 
     def _graceOver(self, vm):
         vm.graceCall = None
-        if vm.state != "detached":
+        if vm.state != VMState.DETACHED or not self._move(vm, VMState.PENDING):
             return
         self.log.warn("VM {vm}: its seller did not come back in {grace:.0f}s; placing it again",
                       vm=vm.id, grace=self.grace)
-        vm.state = "pending"
         vm.reason = "its seller did not come back; waiting for capacity"
         vm.foldLink()
         self._endLease(vm, "its seller did not come back", waitForSeller=False)
@@ -652,13 +662,15 @@ class Orders:
         vm.started = None
         vm.cpuSeconds = 0.0
         vm.sellerAccountId = None
-        self._save(lambda c: store.updateVM(c, vm.id, state="pending", seller_account_id=None,
-                                            started=None, cpu_seconds=0.0, reason=vm.reason))
+        self._save(lambda c: store.updateVM(c, vm.id, state=VMState.PENDING,
+                                            seller_account_id=None, started=None,
+                                            cpu_seconds=0.0, reason=vm.reason))
         self._allocate(vm)
 
     def _end(self, vm, state, reason, tellSeller=True, refill=True):
+        if not self._move(vm, state):
+            return
         seller = vm.seller
-        vm.state = state
         vm.reason = reason
         waiters, vm.endWaiters = vm.endWaiters, []
         for d in waiters:
@@ -724,6 +736,18 @@ class Orders:
             call.cancel()
         self.market.billing.settle(leaseId, vm.cpuSeconds, vm.netBytes(), vm.endReason,
                                    vm.endedAt)
+
+    def _move(self, vm, state):
+        """
+        Move C{vm} to C{state} by the table; a move it refuses is logged in
+        one line and changes nothing: False.
+        """
+        try:
+            vm.moveTo(state)
+        except IllegalTransition as e:
+            self.log.warn("refused: {error}", error=str(e))
+            return False
+        return True
 
     def _save(self, fn):
         d = self.db.runInOrder(fn)
