@@ -479,7 +479,17 @@ class MarketSession(Multiplexer):
             if account is not None and self.market.access.changedSince(account["id"], seen):
                 self._authenticate()
                 return
-            if account is None:
+            capped = None
+            if account is not None and self.connected:
+                capped = self.market.admission.accounts.admit(
+                    self, account, self.reactor.seconds())
+            if capped is not None:
+                # The account's other connections are left alone; this one
+                # hears why at its Hello and is closed.
+                self.refusal = f"refused: {capped}"
+                self.refuse()
+                account = None
+            elif account is None:
                 self.refusal = f"refused: {reason}"
                 self.log.warn(
                     "refusing connection {peer}: {reason}",
@@ -587,6 +597,7 @@ class MarketSession(Multiplexer):
 
     def connectionLost(self, reason):
         self.market.admission.release(self)
+        self.market.admission.accounts.release(self)
         if not self._admitted:
             Multiplexer.connectionLost(self, reason)
             return
