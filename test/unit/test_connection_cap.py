@@ -181,3 +181,38 @@ def test_the_server_option_sets_the_cap_and_refuses_nonsense(tmp_path):
     assert options["max-connections-per-account"] == 3
     with pytest.raises(usage.UsageError, match="--max-connections-per-account must be at least 1"):
         Options().parseOptions(["--data", str(tmp_path), "--max-connections-per-account", "0"])
+
+
+def test_a_refused_connection_is_read_no_further_once_told_why(mm):
+    # A flood of refused connections that pipeline requests behind their
+    # Hello costs the server one answer each, not one per request.
+    for _ in range(CAP):
+        open_(mm, "alice")
+    session, transport = mm.connect("alice")
+    pipelined = command("Hello", 1, role=b"buyer", software=b"t/1") + b"".join(
+        command("WhoAmI", tag) for tag in range(2, 200))
+    session.dataReceived(control(pipelined))
+    mm.reactor.advance(0)
+    boxes = Replies(transport).boxes()
+    assert [b[b"_error"] for b in boxes] == [b"1"], boxes
+    assert b"(limit 8," in boxes[0][b"_error_description"]
+    written = len(transport.value())
+    for _ in range(3):
+        session.dataReceived(control(b"".join(command("WhoAmI", t) for t in range(300, 400))))
+        mm.reactor.advance(0)
+    assert len(transport.value()) == written
+    assert session.bufferedBytes() < 64 * 1024
+    mm.reactor.advance(REFUSED_GRACE + 0.1)
+    assert transport.disconnecting
+
+
+def test_a_request_before_hello_hears_the_refusal_too(mm):
+    for _ in range(CAP):
+        open_(mm, "alice")
+    session, transport = mm.connect("alice")
+    session.dataReceived(control(command("WhoAmI", 5) + command("WhoAmI", 6)))
+    mm.reactor.advance(0)
+    boxes = Replies(transport).boxes()
+    assert [b[b"_error"] for b in boxes] == [b"5"], boxes
+    assert boxes[0][b"_error_code"] == b"NOT_AUTHENTICATED"
+    assert b"already has 8 connections open" in boxes[0][b"_error_description"]
