@@ -8,25 +8,13 @@ connections makes room again (nothing is counted for ever).
 
 import pytest
 from twisted.internet import defer
-from twisted.internet.error import ConnectionDone
-from twisted.python.failure import Failure
 
 from cpushare.server import admission
 from cpushare.server.session import REFUSED_GRACE
-from test.unit.memorymarket import LogCapture, MemoryMarket, Replies, command, control
+from test.unit.memorymarket import LogCapture, Replies, command, control
+from test.unit.test_session_abuse import gone, mm  # noqa: F401 (mm: the market fixture)
 
 CAP = admission.CONNECTIONS_PER_ACCOUNT
-
-
-@pytest.fixture
-def mm():
-    m = MemoryMarket(timeout=45.0)
-    yield m
-    m.close()
-
-
-def gone():
-    return Failure(ConnectionDone())
 
 
 def open_(mm, account, role="cli", host="192.0.2.1"):
