@@ -14,7 +14,11 @@ each kind:
               finished (just under the box size limit), then silence
     pipeline  a registered account: Hello and 400 pipelined requests
               (WhoAmI, ListLeases, ListSellers, Ping), then it stops
-              reading its socket, so that the answers pile up
+              reading its socket, so that the answers pile up; the server
+              lets one account hold 8 connections (its default
+              --max-connections-per-account) and refuses the others at
+              their Hello; --accounts N spreads them over N accounts,
+              --accounts 0 sends them without a certificate
 
 The connections come from 127.1.0.10 upwards, at most 12 from one address
 (below the default cap of 16 connections before Hello per address); the server runs with its default limits, except a
@@ -24,8 +28,9 @@ place, the honest buyer's round trips are measured again during it, then
 the flood ends and the RSS is measured once more; then the same flood
 runs a second time, to show that what the first released is reused (the
 allocator keeps freed memory for the process rather than returning it to
-the system).  Results go to
-bench/results/flood.json.
+the system).  Results go to bench/results/flood.json (with --accounts
+above 1, bench/results/flood_accounts.json; with --accounts 0,
+bench/results/flood_anonymous.json).
 """
 
 import argparse
@@ -48,6 +53,8 @@ KINDS = ("idle", "keys", "bigbox", "pipeline")
 PER_ADDRESS = 12
 PIPELINED = 400
 RESULTS = os.path.join(HERE, "results", "flood.json")
+RESULTS_ACCOUNTS = os.path.join(HERE, "results", "flood_accounts.json")
+RESULTS_ANONYMOUS = os.path.join(HERE, "results", "flood_anonymous.json")
 
 
 def emit(**fields):
@@ -130,7 +137,8 @@ def workerFlood(args):
     from cpushare.client.home import Home
     from cpushare.protocol import mux
 
-    caPEM, keyPEM, certPEM = Home(args.home).credentials()
+    credentials = [Home(home).credentials() for home in args.home]
+    caPEM = credentials[0][0]
     payloads = {kind: hostilePayload(kind) for kind in KINDS}
     stats = {kind: {"opened": 0, "failed": 0, "closed_by_server": 0} for kind in KINDS}
     open_ = set()
@@ -161,8 +169,9 @@ def workerFlood(args):
 
     def connect(i):
         kind = KINDS[i % len(KINDS)]
-        if kind == "pipeline":
-            options = pki.clientTLS("localhost", caPEM, keyPEM, certPEM)
+        if kind == "pipeline" and args.accounts:
+            # The flood's accounts in turn.
+            options = pki.clientTLS("localhost", *credentials[i // len(KINDS) % len(credentials)])
         else:
             options = pki.clientTLS("localhost", caPEM)
         # A different source address every PER_ADDRESS connections.
@@ -211,7 +220,7 @@ def workerProbe(args):
     from cpushare.client.session import connectOnce, endpointFor
     from cpushare.protocol import commands
 
-    caPEM, keyPEM, certPEM = Home(args.home).credentials()
+    caPEM, keyPEM, certPEM = Home(args.home[0]).credentials()
     state = {}
 
     @defer.inlineCallbacks
@@ -259,7 +268,7 @@ def workerProbe(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", choices=("flood", "probe"))
-    parser.add_argument("--home")
+    parser.add_argument("--home", action="append", help="(workers) a client's home folder")
     parser.add_argument("--port", type=int)
     parser.add_argument("--count", type=int, default=1000,
                         help="hostile connections (worker: connections or round trips)")
@@ -268,8 +277,12 @@ def main(argv=None):
     parser.add_argument("--interval", type=float, default=0.02)
     parser.add_argument("--pings", type=int, default=200,
                         help="honest WhoAmI round trips per measurement")
+    parser.add_argument("--accounts", type=int, default=1,
+                        help="accounts the pipeline connections take turns with "
+                             "(default 1; more write flood_accounts.json, "
+                             "0 (no certificate) flood_anonymous.json)")
     parser.add_argument("--quick", action="store_true", help="100 connections, 50 round trips")
-    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--out")
     args = parser.parse_args(argv)
     if args.worker == "flood":
         return workerFlood(args)
@@ -277,6 +290,8 @@ def main(argv=None):
         return workerProbe(args)
     if args.quick:
         args.count, args.pings = 100, 50
+    if args.out is None:
+        args.out = {0: RESULTS_ANONYMOUS, 1: RESULTS}.get(args.accounts, RESULTS_ACCOUNTS)
     return bench(args)
 
 
@@ -293,13 +308,23 @@ def bench(args):
 
     try:
         data = os.path.join(tmp, "data")
+        extra = ["--measure-every", "0", "--cpu-bench-every", "0",
+                 "--heartbeat", "10", "--timeout", "300"]
+        if args.accounts > 1:
+            # The flood's accounts were made beforehand (over days, say).
+            extra += ["--registrations-per-address", "0", "--registrations-per-minute", "0"]
         server, port = startServer(
             children, "flood-server", data,
-            listen="tcp:0:interface=127.0.0.1:backlog=1024",
-            extra=["--measure-every", "0", "--cpu-bench-every", "0",
-                   "--heartbeat", "10", "--timeout", "300"])
+            listen="tcp:0:interface=127.0.0.1:backlog=1024", extra=extra)
         honest = register(os.path.join(tmp, "home-honest"), port, data, "honest")
-        flooder = register(os.path.join(tmp, "home-flooder"), port, data, "flooder")
+        names = ["flooder"] if args.accounts == 1 else \
+            [f"flooder{n}" for n in range(args.accounts)]
+        # Without accounts, the flood takes only the CA from the honest home.
+        flooders = ["--accounts", str(args.accounts)]
+        if not args.accounts:
+            flooders += ["--home", honest]
+        for name in names[:args.accounts]:
+            flooders += ["--home", register(os.path.join(tmp, "home-" + name), port, data, name)]
 
         probe = children.spawn("probe", me + ["--worker", "probe", "--home", honest,
                                               "--port", str(port), "--count", str(args.pings),
@@ -312,7 +337,7 @@ def bench(args):
             f"median {idle['median']:.2f} ms, p99 {idle['p99']:.2f} ms")
 
         flood = children.spawn("flood", me + [
-            "--worker", "flood", "--home", flooder, "--port", str(port),
+            "--worker", "flood", *flooders, "--port", str(port),
             "--count", str(args.count), "--batch", str(args.batch),
             "--settle", str(args.settle)])
         ready = flood.expect("ready", 300)
@@ -330,7 +355,7 @@ def bench(args):
         between = memory(server.pid)
         # The same flood again: the memory the first one released is reused.
         flood = children.spawn("flood2", me + [
-            "--worker", "flood", "--home", flooder, "--port", str(port),
+            "--worker", "flood", *flooders, "--port", str(port),
             "--count", str(args.count), "--batch", str(args.batch),
             "--settle", str(args.settle)])
         again = flood.expect("ready", 300)
@@ -362,6 +387,7 @@ def bench(args):
                     "platform": platform.platform()},
         "hostile_connections_requested": hostile,
         "kinds": list(KINDS),
+        "pipeline_accounts": args.accounts,
         "flood_ready": ready,
         "open_at_measurement": mark["open"],
         "server_rss_bytes": {"idle": before["VmRSS"], "flood": during["VmRSS"],

@@ -339,6 +339,8 @@ def runConnectionBenchmark(ctx, args, env, summary):
     # Every connection comes from 127.0.0.1, a batch of them in their TLS
     # handshakes at once: more than one address may hold before Hello.
     extra += ["--max-unauthenticated-per-address", str(max(16, 2 * args.batch))]
+    # And every connection is the one account's: more than an account may hold.
+    extra += ["--max-connections-per-account", str(args.connections + 16)]
     ctx.say(f"connections: {args.connections} seller connections, {args.batch} at a time, "
             f"{args.idle:g}s idle windows")
     started = time.monotonic()

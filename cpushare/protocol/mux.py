@@ -617,14 +617,21 @@ class ControlProtocol(amp.AMP):
 
     def _refuseBox(self, what):
         """The peer sent a box past a limit: nothing more of it is read."""
-        self._refused = True
-        self.paused = True
-        self._currentBox = None
-        self._unprocessed = b""
+        self.stopReading()
         if self._mux is not None:
             self._mux.protocolError(f"the peer sent {what}")
         elif self.transport is not None:
             self.transport.abortConnection()
+
+    def stopReading(self):
+        """
+        Parse nothing more the peer sent, now or later (what is already
+        being answered is still answered).
+        """
+        self._refused = True
+        self.paused = True
+        self._currentBox = None
+        self._unprocessed = b""
 
     def bufferedBytes(self):
         """Input bytes held: unparsed, and the box being read."""

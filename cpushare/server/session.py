@@ -82,7 +82,7 @@ class ServerControl(ControlProtocol, FundsCommands):
         def check(account):
             if account is None:
                 session.refuse()
-                raise NotAuthenticated(session.refusal)
+                raise NotAuthenticated(session.refusalAnswer())
             if session.role is not None:
                 raise BadRequest("hello was already said on this connection")
             session.started(role, software)
@@ -426,6 +426,8 @@ class MarketSession(Multiplexer):
         self._helloDeadline = None
         self._handshakeDone = False
         self._admitted = True
+        self._capped = False        # refused: its account holds all it may
+        self._silenced = False
 
     def makeControl(self):
         return ServerControl(self)
@@ -479,7 +481,18 @@ class MarketSession(Multiplexer):
             if account is not None and self.market.access.changedSince(account["id"], seen):
                 self._authenticate()
                 return
-            if account is None:
+            capped = None
+            if account is not None and self.connected:
+                capped = self.market.admission.accounts.admit(
+                    self, account, self.reactor.seconds())
+            if capped is not None:
+                # The account's other connections are left alone; this one
+                # hears why at its Hello and is closed.
+                self.refusal = f"refused: {capped}"
+                self._capped = True
+                self.refuse()
+                account = None
+            elif account is None:
                 self.refusal = f"refused: {reason}"
                 self.log.warn(
                     "refusing connection {peer}: {reason}",
@@ -540,9 +553,25 @@ class MarketSession(Multiplexer):
             why=why)
         self.transport.abortConnection()
 
+    def refusalAnswer(self):
+        """
+        Why this connection is refused, for an answer.  A connection refused
+        for its account's cap reads nothing more once it has been told: a
+        flood of them costs no more than their Hello each.
+        """
+        if self._capped and not self._silenced:
+            self._silenced = True
+            if self.control is not None:
+                self.control.stopReading()
+        return self.refusal
+
+    def dataReceived(self, data):
+        if not self._silenced:
+            Multiplexer.dataReceived(self, data)
+
     def requireHello(self):
         if self.account is None:
-            raise NotAuthenticated(self.refusal or "not authenticated")
+            raise NotAuthenticated(self.refusalAnswer() or "not authenticated")
         if self.role is None:
             raise BadRequest("say hello first")
         return self.account
@@ -587,6 +616,7 @@ class MarketSession(Multiplexer):
 
     def connectionLost(self, reason):
         self.market.admission.release(self)
+        self.market.admission.accounts.release(self)
         if not self._admitted:
             Multiplexer.connectionLost(self, reason)
             return

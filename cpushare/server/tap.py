@@ -20,7 +20,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from cpushare.protocol.heartbeat import DEFAULT_INTERVAL, DEFAULT_TIMEOUT
-from cpushare.server.admission import UNAUTHENTICATED_PER_ADDRESS, UNAUTHENTICATED_TOTAL
+from cpushare.server.admission import (
+    CONNECTIONS_PER_ACCOUNT, UNAUTHENTICATED_PER_ADDRESS, UNAUTHENTICATED_TOTAL)
 
 log = Logger()
 
@@ -107,6 +108,9 @@ class Options(usage.Options):
          "(a TLS handshake, a registration); more are closed at once.", int],
         ["max-unauthenticated", None, UNAUTHENTICATED_TOTAL,
          "Connections all addresses together may hold open before saying hello.", int],
+        ["max-connections-per-account", None, CONNECTIONS_PER_ACCOUNT,
+         "Connections one account may hold open at once (its seller, its buyer, "
+         "its commands); one more is refused, naming the limit.", int],
     ]
 
     def postOptions(self):
@@ -132,6 +136,8 @@ class Options(usage.Options):
         if self["max-unauthenticated-per-address"] < 1 or self["max-unauthenticated"] < 1:
             raise usage.UsageError(
                 "--max-unauthenticated-per-address and --max-unauthenticated must be at least 1")
+        if self["max-connections-per-account"] < 1:
+            raise usage.UsageError("--max-connections-per-account must be at least 1")
         if not 0 < self["billing-interval"] < self["hold-window"]:
             raise usage.UsageError(
                 "--billing-interval must be positive and shorter than --hold-window")
@@ -272,6 +278,7 @@ def makeService(options, reactor=None):
     market.orders.grace = options["grace"]
     market.admission.perAddress = options["max-unauthenticated-per-address"]
     market.admission.total = options["max-unauthenticated"]
+    market.admission.accounts.perAccount = options["max-connections-per-account"]
     market.setServiceParent(service)
     market.money = money = MoneyDesk(
         reactor, store, paypal=makePayPal(reactor, options), currency=options["currency"],

@@ -129,3 +129,25 @@ def test_a_registration_flood_is_refused_naming_the_limit(processes, tmp_path):
     again = cpushare(twin, "register", "--server", market2.address, "--ca", market2.ca,
                      "--name", "second")
     assertOneLineError(again, "this public key already belongs to an account")
+
+
+def test_an_account_past_its_connection_cap_is_refused_and_its_programs_keep_working(
+        processes, tmp_path):
+    market = Market(processes, tmp_path / "market",
+                    extra=["--max-connections-per-account", "2"]).start()
+    alice = market.register(tmp_path / "alice", "alice")
+    seller = startSeller(processes, alice, name="seller-alice")
+    buyer = startBuyer(processes, alice, name="buyer-alice")
+    seller.waitConnected()
+    buyer.waitConnected()
+    assertOneLineError(cpushare(alice, "whoami"),
+                       "account 'alice' already has 2 connections open (limit 2, "
+                       "the server's --max-connections-per-account)")
+    # The buyer's program closes: its place is free again.
+    buyer.proc.stop()
+    waitUntil(lambda: cpushare(alice, "whoami").status == 0, "whoami accepted again",
+              processes=processes)
+    # The seller's program was never disturbed: still its first connection, still listed.
+    assert seller.proc.log().count("as seller ") == 1
+    assert "lost the connection" not in seller.proc.log()
+    assert [s["name"] for s in cpushare(alice, "sellers", "--json").json()] == ["alice"]
