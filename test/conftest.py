@@ -14,6 +14,14 @@ from cpushare.server.db.database import PostgreSQL, SQLite
 from . import postgres as _postgres
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs PostgreSQL is slow: it waits for a server of its own."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "postgres" in getattr(item, "fixturenames", ()) or params.get("db") == "postgresql":
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def postgres():
     try:

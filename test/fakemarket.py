@@ -484,7 +484,7 @@ class MarketCase(unittest.TestCase):
     heartbeatTimeout = 2
     imageQuota = 3 * 1024 * 1024
     withImages = False
-    clockLimit = 3600.0
+    clockLimit = 600.0
 
     def _run(self, func, funcDescription, result):
         # trial runs setUp, the test and each cleanup through here; the
