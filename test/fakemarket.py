@@ -476,8 +476,10 @@ class MarketCase(unittest.TestCase):
     while one waits the clock is advanced to its next timer: C{sleep}
     and C{within} count the market's time, not the wall's.
 
-    Subclasses set C{heartbeat} and C{timeout} (the market's, in seconds),
-    and C{withImages} for an image store.
+    Subclasses may set C{heartbeat} and C{heartbeatTimeout} (the market's,
+    in seconds), and C{withImages} for an image store of C{imageQuota}
+    bytes.  A wait fails with L{Stuck} after C{clockLimit} seconds of the
+    clock, or trial's C{timeout} of real time.
     """
 
     heartbeat = 0.2
@@ -508,8 +510,8 @@ class MarketCase(unittest.TestCase):
         self.images = None
         if self.withImages:
             self.images = InlineImageStore(self.reactor, self.store,
-                                     os.path.join(self.folder, "images"),
-                                     quota=self.imageQuota)
+                                           os.path.join(self.folder, "images"),
+                                           quota=self.imageQuota)
         self._ports = iter(range(40000, 65536))
         d = self.store.open()
         d.addCallback(lambda _: self.makeMarket())
