@@ -36,7 +36,7 @@ from twisted.trial import unittest
 
 from cpushare import pki
 from cpushare.client.session import connectOnce
-from cpushare.protocol import mux
+from cpushare.protocol import commands, mux
 from cpushare.server.db import store as storesql
 from cpushare.server.credentials import loadOrCreate
 from cpushare.server.images import ImageStore
@@ -468,7 +468,54 @@ def runUntil(reactor, d, limit=600.0, wallLimit=120.0, what="the test"):
     return d
 
 
-class MarketCase(unittest.TestCase):
+class MarketClientMixin:
+    """
+    What a market test does besides connecting, whichever way its market
+    is reached (in memory here, over TLS in test/tlsmarket.py): wait on
+    C{self.reactor}'s clock, register accounts, close sessions.  The test
+    case provides C{reactor} and C{connect(role, key, cert, hello)}.
+    """
+
+    def sleep(self, seconds):
+        """A Deferred that fires after C{seconds} of the market's time."""
+        d = defer.Deferred()
+        self.reactor.callLater(seconds, d.callback, None)
+        return d
+
+    def within(self, d, seconds=5):
+        """C{d}, failed with a TimeoutError if it has not fired in C{seconds} of the clock."""
+        return d.addTimeout(seconds, self.reactor)
+
+    def take(self, queue, n):
+        """The next C{n} items of a DeferredQueue, each within the default time."""
+        return defer.gatherResults([self.within(queue.get()) for _ in range(n)])
+
+    # -- clients
+
+    def closedAtTheEnd(self, session):
+        """C{session}, closed at the end of the test."""
+        self.addCleanup(self.close, session)
+        return session
+
+    def close(self, session):
+        """Close a client session; fires once both ends know."""
+        if session.connected:
+            session.transport.loseConnection()
+            return session.whenLost()
+
+    @defer.inlineCallbacks
+    def register(self, name):
+        """Register C{name} as a client does; fires with (key, certificate PEM)."""
+        key = pki.generateKey()
+        session = yield self.connect(hello=False)
+        result = yield session.control.callRemote(
+            commands.Register, name=name, csr=pki.makeRequest(key, name)
+        )
+        yield self.close(session)
+        return key, result["certificate"]
+
+
+class MarketCase(MarketClientMixin, unittest.TestCase):
     """
     A market on a clock (L{MemoryReactor}), its store inline, and real
     client sessions joined to it in memory.  setUp, the test and its
@@ -529,22 +576,6 @@ class MarketCase(unittest.TestCase):
             self.addCleanup(self.images.stop)
         self.factory = MarketFactory(self.market)
 
-    # -- time
-
-    def sleep(self, seconds):
-        """A Deferred that fires after C{seconds} of the market's time."""
-        d = defer.Deferred()
-        self.reactor.callLater(seconds, d.callback, None)
-        return d
-
-    def within(self, d, seconds=5):
-        """C{d}, failed with a TimeoutError if it has not fired in C{seconds} of the clock."""
-        return d.addTimeout(seconds, self.reactor)
-
-    def take(self, queue, n):
-        """The next C{n} items of a DeferredQueue, each within the default time."""
-        return defer.gatherResults([self.within(queue.get()) for _ in range(n)])
-
     # -- clients
 
     def endpoint(self, cert=None, host="127.0.0.1"):
@@ -561,27 +592,4 @@ class MarketCase(unittest.TestCase):
         kw = {"sessionClass": sessionClass} if sessionClass else {}
         d = connectOnce(self.reactor, self.endpoint(cert, host), role, hello=hello,
                         host="localhost", port=7000, **kw)
-
-        def track(session):
-            self.addCleanup(self.close, session)
-            return session
-
-        return d.addCallback(track)
-
-    def close(self, session):
-        """Close a client session; fires once both ends know."""
-        if session.connected:
-            session.transport.loseConnection()
-            return session.whenLost()
-
-    @defer.inlineCallbacks
-    def register(self, name):
-        """Register C{name} as a client does; fires with (key, certificate PEM)."""
-        from cpushare.protocol import commands
-        key = pki.generateKey()
-        session = yield self.connect(hello=False)
-        result = yield session.control.callRemote(
-            commands.Register, name=name, csr=pki.makeRequest(key, name)
-        )
-        yield self.close(session)
-        return key, result["certificate"]
+        return d.addCallback(self.closedAtTheEnd)

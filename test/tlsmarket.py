@@ -15,20 +15,15 @@ from twisted.trial import unittest
 
 from cpushare import pki
 from cpushare.client.session import connectOnce, endpointFor
-from cpushare.protocol import commands
 from cpushare.server.credentials import loadOrCreate
 from cpushare.server.market.market import Market
 from cpushare.server.session import MarketFactory
 from cpushare.server.db.store import Store
 
-
-def sleep(seconds):
-    d = defer.Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    return d
+from test.fakemarket import MarketClientMixin
 
 
-class TLSMarketCase(unittest.TestCase):
+class TLSMarketCase(MarketClientMixin, unittest.TestCase):
     """A market server in this process, on loopback, with real TLS."""
 
     timeout = 30
@@ -52,12 +47,6 @@ class TLSMarketCase(unittest.TestCase):
         self.addCleanup(self.port.stopListening)
         self.portNumber = self.port.getHost().port
 
-    def sleep(self, seconds):
-        return sleep(seconds)
-
-    def within(self, d, seconds=5):
-        return d.addTimeout(seconds, reactor)
-
     def connect(self, role="buyer", key=None, cert=None, hello=True, ca=None):
         endpoint = endpointFor(
             reactor, "localhost", self.portNumber, ca or self.credentials.caPEM,
@@ -65,24 +54,4 @@ class TLSMarketCase(unittest.TestCase):
         )
         d = connectOnce(reactor, endpoint, role, hello=hello,
                         host="localhost", port=self.portNumber)
-
-        def track(session):
-            self.addCleanup(self.close, session)
-            return session
-
-        return d.addCallback(track)
-
-    def close(self, session):
-        if session.connected:
-            session.transport.loseConnection()
-            return session.whenLost()
-
-    @defer.inlineCallbacks
-    def register(self, name):
-        key = pki.generateKey()
-        session = yield self.connect(hello=False)
-        result = yield session.control.callRemote(
-            commands.Register, name=name, csr=pki.makeRequest(key, name)
-        )
-        yield self.close(session)
-        return key, result["certificate"]
+        return d.addCallback(self.closedAtTheEnd)
