@@ -6,6 +6,8 @@ hanging; test/conftest.py marks the slow tests.
 """
 
 import os
+import time
+import unittest
 from types import SimpleNamespace
 
 import pytest
@@ -15,7 +17,7 @@ from twisted.internet.protocol import Protocol
 
 from test import conftest
 from test.fakemarket import (
-    LINK_BUFFER, LINK_DELAY, READ_SIZE, Loopback, MemoryReactor, Stuck, runUntil,
+    LINK_BUFFER, LINK_DELAY, READ_SIZE, Loopback, MarketCase, MemoryReactor, Stuck, runUntil,
 )
 
 
@@ -135,6 +137,33 @@ def test_a_wait_advances_the_clock_to_the_next_timer_only():
 
 
 TESTS = os.path.dirname(os.path.abspath(conftest.__file__))
+
+
+class WaitsAnHour(MarketCase):
+    """A market test that waits an hour of the market's time, with a seller connected."""
+
+    __test__ = False        # run by the test below, not collected itself
+    clockLimit = 7200.0
+    heartbeat, heartbeatTimeout = 10, 45
+
+    @defer.inlineCallbacks
+    def test_wait(self):
+        key, cert = yield self.register("sam")
+        seller = yield self.connect("seller", key, cert)
+        yield self.sleep(3600)
+        self.waited = self.reactor.seconds()
+        self.stillConnected = seller.connected
+
+
+def test_a_market_test_waits_on_the_clock_not_the_wall():
+    case = WaitsAnHour("test_wait")
+    result = unittest.TestResult()
+    started = time.monotonic()
+    case.run(result)
+    assert (result.errors, result.failures) == ([], [])
+    assert time.monotonic() - started < 30
+    assert case.waited >= 3600
+    assert case.stillConnected, "the heartbeats kept the seller connected all along"
 
 
 def item(path="unit/test_x.py", fixtures=(), params=None):
