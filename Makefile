@@ -1,13 +1,18 @@
 # CPUShare: `make demo` runs a whole market locally, `make test` runs every
-# test, `make bench` runs the benchmarks, `make fuzz` runs the fuzzer's long
-# profile (over 100,000 cases).  Each sets itself up first.
+# test, `make check` the fast ones (test/unit and the import rules, not the
+# tests marked slow, the fuzzer at CHECK_FUZZ cases a target), `make bench`
+# runs the benchmarks, `make fuzz` runs the fuzzer's long profile (over
+# 100,000 cases).  Each sets itself up first.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all demo test fuzz bench setup clean
+# Fuzz cases a target in `make check`; `make test` runs a few hundred each.
+CHECK_FUZZ ?= 100
+
+.PHONY: all demo test check fuzz bench setup clean
 
 all: test
 
@@ -25,6 +30,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest test $(PYTEST_ARGS)
+
+check: $(STAMP)
+	CPUSHARE_FUZZ=$(CHECK_FUZZ) $(PY) -m pytest test/unit test/test_architecture.py \
+		-m "not slow" $(PYTEST_ARGS)
 
 fuzz: $(STAMP)
 	CPUSHARE_FUZZ=1 $(PY) -m pytest test/unit/test_fuzz.py -p no:cacheprovider \

@@ -6,12 +6,30 @@ Fixtures for every test: the databases the market's store runs on.
 `postgres` is the PostgreSQL server (test/postgres.py says which).
 """
 
+import os as _os
+
 import pytest
 
 from cpushare.server.db import store
 from cpushare.server.db.database import PostgreSQL, SQLite
 
 from . import postgres as _postgres
+
+
+_VM_TESTS = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "vm") + _os.sep
+
+
+def pytest_collection_modifyitems(config, items):
+    """
+    Tests that boot QEMU (test/vm), need PostgreSQL (a server of their own)
+    or a browser (headless Chromium) are slow; `make check` leaves them out.
+    """
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        fixtures = getattr(item, "fixturenames", ())
+        if "postgres" in fixtures or "postgresql" in params.values() \
+                or "browser" in fixtures or str(item.path).startswith(_VM_TESTS):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from cpushare import money
 from cpushare.server.money import ledger
 from cpushare.server.db import store
@@ -44,6 +46,7 @@ def books(market):
     return result.status, result.stdout
 
 
+@pytest.mark.slow  # SIGKILLs the server
 def test_killing_the_server_while_it_bills_charges_each_lease_exactly_once(
         processes, tmp_path):
     market = Market(processes, tmp_path / "market",

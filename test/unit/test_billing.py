@@ -214,6 +214,7 @@ KILLED_BILLER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_killing_the_biller_at_random_points_never_charges_twice_or_skips(conn, market):
     credit(conn, market, 100 * MICRO)
     leaseId = lease(conn, market, netFee=2 * MICRO)

@@ -11,7 +11,7 @@ from twisted.internet import defer
 
 from cpushare.server import admission
 from cpushare.server.session import REFUSED_GRACE
-from test.unit.memorymarket import LogCapture, Replies, command, control
+from test.fakemarket import LogCapture, Replies, command, control
 from test.unit.test_session_abuse import gone, mm  # noqa: F401 (mm: the market fixture)
 
 CAP = admission.CONNECTIONS_PER_ACCOUNT

@@ -16,7 +16,7 @@ from cpushare.protocol.mux import (
     CONTROL_QUEUE_LIMIT, HELD_INPUT_LIMIT, MAX_BOX_BYTES, MAX_BOX_KEYS, MAX_IN_FLIGHT,
     MAX_PAYLOAD, ControlProtocol, Multiplexer, ProtocolError, encode, greeting,
 )
-from test.unit.memorymarket import LogCapture
+from test.fakemarket import LogCapture
 
 
 class Echo(amp.Command):

@@ -30,7 +30,7 @@ from cpushare.client.buyer.service import Buyer, BuyerSession
 from cpushare.client.seller.service import SellerSession
 from cpushare.protocol import commands, mux
 from cpushare.server.session import ServerControl
-from test.unit.memorymarket import MemoryMarket, Replies, command, control
+from test.fakemarket import MemoryMarket, Replies, command, control
 
 pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")
 

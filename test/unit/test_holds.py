@@ -5,7 +5,7 @@ and the matching that ranks sellers by what a VM-hour really costs.  On a
 real server in this process with fake seller and buyer programs.
 """
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 
 from cpushare import money
 from cpushare.money import MICRO
@@ -14,8 +14,7 @@ from cpushare.protocol.commands import nicChannel
 from cpushare.server.money import billing
 from cpushare.server.money import ledger
 
-from test.unit.test_orders import OrderCase, within
-from test.unit.test_session import sleep
+from test.unit.test_orders import OrderCase
 
 
 class HoldCase(OrderCase):
@@ -53,7 +52,7 @@ class HoldCase(OrderCase):
             rows = yield self.store.run(leases)
             if rows and all(row[3] for row in rows):
                 return rows
-            yield sleep(0.05)
+            yield self.sleep(0.05)
         self.fail(f"leases not settled: {rows}")
 
 
@@ -71,8 +70,8 @@ class NetworkFeeTests(HoldCase):
         before = (yield self.balances("alice"))[ledger.FUNDS]
         placed = yield self.order(budget=MICRO)
         [vm] = placed["vm_ids"]
-        yield within(greedy.started.get())
-        yield within(buyer.attached.get())
+        yield self.within(greedy.started.get())
+        yield self.within(buyer.attached.get())
         received = []
         buyer.routes[nicChannel(vm)] = received.append
         junk = b"\xff" * 6 + b"\x00" * 1494
@@ -80,10 +79,10 @@ class NetworkFeeTests(HoldCase):
         for _ in range(80):
             for _ in range(100):
                 greedy.sendFrame(nicChannel(vm), junk)
-            yield sleep(0.01)
+            yield self.sleep(0.01)
         # The hold is spent: the VM is stopped, and the buyer is told why.
-        self.assertEqual((yield within(greedy.stopped.get())), vm)
-        detachedVM, why = yield within(buyer.detached.get())
+        self.assertEqual((yield self.within(greedy.stopped.get())), vm)
+        detachedVM, why = yield self.within(buyer.detached.get())
         self.assertEqual(detachedVM, vm)
         self.assertIn("the funds held for this VM are spent by its network traffic", why)
         [shown] = (yield self.call(self.cli, commands.ListVMs))["vms"]
@@ -115,15 +114,15 @@ class NetworkFeeTests(HoldCase):
         before = (yield self.balances("alice"))[ledger.FUNDS]
         placed = yield self.order()
         [vm] = placed["vm_ids"]
-        yield within(greedy.started.get())
-        yield within(buyer.attached.get())
+        yield self.within(greedy.started.get())
+        yield self.within(buyer.attached.get())
         received = []
         buyer.routes[nicChannel(vm)] = received.append
         frame = b"\xff" * 6 + b"\x00" * 1494
         while sum(map(len, received)) < 3_500_000:
             for _ in range(50):
                 greedy.sendFrame(nicChannel(vm), frame)
-            yield sleep(0.01)
+            yield self.sleep(0.01)
             self.assertEqual(len(greedy.stopped.pending), 0)
         [shown] = (yield self.call(self.cli, commands.ListVMs))["vms"]
         self.assertNotIn(shown["state"], ("stopped", "failed"))
@@ -148,7 +147,7 @@ class NetworkFeeTests(HoldCase):
         self.assertEqual([s["name"] for s in listed["sellers"]], ["cheapcpu", "flat"])
         # 0.05 a GB: 0.01 + 0.05 x 0.5 GB = 0.035 < 0.05.
         placed = yield self.order()
-        self.assertEqual((yield within(flat.started.get()))["vm"], placed["vm_ids"][0])
+        self.assertEqual((yield self.within(flat.started.get()))["vm"], placed["vm_ids"][0])
         # --max-net-fee screens the fee out, with the reason.
         listed = yield self.sellers(max_net_fee=MICRO // 10, explain=True, traffic=0.0)
         self.assertEqual(listed["passing"], 1)
@@ -199,7 +198,7 @@ class SelfDealingTests(HoldCase):
                                         " with itself")])
         # Another seller comes, dearer: the waiting VM goes there, not to alice.
         other, _ = yield self.seller("other", price=90_000)
-        self.assertEqual((yield within(other.started.get()))["vm"], placed["vm_ids"][0])
+        self.assertEqual((yield self.within(other.started.get()))["vm"], placed["vm_ids"][0])
         self.assertEqual(len(own.started.pending), 0)
         # Other buyers see alice's capacity as usual.
         bob = yield self.register("bob")
@@ -216,17 +215,17 @@ class PaidForNothingTests(HoldCase):
         honest, _ = yield self.seller("honest", price=3_600_000)
         placed = yield self.order(vms=4)
         starts = [s["vm"] for s in (yield defer.gatherResults(
-            [within(faker.started.get()), within(faker.started.get()),
-             within(honest.started.get()), within(honest.started.get())]))]
+            [self.within(faker.started.get()), self.within(faker.started.get()),
+             self.within(honest.started.get()), self.within(honest.started.get())]))]
         fakeVMs, honestVMs = starts[:2], starts[2:]
         self.assertEqual(sorted(starts), sorted(placed["vm_ids"]))
         # The honest VMs boot: one prints on its console, the other asks
         # DHCP from the buyer's network.
         buyer = yield self.program("buyer", self.alice)
-        yield within(buyer.attached.get())
-        yield within(buyer.attached.get())
-        yield within(buyer.attached.get())
-        yield within(buyer.attached.get())
+        yield self.within(buyer.attached.get())
+        yield self.within(buyer.attached.get())
+        yield self.within(buyer.attached.get())
+        yield self.within(buyer.attached.get())
         honest.sendFrame(commands.consoleChannel(honestVMs[0]), b"Booting Linux\r\n")
         honest.sendFrame(nicChannel(honestVMs[1]), b"\xff" * 6 + b"dhcp discover")
         # The faker says its VMs run flat out, and sends nothing else.
@@ -235,9 +234,11 @@ class PaidForNothingTests(HoldCase):
         for vm in honestVMs:
             yield self.showLifeSaved(vm)
 
+        clock = self.reactor
+
         class HourLater:
             def seconds(self):
-                return reactor.seconds() + 3600
+                return clock.seconds() + 3600
 
         for vm in fakeVMs:
             yield self.call(faker, commands.VMState, vm=vm, state="running",
@@ -270,5 +271,5 @@ class PaidForNothingTests(HoldCase):
         for _ in range(100):
             if (yield self.store.run(alive)):
                 return
-            yield sleep(0.05)
+            yield self.sleep(0.05)
         self.fail(f"VM {vmId} never showed life")

@@ -8,12 +8,13 @@ import os
 import shutil
 import tempfile
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from cpushare.protocol import commands
 from cpushare.server.images import ImageStore
 
+from test.fakemarket import InlineImageStore
 from .test_session import MarketCase
 
 MiB = 1024 * 1024
@@ -28,7 +29,7 @@ class QuotaCase(MarketCase):
         self.clock = task.Clock()
         folder = tempfile.mkdtemp(prefix="cpushare-img-")
         self.addCleanup(shutil.rmtree, folder, True)
-        self.images = ImageStore(reactor, self.store, folder, quota=3 * MiB,
+        self.images = InlineImageStore(self.reactor, self.store, folder, quota=3 * MiB,
                                  maxUploads=3, idleTimeout=60, clock=self.clock)
         self.images.start()
         self.addCleanup(self.images.stop)
@@ -87,7 +88,7 @@ class InProgressTests(QuotaCase):
         path = os.path.join(self.images.folder, "one.iso")
         with open(path, "wb") as f:
             f.write(b"1" * (MiB + 5))
-        yield defer.ensureDeferred(upload.upload(reactor, session, path))
+        yield defer.ensureDeferred(upload.upload(self.reactor, session, path))
         yield self.start(session, "a", MiB)
         with self.assertRaises(commands.QuotaExceeded) as e:
             yield self.start(session, "b", MiB)
@@ -182,5 +183,5 @@ class PartialFileTests(QuotaCase):
         for name in ("tmp1.part", "tmp2.part"):
             with open(os.path.join(folder, "incoming", name), "wb") as f:
                 f.write(b"half an image")
-        ImageStore(reactor, self.store, folder)
+        ImageStore(self.reactor, self.store, folder)
         self.assertEqual(os.listdir(os.path.join(folder, "incoming")), [])

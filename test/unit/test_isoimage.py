@@ -108,6 +108,7 @@ def test_messages_are_one_line(tmp_path, other):
         assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_the_cli_rejects_a_broken_base_in_one_line_and_writes_nothing(tmp_path):
     (tmp_path / "job").mkdir()
     (tmp_path / "broken.iso").write_bytes(b"\0" * 40_000)

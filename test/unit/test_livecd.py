@@ -416,6 +416,7 @@ def cli(tmp_path, *args):
     )
 
 
+@pytest.mark.slow
 def test_the_cli_puts_the_users_own_public_key_in_by_default(tmp_path):
     ssh = tmp_path / "user" / ".ssh"
     ssh.mkdir(parents=True)
@@ -444,6 +445,7 @@ def test_the_cli_puts_the_users_own_public_key_in_by_default(tmp_path):
         iso.close()
 
 
+@pytest.mark.slow
 def test_the_cli_names_a_bad_key_or_contradicting_options_in_one_line(tmp_path):
     private = tmp_path / "id_rsa"
     private.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")

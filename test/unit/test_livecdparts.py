@@ -17,7 +17,11 @@ from cpushare.vm.livecdparts import PartsCache, defaultCache
 from test.unit.test_elflibs import fakeELF
 from test.unit.test_kmodules import fakeModule
 
-needsDpkg = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
+
+def needsDpkg(test):
+    """Builds and unpacks packages with dpkg-deb, child programs: slow."""
+    skip = pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb")
+    return pytest.mark.slow(skip(test))
 
 
 def makeDeb(debs, package, version, files, depends=None):

@@ -4,7 +4,7 @@ capacity first, waiting orders filled as capacity appears, leases and
 ratings; on a real server in this process with fake seller programs.
 """
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 
 from cpushare.client.cli import upload
 from cpushare.money import MICRO
@@ -15,8 +15,7 @@ from cpushare.server.money import ledger
 from cpushare.server.market.screens import rating
 
 from test.unit import test_orders
-from test.unit.test_orders import FakeSellerControl, OrderCase, take, within
-from test.unit.test_session import sleep
+from test.unit.test_orders import FakeSellerControl, OrderCase
 
 
 class MatchingTests(OrderCase):
@@ -53,8 +52,8 @@ class MatchingTests(OrderCase):
         self.assertEqual(placed["allocated"], 3)
         self.assertIsNone(placed["waiting"])
         first, second, third = placed["vm_ids"]
-        self.assertEqual([s["vm"] for s in (yield take(cheap.started, 2))], [first, second])
-        self.assertEqual((yield within(middling.started.get()))["vm"], third)
+        self.assertEqual([s["vm"] for s in (yield self.take(cheap.started, 2))], [first, second])
+        self.assertEqual((yield self.within(middling.started.get()))["vm"], third)
         self.assertEqual(len(dear.started.pending), 0)
         leases = (yield self.call(self.cli, commands.ListLeases))["leases"]
         self.assertEqual(sorted((lease["vm"], lease["seller"], lease["price"]) for lease in leases),
@@ -122,12 +121,12 @@ class MatchingTests(OrderCase):
 
         # A seller that passes comes online: the oldest waiting VM goes there.
         cheap, _, _ = yield self.seller("cheap", cores=1, price=20_000)
-        self.assertEqual((yield within(cheap.started.get()))["vm"], placed["vm_ids"][0])
+        self.assertEqual((yield self.within(cheap.started.get()))["vm"], placed["vm_ids"][0])
         # The dear seller lowers its price while it runs: the other VM goes there.
         dearCli = yield self.connect("cli", *dearWho)
         terms = yield self.call(dearCli, commands.SetTerms, price=25_000)
         self.assertEqual(terms["price"], 25_000)
-        self.assertEqual((yield within(dear.started.get()))["vm"], placed["vm_ids"][1])
+        self.assertEqual((yield self.within(dear.started.get()))["vm"], placed["vm_ids"][1])
 
     @defer.inlineCallbacks
     def test_terms_are_kept_across_reconnections(self):
@@ -147,8 +146,8 @@ class MatchingTests(OrderCase):
         seller, _, _ = yield self.seller("small", cores=3)
         results = yield defer.gatherResults([self.order(vms=2) for _ in range(15)])
         self.assertEqual(sum(r["allocated"] for r in results), 3)
-        starts = yield take(seller.started, 3)
-        yield sleep(0.3)
+        starts = yield self.take(seller.started, 3)
+        yield self.sleep(0.3)
         self.assertEqual(len(seller.started.pending), 0)
         self.assertEqual(len({s["vm"] for s in starts}), 3)
         self.assertEqual(self.market.orders.used(self.market.sellers()[0]), (3, 768))
@@ -187,7 +186,7 @@ class MatchingTests(OrderCase):
     def test_only_a_leases_buyer_rates_it_once_and_the_rating_is_shown(self):
         seller, _, _ = yield self.seller("rated", cores=1, price=6_000_000)
         placed = yield self.order()
-        yield within(seller.started.get())
+        yield self.within(seller.started.get())
         [lease] = (yield self.call(self.cli, commands.ListLeases))["leases"]
         self.assertIsNone(lease["ended"])
 
@@ -226,7 +225,7 @@ class MatchingTests(OrderCase):
 
         # The lease ends with its VM.
         yield self.call(self.cli, commands.CancelOrder, order=placed["order"])
-        yield sleep(0.2)
+        yield self.sleep(0.2)
         [lease] = (yield self.call(self.cli, commands.ListLeases))["leases"]
         self.assertEqual(lease["reason"], "the order was cancelled")
         self.assertGreaterEqual(lease["ended"], lease["started"])
@@ -252,7 +251,7 @@ class BillingTests(OrderCase):
         self.carol = yield self.register("carol")
         self.carolCli = yield self.connect("cli", *self.carol)
         self.carolSha, _, _ = yield defer.ensureDeferred(
-            upload.upload(reactor, self.carolCli, self.iso))
+            upload.upload(self.reactor, self.carolCli, self.iso))
         self.seller = yield self.program("seller", self.sam)
         # 3.60 a core-hour: 1000 micro-units a core-second.
         yield self.call(self.seller, commands.Offer, cores=2, memory=4096, price=3_600_000)
@@ -271,7 +270,7 @@ class BillingTests(OrderCase):
     def test_a_buyer_without_funds_waits_until_funds_come(self):
         placed = yield self.place()
         self.assertEqual(placed["allocated"], 1)   # capacity was found ...
-        yield sleep(0.2)
+        yield self.sleep(0.2)
         [vm] = (yield self.call(self.carolCli, commands.ListVMs))["vms"]
         self.assertEqual(vm["state"], "pending")   # ... but not paid for
         self.assertIn("the buyer's funds ran out; add funds with 'cpushare funds add'",
@@ -281,11 +280,11 @@ class BillingTests(OrderCase):
         # Alice's VMs are not held back by carol's empty purse.
         alice = yield self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=1, cores=1,
                                 memory=256)
-        self.assertEqual((yield within(self.seller.started.get()))["vm"], alice["vm_ids"][0])
+        self.assertEqual((yield self.within(self.seller.started.get()))["vm"], alice["vm_ids"][0])
 
         yield self.store.run(admin.credit, "carol", 5 * MICRO, "trial credit")
         yield self.market.billing.tick()
-        self.assertEqual((yield within(self.seller.started.get()))["vm"], vm["vm"])
+        self.assertEqual((yield self.within(self.seller.started.get()))["vm"], vm["vm"])
         held = (yield self.balances("carol"))[ledger.HELD]
         self.assertEqual(held, 600 * 1000)         # a 600 s window of one core
 
@@ -294,7 +293,7 @@ class BillingTests(OrderCase):
         yield self.store.run(admin.credit, "carol", 150_000, "a little")
         placed = yield self.place()
         [vmId] = placed["vm_ids"]
-        yield within(self.seller.started.get())
+        yield self.within(self.seller.started.get())
         yield self.showLife(self.seller, vmId)
         self.assertEqual((yield self.balances("carol"))[ledger.HELD], 150_000)
         self.market.billing.interval = 60.0
@@ -306,14 +305,14 @@ class BillingTests(OrderCase):
                                              " live_since = live_since - 110"))
         yield self.market.billing.tick()
         # 0.05 left cannot hold an interval at full tilt (0.06): stopped.
-        self.assertEqual((yield within(self.seller.stopped.get())), vmId)
+        self.assertEqual((yield self.within(self.seller.stopped.get())), vmId)
         [vm] = (yield self.call(self.carolCli, commands.ListVMs))["vms"]
         self.assertEqual(vm["state"], "stopped")
         self.assertIn("the buyer's funds ran out", vm["reason"])
         # The seller reports the VM's last CPU seconds: the lease is settled.
         yield self.call(self.seller, commands.VMState, vm=vmId, state="stopped",
                         cpu_seconds=104.5)
-        yield sleep(0.2)
+        yield self.sleep(0.2)
         [lease] = (yield self.call(self.carolCli, commands.ListLeases))["leases"]
         self.assertEqual((lease["cpu_seconds"], lease["charged"]), (104.5, 104_500))
         self.assertEqual((lease["cpu_cost"], lease["net_cost"], lease["held"]), (104_500, 0, 0))
@@ -331,7 +330,7 @@ class BandwidthTests(OrderCase):
         seller = yield self.program("seller", self.sam)
         yield self.call(seller, commands.Offer, cores=1, memory=1024)
         [session] = self.market.sellers()
-        down, up = yield defer.ensureDeferred(measure.bandwidth(reactor, session, count=4))
+        down, up = yield defer.ensureDeferred(measure.bandwidth(self.reactor, session, count=4))
         # Loopback in one process: far more than any WAN, and both ways measured.
         self.assertGreater(down, 10.0)
         self.assertGreater(up, 10.0)
@@ -339,7 +338,7 @@ class BandwidthTests(OrderCase):
         for _ in range(100):
             if session.bandwidthMbps is not None:
                 break
-            yield sleep(0.1)
+            yield self.sleep(0.1)
         [listed] = (yield self.call(self.cli, commands.ListSellers, offset=0,
                                     min_bandwidth=1.0))["sellers"]
         self.assertGreater(listed["bandwidth_mbps"], 1.0)
@@ -355,7 +354,7 @@ class BandwidthTests(OrderCase):
         yield self.call(seller, commands.Offer, cores=1, memory=1024)
         [session] = self.market.sellers()
         with self.assertRaises(measure.UnprovenAnswers) as e:
-            yield defer.ensureDeferred(measure.bandwidth(reactor, session, count=2))
+            yield defer.ensureDeferred(measure.bandwidth(self.reactor, session, count=2))
         self.assertIn("2 of 2 answers to Probe did not carry the bytes asked for",
                       str(e.exception))
 
@@ -383,11 +382,11 @@ class BenchSellerControl(FakeSellerControl):
             if session.cheat:
                 digest = "0" * 64
             answer = f"{line}\r\nCPUSHARE-BENCH-RESULT {nonce} {digest}\r\n/ # \x1b[6n"
-            reactor.callLater(0.05, session.sendFrame, channel, answer.encode())
+            session.reactor.callLater(0.05, session.sendFrame, channel, answer.encode())
 
         session.routes[channel] = typed
         if not session.silent:
-            reactor.callLater(0.05, session.sendFrame, channel,
+            session.reactor.callLater(0.05, session.sendFrame, channel,
                               b"boot...\r\nCPUSHARE-READY mac=x ip=none\r\n/ # \x1b[6n")
         return {}
 
@@ -419,11 +418,11 @@ class CPUBenchTests(OrderCase):
     @defer.inlineCallbacks
     def test_the_market_times_a_benchmark_vm_on_the_seller_and_keeps_the_score(self):
         score = yield self.measure()
-        started = yield within(self.seller.started.get())
+        started = yield self.within(self.seller.started.get())
         self.assertEqual((started["cores"], started["memory"]), (1, 256))
         self.assertEqual(started["image"], self.market.cpubench.sha256)
         # The VM is stopped at once, and it cost nobody anything.
-        self.assertEqual((yield within(self.seller.stopped.get())), started["vm"])
+        self.assertEqual((yield self.within(self.seller.stopped.get())), started["vm"])
         self.assertGreater(score, 0)
         self.assertEqual(self.session.cpuScore, score)
         [listed] = (yield self.call(self.cli, commands.ListSellers, offset=0,
@@ -448,10 +447,10 @@ class CPUBenchTests(OrderCase):
     @defer.inlineCallbacks
     def test_no_benchmark_when_the_seller_has_no_room(self):
         yield self.order()
-        yield within(self.seller.started.get())
+        yield self.within(self.seller.started.get())
         self.assertIsNone((yield self.measure()))
         self.assertEqual(len(self.seller.started.pending), 0)
-        yield sleep(0.1)    # the order's VM has its console up
+        yield self.sleep(0.1)    # the order's VM has its console up
 
     def order(self):
         return self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=1, cores=1,
@@ -462,25 +461,25 @@ class CPUBenchTests(OrderCase):
         from cpushare.server.market.orders import Orders
         yield self.call(self.seller, commands.Offer, cores=2, memory=1024)
         yield self.order()
-        buyerVM = (yield within(self.seller.started.get()))["vm"]
+        buyerVM = (yield self.within(self.seller.started.get()))["vm"]
         self.seller.silent = True
         self.market.cpubench.timeout = 30.0
         measuring = self.measure()
-        benchVM = (yield within(self.seller.started.get()))["vm"]
-        yield sleep(0.2)
+        benchVM = (yield self.within(self.seller.started.get()))["vm"]
+        yield self.sleep(0.2)
         # The market server restarts: its orders are loaded from the database.
         restarted = Orders(self.market, grace=60)
         self.addCleanup(restarted.stop)
         yield defer.ensureDeferred(restarted.load())
         self.assertEqual(sorted(restarted.vms), [buyerVM])
         self.assertEqual(restarted.vms[buyerVM].state, "detached")
-        yield sleep(0.2)
+        yield self.sleep(0.2)
         state = yield self.store.run(lambda c: c.execute(
             "SELECT state, reason FROM vms WHERE id = ?", (benchVM,)).fetchone())
         self.assertEqual(tuple(state), ("stopped", "the market server restarted"))
         # The benchmark does not wait for a VM that ended.
         self.market.orders._end(self.market.orders.vms[benchVM], "failed", "QEMU crashed")
-        self.assertIsNone((yield within(measuring)))
+        self.assertIsNone((yield self.within(measuring)))
 
 
 def test_measurements_and_benchmarks_wait_for_a_free_slot():

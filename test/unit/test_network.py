@@ -6,6 +6,7 @@ import subprocess
 import sys
 import tempfile
 
+import pytest
 from twisted.internet import reactor as globalReactor
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
@@ -62,6 +63,7 @@ def test_a_vm_gets_an_address_and_the_buyer_can_ask_for_it(monkeypatch):
 
 class StaleSocketTests(unittest.TestCase):
 
+    @pytest.mark.slow
     def test_the_socket_of_a_dead_buyer_is_replaced(self):
         # A buyer that died left its socket and its lock behind; a new one takes over.
         folder = tempfile.mkdtemp(prefix="cpushare-test-")

@@ -1,9 +1,10 @@
 """
-Orders, VM placement, the VM lifecycle and the buyer's network links, on a
-real server in this process with fake seller and buyer programs.
+Orders, VM placement, the VM lifecycle and the buyer's network links, on
+the market in memory (test/fakemarket.py) with fake seller and buyer
+programs.
 """
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 
 from cpushare.client.cli import upload
 from cpushare.money import MICRO
@@ -15,7 +16,6 @@ from cpushare.protocol import commands
 from cpushare.protocol.commands import consoleChannel, nicChannel
 
 from test.unit import test_session
-from test.unit.test_session import sleep
 
 
 class FakeSellerControl(ClientControl):
@@ -52,14 +52,6 @@ class FakeProgram(ClientSession):
         self.detached = defer.DeferredQueue()
 
 
-def within(d, seconds=5):
-    return d.addTimeout(seconds, reactor)
-
-
-def take(queue, n):
-    return defer.gatherResults([within(queue.get()) for _ in range(n)])
-
-
 class OrderCase(test_session.ImageCase):
     """A market with alice (buyer, an image uploaded) and sam (seller) registered."""
 
@@ -79,20 +71,10 @@ class OrderCase(test_session.ImageCase):
         self.aliceId = (yield self.cli.control.callRemote(commands.WhoAmI))["account_id"]
         yield self.store.run(admin.credit, "alice", 100 * MICRO, "funds for the tests")
         self.iso = self.makeFile(300000, b"livecd")
-        self.sha, _, _ = yield defer.ensureDeferred(upload.upload(reactor, self.cli, self.iso))
+        self.sha, _, _ = yield defer.ensureDeferred(upload.upload(self.reactor, self.cli, self.iso))
 
     def program(self, role, who):
         return self.connect(role, *who, sessionClass=FakeProgram)
-
-    def connect(self, role="buyer", key=None, cert=None, hello=True, ca=None, sessionClass=None):
-        from cpushare import pki
-        from cpushare.client.session import connectOnce, endpointFor
-        endpoint = endpointFor(reactor, "localhost", self.portNumber,
-                               ca or self.credentials.caPEM, key and pki.keyToPEM(key), cert)
-        kw = {"sessionClass": sessionClass} if sessionClass else {}
-        d = connectOnce(reactor, endpoint, role, hello=hello, host="localhost",
-                        port=self.portNumber, **kw)
-        return d.addCallback(lambda s: (self.addCleanup(self.close, s), s)[1])
 
     @defer.inlineCallbacks
     def offer(self, seller, cores, memory):
@@ -115,7 +97,7 @@ class OrderCase(test_session.ImageCase):
         for _ in range(100):
             if (yield self.store.run(alive)):
                 return
-            yield sleep(0.05)
+            yield self.sleep(0.05)
         self.fail(f"VM {vmId} never showed life")
 
     @defer.inlineCallbacks
@@ -125,7 +107,7 @@ class OrderCase(test_session.ImageCase):
         yield self.offer(seller, 1, 1024)
         [vm] = (yield self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=1,
                                 cores=1, memory=256))["vm_ids"]
-        yield within(seller.started.get())
+        yield self.within(seller.started.get())
         return seller, vm
 
 
@@ -141,12 +123,12 @@ class OrderTests(OrderCase):
                                  cores=1, memory=256)
         self.assertEqual(placed["allocated"], 2)
         first, second, third = placed["vm_ids"]
-        starts = yield take(seller.started, 2)
+        starts = yield self.take(seller.started, 2)
         self.assertEqual([s["vm"] for s in starts], [first, second])
         self.assertEqual({s["image"] for s in starts}, {self.sha})
         self.assertEqual(starts[0]["mac"], "0a:cb:" + ":".join(
             f"{b:02x}" for b in first.to_bytes(4, "big")))
-        attached = yield take(buyer.attached, 2)
+        attached = yield self.take(buyer.attached, 2)
         self.assertEqual([vm for vm, mac in attached], [first, second])
 
         # The seller fetches the image it was told to boot, and only that.
@@ -164,11 +146,11 @@ class OrderTests(OrderCase):
         fromVM = defer.DeferredQueue()
         buyer.routes[nicChannel(first)] = fromVM.put
         seller.sendFrame(nicChannel(first), b"\xff" * 6 + b"frame from the VM")
-        self.assertEqual((yield within(fromVM.get())), b"\xff" * 6 + b"frame from the VM")
+        self.assertEqual((yield self.within(fromVM.get())), b"\xff" * 6 + b"frame from the VM")
         toVM = defer.DeferredQueue()
         seller.routes[nicChannel(first)] = toVM.put
         buyer.sendFrame(nicChannel(first), b"reply")
-        self.assertEqual((yield within(toVM.get())), b"reply")
+        self.assertEqual((yield self.within(toVM.get())), b"reply")
 
         yield self.call(seller, commands.VMState, vm=first, state="running", cpu_seconds=1.5)
         listed = (yield self.call(self.cli, commands.ListVMs))["vms"]
@@ -180,9 +162,9 @@ class OrderTests(OrderCase):
 
         # Stopping one frees its capacity; the waiting VM is placed at once.
         yield self.call(self.cli, commands.StopVM, vm=first)
-        self.assertEqual((yield within(seller.stopped.get())), first)
-        self.assertEqual((yield within(buyer.detached.get()))[0], first)
-        self.assertEqual((yield within(seller.started.get()))["vm"], third)
+        self.assertEqual((yield self.within(seller.stopped.get())), first)
+        self.assertEqual((yield self.within(buyer.detached.get()))[0], first)
+        self.assertEqual((yield self.within(seller.started.get()))["vm"], third)
         listed = {v["vm"]: v for v in (yield self.call(self.cli, commands.ListVMs))["vms"]}
         self.assertEqual(listed[first]["state"], "stopped")
         self.assertEqual(listed[first]["reason"], "stopped by the buyer")
@@ -200,7 +182,7 @@ class OrderTests(OrderCase):
         placed = yield self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=1,
                                  cores=1, memory=256)
         [vm] = placed["vm_ids"]
-        yield within(seller.started.get())
+        yield self.within(seller.started.get())
         for command, kw in ((commands.StopVM, {"vm": vm}),
                             (commands.AttachConsole, {"vm": vm})):
             with self.assertRaises(commands.NoSuchVM):
@@ -211,7 +193,7 @@ class OrderTests(OrderCase):
         self.assertEqual((yield self.call(bobCLI, commands.ListVMs))["vms"], [])
         seller.sendFrame(nicChannel(vm), b"\xff" * 14)
         seller.sendFrame(consoleChannel(vm), b"console")
-        yield sleep(0.2)
+        yield self.sleep(0.2)
         self.assertEqual(seen, [])
 
     @defer.inlineCallbacks
@@ -238,10 +220,10 @@ class OrderTests(OrderCase):
         buyer = yield self.program("buyer", self.alice)
         [vm] = (yield self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=1,
                                 cores=1, memory=256))["vm_ids"]
-        yield within(seller.started.get())
+        yield self.within(seller.started.get())
         yield self.call(seller, commands.VMState, vm=vm, state="running", cpu_seconds=0.0)
         yield self.close(seller)
-        yield sleep(0.1)
+        yield self.sleep(0.1)
         listed = (yield self.call(self.cli, commands.ListVMs))["vms"]
         self.assertEqual(listed[0]["state"], "detached")
         self.assertIn("seller disconnected", listed[0]["reason"])
@@ -255,7 +237,7 @@ class OrderTests(OrderCase):
         fromVM = defer.DeferredQueue()
         buyer.routes[nicChannel(vm)] = fromVM.put
         again.sendFrame(nicChannel(vm), b"still here")
-        self.assertEqual((yield within(fromVM.get())), b"still here")
+        self.assertEqual((yield self.within(fromVM.get())), b"still here")
 
         # Another seller cannot claim the VM.
         mallory = yield self.register("mallory")
@@ -270,7 +252,7 @@ class OrderTests(OrderCase):
         ben = yield self.register("ben")
         other = yield self.program("seller", ben)
         yield self.offer(other, 2, 2048)
-        started = yield within(other.started.get())
+        started = yield self.within(other.started.get())
         self.assertEqual(started["vm"], vm)
         listed = (yield self.call(self.cli, commands.ListVMs))["vms"]
         self.assertEqual((listed[0]["state"], listed[0]["seller"]), ("allocated", "ben"))
@@ -284,7 +266,7 @@ class OrderTests(OrderCase):
         ben = yield self.register("ben")
         other = yield self.program("seller", ben)
         yield self.offer(other, 1, 1024)
-        yield within(other.started.get())
+        yield self.within(other.started.get())
         yield self.showLife(other, vm)
         listed = (yield self.call(self.cli, commands.ListVMs))["vms"][0]
         self.assertEqual((listed["seller"], listed["cpu_seconds"]), ("ben", 0.0))
@@ -293,9 +275,11 @@ class OrderTests(OrderCase):
         self.assertEqual((listed["state"], listed["cpu_seconds"]), ("running", 2.0))
 
         # An hour on, ben's lease is billed the 2 CPU seconds ben gave, not sam's 50.
+        clock = self.reactor
+
         class HourLater:
             def seconds(self):
-                return reactor.seconds() + 3600
+                return clock.seconds() + 3600
 
         self.patch(self.market.billing, "reactor", HourLater())
         yield self.market.billing.tick()
@@ -308,24 +292,24 @@ class OrderTests(OrderCase):
         seller, vm = yield self.runOne()
         seller.sendFrame(consoleChannel(vm), b"booting...\r\n")
         seller.sendFrame(consoleChannel(vm), b"CPUSHARE-READY ip=10.77.0.100/24\r\n")
-        yield sleep(0.1)
+        yield self.sleep(0.1)
         output = defer.DeferredQueue()
         self.cli.routes[consoleChannel(vm)] = output.put
         answer = yield self.call(self.cli, commands.AttachConsole, vm=vm)
         self.assertEqual(answer["channel"], consoleChannel(vm))
-        self.assertEqual((yield within(output.get())),
+        self.assertEqual((yield self.within(output.get())),
                          b"booting...\r\nCPUSHARE-READY ip=10.77.0.100/24\r\n")
         seller.sendFrame(consoleChannel(vm), b"# ")
-        self.assertEqual((yield within(output.get())), b"# ")
+        self.assertEqual((yield self.within(output.get())), b"# ")
         typed = defer.DeferredQueue()
         seller.routes[consoleChannel(vm)] = typed.put
         self.cli.sendFrame(consoleChannel(vm), b"uname -a\n")
-        self.assertEqual((yield within(typed.get())), b"uname -a\n")
+        self.assertEqual((yield self.within(typed.get())), b"uname -a\n")
         # When the VM ends, the console says why.
         ended = defer.Deferred()
         self.cli.channelUnlinked = lambda channel, reason: ended.callback(reason)
         yield self.call(self.cli, commands.StopVM, vm=vm)
-        self.assertIn("stopped by the buyer", (yield within(ended)))
+        self.assertIn("stopped by the buyer", (yield self.within(ended)))
 
     @defer.inlineCallbacks
     def test_cancelling_an_order_stops_its_vms_and_the_waiting_ones(self):
@@ -334,15 +318,15 @@ class OrderTests(OrderCase):
         placed = yield self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=2,
                                  cores=1, memory=256)
         first, second = placed["vm_ids"]
-        yield within(seller.started.get())
+        yield self.within(seller.started.get())
         answer = yield self.call(self.cli, commands.CancelOrder, order=placed["order"])
         self.assertEqual(answer["stopped"], 2)
-        self.assertEqual((yield within(seller.stopped.get())), first)
+        self.assertEqual((yield self.within(seller.stopped.get())), first)
         listed = {v["vm"]: v for v in (yield self.call(self.cli, commands.ListVMs))["vms"]}
         self.assertEqual({listed[first]["state"], listed[second]["state"]}, {"stopped"})
         self.assertEqual(listed[second]["reason"], "the order was cancelled")
         # The freed capacity does not start anything else of the order.
-        yield sleep(0.2)
+        yield self.sleep(0.2)
         self.assertEqual(seller.started.pending, [])
         # The seller's last report of a VM the market stopped is its CPU time.
         yield self.call(seller, commands.VMState, vm=first, state="stopped", cpu_seconds=4.5)
@@ -364,14 +348,14 @@ class OrderTests(OrderCase):
         second = yield self.program("buyer", self.alice)
         [vm] = (yield self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=1,
                                 cores=1, memory=256))["vm_ids"]
-        self.assertEqual((yield within(first.attached.get()))[0], vm)
+        self.assertEqual((yield self.within(first.attached.get()))[0], vm)
         self.assertEqual(second.attached.pending, [])
         yield self.close(first)
-        self.assertEqual((yield within(second.attached.get()))[0], vm)
+        self.assertEqual((yield self.within(second.attached.get()))[0], vm)
         frames = defer.DeferredQueue()
         second.routes[nicChannel(vm)] = frames.put
         seller.sendFrame(nicChannel(vm), b"\xff" * 14)
-        self.assertEqual((yield within(frames.get())), b"\xff" * 14)
+        self.assertEqual((yield self.within(frames.get())), b"\xff" * 14)
 
     @defer.inlineCallbacks
     def test_a_vm_that_ended_while_its_seller_was_away_is_reported_on_return(self):
@@ -389,7 +373,7 @@ class OrderTests(OrderCase):
         [other] = (yield self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=1,
                                    cores=1, memory=256))["vm_ids"]
         yield self.offer(again, 1, 1024)
-        yield within(again.started.get())
+        yield self.within(again.started.get())
         mallory = yield self.register("mallory")
         intruder = yield self.program("seller", mallory)
         with self.assertRaises(commands.NoSuchVM):

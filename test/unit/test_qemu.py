@@ -151,6 +151,7 @@ class ProbeTests(unittest.TestCase):
 
     timeout = 30
 
+    @pytest.mark.slow
     def test_the_probe_guest_runs_under_tcg(self):
         d = defer.ensureDeferred(
             probe.accelWorks(reactor, shutil.which("qemu-system-x86_64"), "tcg"))

@@ -11,14 +11,13 @@ import re
 
 import pytest
 from twisted.internet.testing import MemoryReactorClock
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.logger import capturedLogs, formatEvent
 from twisted.protocols import amp
 from twisted.test import iosim
 
 from cpushare.client import marketchecks
-from cpushare import pki
-from cpushare.client.session import ClientSessionFactory, ConnectError, endpointFor
+from cpushare.client.session import ClientSessionFactory, ConnectError
 from cpushare.client.seller.service import SellerControl, SellerSession
 from cpushare.client.seller.vmhost import VMHost
 from cpushare.protocol import commands, proof
@@ -339,9 +338,7 @@ class HostileHeartbeatTests(test_session.MarketCase):
             self.sam = yield self.register("sam")
         self.lieInHello(heartbeat, timeout)
         key, cert = self.sam
-        endpoint = endpointFor(reactor, "localhost", self.portNumber, self.credentials.caPEM,
-                               pki.keyToPEM(key), cert)
-        session = yield endpoint.connect(ClientSessionFactory(reactor, "seller"))
+        session = yield self.endpoint(cert).connect(ClientSessionFactory(self.reactor, "seller"))
         why = None
         try:
             yield session.ready
@@ -422,7 +419,7 @@ def test_mutated_starts_run_nothing_unless_they_are_honest(tmp_path):
 
 
 class RecordingProxy:
-    """The real reactor, except that processes and adopted sockets are only recorded."""
+    """A reactor, except that processes and adopted sockets are only recorded."""
 
     def __init__(self, real):
         self._real = real
@@ -439,25 +436,24 @@ class RecordingProxy:
         return getattr(self._real, name)
 
 
-class HostileMarketOverTLSTests(test_session.MarketCase):
+class HostileMarketOverTheWireTests(test_session.MarketCase):
     """
-    The market's own server code, over real TLS on loopback, sending a
-    seller hostile StartVMs on its live connection: the refusals travel the
-    real wire and the seller stays connected.
+    The market's own server code, joined to a real seller session in memory
+    (test/fakemarket.py), sending it hostile StartVMs on its live
+    connection: the refusals travel the real wire format and the seller
+    stays connected.
     """
 
     @defer.inlineCallbacks
     def test_hostile_starts_over_the_wire_run_nothing(self):
         key, cert = yield self.register("sam")
-        proxy = RecordingProxy(reactor)
+        proxy = RecordingProxy(self.reactor)
         folder = self.mktemp()
         os.makedirs(folder)
         host = VMHost(proxy, FakeCache(folder), "/usr/bin/qemu-system-x86_64",
                       cores=2, memory=1024)
-        endpoint = endpointFor(reactor, "localhost", self.portNumber, self.credentials.caPEM,
-                               pki.keyToPEM(key), cert)
-        seller = yield endpoint.connect(ClientSessionFactory(
-            reactor, "seller", sessionClass=SellerSession, host=host))
+        seller = yield self.endpoint(cert).connect(ClientSessionFactory(
+            self.reactor, "seller", sessionClass=SellerSession, host=host))
         info = yield seller.ready
         market = self.market.sessions[info["session"]]
         for hostile, field in HOSTILE_STARTS[::3]:

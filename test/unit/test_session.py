@@ -1,83 +1,22 @@
 """
-The server and client sessions in one process, over real TLS on loopback:
-registration, mutual authentication, refusals, and the relay.
+The server and client sessions, joined in memory on a clock
+(test/fakemarket.py): registration, authentication, refusals, uploads and
+the relay.  The refusals that TLS itself makes are in
+test/integration/test_session_tls.py.
 """
 
 import os
-import shutil
-import tempfile
 
-from twisted.internet import defer, reactor
-from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.trial import unittest
+from twisted.internet import defer
 
 from cpushare import pki
-from cpushare.client.session import ConnectError, connectOnce, endpointFor
 from cpushare.protocol import commands
-from cpushare.server.credentials import loadOrCreate
-from cpushare.server.market.market import Market
-from cpushare.server.session import MarketFactory
-from cpushare.server.db.store import Store
+
+from test import fakemarket
 
 
-def sleep(seconds):
-    d = defer.Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    return d
-
-
-class MarketCase(unittest.TestCase):
-    """A market server in this process, on loopback, with real TLS."""
-
-    timeout = 30
-
-    @defer.inlineCallbacks
-    def setUp(self):
-        data = tempfile.mkdtemp(prefix="cpushare-test-")
-        self.addCleanup(shutil.rmtree, data, True)
-        self.credentials = loadOrCreate(data, "localhost")
-        self.store = Store(reactor, data + "/market.sqlite")
-        self.store.startService()
-        self.addCleanup(self.store.stopService)
-        yield self.store.open()
-        self.market = Market(reactor, self.store, self.credentials, heartbeat=0.2, timeout=2)
-        self.addCleanup(self.market.orders.stop)
-        factory = TLSMemoryBIOFactory(
-            self.credentials.serverTLS(), False, MarketFactory(self.market)
-        )
-        self.port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
-        self.addCleanup(self.port.stopListening)
-        self.portNumber = self.port.getHost().port
-
-    def connect(self, role="buyer", key=None, cert=None, hello=True, ca=None):
-        endpoint = endpointFor(
-            reactor, "localhost", self.portNumber, ca or self.credentials.caPEM,
-            key and pki.keyToPEM(key), cert,
-        )
-        d = connectOnce(reactor, endpoint, role, hello=hello,
-                        host="localhost", port=self.portNumber)
-
-        def track(session):
-            self.addCleanup(self.close, session)
-            return session
-
-        return d.addCallback(track)
-
-    def close(self, session):
-        if session.connected:
-            session.transport.loseConnection()
-            return session.whenLost()
-
-    @defer.inlineCallbacks
-    def register(self, name):
-        key = pki.generateKey()
-        session = yield self.connect(hello=False)
-        result = yield session.control.callRemote(
-            commands.Register, name=name, csr=pki.makeRequest(key, name)
-        )
-        yield self.close(session)
-        return key, result["certificate"]
+class MarketCase(fakemarket.MarketCase):
+    """A market on a clock, with client sessions joined to it in memory."""
 
 
 class MarketTests(MarketCase):
@@ -98,7 +37,7 @@ class MarketTests(MarketCase):
         key, cert = yield self.register("alice")
         session = yield self.connect("seller", key, cert)
         yield session.control.callRemote(commands.Offer, cores=1, memory=64)
-        yield sleep(0.7)
+        yield self.sleep(0.7)
         self.assertIsNotNone(session.heartbeat.latencyMs())
         page = yield session.control.callRemote(commands.ListSellers, offset=0)
         self.assertGreater(page["sellers"][0]["latency_ms"], 0)
@@ -109,23 +48,6 @@ class MarketTests(MarketCase):
         with self.assertRaises(commands.NotAuthenticated) as e:
             yield session.control.callRemote(commands.Hello, role="seller", software="x")
         self.assertIn("no client certificate", str(e.exception))
-
-    @defer.inlineCallbacks
-    def test_a_certificate_from_another_ca_is_refused(self):
-        otherKey, otherCA = pki.createAuthority("someone else")
-        key = pki.generateKey()
-        cert = pki.signClientRequest(otherKey, otherCA, pki.makeRequest(key, "mallory"), "mallory")
-        with self.assertRaises(ConnectError) as e:
-            yield self.connect("seller", key, cert)
-        self.assertIn("refused this client's certificate", str(e.exception))
-        self.assertEqual(self.market.sessions, {})
-
-    @defer.inlineCallbacks
-    def test_the_client_refuses_a_server_signed_by_another_ca(self):
-        _, otherCA = pki.createAuthority("someone else")
-        with self.assertRaises(ConnectError) as e:
-            yield self.connect(hello=False, ca=pki.certToPEM(otherCA))
-        self.assertIn("not trusted", str(e.exception))
 
     @defer.inlineCallbacks
     def test_registration_refuses_bad_names_and_taken_names(self):
@@ -194,18 +116,9 @@ class MarketTests(MarketCase):
 
 
 class ImageCase(MarketCase):
-    """A market with an image store."""
+    """A market with an image store (a quota of 3 MiB)."""
 
-    @defer.inlineCallbacks
-    def setUp(self):
-        yield MarketCase.setUp(self)
-        from cpushare.server.images import ImageStore
-        self.images = ImageStore(reactor, self.store, tempfile.mkdtemp(prefix="cpushare-img-"),
-                                 quota=3 * 1024 * 1024)
-        self.addCleanup(shutil.rmtree, self.images.folder, True)
-        self.images.start()
-        self.addCleanup(self.images.stop)
-        self.market.images = self.images
+    withImages = True
 
     def makeFile(self, size, seed=b"x"):
         path = os.path.join(self.images.folder, f"upload-{size}-{seed.hex()}.iso")
@@ -226,7 +139,7 @@ class ImageTests(ImageCase):
         path = self.makeFile(1000003, b"abc")
         seen = []
         sha256, size, sent = yield defer.ensureDeferred(
-            upload.upload(reactor, session, path, progress=seen.append))
+            upload.upload(self.reactor, session, path, progress=seen.append))
         self.assertTrue(sent)
         self.assertEqual((sha256, size), hashFile(path))
         self.assertEqual(seen[-1], size)
@@ -235,12 +148,12 @@ class ImageTests(ImageCase):
         listed = yield session.control.callRemote(commands.ListImages)
         self.assertEqual([(i["sha256"], i["size"], i["name"]) for i in listed["images"]],
                          [(sha256, size, os.path.basename(path))])
-        _, _, sent = yield defer.ensureDeferred(upload.upload(reactor, session, path))
+        _, _, sent = yield defer.ensureDeferred(upload.upload(self.reactor, session, path))
         self.assertFalse(sent)
         # Another account holding the same image still has to send it.
         otherKey, otherCert = yield self.register("bob")
         other = yield self.connect("cli", otherKey, otherCert)
-        _, _, sent = yield defer.ensureDeferred(upload.upload(reactor, other, path))
+        _, _, sent = yield defer.ensureDeferred(upload.upload(self.reactor, other, path))
         self.assertTrue(sent)
         self.assertEqual(os.listdir(self.images.incoming), [])
 

@@ -13,7 +13,7 @@ from twisted.python.failure import Failure
 
 from cpushare.server import admission
 from cpushare.server.session import REFUSED_GRACE, MarketFactory
-from test.unit.memorymarket import LogCapture, MemoryMarket, Replies, command, control
+from test.fakemarket import LogCapture, MemoryMarket, Replies, command, control
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from cpushare.protocol.states import (
     ACTIVE, OVER, REPORTED, TRANSITIONS, IllegalTransition, VMLife, VMState)
 from cpushare.server import admin
 
-from test.unit.memorymarket import LogCapture, MemoryMarket, Replies, command, control
+from test.fakemarket import LogCapture, MemoryMarket, Replies, command, control
 
 ALL_PAIRS = list(itertools.product(VMState, VMState))
 

@@ -105,6 +105,7 @@ class Handshake:
         return self.client.version(), self.client.cipher()[0]
 
 
+@pytest.mark.slow  # a scan: a handshake for every cipher suite OpenSSL knows
 @pytest.mark.parametrize("kind", ["ec", "rsa"])
 def test_only_tls_1_3_and_1_2_with_aead_suites_are_offered(kind):
     assert Handshake(kind).connect()[0] == "TLSv1.3"
