@@ -24,7 +24,6 @@ to bench/results/relay_cost.json.
 
 import argparse
 import importlib.util
-import json
 import os
 import re
 import subprocess
@@ -39,6 +38,8 @@ from twisted.internet.testing import StringTransport  # noqa: E402
 from twisted.protocols import amp  # noqa: E402
 
 from cpushare.protocol import mux  # noqa: E402
+
+import stats  # noqa: E402
 
 
 def load(path, name):
@@ -146,11 +147,9 @@ def countInstructions(args):
         print(f"{r['size']:5d} B {r['tree']:5s} {'metered' if r['metered'] else 'plain':7s}"
               f" {r['instructions_per_frame']:7d} instructions a frame"
               + "".join(f", {k} {v:.3f}" for k, v in r.items() if k.startswith("ratio")))
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "relay_cost.json"), "w") as f:
-        json.dump({"benchmark": "relay_cost", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                   "frames": [FEW, MANY], "other": args.other, "rows": rows}, f, indent=2)
-        f.write("\n")
+    stats.write(stats.resultPath("relay_cost"), {
+        "benchmark": "relay_cost", "date": stats.now(),
+        "frames": [FEW, MANY], "other": args.other, "rows": rows})
 
 
 def main():

@@ -16,7 +16,6 @@ benchmarks only measure: no speed makes them fail.
 """
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -32,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import connections as connectionsBench  # noqa: E402
 import relay as relayBench  # noqa: E402
+import stats  # noqa: E402
 from procs import BenchError, Children, register, startServer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -57,7 +57,7 @@ def parser():
     p.add_argument("--only", default=",".join(BENCHMARKS),
                    help="comma-separated benchmarks to run (default: all of "
                         + ", ".join(BENCHMARKS) + ")")
-    p.add_argument("--results", default=os.path.join(HERE, "results"),
+    p.add_argument("--results", default=stats.RESULTS,
                    help="folder for the JSON results (default: bench/results)")
     p.add_argument("--keep", action="store_true",
                    help="keep the temporary folder (data, homes, logs) after the run")
@@ -149,7 +149,7 @@ def environment():
     except OSError:
         commit, dirty = None, None
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": stats.now(),
         "host": platform.node(),
         "kernel": platform.release(),
         "cpu": cpu,
@@ -194,17 +194,6 @@ def raiseFileLimit(needed):
     except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def write(resultsDir, name, document):
-    os.makedirs(resultsDir, exist_ok=True)
-    path = os.path.join(resultsDir, f"{name}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(document, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
 
 
 def runRelayBenchmarks(ctx, args, env, summary):
@@ -254,7 +243,7 @@ def runRelayBenchmarks(ctx, args, env, summary):
                 s["64"]["relay"]["frames_per_second"]
                 >= TARGETS["relay_frames_per_second_64"])
         summary["relay_throughput"] = headline
-        path = write(args.results, "relay_throughput", {
+        path = stats.write(stats.resultPath("relay_throughput", args.results), {
             "benchmark": "relay_throughput",
             "description": relayBench.__doc__.strip().split("\n\n")[1],
             "units": {"megabytes_per_second": "10^6 bytes of frame payload per second, "
@@ -309,7 +298,7 @@ def runRelayBenchmarks(ctx, args, env, summary):
                     f"{entry['added_one_way_p99_ms']:.3f} ms")
         ctx.say(f"  (others used {results['cpu']['foreign_cpu_percent']:.0f}% of a core)")
         summary["relay_latency"] = headline
-        path = write(args.results, "relay_latency", {
+        path = stats.write(stats.resultPath("relay_latency", args.results), {
             "benchmark": "relay_latency",
             "description": relayBench.__doc__.strip().split("\n\n")[2],
             "parameters": {"client_malloc": clientMalloc(args),
@@ -374,7 +363,7 @@ def runConnectionBenchmark(ctx, args, env, summary):
             and perConn is not None and perConn <= TARGETS["memory_per_connection_bytes"]
         ),
     }
-    path = write(args.results, "connections", {
+    path = stats.write(stats.resultPath("connections", args.results), {
         "benchmark": "connections",
         "description": connectionsBench.__doc__.strip(),
         "parameters": {"client_malloc": clientMalloc(args),
@@ -401,7 +390,7 @@ def writeSummary(args, env, summary, complete, elapsed):
     the latest run that ran it (a run of some benchmarks keeps the others'
     entries; each entry says when and how it was measured).
     """
-    path = os.path.join(args.results, "summary.json")
+    path = stats.resultPath("summary", args.results)
     try:
         with open(path) as f:
             results = json.load(f).get("results", {})
@@ -410,7 +399,7 @@ def writeSummary(args, env, summary, complete, elapsed):
     for name, entry in summary.items():
         results[name] = dict(entry, measured=env["date"], quick=args.quick,
                              commit=env["commit"])
-    return write(args.results, "summary", {
+    return stats.write(path, {
         "latest_run": {"date": env["date"], "benchmarks": args.only, "quick": args.quick,
                        "complete": complete, "elapsed_seconds": elapsed},
         "environment": env,
