@@ -22,7 +22,6 @@ import platform
 import resource
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -132,27 +131,12 @@ def environment():
 
     from OpenSSL import SSL
 
-    cpu = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "cpushare"], cwd=ROOT,
-                                    capture_output=True, text=True).stdout.strip())
-    except OSError:
-        commit, dirty = None, None
+    commit, dirty = stats.gitState()
     return {
         "date": stats.now(),
         "host": platform.node(),
         "kernel": platform.release(),
-        "cpu": cpu,
+        "cpu": stats.cpuModel(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "twisted": version("twisted"),

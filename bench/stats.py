@@ -25,8 +25,10 @@ import json
 import math
 import os
 import statistics
+import subprocess
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results")
 
 
@@ -86,6 +88,33 @@ def ratio(a, b, digits=3):
 def now():
     """The time now, UTC, ISO 8601 to the second: the date of a result."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def cpuModel():
+    """The machine's CPU, as /proc/cpuinfo names it (None if it does not)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def gitState(tree=ROOT):
+    """
+    (short commit, whether cpushare/ has changes not committed) of the
+    checkout at C{tree}, the code a result was measured with; (None, None)
+    where git cannot tell.
+    """
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tree, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    try:
+        return git("rev-parse", "--short", "HEAD"), bool(git("status", "--porcelain", "cpushare"))
+    except (OSError, subprocess.SubprocessError):
+        return None, None
 
 
 def resultPath(name, folder=RESULTS):

@@ -517,12 +517,14 @@ class Bench:
                              f"{result.stderr.decode(errors='replace').strip()}")
         return result.stdout.decode("utf-8", "replace")
 
-    # The programs of the market end on SIGTERM, the seller with its QEMUs.
-    twistdOptions = {"env": dict(os.environ, PYTHONUNBUFFERED="1"), "deathSignal": signal.SIGTERM}
+    @staticmethod
+    def twistdOptions():
+        # The market's programs end on SIGTERM, the seller with its QEMUs.
+        return {"env": dict(os.environ, PYTHONUNBUFFERED="1"), "deathSignal": signal.SIGTERM}
 
     def twistd(self, name, *args):
         proc = self.children.spawn(name, [os.path.join(BIN, "twistd"), "-n", "--pidfile=", *args],
-                                   commands=False, **self.twistdOptions)
+                                   commands=False, **self.twistdOptions())
         self.logs.follow(name, self.path(f"{name}.log"))
         return proc
 
@@ -559,7 +561,7 @@ class Bench:
         data = self.path("server-data")
         # No CPU benchmark VM on the seller: it would boot beside the measured ones.
         self.server, port = startServer(self.children, "server", data,
-                                        extra=["--cpu-bench-every", "0"], **self.twistdOptions)
+                                        extra=["--cpu-bench-every", "0"], **self.twistdOptions())
         self.logs.follow("server", self.path("server.log"))
         where = f"127.0.0.1:{port}"
         for home in ("seller", "buyer"):
@@ -1192,18 +1194,13 @@ def environment():
                                   timeout=10).stdout.strip()
         except OSError:
             return None
-    cpu = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    commit, dirty = stats.gitState()
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
+        "cpu": stats.cpuModel(), "cores": os.cpu_count(), "kernel": platform.release(),
         "python": platform.python_version(),
         "qemu": (run("qemu-system-x86_64", "--version") or "").splitlines()[0:1],
-        "git_commit": run("git", "rev-parse", "--short", "HEAD"),
-        "git_dirty": bool(run("git", "status", "--porcelain", "--", "cpushare")),
+        "git_commit": commit,
+        "git_dirty": dirty,
         "loadavg_at_start": list(os.getloadavg()),
     }
 

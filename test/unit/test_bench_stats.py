@@ -107,3 +107,12 @@ def test_write(tmp_path):
 def test_results_folder():
     assert stats.RESULTS == os.path.join(ROOT, "bench", "results")
     assert stats.resultPath("flood") == os.path.join(ROOT, "bench", "results", "flood.json")
+
+
+def test_git_state(tmp_path):
+    """The commit a result was measured with; nothing where there is no checkout."""
+    assert stats.gitState(str(tmp_path)) == (None, None)
+    if not os.path.exists(os.path.join(ROOT, ".git")):
+        pytest.skip("not a git checkout")
+    commit, modified = stats.gitState()
+    assert commit and isinstance(modified, bool)
