@@ -117,10 +117,10 @@ class Link:
     def _share(self, n, towardsB):
         """
         A frame of C{n} bytes is past its direction's share: decide on the
-        whole allowance.  If it fits, its direction gets a new share (C{n}
-        at least, half of what the other direction does not hold at most),
-        taking the other's share back only if the frame needs it; if it
-        does not fit, the allowance is spent.
+        whole allowance.  If it fits, its direction gets a new share: half
+        of what the other direction does not hold (at most L{SHARE}), and
+        never less than C{n}, taking the other's share back only if the
+        frame needs it.  If it does not fit, the allowance is spent.
         """
         left = self.limit - self.bytesAB - self.bytesBA
         if towardsB:
