@@ -34,12 +34,10 @@ bench/results/flood_anonymous.json).
 """
 
 import argparse
-import datetime
 import json
 import os
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -49,24 +47,19 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
+import stats  # noqa: E402
+
 KINDS = ("idle", "keys", "bigbox", "pipeline")
 PER_ADDRESS = 12
 PIPELINED = 400
-RESULTS = os.path.join(HERE, "results", "flood.json")
-RESULTS_ACCOUNTS = os.path.join(HERE, "results", "flood_accounts.json")
-RESULTS_ANONYMOUS = os.path.join(HERE, "results", "flood_anonymous.json")
+RESULTS = stats.resultPath("flood")
+RESULTS_ACCOUNTS = stats.resultPath("flood_accounts")
+RESULTS_ANONYMOUS = stats.resultPath("flood_anonymous")
 
 
 def emit(**fields):
     sys.stdout.write(json.dumps(fields) + "\n")
     sys.stdout.flush()
-
-
-def percentile(values, p):
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
 # -- the workers (child processes)
@@ -253,8 +246,8 @@ def workerProbe(args):
             reactor.callLater(args.interval, d.callback, None)
             yield d
         emit(event="result", count=len(times), failed=failed,
-             median=statistics.median(times) if times else None,
-             p99=percentile(times, 99), max=max(times) if times else None, slow=slow)
+             median=stats.median(times), p99=stats.percentile(times, 99, "nearest"),
+             max=max(times) if times else None, slow=slow)
 
     _commands(reactor, {"measure": lambda: measure(), "stop": reactor.stop}).addCallback(
         lambda _: reactor.running and reactor.stop())
@@ -326,6 +319,19 @@ def bench(args):
         for name in names[:args.accounts]:
             flooders += ["--home", register(os.path.join(tmp, "home-" + name), port, data, name)]
 
+        def startFlood(name):
+            return children.spawn(name, me + [
+                "--worker", "flood", *flooders, "--port", str(port),
+                "--count", str(args.count), "--batch", str(args.batch),
+                "--settle", str(args.settle)])
+
+        def endFlood(flood):
+            """Stop a flood; the server's memory once it has settled."""
+            flood.request("stop", "result", timeout=30)
+            flood.wait(30)
+            time.sleep(3)
+            return memory(server.pid)
+
         probe = children.spawn("probe", me + ["--worker", "probe", "--home", honest,
                                               "--port", str(port), "--count", str(args.pings),
                                               "--interval", str(args.interval)])
@@ -336,10 +342,7 @@ def bench(args):
         say(f"flood: idle server RSS {before['VmRSS'] / 2**20:.1f} MiB; honest WhoAmI "
             f"median {idle['median']:.2f} ms, p99 {idle['p99']:.2f} ms")
 
-        flood = children.spawn("flood", me + [
-            "--worker", "flood", *flooders, "--port", str(port),
-            "--count", str(args.count), "--batch", str(args.batch),
-            "--settle", str(args.settle)])
+        flood = startFlood("flood")
         ready = flood.expect("ready", 300)
         during0 = memory(server.pid)
         busy = probe.request("measure", "result", timeout=600)
@@ -349,21 +352,12 @@ def bench(args):
             f"{ready['elapsed']:.1f}s ({json.dumps(ready['stats'])}); server RSS "
             f"{during['VmRSS'] / 2**20:.1f} MiB; honest WhoAmI median {busy['median']:.2f} ms, "
             f"p99 {busy['p99']:.2f} ms")
-        flood.request("stop", "result", timeout=30)
-        flood.wait(30)
-        time.sleep(3)
-        between = memory(server.pid)
+        between = endFlood(flood)
         # The same flood again: the memory the first one released is reused.
-        flood = children.spawn("flood2", me + [
-            "--worker", "flood", *flooders, "--port", str(port),
-            "--count", str(args.count), "--batch", str(args.batch),
-            "--settle", str(args.settle)])
+        flood = startFlood("flood2")
         again = flood.expect("ready", 300)
         during2 = memory(server.pid)
-        flood.request("stop", "result", timeout=30)
-        flood.wait(30)
-        time.sleep(3)
-        after = memory(server.pid)
+        after = endFlood(flood)
         alive = server.alive()
         probe.request("measure", "result", timeout=120)
         say(f"flood: after the flood {between['VmRSS'] / 2**20:.1f} MiB; the same flood "
@@ -382,7 +376,7 @@ def bench(args):
     growth = max(during["VmRSS"], during0["VmRSS"]) - before["VmRSS"]
     results = {
         "benchmark": "flood",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": stats.now(),
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                     "platform": platform.platform()},
         "hostile_connections_requested": hostile,
@@ -404,10 +398,7 @@ def bench(args):
         "server_survived": alive,
         "seconds": time.monotonic() - started,
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")
+    stats.write(args.out, results)
     say(f"flood: {growth / hostile / 1024:.1f} KiB of server RSS per hostile connection; "
         f"honest latency x{results['latency_ratio_median']:.2f} (median), "
         f"x{results['latency_ratio_p99']:.2f} (p99) during the flood; "

@@ -23,8 +23,6 @@ bench/results/market_matching.json and market_ledger.json.
 """
 
 import argparse
-import datetime
-import json
 import os
 import platform
 import random
@@ -36,6 +34,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
 
 from twisted.internet import defer, task  # noqa: E402
 
@@ -48,6 +47,8 @@ from cpushare.server.db import store
 from cpushare.server.market.market import Market  # noqa: E402
 from cpushare.server.market.orders import PlacedVMs  # noqa: E402
 from cpushare.server.market.screens import Screens  # noqa: E402
+
+import stats  # noqa: E402
 
 COUNTRIES = ("IT", "DE", "FR", "US", "JP", "BR", "IN", "SE")
 
@@ -105,11 +106,6 @@ def populate(cursor, sellers, buyers):
         ledger.post(cursor, "credit", "bench", [(ledger.GRANTS, None, -1000 * MICRO),
                                                 (ledger.FUNDS, buyer, 1000 * MICRO)])
     return ids
-
-
-def percentile(values, p):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
 async def matching(reactor, folder, sellerCount, orderCount, concurrency, rng, say):
@@ -207,12 +203,12 @@ async def matching(reactor, folder, sellerCount, orderCount, concurrency, rng, s
             "orders_allocated_per_second": round(allocated / seconds, 1),
             "place_to_allocation_ms": {
                 "median": round(statistics.median(toAllocation), 2),
-                "p99": round(percentile(toAllocation, 99), 2),
+                "p99": round(stats.percentile(toAllocation, 99, "nearest"), 2),
                 "max": round(max(toAllocation), 2),
             },
             "place_to_start_ms": {
                 "median": round(statistics.median(latencies), 2),
-                "p99": round(percentile(latencies, 99), 2),
+                "p99": round(stats.percentile(latencies, 99, "nearest"), 2),
                 "max": round(max(latencies), 2),
             },
             "baseline_inserts_seconds": round(baselineSeconds, 3),
@@ -285,16 +281,6 @@ def environment():
             "python": platform.python_version(), "loadavg_at_start": list(os.getloadavg())}
 
 
-def write(folder, name, document):
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{name}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(document, f, indent=2)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
-    return path
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(prog="bench/market.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1000 sellers and orders: a smoke run")
@@ -304,7 +290,7 @@ def main(argv=None):
                    help="orders in flight at once, one run each (default 16,64)")
     p.add_argument("--bills", type=int, default=None, help="bills per database (default 3000)")
     p.add_argument("--only", default="matching,ledger")
-    p.add_argument("--results", default=os.path.join(HERE, "results"))
+    p.add_argument("--results", default=stats.RESULTS)
     args = p.parse_args(argv)
     sellers = args.sellers or (1000 if args.quick else 10_000)
     orders = args.orders or (1000 if args.quick else 10_000)
@@ -313,7 +299,7 @@ def main(argv=None):
     def say(text):
         print(text, flush=True)
 
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    stamp = stats.now()
     with tempfile.TemporaryDirectory(prefix="cpushare-bench-market-") as folder:
         if "matching" in args.only:
             async def everyRun(reactor):
@@ -335,7 +321,7 @@ def main(argv=None):
                     f"{result['place_to_start_ms']['p99']:.1f} ms; baseline "
                     f"{result['baseline_inserts_per_second']:.0f} bare inserts/s; "
                     f"{result['waiting']} orders wait (no seller passes or room left)")
-            path = write(args.results, "market_matching", {
+            path = stats.write(stats.resultPath("market_matching", args.results), {
                 "when": stamp, "environment": environment(), "quick": args.quick,
                 "targets": {"orders_allocated_per_second": 2000, "p99_ms": 20}, "runs": runs})
             say(f"  wrote {path}")
@@ -350,7 +336,7 @@ def main(argv=None):
                 results["postgresql"]["server"] = "CPUSHARE_BENCH_POSTGRES"
             else:
                 results["postgresql"] = _privatePostgres(bills, say)
-            path = write(args.results, "market_ledger", {
+            path = stats.write(stats.resultPath("market_ledger", args.results), {
                 "when": stamp, "environment": environment(), "quick": args.quick, **results})
             say(f"  wrote {path}")
 

@@ -3,10 +3,12 @@ Processes for the benchmarks: the market server (twistd), registration,
 the workers of bench/worker.py, and what /proc says about each.
 
 Every process is started through one L{Children} and is ended by its pid
-when the benchmark run ends, however it ends: run.py calls
-C{Children.cleanup()} from a C{finally}, turns SIGTERM into an exception
-so that the C{finally} runs, and each child is also started with
-PR_SET_PDEATHSIG so the kernel kills it if run.py dies outright.
+when the benchmark run ends, however it ends: run.py, flood.py and vms.py
+end them from a C{finally} (C{Children.cleanup()} or C{stopAll()}), turn
+SIGTERM into an exception so that the C{finally} runs, and each child is
+also started with PR_SET_PDEATHSIG so the kernel signals it if the
+benchmark dies outright (SIGKILL, or SIGTERM for a program that must end
+its own children, such as a seller's QEMUs).
 """
 
 import ctypes
@@ -41,22 +43,36 @@ class BenchError(Exception):
     """A benchmark could not run; the message says why."""
 
 
-def _dieWithParent():
-    # Runs in the child between fork and exec.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def dieWithParent(sig=signal.SIGKILL):
+    """A C{preexec_fn}: the kernel sends the child C{sig} when its parent dies."""
+    def preexec():
+        # Runs in the child between fork and exec.
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    return preexec
+
+
+def _userSystemTicks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        rest = f.read().rsplit(")", 1)[1].split()
+    return int(rest[11]), int(rest[12])
 
 
 def cpuTimes(pid):
     """(user, system) CPU seconds of a process, all its threads."""
-    with open(f"/proc/{pid}/stat") as f:
-        rest = f.read().rsplit(")", 1)[1].split()
-    return int(rest[11]) / CLK_TCK, int(rest[12]) / CLK_TCK
+    user, system = _userSystemTicks(pid)
+    return user / CLK_TCK, system / CLK_TCK
 
 
 def cpuTicks(pid):
-    """utime + stime of a process (all its threads), in seconds."""
-    return sum(cpuTimes(pid))
+    """utime + stime of a process (all its threads), in clock ticks."""
+    return sum(_userSystemTicks(pid))
+
+
+def rssBytes(pid):
+    """The resident set of a process, in bytes, from /proc/PID/statm."""
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * PAGE
 
 
 def contextSwitches(pid):
@@ -221,24 +237,31 @@ class Child:
 class Children:
     """Every process a benchmark run starts, so that each can be ended."""
 
-    def __init__(self, logDir, clientMalloc=True):
+    def __init__(self, logDir, clientMalloc=True, cwd=None):
         self.logDir = logDir
+        self.cwd = cwd
         self.children = []
         self.workerEnv = None
         if clientMalloc:
             self.workerEnv = dict(os.environ, **CLIENT_MALLOC)
 
-    def spawn(self, name, argv, commands=True, env=None):
+    def spawn(self, name, argv, commands=True, env=None, deathSignal=signal.SIGKILL):
+        """
+        Start C{argv}, its stderr (and, without C{commands}, its stdout) in
+        LOGDIR/NAME.log; with C{commands}, its stdin and stdout are pipes
+        for L{Child.send} and L{Child.expect}.
+        """
         logPath = os.path.join(self.logDir, f"{name}.log")
         log = open(logPath, "ab")
         try:
             popen = subprocess.Popen(
-                argv,
+                [str(a) for a in argv],
                 stdin=subprocess.PIPE if commands else subprocess.DEVNULL,
                 stdout=subprocess.PIPE if commands else log,
                 stderr=log,
-                preexec_fn=_dieWithParent,
+                preexec_fn=dieWithParent(deathSignal),
                 env=env,
+                cwd=self.cwd,
                 close_fds=True,
             )
         finally:
@@ -248,8 +271,14 @@ class Children:
         return child
 
     def worker(self, name, *args):
-        return self.spawn(name, [sys.executable, WORKER, *map(str, args)],
-                          env=self.workerEnv)
+        return self.spawn(name, [sys.executable, WORKER, *args], env=self.workerEnv)
+
+    def check(self):
+        """Raise L{BenchError} if a child has exited."""
+        for child in self.children:
+            if not child.alive():
+                raise BenchError(f"{child.name} exited with status {child.popen.returncode}; "
+                                 f"see {child.logPath}")
 
     def stop(self, child, timeout=10):
         """End one child: SIGTERM, then SIGKILL if it lingers."""
@@ -262,14 +291,39 @@ class Children:
                 child.popen.wait(timeout=10)
             except ProcessLookupError:
                 pass
+        self._close(child)
+        if child in self.children:
+            self.children.remove(child)
+
+    @staticmethod
+    def _close(child):
         for stream in (child.popen.stdin, child.popen.stdout):
             if stream is not None:
                 try:
                     stream.close()
                 except OSError:
                     pass
-        if child in self.children:
-            self.children.remove(child)
+
+    def stopAll(self, timeout=40):
+        """
+        End every child at once, last started first: SIGTERM to all, then
+        SIGKILL to those still there after C{timeout}.  Returns the names
+        of those that needed SIGKILL.
+        """
+        unclean = []
+        for child in reversed(self.children):
+            if child.alive():
+                child.popen.send_signal(signal.SIGTERM)
+        for child in reversed(self.children):
+            try:
+                child.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                unclean.append(child.name)
+                child.popen.kill()
+                child.popen.wait()
+            self._close(child)
+        self.children = []
+        return unclean
 
     def cleanup(self):
         for child in list(self.children):
@@ -281,10 +335,11 @@ class Children:
 
 
 def startServer(children, name, dataDir, listen="tcp:0:interface=127.0.0.1",
-                extra=(), timeout=60):
+                extra=(), timeout=60, **spawnOptions):
     """
     Start C{twistd -n cpushare-server}; returns (child, port) once it
-    listens (once it has written DATA/server.address).
+    listens (once it has written DATA/server.address).  C{spawnOptions}
+    go to L{Children.spawn}.
     """
     os.makedirs(dataDir, exist_ok=True)
     address = os.path.join(dataDir, "server.address")
@@ -294,7 +349,7 @@ def startServer(children, name, dataDir, listen="tcp:0:interface=127.0.0.1",
         os.path.join(BIN, "twistd"), "-n", "--pidfile=", "cpushare-server",
         "--data", dataDir, "--listen", listen, "--hostname", "localhost", *extra,
     ]
-    child = children.spawn(name, argv, commands=False)
+    child = children.spawn(name, argv, commands=False, **spawnOptions)
     deadline = time.monotonic() + timeout
     while not os.path.exists(address):
         if not child.alive():
@@ -316,7 +371,7 @@ def register(home, port, dataDir, name, timeout=60):
         "--name", name,
     ]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                            preexec_fn=_dieWithParent)
+                            preexec_fn=dieWithParent())
     if result.returncode != 0:
         raise BenchError(f"registering {name} failed: {result.stderr.strip()}")
     return home

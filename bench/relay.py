@@ -17,15 +17,12 @@ relay hop's added one-way latency is half the difference of the round
 trips.
 """
 
-import math
 import statistics
 import time
 
 from procs import CPUWindow
-
-
-def _median(values):
-    return statistics.median(values) if values else None
+from stats import median
+from stats import percentile
 
 
 def throughputOnce(ctx, mode, size, warmup, seconds):
@@ -142,17 +139,17 @@ def throughput(ctx, sizes, warmup, seconds, repeats, retries, foreignLimit):
             mine = [r for r in runs if r["frame_bytes"] == size and r["mode"] == mode]
             rates = [r["frames_per_second"] for r in mine]
             entry[mode] = {
-                "frames_per_second": _median(rates),
-                "megabytes_per_second": _median([r["megabytes_per_second"] for r in mine]),
+                "frames_per_second": median(rates),
+                "megabytes_per_second": median([r["megabytes_per_second"] for r in mine]),
                 "frames_per_second_min": min(rates),
                 "frames_per_second_max": max(rates),
                 "runs": len(mine),
                 "disturbed_runs": sum(r["disturbed"] for r in mine),
             }
         relayRuns = [r for r in runs if r["frame_bytes"] == size and r["mode"] == "relay"]
-        entry["relay"]["dropped_percent"] = _median(
+        entry["relay"]["dropped_percent"] = median(
             [r["relay_dropped_percent"] for r in relayRuns])
-        entry["relay"]["server_cpu_percent"] = _median(
+        entry["relay"]["server_cpu_percent"] = median(
             [r["cpu"]["cpu_percent"]["server"] for r in relayRuns])
         entry["ratio_relay_to_direct"] = (
             entry["relay"]["frames_per_second"] / entry["direct"]["frames_per_second"]
@@ -161,23 +158,14 @@ def throughput(ctx, sizes, warmup, seconds, repeats, retries, foreignLimit):
     return {"runs": runs, "summary": summary, "discarded_runs": discarded}
 
 
-def _percentile(values, p):
-    """The p-th percentile (0-100), nearest-rank on sorted C{values}."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), math.ceil(p / 100.0 * len(ordered))))
-    return ordered[rank - 1]
-
-
 def _stats(values):
     ms = [v * 1000.0 for v in values]
     return {
         "count": len(ms),
         "min_ms": min(ms) if ms else None,
-        "median_ms": _percentile(ms, 50),
-        "p90_ms": _percentile(ms, 90),
-        "p99_ms": _percentile(ms, 99),
+        "median_ms": percentile(ms, 50, "rank"),
+        "p90_ms": percentile(ms, 90, "rank"),
+        "p99_ms": percentile(ms, 99, "rank"),
         "max_ms": max(ms) if ms else None,
         "mean_ms": statistics.fmean(ms) if ms else None,
         "over_10ms": sum(v > 10.0 for v in ms),

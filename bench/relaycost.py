@@ -17,7 +17,9 @@ valgrind's callgrind: the same count for the same code whatever else the
 machine does, so a change of a few percent shows.  Each case runs twice,
 with FEW and MANY frames, in a process of its own; the difference over
 MANY - FEW frames is the cost of one frame, start-up excluded.  Results go
-to bench/results/relay_cost.json.
+to bench/results/relay_cost.json, which keeps the rows of the runs before
+(under "previous", newest first), so a change's before and after stay
+side by side.
 
     python bench/relaycost.py --instructions [--other /path/to/main]
 """
@@ -39,6 +41,8 @@ from twisted.internet.testing import StringTransport  # noqa: E402
 from twisted.protocols import amp  # noqa: E402
 
 from cpushare.protocol import mux  # noqa: E402
+
+import stats  # noqa: E402
 
 
 def load(path, name):
@@ -95,6 +99,7 @@ def once(relay, blob, frames, metered):
 
 
 FEW, MANY = 2_000, 12_000
+KEEP = 4        # earlier runs kept in the results
 
 
 def oneRun(tree, size, frames, metered):
@@ -146,11 +151,19 @@ def countInstructions(args):
         print(f"{r['size']:5d} B {r['tree']:5s} {'metered' if r['metered'] else 'plain':7s}"
               f" {r['instructions_per_frame']:7d} instructions a frame"
               + "".join(f", {k} {v:.3f}" for k, v in r.items() if k.startswith("ratio")))
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "relay_cost.json"), "w") as f:
-        json.dump({"benchmark": "relay_cost", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                   "frames": [FEW, MANY], "other": args.other, "rows": rows}, f, indent=2)
-        f.write("\n")
+    path = stats.resultPath("relay_cost")
+    try:
+        with open(path) as f:
+            last = json.load(f)
+        previous = [{k: last.get(k) for k in ("date", "commit", "cpushare_modified", "other",
+                                              "rows")}] + last.get("previous", [])
+    except (OSError, ValueError):
+        previous = []
+    commit, dirty = stats.gitState(this)
+    stats.write(path, {
+        "benchmark": "relay_cost", "date": stats.now(), "commit": commit,
+        "cpushare_modified": dirty, "frames": [FEW, MANY], "other": args.other, "rows": rows,
+        "previous": previous[:KEEP]})
 
 
 def main():

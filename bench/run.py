@@ -16,14 +16,12 @@ benchmarks only measure: no speed makes them fail.
 """
 
 import argparse
-import datetime
 import json
 import os
 import platform
 import resource
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import connections as connectionsBench  # noqa: E402
 import relay as relayBench  # noqa: E402
+import stats  # noqa: E402
 from procs import BenchError, Children, register, startServer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -57,7 +56,7 @@ def parser():
     p.add_argument("--only", default=",".join(BENCHMARKS),
                    help="comma-separated benchmarks to run (default: all of "
                         + ", ".join(BENCHMARKS) + ")")
-    p.add_argument("--results", default=os.path.join(HERE, "results"),
+    p.add_argument("--results", default=stats.RESULTS,
                    help="folder for the JSON results (default: bench/results)")
     p.add_argument("--keep", action="store_true",
                    help="keep the temporary folder (data, homes, logs) after the run")
@@ -132,27 +131,12 @@ def environment():
 
     from OpenSSL import SSL
 
-    cpu = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "cpushare"], cwd=ROOT,
-                                    capture_output=True, text=True).stdout.strip())
-    except OSError:
-        commit, dirty = None, None
+    commit, dirty = stats.gitState()
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": stats.now(),
         "host": platform.node(),
         "kernel": platform.release(),
-        "cpu": cpu,
+        "cpu": stats.cpuModel(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "twisted": version("twisted"),
@@ -194,17 +178,6 @@ def raiseFileLimit(needed):
     except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def write(resultsDir, name, document):
-    os.makedirs(resultsDir, exist_ok=True)
-    path = os.path.join(resultsDir, f"{name}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(document, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
 
 
 def runRelayBenchmarks(ctx, args, env, summary):
@@ -254,7 +227,7 @@ def runRelayBenchmarks(ctx, args, env, summary):
                 s["64"]["relay"]["frames_per_second"]
                 >= TARGETS["relay_frames_per_second_64"])
         summary["relay_throughput"] = headline
-        path = write(args.results, "relay_throughput", {
+        path = stats.write(stats.resultPath("relay_throughput", args.results), {
             "benchmark": "relay_throughput",
             "description": relayBench.__doc__.strip().split("\n\n")[1],
             "units": {"megabytes_per_second": "10^6 bytes of frame payload per second, "
@@ -309,7 +282,7 @@ def runRelayBenchmarks(ctx, args, env, summary):
                     f"{entry['added_one_way_p99_ms']:.3f} ms")
         ctx.say(f"  (others used {results['cpu']['foreign_cpu_percent']:.0f}% of a core)")
         summary["relay_latency"] = headline
-        path = write(args.results, "relay_latency", {
+        path = stats.write(stats.resultPath("relay_latency", args.results), {
             "benchmark": "relay_latency",
             "description": relayBench.__doc__.strip().split("\n\n")[2],
             "parameters": {"client_malloc": clientMalloc(args),
@@ -376,7 +349,7 @@ def runConnectionBenchmark(ctx, args, env, summary):
             and perConn is not None and perConn <= TARGETS["memory_per_connection_bytes"]
         ),
     }
-    path = write(args.results, "connections", {
+    path = stats.write(stats.resultPath("connections", args.results), {
         "benchmark": "connections",
         "description": connectionsBench.__doc__.strip(),
         "parameters": {"client_malloc": clientMalloc(args),
@@ -403,7 +376,7 @@ def writeSummary(args, env, summary, complete, elapsed):
     the latest run that ran it (a run of some benchmarks keeps the others'
     entries; each entry says when and how it was measured).
     """
-    path = os.path.join(args.results, "summary.json")
+    path = stats.resultPath("summary", args.results)
     try:
         with open(path) as f:
             results = json.load(f).get("results", {})
@@ -412,7 +385,7 @@ def writeSummary(args, env, summary, complete, elapsed):
     for name, entry in summary.items():
         results[name] = dict(entry, measured=env["date"], quick=args.quick,
                              commit=env["commit"])
-    return write(args.results, "summary", {
+    return stats.write(path, {
         "latest_run": {"date": env["date"], "benchmarks": args.only, "quick": args.quick,
                        "complete": complete, "elapsed_seconds": elapsed},
         "environment": env,

@@ -37,8 +37,6 @@ data to the benchmark, `nc ... >/dev/null` to receive it, and busy loops.
 """
 
 import argparse
-import ctypes
-import datetime
 import fcntl
 import hashlib
 import ipaddress
@@ -59,9 +57,13 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-BIN = os.path.dirname(sys.executable)
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
+sys.path.insert(0, HERE)
+
+import stats  # noqa: E402
+from procs import (  # noqa: E402
+    BIN, CLK_TCK, BenchError, Children, cpuTicks, dieWithParent, register, rssBytes, startServer,
+)
+from stats import ratio, summary  # noqa: E402
 
 CONTROL_PORT = 7900
 UPLOAD_PORT = 7901      # the guest sends here (VM -> TAP)
@@ -107,56 +109,11 @@ print(n * 20000, time.perf_counter() - start, time.process_time() - cpu, flush=T
 """
 
 
-class BenchError(Exception):
-    """A measurement could not be taken; the message says why."""
-
-
 def log(text):
     print(f"vms: {text}", flush=True)
 
 
-# -- statistics
-
-
-def percentile(values, p):
-    """The p-th percentile (0-100) with linear interpolation, as numpy does."""
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    k = (len(ordered) - 1) * p / 100.0
-    lo = int(k)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
-
-
-def summary(values, digits=3):
-    if not values:
-        return {"n": 0}
-    r = lambda v: round(v, digits)  # noqa: E731
-    return {
-        "n": len(values), "median": r(statistics.median(values)),
-        "mean": r(statistics.fmean(values)), "min": r(min(values)), "max": r(max(values)),
-        "p99": r(percentile(values, 99)),
-    }
-
-
-def ratio(a, b, digits=3):
-    return round(a / b, digits) if a is not None and b else None
-
-
 # -- /proc
-
-
-def cpuTicks(pid):
-    """User + system clock ticks of a process (all its threads)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
-def rssBytes(pid):
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * PAGE
 
 
 def machineTicks():
@@ -273,74 +230,6 @@ class Window:
 
 
 # -- processes
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-PR_SET_PDEATHSIG = 1
-
-
-def _dieWithParent(sig):
-    def preexec():
-        _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
-    return preexec
-
-
-class Children:
-    """The processes this run started; each is ended by its pid."""
-
-    def __init__(self, folder):
-        self.folder = folder
-        self.procs = []  # (name, Popen, logfile)
-
-    def start(self, name, argv, stdin=subprocess.DEVNULL, stdout=None, deathSig=signal.SIGTERM,
-              env=None):
-        logPath = os.path.join(self.folder, f"{name}.log")
-        out = open(logPath, "ab")
-        proc = subprocess.Popen(
-            [str(a) for a in argv], stdin=stdin,
-            stdout=out if stdout is None else stdout, stderr=out,
-            cwd=self.folder, preexec_fn=_dieWithParent(deathSig), env=env,
-        )
-        self.procs.append((name, proc, out))
-        return proc
-
-    def check(self, names=None):
-        for name, proc, _ in self.procs:
-            if (names is None or name in names) and proc.poll() is not None:
-                raise BenchError(f"{name} exited with status {proc.returncode}; see "
-                                 f"{os.path.join(self.folder, name + '.log')}")
-
-    def stop(self, proc, timeout=30.0):
-        """End one process: SIGTERM, then SIGKILL after C{timeout}."""
-        if proc.poll() is None:
-            try:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for i, (name, p, out) in enumerate(self.procs):
-            if p is proc:
-                out.close()
-                del self.procs[i]
-                break
-
-    def stopAll(self):
-        """End everything, last started first.  Returns the names that needed SIGKILL."""
-        unclean = []
-        for name, proc, _ in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for name, proc, out in reversed(self.procs):
-            try:
-                proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                unclean.append(name)
-                proc.kill()
-                proc.wait()
-            out.close()
-        self.procs = []
-        return unclean
 
 
 class Logs:
@@ -600,7 +489,7 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.folder = tempfile.mkdtemp(prefix="cpushare-bench-vms-")
-        self.children = Children(self.folder)
+        self.children = Children(self.folder, clientMalloc=False, cwd=self.folder)
         self.logs = Logs()
         self.net = ipaddress.IPv4Network(args.subnet + "/24", strict=False)
         self.gateway = str(self.net.network_address + 1)
@@ -609,7 +498,7 @@ class Bench:
         self.control = None
         self.data = None
         self.qemus = {}  # pid -> what (every QEMU of this run, market or bare)
-        self.bare = {}  # mac -> Popen
+        self.bare = {}  # mac -> Child
         self.bareCount = 0
         self.sha256 = None
         self.tapOurs = False  # True once our buyer has made the TAP device
@@ -628,9 +517,14 @@ class Bench:
                              f"{result.stderr.decode(errors='replace').strip()}")
         return result.stdout.decode("utf-8", "replace")
 
+    @staticmethod
+    def twistdOptions():
+        # The market's programs end on SIGTERM, the seller with its QEMUs.
+        return {"env": dict(os.environ, PYTHONUNBUFFERED="1"), "deathSignal": signal.SIGTERM}
+
     def twistd(self, name, *args):
-        proc = self.children.start(name, [os.path.join(BIN, "twistd"), "-n", "--pidfile=", *args],
-                                   env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        proc = self.children.spawn(name, [os.path.join(BIN, "twistd"), "-n", "--pidfile=", *args],
+                                   commands=False, **self.twistdOptions())
         self.logs.follow(name, self.path(f"{name}.log"))
         return proc
 
@@ -666,24 +560,12 @@ class Bench:
 
         data = self.path("server-data")
         # No CPU benchmark VM on the seller: it would boot beside the measured ones.
-        self.server = self.twistd("server", "cpushare-server", "--data", data,
-                                  "--listen", "tcp:0:interface=127.0.0.1", "--hostname", "localhost",
-                                  "--cpu-bench-every", "0")
-        deadline = time.monotonic() + 60
-        while True:
-            self.alive()
-            try:
-                with open(os.path.join(data, "server.address")) as f:
-                    port = json.load(f)["port"]
-                break
-            except (OSError, ValueError, KeyError):
-                if time.monotonic() > deadline:
-                    raise BenchError("the server did not start listening")
-                time.sleep(0.1)
+        self.server, port = startServer(self.children, "server", data,
+                                        extra=["--cpu-bench-every", "0"], **self.twistdOptions())
+        self.logs.follow("server", self.path("server.log"))
         where = f"127.0.0.1:{port}"
         for home in ("seller", "buyer"):
-            self.cli(home, "register", "--server", where, "--ca", os.path.join(data, "ca.pem"),
-                     "--name", f"bench-{home}")
+            register(self.path(home), port, data, f"bench-{home}", timeout=120)
         subprocess.run([os.path.join(BIN, "cpushare-admin"), "--data", data, "credit",
                         "bench-buyer", "100"],
                        check=True, capture_output=True)
@@ -751,7 +633,7 @@ class Bench:
     # bare VMs
 
     def startBare(self, cores=VM_CORES, memory=VM_MEMORY):
-        """A bare QEMU of the same ISO on the buyer's unix socket; returns (mac, Popen)."""
+        """A bare QEMU of the same ISO on the buyer's unix socket; returns (mac, Child)."""
         self.bareCount += 1
         n = self.bareCount
         mac = f"52:54:00:79:00:{n:02x}"
@@ -768,15 +650,15 @@ class Bench:
         ]
         if self.args.bare_idle:
             argv = [shutil.which("chrt"), "--idle", "0", shutil.which("nice"), "-n", "19"] + argv
-        proc = self.children.start(f"bare-{n}", argv, deathSig=signal.SIGKILL)
+        proc = self.children.spawn(f"bare-{n}", argv, commands=False)
         self.qemus[proc.pid] = f"bare VM {n}"
         self.bare[mac] = proc
         return mac, proc
 
     def bareAddress(self, mac, proc, since=0, timeout=BOOT_TIMEOUT):
         def alive():
-            if proc.poll() is not None:
-                raise BenchError(f"bare QEMU ({mac}) exited with status {proc.returncode}")
+            if not proc.alive():
+                raise BenchError(f"bare QEMU ({mac}) exited with status {proc.popen.returncode}")
             self.alive()
         m, t = self.logs.wait("buyer", rf"leased (\S+) to {mac}", timeout, since, alive=alive)
         return m.group(1), t
@@ -1101,7 +983,7 @@ def desktopRun(seconds, qemuPid=None):
         for _ in range(2):
             workers.append(subprocess.Popen(
                 [sys.executable, "-c", WORKER, str(seconds)], stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, text=True, preexec_fn=_dieWithParent(signal.SIGKILL)))
+                stdout=subprocess.PIPE, text=True, preexec_fn=dieWithParent(signal.SIGKILL)))
         for w in workers:
             if w.stdout.readline().strip() != "ready":
                 raise BenchError("a desktop worker did not start")
@@ -1176,11 +1058,11 @@ def schedulingDiagnosis(seconds=3.0):
                         f.write(str(os.getpid()))
                 os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
                 os.nice(19)
-                _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+                dieWithParent(signal.SIGKILL)()
 
             def normalPre():
                 os.sched_setaffinity(0, {cpu})
-                _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+                dieWithParent(signal.SIGKILL)()
 
             argv = [sys.executable, "-c", PAIR, str(time.time() + 1.0), str(seconds)]
             low = subprocess.Popen(argv, stdout=subprocess.PIPE, preexec_fn=idlePre)
@@ -1312,18 +1194,13 @@ def environment():
                                   timeout=10).stdout.strip()
         except OSError:
             return None
-    cpu = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    commit, dirty = stats.gitState()
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(),
+        "cpu": stats.cpuModel(), "cores": os.cpu_count(), "kernel": platform.release(),
         "python": platform.python_version(),
         "qemu": (run("qemu-system-x86_64", "--version") or "").splitlines()[0:1],
-        "git_commit": run("git", "rev-parse", "--short", "HEAD"),
-        "git_dirty": bool(run("git", "status", "--porcelain", "--", "cpushare")),
+        "git_commit": commit,
+        "git_dirty": dirty,
         "loadavg_at_start": list(os.getloadavg()),
     }
 
@@ -1353,7 +1230,7 @@ def parser():
     p.add_argument("--subnet", default="10.79.0.0", help="the buyer's /24 subnet")
     p.add_argument("--bare-idle", action="store_true",
                    help="run the bare baseline QEMU at SCHED_IDLE and nice 19 too")
-    p.add_argument("--results", default=os.path.join(HERE, "results", "vms.json"),
+    p.add_argument("--results", default=stats.resultPath("vms"),
                    help="where the JSON goes")
     p.add_argument("--keep", action="store_true", help="keep the working folder (logs)")
     return p
@@ -1409,7 +1286,7 @@ def main(argv=None):
     if unclean:
         log("had to kill: " + ", ".join(unclean))
     results["parameters"] = {k: v for k, v in vars(args).items() if k not in ("results",)}
-    results["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    results["date"] = stats.now()
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     results["unclean_stop"] = unclean
     if failed:
@@ -1420,10 +1297,7 @@ def main(argv=None):
     else:
         log(f"files kept in {bench.folder}")
     if not failed:
-        os.makedirs(os.path.dirname(args.results), exist_ok=True)
-        with open(args.results, "w") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
+        stats.write(args.results, results)
         log(f"results in {args.results} ({results['elapsed_s']:.0f}s)")
         headline(results)
     return 1 if failed else 0

@@ -40,6 +40,8 @@ from cpushare.client.session import connectOnce, endpointFor
 from cpushare.protocol import commands
 from cpushare.protocol.mux import ControlProtocol, Multiplexer
 
+from stats import percentile
+
 CHANNEL = 1
 
 
@@ -449,9 +451,9 @@ def percentiles(ordered):
     """Median, 90th and 99th percentile and maximum of sorted values."""
     if not ordered:
         return None
-    pick = lambda p: ordered[min(len(ordered) - 1, int(p * len(ordered)))]
-    return {"count": len(ordered), "median": pick(0.5), "p90": pick(0.9),
-            "p99": pick(0.99), "max": ordered[-1]}
+    pick = lambda p: percentile(ordered, p, "above")
+    return {"count": len(ordered), "median": pick(50), "p90": pick(90),
+            "p99": pick(99), "max": ordered[-1]}
 
 
 def parser():

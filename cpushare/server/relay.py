@@ -23,9 +23,24 @@ its billing starts.  Links nobody pays for are not metered.
 Each of these is a different forwarding function put in the sessions'
 C{routes}, so that a frame on a link pays only for the checks that link
 needs: an unmetered link costs what it did before metering existed.
+
+A metered frame is checked against its direction's share of what is left
+(C{limitAB}, C{limitBA}: what C{bytesAB} and C{bytesBA} may reach): one
+comparison with the count it computes anyway.  The two shares never add
+up to more than is left, so a frame within its share fits the allowance.
+Only a frame past its share looks at the whole allowance
+(L{Link._share}): it goes if it fits what is left, and its direction gets
+a new share, half of what the other direction does not hold (the other's
+share is taken back only when the frame needs it).  So every frame is
+decided exactly as against the allowance itself, and traffic both ways
+does not look at the whole allowance at every frame.  A share is at most
+L{SHARE} bytes, so that the numbers compared stay below 2**30 (which
+CPython compares fastest) until a link has carried about a GiB.
 """
 
 from cpushare.protocol.commands import ChannelBusy
+
+SHARE = 1 << 24     # the most bytes one direction takes from the allowance at once
 
 
 class Link:
@@ -33,14 +48,15 @@ class Link:
         "a", "channelA", "b", "channelB",
         "framesAB", "bytesAB", "droppedAB",
         "framesBA", "bytesBA", "droppedBA",
-        "allowance", "overAllowance", "onSpent", "onFirstAB",
+        "limit", "limitAB", "limitBA", "overAllowance", "onSpent", "onFirstAB",
     )
 
     def __init__(self, a, channelA, b, channelB):
         self.a, self.channelA, self.b, self.channelB = a, channelA, b, channelB
         self.framesAB = self.bytesAB = self.droppedAB = 0
         self.framesBA = self.bytesBA = self.droppedBA = 0
-        self.allowance = None           # bytes it may still deliver; None: no limit
+        self.limit = None               # bytesAB + bytesBA may reach this; None: no limit
+        self.limitAB = self.limitBA = 0   # each direction's share, as a limit on its count
         self.overAllowance = 0
         self.onSpent = None
         self.onFirstAB = None
@@ -50,9 +66,17 @@ class Link:
         Deliver at most C{allowance} more bytes (None: no limit); the first
         frame that does not fit calls C{onSpent}.
         """
-        self.allowance = allowance
+        self.limit = None if allowance is None else self.bytesAB + self.bytesBA + allowance
+        self.limitAB, self.limitBA = self.bytesAB, self.bytesBA   # no share yet
         self.onSpent = onSpent
         self._route()
+
+    @property
+    def allowance(self):
+        """The bytes (both ways together) it may still deliver; None: no limit."""
+        if self.limit is None:
+            return None
+        return self.limit - self.bytesAB - self.bytesBA
 
     def watchFirstAB(self, callback):
         """Call C{callback} once, after the first frame from A reached B (None: do not)."""
@@ -90,27 +114,49 @@ class Link:
         else:
             self.droppedBA += 1
 
+    def _share(self, n, towardsB):
+        """
+        A frame of C{n} bytes is past its direction's share: decide on the
+        whole allowance.  If it fits, its direction gets a new share: half
+        of what the other direction does not hold (at most L{SHARE}), and
+        never less than C{n}, taking the other's share back only if the
+        frame needs it.  If it does not fit, the allowance is spent.
+        """
+        left = self.limit - self.bytesAB - self.bytesBA
+        if towardsB:
+            other = self.limitBA - self.bytesBA
+        else:
+            other = self.limitAB - self.bytesAB
+        if n > left - other:
+            if n > left:
+                self._spent()
+                return False
+            self.limitAB, self.limitBA = self.bytesAB, self.bytesBA
+            other = 0
+        share = max(n, min((left - other) // 2, SHARE))
+        if towardsB:
+            self.limitAB = self.bytesAB + share
+        else:
+            self.limitBA = self.bytesBA + share
+        return True
+
     def meteredAB(self, payload):
-        n = len(payload)
-        left = self.allowance - n
-        if left < 0:
-            self._spent()
-        elif self.b.sendFrame(self.channelB, payload):
-            self.allowance = left
+        count = self.bytesAB + len(payload)
+        if count > self.limitAB and not self._share(len(payload), True):
+            return
+        if self.b.sendFrame(self.channelB, payload):
             self.framesAB += 1
-            self.bytesAB += n
+            self.bytesAB = count
         else:
             self.droppedAB += 1
 
     def meteredBA(self, payload):
-        n = len(payload)
-        left = self.allowance - n
-        if left < 0:
-            self._spent()
-        elif self.a.sendFrame(self.channelA, payload):
-            self.allowance = left
+        count = self.bytesBA + len(payload)
+        if count > self.limitBA and not self._share(len(payload), False):
+            return
+        if self.a.sendFrame(self.channelA, payload):
             self.framesBA += 1
-            self.bytesBA += n
+            self.bytesBA = count
         else:
             self.droppedBA += 1
 

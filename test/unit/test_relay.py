@@ -92,6 +92,71 @@ def test_a_link_delivers_no_byte_past_its_allowance_and_says_so_once():
     assert buyer.sent[-1] == (5, b"g" * 100_000)
 
 
+@pytest.mark.parametrize("share", [None, 1, 700, 5000])
+def test_a_metered_link_decides_every_frame_as_its_whole_allowance_would(monkeypatch, share):
+    """
+    Each direction checks its frames against a share of the allowance;
+    whatever the shares, a frame goes through exactly when it fits what is
+    left of the whole allowance (and the receiver has room), and the
+    shares never promise more than is left.
+    """
+    import random
+
+    from cpushare.server import relay as relayModule
+
+    if share is not None:
+        monkeypatch.setattr(relayModule, "SHARE", share)
+    rng = random.Random(share)
+    seller, buyer = FakeSession(1), FakeSession(2)
+    link = Relay().link(seller, 5, buyer, 5)
+    left, spentCalls, over, overHere, delivered = None, [], 0, 0, [0, 0]
+    for step in range(3000):
+        if step % 500 == 0:
+            left = rng.choice([0, 10, 3000, 20_000, 100_000])
+            link.meter(left, lambda: spentCalls.append(step))
+            spentCalls.clear()
+            overHere = 0
+        towardsB = rng.random() < 0.6
+        size = rng.choice([1, 60, 64, 1500, 1514, rng.randint(1, 4000)])
+        (buyer if towardsB else seller).room = rng.random() < 0.9
+        receiver = buyer if towardsB else seller
+        before = len(receiver.sent)
+        (seller if towardsB else buyer).receive(5, b"x" * size)
+        fits = size <= left
+        went = len(receiver.sent) > before
+        assert went == (fits and receiver.room), (step, size, left)
+        if not fits:
+            over += 1
+            overHere += 1
+        if went:
+            left -= size
+            delivered[0 if towardsB else 1] += size
+        assert link.allowance == left
+        assert (link.bytesAB, link.bytesBA) == tuple(delivered)
+        assert link.overAllowance == over
+        assert len(spentCalls) == min(1, overHere)
+        shareAB, shareBA = link.limitAB - link.bytesAB, link.limitBA - link.bytesBA
+        assert shareAB >= 0 and shareBA >= 0 and shareAB + shareBA <= left
+    assert over > 0 and min(delivered) > 0
+
+
+def test_traffic_both_ways_looks_at_the_whole_allowance_seldom(monkeypatch):
+    """Each direction keeps its share while the other takes one: no check of the whole each frame."""
+    from cpushare.server.relay import Link
+
+    calls = []
+    share = Link._share
+    monkeypatch.setattr(Link, "_share", lambda self, *a: calls.append(a) or share(self, *a))
+    seller, buyer = FakeSession(1), FakeSession(2)
+    link = Relay().link(seller, 5, buyer, 5)
+    link.meter(10**15)
+    for _ in range(1000):
+        seller.receive(5, b"d" * 1500)
+        buyer.receive(5, b"a" * 64)
+    assert len(buyer.sent) == len(seller.sent) == 1000
+    assert calls == [(1500, True), (64, False)]
+
+
 def test_the_first_frame_delivered_towards_b_is_noticed_once():
     relay = Relay()
     seller, buyer = FakeSession(1, room=False), FakeSession(2, room=False)
