@@ -41,6 +41,7 @@ from twisted.internet import defer, task  # noqa: E402
 
 from cpushare.money import MICRO  # noqa: E402
 from cpushare.protocol import commands  # noqa: E402
+from cpushare.protocol.mux import Routing  # noqa: E402
 from cpushare.server.money import billing
 from cpushare.server.money import ledger
 from cpushare.server.db import store
@@ -69,7 +70,7 @@ class Control:
         return defer.succeed({})
 
 
-class Seller:
+class Seller(Routing):
     """What the market needs of a seller's session."""
 
     role = "seller"
@@ -81,7 +82,8 @@ class Seller:
         self.offer = {"cores": cores, "memory": cores * 1024}
         self.heartbeat = Heartbeat(latency)
         self.connectedAt = time.time()
-        self.vms, self.routes, self.links, self.stopping = PlacedVMs(), {}, {}, {}
+        Routing.__init__(self)
+        self.vms, self.links, self.stopping = PlacedVMs(), {}, {}
         self.control = Control(started)
 
     def sendFrame(self, channel, data):

@@ -385,7 +385,7 @@ class BenchSellerControl(FakeSellerControl):
             answer = f"{line}\r\nCPUSHARE-BENCH-RESULT {nonce} {digest}\r\n/ # \x1b[6n"
             reactor.callLater(0.05, session.sendFrame, channel, answer.encode())
 
-        session.routes[channel] = typed
+        session.route(channel, typed)
         if not session.silent:
             reactor.callLater(0.05, session.sendFrame, channel,
                               b"boot...\r\nCPUSHARE-READY mac=x ip=none\r\n/ # \x1b[6n")

@@ -309,7 +309,7 @@ class Orders:
         if channel in session.links:
             raise BadRequest(f"channel {channel} of this connection is in use")
         vm.consoles.add(session)
-        session.routes[channel] = vm.consoleInput
+        session.route(channel, vm.consoleInput)
         if vm.consoleHistory:
             session.sendFrame(channel, vm.consoleHistory)
         return channel
@@ -358,7 +358,7 @@ class Orders:
     def _bindSeller(self, vm, seller):
         vm.seller = seller
         seller.vms[vm.id] = vm
-        seller.routes[consoleChannel(vm.id)] = vm.consoleReceived
+        seller.route(consoleChannel(vm.id), vm.consoleReceived)
 
     def _place(self, vm, seller, figures):
         """
@@ -419,7 +419,7 @@ class Orders:
         self.unfunded[vm.buyerId] = why
         if vm.seller is seller:
             seller.vms.pop(vm.id, None)
-            seller.routes.pop(consoleChannel(vm.id), None)
+            seller.unroute(consoleChannel(vm.id))
             vm.seller = None
         vm.sellerAccountId = None
         if vm.active:
@@ -667,13 +667,13 @@ class Orders:
             vm.graceCall.cancel()
         vm.graceCall = None
         for session in vm.consoles:
-            session.routes.pop(consoleChannel(vm.id), None)
+            session.unroute(consoleChannel(vm.id))
             if session.connected:
                 session.channelUnlinked(consoleChannel(vm.id), f"VM {vm.id} {state}: {reason}")
         vm.consoles.clear()
         if seller is not None:
             seller.vms.pop(vm.id, None)
-            seller.routes.pop(consoleChannel(vm.id), None)
+            seller.unroute(consoleChannel(vm.id))
             link = seller.links.get(nicChannel(vm.id))
             if link is not None:
                 others = tuple(s for s in (link.a, link.b) if s is not seller)
