@@ -49,22 +49,26 @@ class Market(Service):
         """
         self.reactor = reactor
         self.store = store
-        self.images = images
         self.credentials = credentials
         self.heartbeatInterval = float(heartbeat)
         self.heartbeatTimeout = float(timeout)
         self.sessions = {}
         self.admission = Admission()    # caps on connections before Hello
         self._buyers = {}           # account id -> [buyer sessions], oldest first
+        # The services, each given what it uses; only the market wires them.
         self.relay = Relay()
-        self.board = Board(self, defaultPrice, maxNetFee)
-        self.orders = Orders(self)
-        self.billing = Billing(self, billingInterval, holdWindow)
+        self.board = Board(reactor, store, self.sellers, defaultPrice, maxNetFee)
+        self.billing = Billing(reactor, store, billingInterval, holdWindow)
+        self.orders = Orders(reactor, store, self.relay, self.board, self.billing,
+                             self.buyerSession, images)
+        self.billing.serve(self.orders)
         self.measureEvery = measureEvery
         self.measureSlots = defer.DeferredSemaphore(MEASURE_AT_ONCE)
         cpuBench = dict(cpuBench or {"every": 0})
         self.cpuBenchFolder = cpuBench.pop("folder", None)
-        self.cpubench = CPUBench(self, **cpuBench)
+        self.cpubench = CPUBench(reactor, store, self.orders, self.board.invalidate, images,
+                                 **cpuBench)
+        self.images = images
         # Balances and statements; PayPal when makeService sets one up.
         self.funds = Funds(reactor, store)
         self.funds.onCredited = self.orders.retryFunding
@@ -72,6 +76,15 @@ class Market(Service):
         self.registrations = registrations
         self.rekeysPerDay = rekeysPerDay
         self.access = AccessWatch(self, accessCheck)
+
+    @property
+    def images(self):
+        """The image store (L{cpushare.server.images}), or None."""
+        return self._images
+
+    @images.setter
+    def images(self, images):
+        self._images = self.orders.images = self.cpubench.images = images
 
     def startService(self):
         Service.startService(self)

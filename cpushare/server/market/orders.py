@@ -34,6 +34,7 @@ as detached.
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from cpushare.money import formatAmount
 from cpushare.protocol import commands, paging
@@ -153,13 +154,27 @@ class PlacedVMs(dict):
         raise KeyError(vmId)
 
 
+@implementer(billing_.ILeases)
 class Orders:
+    """
+    The orders and their VMs.  It asks the board where a VM may go, the
+    relay to link a VM's NIC to its buyer, billing to hold, bill and settle
+    leases (which reports back through L{billing_.ILeases}), and
+    C{buyerSession(accountId)} for a buyer's program; C{images} (with
+    C{readChunk}) serves the sellers the images they boot.
+    """
+
     log = Logger()
 
-    def __init__(self, market, grace=GRACE):
-        self.market = market
-        self.reactor = market.reactor
-        self.db = market.store
+    def __init__(self, reactor, store, relay, board, billing, buyerSession, images=None,
+                 grace=GRACE):
+        self.reactor = reactor
+        self.db = store
+        self.relay = relay
+        self.board = board
+        self.billing = billing
+        self.buyerSession = buyerSession
+        self.images = images
         self.grace = grace
         self.vms = {}
         self.unfunded = {}          # buyer id -> why its VMs cannot be funded now
@@ -172,7 +187,7 @@ class Orders:
         rows = await self.db.run(store.activeVMs)
         orders = await self.db.run(marketsql.orderScreens, {row[1] for row in rows})
         leases = await self.db.run(marketsql.openLeases)
-        leaseStates = await self.db.run(billing_.openLeaseStates, self.market.billing.interval)
+        leaseStates = await self.db.run(billing_.openLeaseStates, self.billing.interval)
         for (vmId, orderId, sellerId, mac, state, started, cpu, ip, buyerId, image,
              cores, memory, size, buyerName, sellerName) in rows:
             screens, budget = orders.get(orderId, ({}, None))
@@ -196,7 +211,7 @@ class Orders:
                     if vm.aliveAt is None:
                         vm.lifeWatch = lambda vm=vm: self._showedLife(vm)
                 self._detach(vm, "the market server restarted")
-        await self.market.billing.settleLeftovers(
+        await self.billing.settleLeftovers(
             {vm.leaseId for vm in self.vms.values() if vm.leaseId is not None})
         pending = [vm for vm in self.vms.values() if vm.state == "pending"]
         if rows:
@@ -259,7 +274,7 @@ class Orders:
 
     def whyWaiting(self, vm):
         """Why no seller online can take C{vm} now, in one line."""
-        passing, excluded = self.market.board.explain(vm.screens, vm.buyerId, vm.cores)
+        passing, excluded = self.board.explain(vm.screens, vm.buyerId, vm.cores)
         if not passing and not excluded:
             return "no seller is online; waiting for one"
         if passing:
@@ -342,7 +357,7 @@ class Orders:
         if vm.buyerId in self.unfunded:
             vm.reason = self.unfunded[vm.buyerId]
             return False
-        board = self.market.board
+        board = self.board
         for seller, figures in board.ranked(vm.cores, vm.screens.traffic):
             if not seller.connected or seller.offer is None:
                 continue
@@ -381,7 +396,7 @@ class Orders:
             lambda f: self.log.failure("starting VM {vm}", f, vm=vm.id))
 
     async def _fund(self, vm, seller, figures):
-        billing = self.market.billing
+        billing = self.billing
         placed = self.reactor.seconds()
 
         def save(cursor):
@@ -400,12 +415,12 @@ class Orders:
             return
         if vm.seller is not seller or not vm.active:
             # It ended (cancelled, its seller went) while the hold was made.
-            await self.market.billing.settle(leaseId, 0.0, 0, vm.reason or "ended")
+            await self.billing.settle(leaseId, 0.0, 0, vm.reason or "ended")
             return
         vm.leaseId = leaseId
         vm.netLimit = netLimit
         vm.lifeWatch = lambda: self._showedLife(vm)
-        buyer = self.market.buyerSession(vm.buyerId)
+        buyer = self.buyerSession(vm.buyerId)
         if buyer is not None:
             self._linkBuyer(vm, buyer)
         d = seller.control.callRemote(
@@ -457,6 +472,10 @@ class Orders:
         if vm.active:
             self._end(vm, "stopped", "the CPU benchmark is over")
         self._save(lambda c: store.closeOrder(c, vm.order, "done"))
+
+    def billable(self):
+        """The VMs that run under a lease now (for billing)."""
+        return [vm for vm in self.vms.values() if vm.leaseId is not None]
 
     def retryFunding(self, buyerId=None):
         """Funds may have come: try the VMs that waited for them again."""
@@ -520,7 +539,7 @@ class Orders:
             lambda f: self.log.failure("billing the traffic of VM {vm}", f, vm=vm.id))
 
     async def _refill(self, vm, leaseId):
-        result = await self.market.billing.billNow(vm)
+        result = await self.billing.billNow(vm)
         if result is None or not vm.active or vm.leaseId != leaseId:
             return
         why = (f"the funds held for this VM are spent by its network traffic"
@@ -546,7 +565,7 @@ class Orders:
         if channel in buyer.links or channel in vm.seller.links:
             return
         vm.foldLink()
-        vm.link = self.market.relay.link(vm.seller, channel, buyer, channel)
+        vm.link = self.relay.link(vm.seller, channel, buyer, channel)
         self._armLink(vm)
         vm.buyerSession = buyer
         buyer.control.callRemote(commands.PortAttached, vm=vm.id, mac=vm.mac)
@@ -589,7 +608,7 @@ class Orders:
             raise NoSuchVM(f"VM {vmId} is not assigned to this seller")
         if not 0 <= offset <= vm.size or not 0 < length <= commands.IMAGE_CHUNK:
             raise BadRequest(f"bad range {offset}+{length} of a {vm.size}-byte image")
-        return self.market.images.readChunk(vm.image, offset, length)
+        return self.images.readChunk(vm.image, offset, length)
 
     def reattach(self, seller, vmIds):
         """A seller came back with these VMs still running: keep ours."""
@@ -606,7 +625,7 @@ class Orders:
             if vm.state == "detached":
                 vm.state = "running"
                 vm.reason = None
-            buyer = self.market.buyerSession(vm.buyerId)
+            buyer = self.buyerSession(vm.buyerId)
             if buyer is not None:
                 self._linkBuyer(vm, buyer)
             keep.append(vmId)
@@ -626,7 +645,7 @@ class Orders:
             if vm.buyerSession is session:
                 vm.buyerSession = None
                 # Another buyer program of the account takes the VM's port.
-                other = self.market.buyerSession(vm.buyerId)
+                other = self.buyerSession(vm.buyerId)
                 if other is not None and vm.seller is not None and vm.active:
                     self._linkBuyer(vm, other)
             vm.consoles.discard(session)
@@ -677,7 +696,7 @@ class Orders:
             link = seller.links.get(nicChannel(vm.id))
             if link is not None:
                 others = tuple(s for s in (link.a, link.b) if s is not seller)
-                self.market.relay.unlink(link, reason, notify=others)
+                self.relay.unlink(link, reason, notify=others)
             if tellSeller and seller.connected:
                 seller.stopping[vm.id] = vm
                 seller.control.callRemote(commands.StopVM, vm=vm.id).addErrback(
@@ -713,7 +732,7 @@ class Orders:
             call = self.reactor.callLater(SETTLE_WAIT, self._settleNow, vm)
             self.settling[vm.id] = (leaseId, call)
         else:
-            self.market.billing.settle(leaseId, vm.cpuSeconds, vm.netBytes(), reason, vm.endedAt)
+            self.billing.settle(leaseId, vm.cpuSeconds, vm.netBytes(), reason, vm.endedAt)
 
     def _settleNow(self, vm):
         entry = self.settling.pop(vm.id, None)
@@ -722,7 +741,7 @@ class Orders:
         leaseId, call = entry
         if call.active():
             call.cancel()
-        self.market.billing.settle(leaseId, vm.cpuSeconds, vm.netBytes(), vm.endReason,
+        self.billing.settle(leaseId, vm.cpuSeconds, vm.netBytes(), vm.endReason,
                                    vm.endedAt)
 
     def _save(self, fn):

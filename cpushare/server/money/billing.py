@@ -40,6 +40,7 @@ database says was charged.
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from zope.interface import Interface
 
 from cpushare.money import cost, formatAmount
 from cpushare.server.money import ledger
@@ -271,25 +272,51 @@ def heldMismatch(cursor):
     return out
 
 
+class ILeases(Interface):
+    """
+    What billing asks of the service that runs the leases (the market's
+    orders), and how it reports what a bill decided.  A lease is billed
+    through its VM: an object with C{id}, C{leaseId} (None: no lease),
+    C{active}, C{cpuSeconds} and C{netBytes()}.
+    """
+
+    def billable():
+        """The VMs whose leases are billed now."""
+
+    def outOfFunds(vm, why):
+        """The funds held for C{vm}'s lease are spent and cannot be topped up: stop it."""
+
+    def netLimitChanged(vm, limit):
+        """A bill set the bytes C{vm}'s lease may carry in all (None: no limit)."""
+
+    def retryFunding(buyerId=None):
+        """A round of bills is over: funds may have come for the VMs that wait for them."""
+
+
 class Billing:
     """Bills every running lease each C{interval} seconds; see the module."""
 
     log = Logger()
 
-    def __init__(self, market, interval=INTERVAL, window=WINDOW):
-        self.market = market
-        self.reactor = market.reactor
+    def __init__(self, reactor, store, interval=INTERVAL, window=WINDOW):
+        self.reactor = reactor
+        self.store = store
         self.interval = interval
         self.window = window
+        self.leases = None          # an ILeases, given by L{serve}
         self._loop = None
         self._running = None
+
+    def serve(self, leases):
+        """Bill the leases of C{leases} (an L{ILeases}) and report to it."""
+        self.leases = leases
 
     async def settleLeftovers(self, keep):
         """
         At start: settle the leases left unsettled by the last run, except
         those of the VMs in C{keep} ({lease id}), which go on.
         """
-        for leaseId, vmId, ended in await self.market.store.run(unsettledLeases):
+        for leaseId, vmId, ended in await self.store.run(unsettledLeases):
             if leaseId not in keep:
                 await self.settle(leaseId, 0.0, 0, "the market server restarted", ended)
 
@@ -308,7 +335,7 @@ class Billing:
         """Bill the lease of C{vm} now; its result (see L{bill}), or None if that failed."""
         leaseId = vm.leaseId
         try:
-            return await self.market.store.run(
+            return await self.store.run(
                 bill, leaseId, vm.cpuSeconds, vm.netBytes(), self.reactor.seconds(),
                 False, self.interval, self.window)
         except Exception:
@@ -321,23 +348,23 @@ class Billing:
         if result is None or not vm.active or vm.leaseId != leaseId:
             return
         if result["stop"] is not None:
-            self.market.orders.outOfFunds(vm, result["stop"])
+            self.leases.outOfFunds(vm, result["stop"])
         else:
-            self.market.orders.netLimitChanged(vm, result["net_limit"])
+            self.leases.netLimitChanged(vm, result["net_limit"])
 
     async def _tick(self):
         # Bills go to the store a few at a time, one transaction each: on
         # SQLite IN_FLIGHT of them share a commit; on PostgreSQL as many as
         # the store has connections (more would only conflict over the
         # same buyers' funds and be run again).
-        store = self.market.store
+        store = self.store
         limit = defer.DeferredSemaphore(
             IN_FLIGHT if getattr(store, "groupCommit", False) else store.pool.max)
         bills = [limit.run(lambda vm=vm: defer.ensureDeferred(self._billOne(vm)))
-                 for vm in list(self.market.orders.vms.values())
+                 for vm in list(self.leases.billable())
                  if vm.leaseId is not None and vm.active]
         await defer.gatherResults(bills)
-        self.market.orders.retryFunding()
+        self.leases.retryFunding()
 
     def tick(self):
         """Bill every lease once; returns a Deferred (the LoopingCall waits for it)."""
@@ -347,7 +374,7 @@ class Billing:
     def settle(self, leaseId, cpuSeconds, netBytes, reason=None, ended=None):
         """The last bill of a lease that ended; fires with its result."""
         when = self.reactor.seconds() if ended is None else ended
-        d = self.market.store.run(bill, leaseId, cpuSeconds, netBytes, when,
+        d = self.store.run(bill, leaseId, cpuSeconds, netBytes, when,
                                   True, self.interval, self.window, reason)
         d.addErrback(lambda f: self.log.failure("settling lease {lease}", f, lease=leaseId))
         return d
