@@ -42,6 +42,7 @@ from twisted.internet import defer, task  # noqa: E402
 from cpushare.money import MICRO  # noqa: E402
 from cpushare.protocol import commands  # noqa: E402
 from cpushare.protocol.mux import Routing  # noqa: E402
+from cpushare.server.db import leases as leasesql
 from cpushare.server.money import billing
 from cpushare.server.money import ledger
 from cpushare.server.db import store
@@ -248,7 +249,7 @@ def billingSetup(cursor, leases):
         out.append(billing.openLease(cursor, vmId, orderId, buyer, seller, "seller", 36_000,
                                      10_000, 1, 0.0))
         # Its VM showed life at once: every bill charges, as a booted VM's do.
-        billing.showedLife(cursor, out[-1], 0.0)
+        leasesql.showedLife(cursor, out[-1], 0.0)
     return out
 
 

@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from cpushare.protocol.commands import BadRequest
 from cpushare.server.db import marketsql
 from cpushare.money import MAX_PRICE, formatAmount
+from cpushare.server.market.ratings import votes as sellerVotes
 from cpushare.server.market.screens import (
     DEFAULT_TRAFFIC, Exclusion, Figures, country as countryCode, preference, rating)
 
@@ -57,6 +58,12 @@ def checkTerms(price=None, net_fee=None, country=None, maxNetFee=MAX_NET_FEE):
     return {"price": price, "net_fee": net_fee, "country": country}
 
 
+def sellerStanding(cursor, accountId, defaults):
+    """What the market needs of a seller that comes online: (terms, votes)."""
+    return (marketsql.sellerTerms(cursor, accountId) or dict(defaults),
+            sellerVotes(cursor, accountId))
+
+
 class Board:
     log = Logger()
 
@@ -83,7 +90,7 @@ class Board:
         given = checkTerms(price, net_fee, country, self.maxNetFee)
         accountId = session.account["id"]
         db = self.store
-        terms, votes = await db.run(marketsql.sellerStanding, accountId, self.defaults)
+        terms, votes = await db.run(sellerStanding, accountId, self.defaults)
         if (price, net_fee, country) != (None, None, None):
             terms = await db.run(marketsql.setSellerTerms, accountId, self.defaults,
                                  given["price"], given["net_fee"], given["country"])
@@ -103,7 +110,7 @@ class Board:
         return terms
 
     def voted(self, sellerId, votes):
-        """A seller's votes changed: C{votes} as L{marketsql.votes} gives them."""
+        """A seller's votes changed: C{votes} as L{ratings.votes} gives them."""
         entry = self.standing.get(sellerId)
         if entry is not None:
             entry["votes"] = votes

@@ -36,10 +36,11 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from cpushare.money import formatAmount
+from cpushare.money import MAX_AMOUNT, formatAmount
 from cpushare.protocol import commands, paging
 from cpushare.protocol.commands import BadRequest, NoSuchVM, consoleChannel, nicChannel
 from cpushare.server.money import billing as billing_
+from cpushare.server.db import leases as leasesql
 from cpushare.server.db import marketsql
 from cpushare.server.db import store
 from cpushare.server.market.cpubench import SYSTEM_ACCOUNT
@@ -186,7 +187,7 @@ class Orders:
         """Bring back the VMs that were active when the server stopped."""
         rows = await self.db.run(store.activeVMs)
         orders = await self.db.run(marketsql.orderScreens, {row[1] for row in rows})
-        leases = await self.db.run(marketsql.openLeases)
+        leases = await self.db.run(leasesql.openLeases)
         leaseStates = await self.db.run(billing_.openLeaseStates, self.billing.interval)
         for (vmId, orderId, sellerId, mac, state, started, cpu, ip, buyerId, image,
              cores, memory, size, buyerName, sellerName) in rows:
@@ -233,6 +234,8 @@ class Orders:
 
     async def place(self, account, image, count, cores, memory, screens=Screens(),
                     budget=None):
+        if budget is not None and not 0 < budget <= MAX_AMOUNT:
+            raise BadRequest(f"a budget is above 0 and at most {formatAmount(MAX_AMOUNT)}")
         if not 1 <= count <= MAX_VMS_PER_ORDER:
             raise BadRequest(f"an order is for 1 to {MAX_VMS_PER_ORDER} VMs, not {count}")
         if not 1 <= cores <= MAX_VM_CORES:
@@ -502,7 +505,7 @@ class Orders:
         vm.netBase = 0 if link is None else -(link.bytesAB + link.bytesBA)
         self._armLink(vm)
         leaseId = vm.leaseId
-        self._save(lambda c: billing_.showedLife(c, leaseId, when))
+        self._save(lambda c: leasesql.showedLife(c, leaseId, when))
 
     def netLimitChanged(self, vm, limit):
         """A bill set how many bytes the VM's lease may carry in all."""
@@ -727,7 +730,7 @@ class Orders:
             return
         vm.endReason = reason
         vm.endedAt = ended = self.reactor.seconds()
-        self._save(lambda c: marketsql.endLease(c, leaseId, ended, reason))
+        self._save(lambda c: leasesql.endLease(c, leaseId, ended, reason))
         if waitForSeller:
             call = self.reactor.callLater(SETTLE_WAIT, self._settleNow, vm)
             self.settling[vm.id] = (leaseId, call)
@@ -748,6 +751,19 @@ class Orders:
         d = self.db.runInOrder(fn)
         d.addErrback(lambda f: self.log.failure("saving VM state", f))
         return d
+
+    def leases(self, account, before=None):
+        """
+        A page of the leases of this account's VMs, newest first, older than
+        lease C{before} when given: (leases, more).
+        """
+        d = self.db.run(leasesql.accountLeases, account["id"], before, commands.LEASES_PAGE + 1)
+
+        def page(rows):
+            rows = [{k: v for k, v in r.items() if v is not None} for r in rows]
+            return paging.pageOf(commands.ListLeases, "leases", rows, commands.LEASES_PAGE)
+
+        return d.addCallback(page)
 
     def list(self, account, before=None):
         """

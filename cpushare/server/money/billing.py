@@ -35,6 +35,9 @@ Every bill is one store transaction that updates the lease and posts its
 ledger transactions together, so a server killed at any point charges a
 lease neither twice nor never: the next bill starts from what the
 database says was charged.
+
+The SQL of the leases is in L{cpushare.server.db.leases}; here is what
+a lease may hold and cost.
 """
 
 from twisted.internet import defer
@@ -43,6 +46,8 @@ from twisted.logger import Logger
 from zope.interface import Interface
 
 from cpushare.money import cost, formatAmount
+from cpushare.server.db import leases as leasesql
+from cpushare.server.db import marketsql
 from cpushare.server.money import ledger
 from cpushare.server.money.ledger import EARNINGS, FUNDS, HELD
 
@@ -79,15 +84,11 @@ def windowCost(price, netFee, cores, seconds):
 
 def _budgetLeft(cursor, orderId):
     """What the order may still hold or spend, or None when it has no budget."""
-    cursor.execute("SELECT budget FROM orders WHERE id = ?", (orderId,))
-    (budget,) = cursor.fetchone()
+    budget = marketsql.orderBudget(cursor, orderId)
     if budget is None:
         return None
-    cursor.execute(
-        "SELECT COALESCE(SUM(charged), 0), COALESCE(SUM(held), 0) FROM leases"
-        " WHERE order_id = ?", (orderId,))
-    charged, held = cursor.fetchone()
-    return max(0, int(budget) - int(charged) - int(held))
+    charged, held = leasesql.orderTotals(cursor, orderId)
+    return max(0, int(budget) - charged - held)
 
 
 def _hold(cursor, lease, amount):
@@ -128,31 +129,21 @@ def openLease(cursor, vmId, orderId, buyerId, sellerId, sellerName, price, netFe
     CannotFund (and nothing is kept) when the buyer's funds or the order's
     budget do not hold one interval.
     """
-    cursor.execute(
-        "INSERT INTO leases (vm_id, order_id, buyer_account_id, seller_account_id, price,"
-        " net_fee, cores, started) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-        (vmId, orderId, buyerId, sellerId, price, netFee, cores, started))
-    lease = {"id": cursor.fetchone()[0], "vm": vmId, "order": orderId, "buyer": buyerId,
+    leaseId = leasesql.insert(cursor, vmId, orderId, buyerId, sellerId, price, netFee, cores,
+                              started)
+    lease = {"id": leaseId, "vm": vmId, "order": orderId, "buyer": buyerId,
              "price": price, "net_fee": netFee, "cores": cores, "held": 0, "held_total": 0}
     why = _topUp(cursor, lease, interval, window)
     if why is not None:
         raise CannotFund(why)
-    cursor.execute("UPDATE leases SET held = ?, held_total = ? WHERE id = ?",
-                   (lease["held"], lease["held_total"], lease["id"]))
+    leasesql.setHeld(cursor, lease["id"], lease["held"], lease["held_total"])
     return lease["id"]
-
-
-LEASE_COLUMNS = ("id", "vm", "order", "buyer", "seller", "seller_name", "price", "net_fee",
-                 "cores", "started", "ended", "cpu_seconds", "net_bytes", "charged", "held",
-                 "held_total", "settled", "live_since")
 
 
 def leaseNetLimit(cursor, leaseId, interval=INTERVAL):
     """L{netLimit} of a lease as stored now (for a lease just opened)."""
-    cursor.execute("SELECT price, net_fee, cores, held, net_bytes FROM leases WHERE id = ?",
-                   (leaseId,))
-    price, netFee, cores, held, netBytes = cursor.fetchone()
-    return netLimit(int(price), int(netFee), cores, int(held), int(netBytes), interval)
+    price, netFee, cores, held, netBytes = leasesql.figures(cursor, leaseId)
+    return netLimit(price, netFee, cores, held, netBytes, interval)
 
 
 def openLeaseStates(cursor, interval=INTERVAL):
@@ -160,17 +151,8 @@ def openLeaseStates(cursor, interval=INTERVAL):
     {lease id: (live_since, L{netLimit}, net bytes, net fee)} of the leases
     not ended, for a restarting server.
     """
-    cursor.execute("SELECT id, live_since, price, net_fee, cores, held, net_bytes FROM leases"
-                   " WHERE ended IS NULL")
-    return {leaseId: (alive, netLimit(int(price), int(fee), cores, int(held), int(nbytes),
-                                      interval), int(nbytes), int(fee))
-            for leaseId, alive, price, fee, cores, held, nbytes in cursor.fetchall()}
-
-
-def showedLife(cursor, leaseId, when):
-    """The lease's VM showed life at C{when}: its billing starts (once)."""
-    cursor.execute("UPDATE leases SET live_since = ? WHERE id = ? AND live_since IS NULL",
-                   (when, leaseId))
+    return {leaseId: (alive, netLimit(price, fee, cores, held, nbytes, interval), nbytes, fee)
+            for leaseId, alive, price, fee, cores, held, nbytes in leasesql.openFigures(cursor)}
 
 
 def bill(cursor, leaseId, cpuSeconds, netBytes, now, final=False, interval=INTERVAL,
@@ -182,24 +164,14 @@ def bill(cursor, leaseId, cpuSeconds, netBytes, now, final=False, interval=INTER
     what was charged now, what is held, C{stop}: why the VM must stop, or
     None, and C{net_limit}: the lease's L{netLimit}.
     """
-    cursor.execute(
-        "SELECT l.id, l.vm_id, l.order_id, l.buyer_account_id, l.seller_account_id, s.name,"
-        " l.price, l.net_fee, l.cores, l.started, l.ended, l.cpu_seconds, l.net_bytes,"
-        " l.charged, l.held, l.held_total, l.settled, l.live_since"
-        " FROM leases l JOIN accounts s ON s.id = l.seller_account_id WHERE l.id = ?",
-        (leaseId,))
-    row = cursor.fetchone()
-    if row is None:
+    lease = leasesql.load(cursor, leaseId)
+    if lease is None:
         raise KeyError(f"no lease {leaseId}")
-    lease = dict(zip(LEASE_COLUMNS, row))
-    for key in ("price", "net_fee", "charged", "held", "held_total", "net_bytes"):
-        lease[key] = int(lease[key])
     if lease["settled"]:
         return {"charged": 0, "held": 0, "stop": None, "settled": True, "net_limit": 0}
     if final and lease["ended"] is None:
         lease["ended"] = now
-        cursor.execute("UPDATE leases SET ended = ?, reason = ? WHERE id = ?",
-                       (now, reason, leaseId))
+        leasesql.endLease(cursor, leaseId, now, reason)
     end = lease["ended"] if lease["ended"] is not None else now
     if lease["live_since"] is None:
         # It never showed life: nothing it did is charged.
@@ -237,21 +209,12 @@ def bill(cursor, leaseId, cpuSeconds, netBytes, now, final=False, interval=INTER
         lease["settled"] = 1
     elif stop is None:
         stop = _topUp(cursor, lease, interval, window)
-    cursor.execute(
-        "UPDATE leases SET cpu_seconds = ?, net_bytes = ?, charged = ?, held = ?,"
-        " held_total = ?, settled = ? WHERE id = ?",
-        (cpu, traffic, lease["charged"], lease["held"], lease["held_total"], lease["settled"],
-         lease["id"]))
+    lease["cpu_seconds"], lease["net_bytes"] = cpu, traffic
+    leasesql.saveBill(cursor, lease)
     return {"charged": paid, "held": lease["held"], "stop": stop,
             "settled": bool(lease["settled"]),
             "net_limit": netLimit(lease["price"], lease["net_fee"], lease["cores"],
                                   lease["held"], traffic, interval)}
-
-
-def unsettledLeases(cursor):
-    """[(lease id, vm id, ended)] of the leases not settled yet."""
-    cursor.execute("SELECT id, vm_id, ended FROM leases WHERE settled = 0 ORDER BY id")
-    return cursor.fetchall()
 
 
 def heldMismatch(cursor):
@@ -259,9 +222,7 @@ def heldMismatch(cursor):
     Buyers whose held funds differ from what their unsettled leases hold:
     [(account id, held balance, held by leases)]; empty when all agree.
     """
-    cursor.execute(
-        "SELECT buyer_account_id, COALESCE(SUM(held), 0) FROM leases GROUP BY buyer_account_id")
-    byLeases = {a: int(h) for a, h in cursor.fetchall()}
+    byLeases = leasesql.heldByBuyer(cursor)
     cursor.execute("SELECT owner_id FROM ledger_accounts WHERE kind = ?", (HELD,))
     owners = {r[0] for r in cursor.fetchall()} | set(byLeases)
     out = []
@@ -316,7 +277,7 @@ class Billing:
         At start: settle the leases left unsettled by the last run, except
         those of the VMs in C{keep} ({lease id}), which go on.
         """
-        for leaseId, vmId, ended in await self.store.run(unsettledLeases):
+        for leaseId, vmId, ended in await self.store.run(leasesql.unsettledLeases):
             if leaseId not in keep:
                 await self.settle(leaseId, 0.0, 0, "the market server restarted", ended)
 
