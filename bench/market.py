@@ -40,7 +40,9 @@ from twisted.internet import defer, task  # noqa: E402
 
 from cpushare.money import MICRO  # noqa: E402
 from cpushare.protocol import commands  # noqa: E402
+from cpushare.protocol.mux import Routing  # noqa: E402
 from cpushare.protocol.states import VMState  # noqa: E402
+from cpushare.server.db import leases as leasesql  # noqa: E402
 from cpushare.server.money import billing
 from cpushare.server.money import ledger
 from cpushare.server.db import store
@@ -71,7 +73,7 @@ class Control:
         return defer.succeed({})
 
 
-class Seller:
+class Seller(Routing):
     """What the market needs of a seller's session."""
 
     role = "seller"
@@ -83,7 +85,8 @@ class Seller:
         self.offer = {"cores": cores, "memory": cores * 1024}
         self.heartbeat = Heartbeat(latency)
         self.connectedAt = time.time()
-        self.vms, self.routes, self.links, self.stopping = PlacedVMs(), {}, {}, {}
+        Routing.__init__(self)
+        self.vms, self.links, self.stopping = PlacedVMs(), {}, {}
         self.control = Control(started)
 
     def sendFrame(self, channel, data):
@@ -243,7 +246,7 @@ def billingSetup(cursor, leases):
         out.append(billing.openLease(cursor, vmId, orderId, buyer, seller, "seller", 36_000,
                                      10_000, 1, 0.0))
         # Its VM showed life at once: every bill charges, as a booted VM's do.
-        billing.showedLife(cursor, out[-1], 0.0)
+        leasesql.showedLife(cursor, out[-1], 0.0)
     return out
 
 

@@ -168,7 +168,7 @@ async def recv(reactor, args):
         frames[1] += len(payload)
 
     def attach(session):
-        session.routes[CHANNEL] = count
+        session.route(CHANNEL, count)
         sessions.append(session)
 
     if args.mode == "relay":
@@ -275,9 +275,8 @@ async def echo(reactor, args):
 
     def attach(session):
         for channel in range(1, 9):
-            session.routes[channel] = (
-                lambda payload, channel=channel: session.sendFrame(channel, payload)
-            )
+            session.route(
+                channel, lambda payload, channel=channel: session.sendFrame(channel, payload))
         sessions.append(session)
 
     session = await connectMarket(reactor, home, "buyer")
@@ -318,9 +317,7 @@ async def ping(reactor, args):
 
     for path, session in (("relay", relay), ("direct", direct)):
         for i, _ in enumerate(sizes):
-            session.routes[CHANNEL + i] = (
-                lambda payload, key=(path, i): arrived(payload, key)
-            )
+            session.route(CHANNEL + i, lambda payload, key=(path, i): arrived(payload, key))
 
     async def once(path, session, i, payload):
         d = defer.Deferred()

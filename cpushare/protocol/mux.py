@@ -46,6 +46,7 @@ pipelines thousands of requests delays its own answers, not everybody's.
 
 import re
 import struct
+from types import MappingProxyType
 
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IPushProducer, ITransport
@@ -173,14 +174,46 @@ class _ProducingTransport:
         self._transport.abortConnection()
 
 
+class Routing:
+    """
+    Where a connection's frames go, by channel: a callable taking the
+    payload.  The routes change only through L{route} and L{unroute};
+    C{routes} is a read-only view of them.  The multiplexer reads its own
+    dict once per C{dataReceived}, so a frame costs one dict lookup.
+    """
+
+    def __init__(self):
+        self._routes = {}
+
+    @property
+    def routes(self):
+        """The routes now, read-only: {channel: callable}."""
+        return MappingProxyType(self._routes)
+
+    def route(self, channel, handler):
+        """Deliver the frames of C{channel} to C{handler} (replacing any route it had)."""
+        self._routes[channel] = handler
+
+    def unroute(self, channel, handler=None):
+        """
+        Drop the route of C{channel}, or only when it is C{handler} if given
+        (compared with ==, as bound methods are); returns whether one went.
+        """
+        routes = self._routes
+        if channel not in routes or (handler is not None and routes[channel] != handler):
+            return False
+        del routes[channel]
+        return True
+
+
 @implementer(IPushProducer)
-class Multiplexer(Protocol):
+class Multiplexer(Protocol, Routing):
     """
     One side of a multiplexed connection.
 
     Subclasses provide C{makeControl()} (an AMP protocol for channel 0) and
     may override C{greetingReceived}.  Frames on other channels are routed
-    through C{self.routes}, a dict from channel number to a callable taking
+    as L{Routing} says: C{route(channel, handler)} with a callable taking
     the payload; frames on a channel with no route are dropped and counted.
     """
 
@@ -189,7 +222,7 @@ class Multiplexer(Protocol):
 
     def __init__(self, reactor):
         self.reactor = reactor
-        self.routes = {}
+        self._routes = {}
         self.counters = MuxCounters()
         self.control = None
         self.peerVersion = None
@@ -255,7 +288,7 @@ class Multiplexer(Protocol):
                 return
         n = len(data)
         unpack = HEADER.unpack_from
-        routes = self.routes
+        routes = self._routes
         counters = self.counters
         while n - offset >= HEADER_SIZE:
             channel, length = unpack(data, offset)
@@ -438,7 +471,7 @@ class Multiplexer(Protocol):
         self._out = []
         self._queued = 0
         self._perChannel.clear()
-        self.routes = {}
+        self._routes = {}
         self._drained()
         if self.control is not None:
             self.control.connectionLost(reason)

@@ -89,10 +89,10 @@ class Link:
             return              # unlinked
         metered = self.allowance is not None
         if self.onFirstAB is not None:
-            self.a.routes[self.channelA] = self.firstAB
+            self.a.route(self.channelA, self.firstAB)
         else:
-            self.a.routes[self.channelA] = self.meteredAB if metered else self.forwardAB
-        self.b.routes[self.channelB] = self.meteredBA if metered else self.forwardBA
+            self.a.route(self.channelA, self.meteredAB if metered else self.forwardAB)
+        self.b.route(self.channelB, self.meteredBA if metered else self.forwardBA)
 
     def _spent(self):
         self.overAllowance += 1
@@ -191,7 +191,8 @@ class Link:
 
 class Relay:
     """
-    Sessions given to the relay have C{routes} and C{links} dicts, a
+    Sessions given to the relay have C{route(channel, handler)} and
+    C{unroute(channel)} (L{cpushare.protocol.mux.Routing}), a C{links} dict, a
     C{sendFrame(channel, payload)} method and C{channelUnlinked(channel,
     reason)} to be told when a link goes.
     """
@@ -207,8 +208,8 @@ class Relay:
         link = Link(a, channelA, b, channelB)
         a.links[channelA] = link
         b.links[channelB] = link
-        a.routes[channelA] = link.forwardAB
-        b.routes[channelB] = link.forwardBA
+        a.route(channelA, link.forwardAB)
+        b.route(channelB, link.forwardBA)
         self.links.add(link)
         return link
 
@@ -221,7 +222,7 @@ class Relay:
         self.links.discard(link)
         for session, channel in ((link.a, link.channelA), (link.b, link.channelB)):
             session.links.pop(channel, None)
-            session.routes.pop(channel, None)
+            session.unroute(channel)
             if session in notify:
                 session.channelUnlinked(channel, reason)
 

@@ -1,6 +1,12 @@
 """
 The server side of one client connection: TLS identity, the control
 commands, heartbeats and the channels it relays.
+
+The responders only decode: they check the arguments and that the
+connection may ask (it said hello, in the right role), call one method
+of the market's services (L{cpushare.server.market.market.Market} and
+those it wires) and encode the answer.  What the market allows is
+decided there, so the web site applies the same rules.
 """
 
 from twisted.internet import defer
@@ -15,13 +21,9 @@ from cpushare.protocol import commands, paging
 from cpushare.protocol.commands import BadRequest, NotAuthenticated
 from cpushare.protocol.heartbeat import Heartbeat
 from cpushare.protocol.mux import ControlProtocol, MAX_CHANNEL, Multiplexer
-from cpushare.server.money import ledger
-from cpushare.server.db import marketsql
 from cpushare.server.money.fundscontrol import FundsCommands
-from cpushare.server.market.measure import BandwidthMeter
 from cpushare.server.market.orders import PlacedVMs
-from cpushare.server.market.board import OWN_ACCOUNT
-from cpushare.server.market.screens import Screens, rating
+from cpushare.server.market.screens import Screens
 
 REFUSED_GRACE = 5.0
 MAX_CORES = 4096
@@ -117,83 +119,32 @@ class ServerControl(ControlProtocol, FundsCommands):
             raise BadRequest(f"cores must be between 1 and {MAX_CORES}, not {cores}")
         if not 64 <= memory <= MAX_MEMORY_MB:
             raise BadRequest(f"memory must be between 64 and {MAX_MEMORY_MB} MB, not {memory}")
-        market = session.market
-
-        async def offer():
-            terms = await market.board.sellerOnline(session, price, net_fee, country)
-            session.offer = {"cores": cores, "memory": memory}
-            if session.meter is None and market.measureEvery and session.connected:
-                session.meter = BandwidthMeter(
-                    market.reactor, session, lambda s: market.board.invalidate(),
-                    market.measureSlots, every=market.measureEvery)
-            market.board.invalidate()
-            market.orders.capacityChanged()
-            market.cpubench.sellerOnline(session)
-            session.log.info(
-                "seller {name} (session {session}) offers {cores} cores, {memory} MB"
-                " at {price} a core-hour", name=session.account["name"],
-                session=session.sessionId, cores=cores, memory=memory,
-                price=ledger.formatAmount(terms["price"]))
-            return _terms(terms)
-
-        return defer.ensureDeferred(offer())
+        d = defer.ensureDeferred(
+            session.market.offer(session, cores, memory, price, net_fee, country))
+        return d.addCallback(_terms)
 
     @commands.SetTerms.responder
     def setTerms(self, price=None, net_fee=None, country=None):
         account = self.session.requireHello()
-        market = self.session.market
-
-        async def change():
-            terms = await market.board.setTerms(account["id"], price, net_fee, country)
-            self.session.log.info(
-                "seller {name} changed its terms: {price} a core-hour, {fee} a GB, {country}",
-                name=account["name"], price=ledger.formatAmount(terms["price"]),
-                fee=ledger.formatAmount(terms["net_fee"]), country=terms["country"])
-            market.orders.capacityChanged()
-            return _terms(terms)
-
-        return defer.ensureDeferred(change())
+        d = defer.ensureDeferred(self.session.market.setTerms(account, price, net_fee, country))
+        return d.addCallback(_terms)
 
     @commands.ListSellers.responder
     def listSellers(self, offset, explain=False, **screens):
         account = self.session.requireHello()
         if offset < 0:
             raise BadRequest("offset must not be negative")
-        market = self.session.market
-        passing, excluded = market.board.explain(Screens.fromArguments(**screens),
-                                                 account["id"])
-        listed = [(s, fig, None) for s, fig in passing]
-        if explain:
-            listed += excluded
-        else:
-            # Its own sellers, which never take its orders, are shown as such.
-            listed += [e for e in excluded if e[2].screen == OWN_ACCOUNT]
+        entries, total, passing = self.session.market.listSellers(
+            account, Screens.fromArguments(**screens), explain, offset, commands.SELLERS_PAGE)
         page = []
-        for s, fig, reason in listed[offset:offset + commands.SELLERS_PAGE]:
-            cores, memory = market.orders.used(s)
-            entry = {
-                "name": s.account["name"],
-                "session": s.sessionId,
-                "cores": s.offer["cores"],
-                "memory": s.offer["memory"],
-                "free_cores": max(0, s.offer["cores"] - cores),
-                "free_memory": max(0, s.offer["memory"] - memory),
-                "connected": s.connectedAt,
-                "price": fig.price,
-                "net_fee": fig.netFee,
-                "rating": fig.rating,
-                "votes": fig.votes,
-                "latency_ms": fig.latencyMs,
-                "country": fig.country,
-                "bandwidth_mbps": fig.bandwidthMbps,
-                "cpu_score": fig.cpuScore,
-                "excluded": None if reason is None else paging.clip(str(reason)),
-            }
+        for entry in entries:
+            if entry["excluded"] is not None:
+                entry["excluded"] = paging.clip(entry["excluded"])
             page.append({k: v for k, v in entry.items() if v is not None})
         # Fewer when long reasons would not fit one AMP value: the client
         # asks again from the offset it reached.
         page = paging.fitPage(page, paging.listArgument(commands.ListSellers, "sellers"))
-        return {"sellers": page, "total": len(listed), "passing": len(passing)}
+        return {"sellers": page, "total": total, "passing": passing}
 
     @commands.ImageUploadStart.responder
     def imageUploadStart(self, sha256, size, name):
@@ -261,9 +212,6 @@ class ServerControl(ControlProtocol, FundsCommands):
         account = self.session.requireHello()
         orders = self.session.market.orders
         screens = Screens.fromArguments(**screens)
-        if budget is not None and not 0 < budget <= ledger.MAX_AMOUNT:
-            raise BadRequest(
-                f"a budget is above 0 and at most {ledger.formatAmount(ledger.MAX_AMOUNT)}")
         return defer.ensureDeferred(
             orders.place(account, image, vms, cores, memory, screens, budget))
 
@@ -271,30 +219,15 @@ class ServerControl(ControlProtocol, FundsCommands):
     def listLeases(self, before=None):
         account = self.session.requireHello()
         _cursor(before, "lease")
-        d = self.session.market.store.run(marketsql.accountLeases, account["id"], before,
-                                          commands.LEASES_PAGE + 1)
-
-        def page(rows):
-            rows = [{k: v for k, v in r.items() if v is not None} for r in rows]
-            leases, more = paging.pageOf(commands.ListLeases, "leases", rows,
-                                         commands.LEASES_PAGE)
-            return {"leases": leases, "more": more}
-
-        return d.addCallback(page)
+        d = self.session.market.orders.leases(account, before)
+        return d.addCallback(lambda page: {"leases": page[0], "more": page[1]})
 
     @commands.Rate.responder
     def rate(self, lease, good, comment=None):
         account = self.session.requireHello()
-        market = self.session.market
-
-        async def rate():
-            sellerId, name, votes = await market.store.run(
-                marketsql.rate, account["id"], lease, good, comment)
-            market.board.voted(sellerId, votes)
-            goodVotes, bad, raters = votes
-            return {"seller": name, "rating": rating(goodVotes, bad), "votes": raters}
-
-        return defer.ensureDeferred(rate())
+        d = defer.ensureDeferred(self.session.market.ratings.rate(account, lease, good, comment))
+        return d.addCallback(lambda rated: {"seller": rated.seller, "rating": rated.rating,
+                                            "votes": rated.votes})
 
     @commands.CancelOrder.responder
     def cancelOrder(self, order):
@@ -355,33 +288,17 @@ class ServerControl(ControlProtocol, FundsCommands):
     @commands.LinkChannel.responder
     def linkChannel(self, channel, peer_session, peer_channel):
         session = self.session
-        account = session.requireHello()
+        session.requireHello()
         _channel(channel)
         _channel(peer_channel, "peer channel")
-        peer = session.market.sessions.get(peer_session)
-        if peer is None or peer.account is None or peer.role is None:
-            raise commands.NoSuchSession(f"no session {peer_session} is connected")
-        if peer.account["id"] != account["id"]:
-            raise commands.NotPermitted(
-                "channels can be linked only between connections of the same account"
-            )
-        session.market.relay.link(session, channel, peer, peer_channel)
-        if peer is not session:
-            peer.control.callRemote(
-                commands.ChannelLinked, channel=peer_channel,
-                peer_session=session.sessionId, peer_channel=channel,
-            )
+        session.market.linkChannel(session, channel, peer_session, peer_channel)
         return {}
 
     @commands.UnlinkChannel.responder
     def unlinkChannel(self, channel):
         session = self.session
         session.requireHello()
-        link = session.links.get(channel)
-        if link is None:
-            raise BadRequest(f"channel {channel} is not linked")
-        others = tuple(s for s in (link.a, link.b) if s is not session)
-        session.market.relay.unlink(link, "unlinked by the peer", notify=others)
+        session.market.unlinkChannel(session, channel)
         return {}
 
     @commands.LinkStats.responder
@@ -595,7 +512,6 @@ class MarketSession(Multiplexer):
         self.heartbeat.start()
         if role == "buyer":
             self.market.buyerStarted(self)
-            self.market.orders.buyerConnected(self)
 
     def requireRole(self, role):
         account = self.requireHello()

@@ -52,7 +52,8 @@ class RecordingRoutes(dict):
 class DriverSession(ClientSession):
     def __init__(self, reactor, role, hello=True):
         ClientSession.__init__(self, reactor, role, hello=hello)
-        self.routes = RecordingRoutes(self.record)
+        # Every channel is recorded: the driver's table stands in for the routes.
+        self._routes = RecordingRoutes(self.record)
         self.received = defaultdict(list)
         self.events = []
 

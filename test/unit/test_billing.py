@@ -18,6 +18,7 @@ from cpushare.money import MICRO
 from cpushare.server import admin
 from cpushare.server.money import billing
 from cpushare.server.money import ledger
+from cpushare.server.db import leases as leasesql
 from cpushare.server.db import store
 from cpushare.server.money.billing import CannotFund, bill, heldMismatch, openLease
 from cpushare.server.money.ledger import EARNINGS, FUNDS, HELD
@@ -45,7 +46,7 @@ def lease(conn, m, started=1000.0, price=PRICE, netFee=0, cores=2, alive=True):
     leaseId = run(conn, openLease, m["vm"], m["order"], m["alice"], m["sam"], "sam", price,
                   netFee, cores, started, INTERVAL, WINDOW)
     if alive:
-        run(conn, billing.showedLife, leaseId, started)
+        run(conn, leasesql.showedLife, leaseId, started)
     return leaseId
 
 
@@ -189,8 +190,8 @@ def test_a_vm_that_never_shows_life_earns_its_seller_nothing(conn, market):
 def test_billing_counts_wall_time_from_the_first_sign_of_life(conn, market):
     credit(conn, market, 10 * MICRO)
     leaseId = lease(conn, market, alive=False)
-    run(conn, billing.showedLife, leaseId, 1100.0)
-    run(conn, billing.showedLife, leaseId, 1200.0)          # only the first counts
+    run(conn, leasesql.showedLife, leaseId, 1100.0)
+    run(conn, leasesql.showedLife, leaseId, 1200.0)          # only the first counts
     # 300 s after placement, 200 s after life: at most 2 x 200 CPU seconds.
     result = run(conn, bill, leaseId, 600.0, 0, 1300.0, False, INTERVAL, WINDOW)
     assert result["charged"] == 400 * 10

@@ -73,7 +73,7 @@ class NetworkFeeTests(HoldCase):
         yield self.within(greedy.started.get())
         yield self.within(buyer.attached.get())
         received = []
-        buyer.routes[nicChannel(vm)] = received.append
+        buyer.route(nicChannel(vm), received.append)
         junk = b"\xff" * 6 + b"\x00" * 1494
         # 8000 frames, a batch at a time so the seller's own queue takes them.
         for _ in range(80):
@@ -117,7 +117,7 @@ class NetworkFeeTests(HoldCase):
         yield self.within(greedy.started.get())
         yield self.within(buyer.attached.get())
         received = []
-        buyer.routes[nicChannel(vm)] = received.append
+        buyer.route(nicChannel(vm), received.append)
         frame = b"\xff" * 6 + b"\x00" * 1494
         while sum(map(len, received)) < 3_500_000:
             for _ in range(50):

@@ -384,7 +384,7 @@ class BenchSellerControl(FakeSellerControl):
             answer = f"{line}\r\nCPUSHARE-BENCH-RESULT {nonce} {digest}\r\n/ # \x1b[6n"
             session.reactor.callLater(0.05, session.sendFrame, channel, answer.encode())
 
-        session.routes[channel] = typed
+        session.route(channel, typed)
         if not session.silent:
             session.reactor.callLater(0.05, session.sendFrame, channel,
                               b"boot...\r\nCPUSHARE-READY mac=x ip=none\r\n/ # \x1b[6n")
@@ -402,7 +402,10 @@ class CPUBenchTests(OrderCase):
     def setUp(self):
         yield OrderCase.setUp(self)
         image = self.makeFile(5000, b"bench")
-        bench = cpubench.CPUBench(self.market, image=image, every=3600, mb=2, timeout=2.0)
+        market = self.market
+        bench = cpubench.CPUBench(market.reactor, market.store, market.orders,
+                                  market.board.invalidate, market.images, image=image,
+                                  every=3600, mb=2, timeout=2.0)
         self.market.cpubench = bench
         yield defer.ensureDeferred(bench.prepare(None))
         self.assertTrue(bench.enabled)
@@ -468,7 +471,9 @@ class CPUBenchTests(OrderCase):
         benchVM = (yield self.within(self.seller.started.get()))["vm"]
         yield self.sleep(0.2)
         # The market server restarts: its orders are loaded from the database.
-        restarted = Orders(self.market, grace=60)
+        market = self.market
+        restarted = Orders(market.reactor, market.store, market.relay, market.board,
+                           market.billing, market.buyerSession, market.images, grace=60)
         self.addCleanup(restarted.stop)
         yield defer.ensureDeferred(restarted.load())
         self.assertEqual(sorted(restarted.vms), [buyerVM])
@@ -514,8 +519,7 @@ def test_measurements_and_benchmarks_wait_for_a_free_slot():
     assert len(sent) == 32 and measured == [session]
     assert session.bandwidthMbps is not None
 
-    market = SimpleNamespace(reactor=clock)
-    bench = cpubench.CPUBench(market, every=3600)
+    bench = cpubench.CPUBench(clock, None, None, None, every=3600)
     ran = []
 
     async def measure(s):

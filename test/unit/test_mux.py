@@ -58,8 +58,8 @@ def test_messages_are_parsed_across_any_split():
     for cut in range(1, len(stream)):
         clock, m, _ = connected()
         got = []
-        m.routes[5] = got.append
-        m.routes[7] = got.append
+        m.route(5, got.append)
+        m.route(7, got.append)
         m.dataReceived(stream[:cut])
         m.dataReceived(stream[cut:])
         assert got == [b"abc", b"", b"x" * 3000], cut
@@ -70,10 +70,34 @@ def test_messages_are_parsed_across_any_split():
 def test_unrouted_frames_are_dropped_and_counted():
     clock, m, _ = connected()
     got = []
-    m.routes[5] = got.append
+    m.route(5, got.append)
     m.dataReceived(greeting() + encode(6, b"not yours") + encode(5, b"mine"))
     assert got == [b"mine"]
     assert m.counters.droppedUnrouted == 1
+
+
+def test_routes_change_only_through_route_and_unroute():
+    """route/unroute do what writing the routes dict did; the dict is not writable."""
+    clock, m, _ = connected()
+    got, other = [], []
+    m.route(5, got.append)
+    m.dataReceived(greeting() + encode(5, b"one"))
+    m.route(5, other.append)                        # a new route replaces the old one
+    m.dataReceived(encode(5, b"two"))
+    assert (got, other) == ([b"one"], [b"two"])
+    assert m.routes == {5: other.append}
+    # unroute(channel, handler) leaves a route that is not that handler's.
+    assert not m.unroute(5, got.append)
+    assert m.unroute(5, other.append)
+    assert not m.unroute(5)
+    m.dataReceived(encode(5, b"three"))
+    assert other == [b"two"] and m.counters.droppedUnrouted == 1
+    m.route(6, got.append)
+    assert m.unroute(6) and m.routes == {}
+    with pytest.raises(TypeError):
+        m.routes[7] = got.append
+    with pytest.raises(AttributeError):
+        m.routes = {}
 
 
 def test_oversized_message_closes_the_connection():
@@ -204,7 +228,7 @@ def test_control_commands_round_trip_between_two_multiplexers():
     pump.flush()
     assert results == [{"text": "HELLO"}]
     got = []
-    a.routes[4] = got.append
+    a.route(4, got.append)
     b.sendFrame(4, b"frame")
     pump.flush()
     assert got == [b"frame"]

@@ -144,11 +144,11 @@ class OrderTests(OrderCase):
 
         # Frames cross between the VM's NIC on the seller and the buyer program.
         fromVM = defer.DeferredQueue()
-        buyer.routes[nicChannel(first)] = fromVM.put
+        buyer.route(nicChannel(first), fromVM.put)
         seller.sendFrame(nicChannel(first), b"\xff" * 6 + b"frame from the VM")
         self.assertEqual((yield self.within(fromVM.get())), b"\xff" * 6 + b"frame from the VM")
         toVM = defer.DeferredQueue()
-        seller.routes[nicChannel(first)] = toVM.put
+        seller.route(nicChannel(first), toVM.put)
         buyer.sendFrame(nicChannel(first), b"reply")
         self.assertEqual((yield self.within(toVM.get())), b"reply")
 
@@ -178,7 +178,7 @@ class OrderTests(OrderCase):
         bobBuyer = yield self.program("buyer", bob)
         seen = []
         for channel in range(0, 64):
-            bobBuyer.routes[channel] = seen.append
+            bobBuyer.route(channel, seen.append)
         placed = yield self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=1,
                                  cores=1, memory=256)
         [vm] = placed["vm_ids"]
@@ -235,7 +235,7 @@ class OrderTests(OrderCase):
         listed = (yield self.call(self.cli, commands.ListVMs))["vms"]
         self.assertEqual(listed[0]["state"], "running")
         fromVM = defer.DeferredQueue()
-        buyer.routes[nicChannel(vm)] = fromVM.put
+        buyer.route(nicChannel(vm), fromVM.put)
         again.sendFrame(nicChannel(vm), b"still here")
         self.assertEqual((yield self.within(fromVM.get())), b"still here")
 
@@ -294,7 +294,7 @@ class OrderTests(OrderCase):
         seller.sendFrame(consoleChannel(vm), b"CPUSHARE-READY ip=10.77.0.100/24\r\n")
         yield self.sleep(0.1)
         output = defer.DeferredQueue()
-        self.cli.routes[consoleChannel(vm)] = output.put
+        self.cli.route(consoleChannel(vm), output.put)
         answer = yield self.call(self.cli, commands.AttachConsole, vm=vm)
         self.assertEqual(answer["channel"], consoleChannel(vm))
         self.assertEqual((yield self.within(output.get())),
@@ -302,7 +302,7 @@ class OrderTests(OrderCase):
         seller.sendFrame(consoleChannel(vm), b"# ")
         self.assertEqual((yield self.within(output.get())), b"# ")
         typed = defer.DeferredQueue()
-        seller.routes[consoleChannel(vm)] = typed.put
+        seller.route(consoleChannel(vm), typed.put)
         self.cli.sendFrame(consoleChannel(vm), b"uname -a\n")
         self.assertEqual((yield self.within(typed.get())), b"uname -a\n")
         # When the VM ends, the console says why.
@@ -353,7 +353,7 @@ class OrderTests(OrderCase):
         yield self.close(first)
         self.assertEqual((yield self.within(second.attached.get()))[0], vm)
         frames = defer.DeferredQueue()
-        second.routes[nicChannel(vm)] = frames.put
+        second.route(nicChannel(vm), frames.put)
         seller.sendFrame(nicChannel(vm), b"\xff" * 14)
         self.assertEqual((yield self.within(frames.get())), b"\xff" * 14)
 

@@ -8,7 +8,7 @@ every entry once, in order, on SQLite and PostgreSQL alike.
 from twisted.protocols import amp
 
 from cpushare.protocol import commands, paging
-from cpushare.server.db import marketsql
+from cpushare.server.db import leases as leasesql
 from cpushare.server.db import store
 
 BOOM = "\U0001f4a5"   # four bytes in UTF-8
@@ -159,7 +159,7 @@ def test_walking_the_pages_lists_every_entry_once_in_order(conn):
     assert pages > vms // commands.VMS_PAGE   # long reasons make some pages shorter
 
     found, _ = _walk(case, commands.ListLeases, "leases", lambda before: store.transact(
-        conn, marketsql.accountLeases, buyer, before, commands.LEASES_PAGE + 1),
+        conn, leasesql.accountLeases, buyer, before, commands.LEASES_PAGE + 1),
         commands.LEASES_PAGE, "lease", "before")
     assert [lease["vm"] for lease in found] == sorted(ids, reverse=True)
     assert max(len(lease["reason"]) for lease in found) == paging.MAX_TEXT

@@ -24,6 +24,7 @@ from zope.interface.verify import verifyObject
 from cpushare.client.buyer import dhcp
 from cpushare.client.buyer.dhcp import DHCPServer
 from cpushare.client.buyer.ports import ChannelPort, StreamPort, StreamPortFactory, listenUNIX
+from cpushare.protocol.mux import Routing
 from cpushare.protocol.qemustream import MAX_STREAM_FRAME
 from cpushare.client.buyer.switch import IPort, Switch
 
@@ -79,9 +80,9 @@ class SinkPort:
         return True
 
 
-class FakeSession:
+class FakeSession(Routing):
     def __init__(self, room=True):
-        self.routes = {}
+        Routing.__init__(self)
         self.sent = []
         self.room = room
 

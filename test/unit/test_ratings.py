@@ -6,8 +6,8 @@ accounts (docs/buyer.md, "Rate the sellers"), on SQLite and PostgreSQL.
 import pytest
 
 from cpushare.protocol import commands
-from cpushare.server.db import marketsql
 from cpushare.server.db import store
+from cpushare.server.market import ratings
 from cpushare.server.market.screens import rating
 
 
@@ -37,7 +37,7 @@ def _lease(conn, buyer, seller, charged):
 
 
 def _rate(conn, buyer, lease, good=True):
-    return store.transact(conn, marketsql.rate, buyer, lease, good, None)
+    return store.transact(conn, ratings.rateLease, buyer, lease, good, None)
 
 
 def test_a_seller_cannot_rate_its_own_lease(conn):
@@ -46,7 +46,7 @@ def test_a_seller_cannot_rate_its_own_lease(conn):
     lease = _lease(conn, sam, sam, 500_000)
     with pytest.raises(commands.NotPermitted, match="your own seller: you cannot rate yourself"):
         _rate(conn, sam, lease)
-    assert store.transact(conn, marketsql.votes, sam) == (0.0, 0.0, 0)
+    assert store.transact(conn, ratings.votes, sam) == (0.0, 0.0, 0)
 
 
 def test_only_a_billed_lease_can_be_rated_and_only_once(conn):
@@ -75,7 +75,7 @@ def test_five_fresh_accounts_with_tiny_leases_cannot_lift_a_new_seller(conn):
         puppet = _account(conn, f"puppet{i}")
         for _ in range(4):      # 0.01 paid by each in all, every lease rated good
             _rate(conn, puppet, _lease(conn, puppet, sam, 2_500))
-    good, bad, raters = store.transact(conn, marketsql.votes, sam)
+    good, bad, raters = store.transact(conn, ratings.votes, sam)
     assert raters == 5
     assert rating(good, bad) < 0.02
     # Even paying a full vote each (1.00), five accounts give at most 0.57.
@@ -86,12 +86,12 @@ def test_one_buyer_counts_once_however_many_leases_it_rates(conn):
     sam, alice, bob = (_account(conn, n) for n in ("sam", "alice", "bob"))
     for _ in range(30):
         _rate(conn, alice, _lease(conn, alice, sam, 1_000_000))
-    good, bad, raters = store.transact(conn, marketsql.votes, sam)
+    good, bad, raters = store.transact(conn, ratings.votes, sam)
     assert (good, bad, raters) == (1.0, 0.0, 1)
     assert rating(good, bad) == rating(1, 0)
     # A buyer's mixed votes are averaged into its one vote.
     _rate(conn, bob, _lease(conn, bob, sam, 1_000_000), True)
     _rate(conn, bob, _lease(conn, bob, sam, 1_000_000), False)
-    assert store.transact(conn, marketsql.votes, sam) == (1.5, 0.5, 2)
+    assert store.transact(conn, ratings.votes, sam) == (1.5, 0.5, 2)
 
 

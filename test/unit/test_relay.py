@@ -3,13 +3,14 @@
 import pytest
 
 from cpushare.protocol.commands import ChannelBusy
+from cpushare.protocol.mux import Routing
 from cpushare.server.relay import Relay
 
 
-class FakeSession:
+class FakeSession(Routing):
     def __init__(self, sessionId, room=True):
         self.sessionId = sessionId
-        self.routes = {}
+        Routing.__init__(self)
         self.links = {}
         self.sent = []
         self.unlinked = []

@@ -88,9 +88,10 @@ class MarketTests(MarketCase):
         yield a.control.callRemote(
             commands.LinkChannel, channel=3, peer_session=b.info["session"], peer_channel=5)
         got = defer.DeferredQueue()
-        b.routes[5] = got.put
+        b.route(5, got.put)
         seen = []
-        mallory.routes[3] = mallory.routes[5] = seen.append
+        mallory.route(3, seen.append)
+        mallory.route(5, seen.append)
         frames = [bytes([i]) * (60 + i) for i in range(20)]
         for f in frames:
             a.sendFrame(3, f)

@@ -44,11 +44,10 @@ class ChannelPort:
 
     def start(self):
         self.switch.attach(self)
-        self.session.routes[self.channel] = self._frameReceived
+        self.session.route(self.channel, self._frameReceived)
 
     def stop(self):
-        if self.session.routes.get(self.channel) == self._frameReceived:
-            del self.session.routes[self.channel]
+        self.session.unroute(self.channel, self._frameReceived)
         self.switch.detach(self)
 
     def _frameReceived(self, payload):

@@ -212,7 +212,7 @@ async def console(reactor, args, home):
             if ch == channel and not ended.called:
                 ended.callback(reason)
 
-        session.routes[channel] = show
+        session.route(channel, show)
         session.channelUnlinked = gone
         await market.call(commands.AttachConsole, vm=args.vm)
         done = defer.Deferred()

@@ -131,9 +131,9 @@ class HostedVM(VMLife):
 
     def bind(self, session):
         if self.nic is not None:
-            session.routes[nicChannel(self.id)] = self.nic.sendFrame
+            session.route(nicChannel(self.id), self.nic.sendFrame)
         if self.process is not None:
-            session.routes[consoleChannel(self.id)] = self.process.writeConsole
+            session.route(consoleChannel(self.id), self.process.writeConsole)
 
     # -- life
 
@@ -366,7 +366,7 @@ class VMHost(Service):
         self.cache.release(vm.image)
         if self.session is not None:
             for channel in (nicChannel(vm.id), consoleChannel(vm.id)):
-                self.session.routes.pop(channel, None)
+                self.session.unroute(channel)
         self.log.info("VM {vm} {state}: {reason}", vm=vm.id, state=state, reason=reason)
         if self.session is None:
             self.endedAway.append((vm, state, reason))

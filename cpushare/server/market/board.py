@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from cpushare.protocol.commands import BadRequest
 from cpushare.server.db import marketsql
 from cpushare.money import MAX_PRICE, formatAmount
+from cpushare.server.market.ratings import votes as sellerVotes
 from cpushare.server.market.screens import (
     DEFAULT_TRAFFIC, Exclusion, Figures, country as countryCode, preference, rating)
 
@@ -57,12 +58,24 @@ def checkTerms(price=None, net_fee=None, country=None, maxNetFee=MAX_NET_FEE):
     return {"price": price, "net_fee": net_fee, "country": country}
 
 
+def sellerStanding(cursor, accountId, defaults):
+    """What the market needs of a seller that comes online: (terms, votes)."""
+    return (marketsql.sellerTerms(cursor, accountId) or dict(defaults),
+            sellerVotes(cursor, accountId))
+
+
 class Board:
     log = Logger()
 
-    def __init__(self, market, defaultPrice=DEFAULT_PRICE, maxNetFee=MAX_NET_FEE):
-        self.market = market
-        self.reactor = market.reactor
+    def __init__(self, reactor, store, sellers, defaultPrice=DEFAULT_PRICE,
+                 maxNetFee=MAX_NET_FEE):
+        """
+        @param sellers: called with no argument, returns the sellers' sessions
+            online now that have offered capacity (L{Market.sellers}).
+        """
+        self.reactor = reactor
+        self.store = store
+        self.sellers = sellers
         self.defaults = {"price": defaultPrice, "net_fee": 0, "country": None}
         self.maxNetFee = maxNetFee
         self.standing = {}          # account id -> {"terms": {...}, "votes": (good, bad)}
@@ -76,8 +89,8 @@ class Board:
         """A seller offers capacity: load its standing, store the terms it gives."""
         given = checkTerms(price, net_fee, country, self.maxNetFee)
         accountId = session.account["id"]
-        db = self.market.store
-        terms, votes = await db.run(marketsql.sellerStanding, accountId, self.defaults)
+        db = self.store
+        terms, votes = await db.run(sellerStanding, accountId, self.defaults)
         if (price, net_fee, country) != (None, None, None):
             terms = await db.run(marketsql.setSellerTerms, accountId, self.defaults,
                                  given["price"], given["net_fee"], given["country"])
@@ -87,7 +100,7 @@ class Board:
 
     async def setTerms(self, accountId, price=None, net_fee=None, country=None):
         given = checkTerms(price, net_fee, country, self.maxNetFee)
-        terms = await self.market.store.run(
+        terms = await self.store.run(
             marketsql.setSellerTerms, accountId, self.defaults,
             given["price"], given["net_fee"], given["country"])
         entry = self.standing.get(accountId)
@@ -97,7 +110,7 @@ class Board:
         return terms
 
     def voted(self, sellerId, votes):
-        """A seller's votes changed: C{votes} as L{marketsql.votes} gives them."""
+        """A seller's votes changed: C{votes} as L{ratings.votes} gives them."""
         entry = self.standing.get(sellerId)
         if entry is not None:
             entry["votes"] = votes
@@ -132,7 +145,7 @@ class Board:
         if entries is None:
             if len(self._ranked) >= RANKINGS:
                 self._ranked = {}
-            entries = [(s, self.figures(s)) for s in self.market.sellers()
+            entries = [(s, self.figures(s)) for s in self.sellers()
                        if s.account["id"] in self.standing]
             entries.sort(key=lambda e: preference(e[1], e[0].connectedAt or 0.0,
                                                   cores, traffic))

@@ -116,10 +116,20 @@ def systemAccount(cursor, sha256, size):
 class CPUBench:
     log = Logger()
 
-    def __init__(self, market, image=None, every=EVERY, mb=MB, timeout=TIMEOUT, first=FIRST,
-                 cache=None):
-        self.market = market
-        self.reactor = market.reactor
+    def __init__(self, reactor, store, orders, rescored, images=None, image=None, every=EVERY,
+                 mb=MB, timeout=TIMEOUT, first=FIRST, cache=None):
+        """
+        @param orders: runs the benchmark VMs: C{used}, C{systemVM} and
+            C{endSystemVM} of L{cpushare.server.market.orders.Orders}.
+        @param rescored: called with no argument when a seller's score changed
+            (the board ranks its sellers again).
+        @param images: the image store the benchmark image is put in.
+        """
+        self.reactor = reactor
+        self.store = store
+        self.orders = orders
+        self.rescored = rescored
+        self.images = images
         self.image = image              # a path; None: built in the data folder
         self.every = every
         self.mb = mb
@@ -153,11 +163,11 @@ class CPUBench:
             else:
                 path = self.image
                 sha256, size = await deferToThreadPool(self.reactor, pool, hashFile, path)
-            images = self.market.images
+            images = self.images
             target = images.pathFor(sha256)
             if not os.path.exists(target):
                 await deferToThreadPool(self.reactor, pool, shutil.copyfile, path, target)
-            self.accountId = await self.market.store.run(systemAccount, sha256, size)
+            self.accountId = await self.store.run(systemAccount, sha256, size)
         except Exception as e:
             self.log.error("no CPU benchmark: the benchmark image could not be made: {why}",
                            why=str(e))
@@ -206,7 +216,7 @@ class CPUBench:
     async def measure(self, session):
         """Run one benchmark VM on C{session}'s seller; returns the score or None."""
         name = session.account["name"]
-        orders = self.market.orders
+        orders = self.orders
         cores, memory = orders.used(session)
         if session.offer is None or cores + CORES > session.offer["cores"] or \
                 memory + MEMORY > session.offer["memory"]:
@@ -270,11 +280,11 @@ class CPUBench:
             if match.group(1).decode("ascii") != nonce or digest != await expected:
                 self.log.warn("CPU benchmark of {name}: a wrong result; no score", name=name)
                 session.cpuScore = None
-                self.market.board.invalidate()
+                self.rescored()
                 return None
             score = self.mb / max(finished - started, 1e-3)
             session.cpuScore = score
-            self.market.board.invalidate()
+            self.rescored()
             self.log.info("CPU benchmark of {name}: {score:.1f} MB/s of SHA-256 in one core "
                           "({mb} MB in {s:.2f}s)", name=name, score=score, mb=self.mb,
                           s=finished - started)

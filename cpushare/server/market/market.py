@@ -1,5 +1,12 @@
 """
-The market: who is connected, accounts and registration, the relay.
+The market: who is connected, accounts and registration, the relay, and
+the market's services wired together (L{Market}).
+
+What a client may do is decided here and in the services (the board, the
+orders, billing, ratings), never in the protocol layer: a session's
+responders (L{cpushare.server.session}) decode and check the arguments,
+call one of these methods and encode the answer, and the web site calls
+the same methods.
 """
 
 import re
@@ -10,6 +17,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from cpushare import pki
+from cpushare.money import formatAmount
 from cpushare.protocol import commands
 from cpushare.protocol.heartbeat import DEFAULT_INTERVAL, DEFAULT_TIMEOUT
 from cpushare.server.db import store
@@ -17,11 +25,13 @@ from cpushare.server.access import (
     CHECK_EVERY, REKEYS_PER_DAY, AccessWatch, RegistrationRefused)
 from cpushare.server.admission import Admission
 from cpushare.server.money.billing import INTERVAL, WINDOW, Billing
-from cpushare.server.market.measure import AT_ONCE as MEASURE_AT_ONCE, EVERY as MEASURE_EVERY
-from cpushare.server.market.board import DEFAULT_PRICE, MAX_NET_FEE, Board
+from cpushare.server.market.measure import (
+    AT_ONCE as MEASURE_AT_ONCE, EVERY as MEASURE_EVERY, BandwidthMeter)
+from cpushare.server.market.board import DEFAULT_PRICE, MAX_NET_FEE, OWN_ACCOUNT, Board
 from cpushare.server.market.cpubench import CPUBench
 from cpushare.server.money.desk import MoneyDesk
 from cpushare.server.market.orders import Orders
+from cpushare.server.market.ratings import Ratings
 from cpushare.server.relay import Relay
 
 ACCOUNT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}\Z")
@@ -49,22 +59,27 @@ class Market(Service):
         """
         self.reactor = reactor
         self.store = store
-        self.images = images
         self.credentials = credentials
         self.heartbeatInterval = float(heartbeat)
         self.heartbeatTimeout = float(timeout)
         self.sessions = {}
         self.admission = Admission()    # caps on connections before Hello
         self._buyers = {}           # account id -> [buyer sessions], oldest first
+        # The services, each given what it uses; only the market wires them.
         self.relay = Relay()
-        self.board = Board(self, defaultPrice, maxNetFee)
-        self.orders = Orders(self)
-        self.billing = Billing(self, billingInterval, holdWindow)
+        self.board = Board(reactor, store, self.sellers, defaultPrice, maxNetFee)
+        self.billing = Billing(reactor, store, billingInterval, holdWindow)
+        self.orders = Orders(reactor, store, self.relay, self.board, self.billing,
+                             self.buyerSession, images)
+        self.billing.serve(self.orders)
+        self.ratings = Ratings(store, self.board.voted)
         self.measureEvery = measureEvery
         self.measureSlots = defer.DeferredSemaphore(MEASURE_AT_ONCE)
         cpuBench = dict(cpuBench or {"every": 0})
         self.cpuBenchFolder = cpuBench.pop("folder", None)
-        self.cpubench = CPUBench(self, **cpuBench)
+        self.cpubench = CPUBench(reactor, store, self.orders, self.board.invalidate, images,
+                                 **cpuBench)
+        self.images = images
         # Balances and statements; PayPal when makeService sets one up.
         self.money = MoneyDesk(reactor, store)
         self.money.funds.onCredited = self.orders.retryFunding
@@ -72,6 +87,15 @@ class Market(Service):
         self.registrations = registrations
         self.rekeysPerDay = rekeysPerDay
         self.access = AccessWatch(self, accessCheck)
+
+    @property
+    def images(self):
+        """The image store (L{cpushare.server.images}), or None."""
+        return self._images
+
+    @images.setter
+    def images(self, images):
+        self._images = self.orders.images = self.cpubench.images = images
 
     def startService(self):
         Service.startService(self)
@@ -112,8 +136,9 @@ class Market(Service):
         self.orders.sessionLost(session)
 
     def buyerStarted(self, session):
-        """A buyer program said hello."""
+        """A buyer program said hello: its VMs' NICs now reach it."""
         self._buyers.setdefault(session.account["id"], []).append(session)
+        self.orders.buyerConnected(session)
 
     def buyerSession(self, accountId):
         """The account's buyer program's session (the oldest, if several), or None."""
@@ -137,6 +162,109 @@ class Market(Service):
             s for _, s in sorted(self.sessions.items())
             if s.role == "seller" and s.offer is not None
         ]
+
+    # -- sellers
+
+    async def offer(self, session, cores, memory, price=None, net_fee=None, country=None):
+        """
+        The seller of C{session} offers C{cores} and C{memory} MB on the terms
+        given (None: its stored ones); returns the terms in force.  It is
+        ranked, measured, and given the VMs that wait for it.
+        """
+        terms = await self.board.sellerOnline(session, price, net_fee, country)
+        session.offer = {"cores": cores, "memory": memory}
+        if session.meter is None and self.measureEvery and session.connected:
+            session.meter = BandwidthMeter(
+                self.reactor, session, lambda s: self.board.invalidate(),
+                self.measureSlots, every=self.measureEvery)
+        self.board.invalidate()
+        self.orders.capacityChanged()
+        self.cpubench.sellerOnline(session)
+        session.log.info(
+            "seller {name} (session {session}) offers {cores} cores, {memory} MB"
+            " at {price} a core-hour", name=session.account["name"],
+            session=session.sessionId, cores=cores, memory=memory,
+            price=formatAmount(terms["price"]))
+        return terms
+
+    async def setTerms(self, account, price=None, net_fee=None, country=None):
+        """A seller's account changes its terms; returns those in force."""
+        terms = await self.board.setTerms(account["id"], price, net_fee, country)
+        self.log.info(
+            "seller {name} changed its terms: {price} a core-hour, {fee} a GB, {country}",
+            name=account["name"], price=formatAmount(terms["price"]),
+            fee=formatAmount(terms["net_fee"]), country=terms["country"])
+        self.orders.capacityChanged()
+        return terms
+
+    def listSellers(self, account, screens, explain=False, offset=0, limit=None):
+        """
+        The sellers online as C{account} sees them for C{screens}: those
+        that pass, then (with C{explain}) those that do not, with the
+        reason; its own sellers are always listed, as excluded.  Returns
+        (entries C{offset} to C{offset + limit}, total, passing): each entry a
+        dict with the seller's capacity, figures and C{excluded} (the reason,
+        or None).
+        """
+        passing, excluded = self.board.explain(screens, account["id"])
+        listed = [(s, fig, None) for s, fig in passing]
+        if explain:
+            listed += excluded
+        else:
+            # Its own sellers, which never take its orders, are shown as such.
+            listed += [e for e in excluded if e[2].screen == OWN_ACCOUNT]
+        end = len(listed) if limit is None else offset + limit
+        entries = []
+        for s, fig, reason in listed[offset:end]:
+            cores, memory = self.orders.used(s)
+            entries.append({
+                "name": s.account["name"],
+                "session": s.sessionId,
+                "cores": s.offer["cores"],
+                "memory": s.offer["memory"],
+                "free_cores": max(0, s.offer["cores"] - cores),
+                "free_memory": max(0, s.offer["memory"] - memory),
+                "connected": s.connectedAt,
+                "price": fig.price,
+                "net_fee": fig.netFee,
+                "rating": fig.rating,
+                "votes": fig.votes,
+                "latency_ms": fig.latencyMs,
+                "country": fig.country,
+                "bandwidth_mbps": fig.bandwidthMbps,
+                "cpu_score": fig.cpuScore,
+                "excluded": None if reason is None else str(reason),
+            })
+        return entries, len(listed), len(passing)
+
+    # -- channels
+
+    def linkChannel(self, session, channel, peerSessionId, peerChannel):
+        """
+        Link C{channel} of C{session} to C{peerChannel} of the session
+        C{peerSessionId}, which must be of the same account; the peer is told.
+        """
+        peer = self.sessions.get(peerSessionId)
+        if peer is None or peer.account is None or peer.role is None:
+            raise commands.NoSuchSession(f"no session {peerSessionId} is connected")
+        if peer.account["id"] != session.account["id"]:
+            raise commands.NotPermitted(
+                "channels can be linked only between connections of the same account"
+            )
+        self.relay.link(session, channel, peer, peerChannel)
+        if peer is not session:
+            peer.control.callRemote(
+                commands.ChannelLinked, channel=peerChannel,
+                peer_session=session.sessionId, peer_channel=channel,
+            )
+
+    def unlinkChannel(self, session, channel):
+        """Unlink C{channel} of C{session}; the other end is told."""
+        link = session.links.get(channel)
+        if link is None:
+            raise commands.BadRequest(f"channel {channel} is not linked")
+        others = tuple(s for s in (link.a, link.b) if s is not session)
+        self.relay.unlink(link, "unlinked by the peer", notify=others)
 
     # -- accounts
 

@@ -34,13 +34,15 @@ as detached.
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from cpushare.money import formatAmount
+from cpushare.money import MAX_AMOUNT, formatAmount
 from cpushare.protocol import commands, paging
 from cpushare.protocol.commands import BadRequest, NoSuchVM, consoleChannel, nicChannel
 from cpushare.protocol.states import (
     OVER, REPORTED, IllegalTransition, OrderState, VMLife, VMState, check as checkTransition)
 from cpushare.server.money import billing as billing_
+from cpushare.server.db import leases as leasesql
 from cpushare.server.db import marketsql
 from cpushare.server.db import store
 from cpushare.server.market.cpubench import SYSTEM_ACCOUNT
@@ -154,13 +156,27 @@ class PlacedVMs(dict):
         raise KeyError(vmId)
 
 
+@implementer(billing_.ILeases)
 class Orders:
+    """
+    The orders and their VMs.  It asks the board where a VM may go, the
+    relay to link a VM's NIC to its buyer, billing to hold, bill and settle
+    leases (which reports back through L{billing_.ILeases}), and
+    C{buyerSession(accountId)} for a buyer's program; C{images} (with
+    C{readChunk}) serves the sellers the images they boot.
+    """
+
     log = Logger()
 
-    def __init__(self, market, grace=GRACE):
-        self.market = market
-        self.reactor = market.reactor
-        self.db = market.store
+    def __init__(self, reactor, store, relay, board, billing, buyerSession, images=None,
+                 grace=GRACE):
+        self.reactor = reactor
+        self.db = store
+        self.relay = relay
+        self.board = board
+        self.billing = billing
+        self.buyerSession = buyerSession
+        self.images = images
         self.grace = grace
         self.vms = {}
         self.unfunded = {}          # buyer id -> why its VMs cannot be funded now
@@ -172,8 +188,8 @@ class Orders:
         """Bring back the VMs that were active when the server stopped."""
         rows = await self.db.run(store.activeVMs)
         orders = await self.db.run(marketsql.orderScreens, {row[1] for row in rows})
-        leases = await self.db.run(marketsql.openLeases)
-        leaseStates = await self.db.run(billing_.openLeaseStates, self.market.billing.interval)
+        leases = await self.db.run(leasesql.openLeases)
+        leaseStates = await self.db.run(billing_.openLeaseStates, self.billing.interval)
         for (vmId, orderId, sellerId, mac, state, started, cpu, ip, buyerId, image,
              cores, memory, size, buyerName, sellerName) in rows:
             screens, budget = orders.get(orderId, ({}, None))
@@ -196,7 +212,7 @@ class Orders:
                     if vm.aliveAt is None:
                         vm.lifeWatch = lambda vm=vm: self._showedLife(vm)
                 self._detach(vm, "the market server restarted")
-        await self.market.billing.settleLeftovers(
+        await self.billing.settleLeftovers(
             {vm.leaseId for vm in self.vms.values() if vm.leaseId is not None})
         pending = [vm for vm in self.vms.values() if vm.state == VMState.PENDING]
         if rows:
@@ -218,6 +234,8 @@ class Orders:
 
     async def place(self, account, image, count, cores, memory, screens=Screens(),
                     budget=None):
+        if budget is not None and not 0 < budget <= MAX_AMOUNT:
+            raise BadRequest(f"a budget is above 0 and at most {formatAmount(MAX_AMOUNT)}")
         if not 1 <= count <= MAX_VMS_PER_ORDER:
             raise BadRequest(f"an order is for 1 to {MAX_VMS_PER_ORDER} VMs, not {count}")
         if not 1 <= cores <= MAX_VM_CORES:
@@ -259,7 +277,7 @@ class Orders:
 
     def whyWaiting(self, vm):
         """Why no seller online can take C{vm} now, in one line."""
-        passing, excluded = self.market.board.explain(vm.screens, vm.buyerId, vm.cores)
+        passing, excluded = self.board.explain(vm.screens, vm.buyerId, vm.cores)
         if not passing and not excluded:
             return "no seller is online; waiting for one"
         if passing:
@@ -309,7 +327,7 @@ class Orders:
         if channel in session.links:
             raise BadRequest(f"channel {channel} of this connection is in use")
         vm.consoles.add(session)
-        session.routes[channel] = vm.consoleInput
+        session.route(channel, vm.consoleInput)
         if vm.consoleHistory:
             session.sendFrame(channel, vm.consoleHistory)
         return channel
@@ -342,7 +360,7 @@ class Orders:
         if vm.buyerId in self.unfunded:
             vm.reason = self.unfunded[vm.buyerId]
             return False
-        board = self.market.board
+        board = self.board
         for seller, figures in board.ranked(vm.cores, vm.screens.traffic):
             if not seller.connected or seller.offer is None:
                 continue
@@ -357,7 +375,7 @@ class Orders:
     def _bindSeller(self, vm, seller):
         vm.seller = seller
         seller.vms[vm.id] = vm
-        seller.routes[consoleChannel(vm.id)] = vm.consoleReceived
+        seller.route(consoleChannel(vm.id), vm.consoleReceived)
 
     def _place(self, vm, seller, figures):
         """
@@ -383,7 +401,7 @@ class Orders:
         return True
 
     async def _fund(self, vm, seller, figures):
-        billing = self.market.billing
+        billing = self.billing
         placed = self.reactor.seconds()
 
         def save(cursor):
@@ -402,12 +420,12 @@ class Orders:
             return
         if vm.seller is not seller or not vm.active:
             # It ended (cancelled, its seller went) while the hold was made.
-            await self.market.billing.settle(leaseId, 0.0, 0, vm.reason or "ended")
+            await self.billing.settle(leaseId, 0.0, 0, vm.reason or "ended")
             return
         vm.leaseId = leaseId
         vm.netLimit = netLimit
         vm.lifeWatch = lambda: self._showedLife(vm)
-        buyer = self.market.buyerSession(vm.buyerId)
+        buyer = self.buyerSession(vm.buyerId)
         if buyer is not None:
             self._linkBuyer(vm, buyer)
         d = seller.control.callRemote(
@@ -421,7 +439,7 @@ class Orders:
         self.unfunded[vm.buyerId] = why
         if vm.seller is seller:
             seller.vms.pop(vm.id, None)
-            seller.routes.pop(consoleChannel(vm.id), None)
+            seller.unroute(consoleChannel(vm.id))
             vm.seller = None
         vm.sellerAccountId = None
         if vm.active and self._move(vm, VMState.PENDING):
@@ -459,6 +477,10 @@ class Orders:
             self._end(vm, VMState.STOPPED, "the CPU benchmark is over")
         self._save(lambda c: store.closeOrder(c, vm.order, OrderState.DONE))
 
+    def billable(self):
+        """The VMs that run under a lease now (for billing)."""
+        return [vm for vm in self.vms.values() if vm.leaseId is not None]
+
     def retryFunding(self, buyerId=None):
         """Funds may have come: try the VMs that waited for them again."""
         if buyerId is None:
@@ -484,7 +506,7 @@ class Orders:
         vm.netBase = 0 if link is None else -(link.bytesAB + link.bytesBA)
         self._armLink(vm)
         leaseId = vm.leaseId
-        self._save(lambda c: billing_.showedLife(c, leaseId, when))
+        self._save(lambda c: leasesql.showedLife(c, leaseId, when))
 
     def netLimitChanged(self, vm, limit):
         """A bill set how many bytes the VM's lease may carry in all."""
@@ -521,7 +543,7 @@ class Orders:
             lambda f: self.log.failure("billing the traffic of VM {vm}", f, vm=vm.id))
 
     async def _refill(self, vm, leaseId):
-        result = await self.market.billing.billNow(vm)
+        result = await self.billing.billNow(vm)
         if result is None or not vm.active or vm.leaseId != leaseId:
             return
         why = (f"the funds held for this VM are spent by its network traffic"
@@ -548,7 +570,7 @@ class Orders:
         if channel in buyer.links or channel in vm.seller.links:
             return
         vm.foldLink()
-        vm.link = self.market.relay.link(vm.seller, channel, buyer, channel)
+        vm.link = self.relay.link(vm.seller, channel, buyer, channel)
         self._armLink(vm)
         vm.buyerSession = buyer
         buyer.control.callRemote(commands.PortAttached, vm=vm.id, mac=vm.mac)
@@ -600,7 +622,7 @@ class Orders:
             raise NoSuchVM(f"VM {vmId} is not assigned to this seller")
         if not 0 <= offset <= vm.size or not 0 < length <= commands.IMAGE_CHUNK:
             raise BadRequest(f"bad range {offset}+{length} of a {vm.size}-byte image")
-        return self.market.images.readChunk(vm.image, offset, length)
+        return self.images.readChunk(vm.image, offset, length)
 
     def reattach(self, seller, vmIds):
         """A seller came back with these VMs still running: keep ours."""
@@ -616,7 +638,7 @@ class Orders:
             self._bindSeller(vm, seller)
             if vm.state == VMState.DETACHED and self._move(vm, VMState.RUNNING):
                 vm.reason = None
-            buyer = self.market.buyerSession(vm.buyerId)
+            buyer = self.buyerSession(vm.buyerId)
             if buyer is not None:
                 self._linkBuyer(vm, buyer)
             keep.append(vmId)
@@ -636,7 +658,7 @@ class Orders:
             if vm.buyerSession is session:
                 vm.buyerSession = None
                 # Another buyer program of the account takes the VM's port.
-                other = self.market.buyerSession(vm.buyerId)
+                other = self.buyerSession(vm.buyerId)
                 if other is not None and vm.seller is not None and vm.active:
                     self._linkBuyer(vm, other)
             vm.consoles.discard(session)
@@ -679,17 +701,17 @@ class Orders:
             vm.graceCall.cancel()
         vm.graceCall = None
         for session in vm.consoles:
-            session.routes.pop(consoleChannel(vm.id), None)
+            session.unroute(consoleChannel(vm.id))
             if session.connected:
                 session.channelUnlinked(consoleChannel(vm.id), f"VM {vm.id} {state}: {reason}")
         vm.consoles.clear()
         if seller is not None:
             seller.vms.pop(vm.id, None)
-            seller.routes.pop(consoleChannel(vm.id), None)
+            seller.unroute(consoleChannel(vm.id))
             link = seller.links.get(nicChannel(vm.id))
             if link is not None:
                 others = tuple(s for s in (link.a, link.b) if s is not seller)
-                self.market.relay.unlink(link, reason, notify=others)
+                self.relay.unlink(link, reason, notify=others)
             if tellSeller and seller.connected:
                 seller.stopping[vm.id] = vm
                 seller.control.callRemote(commands.StopVM, vm=vm.id).addErrback(
@@ -720,12 +742,12 @@ class Orders:
             return
         vm.endReason = reason
         vm.endedAt = ended = self.reactor.seconds()
-        self._save(lambda c: marketsql.endLease(c, leaseId, ended, reason))
+        self._save(lambda c: leasesql.endLease(c, leaseId, ended, reason))
         if waitForSeller:
             call = self.reactor.callLater(SETTLE_WAIT, self._settleNow, vm)
             self.settling[vm.id] = (leaseId, call)
         else:
-            self.market.billing.settle(leaseId, vm.cpuSeconds, vm.netBytes(), reason, vm.endedAt)
+            self.billing.settle(leaseId, vm.cpuSeconds, vm.netBytes(), reason, vm.endedAt)
 
     def _settleNow(self, vm):
         entry = self.settling.pop(vm.id, None)
@@ -734,7 +756,7 @@ class Orders:
         leaseId, call = entry
         if call.active():
             call.cancel()
-        self.market.billing.settle(leaseId, vm.cpuSeconds, vm.netBytes(), vm.endReason,
+        self.billing.settle(leaseId, vm.cpuSeconds, vm.netBytes(), vm.endReason,
                                    vm.endedAt)
 
     def _move(self, vm, state):
@@ -753,6 +775,19 @@ class Orders:
         d = self.db.runInOrder(fn)
         d.addErrback(lambda f: self.log.failure("saving VM state", f))
         return d
+
+    def leases(self, account, before=None):
+        """
+        A page of the leases of this account's VMs, newest first, older than
+        lease C{before} when given: (leases, more).
+        """
+        d = self.db.run(leasesql.accountLeases, account["id"], before, commands.LEASES_PAGE + 1)
+
+        def page(rows):
+            rows = [{k: v for k, v in r.items() if v is not None} for r in rows]
+            return paging.pageOf(commands.ListLeases, "leases", rows, commands.LEASES_PAGE)
+
+        return d.addCallback(page)
 
     def list(self, account, before=None):
         """

@@ -35,13 +35,19 @@ Every bill is one store transaction that updates the lease and posts its
 ledger transactions together, so a server killed at any point charges a
 lease neither twice nor never: the next bill starts from what the
 database says was charged.
+
+The SQL of the leases is in L{cpushare.server.db.leases}; here is what
+a lease may hold and cost.
 """
 
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from zope.interface import Interface
 
 from cpushare.money import cost, formatAmount
+from cpushare.server.db import leases as leasesql
+from cpushare.server.db import marketsql
 from cpushare.server.money import ledger
 from cpushare.server.money.ledger import EARNINGS, FUNDS, HELD
 
@@ -78,15 +84,11 @@ def windowCost(price, netFee, cores, seconds):
 
 def _budgetLeft(cursor, orderId):
     """What the order may still hold or spend, or None when it has no budget."""
-    cursor.execute("SELECT budget FROM orders WHERE id = ?", (orderId,))
-    (budget,) = cursor.fetchone()
+    budget = marketsql.orderBudget(cursor, orderId)
     if budget is None:
         return None
-    cursor.execute(
-        "SELECT COALESCE(SUM(charged), 0), COALESCE(SUM(held), 0) FROM leases"
-        " WHERE order_id = ?", (orderId,))
-    charged, held = cursor.fetchone()
-    return max(0, int(budget) - int(charged) - int(held))
+    charged, held = leasesql.orderTotals(cursor, orderId)
+    return max(0, int(budget) - charged - held)
 
 
 def _hold(cursor, lease, amount):
@@ -127,31 +129,21 @@ def openLease(cursor, vmId, orderId, buyerId, sellerId, sellerName, price, netFe
     CannotFund (and nothing is kept) when the buyer's funds or the order's
     budget do not hold one interval.
     """
-    cursor.execute(
-        "INSERT INTO leases (vm_id, order_id, buyer_account_id, seller_account_id, price,"
-        " net_fee, cores, started) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-        (vmId, orderId, buyerId, sellerId, price, netFee, cores, started))
-    lease = {"id": cursor.fetchone()[0], "vm": vmId, "order": orderId, "buyer": buyerId,
+    leaseId = leasesql.insert(cursor, vmId, orderId, buyerId, sellerId, price, netFee, cores,
+                              started)
+    lease = {"id": leaseId, "vm": vmId, "order": orderId, "buyer": buyerId,
              "price": price, "net_fee": netFee, "cores": cores, "held": 0, "held_total": 0}
     why = _topUp(cursor, lease, interval, window)
     if why is not None:
         raise CannotFund(why)
-    cursor.execute("UPDATE leases SET held = ?, held_total = ? WHERE id = ?",
-                   (lease["held"], lease["held_total"], lease["id"]))
+    leasesql.setHeld(cursor, lease["id"], lease["held"], lease["held_total"])
     return lease["id"]
-
-
-LEASE_COLUMNS = ("id", "vm", "order", "buyer", "seller", "seller_name", "price", "net_fee",
-                 "cores", "started", "ended", "cpu_seconds", "net_bytes", "charged", "held",
-                 "held_total", "settled", "live_since")
 
 
 def leaseNetLimit(cursor, leaseId, interval=INTERVAL):
     """L{netLimit} of a lease as stored now (for a lease just opened)."""
-    cursor.execute("SELECT price, net_fee, cores, held, net_bytes FROM leases WHERE id = ?",
-                   (leaseId,))
-    price, netFee, cores, held, netBytes = cursor.fetchone()
-    return netLimit(int(price), int(netFee), cores, int(held), int(netBytes), interval)
+    price, netFee, cores, held, netBytes = leasesql.figures(cursor, leaseId)
+    return netLimit(price, netFee, cores, held, netBytes, interval)
 
 
 def openLeaseStates(cursor, interval=INTERVAL):
@@ -159,17 +151,8 @@ def openLeaseStates(cursor, interval=INTERVAL):
     {lease id: (live_since, L{netLimit}, net bytes, net fee)} of the leases
     not ended, for a restarting server.
     """
-    cursor.execute("SELECT id, live_since, price, net_fee, cores, held, net_bytes FROM leases"
-                   " WHERE ended IS NULL")
-    return {leaseId: (alive, netLimit(int(price), int(fee), cores, int(held), int(nbytes),
-                                      interval), int(nbytes), int(fee))
-            for leaseId, alive, price, fee, cores, held, nbytes in cursor.fetchall()}
-
-
-def showedLife(cursor, leaseId, when):
-    """The lease's VM showed life at C{when}: its billing starts (once)."""
-    cursor.execute("UPDATE leases SET live_since = ? WHERE id = ? AND live_since IS NULL",
-                   (when, leaseId))
+    return {leaseId: (alive, netLimit(price, fee, cores, held, nbytes, interval), nbytes, fee)
+            for leaseId, alive, price, fee, cores, held, nbytes in leasesql.openFigures(cursor)}
 
 
 def bill(cursor, leaseId, cpuSeconds, netBytes, now, final=False, interval=INTERVAL,
@@ -181,24 +164,14 @@ def bill(cursor, leaseId, cpuSeconds, netBytes, now, final=False, interval=INTER
     what was charged now, what is held, C{stop}: why the VM must stop, or
     None, and C{net_limit}: the lease's L{netLimit}.
     """
-    cursor.execute(
-        "SELECT l.id, l.vm_id, l.order_id, l.buyer_account_id, l.seller_account_id, s.name,"
-        " l.price, l.net_fee, l.cores, l.started, l.ended, l.cpu_seconds, l.net_bytes,"
-        " l.charged, l.held, l.held_total, l.settled, l.live_since"
-        " FROM leases l JOIN accounts s ON s.id = l.seller_account_id WHERE l.id = ?",
-        (leaseId,))
-    row = cursor.fetchone()
-    if row is None:
+    lease = leasesql.load(cursor, leaseId)
+    if lease is None:
         raise KeyError(f"no lease {leaseId}")
-    lease = dict(zip(LEASE_COLUMNS, row))
-    for key in ("price", "net_fee", "charged", "held", "held_total", "net_bytes"):
-        lease[key] = int(lease[key])
     if lease["settled"]:
         return {"charged": 0, "held": 0, "stop": None, "settled": True, "net_limit": 0}
     if final and lease["ended"] is None:
         lease["ended"] = now
-        cursor.execute("UPDATE leases SET ended = ?, reason = ? WHERE id = ?",
-                       (now, reason, leaseId))
+        leasesql.endLease(cursor, leaseId, now, reason)
     end = lease["ended"] if lease["ended"] is not None else now
     if lease["live_since"] is None:
         # It never showed life: nothing it did is charged.
@@ -236,21 +209,12 @@ def bill(cursor, leaseId, cpuSeconds, netBytes, now, final=False, interval=INTER
         lease["settled"] = 1
     elif stop is None:
         stop = _topUp(cursor, lease, interval, window)
-    cursor.execute(
-        "UPDATE leases SET cpu_seconds = ?, net_bytes = ?, charged = ?, held = ?,"
-        " held_total = ?, settled = ? WHERE id = ?",
-        (cpu, traffic, lease["charged"], lease["held"], lease["held_total"], lease["settled"],
-         lease["id"]))
+    lease["cpu_seconds"], lease["net_bytes"] = cpu, traffic
+    leasesql.saveBill(cursor, lease)
     return {"charged": paid, "held": lease["held"], "stop": stop,
             "settled": bool(lease["settled"]),
             "net_limit": netLimit(lease["price"], lease["net_fee"], lease["cores"],
                                   lease["held"], traffic, interval)}
-
-
-def unsettledLeases(cursor):
-    """[(lease id, vm id, ended)] of the leases not settled yet."""
-    cursor.execute("SELECT id, vm_id, ended FROM leases WHERE settled = 0 ORDER BY id")
-    return cursor.fetchall()
 
 
 def heldMismatch(cursor):
@@ -258,9 +222,7 @@ def heldMismatch(cursor):
     Buyers whose held funds differ from what their unsettled leases hold:
     [(account id, held balance, held by leases)]; empty when all agree.
     """
-    cursor.execute(
-        "SELECT buyer_account_id, COALESCE(SUM(held), 0) FROM leases GROUP BY buyer_account_id")
-    byLeases = {a: int(h) for a, h in cursor.fetchall()}
+    byLeases = leasesql.heldByBuyer(cursor)
     cursor.execute("SELECT owner_id FROM ledger_accounts WHERE kind = ?", (HELD,))
     owners = {r[0] for r in cursor.fetchall()} | set(byLeases)
     out = []
@@ -271,25 +233,51 @@ def heldMismatch(cursor):
     return out
 
 
+class ILeases(Interface):
+    """
+    What billing asks of the service that runs the leases (the market's
+    orders), and how it reports what a bill decided.  A lease is billed
+    through its VM: an object with C{id}, C{leaseId} (None: no lease),
+    C{active}, C{cpuSeconds} and C{netBytes()}.
+    """
+
+    def billable():
+        """The VMs whose leases are billed now."""
+
+    def outOfFunds(vm, why):
+        """The funds held for C{vm}'s lease are spent and cannot be topped up: stop it."""
+
+    def netLimitChanged(vm, limit):
+        """A bill set the bytes C{vm}'s lease may carry in all (None: no limit)."""
+
+    def retryFunding(buyerId=None):
+        """A round of bills is over: funds may have come for the VMs that wait for them."""
+
+
 class Billing:
     """Bills every running lease each C{interval} seconds; see the module."""
 
     log = Logger()
 
-    def __init__(self, market, interval=INTERVAL, window=WINDOW):
-        self.market = market
-        self.reactor = market.reactor
+    def __init__(self, reactor, store, interval=INTERVAL, window=WINDOW):
+        self.reactor = reactor
+        self.store = store
         self.interval = interval
         self.window = window
+        self.leases = None          # an ILeases, given by L{serve}
         self._loop = None
         self._running = None
+
+    def serve(self, leases):
+        """Bill the leases of C{leases} (an L{ILeases}) and report to it."""
+        self.leases = leases
 
     async def settleLeftovers(self, keep):
         """
         At start: settle the leases left unsettled by the last run, except
         those of the VMs in C{keep} ({lease id}), which go on.
         """
-        for leaseId, vmId, ended in await self.market.store.run(unsettledLeases):
+        for leaseId, vmId, ended in await self.store.run(leasesql.unsettledLeases):
             if leaseId not in keep:
                 await self.settle(leaseId, 0.0, 0, "the market server restarted", ended)
 
@@ -308,7 +296,7 @@ class Billing:
         """Bill the lease of C{vm} now; its result (see L{bill}), or None if that failed."""
         leaseId = vm.leaseId
         try:
-            return await self.market.store.run(
+            return await self.store.run(
                 bill, leaseId, vm.cpuSeconds, vm.netBytes(), self.reactor.seconds(),
                 False, self.interval, self.window)
         except Exception:
@@ -321,23 +309,23 @@ class Billing:
         if result is None or not vm.active or vm.leaseId != leaseId:
             return
         if result["stop"] is not None:
-            self.market.orders.outOfFunds(vm, result["stop"])
+            self.leases.outOfFunds(vm, result["stop"])
         else:
-            self.market.orders.netLimitChanged(vm, result["net_limit"])
+            self.leases.netLimitChanged(vm, result["net_limit"])
 
     async def _tick(self):
         # Bills go to the store a few at a time, one transaction each: on
         # SQLite IN_FLIGHT of them share a commit; on PostgreSQL as many as
         # the store has connections (more would only conflict over the
         # same buyers' funds and be run again).
-        store = self.market.store
+        store = self.store
         limit = defer.DeferredSemaphore(
             IN_FLIGHT if getattr(store, "groupCommit", False) else store.pool.max)
         bills = [limit.run(lambda vm=vm: defer.ensureDeferred(self._billOne(vm)))
-                 for vm in list(self.market.orders.vms.values())
+                 for vm in list(self.leases.billable())
                  if vm.leaseId is not None and vm.active]
         await defer.gatherResults(bills)
-        self.market.orders.retryFunding()
+        self.leases.retryFunding()
 
     def tick(self):
         """Bill every lease once; returns a Deferred (the LoopingCall waits for it)."""
@@ -347,7 +335,7 @@ class Billing:
     def settle(self, leaseId, cpuSeconds, netBytes, reason=None, ended=None):
         """The last bill of a lease that ended; fires with its result."""
         when = self.reactor.seconds() if ended is None else ended
-        d = self.market.store.run(bill, leaseId, cpuSeconds, netBytes, when,
+        d = self.store.run(bill, leaseId, cpuSeconds, netBytes, when,
                                   True, self.interval, self.window, reason)
         d.addErrback(lambda f: self.log.failure("settling lease {lease}", f, lease=leaseId))
         return d

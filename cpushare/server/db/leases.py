@@ -1,0 +1,165 @@
+"""
+The SQL of the leases: each stay of a VM on a seller, with the terms it
+was placed at and what billing charged and holds for it.
+
+Only SQL: what a lease may cost and hold is billing's
+(L{cpushare.server.money.billing}), when one opens and ends the orders'
+(L{cpushare.server.market.orders}).  Like those of
+L{cpushare.server.db.store}, each function takes a DB-API cursor and runs
+inside one store transaction.
+"""
+
+from cpushare.money import cpuCost, netCost
+from cpushare.protocol.paging import clip
+
+# A lease as L{load} gives it.
+LEASE_COLUMNS = ("id", "vm", "order", "buyer", "seller", "seller_name", "price", "net_fee",
+                 "cores", "started", "ended", "cpu_seconds", "net_bytes", "charged", "held",
+                 "held_total", "settled", "live_since")
+
+
+def insert(cursor, vmId, orderId, buyerId, sellerId, price, netFee, cores, started):
+    """A new lease, nothing held or charged yet; returns its id."""
+    cursor.execute(
+        "INSERT INTO leases (vm_id, order_id, buyer_account_id, seller_account_id, price,"
+        " net_fee, cores, started) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        (vmId, orderId, buyerId, sellerId, price, netFee, cores, started))
+    return cursor.fetchone()[0]
+
+
+def setHeld(cursor, leaseId, held, heldTotal):
+    cursor.execute("UPDATE leases SET held = ?, held_total = ? WHERE id = ?",
+                   (held, heldTotal, leaseId))
+
+
+def load(cursor, leaseId):
+    """The lease as a dict of L{LEASE_COLUMNS} (amounts as ints), or None."""
+    cursor.execute(
+        "SELECT l.id, l.vm_id, l.order_id, l.buyer_account_id, l.seller_account_id, s.name,"
+        " l.price, l.net_fee, l.cores, l.started, l.ended, l.cpu_seconds, l.net_bytes,"
+        " l.charged, l.held, l.held_total, l.settled, l.live_since"
+        " FROM leases l JOIN accounts s ON s.id = l.seller_account_id WHERE l.id = ?",
+        (leaseId,))
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    lease = dict(zip(LEASE_COLUMNS, row))
+    for key in ("price", "net_fee", "charged", "held", "held_total", "net_bytes"):
+        lease[key] = int(lease[key])
+    return lease
+
+
+def saveBill(cursor, lease):
+    """Store what a bill changed in C{lease} (a dict as L{load} gives)."""
+    cursor.execute(
+        "UPDATE leases SET cpu_seconds = ?, net_bytes = ?, charged = ?, held = ?,"
+        " held_total = ?, settled = ? WHERE id = ?",
+        (lease["cpu_seconds"], lease["net_bytes"], lease["charged"], lease["held"],
+         lease["held_total"], lease["settled"], lease["id"]))
+
+
+def figures(cursor, leaseId):
+    """(price, net fee, cores, held, net bytes) of a lease, amounts as ints."""
+    cursor.execute("SELECT price, net_fee, cores, held, net_bytes FROM leases WHERE id = ?",
+                   (leaseId,))
+    price, netFee, cores, held, netBytes = cursor.fetchone()
+    return int(price), int(netFee), cores, int(held), int(netBytes)
+
+
+def openFigures(cursor):
+    """
+    [(id, live_since, price, net fee, cores, held, net bytes)] of the leases
+    not ended, amounts as ints.
+    """
+    cursor.execute("SELECT id, live_since, price, net_fee, cores, held, net_bytes FROM leases"
+                   " WHERE ended IS NULL")
+    return [(leaseId, alive, int(price), int(fee), cores, int(held), int(nbytes))
+            for leaseId, alive, price, fee, cores, held, nbytes in cursor.fetchall()]
+
+
+def openLeases(cursor):
+    """{vm id: lease id} of the leases not ended, for a restarting server."""
+    cursor.execute("SELECT id, vm_id FROM leases WHERE ended IS NULL")
+    return {vmId: leaseId for leaseId, vmId in cursor.fetchall()}
+
+
+def showedLife(cursor, leaseId, when):
+    """The lease's VM showed life at C{when}: its billing starts (once)."""
+    cursor.execute("UPDATE leases SET live_since = ? WHERE id = ? AND live_since IS NULL",
+                   (when, leaseId))
+
+
+def endLease(cursor, leaseId, ended, reason):
+    """Mark a lease ended; its CPU seconds are billing's to set (capped there)."""
+    cursor.execute(
+        "UPDATE leases SET ended = ?, reason = ? WHERE id = ? AND ended IS NULL",
+        (ended, reason, leaseId))
+
+
+def unsettledLeases(cursor):
+    """[(lease id, vm id, ended)] of the leases not settled yet."""
+    cursor.execute("SELECT id, vm_id, ended FROM leases WHERE settled = 0 ORDER BY id")
+    return cursor.fetchall()
+
+
+def orderTotals(cursor, orderId):
+    """(charged, held) summed over the order's leases."""
+    cursor.execute(
+        "SELECT COALESCE(SUM(charged), 0), COALESCE(SUM(held), 0) FROM leases"
+        " WHERE order_id = ?", (orderId,))
+    charged, held = cursor.fetchone()
+    return int(charged), int(held)
+
+
+def heldByBuyer(cursor):
+    """{buyer account id: what its leases hold}."""
+    cursor.execute(
+        "SELECT buyer_account_id, COALESCE(SUM(held), 0) FROM leases GROUP BY buyer_account_id")
+    return {a: int(h) for a, h in cursor.fetchall()}
+
+
+def paidTo(cursor, sellerId):
+    """{buyer account id: what it was charged over its leases on this seller}."""
+    cursor.execute(
+        "SELECT buyer_account_id, SUM(charged) FROM leases WHERE seller_account_id = ?"
+        " GROUP BY buyer_account_id", (sellerId,))
+    return {buyer: int(total) for buyer, total in cursor.fetchall()}
+
+
+def parties(cursor, leaseId):
+    """(buyer account id, seller account id, charged) of a lease, or None."""
+    cursor.execute(
+        "SELECT buyer_account_id, seller_account_id, charged FROM leases WHERE id = ?",
+        (leaseId,))
+    row = cursor.fetchone()
+    return None if row is None else (row[0], row[1], int(row[2]))
+
+
+LEASE_KEYS = ("lease", "vm", "order", "seller", "price", "net_fee", "cores", "started",
+              "ended", "cpu_seconds", "net_bytes", "charged", "reason", "rating")
+
+
+def accountLeases(cursor, accountId, before=None, limit=1000):
+    """The leases of this account's VMs, newest first, older than lease C{before} if given."""
+    cursor.execute(
+        "SELECT l.id, l.vm_id, l.order_id, s.name, l.price, l.net_fee, l.cores, l.started,"
+        " l.ended, l.cpu_seconds, l.net_bytes, l.charged, l.reason, r.good, l.held"
+        " FROM leases l JOIN accounts s ON s.id = l.seller_account_id"
+        " LEFT JOIN ratings r ON r.lease_id = l.id"
+        " WHERE l.buyer_account_id = ? AND l.id < ? ORDER BY l.id DESC LIMIT ?",
+        (accountId, 2**62 if before is None else before, limit))
+    rows = []
+    for *row, held in cursor.fetchall():
+        entry = dict(zip(LEASE_KEYS, row))
+        for key in ("price", "net_fee", "net_bytes", "charged"):
+            entry[key] = int(entry[key])
+        # The breakdown of what was charged: CPU time, then traffic (billing
+        # rounds each down, so they may add up to a micro-unit less).
+        entry["cpu_cost"] = cpuCost(entry["price"], entry["cpu_seconds"])
+        entry["net_cost"] = netCost(entry["net_fee"], entry["net_bytes"])
+        entry["held"] = int(held)
+        entry["rating"] = None if entry["rating"] is None else (
+            "good" if entry["rating"] else "bad")
+        entry["reason"] = clip(entry["reason"])
+        rows.append(entry)
+    return rows
