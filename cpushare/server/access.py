@@ -118,8 +118,11 @@ class AccessWatch:
 
     log = Logger()
 
-    def __init__(self, market, every=CHECK_EVERY):
-        self.market = market
+    def __init__(self, reactor, store, sessions, every=CHECK_EVERY):
+        """@param sessions: a callable giving the market's sessions now."""
+        self.reactor = reactor
+        self.store = store
+        self.sessions = sessions
         self.every = every
         self.lastId = 0
         self.changed = collections.OrderedDict()    # account id -> latest change id
@@ -129,10 +132,10 @@ class AccessWatch:
         self.listeners = []
 
     async def start(self):
-        self.lastId = await self.market.store.run(store.lastAccessChange)
+        self.lastId = await self.store.run(store.lastAccessChange)
         if self.every > 0:
             self._loop = task.LoopingCall(self.check)
-            self._loop.clock = self.market.reactor
+            self._loop.clock = self.reactor
             self._loop.start(self.every, now=False)
 
     def stop(self):
@@ -144,7 +147,7 @@ class AccessWatch:
         if self._busy:
             return defer.succeed(None)
         self._busy = True
-        d = self.market.store.run(store.accessChanges, self.lastId)
+        d = self.store.run(store.accessChanges, self.lastId)
         d.addCallback(self._apply)
         d.addErrback(lambda f: self.log.failure("reading the changes of access", f))
 
@@ -161,7 +164,7 @@ class AccessWatch:
             self.changed.move_to_end(accountId)
             while len(self.changed) > REMEMBERED:
                 self.changed.popitem(last=False)
-            for session in list(self.market.sessions.values()):
+            for session in list(self.sessions()):
                 account = session.account
                 if account is None or account["id"] != accountId:
                     continue

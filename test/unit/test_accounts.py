@@ -272,24 +272,22 @@ def test_the_access_watch_closes_only_the_sessions_a_change_concerns():
     from cpushare.server.access import AccessWatch
 
     clock = task.Clock()
-    market = type("M", (), {})()
-    market.reactor, market.store = clock, FakeStore()
+    fakeStore = FakeStore()
     a1, a1other, b = FakeSession(1, "f1"), FakeSession(1, "f2"), FakeSession(2, "f3")
-    market.sessions = {1: a1, 2: a1other, 3: b}
-    watch = AccessWatch(market, every=1.0)
+    watch = AccessWatch(clock, fakeStore, lambda: [a1, a1other, b], every=1.0)
     defer.ensureDeferred(watch.start())
-    market.store.changes = [(1, 1, "f1", "revoked"), (2, 2, None, "deleted")]
+    fakeStore.changes = [(1, 1, "f1", "revoked"), (2, 2, None, "deleted")]
     clock.advance(1.0)
     # While a query runs the next tick does not start another.
-    first = market.store.pending
+    first = fakeStore.pending
     clock.advance(1.0)
-    assert market.store.pending is first
+    assert fakeStore.pending is first
     first.callback(None)
     assert (a1.ended, a1other.ended, b.ended) == (["revoked"], [], ["deleted"])
     assert watch.changedSince(1, 0) and not watch.changedSince(1, 1)
     assert watch.lastId == 2
     clock.advance(1.0)
-    market.store.pending.callback(None)     # nothing new: nothing closed twice
+    fakeStore.pending.callback(None)     # nothing new: nothing closed twice
     assert (a1.ended, b.ended) == (["revoked"], ["deleted"])
     watch.stop()
 

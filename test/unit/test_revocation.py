@@ -33,13 +33,6 @@ class InlineStore:
         return defer.maybeDeferred(store.transact, self.conn, fn, *args)
 
 
-class FakeMarket:
-    def __init__(self, store, reactor):
-        self.store = store
-        self.reactor = reactor
-        self.sessions = {}
-
-
 class CA:
     def __init__(self):
         self.caKey, self.caCert = pki.createAuthority("test CA")
@@ -90,7 +83,7 @@ def setup(conn):
     clock.advance(datetime.datetime.now(datetime.timezone.utc).timestamp())
     inlineStore = InlineStore(conn)
     revocations = RevocationList(clock, inlineStore, ca, inThread=inline)
-    watch = AccessWatch(FakeMarket(inlineStore, clock), every=1.0)
+    watch = AccessWatch(clock, inlineStore, lambda: [], every=1.0)
     watch.listeners.append(revocations.changed)
     revocations.start()
     defer.ensureDeferred(watch.start())

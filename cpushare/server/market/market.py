@@ -86,7 +86,8 @@ class Market(Service):
         self._nextSession = 1
         self.registrations = registrations
         self.rekeysPerDay = rekeysPerDay
-        self.access = AccessWatch(self, accessCheck)
+        self.access = AccessWatch(reactor, self.store, lambda: self.sessions.values(),
+                                  accessCheck)
 
     @property
     def images(self):
