@@ -71,23 +71,23 @@ def test_a_lease_holds_a_window_and_pays_for_the_cpu_really_used(conn, market):
     assert balances(conn, market) == (10 * MICRO - 12_000, 12_000, 0)
     # 60 s later the VM used 30 CPU seconds (it idled half the time).
     result = run(conn, bill, leaseId, 30.0, 0, 1060.0, False, INTERVAL, WINDOW)
-    assert result["charged"] == 300 and result["stop"] is None
+    assert result.charged == 300 and result.stop is None
     # Charged from the hold, then the hold topped up to a window again.
     assert balances(conn, market) == (10 * MICRO - 12_300, 12_000, 300)
     # The same report again charges nothing more; a lower one refunds nothing.
-    assert run(conn, bill, leaseId, 30.0, 0, 1061.0)["charged"] == 0
-    assert run(conn, bill, leaseId, 10.0, 0, 1062.0)["charged"] == 0
+    assert run(conn, bill, leaseId, 30.0, 0, 1061.0).charged == 0
+    assert run(conn, bill, leaseId, 10.0, 0, 1062.0).charged == 0
     # A seller claiming more than wall time x cores is capped: 2 x 100 s.
-    assert run(conn, bill, leaseId, 5000.0, 0, 1100.0)["charged"] == 2000 - 300
+    assert run(conn, bill, leaseId, 5000.0, 0, 1100.0).charged == 2000 - 300
     # The lease ends: the last bill, and the hold goes back to the buyer.
     result = run(conn, bill, leaseId, 210.0, 0, 1105.0, True, INTERVAL, WINDOW, "stopped")
-    assert result["settled"] and result["charged"] == 100
+    assert result.settled and result.charged == 100
     assert balances(conn, market) == (10 * MICRO - 2100, 0, 2100)
     rows = run(conn, lambda c: c.execute(
         "SELECT ended, reason, cpu_seconds, charged, settled FROM leases").fetchall())
     assert rows == [(1105.0, "stopped", 210.0, 2100, 1)]
     # A settled lease is never billed again.
-    assert run(conn, bill, leaseId, 9999.0, 0, 5000.0, True)["charged"] == 0
+    assert run(conn, bill, leaseId, 9999.0, 0, 5000.0, True).charged == 0
     check(conn)
 
 
@@ -115,10 +115,10 @@ def test_vms_stop_when_funds_run_out_and_the_seller_is_still_paid(conn, market):
     leaseId = lease(conn, market)
     assert balances(conn, market) == (0, 3000, 0)
     result = run(conn, bill, leaseId, 120.0, 0, 1060.0, False, INTERVAL, WINDOW)
-    assert result["charged"] == 1200 and result["stop"] is None     # 1800 still held
+    assert result.charged == 1200 and result.stop is None     # 1800 still held
     result = run(conn, bill, leaseId, 240.0, 0, 1120.0, False, INTERVAL, WINDOW)
-    assert result["charged"] == 1200
-    assert "the buyer's funds ran out" in result["stop"]            # 600 held: < an interval
+    assert result.charged == 1200
+    assert "the buyer's funds ran out" in result.stop            # 600 held: < an interval
     result = run(conn, bill, leaseId, 250.0, 0, 1125.0, True, INTERVAL, WINDOW, "out of funds")
     assert balances(conn, market) == (500, 0, 2500)
     check(conn)
@@ -130,9 +130,9 @@ def test_an_orders_budget_caps_what_it_holds_and_spends(conn, market):
     leaseId = lease(conn, market)
     assert balances(conn, market)[1] == 5000
     result = run(conn, bill, leaseId, 240.0, 0, 1120.0, False, INTERVAL, WINDOW)
-    assert result["charged"] == 2400 and result["stop"] is None
+    assert result.charged == 2400 and result.stop is None
     result = run(conn, bill, leaseId, 480.0, 0, 1240.0, False, INTERVAL, WINDOW)
-    assert result["stop"] == "the order's budget is spent"
+    assert result.stop == "the order's budget is spent"
     run(conn, bill, leaseId, 480.0, 0, 1240.0, True)
     assert balances(conn, market)[2] == 4800
     check(conn)
@@ -147,8 +147,8 @@ def test_traffic_never_charges_more_than_the_hold_nor_the_budget(conn, market):
     funds, held, _ = balances(conn, market)
     assert held == MICRO and funds == 9 * MICRO
     result = run(conn, bill, leaseId, 10.0, 12_000_000, 1010.0, False, INTERVAL, WINDOW)
-    assert result["charged"] == MICRO
-    assert "the funds held for this VM are spent" in result["stop"]
+    assert result.charged == MICRO
+    assert "the funds held for this VM are spent" in result.stop
     run(conn, bill, leaseId, 10.0, 13_000_000, 1011.0, True, INTERVAL, WINDOW, "spent")
     funds, held, earned = balances(conn, market)
     # Never more than the budget, and the rest of the funds untouched.
@@ -164,13 +164,13 @@ def test_the_network_allowance_keeps_an_interval_of_cpu_for_the_seller(conn, mar
     # for (1_000_000 - 1200) micro-units at 1000 a GB of traffic.
     assert run(conn, billing.leaseNetLimit, leaseId, INTERVAL) == 998_800
     result = run(conn, bill, leaseId, 50.0, 500_000, 1060.0, False, INTERVAL, WINDOW)
-    assert result["charged"] == 500 + 500_000 and result["stop"] is None
+    assert result.charged == 500 + 500_000 and result.stop is None
     # Bytes billed plus what the remaining hold pays for, less an interval of CPU.
-    assert result["net_limit"] == 500_000 + (MICRO - 500_500 - 1200)
+    assert result.netLimit == 500_000 + (MICRO - 500_500 - 1200)
     # Carrying exactly the limit, then a full interval of CPU, is all paid.
-    result = run(conn, bill, leaseId, 170.0, result["net_limit"], 1120.0, True, INTERVAL,
+    result = run(conn, bill, leaseId, 170.0, result.netLimit, 1120.0, True, INTERVAL,
                  WINDOW, "done")
-    assert result["stop"] is None
+    assert result.stop is None
     assert balances(conn, market)[2] == MICRO
     assert billing.netLimit(PRICE, 0, 2, MICRO, 5) is None      # free traffic: no limit
     check(conn)
@@ -181,7 +181,7 @@ def test_a_vm_that_never_shows_life_earns_its_seller_nothing(conn, market):
     leaseId = lease(conn, market, netFee=MICRO, alive=False)
     # Its seller says it ran flat out for an hour and carried traffic.
     result = run(conn, bill, leaseId, 7200.0, 10**8, 4600.0, False, INTERVAL, WINDOW)
-    assert result["charged"] == 0
+    assert result.charged == 0
     run(conn, bill, leaseId, 7200.0, 10**8, 4600.0, True, INTERVAL, WINDOW, "stopped")
     assert balances(conn, market) == (10 * MICRO, 0, 0)
     check(conn)
@@ -194,7 +194,7 @@ def test_billing_counts_wall_time_from_the_first_sign_of_life(conn, market):
     run(conn, leasesql.showedLife, leaseId, 1200.0)          # only the first counts
     # 300 s after placement, 200 s after life: at most 2 x 200 CPU seconds.
     result = run(conn, bill, leaseId, 600.0, 0, 1300.0, False, INTERVAL, WINDOW)
-    assert result["charged"] == 400 * 10
+    assert result.charged == 400 * 10
     check(conn)
 
 

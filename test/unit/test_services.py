@@ -13,7 +13,7 @@ from zope.interface.verify import verifyObject
 
 from cpushare.protocol import commands
 from cpushare.protocol.mux import Routing
-from cpushare.server.money.billing import Billing, ILeases
+from cpushare.server.money.billing import Bill, Billing, ILeases
 
 
 class FakeStore:
@@ -56,8 +56,9 @@ def _vm(vmId, leaseId, active=True):
 
 def test_billing_reports_what_each_bill_decided_to_the_leases_it_serves():
     vms = [_vm(1, 10), _vm(2, 20), _vm(3, None), _vm(4, 40, active=False)]
-    store = FakeStore([{"stop": "the funds ran out", "net_limit": None},
-                       {"stop": None, "net_limit": 5000}])
+    store = FakeStore([Bill(charged=0, held=0, stop="the funds ran out", settled=False,
+                            netLimit=None),
+                       Bill(charged=10, held=90, stop=None, settled=False, netLimit=5000)])
     leases = RecordingLeases(vms)
     verifyObject(ILeases, leases)
     billing = Billing(Clock(), store)

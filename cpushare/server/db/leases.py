@@ -9,13 +9,38 @@ L{cpushare.server.db.store}, each function takes a DB-API cursor and runs
 inside one store transaction.
 """
 
+import attr
+
 from cpushare.money import cpuCost, netCost
 from cpushare.protocol.paging import clip
 
-# A lease as L{load} gives it.
-LEASE_COLUMNS = ("id", "vm", "order", "buyer", "seller", "seller_name", "price", "net_fee",
-                 "cores", "started", "ended", "cpu_seconds", "net_bytes", "charged", "held",
-                 "held_total", "settled", "live_since")
+
+@attr.s(slots=True)
+class Lease:
+    """
+    One lease as billing reads and changes it: ids, the terms it was placed
+    at, and (amounts in micro-units) what was charged and what is held.
+    Times are seconds since the epoch.
+    """
+
+    id: int = attr.ib()
+    vm: int = attr.ib()
+    order: int = attr.ib()
+    buyer: int = attr.ib()
+    seller: int = attr.ib()
+    sellerName: str = attr.ib()
+    price: int = attr.ib(converter=int)
+    netFee: int = attr.ib(converter=int)
+    cores: int = attr.ib()
+    started: float = attr.ib()
+    ended: float = attr.ib()            # None while it runs
+    cpuSeconds: float = attr.ib()
+    netBytes: int = attr.ib(converter=int)
+    charged: int = attr.ib(converter=int)
+    held: int = attr.ib(converter=int)
+    heldTotal: int = attr.ib(converter=int)
+    settled: int = attr.ib()
+    liveSince: float = attr.ib()        # None until its VM showed life
 
 
 def insert(cursor, vmId, orderId, buyerId, sellerId, price, netFee, cores, started):
@@ -33,7 +58,7 @@ def setHeld(cursor, leaseId, held, heldTotal):
 
 
 def load(cursor, leaseId):
-    """The lease as a dict of L{LEASE_COLUMNS} (amounts as ints), or None."""
+    """The lease as a L{Lease}, or None."""
     cursor.execute(
         "SELECT l.id, l.vm_id, l.order_id, l.buyer_account_id, l.seller_account_id, s.name,"
         " l.price, l.net_fee, l.cores, l.started, l.ended, l.cpu_seconds, l.net_bytes,"
@@ -43,19 +68,16 @@ def load(cursor, leaseId):
     row = cursor.fetchone()
     if row is None:
         return None
-    lease = dict(zip(LEASE_COLUMNS, row))
-    for key in ("price", "net_fee", "charged", "held", "held_total", "net_bytes"):
-        lease[key] = int(lease[key])
-    return lease
+    return Lease(*row)
 
 
 def saveBill(cursor, lease):
-    """Store what a bill changed in C{lease} (a dict as L{load} gives)."""
+    """Store what a bill changed in C{lease} (a L{Lease})."""
     cursor.execute(
         "UPDATE leases SET cpu_seconds = ?, net_bytes = ?, charged = ?, held = ?,"
         " held_total = ?, settled = ? WHERE id = ?",
-        (lease["cpu_seconds"], lease["net_bytes"], lease["charged"], lease["held"],
-         lease["held_total"], lease["settled"], lease["id"]))
+        (lease.cpuSeconds, lease.netBytes, lease.charged, lease.held,
+         lease.heldTotal, lease.settled, lease.id))
 
 
 def figures(cursor, leaseId):

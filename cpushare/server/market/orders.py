@@ -548,10 +548,10 @@ class Orders:
             return
         why = (f"the funds held for this VM are spent by its network traffic"
                f" at {formatAmount(vm.netFee)} a GB")
-        if result["stop"] is not None:
-            self.outOfFunds(vm, f"{why}: {result['stop']}")
+        if result.stop is not None:
+            self.outOfFunds(vm, f"{why}: {result.stop}")
             return
-        limit = result["net_limit"]
+        limit = result.netLimit
         if limit is not None and limit - vm.netBytes() < MIN_NET_ALLOWANCE:
             why += "; it was stopped before anything more was charged"
             self.log.info("VM {vm} of {buyer} stopped: {why}", vm=vm.id, buyer=vm.buyerName,

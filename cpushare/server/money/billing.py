@@ -40,6 +40,7 @@ The SQL of the leases is in L{cpushare.server.db.leases}; here is what
 a lease may hold and cost.
 """
 
+import attr
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -92,13 +93,13 @@ def _budgetLeft(cursor, orderId):
 
 
 def _hold(cursor, lease, amount):
-    """Move C{amount} of the buyer's funds to held for C{lease} (a dict, updated)."""
-    lease["held"] += amount
-    lease["held_total"] += amount
+    """Move C{amount} of the buyer's funds to held for C{lease} (a L{Lease}, updated)."""
+    lease.held += amount
+    lease.heldTotal += amount
     ledger.post(
-        cursor, "hold", f"held for VM {lease['vm']} (lease {lease['id']})",
-        [(FUNDS, lease["buyer"], -amount), (HELD, lease["buyer"], amount)],
-        reference=f"lease:{lease['id']}:held:{lease['held_total']}")
+        cursor, "hold", f"held for VM {lease.vm} (lease {lease.id})",
+        [(FUNDS, lease.buyer, -amount), (HELD, lease.buyer, amount)],
+        reference=f"lease:{lease.id}:held:{lease.heldTotal}")
 
 
 def _topUp(cursor, lease, interval, window):
@@ -106,20 +107,20 @@ def _topUp(cursor, lease, interval, window):
     Hold up to a whole window again; returns why the lease cannot go on
     (its funds or budget do not hold one more interval), or None.
     """
-    target = windowCost(lease["price"], lease["net_fee"], lease["cores"], window)
-    least = windowCost(lease["price"], 0, lease["cores"], interval)
-    want = target - lease["held"]
-    budget = _budgetLeft(cursor, lease["order"])
-    funds = ledger.balance(cursor, FUNDS, lease["buyer"])
+    target = windowCost(lease.price, lease.netFee, lease.cores, window)
+    least = windowCost(lease.price, 0, lease.cores, interval)
+    want = target - lease.held
+    budget = _budgetLeft(cursor, lease.order)
+    funds = ledger.balance(cursor, FUNDS, lease.buyer)
     take = max(0, min(want, funds, want if budget is None else budget))
     if take > 0:
         _hold(cursor, lease, take)
-    if lease["held"] >= least:
+    if lease.held >= least:
         return None
     if budget is not None and budget < want and budget < funds:
         return "the order's budget is spent"
     return ("the buyer's funds ran out; add funds with 'cpushare funds add'"
-            f" (this VM needs {formatAmount(least - lease['held'])} more)")
+            f" (this VM needs {formatAmount(least - lease.held)} more)")
 
 
 def openLease(cursor, vmId, orderId, buyerId, sellerId, sellerName, price, netFee, cores,
@@ -131,13 +132,16 @@ def openLease(cursor, vmId, orderId, buyerId, sellerId, sellerName, price, netFe
     """
     leaseId = leasesql.insert(cursor, vmId, orderId, buyerId, sellerId, price, netFee, cores,
                               started)
-    lease = {"id": leaseId, "vm": vmId, "order": orderId, "buyer": buyerId,
-             "price": price, "net_fee": netFee, "cores": cores, "held": 0, "held_total": 0}
+    lease = leasesql.Lease(
+        id=leaseId, vm=vmId, order=orderId, buyer=buyerId, seller=sellerId,
+        sellerName=sellerName, price=price, netFee=netFee, cores=cores, started=started,
+        ended=None, cpuSeconds=0.0, netBytes=0, charged=0, held=0, heldTotal=0, settled=0,
+        liveSince=None)
     why = _topUp(cursor, lease, interval, window)
     if why is not None:
         raise CannotFund(why)
-    leasesql.setHeld(cursor, lease["id"], lease["held"], lease["held_total"])
-    return lease["id"]
+    leasesql.setHeld(cursor, lease.id, lease.held, lease.heldTotal)
+    return lease.id
 
 
 def leaseNetLimit(cursor, leaseId, interval=INTERVAL):
@@ -155,66 +159,75 @@ def openLeaseStates(cursor, interval=INTERVAL):
             for leaseId, alive, price, fee, cores, held, nbytes in leasesql.openFigures(cursor)}
 
 
+@attr.s(frozen=True, slots=True)
+class Bill:
+    """What one bill of a lease did, in micro-units."""
+
+    charged: int = attr.ib()        # charged by this bill
+    held: int = attr.ib()           # still held for the lease after it
+    stop = attr.ib()                # why the VM must stop, or None
+    settled: bool = attr.ib()       # the lease is settled: nothing more to bill
+    netLimit = attr.ib()            # the lease's L{netLimit}: bytes its hold pays for
+
+
 def bill(cursor, leaseId, cpuSeconds, netBytes, now, final=False, interval=INTERVAL,
          window=WINDOW, reason=None):
     """
     Bill one lease up to C{now}; with C{final}, settle it: the lease ends
     at C{now} (unless it ended before) for C{reason}, the last charge is
-    made, and what is still held goes back to the buyer.  Returns a dict:
-    what was charged now, what is held, C{stop}: why the VM must stop, or
-    None, and C{net_limit}: the lease's L{netLimit}.
+    made, and what is still held goes back to the buyer.  Returns the
+    L{Bill}.
     """
     lease = leasesql.load(cursor, leaseId)
     if lease is None:
         raise KeyError(f"no lease {leaseId}")
-    if lease["settled"]:
-        return {"charged": 0, "held": 0, "stop": None, "settled": True, "net_limit": 0}
-    if final and lease["ended"] is None:
-        lease["ended"] = now
+    if lease.settled:
+        return Bill(charged=0, held=0, stop=None, settled=True, netLimit=0)
+    if final and lease.ended is None:
+        lease.ended = now
         leasesql.endLease(cursor, leaseId, now, reason)
-    end = lease["ended"] if lease["ended"] is not None else now
-    if lease["live_since"] is None:
+    end = lease.ended if lease.ended is not None else now
+    if lease.liveSince is None:
         # It never showed life: nothing it did is charged.
         wall, cpuSeconds, netBytes = 0.0, 0.0, 0
     else:
-        wall = max(0.0, end - max(lease["started"], lease["live_since"]))
-    cpu = max(float(lease["cpu_seconds"]), min(float(cpuSeconds), wall * lease["cores"]))
-    traffic = max(lease["net_bytes"], int(netBytes))
-    due = cost(lease["price"], lease["net_fee"], cpu, traffic) - lease["charged"]
+        wall = max(0.0, end - max(lease.started, lease.liveSince))
+    cpu = max(float(lease.cpuSeconds), min(float(cpuSeconds), wall * lease.cores))
+    traffic = max(lease.netBytes, int(netBytes))
+    due = cost(lease.price, lease.netFee, cpu, traffic) - lease.charged
     paid = 0
     stop = None
     if due > 0:
         # Never more than is held for the lease: its hold is all the buyer
         # agreed to pay for it so far.
-        paid = min(due, lease["held"])
+        paid = min(due, lease.held)
         if paid < due:
             stop = ("the funds held for this VM are spent"
                     f" ({formatAmount(due - paid)} of its use was not charged)")
         if paid > 0:
-            lease["charged"] += paid
-            lease["held"] -= paid
+            lease.charged += paid
+            lease.held -= paid
             ledger.post(
                 cursor, "charge",
-                f"VM {lease['vm']} on {lease['seller_name']} (lease {lease['id']}):"
+                f"VM {lease.vm} on {lease.sellerName} (lease {lease.id}):"
                 f" {cpu:.1f} CPU s, {traffic} bytes",
-                [(HELD, lease["buyer"], -paid), (EARNINGS, lease["seller"], paid)],
-                reference=f"lease:{lease['id']}:charged:{lease['charged']}")
+                [(HELD, lease.buyer, -paid), (EARNINGS, lease.seller, paid)],
+                reference=f"lease:{lease.id}:charged:{lease.charged}")
     if final:
-        if lease["held"] > 0:
+        if lease.held > 0:
             ledger.post(
-                cursor, "release", f"released from VM {lease['vm']} (lease {lease['id']})",
-                [(HELD, lease["buyer"], -lease["held"]), (FUNDS, lease["buyer"], lease["held"])],
-                reference=f"lease:{lease['id']}:released")
-            lease["held"] = 0
-        lease["settled"] = 1
+                cursor, "release", f"released from VM {lease.vm} (lease {lease.id})",
+                [(HELD, lease.buyer, -lease.held), (FUNDS, lease.buyer, lease.held)],
+                reference=f"lease:{lease.id}:released")
+            lease.held = 0
+        lease.settled = 1
     elif stop is None:
         stop = _topUp(cursor, lease, interval, window)
-    lease["cpu_seconds"], lease["net_bytes"] = cpu, traffic
+    lease.cpuSeconds, lease.netBytes = cpu, traffic
     leasesql.saveBill(cursor, lease)
-    return {"charged": paid, "held": lease["held"], "stop": stop,
-            "settled": bool(lease["settled"]),
-            "net_limit": netLimit(lease["price"], lease["net_fee"], lease["cores"],
-                                  lease["held"], traffic, interval)}
+    return Bill(charged=paid, held=lease.held, stop=stop, settled=bool(lease.settled),
+                netLimit=netLimit(lease.price, lease.netFee, lease.cores, lease.held, traffic,
+                                  interval))
 
 
 def heldMismatch(cursor):
@@ -308,10 +321,10 @@ class Billing:
         result = await self.billNow(vm)
         if result is None or not vm.active or vm.leaseId != leaseId:
             return
-        if result["stop"] is not None:
-            self.leases.outOfFunds(vm, result["stop"])
+        if result.stop is not None:
+            self.leases.outOfFunds(vm, result.stop)
         else:
-            self.leases.netLimitChanged(vm, result["net_limit"])
+            self.leases.netLimitChanged(vm, result.netLimit)
 
     async def _tick(self):
         # Bills go to the store a few at a time, one transaction each: on
