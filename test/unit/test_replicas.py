@@ -285,3 +285,33 @@ def test_the_seller_reads_its_cpu_from_proc_cpuinfo(tmp_path):
 def test_partial_cpuinfo_gives_no_cpu(text):
     from cpushare.client.seller.cpuinfo import offerFields
     assert offerFields(text) == {}
+
+
+def test_the_command_line_asks_for_replicas_and_shows_groups_and_the_dry_run():
+    from cpushare.client.cli.main import parser
+    from cpushare.client.cli.screens import replicaArguments
+    from cpushare.client.cli.vms import formatDryRun, formatVMs
+    args = parser().parse_args(["order", "place", "--image", "a" * 64, "--vms", "2",
+                                "--replicas", "3", "--diverse", "country, owner",
+                                "--dry-run", "--explain"])
+    assert replicaArguments(args) == {"replicas": 3, "diverse": ["country", "owner"]}
+    assert args.dry_run and args.explain
+    args = parser().parse_args(["sellers", "--replicas", "2"])
+    assert replicaArguments(args) == {"replicas": 2}
+    shown = formatDryRun({"order": 0, "vm_ids": [], "allocated": 2, "hold": 6_000,
+                          "plan": [{"group": 1, "seller": "a", "country": "IT",
+                                    "price": 20_000, "hold": 3_000},
+                                   {"group": 1, "seller": "b", "price": 16_000,
+                                    "hold": 3_000}],
+                          "waiting": "replica group 1: needs 3 sellers in different"
+                                     " countries, 2 online"}, 1, 3)
+    assert "nothing was placed and nothing is held" in shown
+    assert "2 of 3 VMs would be placed now" in shown
+    assert "waiting: replica group 1: needs 3 sellers in different countries" in shown
+    table = formatVMs([{"vm": 7, "order": 2, "replica_group": 1, "state": "pending",
+                        "mac": "m", "cpu_seconds": 0.0},
+                       {"vm": 8, "order": 3, "state": "pending", "mac": "m",
+                        "cpu_seconds": 0.0}], 0.0)
+    header, first, second = table.splitlines()
+    assert header.split()[:3] == ["VM", "ORDER", "GROUP"]
+    assert first.split()[:3] == ["7", "2", "1"] and second.split()[:3] == ["8", "3", "-"]
