@@ -98,6 +98,32 @@ class ReplicaTests(OrderCase):
         vms = (yield self.call(self.cli, commands.ListVMs))["vms"]
         self.assertEqual(sorted(v["replica_group"] for v in vms), [1, 1, 1])
 
+    @defer.inlineCallbacks
+    def test_a_restart_keeps_replica_groups_and_their_accounts_apart(self):
+        from cpushare.server.market.orders import Orders
+        a, who = yield self.seller("a", "192.0.2.1", "IT", INTEL)
+        b, _ = yield self.seller("b", "198.51.100.1", "DE", AMD)
+        placed = yield self.order(replicas=3)
+        self.assertEqual(placed["allocated"], 2)
+        market = self.market
+        restarted = Orders(market.reactor, market.store, market.relay, market.board,
+                           market.billing, market.buyerSession, market.images, grace=60)
+        self.addCleanup(restarted.stop)
+        yield defer.ensureDeferred(restarted.load())
+        vms = [restarted.vms[v] for v in placed["vm_ids"]]
+        self.assertEqual({(vm.group, vm.replicas) for vm in vms}, {(1, 3)})
+        self.assertEqual(vms[0].diversity, frozenset(replicas.DIVERSITY))
+        waiting = [vm for vm in vms if vm.state == "pending"]
+        self.assertEqual(len(waiting), 1)
+        # Only the accounts of the replicas placed before are known again:
+        # the same account is refused, another with the same figures is not.
+        placedAccounts = {vm.mark.account for vm in vms if vm.mark is not None}
+        self.assertEqual(len(placedAccounts), 2)
+        again = market.sellers()[0]
+        mark = replicas.markOf(again, market.board.figures(again))
+        self.assertIn("already runs", conflict(vms[0].diversity, mark,
+                                               restarted._siblingMarks(waiting[0])))
+
     def score(self, name, score):
         """The market's CPU benchmark gives seller C{name} C{score}."""
         for s in self.market.sellers():
@@ -192,6 +218,13 @@ class ReplicaTests(OrderCase):
         self.assertEqual(plan["allocated"], 2)
         self.assertIn("replica group 1: needs 3 sellers", plan["waiting"])
         self.assertEqual(plan["hold"], expected // 2)
+        # Without replicas too: the cheapest capacity first, what does not fit waits.
+        plan = yield self.order(vms=5, dry_run=True)
+        self.assertEqual(plan["allocated"], 4)
+        self.assertEqual(plan["hold"], expected)
+        self.assertIn("have no room for 1 cores", plan["waiting"])
+        self.assertEqual([p["seller"] for p in plan["plan"]], ["a", "a", "b", "b"])
+        self.assertEqual((yield self.store.run(ledger.books)), before)
 
 
 class MoneyFreeTests(OrderCase):

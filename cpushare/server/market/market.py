@@ -32,6 +32,7 @@ from cpushare.server.market.cpubench import CPUBench
 from cpushare.server.money.desk import MoneyDesk
 from cpushare.server.market.orders import Orders
 from cpushare.server.market.ratings import Ratings
+from cpushare.server.market.replicas import network as replicaNetwork
 from cpushare.server.relay import Relay
 
 ACCOUNT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}\Z")
@@ -176,6 +177,7 @@ class Market(Service):
         """
         terms = await self.board.sellerOnline(session, price, net_fee, country)
         session.cpu = cpu
+        session.network = replicaNetwork(session.peerHost())
         session.offer = {"cores": cores, "memory": memory}
         if session.meter is None and self.measureEvery and session.connected:
             session.meter = BandwidthMeter(

@@ -345,7 +345,8 @@ class Orders:
             for _ in range(k):
                 found = self._choose(vm, marks, taken)
                 if found is None:
-                    reasons.append(self.whyWaiting(vm, marks, taken))
+                    if len(reasons) < commands.PLAN_PAGE:
+                        reasons.append(self.whyWaiting(vm, marks, taken))
                     break
                 seller, figures, mark = found
                 cores, memory = taken.get(seller, (0, 0))
@@ -357,6 +358,8 @@ class Orders:
                 hold += amount
                 plan.append({"group": group, "seller": figures.name, "country": figures.country,
                              "price": figures.price, "hold": amount})
+            if k == 1 and found is None:
+                break               # the VMs left are alike: none would be placed either
         result = {"order": 0, "vm_ids": [], "allocated": len(plan), "hold": hold,
                   "plan": [{key: value for key, value in entry.items() if value is not None}
                            for entry in plan[:commands.PLAN_PAGE]]}

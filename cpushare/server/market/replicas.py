@@ -105,8 +105,12 @@ class Mark:
 
 
 def markOf(session, figures):
-    """The L{Mark} of the seller of C{session}, whose figures are C{figures}."""
-    return Mark(account=session.account["id"], network=network(session.peerHost()),
+    """
+    The L{Mark} of the seller of C{session}, whose figures are C{figures};
+    its network is the one L{Market.offer} noted, else worked out now.
+    """
+    net = getattr(session, "network", None) or network(session.peerHost())
+    return Mark(account=session.account["id"], network=net,
                 country=figures.country, cpu=figures.cpu, band=cpuBand(figures.cpuScore))
 
 
