@@ -7,7 +7,6 @@ buyer would try, on the market in memory (test/fakemarket.py).
 import pytest
 from twisted.internet import defer
 
-from cpushare.money import MICRO
 from cpushare.protocol import commands
 from cpushare.server.db import marketsql, store
 from cpushare.server.money import billing, ledger

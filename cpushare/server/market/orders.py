@@ -295,7 +295,7 @@ class Orders:
                 cursor, account["id"], image, count * k, cores, memory)
             marketsql.setOrderScreens(cursor, orderId, screens.toArguments(), budget)
             if k > 1:
-                marketsql.setReplicas(cursor, orderId, k, replicas_.describe(diversity).split(","),
+                marketsql.setReplicas(cursor, orderId, k, replicas_.ordered(diversity),
                                       {vmId: 1 + i // k for i, vmId in enumerate(ids)})
             return size, orderId, ids
 

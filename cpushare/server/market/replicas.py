@@ -191,6 +191,11 @@ def shortfall(diversity, k, placed, candidates, needBand=False):
     return None
 
 
+def ordered(diversity):
+    """The names of C{diversity} in the order of DIVERSITY."""
+    return [d for d in DIVERSITY if d in diversity]
+
+
 def describe(diversity):
     """The diversity as the command line writes it ("account" when it asks nothing more)."""
-    return ",".join(d for d in DIVERSITY if d in diversity) or "account"
+    return ",".join(ordered(diversity)) or "account"
