@@ -107,11 +107,18 @@ class Mark:
 def markOf(session, figures):
     """
     The L{Mark} of the seller of C{session}, whose figures are C{figures};
-    its network is the one L{Market.offer} noted, else worked out now.
+    its network is the one L{Market.offer} noted, else worked out now.  Kept
+    on the session while its figures stay the same object (the board's
+    ranking makes them anew when anything changes).
     """
+    kept = getattr(session, "replicaMark", None)
+    if kept is not None and kept[0] is figures:
+        return kept[1]
     net = getattr(session, "network", None) or network(session.peerHost())
-    return Mark(account=session.account["id"], network=net,
+    mark = Mark(account=session.account["id"], network=net,
                 country=figures.country, cpu=figures.cpu, band=cpuBand(figures.cpuScore))
+    session.replicaMark = (figures, mark)
+    return mark
 
 
 def _describeCPU(cpu):
@@ -154,21 +161,33 @@ def conflict(diversity, mark, others, needBand=False):
     return None
 
 
-def greedy(diversity, placed, candidates, needBand=False):
-    """How many replicas C{placed} and C{candidates} (marks, best first) give, taken in turn."""
+def greedy(diversity, placed, candidates, needBand=False, enough=None):
+    """
+    How many replicas C{placed} and C{candidates} (marks, best first) give,
+    taken in turn as placement takes them; it stops counting at C{enough}.
+    """
     chosen = list(placed)
     for mark in candidates:
+        if enough is not None and len(chosen) >= enough:
+            break
         if conflict(diversity, mark, chosen, needBand) is None:
             chosen.append(mark)
     return len(chosen)
 
 
-# Each condition, as a waiting reason names it when it is short.
+def _distinct(marks, *keys):
+    """The fewest distinct known values among C{marks} of any of C{keys}."""
+    return min(len({key(m) for m in marks} - {None}) for key in keys)
+
+
+# Each condition, as a waiting reason names it when it is short, and the
+# values that replicas under it must not share.
 _CONDITIONS = (
-    ((), "sellers on different accounts"),
-    (("owner",), "sellers of different owners (accounts and networks)"),
-    (("country",), "sellers in different countries"),
-    (("cpu",), "sellers with different CPUs"),
+    ("", "sellers on different accounts", (lambda m: m.account,)),
+    ("owner", "sellers of different owners (accounts and networks)",
+     (lambda m: m.account, lambda m: m.network)),
+    ("country", "sellers in different countries", (lambda m: m.country,)),
+    ("cpu", "sellers with different CPUs", (lambda m: m.cpu,)),
 )
 
 
@@ -177,15 +196,19 @@ def shortfall(diversity, k, placed, candidates, needBand=False):
     Why a replica group of C{k} cannot be completed now, in one line, or
     None when it can: the first condition that the replicas placed
     (C{placed}, marks) and the sellers that could take one (C{candidates},
-    marks, best first) cannot meet, else that they cannot meet them all at
-    once.  Counted by taking the sellers in turn, as placement does.
+    marks, best first) have too few different values for, else that
+    placement cannot meet them all at once.
     """
-    for condition, what in _CONDITIONS:
-        if set(condition) <= diversity:
-            n = greedy(frozenset(condition), placed, candidates, needBand)
+    usable = [m for m in candidates if conflict(diversity, m, (), needBand) is None]
+    marks = list(placed) + usable
+    for condition, what, keys in _CONDITIONS:
+        if not condition or condition in diversity:
+            if condition == "cpu" and needBand:
+                keys += (lambda m: m.band,)
+            n = _distinct(marks, *keys)
             if n < k:
                 return f"needs {k} {what}, {n} online"
-    n = greedy(diversity, placed, candidates, needBand)
+    n = greedy(diversity, placed, usable, needBand, enough=k)
     if n < k:
         return f"needs {k} sellers that differ in {describe(diversity)} at once, {n} online"
     return None
