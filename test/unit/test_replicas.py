@@ -226,7 +226,7 @@ class ReplicaTests(OrderCase):
         self.assertEqual((yield self.store.run(ledger.books)), before)
 
 
-class MoneyFreeTests(OrderCase):
+class ReplicaGroupTests(OrderCase):
     """The replicas of a placed order are funded like any VM."""
 
     @defer.inlineCallbacks
