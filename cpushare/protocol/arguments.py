@@ -73,6 +73,14 @@ def checkText(name, raw):
     return text
 
 
+class Text(amp.Unicode):
+    """Unicode text of at most C{maxLength} characters."""
+
+    def __init__(self, maxLength, optional=False):
+        amp.Unicode.__init__(self, optional)
+        self.maxLength = maxLength
+
+
 def checkBoolean(name, raw):
     if raw not in (b"True", b"False"):
         raise BadArgument(f"{name}: {show(raw)!r} is not True or False")
@@ -87,6 +95,11 @@ def checkValue(name, argument, raw):
         return checkFloat(name, raw)
     if isinstance(argument, amp.Boolean):
         return checkBoolean(name, raw)
+    if isinstance(argument, Text):
+        text = checkText(name, raw)
+        if len(text) > argument.maxLength:
+            raise BadArgument(f"{name}: longer than {argument.maxLength} characters")
+        return text
     if isinstance(argument, amp.Unicode):
         return checkText(name, raw)
     if isinstance(argument, amp.ListOf):

@@ -7,6 +7,8 @@ a typed failure with a one-line description it can show a user.
 
 from twisted.protocols import amp
 
+from cpushare.protocol.arguments import Text
+
 
 class CPUShareError(Exception):
     """An error whose message is meant for the user."""
@@ -111,14 +113,26 @@ TERMS = [
 ]
 
 
+# The seller's CPU as its client reads it (/proc/cpuinfo): the vendor, the
+# family and the model, each at most CPU_TEXT characters; for replicas that
+# must run on different CPUs.
+CPU_TEXT = 64
+CPU = [
+    (b"cpu_vendor", Text(CPU_TEXT, optional=True)),
+    (b"cpu_family", Text(CPU_TEXT, optional=True)),
+    (b"cpu_model", Text(CPU_TEXT, optional=True)),
+]
+
+
 class Offer(amp.Command):
     """
     A seller announces (or changes) the capacity it offers, and the terms
     its owner gave on its command line, if any; the answer is the terms in
     force (those stored for the account, else the market's defaults).
+    The seller's CPU (C{CPU}) is what it says; the market cannot check it.
     """
 
-    arguments = [(b"cores", amp.Integer()), (b"memory", amp.Integer())] + TERMS
+    arguments = [(b"cores", amp.Integer()), (b"memory", amp.Integer())] + TERMS + CPU
     response = TERMS
     errors = COMMON_ERRORS
 
@@ -163,6 +177,13 @@ SCREENS = [
     (b"traffic", amp.Float(optional=True)),
 ]
 
+# Replicated runs: each VM run C{replicas} times on sellers that differ in
+# what C{diverse} names (country, cpu, owner; all three by default).
+REPLICAS = [
+    (b"replicas", amp.Integer(optional=True)),
+    (b"diverse", amp.ListOf(Text(16), optional=True)),
+]
+
 
 SELLERS_PAGE = 200
 
@@ -178,7 +199,7 @@ class ListSellers(amp.Command):
     """
 
     arguments = [(b"offset", amp.Integer()),
-                 (b"explain", amp.Boolean(optional=True))] + SCREENS
+                 (b"explain", amp.Boolean(optional=True))] + SCREENS + REPLICAS
     response = [
         (b"sellers", amp.AmpList([
             (b"name", amp.Unicode()),
@@ -197,9 +218,13 @@ class ListSellers(amp.Command):
             (b"bandwidth_mbps", amp.Float(optional=True)),
             (b"cpu_score", amp.Float(optional=True)),
             (b"excluded", amp.Unicode(optional=True)),
+            (b"cpu", amp.Unicode(optional=True)),
         ])),
         (b"total", amp.Integer()),
         (b"passing", amp.Integer()),
+        # With C{replicas}: whether a replica group could be placed now, or
+        # which condition is short.
+        (b"replicas", amp.Unicode(optional=True)),
     ]
     errors = COMMON_ERRORS
 
@@ -374,6 +399,13 @@ class PlaceOrder(amp.Command):
     once, the cheapest first; the rest wait for capacity, and C{waiting}
     says why they could not be placed now.  C{budget} caps what the order
     may spend, in micro-units.
+
+    With C{replicas} (L{REPLICAS}) each VM runs that many times, a replica
+    group, on sellers that differ as C{diverse} asks.  With C{explain},
+    C{explain} lists why each replica group that waits does.  With
+    C{dry_run} nothing is placed or held: C{order} is 0, C{vm_ids} empty,
+    C{allocated} how many VMs would be placed now, C{plan} where (at most
+    PLAN_PAGE of them) and C{hold} what the market would hold for them.
     """
 
     arguments = [
@@ -382,10 +414,25 @@ class PlaceOrder(amp.Command):
         (b"cores", amp.Integer()),
         (b"memory", amp.Integer()),
         (b"budget", amp.Integer(optional=True)),
-    ] + SCREENS
+    ] + SCREENS + REPLICAS + [
+        (b"dry_run", amp.Boolean(optional=True)),
+        (b"explain", amp.Boolean(optional=True)),
+    ]
     response = [(b"order", amp.Integer()), (b"vm_ids", amp.ListOf(amp.Integer())),
-                (b"allocated", amp.Integer()), (b"waiting", amp.Unicode(optional=True))]
+                (b"allocated", amp.Integer()), (b"waiting", amp.Unicode(optional=True)),
+                (b"explain", amp.ListOf(amp.Unicode(), optional=True)),
+                (b"hold", amp.Integer(optional=True)),
+                (b"plan", amp.AmpList([
+                    (b"group", amp.Integer()),
+                    (b"seller", amp.Unicode()),
+                    (b"country", amp.Unicode(optional=True)),
+                    (b"price", amp.Integer()),
+                    (b"hold", amp.Integer()),
+                ], optional=True))]
     errors = COMMON_ERRORS
+
+
+PLAN_PAGE = 200
 
 
 class CancelOrder(amp.Command):
@@ -420,6 +467,7 @@ class ListVMs(amp.Command):
             (b"ended", amp.Float(optional=True)),
             (b"cpu_seconds", amp.Float()),
             (b"reason", amp.Unicode(optional=True)),
+            (b"replica_group", amp.Integer(optional=True)),
         ])),
         (b"more", amp.Boolean()),
     ]

@@ -22,6 +22,7 @@ from cpushare.protocol.commands import BadRequest, NotAuthenticated
 from cpushare.protocol.heartbeat import Heartbeat
 from cpushare.protocol.mux import ControlProtocol, MAX_CHANNEL, Multiplexer
 from cpushare.server.money.fundscontrol import FundsCommands
+from cpushare.server.market.replicas import cpuIdentity
 from cpushare.server.market.orders import PlacedVMs
 from cpushare.server.market.screens import Screens
 
@@ -110,7 +111,8 @@ class ServerControl(ControlProtocol, FundsCommands):
         }
 
     @commands.Offer.responder
-    def offer(self, cores, memory, price=None, net_fee=None, country=None):
+    def offer(self, cores, memory, price=None, net_fee=None, country=None, cpu_vendor=None,
+              cpu_family=None, cpu_model=None):
         session = self.session
         session.requireHello()
         if session.role != "seller":
@@ -119,8 +121,9 @@ class ServerControl(ControlProtocol, FundsCommands):
             raise BadRequest(f"cores must be between 1 and {MAX_CORES}, not {cores}")
         if not 64 <= memory <= MAX_MEMORY_MB:
             raise BadRequest(f"memory must be between 64 and {MAX_MEMORY_MB} MB, not {memory}")
+        cpu = cpuIdentity(cpu_vendor, cpu_family, cpu_model)
         d = defer.ensureDeferred(
-            session.market.offer(session, cores, memory, price, net_fee, country))
+            session.market.offer(session, cores, memory, price, net_fee, country, cpu))
         return d.addCallback(_terms)
 
     @commands.SetTerms.responder
@@ -130,12 +133,16 @@ class ServerControl(ControlProtocol, FundsCommands):
         return d.addCallback(_terms)
 
     @commands.ListSellers.responder
-    def listSellers(self, offset, explain=False, **screens):
+    def listSellers(self, offset, explain=False, replicas=None, diverse=None, **screens):
         account = self.session.requireHello()
         if offset < 0:
             raise BadRequest("offset must not be negative")
+        screens = Screens.fromArguments(**screens)
+        outlook = None
+        if replicas is not None or diverse is not None:
+            outlook = self.session.market.replicaOutlook(account, screens, replicas, diverse)
         entries, total, passing = self.session.market.listSellers(
-            account, Screens.fromArguments(**screens), explain, offset, commands.SELLERS_PAGE)
+            account, screens, explain, offset, commands.SELLERS_PAGE)
         page = []
         for entry in entries:
             if entry["excluded"] is not None:
@@ -144,7 +151,10 @@ class ServerControl(ControlProtocol, FundsCommands):
         # Fewer when long reasons would not fit one AMP value: the client
         # asks again from the offset it reached.
         page = paging.fitPage(page, paging.listArgument(commands.ListSellers, "sellers"))
-        return {"sellers": page, "total": total, "passing": passing}
+        answer = {"sellers": page, "total": total, "passing": passing}
+        if outlook is not None:
+            answer["replicas"] = outlook
+        return answer
 
     @commands.ImageUploadStart.responder
     def imageUploadStart(self, sha256, size, name):
@@ -208,12 +218,14 @@ class ServerControl(ControlProtocol, FundsCommands):
     # -- orders and VMs
 
     @commands.PlaceOrder.responder
-    def placeOrder(self, image, vms, cores, memory, budget=None, **screens):
+    def placeOrder(self, image, vms, cores, memory, budget=None, replicas=None, diverse=None,
+                   dry_run=False, explain=False, **screens):
         account = self.session.requireHello()
         orders = self.session.market.orders
         screens = Screens.fromArguments(**screens)
         return defer.ensureDeferred(
-            orders.place(account, image, vms, cores, memory, screens, budget))
+            orders.place(account, image, vms, cores, memory, screens, budget, replicas,
+                         diverse, dry_run, explain))
 
     @commands.ListLeases.responder
     def listLeases(self, before=None):

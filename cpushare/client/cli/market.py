@@ -1,7 +1,7 @@
 """
 The market's commands: screening sellers, terms, leases, ratings.
 
-    cpushare sellers [SCREENS] [--explain] [--json]
+    cpushare sellers [SCREENS] [--replicas K [--diverse country,cpu,owner]] [--explain] [--json]
     cpushare terms [--price P] [--net-fee F] [--country CC]
     cpushare leases [--json]
     cpushare rate LEASE good|bad [--comment TEXT]
@@ -24,14 +24,15 @@ SCREENS, shared with `cpushare order place`:
 from cpushare.client.cli.connection import Connection
 from cpushare.client.cli.output import (
     amount, command, duration, formatTable, printedAsJSON, printListing)
-from cpushare.client.cli.screens import addScreenArguments, screenArguments
+from cpushare.client.cli.screens import (
+    addReplicaArguments, addScreenArguments, replicaArguments, screenArguments)
 from cpushare.protocol import commands
 from cpushare.money import formatAmount
 
 
 def formatSellers(sellers, now):
     rows = [("NAME", "PRICE/CORE-H", "NET/GB", "FREE/CORES", "FREE/MEMORY", "RATING",
-             "LATENCY", "MBPS", "CPU", "COUNTRY", "ONLINE")]
+             "LATENCY", "MBPS", "CPU", "COUNTRY", "ONLINE", "CPU-MODEL")]
     excluded = []
     for s in sellers:
         if s.get("excluded"):
@@ -45,7 +46,7 @@ def formatSellers(sellers, now):
             "-" if latency is None else f"{latency:.1f} ms",
             "-" if bandwidth is None else f"{bandwidth:.0f}",
             "-" if cpu is None else f"{cpu:.0f}",
-            s.get("country") or "-", duration(now - s["connected"]),
+            s.get("country") or "-", duration(now - s["connected"]), s.get("cpu") or "-",
         ))
     lines = [formatTable(rows)] if len(rows) > 1 else ["no seller online passes these screens"]
     if excluded:
@@ -58,6 +59,7 @@ def formatSellers(sellers, now):
 
 async def sellers(reactor, args, home):
     screens = screenArguments(args)
+    screens.update(replicaArguments(args))
     found = []
     async with Connection(reactor, home) as market:
         while True:
@@ -67,6 +69,8 @@ async def sellers(reactor, args, home):
             if not page["sellers"] or len(found) >= page["total"]:
                 break
     printListing(args.json, found, "no sellers are online", formatSellers)
+    if page.get("replicas") and not args.json:
+        print(f"replicas: {page['replicas']}")
 
 
 async def terms(reactor, args, home):
@@ -130,6 +134,7 @@ def addParsers(sub):
         "with the same screens would use them: the cheapest first, then the best rated, "
         "then the nearest.")
     addScreenArguments(s)
+    addReplicaArguments(s)
     s.add_argument("--explain", action="store_true",
                    help="also list the sellers the screens exclude, and why")
 

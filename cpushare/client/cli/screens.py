@@ -21,6 +21,25 @@ def addScreenArguments(p):
                         " sellers are ranked by price a core-hour + fee a GB x GB")
 
 
+def addReplicaArguments(p):
+    g = p.add_argument_group("replicas (each VM run on several different sellers)")
+    g.add_argument("--replicas", type=int, metavar="K",
+                   help="run each VM K times (2 to 5), each on a different seller")
+    g.add_argument("--diverse", metavar="WHAT,..",
+                   help="what the sellers of one VM's replicas must differ in: any of"
+                        " country, cpu, owner (default: all three)")
+
+
+def replicaArguments(args):
+    """--replicas and --diverse as PlaceOrder/ListSellers arguments."""
+    given = {}
+    if args.replicas is not None:
+        given["replicas"] = args.replicas
+    if args.diverse is not None:
+        given["diverse"] = [d.strip() for d in args.diverse.split(",") if d.strip()]
+    return given
+
+
 def screenArguments(args):
     """The screens given on the command line as PlaceOrder/ListSellers arguments."""
     screens = {}

@@ -3,6 +3,7 @@ The buyer's commands about images, orders, VMs and consoles:
 
     cpushare image upload job.iso        cpushare image list
     cpushare order place --image job.iso|SHA256 --vms N [--cores C] [--memory MB]
+                         [--replicas K [--diverse country,cpu,owner]] [--dry-run] [--explain]
     cpushare order cancel ORDER
     cpushare vms [--json]                cpushare vm stop VM
     cpushare console VM
@@ -21,7 +22,9 @@ from zope.interface import implementer
 from cpushare.client.cli.connection import CommandError, Connection
 from cpushare.client.cli.output import (
     actions, amount, ask, command, duration, formatTable, printedAsJSON, printListing)
-from cpushare.client.cli.screens import addScreenArguments, screenArguments
+from cpushare.client.cli.screens import (
+    addReplicaArguments, addScreenArguments, replicaArguments, screenArguments)
+from cpushare.money import formatAmount
 from cpushare.imagefolder import hashFile
 from cpushare.protocol import commands
 from cpushare.protocol.commands import consoleChannel
@@ -44,14 +47,23 @@ async def resolveImage(reactor, image):
 
 async def orderPlace(reactor, args, home):
     extra = screenArguments(args)
+    extra.update(replicaArguments(args))
     if args.budget is not None:
         extra["budget"] = amount(args.budget, "--budget")
+    for flag in ("dry_run", "explain"):
+        if getattr(args, flag):
+            extra[flag] = True
     sha256 = await resolveImage(reactor, args.image)
     async with Connection(reactor, home) as market:
         placed = await market.call(commands.PlaceOrder, image=sha256, vms=args.vms,
                                    cores=args.cores, memory=args.memory, **extra)
     if printedAsJSON(args, placed):
         return
+    if args.dry_run:
+        print(formatDryRun(placed, args.vms, args.replicas))
+        return
+    for line in placed.get("explain") or ():
+        print(f"waiting: {line}")
     ids = ", ".join(str(v) for v in placed["vm_ids"])
     print(f"order {placed['order']}: VMs {ids}; {placed['allocated']} placed on sellers now")
     if placed.get("waiting"):
@@ -63,13 +75,34 @@ async def orderCancel(reactor, args, home):
     print(f"order {args.order} cancelled; {stopped} VMs stopped")
 
 
+def formatDryRun(plan, vms, replicas):
+    """What a dry run of an order answered, for a person."""
+    what = "replica group" if replicas else "VM"
+    rows = [(what.upper(), "SELLER", "COUNTRY", "PRICE/CORE-H", "HOLD")]
+    for p in plan.get("plan") or ():
+        rows.append((str(p["group"]), p["seller"], p.get("country") or "-",
+                     formatAmount(p["price"]), formatAmount(p["hold"])))
+    total = vms * (replicas or 1)
+    lines = ["dry run: nothing was placed and nothing is held"]
+    if len(rows) > 1:
+        lines.append(formatTable(rows))
+    if len(plan.get("plan") or ()) < plan["allocated"]:
+        lines.append(f"(the first {len(plan['plan'])} of {plan['allocated']} shown)")
+    lines.append(f"{plan['allocated']} of {total} VMs would be placed now; the market would"
+                 f" hold {formatAmount(plan['hold'])} of your funds for their first window")
+    for line in plan.get("explain") or ([plan["waiting"]] if plan.get("waiting") else []):
+        lines.append(f"waiting: {line}")
+    return "\n".join(lines)
+
+
 def formatVMs(vms, now):
-    rows = [("VM", "ORDER", "SELLER", "STATE", "MAC", "IP", "UPTIME", "CPU", "REASON")]
+    rows = [("VM", "ORDER", "GROUP", "SELLER", "STATE", "MAC", "IP", "UPTIME", "CPU", "REASON")]
     for vm in vms:
         started, ended = vm.get("started"), vm.get("ended")
         up = "-" if started is None else duration((ended or now) - started)
         rows.append((
-            str(vm["vm"]), str(vm["order"]), vm.get("seller") or "-", vm["state"], vm["mac"],
+            str(vm["vm"]), str(vm["order"]), str(vm.get("replica_group") or "-"),
+            vm.get("seller") or "-", vm["state"], vm["mac"],
             vm.get("ip") or "-", up, f"{vm['cpu_seconds']:.1f}s", vm.get("reason") or "",
         ))
     return formatTable(rows)
@@ -258,6 +291,12 @@ def addParsers(sub):
     place.add_argument("--memory", type=int, default=256, help="MB per VM (default 256)")
     place.add_argument("--budget", metavar="AMOUNT",
                        help="the most the order may spend; its VMs stop when it is spent")
+    place.add_argument("--dry-run", action="store_true",
+                       help="show where the VMs would go and what would be held;"
+                            " place and hold nothing")
+    place.add_argument("--explain", action="store_true",
+                       help="say why each replica group that waits does")
+    addReplicaArguments(place)
     addScreenArguments(place)
     cancel = command(orders, "cancel", orderCancel, help="stop all VMs of an order")
     cancel.add_argument("order", type=int)

@@ -170,6 +170,7 @@ class SellerSession(ClientSession):
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
+    from cpushare.client.seller import cpuinfo
     from cpushare.client.seller.imagecache import ImageCache
     from cpushare.client.service import MarketConnection
     from cpushare.client.session import homeEndpoint
@@ -195,12 +196,15 @@ def makeService(options, reactor=None):
         return host.accel
 
     accel.addCallback(chosen)
+    # Read once, before the reactor runs: what the Offer says of this CPU.
+    cpu = cpuinfo.readOfferFields()
+    log.info("CPU: {cpu}", cpu="/".join(cpu.values()) or "not described by /proc/cpuinfo")
 
     async def serve(session):
         await accel
         await host.connected(session)
         terms = await session.control.callRemote(
-            commands.Offer, cores=cores, memory=memory, **options.terms)
+            commands.Offer, cores=cores, memory=memory, **options.terms, **cpu)
         log.info("offering {cores} cores and {memory} MB at {price} a core-hour"
                  " ({fee} a GB)", cores=cores, memory=memory,
                  price=formatAmount(terms["price"]), fee=formatAmount(terms["net_fee"]))

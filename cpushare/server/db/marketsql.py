@@ -9,6 +9,7 @@ runs inside one store transaction.
 
 import json
 
+from cpushare.protocol import states
 from cpushare.server.db.store import now
 
 # -- sellers' terms
@@ -76,6 +77,41 @@ def orderScreens(cursor, orderIds):
         for orderId, screens, budget in cursor.fetchall():
             result[orderId] = (json.loads(screens or "{}"), budget)
     return result
+
+
+def setReplicas(cursor, orderId, replicas, diversity, groups):
+    """
+    The order runs each VM C{replicas} times on sellers that differ in
+    C{diversity} (names); C{groups} is {vm id: its replica group}.
+    """
+    cursor.execute("UPDATE orders SET replicas = ?, diversity = ? WHERE id = ?",
+                   (replicas, ",".join(diversity), orderId))
+    for vmId, group in sorted(groups.items()):
+        cursor.execute("UPDATE vms SET replica_group = ? WHERE id = ?", (group, vmId))
+
+
+def _diversity(text):
+    return [name for name in (text or "").split(",") if name]
+
+
+def orderReplicas(cursor, orderId):
+    """(replicas, [diversity names]) of an order."""
+    cursor.execute("SELECT replicas, diversity FROM orders WHERE id = ?", (orderId,))
+    replicas, diversity = cursor.fetchone()
+    return int(replicas), _diversity(diversity)
+
+
+def activeReplicaGroups(cursor):
+    """
+    {vm id: (replica group, replicas, [diversity names])} of the active VMs
+    that are replicas.
+    """
+    cursor.execute(
+        "SELECT v.id, v.replica_group, o.replicas, o.diversity"
+        " FROM vms v JOIN orders o ON o.id = v.order_id WHERE v.replica_group IS NOT NULL"
+        " AND v.state IN (" + ",".join("?" * len(states.ACTIVE)) + ")", states.ACTIVE)
+    return {vmId: (group, int(replicas), _diversity(diversity))
+            for vmId, group, replicas, diversity in cursor.fetchall()}
 
 
 # -- ratings

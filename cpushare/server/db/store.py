@@ -720,12 +720,12 @@ def accountVMs(cursor, accountId, before=None, limit=1000):
     """The account's VMs, newest first, older than VM C{before} when given."""
     cursor.execute(
         "SELECT v.id, v.order_id, s.name, v.state, v.mac, v.ip, o.cores, o.memory,"
-        " v.started, v.ended, v.cpu_seconds, v.reason"
+        " v.started, v.ended, v.cpu_seconds, v.reason, v.replica_group"
         " FROM vms v JOIN orders o ON o.id = v.order_id"
         " LEFT JOIN accounts s ON s.id = v.seller_account_id"
         " WHERE o.account_id = ? AND v.id < ? ORDER BY v.id DESC LIMIT ?",
         (accountId, 2**62 if before is None else before, limit),
     )
     keys = ("vm", "order", "seller", "state", "mac", "ip", "cores", "memory",
-            "started", "ended", "cpu_seconds", "reason")
+            "started", "ended", "cpu_seconds", "reason", "replica_group")
     return [dict(zip(keys, row)) for row in cursor.fetchall()]

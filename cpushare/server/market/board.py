@@ -130,6 +130,7 @@ class Board:
             latencyMs=session.heartbeat.latencyMs() if session.heartbeat else None,
             bandwidthMbps=getattr(session, "bandwidthMbps", None),
             cpuScore=getattr(session, "cpuScore", None),
+            cpu=getattr(session, "cpu", None),
         )
 
     def ranked(self, cores=1, traffic=DEFAULT_TRAFFIC):

@@ -32,6 +32,7 @@ from cpushare.server.market.cpubench import CPUBench
 from cpushare.server.money.desk import MoneyDesk
 from cpushare.server.market.orders import Orders
 from cpushare.server.market.ratings import Ratings
+from cpushare.server.market.replicas import network as replicaNetwork
 from cpushare.server.relay import Relay
 
 ACCOUNT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}\Z")
@@ -156,6 +157,7 @@ class Market(Service):
         self.billing.start()
         if self.images is not None:
             await self.cpubench.prepare(self.cpuBenchFolder)
+        self.orders.measuresCPU = self.cpubench.enabled
 
     def sellers(self):
         """The sellers online now, ordered by session."""
@@ -166,13 +168,17 @@ class Market(Service):
 
     # -- sellers
 
-    async def offer(self, session, cores, memory, price=None, net_fee=None, country=None):
+    async def offer(self, session, cores, memory, price=None, net_fee=None, country=None,
+                    cpu=None):
         """
         The seller of C{session} offers C{cores} and C{memory} MB on the terms
         given (None: its stored ones); returns the terms in force.  It is
-        ranked, measured, and given the VMs that wait for it.
+        ranked, measured, and given the VMs that wait for it.  C{cpu} is
+        what it says of its CPU (L{replicas.cpuIdentity}), or None.
         """
         terms = await self.board.sellerOnline(session, price, net_fee, country)
+        session.cpu = cpu
+        session.network = replicaNetwork(session.peerHost())
         session.offer = {"cores": cores, "memory": memory}
         if session.meter is None and self.measureEvery and session.connected:
             session.meter = BandwidthMeter(
@@ -235,8 +241,13 @@ class Market(Service):
                 "bandwidth_mbps": fig.bandwidthMbps,
                 "cpu_score": fig.cpuScore,
                 "excluded": None if reason is None else str(reason),
+                "cpu": None if fig.cpu is None else "/".join(fig.cpu),
             })
         return entries, len(listed), len(passing)
+
+    def replicaOutlook(self, account, screens, replicas=None, diverse=None):
+        """Whether C{account} could place a replica group now, or what is short (one line)."""
+        return self.orders.outlook(account, screens, replicas, diverse)
 
     # -- channels
 

@@ -30,6 +30,13 @@ detached and gives the seller GRACE seconds to come back and reattach them
 (ReattachVMs).  Past that they are lost and placed again elsewhere.  The
 same holds across a server restart: active VMs are loaded from the database
 as detached.
+
+An order with replicas runs each VM K times, a replica group: a VM of a
+group is placed only on a seller that differs from those of its group's
+other placed VMs as the order asks (L{cpushare.server.market.replicas});
+when none does, it waits and its reason names the condition that is short.
+A dry run places and holds nothing: it says where the VMs would go and
+what the market would hold for them.
 """
 
 from twisted.internet import defer
@@ -46,6 +53,8 @@ from cpushare.server.db import leases as leasesql
 from cpushare.server.db import marketsql
 from cpushare.server.db import store
 from cpushare.server.market.cpubench import SYSTEM_ACCOUNT
+from cpushare.server.market import replicas as replicas_
+from cpushare.server.market.replicas import Mark, conflict, markOf
 from cpushare.server.market.screens import Screens
 
 GRACE = 600.0
@@ -95,6 +104,10 @@ class VM(VMLife):
         self.consoleObserver = None     # the market's own VMs: it reads their console
         self.system = False
         self.endWaiters = []            # Deferreds fired with (state, reason) when it ends
+        self.group = None               # its replica group in its order, or None
+        self.replicas = 1               # the VMs of its replica group
+        self.diversity = frozenset()    # what the sellers of its group must differ in
+        self.mark = None                # its seller, as diversity compares it, once placed
 
     def consoleReceived(self, data):
         """Console output from the seller: kept (the last CONSOLE_HISTORY bytes) and sent on."""
@@ -181,6 +194,10 @@ class Orders:
         self.vms = {}
         self.unfunded = {}          # buyer id -> why its VMs cannot be funded now
         self.settling = {}          # vm id -> (lease id, call): waiting for final CPU time
+        self.groups = {}            # (order id, replica group) -> {active VMs}
+        # The market runs its CPU benchmark: a seller without a score yet
+        # takes no replica that must run on a different CPU.
+        self.measuresCPU = False
 
     # -- loading
 
@@ -190,6 +207,7 @@ class Orders:
         orders = await self.db.run(marketsql.orderScreens, {row[1] for row in rows})
         leases = await self.db.run(leasesql.openLeases)
         leaseStates = await self.db.run(billing_.openLeaseStates, self.billing.interval)
+        groups = await self.db.run(marketsql.activeReplicaGroups)
         for (vmId, orderId, sellerId, mac, state, started, cpu, ip, buyerId, image,
              cores, memory, size, buyerName, sellerName) in rows:
             screens, budget = orders.get(orderId, ({}, None))
@@ -205,6 +223,12 @@ class Orders:
                     c, vmId, state=VMState.STOPPED, reason="the market server restarted"))
                 continue
             self.vms[vmId] = vm
+            if vmId in groups:
+                group, k, diversity = groups[vmId]
+                # Only its seller's account is known again: the rest of
+                # what diversity compares is not.
+                self._join(vm, group, k, diversity,
+                           None if sellerId is None else Mark(account=sellerId))
             if sellerId is not None:
                 vm.leaseId = leases.get(vmId)
                 if vm.leaseId is not None and vm.leaseId in leaseStates:
@@ -233,7 +257,13 @@ class Orders:
     # -- buyers
 
     async def place(self, account, image, count, cores, memory, screens=Screens(),
-                    budget=None):
+                    budget=None, replicas=None, diverse=None, dryRun=False, explain=False):
+        """
+        Place an order of C{count} VMs, each run C{replicas} times when
+        given (on sellers that differ in C{diverse}); with C{dryRun} only
+        say where they would go and what would be held.
+        """
+        k, diversity = replicas_.checkReplicas(replicas, diverse)
         if budget is not None and not 0 < budget <= MAX_AMOUNT:
             raise BadRequest(f"a budget is above 0 and at most {formatAmount(MAX_AMOUNT)}")
         if not 1 <= count <= MAX_VMS_PER_ORDER:
@@ -242,41 +272,160 @@ class Orders:
             raise BadRequest(f"a VM has 1 to {MAX_VM_CORES} cores, not {cores}")
         if not 64 <= memory <= MAX_VM_MEMORY:
             raise BadRequest(f"a VM has 64 to {MAX_VM_MEMORY} MB of memory, not {memory}")
+        if count * k > MAX_VMS_PER_ORDER:
+            raise BadRequest(f"an order is for at most {MAX_VMS_PER_ORDER} VMs in all, not"
+                             f" {count * k} VMs ({count} VMs x {k} replicas)")
 
-        def create(cursor):
+        def imageSize(cursor):
             size = store.imageSize(cursor, account["id"], image)
             if size is None:
                 raise BadRequest(
                     f"this account has no image {image!r}:"
                     " upload it with 'cpushare image upload'")
-            orderId, ids = store.createOrder(cursor, account["id"], image, count, cores, memory)
+            return size
+
+        if dryRun:
+            size = await self.db.run(imageSize)
+            return self._dryRun(VM(0, 0, account["id"], account["name"], image, size, cores,
+                                   memory, "", screens, budget), count, k, diversity, explain)
+
+        def create(cursor):
+            size = imageSize(cursor)
+            orderId, ids = store.createOrder(
+                cursor, account["id"], image, count * k, cores, memory)
             marketsql.setOrderScreens(cursor, orderId, screens.toArguments(), budget)
+            if k > 1:
+                marketsql.setReplicas(cursor, orderId, k, replicas_.ordered(diversity),
+                                      {vmId: 1 + i // k for i, vmId in enumerate(ids)})
             return size, orderId, ids
 
         size, orderId, ids = await self.db.run(create)
         allocated = 0
-        waiting = None
-        for vmId in ids:
+        reasons = {}                # replica group (None: none) -> why its VMs wait
+        for i, vmId in enumerate(ids):
             vm = VM(vmId, orderId, account["id"], account["name"], image, size,
                     cores, memory, store.macFor(vmId), screens, budget)
             self.vms[vmId] = vm
+            if k > 1:
+                self._join(vm, 1 + i // k, k, diversity)
             if self._allocate(vm):
                 allocated += 1
             else:
-                if waiting is None:
-                    waiting = self.whyWaiting(vm)
-                vm.reason = waiting
+                if vm.group not in reasons:
+                    reasons[vm.group] = self.whyWaiting(vm)
+                vm.reason = reasons[vm.group]
         self.log.info(
             "order {order} by {buyer}: {n} VMs of {cores} cores/{memory} MB, {a} placed",
-            order=orderId, buyer=account["name"], n=count, cores=cores, memory=memory,
+            order=orderId, buyer=account["name"], n=count * k, cores=cores, memory=memory,
             a=allocated)
         result = {"order": orderId, "vm_ids": ids, "allocated": allocated}
-        if waiting is not None:
-            result["waiting"] = waiting
+        return self._waiting(result, list(reasons.values()), explain)
+
+    @staticmethod
+    def _waiting(result, reasons, explain):
+        """C{result} with why VMs wait: the first reason, and all with C{explain}."""
+        if reasons:
+            result["waiting"] = reasons[0]
+        if explain:
+            result["explain"] = reasons[:commands.PLAN_PAGE]
         return result
 
-    def whyWaiting(self, vm):
-        """Why no seller online can take C{vm} now, in one line."""
+    def _dryRun(self, vm, count, k, diversity, explain):
+        """
+        Where C{count} VMs like C{vm}, each run C{k} times, would be placed
+        now, and what the market would hold for them: their first window
+        at their sellers' terms.  Nothing is placed or held.
+        """
+        taken = {}                  # seller session -> (cores, memory) this plan gives it
+        plan, hold, reasons = [], 0, []
+        for group in range(1, count + 1):
+            if k > 1:
+                vm.group, vm.replicas, vm.diversity = group, k, diversity
+            marks = [] if k > 1 else None
+            for _ in range(k):
+                found = self._choose(vm, marks, taken)
+                if found is None:
+                    if len(reasons) < commands.PLAN_PAGE:
+                        reasons.append(self.whyWaiting(vm, marks, taken))
+                    break
+                seller, figures, mark = found
+                cores, memory = taken.get(seller, (0, 0))
+                taken[seller] = (cores + vm.cores, memory + vm.memory)
+                if marks is not None:
+                    marks.append(mark)
+                amount = billing_.windowCost(figures.price, figures.netFee, vm.cores,
+                                             self.billing.window)
+                hold += amount
+                plan.append({"group": group, "seller": figures.name, "country": figures.country,
+                             "price": figures.price, "hold": amount})
+            if k == 1 and found is None:
+                break               # the VMs left are alike: none would be placed either
+        result = {"order": 0, "vm_ids": [], "allocated": len(plan), "hold": hold,
+                  "plan": [{key: value for key, value in entry.items() if value is not None}
+                           for entry in plan[:commands.PLAN_PAGE]]}
+        return self._waiting(result, reasons, explain)
+
+    def outlook(self, account, screens, replicas=None, diverse=None):
+        """
+        Whether a replica group of C{replicas} one-core VMs of C{account}'s
+        could be placed now on sellers that differ in C{diverse}, or which
+        condition is short, in one line.
+        """
+        k, diversity = replicas_.checkReplicas(replicas, diverse)
+        vm = VM(0, 0, account["id"], account["name"], "", 0, 1, 64, "", screens)
+        short = replicas_.shortfall(diversity, k, [], self._candidates(vm), self.measuresCPU)
+        if short is None:
+            return (f"{k} replicas can be placed now on sellers that differ in"
+                    f" {replicas_.describe(diversity)}")
+        return short
+
+    def _join(self, vm, group, k, diversity, mark=None):
+        """C{vm} is a replica of group C{group} of its order, of C{k}, differing in C{diversity}."""
+        vm.group, vm.replicas, vm.diversity, vm.mark = group, k, frozenset(diversity), mark
+        self.groups.setdefault((vm.order, group), set()).add(vm)
+
+    def _leave(self, vm):
+        """C{vm} ended: its group's other replicas no longer compare with it."""
+        if vm.group is None:
+            return
+        key = (vm.order, vm.group)
+        members = self.groups.get(key)
+        if members is not None:
+            members.discard(vm)
+            if not members:
+                del self.groups[key]
+
+    def _siblingMarks(self, vm):
+        """The marks of the sellers of C{vm}'s group's other placed VMs; None for no replica."""
+        if vm.group is None:
+            return None
+        return [other.mark for other in self.groups.get((vm.order, vm.group), ())
+                if other is not vm and other.mark is not None]
+
+    def _candidates(self, vm, taken=None):
+        """The marks of the sellers that pass C{vm}'s screens and have room for it, best first."""
+        return [markOf(seller, figures) for seller, figures in self._open(vm, taken)]
+
+    def whyWaiting(self, vm, others=None, taken=None):
+        """
+        Why no seller online can take C{vm} now, in one line; for a
+        replica, the condition of its group that is short (C{others}: the
+        marks of its group's placed VMs, its siblings' when None).
+        """
+        if vm.group is None:
+            return self._whyNoSeller(vm)
+        if others is None:
+            others = self._siblingMarks(vm)
+        candidates = self._candidates(vm, taken)
+        if candidates or others:
+            short = replicas_.shortfall(vm.diversity, vm.replicas, others, candidates,
+                                        self.measuresCPU)
+            if short is not None:
+                return f"replica group {vm.group}: {short}; waiting for sellers that do"
+        return f"replica group {vm.group}: {self._whyNoSeller(vm)}"
+
+    def _whyNoSeller(self, vm):
+        """Why no seller online passes C{vm}'s screens with room for it, in one line."""
         passing, excluded = self.board.explain(vm.screens, vm.buyerId, vm.cores)
         if not passing and not excluded:
             return "no seller is online; waiting for one"
@@ -360,17 +509,44 @@ class Orders:
         if vm.buyerId in self.unfunded:
             vm.reason = self.unfunded[vm.buyerId]
             return False
+        found = self._choose(vm, self._siblingMarks(vm))
+        if found is None or not self._place(vm, found[0], found[1]):
+            return False
+        vm.mark = found[2]
+        return True
+
+    def _open(self, vm, taken=None):
+        """
+        The sellers online that pass C{vm}'s screens and have room for it
+        beyond what C{taken} ({session: (cores, memory)}) gives them, best
+        first: (session, figures).
+        """
         board = self.board
         for seller, figures in board.ranked(vm.cores, vm.screens.traffic):
             if not seller.connected or seller.offer is None:
                 continue
             cores, memory = self.used(seller)
+            if taken and seller in taken:
+                cores, memory = cores + taken[seller][0], memory + taken[seller][1]
             # Never on the buyer's own account (self-dealing), nor above the ceiling.
             if cores + vm.cores <= seller.offer["cores"] and \
                     memory + vm.memory <= seller.offer["memory"] and \
                     board.exclusion(seller, figures, vm.screens, vm.buyerId) is None:
-                return self._place(vm, seller, figures)
-        return False
+                yield seller, figures
+
+    def _choose(self, vm, others, taken=None):
+        """
+        The best seller for C{vm}: (session, figures, mark), or None.  For a
+        replica (C{others}: the marks of its group's placed VMs) one that
+        differs from them as its order asks.
+        """
+        for seller, figures in self._open(vm, taken):
+            if others is None:
+                return seller, figures, None
+            mark = markOf(seller, figures)
+            if conflict(vm.diversity, mark, others, self.measuresCPU) is None:
+                return seller, figures, mark
+        return None
 
     def _bindSeller(self, vm, seller):
         vm.seller = seller
@@ -442,6 +618,7 @@ class Orders:
             seller.unroute(consoleChannel(vm.id))
             vm.seller = None
         vm.sellerAccountId = None
+        vm.mark = None
         if vm.active and self._move(vm, VMState.PENDING):
             vm.reason = why
             self._save(lambda c: store.updateVM(c, vm.id, state=VMState.PENDING,
@@ -684,6 +861,7 @@ class Orders:
         vm.started = None
         vm.cpuSeconds = 0.0
         vm.sellerAccountId = None
+        vm.mark = None
         self._save(lambda c: store.updateVM(c, vm.id, state=VMState.PENDING,
                                             seller_account_id=None, started=None,
                                             cpu_seconds=0.0, reason=vm.reason))
@@ -722,6 +900,7 @@ class Orders:
         vm.buyerSession = None
         vm.seller = None
         self.vms.pop(vm.id, None)
+        self._leave(vm)
         vm.foldLink()
         self._endLease(vm, reason, waitForSeller=seller is not None and tellSeller
                        and seller.connected)

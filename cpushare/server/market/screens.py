@@ -82,6 +82,7 @@ class Figures:
     latencyMs = attr.ib()               # None until measured
     bandwidthMbps = attr.ib()           # None until measured
     cpuScore = attr.ib()                # None until measured
+    cpu = attr.ib(default=None)         # (vendor, family, model) as it says, or None
 
 
 def _number(value, what, low, high):
