@@ -189,7 +189,8 @@ def test_seller_is_listed_with_latency_and_buyer_is_not(market, processes, tmp_p
     assert table.status == 0, table
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["NAME", "PRICE/CORE-H", "NET/GB", "FREE/CORES", "FREE/MEMORY",
-                                "RATING", "LATENCY", "MBPS", "CPU", "COUNTRY", "ONLINE"]
+                                "RATING", "LATENCY", "MBPS", "CPU", "COUNTRY", "ONLINE",
+                                "CPU-MODEL"]
     assert [line.split()[0] for line in lines[1:]] == ["dave", "alice"], table.stdout
     row = lines[2].split()
     assert row[1:6] == ["0.03", "0.00", "2/2", "1024/1024MB", "new"], table.stdout
