@@ -211,17 +211,28 @@ def _accessChanged(cursor, accountId, fingerprint, what, stamp=None):
         " VALUES (?, ?, ?, ?)", (accountId, fingerprint, what, stamp or now()))
 
 
+def _changeAccess(cursor, sql, params, stamp, accountId, fingerprint, what):
+    """
+    Run the one-row update C{sql}; when it changed a row, note the change
+    of access (C{accountId} may be a callable of the cursor) and say so.
+    """
+    cursor.execute(sql, params)
+    if cursor.rowcount != 1:
+        return False
+    if callable(accountId):
+        accountId = accountId(cursor)
+    _accessChanged(cursor, accountId, fingerprint, what, stamp)
+    return True
+
+
 def suspendAccount(cursor, name, reason=None):
     """Suspend an active account: its connections close, its certificates are refused."""
     stamp = now()
-    cursor.execute(
-        "UPDATE accounts SET suspended = ?, suspended_reason = ?"
-        " WHERE name = ? AND deleted IS NULL AND suspended IS NULL", (stamp, reason, name))
-    if cursor.rowcount != 1:
-        return False
-    _accessChanged(cursor, _accountId(cursor, name), None,
-                   "suspended" + (f": {reason}" if reason else ""), stamp)
-    return True
+    return _changeAccess(
+        cursor, "UPDATE accounts SET suspended = ?, suspended_reason = ?"
+        " WHERE name = ? AND deleted IS NULL AND suspended IS NULL", (stamp, reason, name),
+        stamp, lambda c: _accountId(c, name), None,
+        "suspended" + (f": {reason}" if reason else ""))
 
 
 def unsuspendAccount(cursor, name):
@@ -234,13 +245,10 @@ def unsuspendAccount(cursor, name):
 def revokeCertificate(cursor, accountId, fingerprint, why="revoked"):
     """Revoke one live certificate; returns whether it was live."""
     stamp = now()
-    cursor.execute(
-        "UPDATE certificates SET revoked = ? WHERE fingerprint = ? AND account_id = ?"
-        " AND revoked IS NULL", (stamp, fingerprint, accountId))
-    if cursor.rowcount != 1:
-        return False
-    _accessChanged(cursor, accountId, fingerprint, why, stamp)
-    return True
+    return _changeAccess(
+        cursor, "UPDATE certificates SET revoked = ? WHERE fingerprint = ? AND account_id = ?"
+        " AND revoked IS NULL", (stamp, fingerprint, accountId),
+        stamp, accountId, fingerprint, why)
 
 
 class RekeyRefused(Exception):

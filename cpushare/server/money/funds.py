@@ -269,6 +269,16 @@ def recoverInterruptedPayments(cursor):
     return cursor.rowcount
 
 
+# A return that claims no payment: (logged, HTTP status, page title, page text).
+_NOT_CLAIMED = {
+    "unknown": (", which this market did not create", 404, "Unknown payment",
+                "This market created no payment {payment}."),
+    "forged": (" with the wrong nonce: forged", 400, "Not this market's link",
+               "This link does not match payment {payment}: it is not the one PayPal "
+               "was given."),
+}
+
+
 class Funds:
     """
     Adding funds with PayPal.  C{paypal} is an L{IPayPal} (None: this
@@ -361,18 +371,11 @@ class Funds:
                            "This link's payment or payer does not look like PayPal's.  "
                            "Nothing was added to any funds.")
         payment, status = await self.store.run(claimPayment, paypalId, nonce)
-        if status == "unknown":
-            self.log.warn("a return for payment {payment}, which this market did not create",
-                          payment=paypalId)
-            return Outcome(404, "Unknown payment",
-                           f"This market created no payment {paypalId}.  Nothing was added "
-                           "to any funds.")
-        if status == "forged":
-            self.log.warn("a return for payment {payment} with the wrong nonce: forged",
-                          payment=paypalId)
-            return Outcome(400, "Not this market's link",
-                           f"This link does not match payment {paypalId}: it is not the one "
-                           "PayPal was given.  Nothing was added to any funds.")
+        if status in _NOT_CLAIMED:
+            logged, code, title, text = _NOT_CLAIMED[status]
+            self.log.warn("a return for payment {payment}" + logged, payment=paypalId)
+            return Outcome(code, title, text.format(payment=paypalId)
+                           + "  Nothing was added to any funds.")
         if status != "claimed":
             return self._stateOutcome(payment, status)
         return await self._execute(payment, payerId)
