@@ -43,6 +43,7 @@ from cpushare.protocol import commands  # noqa: E402
 from cpushare.protocol.mux import Routing  # noqa: E402
 from cpushare.protocol.states import VMState  # noqa: E402
 from cpushare.server.db import leases as leasesql  # noqa: E402
+from cpushare.server.db.store import Account  # noqa: E402
 from cpushare.server.money import billing
 from cpushare.server.money import ledger
 from cpushare.server.db import store
@@ -122,7 +123,7 @@ async def matching(reactor, folder, sellerCount, orderCount, concurrency, rng, s
         started = {}
         say(f"  {sellerCount} sellers coming online")
         for n, accountId in enumerate(ids["sellers"]):
-            s = Seller(n + 1, {"id": accountId, "name": f"sellers-{n}"}, rng.randint(2, 16),
+            s = Seller(n + 1, Account(accountId, f"sellers-{n}", 0.0), rng.randint(2, 16),
                        rng.uniform(1, 200), started)
             market.sessions[s.sessionId] = s
             await market.board.sellerOnline(
@@ -160,7 +161,7 @@ async def matching(reactor, folder, sellerCount, orderCount, concurrency, rng, s
 
         async def place(i, buyer, screens):
             placedAt[i] = time.perf_counter()
-            result = await market.orders.place({"id": buyer, "name": f"b{buyer}"}, "bench",
+            result = await market.orders.place(Account(buyer, f"b{buyer}", 0.0), "bench",
                                                1, 1, 256, screens)
             if result["allocated"]:
                 allocatedAt[i] = time.perf_counter()

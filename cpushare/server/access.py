@@ -166,7 +166,7 @@ class AccessWatch:
                 self.changed.popitem(last=False)
             for session in list(self.sessions()):
                 account = session.account
-                if account is None or account["id"] != accountId:
+                if account is None or account.id != accountId:
                     continue
                 if fingerprint is not None and session.certificate != fingerprint:
                     continue

@@ -146,15 +146,15 @@ class AccountConnections:
         Count C{session}, just authenticated as C{account} (a dict with its
         id and name); returns None, or why it may not stay.
         """
-        held = self._tally.get(account["id"])
+        held = self._tally.get(account.id)
         if held >= self.perAccount:
             self.refused += 1
-            reason = (f"account {account['name']!r} already has {held} connections open "
+            reason = (f"account {account.name!r} already has {held} connections open "
                       f"(limit {self.perAccount}, the server's --max-connections-per-account)"
                       f"; close one and try again")
             self._refusals.refused(reason, now)
             return reason
-        self._tally.add(session, account["id"])
+        self._tally.add(session, account.id)
         return None
 
     def release(self, session):

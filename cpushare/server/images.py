@@ -143,7 +143,7 @@ class Upload:
     def _stalled(self):
         self.images.log.info(
             "discarding {name}'s upload of image {sha256}: no data for {seconds:.0f}s",
-            name=self.account["name"], sha256=self.sha256, seconds=self.images.idleTimeout)
+            name=self.account.name, sha256=self.sha256, seconds=self.images.idleTimeout)
         self.abort(f"the upload of image {self.sha256} had no data for "
                    f"{self.images.idleTimeout:.0f} seconds; it was discarded")
 
@@ -203,41 +203,41 @@ class ImageStore(ImageFolder):
             raise BadRequest(f"the image name must be 1 to {MAX_NAME} characters on one line")
         await self._quotaTurn.acquire()
         try:
-            if await self.db.run(store.accountHasImage, account["id"], sha256):
+            if await self.db.run(store.accountHasImage, account.id, sha256):
                 return None
-            used = await self.db.run(store.imageUsage, account["id"])
-            uploading = self.uploading.get(account["id"], ())
+            used = await self.db.run(store.imageUsage, account.id)
+            uploading = self.uploading.get(account.id, ())
             if len(uploading) >= self.maxUploads:
                 raise QuotaExceeded(
-                    f"account {account['name']!r} already has {len(uploading)} uploads in "
+                    f"account {account.name!r} already has {len(uploading)} uploads in "
                     f"progress, the most it may have at once: finish one first")
             inProgress = sum(u.size for u in uploading)
             if used + inProgress + size > self.quota:
                 raise QuotaExceeded(
-                    f"this image ({size} bytes) would take account {account['name']!r} "
+                    f"this image ({size} bytes) would take account {account.name!r} "
                     f"over its image quota of {self.quota} bytes: {used} bytes stored and "
                     f"{inProgress} bytes in uploads in progress"
                 )
             upload = Upload(self, account, sha256, size, name)
-            self.uploading.setdefault(account["id"], set()).add(upload)
+            self.uploading.setdefault(account.id, set()).add(upload)
             return upload
         finally:
             self._quotaTurn.release()
 
     def release(self, upload):
         """The upload no longer counts as in progress (idempotent)."""
-        uploading = self.uploading.get(upload.account["id"])
+        uploading = self.uploading.get(upload.account.id)
         if uploading is not None:
             uploading.discard(upload)
             if not uploading:
-                del self.uploading[upload.account["id"]]
+                del self.uploading[upload.account.id]
 
     async def complete(self, upload):
         try:
             await upload.finish()
             await self._quotaTurn.acquire()
             try:
-                await self.db.run(store.addAccountImage, upload.account["id"],
+                await self.db.run(store.addAccountImage, upload.account.id,
                                   upload.sha256, upload.size, upload.name)
             finally:
                 # Counted as stored now: no longer in progress.
@@ -246,12 +246,12 @@ class ImageStore(ImageFolder):
         finally:
             self.release(upload)   # a refused finish
         self.log.info("stored image {sha256} ({size} bytes) for {name}",
-                      sha256=upload.sha256, size=upload.size, name=upload.account["name"])
+                      sha256=upload.sha256, size=upload.size, name=upload.account.name)
 
     async def list(self, account, after=None):
         """A page of the account's images, after its image C{after}: (images, more)."""
         try:
-            rows = await self.db.run(store.accountImages, account["id"], after,
+            rows = await self.db.run(store.accountImages, account.id, after,
                                      IMAGES_PAGE + 1)
         except LookupError:
             raise BadRequest(f"after must be the sha256 of one of your images, "

@@ -90,8 +90,8 @@ class ServerControl(ControlProtocol, FundsCommands):
                 raise BadRequest("hello was already said on this connection")
             session.started(role, software)
             return {
-                "account": account["name"],
-                "account_id": account["id"],
+                "account": account.name,
+                "account_id": account.id,
                 "session": session.sessionId,
                 "heartbeat": session.market.heartbeatInterval,
                 "timeout": session.market.heartbeatTimeout,
@@ -103,9 +103,9 @@ class ServerControl(ControlProtocol, FundsCommands):
     def whoami(self):
         account = self.session.requireHello()
         return {
-            "name": account["name"],
-            "account_id": account["id"],
-            "created": account["created"],
+            "name": account.name,
+            "account_id": account.id,
+            "created": account.created,
             "fingerprint": self.session.certificate,
             "session": self.session.sessionId,
         }
@@ -407,7 +407,7 @@ class MarketSession(Multiplexer):
 
         def found(result):
             account, reason = result
-            if account is not None and self.market.access.changedSince(account["id"], seen):
+            if account is not None and self.market.access.changedSince(account.id, seen):
                 self._authenticate()
                 return
             capped = None
@@ -475,10 +475,10 @@ class MarketSession(Multiplexer):
         """The account was suspended or deleted, or this certificate revoked: close now."""
         if self.account is None:
             return
-        self.refusal = f"refused: account {self.account['name']!r}: {why}"
+        self.refusal = f"refused: account {self.account.name!r}: {why}"
         self.log.warn(
             "closing session {session} of account {name} ({peer}): {why}",
-            session=self.sessionId, name=self.account["name"], peer=self.describePeer(),
+            session=self.sessionId, name=self.account.name, peer=self.describePeer(),
             why=why)
         self.transport.abortConnection()
 
@@ -514,7 +514,7 @@ class MarketSession(Multiplexer):
         self.clientSoftware = software
         self.log.info(
             "{role} {name} connected from {peer} as session {session} ({software})",
-            role=role, name=self.account["name"], peer=self.describePeer(),
+            role=role, name=self.account.name, peer=self.describePeer(),
             session=self.sessionId, software=software,
         )
         self.heartbeat = Heartbeat(
@@ -560,7 +560,7 @@ class MarketSession(Multiplexer):
         elif self.role is not None:
             self.log.info(
                 "{role} {name} (session {session}) disconnected: {reason}",
-                role=self.role, name=self.account["name"], session=self.sessionId,
+                role=self.role, name=self.account.name, session=self.sessionId,
                 reason=reason.getErrorMessage(),
             )
         if self.heartbeat is not None:

@@ -11,6 +11,7 @@ from cpushare import pki
 from cpushare.protocol import commands
 from cpushare.server.db import store
 from cpushare.server.access import RegistrationLimits, RegistrationRefused, addressKey
+from cpushare.server.db.store import Account
 
 from test.unit.test_session import MarketCase
 
@@ -93,7 +94,7 @@ def test_suspension_refuses_the_account_until_lifted_and_is_recorded(conn):
     assert (fingerprint, what) == (None, "suspended: unpaid bills")
     assert store.transact(conn, store.unsuspendAccount, "alice")
     account, _ = store.transact(conn, store.accountForCertificate, "ab" * 32)
-    assert account["name"] == "alice"
+    assert account.name == "alice"
 
 
 def test_revoke_by_serial_fingerprint_or_account(conn):
@@ -104,7 +105,7 @@ def test_revoke_by_serial_fingerprint_or_account(conn):
     account, reason = store.transact(conn, store.accountForCertificate, "ab" * 32)
     assert account is None and "the certificate of account 'alice' was revoked" in reason
     # alice's other certificate still works; bob's by fingerprint, then all of alice's.
-    assert store.transact(conn, store.accountForCertificate, "cd" * 32)[0]["name"] == "alice"
+    assert store.transact(conn, store.accountForCertificate, "cd" * 32)[0].name == "alice"
     assert store.transact(conn, store.revoke, "EF" * 32) == [("bob", "ef" * 32, "77")]
     assert store.transact(conn, store.revoke, "alice") == [("alice", "cd" * 32, "beef")]
     with pytest.raises(LookupError, match="names no live certificate"):
@@ -121,7 +122,7 @@ def test_a_replacement_revokes_the_old_certificate_at_its_first_use(conn):
     # A second rekey from the old certificate revokes the unused first one.
     store.transact(conn, store.addReplacement, aliceId, "ab" * 32, "ef" * 32, "k3", "3", 5)
     assert "revoked" in store.transact(conn, store.accountForCertificate, "cd" * 32)[1]
-    assert store.transact(conn, store.accountForCertificate, "ef" * 32)[0]["name"] == "alice"
+    assert store.transact(conn, store.accountForCertificate, "ef" * 32)[0].name == "alice"
     account, reason = store.transact(conn, store.accountForCertificate, "ab" * 32)
     assert account is None and "revoked" in reason
     changes = store.transact(conn, store.accessChanges, 0)
@@ -246,7 +247,7 @@ class AccountMarketTests(MarketCase):
 
 class FakeSession:
     def __init__(self, accountId, certificate):
-        self.account = {"id": accountId, "name": f"a{accountId}"}
+        self.account = Account(accountId, f"a{accountId}", 0.0)
         self.certificate = certificate
         self.ended = []
 

@@ -31,8 +31,8 @@ def whoami(mm, session, transport, tag):
 
 
 def accountId(mm, name):
-    return next(s.account["id"] for s in mm.market.sessions.values()
-                if s.account is not None and s.account["name"] == name)
+    return next(s.account.id for s in mm.market.sessions.values()
+                if s.account is not None and s.account.name == name)
 
 
 def assertRefused(mm, session, transport):

@@ -13,6 +13,7 @@ from cpushare.server import admin
 from cpushare.server.market import cpubench
 from cpushare.server.money import ledger
 from cpushare.server.market.screens import rating
+from cpushare.server.db.store import Account
 
 from test.unit import test_orders
 from test.unit.test_orders import FakeSellerControl, OrderCase
@@ -509,7 +510,7 @@ def test_measurements_and_benchmarks_wait_for_a_free_slot():
         __hash__ = object.__hash__      # sessions are keys, as the market's are
 
     session = Session(connected=True, heartbeat=None, control=Control(),
-                      account={"name": "sam"}, bandwidthMbps=None)
+                      account=Account(0, "sam", 0.0), bandwidthMbps=None)
     slots = defer.DeferredSemaphore(1)
     slots.acquire()                     # another seller is being measured
     BandwidthMeter(clock, session, measured.append, slots, first=1.0, every=0)

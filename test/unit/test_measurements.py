@@ -21,6 +21,7 @@ from cpushare.protocol import commands
 from cpushare.protocol.heartbeat import Heartbeat
 from cpushare.protocol.mux import ControlProtocol
 from cpushare.server.market import measure
+from cpushare.server.db.store import Account
 
 ONE_WAY = 0.020         # seconds each way: a 40 ms round trip
 RATE = 1_000_000        # bytes a second each way: 8 Mbps
@@ -90,7 +91,7 @@ class ServerSide:
     def __init__(self, clock):
         self.clock = clock
         self.control = ControlProtocol()
-        self.account = {"name": "sam", "id": 1}
+        self.account = Account(1, "sam", 0.0)
         self.connected = True
         self.heartbeat = None
         self.bandwidthMbps = None

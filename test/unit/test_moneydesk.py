@@ -22,6 +22,7 @@ from cpushare.server.money.ledger import EARNINGS, PAYOUT, PAYPAL
 from cpushare.server.money.paypal import IPayPal, PayoutStatus
 from cpushare.server.money.payouts import Payouts
 from cpushare.server.money.statements import Statements
+from cpushare.server.db.store import Account
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -87,7 +88,7 @@ def _earn(conn, amount):
     sam = store.transact(conn, store.createAccount, "sam", "ab" * 32)
     store.transact(conn, ledger.post, "test", "earnings",
                    [(PAYPAL, None, -amount), (EARNINGS, sam, amount)])
-    return {"id": sam, "name": "sam"}
+    return Account(sam, "sam", 0.0)
 
 
 def _payouts(conn, clock, paypal, expired, refusal=None):
@@ -126,7 +127,7 @@ def test_the_payout_timer_expires_payments_and_settles_payouts_on_a_clock(conn):
     assert expired == [1000, 1000]
     clock.advance(60)
     assert expired == [1000, 1000, 1060]
-    assert store.transact(conn, ledger.balances, sam["id"])[PAYOUT] == 0
+    assert store.transact(conn, ledger.balances, sam.id)[PAYOUT] == 0
     assert store.transact(conn, ledger.books)["ok"]
     stopped = desk.stopPolling()
     assert stopped.called
@@ -144,5 +145,5 @@ def test_a_payout_is_refused_before_anything_moves_while_payments_are_off(conn):
     [failure] = failed
     assert failure.check(commands.NoPayments) and "no payments here" in str(failure.value)
     assert paypal.asked == []
-    assert store.transact(conn, payouts.accountPayouts, sam["id"]) == []
-    assert store.transact(conn, ledger.balances, sam["id"])[EARNINGS] == 30 * MICRO
+    assert store.transact(conn, payouts.accountPayouts, sam.id) == []
+    assert store.transact(conn, ledger.balances, sam.id)[EARNINGS] == 30 * MICRO

@@ -126,7 +126,7 @@ class ReplicaTests(OrderCase):
     def score(self, name, score):
         """The market's CPU benchmark gives seller C{name} C{score}."""
         for s in self.market.sellers():
-            if s.account["name"] == name:
+            if s.account.name == name:
                 s.cpuScore = score
         self.market.board.invalidate()
         self.market.orders.capacityChanged()

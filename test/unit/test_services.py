@@ -14,6 +14,7 @@ from zope.interface.verify import verifyObject
 from cpushare.protocol import commands
 from cpushare.protocol.mux import Routing
 from cpushare.server.money.billing import Bill, Billing, ILeases
+from cpushare.server.db.store import Account
 
 
 class FakeStore:
@@ -88,7 +89,7 @@ class FakeSession(Routing):
 
     def __init__(self, sessionId, accountId, role="buyer"):
         Routing.__init__(self)
-        self.sessionId, self.account, self.role = sessionId, {"id": accountId}, role
+        self.sessionId, self.account, self.role = sessionId, Account(accountId, f"a{accountId}", 0.0), role
         self.links, self.told, self.unlinked = {}, [], []
         self.control = SimpleNamespace(
             callRemote=lambda command, **kw: self.told.append((command, kw)))
@@ -134,12 +135,12 @@ def test_a_rating_is_checked_before_the_store_and_its_votes_reach_the_board():
     store = FakeStore([(7, "sam", (1.0, 0.0, 1))])
     ratings = Ratings(store, lambda seller, votes: voted.append((seller, votes)))
     failed = []
-    defer.ensureDeferred(ratings.rate({"id": 1}, 3, True, "x" * (MAX_COMMENT + 1))) \
+    defer.ensureDeferred(ratings.rate(Account(1, "a1", 0.0), 3, True, "x" * (MAX_COMMENT + 1))) \
         .addErrback(failed.append)
     assert failed[0].check(commands.BadRequest) and "at most" in str(failed[0].value)
     assert store.ran == []
     rated = []
-    defer.ensureDeferred(ratings.rate({"id": 1}, 3, True)).addCallback(rated.append)
+    defer.ensureDeferred(ratings.rate(Account(1, "a1", 0.0), 3, True)).addCallback(rated.append)
     assert store.ran == [("rateLease", 1)]
     assert voted == [(7, (1.0, 0.0, 1))]
     assert rated[0].seller == "sam" and rated[0].votes == 1 and isinstance(rated[0], Rated)

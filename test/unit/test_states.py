@@ -16,6 +16,7 @@ from cpushare.protocol import states
 from cpushare.protocol.states import (
     ACTIVE, OVER, REPORTED, TRANSITIONS, IllegalTransition, VMLife, VMState)
 from cpushare.server import admin
+from cpushare.server.db.store import Account
 
 from test.fakemarket import LogCapture, MemoryMarket, Replies, command, control
 
@@ -290,7 +291,7 @@ def test_a_stopped_vm_never_runs_again_whatever_its_seller_says(mm):
 def test_an_internal_move_the_table_refuses_is_logged_and_changes_nothing(mm):
     seller, sellerOut, cli, cliOut, vm = started(mm)
     orders = mm.market.orders
-    orders.stopVM({"id": vm.buyerId}, vm.id)
+    orders.stopVM(Account(vm.buyerId, "buyer", 0.0), vm.id)
     assert vm.state is VMState.STOPPED
     with LogCapture() as log:
         orders._end(vm, VMState.FAILED, "a second end")

@@ -15,7 +15,7 @@ def test_accounts_are_found_by_certificate(conn):
     accountId = store.transact(conn, store.createAccount, "alice", "ab" * 32)
     account, reason = store.transact(conn, store.accountForCertificate, "ab" * 32)
     assert reason is None
-    assert account["id"] == accountId and account["name"] == "alice"
+    assert account.id == accountId and account.name == "alice"
     account, reason = store.transact(conn, store.accountForCertificate, "cd" * 32)
     assert account is None and "not registered" in reason
 

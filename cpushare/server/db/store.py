@@ -29,6 +29,8 @@ import re
 import threading
 from importlib import resources
 
+import attr
+
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
@@ -144,9 +146,18 @@ def _checkKeyFree(cursor, publicKey):
         raise KeyTaken(publicKey)
 
 
+@attr.s(frozen=True, slots=True)
+class Account:
+    """A live account, as a connection that authenticated knows it."""
+
+    id: int = attr.ib()
+    name: str = attr.ib()
+    created: float = attr.ib()
+
+
 def accountForCertificate(cursor, fingerprint):
     """
-    The live account a certificate belongs to, as a dict, or None with the
+    The live account a certificate belongs to, as an L{Account}, or None with the
     reason as a string.
 
     The first use of a certificate that C{cpushare rekey} issued revokes
@@ -174,7 +185,7 @@ def accountForCertificate(cursor, fingerprint):
         cursor.execute("UPDATE certificates SET replaces = NULL WHERE fingerprint = ?",
                        (fingerprint,))
         revokeCertificate(cursor, accountId, replaces, "replaced by a new certificate")
-    return {"id": accountId, "name": name, "created": created}, None
+    return Account(accountId, name, created), None
 
 
 def listAccounts(cursor):

@@ -88,7 +88,7 @@ class Board:
     async def sellerOnline(self, session, price=None, net_fee=None, country=None):
         """A seller offers capacity: load its standing, store the terms it gives."""
         given = checkTerms(price, net_fee, country, self.maxNetFee)
-        accountId = session.account["id"]
+        accountId = session.account.id
         db = self.store
         terms, votes = await db.run(sellerStanding, accountId, self.defaults)
         if (price, net_fee, country) != (None, None, None):
@@ -117,11 +117,11 @@ class Board:
             self.invalidate()
 
     def figures(self, session):
-        entry = self.standing.get(session.account["id"])
+        entry = self.standing.get(session.account.id)
         terms = entry["terms"] if entry else self.defaults
         good, bad, raters = entry["votes"] if entry else (0, 0, 0)
         return Figures(
-            name=session.account["name"],
+            name=session.account.name,
             price=terms["price"],
             netFee=terms["net_fee"],
             country=terms["country"],
@@ -147,7 +147,7 @@ class Board:
             if len(self._ranked) >= RANKINGS:
                 self._ranked = {}
             entries = [(s, self.figures(s)) for s in self.sellers()
-                       if s.account["id"] in self.standing]
+                       if s.account.id in self.standing]
             entries.sort(key=lambda e: preference(e[1], e[0].connectedAt or 0.0,
                                                   cores, traffic))
             if not self._ranked:
@@ -157,7 +157,7 @@ class Board:
 
     def exclusion(self, session, fig, screens, accountId=None):
         """Why the seller of C{session} cannot take a VM of C{accountId}'s (or None)."""
-        if accountId is not None and session.account["id"] == accountId:
+        if accountId is not None and session.account.id == accountId:
             return Exclusion(OWN_ACCOUNT, "is your own account: an account is never matched"
                              " with itself")
         if fig.netFee > self.maxNetFee:

@@ -206,7 +206,7 @@ class CPUBench:
 
         d = self.slots.run(measure)
         d.addErrback(lambda f: self.log.failure("CPU benchmark of {name}", f,
-                                                 name=session.account["name"]))
+                                                 name=session.account.name))
         d.addBoth(lambda _: self._again(session))
 
     def _again(self, session):
@@ -215,7 +215,7 @@ class CPUBench:
 
     async def measure(self, session):
         """Run one benchmark VM on C{session}'s seller; returns the score or None."""
-        name = session.account["name"]
+        name = session.account.name
         orders = self.orders
         cores, memory = orders.used(session)
         if session.offer is None or cores + CORES > session.offer["cores"] or \

@@ -128,18 +128,18 @@ class Market(Service):
         if session.role == "seller":
             self.board.invalidate()
         elif session.role == "buyer" and session.account is not None:
-            buyers = self._buyers.get(session.account["id"], [])
+            buyers = self._buyers.get(session.account.id, [])
             if session in buyers:
                 buyers.remove(session)
             if not buyers:
-                self._buyers.pop(session.account["id"], None)
+                self._buyers.pop(session.account.id, None)
         self.relay.dropSession(session, reason)
         self.cpubench.sessionLost(session)
         self.orders.sessionLost(session)
 
     def buyerStarted(self, session):
         """A buyer program said hello: its VMs' NICs now reach it."""
-        self._buyers.setdefault(session.account["id"], []).append(session)
+        self._buyers.setdefault(session.account.id, []).append(session)
         self.orders.buyerConnected(session)
 
     def buyerSession(self, accountId):
@@ -189,17 +189,17 @@ class Market(Service):
         self.cpubench.sellerOnline(session)
         session.log.info(
             "seller {name} (session {session}) offers {cores} cores, {memory} MB"
-            " at {price} a core-hour", name=session.account["name"],
+            " at {price} a core-hour", name=session.account.name,
             session=session.sessionId, cores=cores, memory=memory,
             price=formatAmount(terms["price"]))
         return terms
 
     async def setTerms(self, account, price=None, net_fee=None, country=None):
         """A seller's account changes its terms; returns those in force."""
-        terms = await self.board.setTerms(account["id"], price, net_fee, country)
+        terms = await self.board.setTerms(account.id, price, net_fee, country)
         self.log.info(
             "seller {name} changed its terms: {price} a core-hour, {fee} a GB, {country}",
-            name=account["name"], price=formatAmount(terms["price"]),
+            name=account.name, price=formatAmount(terms["price"]),
             fee=formatAmount(terms["net_fee"]), country=terms["country"])
         self.orders.capacityChanged()
         return terms
@@ -213,7 +213,7 @@ class Market(Service):
         dict with the seller's capacity, figures and C{excluded} (the reason,
         or None).
         """
-        passing, excluded = self.board.explain(screens, account["id"])
+        passing, excluded = self.board.explain(screens, account.id)
         listed = [(s, fig, None) for s, fig in passing]
         if explain:
             listed += excluded
@@ -225,7 +225,7 @@ class Market(Service):
         for s, fig, reason in listed[offset:end]:
             cores, memory = self.orders.used(s)
             entries.append({
-                "name": s.account["name"],
+                "name": s.account.name,
                 "session": s.sessionId,
                 "cores": s.offer["cores"],
                 "memory": s.offer["memory"],
@@ -259,7 +259,7 @@ class Market(Service):
         peer = self.sessions.get(peerSessionId)
         if peer is None or peer.account is None or peer.role is None:
             raise commands.NoSuchSession(f"no session {peerSessionId} is connected")
-        if peer.account["id"] != session.account["id"]:
+        if peer.account.id != session.account.id:
             raise commands.NotPermitted(
                 "channels can be linked only between connections of the same account"
             )
@@ -357,16 +357,16 @@ class Market(Service):
         """
         if len(csrPEM) > MAX_CSR:
             raise commands.BadRequest("the certificate request is too large")
-        certPEM = await self._sign(csrPEM, account["name"])
+        certPEM = await self._sign(csrPEM, account.name)
         cert = pki.loadCertificate(certPEM)
         try:
             await self.store.run(
-                store.addReplacement, account["id"], current, pki.fingerprint(cert),
+                store.addReplacement, account.id, current, pki.fingerprint(cert),
                 pki.publicKeyFingerprint(cert), pki.serialHex(cert), self.rekeysPerDay)
         except store.RekeyRefused as e:
             raise commands.NotPermitted(str(e))
         except store.KeyTaken:
             raise commands.NotPermitted(KEY_TAKEN)
         self.log.info("issued account {name} a new certificate (serial {serial})",
-                      name=account["name"], serial=pki.serialHex(cert))
+                      name=account.name, serial=pki.serialHex(cert))
         return certPEM

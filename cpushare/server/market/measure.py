@@ -120,7 +120,7 @@ class BandwidthMeter:
         down, up = result
         self.session.bandwidthMbps = min(down, up)
         log.info("seller {name}: bandwidth {down:.1f} Mbps towards it, {up:.1f} from it",
-                 name=self.session.account["name"], down=down, up=up)
+                 name=self.session.account.name, down=down, up=up)
         self.onMeasured(self.session)
 
     def _failed(self, failure):
@@ -129,11 +129,11 @@ class BandwidthMeter:
             self.session.bandwidthMbps = None
             self.onMeasured(self.session)
             log.warn("seller {name}: {why}; it has no bandwidth figure until it is measured"
-                     " again", name=self.session.account["name"],
+                     " again", name=self.session.account.name,
                      why=failure.getErrorMessage())
         elif self.session.connected:
             log.warn("seller {name}: measuring its bandwidth failed: {why}",
-                     name=self.session.account["name"], why=failure.getErrorMessage())
+                     name=self.session.account.name, why=failure.getErrorMessage())
 
     def _again(self, _):
         if self.session.connected and self.every:

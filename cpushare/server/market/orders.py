@@ -277,7 +277,7 @@ class Orders:
                              f" {count * k} VMs ({count} VMs x {k} replicas)")
 
         def imageSize(cursor):
-            size = store.imageSize(cursor, account["id"], image)
+            size = store.imageSize(cursor, account.id, image)
             if size is None:
                 raise BadRequest(
                     f"this account has no image {image!r}:"
@@ -286,13 +286,13 @@ class Orders:
 
         if dryRun:
             size = await self.db.run(imageSize)
-            return self._dryRun(VM(0, 0, account["id"], account["name"], image, size, cores,
+            return self._dryRun(VM(0, 0, account.id, account.name, image, size, cores,
                                    memory, "", screens, budget), count, k, diversity, explain)
 
         def create(cursor):
             size = imageSize(cursor)
             orderId, ids = store.createOrder(
-                cursor, account["id"], image, count * k, cores, memory)
+                cursor, account.id, image, count * k, cores, memory)
             marketsql.setOrderScreens(cursor, orderId, screens.toArguments(), budget)
             if k > 1:
                 marketsql.setReplicas(cursor, orderId, k, replicas_.ordered(diversity),
@@ -303,7 +303,7 @@ class Orders:
         allocated = 0
         reasons = {}                # replica group (None: none) -> why its VMs wait
         for i, vmId in enumerate(ids):
-            vm = VM(vmId, orderId, account["id"], account["name"], image, size,
+            vm = VM(vmId, orderId, account.id, account.name, image, size,
                     cores, memory, store.macFor(vmId), screens, budget)
             self.vms[vmId] = vm
             if k > 1:
@@ -316,7 +316,7 @@ class Orders:
                 vm.reason = reasons[vm.group]
         self.log.info(
             "order {order} by {buyer}: {n} VMs of {cores} cores/{memory} MB, {a} placed",
-            order=orderId, buyer=account["name"], n=count * k, cores=cores, memory=memory,
+            order=orderId, buyer=account.name, n=count * k, cores=cores, memory=memory,
             a=allocated)
         result = {"order": orderId, "vm_ids": ids, "allocated": allocated}
         return self._waiting(result, list(reasons.values()), explain)
@@ -372,7 +372,7 @@ class Orders:
         condition is short, in one line.
         """
         k, diversity = replicas_.checkReplicas(replicas, diverse)
-        vm = VM(0, 0, account["id"], account["name"], "", 0, 1, 64, "", screens)
+        vm = VM(0, 0, account.id, account.name, "", 0, 1, 64, "", screens)
         short = replicas_.shortfall(diversity, k, [], self._candidates(vm), self.measuresCPU)
         if short is None:
             return (f"{k} replicas can be placed now on sellers that differ in"
@@ -441,21 +441,21 @@ class Orders:
 
     def owned(self, account, vmId):
         vm = self.vms.get(vmId)
-        if vm is None or vm.buyerId != account["id"]:
+        if vm is None or vm.buyerId != account.id:
             raise NoSuchVM(f"you have no VM {vmId}")
         return vm
 
     def stopVM(self, account, vmId):
         vm = self.vms.get(vmId)
-        if vm is None or vm.buyerId != account["id"] or not vm.active:
+        if vm is None or vm.buyerId != account.id or not vm.active:
             raise NoSuchVM(f"you have no running VM {vmId}")
         self._end(vm, VMState.STOPPED, "stopped by the buyer")
 
     async def cancel(self, account, orderId):
-        if await self.db.run(store.orderAccount, orderId) != account["id"]:
+        if await self.db.run(store.orderAccount, orderId) != account.id:
             raise BadRequest(f"you have no order {orderId}")
         vms = [vm for vm in self.vms.values()
-               if vm.order == orderId and vm.buyerId == account["id"] and vm.active]
+               if vm.order == orderId and vm.buyerId == account.id and vm.active]
         # End them all before the freed capacity is offered to waiting VMs,
         # or a waiting VM of this very order would take it.
         for vm in vms:
@@ -484,7 +484,7 @@ class Orders:
     def buyerConnected(self, session):
         """A buyer program connected: its VMs' NICs now reach it."""
         for vm in self.vms.values():
-            if vm.buyerId == session.account["id"] and vm.seller is not None and vm.active \
+            if vm.buyerId == session.account.id and vm.seller is not None and vm.active \
                     and vm.leaseId is not None:
                 self._linkBuyer(vm, session)
 
@@ -562,7 +562,7 @@ class Orders:
         if not self._move(vm, VMState.ALLOCATED):
             return False
         self._bindSeller(vm, seller)
-        vm.sellerAccountId = seller.account["id"]
+        vm.sellerAccountId = seller.account.id
         vm.reason = None
         vm.netBase = 0
         vm.aliveAt = None
@@ -570,7 +570,7 @@ class Orders:
         vm.netLimit = None
         vm.netFee = figures.netFee
         self.log.info("VM {vm} of {buyer} placed on seller {seller} (session {session})",
-                      vm=vm.id, buyer=vm.buyerName, seller=seller.account["name"],
+                      vm=vm.id, buyer=vm.buyerName, seller=seller.account.name,
                       session=seller.sessionId)
         defer.ensureDeferred(self._fund(vm, seller, figures)).addErrback(
             lambda f: self.log.failure("starting VM {vm}", f, vm=vm.id))
@@ -639,7 +639,7 @@ class Orders:
         vm.consoleObserver = onConsole
         self.vms[vmId] = vm
         self._bindSeller(vm, seller)
-        vm.sellerAccountId = seller.account["id"]
+        vm.sellerAccountId = seller.account.id
         vm.moveTo(VMState.ALLOCATED)
         self._save(lambda c: store.updateVM(c, vmId, seller_account_id=vm.sellerAccountId,
                                             state=VMState.ALLOCATED))
@@ -766,7 +766,7 @@ class Orders:
         if vm is None:
             away = self.vms.get(vmId)
             if away is not None and away.state == VMState.DETACHED and state in OVER \
-                    and away.sellerAccountId == seller.account["id"]:
+                    and away.sellerAccountId == seller.account.id:
                 # It ended while its seller was away; the seller says so now.
                 away.cpuSeconds = max(away.cpuSeconds, cpuSeconds)
                 self._end(away, state, reason or state, tellSeller=False)
@@ -780,7 +780,7 @@ class Orders:
                 checkTransition(vmId, vm.state, state)
             except IllegalTransition as e:
                 self.log.warn("seller {seller} refused: {error}",
-                              seller=seller.account["name"], error=str(e))
+                              seller=seller.account.name, error=str(e))
                 raise BadRequest(str(e))
         vm.cpuSeconds = max(vm.cpuSeconds, cpuSeconds)
         if state in OVER:
@@ -806,7 +806,7 @@ class Orders:
         keep = []
         for vmId in vmIds:
             vm = self.vms.get(vmId)
-            if vm is None or not vm.active or vm.sellerAccountId != seller.account["id"] \
+            if vm is None or not vm.active or vm.sellerAccountId != seller.account.id \
                     or (vm.seller is not None and vm.seller is not seller):
                 continue
             if vm.graceCall is not None and vm.graceCall.active():
@@ -821,7 +821,7 @@ class Orders:
             keep.append(vmId)
         if keep:
             self.log.info("seller {seller} reattached VMs {vms}",
-                          seller=seller.account["name"], vms=keep)
+                          seller=seller.account.name, vms=keep)
         return keep
 
     def sessionLost(self, session):
@@ -960,7 +960,7 @@ class Orders:
         A page of the leases of this account's VMs, newest first, older than
         lease C{before} when given: (leases, more).
         """
-        d = self.db.run(leasesql.accountLeases, account["id"], before, commands.LEASES_PAGE + 1)
+        d = self.db.run(leasesql.accountLeases, account.id, before, commands.LEASES_PAGE + 1)
 
         def page(rows):
             rows = [{k: v for k, v in r.items() if v is not None} for r in rows]
@@ -974,15 +974,15 @@ class Orders:
         when given: (VMs, more).  Live figures for active ones, stored ones
         for the rest.
         """
-        d = self.db.run(store.accountVMs, account["id"], before, commands.VMS_PAGE + 1)
+        d = self.db.run(store.accountVMs, account.id, before, commands.VMS_PAGE + 1)
 
         def merge(rows):
             for row in rows:
                 vm = self.vms.get(row["vm"])
-                if vm is not None and vm.buyerId == account["id"]:
+                if vm is not None and vm.buyerId == account.id:
                     row.update(state=vm.state, reason=vm.reason, ip=vm.ip,
                                started=vm.started, cpu_seconds=vm.cpuSeconds,
-                               seller=vm.seller.account["name"] if vm.seller else row["seller"])
+                               seller=vm.seller.account.name if vm.seller else row["seller"])
                 row["reason"] = paging.clip(row["reason"])
             rows = [{k: v for k, v in row.items() if v is not None} for row in rows]
             return paging.pageOf(commands.ListVMs, "vms", rows, commands.VMS_PAGE)

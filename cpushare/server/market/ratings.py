@@ -100,7 +100,7 @@ class Ratings:
         """C{account} rates the seller of its lease C{leaseId}; returns a L{Rated}."""
         checkComment(comment)
         sellerId, name, sellerVotes = await self.store.run(
-            rateLease, account["id"], leaseId, good, comment)
+            rateLease, account.id, leaseId, good, comment)
         self.voted(sellerId, sellerVotes)
         goodVotes, bad, raters = sellerVotes
         return Rated(seller=name, rating=rating(goodVotes, bad), votes=raters)

@@ -115,7 +115,7 @@ def markOf(session, figures):
     if kept is not None and kept[0] is figures:
         return kept[1]
     net = getattr(session, "network", None) or network(session.peerHost())
-    mark = Mark(account=session.account["id"], network=net,
+    mark = Mark(account=session.account.id, network=net,
                 country=figures.country, cpu=figures.cpu, band=cpuBand(figures.cpuScore))
     session.replicaMark = (figures, mark)
     return mark

@@ -330,7 +330,7 @@ class Funds:
         nonce = secrets.token_urlsafe(24)
         query = urlencode({"n": nonce})
         base = self.publicUrl.rstrip("/")
-        description = (f"CPUShare funds for account {account['name']}: "
+        description = (f"CPUShare funds for account {account.name}: "
                        f"{formatAmount(amount - commission)} after the market's commission")
         try:
             paypalId, approvalUrl = await self.paypal.createPayment(
@@ -338,17 +338,17 @@ class Funds:
                 f"{base}/paypal/cancel?{query}", description)
         except PayPalError as e:
             self.log.warn("PayPal did not create a payment for {name}: {error}",
-                          name=account["name"], error=str(e))
+                          name=account.name, error=str(e))
             raise commands.PayPalFailed(
                 f"PayPal did not create the payment: {e.message}; nothing was charged")
         if not _PAYPAL_ID.match(paypalId):
             raise commands.PayPalFailed(f"PayPal answered with an odd payment id {paypalId!r}")
-        await self.store.run(recordPayment, account["id"], paypalId, nonce, amount,
+        await self.store.run(recordPayment, account.id, paypalId, nonce, amount,
                              commission, self.currency)
         self.log.info(
             "account {name} created PayPal payment {payment}: {gross} {currency}, "
             "commission {commission}",
-            name=account["name"], payment=paypalId, gross=formatAmount(amount),
+            name=account.name, payment=paypalId, gross=formatAmount(amount),
             currency=self.currency, commission=formatAmount(commission))
         return {
             "payment": paypalId, "approval_url": approvalUrl, "gross": amount,

@@ -284,15 +284,15 @@ class Payouts:
     async def request(self, account, amount=None, email=None):
         """Pay out earnings; returns the L{Payout} as PayPal left it."""
         self.requirePayPal()
-        p = await self.store.run(startPayout, account["id"], amount, email,
+        p = await self.store.run(startPayout, account.id, amount, email,
                                  self.minimum, self.currency)
         amountText = f"{formatAmount(p.amount)} {p.currency}"
         self.log.info("payout {id}: {amount} to {email} for {name}", id=p.id,
-                      amount=amountText, email=p.email, name=account["name"])
+                      amount=amountText, email=p.email, name=account.name)
         try:
             batchId, status = await self.paypal.createPayout(
                 p.sender_batch_id, p.email, p.amount, p.currency,
-                f"CPUShare earnings of account {account['name']}, payout {p.id}")
+                f"CPUShare earnings of account {account.name}, payout {p.id}")
         except PayPalError as e:
             if e.definite:
                 await self.store.run(settlePayout, p.id, "returned", e.name,

@@ -124,12 +124,12 @@ class Statements:
 
     def balance(self, account):
         """Fires with the account's L{BalanceSheet}."""
-        return self.store.run(balanceSheet, account["id"])
+        return self.store.run(balanceSheet, account.id)
 
     def statement(self, account, before=None):
         """Fires with a page of the account's statement: (L{StatementEntry}s, more)."""
-        return self.store.run(statementPage, account["id"], before)
+        return self.store.run(statementPage, account.id, before)
 
     def earnings(self, account):
         """Fires with the account's L{EarningsSheet}."""
-        return self.store.run(earningsSheet, account["id"])
+        return self.store.run(earningsSheet, account.id)
