@@ -120,3 +120,113 @@ class ResultTests(OrderCase):
         why = yield self.refused(self.call(bobCLI, commands.ListResults, order=order),
                                  commands.BadRequest)
         self.assertIn(f"you have no order {order}", why)
+
+
+# -- the seller's end of the result port, fed as a hostile guest would
+
+
+from twisted.internet.testing import StringTransport  # noqa: E402
+
+from cpushare.client.seller import results  # noqa: E402
+from test.unit.test_vmhost import hosted  # noqa: E402
+
+
+def port(cap=1000):
+    told = []
+    p = results.ResultPort(7, lambda sha256, size: told.append((sha256, size)), told.append,
+                           cap=cap)
+    p.makeConnection(StringTransport())
+    return p, told
+
+
+def feed(p, data, step=1):
+    for i in range(0, len(data), step):
+        p.dataReceived(data[i:i + step])
+
+
+def test_a_result_is_hashed_as_its_bytes_arrive_in_any_pieces():
+    data = bytes(range(256)) * 3
+    for step in (1, 7, 4096):
+        p, told = port()
+        feed(p, b"CPUSHARE-RESULT 768\n" + data + b"after the end", step)
+        assert told == [(hashlib.sha256(data).hexdigest(), 768)]
+        assert p.dropped == len(b"after the end")
+        assert not p.transport.disconnecting
+    p, told = port()
+    p.dataReceived(b"CPUSHARE-RESULT 0\n")
+    assert told == [(hashlib.sha256(b"").hexdigest(), 0)]
+
+
+def test_a_result_larger_than_the_cap_is_refused_from_its_header():
+    p, told = port(cap=1000)
+    p.dataReceived(b"CPUSHARE-RESULT 1001\n" + b"x" * 10)
+    [failure] = told
+    assert failure.kind == results.TOO_BIG and "1001 bytes, more than the cap of 1000" in str(failure)
+    assert p.transport.disconnecting
+    p.dataReceived(b"x" * 5000)          # read no more: dropped, not hashed
+    assert told == [failure] and p.received == 0
+    p, told = port(cap=1000)
+    feed(p, b"CPUSHARE-RESULT 1000\n" + b"x" * 1000, 100)
+    assert told == [(hashlib.sha256(b"x" * 1000).hexdigest(), 1000)]
+
+
+def test_garbage_framing_is_a_failed_result():
+    for garbage in (b"hello world\n", b"CPUSHARE-RESULT -5\n", b"CPUSHARE-RESULT 007\n",
+                    b"CPUSHARE-RESULT 5 \n", b"CPUSHARE-RESULT 99999999999999999999\n",
+                    b"x" * 10000, b"CPUSHARE-RESULT 5\r\n12345", b"\x00" * 36):
+        p, told = port()
+        feed(p, garbage, 3)
+        [failure] = told
+        assert failure.kind == results.BAD_FRAMING, garbage
+        assert p.transport.disconnecting
+
+
+def test_a_result_that_never_ends_is_no_result_when_the_vm_stops():
+    host, vm = hosted()
+    vm.results, told = port()
+    vm.results.dataReceived(b"CPUSHARE-RESULT 100\n" + b"y" * 40)
+    assert told == []
+    vm.stop("stopped by the market")
+    [failure] = told
+    assert failure.kind == results.UNFINISHED
+    assert "after 40 of 100 bytes" in str(failure)
+    assert vm.resultUntold is None
+    # A VM that wrote nothing has no result and no failure either.
+    host, vm = hosted()
+    vm.results, told = port()
+    vm.stop("stopped by the market")
+    assert told == [] and vm.results.result is None
+
+
+def test_a_complete_result_is_told_to_the_market_once_connected():
+    host, vm = hosted()
+    calls = []
+    host.tellResult = lambda v: calls.append(v.resultUntold)
+    vm.results = results.ResultPort(7, vm._resultReady, lambda f: None)
+    vm.results.dataReceived(b"CPUSHARE-RESULT 3\n42\n")
+    assert calls == [(DIGEST, 3)]
+
+
+def test_the_host_tells_a_result_once_and_keeps_it_while_away():
+    from twisted.internet.task import Clock
+    from cpushare.client.seller.vmhost import VMHost
+    told = []
+
+    class Control:
+        def callRemote(self, command, **kw):
+            told.append((command, kw))
+            return defer.succeed({})
+
+    class Session:
+        control = Control()
+
+    host = VMHost(Clock(), cache=None, qemuBinary="qemu-system-x86_64")
+    _, vm = hosted()
+    vm.host = host
+    vm.resultUntold = (DIGEST, 3)
+    host.tellResult(vm)                  # no market: kept for later
+    assert told == [] and vm.resultUntold == (DIGEST, 3)
+    host.session = Session()
+    host.tellResult(vm)
+    host.tellResult(vm)
+    assert told == [(commands.ResultReady, {"vm": 7, "sha256": DIGEST, "size": 3})]
