@@ -230,3 +230,41 @@ def test_the_host_tells_a_result_once_and_keeps_it_while_away():
     host.tellResult(vm)
     host.tellResult(vm)
     assert told == [(commands.ResultReady, {"vm": 7, "sha256": DIGEST, "size": 3})]
+
+
+# -- the guest's side: cpushare-result of the reference livecd
+
+
+def sendResult(tmp_path, content, *extra):
+    """Run the livecd's cpushare-result (with the host's sh) on a file: (status, port bytes)."""
+    import subprocess
+    from cpushare.vm import livecd
+    script = tmp_path / "cpushare-result"
+    script.write_text(livecd.RESULT_SCRIPT)
+    job = tmp_path / "answer"
+    job.write_bytes(content)
+    port = tmp_path / "port"
+    port.write_bytes(b"")
+    done = subprocess.run(["sh", str(script), str(job), *extra], capture_output=True,
+                          env={"PATH": "/usr/bin:/bin", "CPUSHARE_RESULT_PORT": str(port)})
+    return done.returncode, port.read_bytes()
+
+
+def test_cpushare_result_frames_a_file_as_the_seller_reads_it(tmp_path):
+    for content in (b"", b"42\n", bytes(range(256)) * 1000):
+        status, sent = sendResult(tmp_path, content)
+        assert status == 0
+        p, told = port(cap=commands.RESULT_MAX)
+        feed(p, sent, 65536)
+        assert told == [(hashlib.sha256(content).hexdigest(), len(content))]
+        assert p.dropped == 0
+
+
+def test_cpushare_result_refuses_a_missing_file_or_extra_arguments(tmp_path):
+    status, sent = sendResult(tmp_path, b"x", "more")
+    assert status == 2 and sent == b""
+
+
+def test_the_livecd_loads_the_result_ports_driver_and_ships_cpushare_result():
+    from cpushare.vm import livecdparts
+    assert "virtio_console" in livecdparts.GUEST_MODULES
