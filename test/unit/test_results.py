@@ -268,3 +268,16 @@ def test_cpushare_result_refuses_a_missing_file_or_extra_arguments(tmp_path):
 def test_the_livecd_loads_the_result_ports_driver_and_ships_cpushare_result():
     from cpushare.vm import livecdparts
     assert "virtio_console" in livecdparts.GUEST_MODULES
+
+
+def test_results_are_shown_by_replica_group_with_a_full_digest():
+    from cpushare.client.cli.vms import formatResults
+    table = formatResults([
+        {"vm": 9, "replica_group": 2, "state": "running", "seller": "de", "country": "DE"},
+        {"vm": 8, "replica_group": 1, "state": "stopped", "seller": "it", "country": "IT",
+         "cpu": "GenuineIntel/6/85", "sha256": DIGEST, "size": 3},
+    ], 0).splitlines()
+    assert table[0].split() == ["GROUP", "VM", "SELLER", "COUNTRY", "CPU", "STATE", "SIZE",
+                                "SHA256"]
+    assert table[1].split() == ["1", "8", "it", "IT", "GenuineIntel/6/85", "stopped", "3", DIGEST]
+    assert table[2].split() == ["2", "9", "de", "DE", "-", "running", "-", "no", "result"]
