@@ -547,7 +547,24 @@ class ResultReady(amp.Command):
     VM, on the seller the VM runs on, and C{size} at most RESULT_MAX.
     """
 
-    arguments = [(b"vm", amp.Integer()), (b"sha256", Sha256()), (b"size", amp.Integer())]
+    arguments = [(b"vm", amp.Integer()), (b"sha256", Sha256()), (b"size", amp.Integer()),
+                 (b"order", amp.Integer(optional=True))]
+    response = []
+    errors = VM_ERRORS
+
+
+class ResultChunk(amp.Command):
+    """
+    Seller to server, then server to the buyer's program (with C{order}):
+    the bytes of VM C{vm}'s result at C{offset}, in order, at most
+    IMAGE_CHUNK a chunk, one chunk in flight: the server answers the
+    seller once the buyer's program has answered it.  A seller sends
+    ResultReady only after its last chunk was answered; the server passes
+    it on to the buyer's program (with C{order}) when every byte was.
+    """
+
+    arguments = [(b"vm", amp.Integer()), (b"offset", amp.Integer()), (b"data", amp.String()),
+                 (b"order", amp.Integer(optional=True))]
     response = []
     errors = VM_ERRORS
 

@@ -272,10 +272,17 @@ class ServerControl(ControlProtocol, FundsCommands):
         return {}
 
     @commands.ResultReady.responder
-    def resultReady(self, vm, sha256, size):
+    def resultReady(self, vm, sha256, size, order=None):
         self.session.requireRole("seller")
         self.session.market.orders.resultReady(self.session, vm, sha256, size)
         return {}
+
+    @commands.ResultChunk.responder
+    def resultChunk(self, vm, offset, data, order=None):
+        self.session.requireRole("seller")
+        d = defer.ensureDeferred(
+            self.session.market.orders.resultChunk(self.session, vm, offset, data))
+        return d.addCallback(lambda _: {})
 
     @commands.ListResults.responder
     def listResults(self, order, after=None):

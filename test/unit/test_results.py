@@ -6,16 +6,38 @@ would send, on the market in memory (test/fakemarket.py).
 """
 
 import hashlib
+import os
 
 from twisted.internet import defer
 
 from cpushare.protocol import commands
 
-from test.unit.test_orders import OrderCase
+from test.unit.test_orders import FakeProgram, FakeSellerControl, OrderCase
 from test.unit import test_replicas
 from test.unit.test_replicas import AMD, INTEL
 
 DIGEST = hashlib.sha256(b"42\n").hexdigest()
+
+
+class ResultTakerControl(FakeSellerControl):
+    @commands.ResultChunk.responder
+    def resultChunk(self, vm, offset, data, order=None):
+        self.session.chunks.append((order, vm, offset, data))
+        return {}
+
+    @commands.ResultReady.responder
+    def resultReady(self, vm, sha256, size, order=None):
+        self.session.readyResults.append((order, vm, sha256, size))
+        return {}
+
+
+class ResultTaker(FakeProgram):
+    controlClass = ResultTakerControl
+
+    def __init__(self, *a, **kw):
+        FakeProgram.__init__(self, *a, **kw)
+        self.chunks = []
+        self.readyResults = []
 
 
 class ResultTests(OrderCase):
@@ -72,6 +94,58 @@ class ResultTests(OrderCase):
         # Its seller cannot report one once the VM ended.
         yield self.refused(self.report(de, b), commands.NoSuchVM)
 
+    @defer.inlineCallbacks
+    def buyerProgram(self):
+        """alice's buyer program, recording the results the market passes on."""
+        program = yield self.connect("buyer", *self.alice, sessionClass=ResultTaker)
+        return program
+
+    @defer.inlineCallbacks
+    def test_the_bytes_reach_the_buyers_program_in_order_then_the_digest(self):
+        buyer = yield self.buyerProgram()
+        [(it, a), _], order = yield self.pair()
+        yield self.call(it, commands.ResultChunk, vm=a, offset=0, data=b"4")
+        yield self.call(it, commands.ResultChunk, vm=a, offset=1, data=b"2\n")
+        yield self.report(it, a)
+        yield self.sleep(0.5)
+        self.assertEqual(buyer.chunks, [(order, a, 0, b"4"), (order, a, 1, b"2\n")])
+        self.assertEqual(buyer.readyResults, [(order, a, DIGEST, 3)])
+
+    @defer.inlineCallbacks
+    def test_result_bytes_out_of_order_or_not_ones_own_are_refused(self):
+        buyer = yield self.buyerProgram()
+        [(it, a), (de, b)], order = yield self.pair()
+        yield self.refused(self.call(it, commands.ResultChunk, vm=b, offset=0, data=b"x"),
+                           commands.NoSuchVM)
+        why = yield self.refused(self.call(it, commands.ResultChunk, vm=a, offset=5,
+                                           data=b"x"), commands.BadRequest)
+        self.assertIn("do not follow the 0 sent", why)
+        yield self.refused(self.call(it, commands.ResultChunk, vm=a, offset=0, data=b""),
+                           commands.BadRequest)
+        yield self.refused(self.call(it, commands.ResultChunk, vm=a, offset=0,
+                                     data=b"x" * (commands.IMAGE_CHUNK + 1)),
+                           commands.BadRequest)
+        yield self.call(it, commands.ResultChunk, vm=a, offset=0, data=b"x")
+        yield self.refused(self.call(it, commands.ResultChunk, vm=a, offset=0, data=b"x"),
+                           commands.BadRequest)
+        # A digest whose bytes the buyer did not all get is recorded, not passed on.
+        yield self.report(it, a, size=2)
+        yield self.sleep(0.5)
+        self.assertEqual(buyer.chunks, [(order, a, 0, b"x")])
+        self.assertEqual(buyer.readyResults, [])
+        yield self.refused(self.call(it, commands.ResultChunk, vm=a, offset=1, data=b"x"),
+                           commands.BadRequest)
+
+    @defer.inlineCallbacks
+    def test_without_a_buyer_program_the_bytes_are_refused_and_the_digest_kept(self):
+        [(it, a), _], order = yield self.pair()
+        why = yield self.refused(self.call(it, commands.ResultChunk, vm=a, offset=0,
+                                           data=b"x"), commands.BadRequest)
+        self.assertIn("buyer's program is not connected", why)
+        yield self.report(it, a)
+        rows = (yield self.call(self.cli, commands.ListResults, order=order))["results"]
+        self.assertIn(DIGEST, [r["sha256"] for r in rows])
+
     # -- abuse
 
     @defer.inlineCallbacks
@@ -127,7 +201,7 @@ class ResultTests(OrderCase):
 
 from twisted.internet.testing import StringTransport  # noqa: E402
 
-from cpushare.client.seller import results  # noqa: E402
+from cpushare.client.seller import results, vmhost  # noqa: E402
 from test.unit.test_vmhost import hosted  # noqa: E402
 
 
@@ -187,15 +261,64 @@ def test_a_result_that_never_ends_is_no_result_when_the_vm_stops():
     vm.results.dataReceived(b"CPUSHARE-RESULT 100\n" + b"y" * 40)
     assert told == []
     vm.stop("stopped by the market")
+    assert told == [] and host.ended == []      # its port is read to the end first
+    vm.results.connectionLost()
     [failure] = told
     assert failure.kind == results.UNFINISHED
     assert "after 40 of 100 bytes" in str(failure)
     assert vm.resultUntold is None
+    assert host.ended == [("stopped", "stopped by the market")]
+    # A port that never closes is given up RESULT_DRAIN seconds after the end.
+    host, vm = hosted()
+    vm.results, told = port()
+    vm.results.dataReceived(b"CPUSHARE-RESULT 100\n")
+    vm.stop("stopped by the market")
+    host.reactor.advance(vmhost.RESULT_DRAIN)
+    assert [f.kind for f in told] == [results.UNFINISHED]
+    assert vm.results.transport.disconnecting and len(host.ended) == 1
     # A VM that wrote nothing has no result and no failure either.
     host, vm = hosted()
     vm.results, told = port()
     vm.stop("stopped by the market")
-    assert told == [] and vm.results.result is None
+    vm.results.connectionLost()
+    assert told == [] and vm.results.result is None and len(host.ended) == 1
+
+
+def test_the_bytes_go_on_a_chunk_at_a_time_and_the_result_is_told_after_the_last():
+    host, vm = hosted()
+    sent = []
+
+    def forward(offset, data):
+        sent.append((offset, data, defer.Deferred()))
+        return sent[-1][2]
+
+    told = []
+    vm.results = results.ResultPort(7, lambda *r: told.append(r), told.append, forward=forward)
+    transport = StringTransport()
+    vm.results.makeConnection(transport)
+    data = b"z" * (results.FORWARD_CHUNK + 10)
+    vm.results.dataReceived(b"CPUSHARE-RESULT %d\n" % len(data) + data)
+    assert [(o, len(d)) for o, d, _ in sent] == [(0, results.FORWARD_CHUNK)]
+    assert transport.producerState == "paused"      # the guest waits meanwhile
+    vm.stop("stopped by the market")
+    vm.results.connectionLost()
+    sent[0][2].callback({})
+    assert [(o, len(d)) for o, d, _ in sent] == [(0, results.FORWARD_CHUNK),
+                                                 (results.FORWARD_CHUNK, 10)]
+    assert told == [] and host.ended == []
+    sent[1][2].callback({})
+    assert told == [(hashlib.sha256(data).hexdigest(), len(data))]
+    assert len(host.ended) == 1
+    assert b"".join(d for _, d, _ in sent) == data
+
+
+def test_a_buyer_that_takes_no_bytes_leaves_the_result_hashed_and_told():
+    told = []
+    p = results.ResultPort(7, lambda *r: told.append(r), told.append,
+                           forward=lambda o, d: defer.fail(commands.BadRequest("no buyer")))
+    p.makeConnection(StringTransport())
+    p.dataReceived(b"CPUSHARE-RESULT 3\n42\n")
+    assert told == [(DIGEST, 3)] and p.forward is None
 
 
 def test_a_complete_result_is_told_to_the_market_once_connected():
@@ -281,3 +404,48 @@ def test_results_are_shown_by_replica_group_with_a_full_digest():
                                 "SHA256"]
     assert table[1].split() == ["1", "8", "it", "IT", "GenuineIntel/6/85", "stopped", "3", DIGEST]
     assert table[2].split() == ["2", "9", "de", "DE", "-", "running", "-", "no", "result"]
+
+
+# -- the buyer's program saves the bytes
+
+
+def resultFiles(tmp_path):
+    from cpushare.client.buyer.results import ResultFiles
+    from test.fakemarket import MemoryReactor
+    return ResultFiles(MemoryReactor(), str(tmp_path))
+
+
+def fired(d):
+    found = []
+    d.addBoth(found.append)
+    [value] = found
+    return value
+
+
+def test_the_buyer_saves_a_result_under_its_order_once_its_digest_matches(tmp_path):
+    from cpushare.client.buyer.results import resultPath
+    files = resultFiles(tmp_path)
+    fired(files.chunk(4, 9, 0, b"4"))
+    fired(files.chunk(4, 9, 1, b"2\n"))
+    path = resultPath(str(tmp_path), 4, 9)
+    assert path == str(tmp_path / "results" / "4" / "9.result")
+    assert not os.path.exists(path)
+    assert fired(files.ready(4, 9, DIGEST, 3)) == path
+    assert open(path, "rb").read() == b"42\n"
+    # A result whose bytes are not the digest reported keeps its .part name.
+    fired(files.chunk(4, 10, 0, b"41\n"))
+    assert fired(files.ready(4, 10, DIGEST, 3)) is None
+    assert open(resultPath(str(tmp_path), 4, 10) + ".part", "rb").read() == b"41\n"
+    assert not os.path.exists(resultPath(str(tmp_path), 4, 10))
+
+
+def test_the_buyer_refuses_bytes_out_of_order_or_past_the_cap(tmp_path):
+    files = resultFiles(tmp_path)
+    fired(files.chunk(4, 9, 0, b"ab"))
+    assert isinstance(fired(files.chunk(4, 9, 5, b"x")).value, commands.BadRequest)
+    assert isinstance(fired(files.chunk(None, 9, 0, b"x")).value, commands.BadRequest)
+    assert isinstance(fired(files.chunk(4, 11, commands.RESULT_MAX, b"x")).value,
+                      commands.BadRequest)
+    # The seller started the VM's result again: it starts over.
+    fired(files.chunk(4, 9, 0, b"c"))
+    assert open(tmp_path / "results" / "4" / "9.result.part", "rb").read() == b"c"

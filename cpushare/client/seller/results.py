@@ -15,16 +15,25 @@ failed result, one of the L{ResultFailed} kinds: a size above the cap
 (TOO_BIG, said as soon as the header says it), a header that is not one
 (BAD_FRAMING), or a VM that ends before its bytes do (UNFINISHED).  A VM
 writes one result: bytes after it are dropped and counted.
+
+The bytes also go on to the buyer's program through C{forward(offset,
+data)} (ResultChunk to the market), at most FORWARD_CHUNK at a time, one
+chunk in flight: the port is read no further while a chunk waits, so the
+guest writes no faster than the buyer takes its result, and the seller
+holds at most what one read brought.  When forwarding fails (no buyer
+program, say), the rest is only hashed.  The result is complete, and
+told, once its last chunk was answered.
 """
 
 import hashlib
 import re
 
+from twisted.internet import defer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from cpushare.protocol.arguments import show
-from cpushare.protocol.commands import RESULT_MAX
+from cpushare.protocol.commands import IMAGE_CHUNK, RESULT_MAX
 
 HEADER = re.compile(rb"CPUSHARE-RESULT (0|[1-9][0-9]{0,18})\n\Z")
 # The longest header line: "CPUSHARE-RESULT " and 19 digits and the newline.
@@ -33,6 +42,7 @@ HEADER_MAX = 36
 TOO_BIG = "too big"
 BAD_FRAMING = "bad framing"
 UNFINISHED = "unfinished"
+FORWARD_CHUNK = IMAGE_CHUNK
 
 
 class ResultFailed(Exception):
@@ -53,8 +63,13 @@ class ResultPort(Protocol):
 
     log = Logger()
 
-    def __init__(self, vmId, onResult, onFailure, cap=RESULT_MAX):
+    def __init__(self, vmId, onResult, onFailure, cap=RESULT_MAX, forward=None):
         self.vmId = vmId
+        self.forward = forward
+        self.unsent = []        # (offset, bytes) waiting to be forwarded
+        self.sending = False
+        self.closed = False     # the port's connection ended (QEMU's end closed)
+        self.doneWaiters = []
         self.onResult = onResult
         self.onFailure = onFailure
         self.cap = cap
@@ -81,13 +96,72 @@ class ResultPort(Protocol):
         wanted = self.size - self.received
         body, extra = data[:wanted], data[wanted:]
         self.digest.update(body)
+        if self.forward is not None:
+            for i in range(0, len(body), FORWARD_CHUNK):
+                self.unsent.append((self.received + i, body[i:i + FORWARD_CHUNK]))
         self.received += len(body)
         self.dropped += len(extra)
-        if self.received == self.size:
+        self._send()
+
+    def _send(self):
+        """Forward the next chunk, or tell the result once all are."""
+        if self.sending or self.over:
+            return
+        if self.unsent and self.forward is not None:
+            offset, data = self.unsent.pop(0)
+            self.sending = True
+            if self.transport is not None:
+                self.transport.pauseProducing()
+            d = self.forward(offset, data)
+            d.addErrback(self._notForwarded)
+            d.addBoth(self._sent)
+            return
+        del self.unsent[:]
+        if self.size is not None and self.received == self.size:
             self.result = (self.digest.hexdigest(), self.size)
             self.log.info("VM {vm} wrote its result: {size} bytes, sha256 {sha256}",
                           vm=self.vmId, size=self.size, sha256=self.result[0])
             self.onResult(*self.result)
+
+    def connectionLost(self, reason=None):
+        self.closed = True
+        self._checkDone()
+
+    def whenDone(self):
+        """A Deferred fired once the port is closed and nothing waits to be forwarded."""
+        d = defer.Deferred()
+        self.doneWaiters.append(d)
+        self._checkDone()
+        return d
+
+    def _checkDone(self):
+        if self.closed and not self.sending and (not self.unsent or self.forward is None):
+            waiters, self.doneWaiters = self.doneWaiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def abandon(self):
+        """Wait no more: read and forward nothing more (a VM's end cannot wait for ever)."""
+        self.forward = None
+        self.sending = False
+        del self.unsent[:]
+        if self.transport is not None:
+            self.transport.loseConnection()
+        self.connectionLost()
+
+    def _notForwarded(self, failure):
+        self.log.warn("VM {vm}'s result is not passed on to the buyer: {why}", vm=self.vmId,
+                      why=failure.getErrorMessage())
+        self.forward = None
+
+    def _sent(self, _):
+        if not self.sending:
+            return      # abandoned meanwhile
+        self.sending = False
+        if self.transport is not None and not self.over:
+            self.transport.resumeProducing()
+        self._send()
+        self._checkDone()
 
     def _readHeader(self, data):
         """The bytes after a complete header, or None (waiting for more, or failed)."""
@@ -112,7 +186,7 @@ class ResultPort(Protocol):
         return rest
 
     def vmEnded(self):
-        """The VM ended: a result begun and not complete is a failure."""
+        """The VM ended and its port was read to the end: a result begun and not complete is a failure."""
         if self.over:
             return
         if self.size is not None or self.header:

@@ -36,6 +36,9 @@ from cpushare.vm import cgroups, qemu
 
 REPORT_INTERVAL = 10.0
 STOP_TIMEOUT = 10.0
+# Seconds a VM that ended waits for its result port to be read to the end
+# and passed on, before its end is reported (and its result given up).
+RESULT_DRAIN = 30.0
 # What the BIOS prints on the serial console when the ISO does not boot.
 BOOT_FAILURES = (b"No bootable device", b"Boot failed")
 BOOT_WATCH = 64 * 1024
@@ -185,7 +188,8 @@ class HostedVM(VMLife):
         self.nic = NicBridge(self)
         _adopt(host.reactor, nicOurs, self.nic)
         _adopt(host.reactor, qmpOurs, QMPDrain())
-        self.results = ResultPort(self.id, self._resultReady, lambda failure: None)
+        self.results = ResultPort(self.id, self._resultReady, lambda failure: None,
+                                  forward=host.forwardResult(self))
         _adopt(host.reactor, resultOurs, self.results)
         self.moveTo(VMState.RUNNING)
         if host.session is not None:
@@ -213,12 +217,19 @@ class HostedVM(VMLife):
         self.cpuSeconds()
         if self.nic is not None and self.nic.transport is not None:
             self.nic.transport.loseConnection()
-        if self.results is not None:
-            self.results.vmEnded()
-            if self.results.transport is not None:
-                self.results.transport.loseConnection()
         if self.cgroup is not None:
             self.cgroup.remove()
+        if self.results is None:
+            self._over(why)
+            return
+        # What the guest wrote last is read, and its result told, before its end.
+        giveUp = self.host.reactor.callLater(RESULT_DRAIN, self.results.abandon)
+        done = self.results.whenDone()
+        done.addCallback(lambda _: giveUp.active() and giveUp.cancel())
+        done.addCallback(lambda _: self.results.vmEnded())
+        done.addCallback(lambda _: self._over(why))
+
+    def _over(self, why):
         if self.failReason is not None:
             state, reason = VMState.FAILED, self.failReason
         elif self.stopReason is not None:
@@ -413,6 +424,15 @@ class VMHost(Service):
             commands.VMState, vm=vm.id, state=vm.state, cpu_seconds=vm.cpuSeconds(), **kw)
         d.addErrback(lambda f: self.log.warn("reporting VM {vm}: {why}", vm=vm.id,
                                              why=f.getErrorMessage()))
+
+    def forwardResult(self, vm):
+        """How C{vm}'s result bytes go on to its buyer: (offset, data) -> Deferred."""
+        def forward(offset, data):
+            if self.session is None:
+                return defer.fail(commands.BadRequest("the market connection was lost"))
+            return self.session.control.callRemote(commands.ResultChunk, vm=vm.id,
+                                                   offset=offset, data=data)
+        return forward
 
     def tellResult(self, vm):
         """Tell the market C{vm}'s result once it is complete (when connected; else later)."""
