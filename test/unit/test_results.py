@@ -398,12 +398,14 @@ def test_results_are_shown_by_replica_group_with_a_full_digest():
     table = formatResults([
         {"vm": 9, "replica_group": 2, "state": "running", "seller": "de", "country": "DE"},
         {"vm": 8, "replica_group": 1, "state": "stopped", "seller": "it", "country": "IT",
-         "cpu": "GenuineIntel/6/85", "sha256": DIGEST, "size": 3},
+         "cpu": "GenuineIntel/6/85", "sha256": DIGEST, "size": 3,
+         "saved": "/h/results/2/8.result"},
     ], 0).splitlines()
     assert table[0].split() == ["GROUP", "VM", "SELLER", "COUNTRY", "CPU", "STATE", "SIZE",
-                                "SHA256"]
-    assert table[1].split() == ["1", "8", "it", "IT", "GenuineIntel/6/85", "stopped", "3", DIGEST]
-    assert table[2].split() == ["2", "9", "de", "DE", "-", "running", "-", "no", "result"]
+                                "SHA256", "SAVED"]
+    assert table[1].split() == ["1", "8", "it", "IT", "GenuineIntel/6/85", "stopped", "3", DIGEST,
+                                "/h/results/2/8.result"]
+    assert table[2].split() == ["2", "9", "de", "DE", "-", "running", "-", "no", "result", "-"]
 
 
 # -- the buyer's program saves the bytes
@@ -423,7 +425,7 @@ def fired(d):
 
 
 def test_the_buyer_saves_a_result_under_its_order_once_its_digest_matches(tmp_path):
-    from cpushare.client.buyer.results import resultPath
+    from cpushare.client.home import resultPath
     files = resultFiles(tmp_path)
     fired(files.chunk(4, 9, 0, b"4"))
     fired(files.chunk(4, 9, 1, b"2\n"))

@@ -18,12 +18,8 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from cpushare.client.home import resultPath
 from cpushare.protocol.commands import BadRequest, RESULT_MAX
-
-
-def resultPath(home, order, vm):
-    """Where the buyer's program saves VM C{vm}'s result: HOME/results/ORDER/VM.result."""
-    return os.path.join(home, "results", str(int(order)), f"{int(vm)}.result")
 
 
 class ResultFiles:

@@ -21,6 +21,7 @@ from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from cpushare.client.cli.connection import CommandError, Connection
+from cpushare.client.home import resultPath
 from cpushare.client.cli.output import (
     actions, amount, ask, command, duration, formatTable, printedAsJSON, printListing)
 from cpushare.client.cli.screens import (
@@ -117,13 +118,14 @@ async def listVMs(reactor, args, home):
 
 def formatResults(results, now):
     """An order's results, by replica group: each replica's seller and result."""
-    rows = [("GROUP", "VM", "SELLER", "COUNTRY", "CPU", "STATE", "SIZE", "SHA256")]
+    rows = [("GROUP", "VM", "SELLER", "COUNTRY", "CPU", "STATE", "SIZE", "SHA256", "SAVED")]
     for r in sorted(results, key=lambda r: (r.get("replica_group") or 0, r["vm"])):
         size = r.get("size")
         rows.append((
             str(r.get("replica_group") or "-"), str(r["vm"]), r.get("seller") or "-",
             r.get("country") or "-", r.get("cpu") or "-", r["state"],
             "-" if size is None else str(size), r.get("sha256") or "no result",
+            r.get("saved") or "-",
         ))
     return formatTable(rows)
 
@@ -133,6 +135,11 @@ async def listResults(reactor, args, home):
         found = await market.every(commands.ListResults, "results", "vm", "after",
                                    order=args.order)
     found = [{k: v for k, v in r.items() if v is not None} for r in found]
+    for r in found:
+        # Where this machine's buyer program saved it, if it did.
+        path = resultPath(home.path, args.order, r["vm"])
+        if "sha256" in r and os.path.exists(path):
+            r["saved"] = path
     printListing(args.json, found, f"order {args.order} has no VMs", formatResults)
 
 
