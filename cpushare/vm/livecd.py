@@ -213,15 +213,19 @@ if [ $# -ne 1 ] || [ ! -f "$1" ] || [ ! -r "$1" ]; then
     exit 2
 fi
 port=${CPUSHARE_RESULT_PORT:-/dev/virtio-ports/org.cpushare.result}
-if [ ! -e "$port" ]; then
-    # No udev here: find the port by its name and link it where udev would.
+i=0
+while [ ! -e "$port" ] && [ $i -lt 50 ]; do
+    # No udev here: find the port by its name and link it where udev would
+    # (the driver may still be adding it just after boot).
     for dir in /sys/class/virtio-ports/*; do
         if [ "$(cat "$dir/name" 2>/dev/null)" = org.cpushare.result ]; then
             mkdir -p /dev/virtio-ports
             ln -sf "../${dir##*/}" "$port"
         fi
     done
-fi
+    [ -e "$port" ] || usleep 100000
+    i=$((i + 1))
+done
 if [ ! -e "$port" ]; then
     echo "cpushare-result: no port org.cpushare.result (is virtio_console loaded?)" >&2
     exit 1
