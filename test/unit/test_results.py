@@ -451,3 +451,28 @@ def test_the_buyer_refuses_bytes_out_of_order_or_past_the_cap(tmp_path):
     # The seller started the VM's result again: it starts over.
     fired(files.chunk(4, 9, 0, b"c"))
     assert open(tmp_path / "results" / "4" / "9.result.part", "rb").read() == b"c"
+
+
+
+def test_a_lease_keeps_its_first_result_in_the_store(conn):
+    from cpushare.server.db import marketsql, store
+
+    def setUp(cursor):
+        buyer = store.createAccount(cursor, "bob", "ab" * 32)
+        seller = store.createAccount(cursor, "sam", "cd" * 32)
+        cursor.execute("INSERT INTO images (sha256, size, stored) VALUES (?, ?, ?)",
+                       ("ef" * 32, 1, store.now()))
+        orderId, [vmId] = store.createOrder(cursor, buyer, "ef" * 32, 1, 1, 256)
+        cursor.execute(
+            "INSERT INTO leases (vm_id, order_id, buyer_account_id, seller_account_id, price,"
+            " net_fee, cores, started) VALUES (?, ?, ?, ?, 0, 0, 1, 0)",
+            (vmId, orderId, buyer, seller))
+        cursor.execute("SELECT id FROM leases")
+        return orderId, vmId, seller, cursor.fetchone()[0]
+
+    orderId, vmId, seller, lease = store.transact(conn, setUp)
+    for digest in (DIGEST, "0" * 64):
+        store.transact(conn, marketsql.addResult, lease, vmId, orderId, seller, "IT",
+                       "GenuineIntel/6/85", digest, 3, 1.0)
+    [row] = store.transact(conn, marketsql.orderResults, orderId)
+    assert (row["sha256"], row["size"], row["seller"], row["country"]) == (DIGEST, 3, "sam", "IT")

@@ -148,10 +148,14 @@ def accountName(cursor, accountId):
 
 
 def addResult(cursor, leaseId, vmId, orderId, sellerId, country, cpu, sha256, size, reported):
-    """Record the result a lease's seller reported at C{reported} (one a lease)."""
+    """
+    Record the result a lease's seller reported at C{reported}: one a lease,
+    the first (a report the market took again after a restart is dropped).
+    """
     cursor.execute(
         "INSERT INTO results (lease_id, vm_id, order_id, seller_account_id, country, cpu,"
-        " sha256, size, reported) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " sha256, size, reported) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (lease_id) DO NOTHING",
         (leaseId, vmId, orderId, sellerId, country, cpu, sha256, size, reported))
 
 
