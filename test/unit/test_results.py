@@ -476,3 +476,25 @@ def test_a_lease_keeps_its_first_result_in_the_store(conn):
                        "GenuineIntel/6/85", digest, 3, 1.0)
     [row] = store.transact(conn, marketsql.orderResults, orderId)
     assert (row["sha256"], row["size"], row["seller"], row["country"]) == (DIGEST, 3, "sam", "IT")
+
+
+def test_a_seller_may_take_smaller_results_but_not_larger_than_the_market(monkeypatch):
+    import pytest
+    from twisted.python import usage
+    from cpushare.client.options import ClientOptions
+    from cpushare.client.seller.service import Options
+    from cpushare.client.home import Home
+
+    def noAccount(self):
+        self.home = Home("/nonexistent")
+
+    monkeypatch.setattr(ClientOptions, "postOptions", noAccount)
+    for bad in ("0", "65"):
+        with pytest.raises(usage.UsageError, match="--result-max must be 1 to 64"):
+            Options().parseOptions(["--result-max", bad])
+    options = Options()
+    options.parseOptions(["--result-max", "8"])
+    assert options["result-max"] == 8
+    options = Options()
+    options.parseOptions([])
+    assert options["result-max"] * 1024 * 1024 == commands.RESULT_MAX

@@ -189,7 +189,7 @@ class HostedVM(VMLife):
         _adopt(host.reactor, nicOurs, self.nic)
         _adopt(host.reactor, qmpOurs, QMPDrain())
         self.results = ResultPort(self.id, self._resultReady, lambda failure: None,
-                                  forward=host.forwardResult(self))
+                                  cap=host.resultMax, forward=host.forwardResult(self))
         _adopt(host.reactor, resultOurs, self.results)
         self.moveTo(VMState.RUNNING)
         if host.session is not None:
@@ -248,8 +248,9 @@ class VMHost(Service):
     log = Logger()
 
     def __init__(self, reactor, cache, qemuBinary, accel="tcg", user=None, cgroups=None,
-                 grace=DEFAULT_GRACE, cores=1, memory=1024):
+                 grace=DEFAULT_GRACE, cores=1, memory=1024, resultMax=commands.RESULT_MAX):
         self.reactor = reactor
+        self.resultMax = resultMax
         self.cache = cache
         self.qemu = qemuBinary
         self.accel = accel
