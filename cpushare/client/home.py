@@ -117,3 +117,8 @@ class Home:
                 {"server": server, "name": name, "account_id": accountId}, indent=2
             ).encode() + b"\n",
         )
+
+
+def resultPath(home, order, vm):
+    """Where the buyer's program saves VM C{vm}'s result: HOME/results/ORDER/VM.result."""
+    return os.path.join(home, "results", str(int(order)), f"{int(vm)}.result")

@@ -81,6 +81,19 @@ class Text(amp.Unicode):
         self.maxLength = maxLength
 
 
+class Sha256(amp.Unicode):
+    """A sha256 digest as 64 lowercase hexadecimal characters."""
+
+
+_SHA256 = re.compile(rb"[0-9a-f]{64}\Z")
+
+
+def checkSha256(name, raw):
+    if not _SHA256.match(raw):
+        raise BadArgument(f"{name}: {show(raw)!r} is not a sha256 (64 lowercase hex characters)")
+    return raw.decode("ascii")
+
+
 def checkBoolean(name, raw):
     if raw not in (b"True", b"False"):
         raise BadArgument(f"{name}: {show(raw)!r} is not True or False")
@@ -95,6 +108,8 @@ def checkValue(name, argument, raw):
         return checkFloat(name, raw)
     if isinstance(argument, amp.Boolean):
         return checkBoolean(name, raw)
+    if isinstance(argument, Sha256):
+        return checkSha256(name, raw)
     if isinstance(argument, Text):
         text = checkText(name, raw)
         if len(text) > argument.maxLength:

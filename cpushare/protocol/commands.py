@@ -7,7 +7,7 @@ a typed failure with a one-line description it can show a user.
 
 from twisted.protocols import amp
 
-from cpushare.protocol.arguments import Text
+from cpushare.protocol.arguments import Sha256, Text
 
 
 class CPUShareError(Exception):
@@ -533,6 +533,69 @@ class VMState(amp.Command):
     ]
     response = []
     errors = VM_ERRORS
+
+
+# The most bytes one VM's result may hold: the seller refuses a bigger one
+# (a failed result) and the market any report of a bigger size.
+RESULT_MAX = 64 * 1024 * 1024
+
+
+class ResultReady(amp.Command):
+    """
+    Seller to server: VM C{vm} wrote its whole result to its port
+    org.cpushare.result: C{size} bytes whose sha256 is C{sha256}.  Once a
+    VM, on the seller the VM runs on, and C{size} at most RESULT_MAX.
+    """
+
+    arguments = [(b"vm", amp.Integer()), (b"sha256", Sha256()), (b"size", amp.Integer()),
+                 (b"order", amp.Integer(optional=True))]
+    response = []
+    errors = VM_ERRORS
+
+
+class ResultChunk(amp.Command):
+    """
+    Seller to server, then server to the buyer's program (with C{order}):
+    the bytes of VM C{vm}'s result at C{offset}, in order, at most
+    IMAGE_CHUNK a chunk, one chunk in flight: the server answers the
+    seller once the buyer's program has answered it.  A seller sends
+    ResultReady only after its last chunk was answered; the server passes
+    it on to the buyer's program (with C{order}) when every byte was.
+    """
+
+    arguments = [(b"vm", amp.Integer()), (b"offset", amp.Integer()), (b"data", amp.String()),
+                 (b"order", amp.Integer(optional=True))]
+    response = []
+    errors = VM_ERRORS
+
+
+RESULTS_PAGE = 300
+
+
+class ListResults(amp.Command):
+    """
+    Buyer: the results of this account's order C{order}, a VM a row in
+    order of VM, a page at a time (see L{cpushare.protocol.paging}): at
+    most RESULTS_PAGE, those after VM C{after} when given.  A row has the seller and what it said of itself (country,
+    CPU) when it reported, and the digest and size of the result; a VM
+    without a result has neither.
+    """
+
+    arguments = [(b"order", amp.Integer()), (b"after", amp.Integer(optional=True))]
+    response = [
+        (b"results", amp.AmpList([
+            (b"vm", amp.Integer()),
+            (b"replica_group", amp.Integer(optional=True)),
+            (b"state", amp.Unicode()),
+            (b"seller", amp.Unicode(optional=True)),
+            (b"country", amp.Unicode(optional=True)),
+            (b"cpu", amp.Unicode(optional=True)),
+            (b"sha256", amp.Unicode(optional=True)),
+            (b"size", amp.Integer(optional=True)),
+        ])),
+        (b"more", amp.Boolean()),
+    ]
+    errors = COMMON_ERRORS
 
 
 class ReattachVMs(amp.Command):

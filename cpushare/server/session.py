@@ -271,6 +271,25 @@ class ServerControl(ControlProtocol, FundsCommands):
         self.session.market.orders.vmState(self.session, vm, state, cpu_seconds, reason)
         return {}
 
+    @commands.ResultReady.responder
+    def resultReady(self, vm, sha256, size, order=None):
+        self.session.requireRole("seller")
+        self.session.market.orders.resultReady(self.session, vm, sha256, size)
+        return {}
+
+    @commands.ResultChunk.responder
+    def resultChunk(self, vm, offset, data, order=None):
+        self.session.requireRole("seller")
+        d = defer.ensureDeferred(
+            self.session.market.orders.resultChunk(self.session, vm, offset, data))
+        return d.addCallback(lambda _: {})
+
+    @commands.ListResults.responder
+    def listResults(self, order, after=None):
+        account = self.session.requireHello()
+        d = defer.ensureDeferred(self.session.market.orders.results(account, order, after))
+        return d.addCallback(lambda page: {"results": page[0], "more": page[1]})
+
     @commands.FetchImageChunk.responder
     def fetchImageChunk(self, vm, offset, length):
         self.session.requireRole("seller")

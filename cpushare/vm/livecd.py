@@ -10,7 +10,8 @@ The ISO:
     /isolinux/ldlinux.c32    isolinux's second stage
     /isolinux/isolinux.cfg   boots straight away: no prompt, no timeout
     /boot/vmlinuz            the Debian kernel
-    /boot/initrd.img         the system: busybox, /init, virtio-net modules,
+    /boot/initrd.img         the system: busybox, /init, the virtio-net and
+                             virtio-console modules, cpushare-result,
                              the dropbear ssh server and its libraries
     /boot/files1.img ...     one cpio layer per build that added files
     /cpushare-livecd.json    what this is: format, kernel, cmdline, initrds
@@ -202,6 +203,38 @@ cd /cpushare 2>/dev/null || cd /root
 """
 
 
+RESULT_SCRIPT = r"""#!/bin/sh
+# cpushare-result FILE: send FILE to the seller as this VM's result, on the
+# virtio-serial port org.cpushare.result: a line "CPUSHARE-RESULT <size>",
+# then the bytes.  The seller hashes them and the buyer sees the digest in
+# `cpushare results ORDER`; one result a VM (the first whole one counts).
+if [ $# -ne 1 ] || [ ! -f "$1" ] || [ ! -r "$1" ]; then
+    echo "usage: cpushare-result FILE (a file this user can read)" >&2
+    exit 2
+fi
+port=${CPUSHARE_RESULT_PORT:-/dev/virtio-ports/org.cpushare.result}
+i=0
+while [ ! -e "$port" ] && [ $i -lt 50 ]; do
+    # No udev here: find the port by its name and link it where udev would
+    # (the driver may still be adding it just after boot).
+    for dir in /sys/class/virtio-ports/*; do
+        if [ "$(cat "$dir/name" 2>/dev/null)" = org.cpushare.result ]; then
+            mkdir -p /dev/virtio-ports
+            ln -sf "../${dir##*/}" "$port"
+        fi
+    done
+    [ -e "$port" ] || usleep 100000
+    i=$((i + 1))
+done
+if [ ! -e "$port" ]; then
+    echo "cpushare-result: no port org.cpushare.result (is virtio_console loaded?)" >&2
+    exit 1
+fi
+size=$(($(wc -c < "$1")))
+{ printf 'CPUSHARE-RESULT %d\n' "$size" && head -c "$size" "$1"; } > "$port" || exit 1
+echo "cpushare-result: sent $size bytes of $1"
+"""
+
 NSSWITCH = """\
 passwd: files
 group: files
@@ -243,6 +276,7 @@ def writeSystemInitrd(parts, path):
         archive.addBytes("etc/inittab", INITTAB.encode())
         archive.addBytes("etc/cpushare/udhcpc.sh", UDHCPC_SCRIPT.encode(), 0o755)
         archive.addBytes("etc/profile", PROFILE.encode())
+        archive.addBytes("usr/bin/cpushare-result", RESULT_SCRIPT.encode(), 0o755)
         archive.addBytes("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
         archive.addBytes("etc/group", b"root:x:0:\n")
         archive.addBytes("etc/hostname", b"cpushare\n")

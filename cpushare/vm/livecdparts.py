@@ -44,10 +44,10 @@ SSH_PROGRAM = "usr/sbin/dropbear"
 # Only the shared objects dropbear loads are kept of these.
 SSH_LIBRARY_PACKAGES = ("libc6", "libcrypt1", "libgmp10", "libtomcrypt1", "libtommath1", "zlib1g")
 
-# virtio-net-pci is the only device the guest needs a driver for (the
-# serial console, the cdrom the boot loader reads and the initramfs need
-# none).
-GUEST_MODULES = ("virtio_pci", "virtio_net")
+# virtio-net-pci and the virtio-serial result port are the only devices the
+# guest needs a driver for (the serial console, the cdrom the boot loader
+# reads and the initramfs need none).
+GUEST_MODULES = ("virtio_pci", "virtio_net", "virtio_console")
 
 PARTS_FORMAT = 2
 

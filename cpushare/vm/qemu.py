@@ -16,7 +16,10 @@ The command line gives the guest exactly what was sold and nothing else:
 - one NIC, virtio-net, on a socketpair whose other end the seller client
   owns (fd 3); the VM has no other network;
 - the serial console on QEMU's stdin/stdout (pipes to the seller client),
-  QMP on a second socketpair (fd 4).
+  QMP on a second socketpair (fd 4);
+- one virtio-serial port named org.cpushare.result (RESULT_PORT), on a
+  third socketpair whose other end the seller client reads (fd 6): where
+  the guest writes its result (L{cpushare.client.seller.results}).
 
 QEMU is started already unprivileged (`-runas` would need the privileges
 the sandbox denies): as the seller's VM user when the seller runs as root,
@@ -39,6 +42,8 @@ SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 NIC_FD = 3
 QMP_FD = 4
 ISO_FD = 5
+RESULT_FD = 6
+RESULT_PORT = "org.cpushare.result"
 STDERR_KEPT = 8192
 
 
@@ -105,6 +110,9 @@ def commandLine(config, qemu="qemu-system-x86_64"):
         "-serial", "chardev:console",
         "-chardev", f"socket,id=qmp,fd={QMP_FD}",
         "-mon", "chardev=qmp,mode=control",
+        "-device", "virtio-serial-pci,id=vser0",
+        "-chardev", f"socket,id=result,fd={RESULT_FD}",
+        "-device", f"virtserialport,bus=vser0.0,chardev=result,name={RESULT_PORT}",
     ]
 
 
@@ -193,10 +201,12 @@ class VMProcess(protocol.ProcessProtocol):
         self.onExit(reasonText)
 
 
-def spawn(reactor, config, vmProcess, nicFd, qmpFd, qemu, uid=None, gid=None, cwd="/"):
+def spawn(reactor, config, vmProcess, nicFd, qmpFd, resultFd, qemu, uid=None, gid=None,
+          cwd="/"):
     """
-    Start QEMU for C{config}; returns the process transport.  C{nicFd} and
-    C{qmpFd} are the VM's ends of the NIC and QMP socketpairs; the ISO at
+    Start QEMU for C{config}; returns the process transport.  C{nicFd},
+    C{qmpFd} and C{resultFd} are the VM's ends of the NIC, QMP and result
+    port socketpairs; the ISO at
     C{config.iso} is opened read-only here and handed over as ISO_FD.
     """
     argv = idleWrapper() + commandLine(config, qemu)
@@ -205,7 +215,8 @@ def spawn(reactor, config, vmProcess, nicFd, qmpFd, qemu, uid=None, gid=None, cw
     try:
         return reactor.spawnProcess(
             vmProcess, argv[0], argv, env=env, path=cwd, uid=uid, gid=gid,
-            childFDs={0: "w", 1: "r", 2: "r", NIC_FD: nicFd, QMP_FD: qmpFd, ISO_FD: isoFd},
+            childFDs={0: "w", 1: "r", 2: "r", NIC_FD: nicFd, QMP_FD: qmpFd, ISO_FD: isoFd,
+                      RESULT_FD: resultFd},
         )
     finally:
         os.close(isoFd)

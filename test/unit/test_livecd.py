@@ -139,6 +139,14 @@ def test_the_system_initrd_holds_busybox_init_and_the_nic_modules(built, parts):
         assert system[module][1].startswith(b"\x7fELF")
 
 
+def test_the_system_initrd_holds_cpushare_result(built):
+    _, iso = built
+    system = initrd(iso, "/boot/initrd.img")
+    mode, script = system["usr/bin/cpushare-result"]
+    assert mode == stat.S_IFREG | 0o755
+    assert script.decode() == livecd.RESULT_SCRIPT
+
+
 def test_the_system_initrd_holds_the_ssh_server_and_what_it_loads(built, parts):
     _, iso = built
     system = initrd(iso, "/boot/initrd.img")

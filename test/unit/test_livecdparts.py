@@ -66,6 +66,7 @@ def fakePackages(debs, kernel="9.9.9-1-amd64"):
         f"{modules}/kernel/drivers/virtio/virtio_ring.ko": fakeModule("virtio_ring"),
         f"{modules}/kernel/drivers/virtio/virtio_pci.ko": fakeModule("virtio_pci", "virtio_ring,virtio"),
         f"{modules}/kernel/drivers/net/virtio_net.ko": fakeModule("virtio_net", "virtio_ring,virtio,af_packet"),
+        f"{modules}/kernel/drivers/char/virtio_console.ko": fakeModule("virtio_console", "virtio_ring,virtio"),
         f"{modules}/kernel/drivers/net/e1000.ko": fakeModule("e1000"),
     })
     makeDeb(debs, "busybox-static", "1:1.0-1", {"bin/busybox": b"busybox"})
@@ -106,6 +107,7 @@ def test_parts_are_unpacked_once_and_then_reused(cache, noApt):
         "kernel/drivers/virtio/virtio.ko",
         "kernel/drivers/virtio/virtio_pci.ko",
         "kernel/drivers/net/virtio_net.ko",
+        "kernel/drivers/char/virtio_console.ko",
     ]
     assert parts.packages["busybox-static"] == "1:1.0-1"
     assert parts.packages["dropbear-bin"] == "2022.83-1"

@@ -40,7 +40,12 @@ def test_the_guest_gets_what_was_sold_and_nothing_else():
     assert not any("/cache/ab.iso" in a for a in argv)
     # One NIC, on the socketpair fd the seller owns; no other network.
     assert option(argv, "-netdev") == ["stream,id=net0,server=off,addr.type=fd,addr.str=3"]
-    assert option(argv, "-device") == ["virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,romfile="]
+    assert option(argv, "-device") == [
+        "virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,romfile=",
+        # and the result port, on the socketpair fd 6 the seller reads
+        "virtio-serial-pci,id=vser0",
+        "virtserialport,bus=vser0.0,chardev=result,name=org.cpushare.result"]
+    assert "socket,id=result,fd=6" in option(argv, "-chardev")
     assert "-runas" not in argv
     assert not any(a.startswith("user") for a in option(argv, "-netdev"))
 

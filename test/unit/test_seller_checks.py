@@ -198,6 +198,9 @@ def test_an_honest_start_runs_the_sandboxed_qemu_and_nothing_else(tmp_path):
         "-serial", "chardev:console",
         "-chardev", "socket,id=qmp,fd=4",
         "-mon", "chardev=qmp,mode=control",
+        "-device", "virtio-serial-pci,id=vser0",
+        "-chardev", "socket,id=result,fd=6",
+        "-device", "virtserialport,bus=vser0.0,chardev=result,name=org.cpushare.result",
     ]
     # The largest VM id whose channels fit the mux, and the rest of the offer.
     assert seller.call(commands.StartVM, **startVM(

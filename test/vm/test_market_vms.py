@@ -224,7 +224,9 @@ def test_an_ordered_vm_boots_sandboxed_and_joins_the_buyers_network(
     assert argv[argv.index("-smp") + 1] == "1" and argv[argv.index("-m") + 1] == "256"
     assert [a for a in argv if a.startswith("stream,")] == [
         "stream,id=net0,server=off,addr.type=fd,addr.str=3"]
-    assert argv.count("-netdev") == 1 and argv.count("-device") == 1
+    assert argv.count("-netdev") == 1 and argv.count("-device") == 3
+    assert [argv[i + 1].split(",")[0] for i, a in enumerate(argv) if a == "-device"] == [
+        "virtio-net-pci", "virtio-serial-pci", "virtserialport"], "one NIC and the result port"
     # Its only files: the ISO, read-only; its NIC and QMP are socketpairs.
     files = {}
     for fd in os.listdir(f"/proc/{pid}/fd"):

@@ -9,7 +9,8 @@ it drops.  Each VM the market runs for this buyer becomes a port of the
 buyer's switch; the switch also joins a TAP device (when the process has
 CAP_NET_ADMIN) and a unix socket in QEMU's stream framing, and runs the
 DHCP server that gives VMs their addresses (reported to the market, so
-`cpushare vms` shows them).  See docs/network.md.
+`cpushare vms` shows them).  See docs/network.md.  The VMs' results are
+saved under HOME/results (L{cpushare.client.buyer.results}).
 """
 
 from twisted.logger import Logger
@@ -83,6 +84,20 @@ class BuyerControl(ClientControl):
         self.session.buyer.detach(self.session, vm, reason)
         return {}
 
+    @commands.ResultChunk.responder
+    def resultChunk(self, vm, offset, data, order=None):
+        results = self.session.buyer.results
+        if results is None:
+            raise commands.BadRequest("this buyer program saves no results")
+        return results.chunk(order, vm, offset, data).addCallback(lambda _: {})
+
+    @commands.ResultReady.responder
+    def resultReady(self, vm, sha256, size, order=None):
+        results = self.session.buyer.results
+        if results is not None:
+            results.ready(order, vm, sha256, size)
+        return {}
+
 
 class BuyerSession(ClientSession):
     controlClass = BuyerControl
@@ -95,8 +110,9 @@ class BuyerSession(ClientSession):
 class Buyer:
     """Glue between the market session and the buyer's network."""
 
-    def __init__(self, network):
+    def __init__(self, network, results=None):
         self.network = network
+        self.results = results
         self.session = None
         self.macs = {}  # vm -> MAC text
         if network.dhcp is not None:
@@ -150,7 +166,8 @@ def makeService(options, reactor=None):
 
     network = BuyerNetwork(reactor, subnet=options.subnet, tapName=options["tap"],
                            socketPath=options["socket"], dhcp=not options["no-dhcp"])
-    buyer = Buyer(network)
+    from cpushare.client.buyer.results import ResultFiles
+    buyer = Buyer(network, ResultFiles(reactor, options.home.path))
     service = MultiService()
     network.setServiceParent(service)
     MarketConnection(

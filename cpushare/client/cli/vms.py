@@ -6,6 +6,7 @@ The buyer's commands about images, orders, VMs and consoles:
                          [--replicas K [--diverse country,cpu,owner]] [--dry-run] [--explain]
     cpushare order cancel ORDER
     cpushare vms [--json]                cpushare vm stop VM
+    cpushare results ORDER [--json]
     cpushare console VM
 """
 
@@ -20,6 +21,7 @@ from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from cpushare.client.cli.connection import CommandError, Connection
+from cpushare.client.home import resultPath
 from cpushare.client.cli.output import (
     actions, amount, ask, command, duration, formatTable, printedAsJSON, printListing)
 from cpushare.client.cli.screens import (
@@ -112,6 +114,33 @@ async def listVMs(reactor, args, home):
     async with Connection(reactor, home) as market:
         vms = await market.every(commands.ListVMs, "vms", "vm", "before")
     printListing(args.json, vms, "no VMs: place an order with 'cpushare order place'", formatVMs)
+
+
+def formatResults(results, now):
+    """An order's results, by replica group: each replica's seller and result."""
+    rows = [("GROUP", "VM", "SELLER", "COUNTRY", "CPU", "STATE", "SIZE", "SHA256", "SAVED")]
+    for r in sorted(results, key=lambda r: (r.get("replica_group") or 0, r["vm"])):
+        size = r.get("size")
+        rows.append((
+            str(r.get("replica_group") or "-"), str(r["vm"]), r.get("seller") or "-",
+            r.get("country") or "-", r.get("cpu") or "-", r["state"],
+            "-" if size is None else str(size), r.get("sha256") or "no result",
+            r.get("saved") or "-",
+        ))
+    return formatTable(rows)
+
+
+async def listResults(reactor, args, home):
+    async with Connection(reactor, home) as market:
+        found = await market.every(commands.ListResults, "results", "vm", "after",
+                                   order=args.order)
+    found = [{k: v for k, v in r.items() if v is not None} for r in found]
+    for r in found:
+        # Where this machine's buyer program saved it, if it did.
+        path = resultPath(home.path, args.order, r["vm"])
+        if "sha256" in r and os.path.exists(path):
+            r["saved"] = path
+    printListing(args.json, found, f"order {args.order} has no VMs", formatResults)
 
 
 async def vmStop(reactor, args, home):
@@ -302,6 +331,10 @@ def addParsers(sub):
     cancel.add_argument("order", type=int)
 
     command(sub, "vms", listVMs, json=True, help="list your VMs")
+
+    results = command(sub, "results", listResults, json=True,
+                      help="the results of an order's VMs, by replica group")
+    results.add_argument("order", type=int)
 
     vmActions = actions(sub, "vm", "act on one VM")
     stop = command(vmActions, "stop", vmStop, help="stop a VM")

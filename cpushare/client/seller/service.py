@@ -55,6 +55,8 @@ class Options(ClientOptions):
          "'cpushare terms --price').", str],
         ["net-fee", None, None, "Fee a GB of network traffic (default 0).", str],
         ["country", None, None, "The country this computer is in (ISO code, like IT).", str],
+        ["result-max", None, 64,
+         "MB a VM's result may hold at most (1 to 64: the market takes no larger one).", int],
     ]
 
     def postOptions(self):
@@ -69,6 +71,8 @@ class Options(ClientOptions):
             raise usage.UsageError("--memory must be at least 64 (MB)")
         if self["cache-size"] < 1:
             raise usage.UsageError("--cache-size must be at least 1 (MB)")
+        if not 1 <= self["result-max"] <= 64:
+            raise usage.UsageError("--result-max must be 1 to 64 (MB)")
         from cpushare.money import MAX_PRICE, BadAmount, parseAmount
         terms = {}
         for key, option in (("price", "price"), ("net_fee", "net-fee")):
@@ -186,7 +190,8 @@ def makeService(options, reactor=None):
         log.info("VMs run as this user (start the seller as root to give them a user of their own)")
     cache = ImageCache(reactor, options["cache"], options["cache-size"] * 1024 * 1024)
     host = VMHost(reactor, cache, options["qemu"], user=options["vm-user"], cgroups=cg,
-                  grace=options["grace"], cores=cores, memory=memory)
+                  grace=options["grace"], cores=cores, memory=memory,
+                  resultMax=options["result-max"] * 1024 * 1024)
     accel = defer.ensureDeferred(probe.chooseAccel(
         reactor, options["qemu"], options["accel"], uid=host.uid, gid=host.gid))
 

@@ -7,7 +7,9 @@ Each VM is one QEMU process (see L{cpushare.vm.qemu}): started unprivileged
 at idle priority, capped by a cgroup, its one NIC a socketpair whose other
 end this host bridges to channel nicChannel(vm) of the market connection,
 its serial console the process's stdin/stdout, bridged to
-consoleChannel(vm).  When the market connection drops, VMs keep running for
+consoleChannel(vm), its result port read by a
+L{cpushare.client.seller.results.ResultPort} whose digest is reported to
+the market (ResultReady).  When the market connection drops, VMs keep running for
 C{grace} seconds; a new connection reattaches them (ReattachVMs); past the
 grace period they are stopped.  Stopping the seller stops every VM: nothing
 is left running.
@@ -24,6 +26,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from cpushare.client import marketchecks
+from cpushare.client.seller.results import ResultPort
 from cpushare.protocol import commands
 from cpushare.protocol.commands import consoleChannel, nicChannel
 from cpushare.protocol.mux import MAX_PAYLOAD
@@ -33,6 +36,9 @@ from cpushare.vm import cgroups, qemu
 
 REPORT_INTERVAL = 10.0
 STOP_TIMEOUT = 10.0
+# Seconds a VM that ended waits for its result port to be read to the end
+# and passed on, before its end is reported (and its result given up).
+RESULT_DRAIN = 30.0
 # What the BIOS prints on the serial console when the ISO does not boot.
 BOOT_FAILURES = (b"No bootable device", b"Boot failed")
 BOOT_WATCH = 64 * 1024
@@ -99,6 +105,8 @@ class HostedVM(VMLife):
         self.consoleSeen = b""
         self.lastCPU = 0.0
         self.framesDropped = 0
+        self.results = None
+        self.resultUntold = None    # (sha256, size) not yet told to the market
         self.ended = defer.Deferred()
 
     # -- frames and console
@@ -152,6 +160,7 @@ class HostedVM(VMLife):
         config = qemu.VMConfig(self.id, self.cores, self.memory, path, self.mac, host.accel)
         nicOurs, nicTheirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         qmpOurs, qmpTheirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        resultOurs, resultTheirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         if host.cgroups is not None:
             self.cgroup = host.cgroups.create(
                 f"vm-{self.id}", self.cores, self.memory * MB + cgroups.QEMU_OVERHEAD_BYTES)
@@ -159,9 +168,9 @@ class HostedVM(VMLife):
         try:
             self.transport = qemu.spawn(
                 host.reactor, config, self.process, nicTheirs.fileno(), qmpTheirs.fileno(),
-                host.qemu, uid=host.uid, gid=host.gid)
+                resultTheirs.fileno(), host.qemu, uid=host.uid, gid=host.gid)
         except BaseException:
-            for s in (nicOurs, nicTheirs, qmpOurs, qmpTheirs):
+            for s in (nicOurs, nicTheirs, qmpOurs, qmpTheirs, resultOurs, resultTheirs):
                 s.close()
             if self.cgroup is not None:
                 self.cgroup.remove()
@@ -169,6 +178,7 @@ class HostedVM(VMLife):
         finally:
             nicTheirs.close()
             qmpTheirs.close()
+            resultTheirs.close()
         if self.cgroup is not None:
             try:
                 self.cgroup.add(self.transport.pid)
@@ -178,9 +188,16 @@ class HostedVM(VMLife):
         self.nic = NicBridge(self)
         _adopt(host.reactor, nicOurs, self.nic)
         _adopt(host.reactor, qmpOurs, QMPDrain())
+        self.results = ResultPort(self.id, self._resultReady, lambda failure: None,
+                                  cap=host.resultMax, forward=host.forwardResult(self))
+        _adopt(host.reactor, resultOurs, self.results)
         self.moveTo(VMState.RUNNING)
         if host.session is not None:
             self.bind(host.session)
+
+    def _resultReady(self, sha256, size):
+        self.resultUntold = (sha256, size)
+        self.host.tellResult(self)
 
     def stop(self, reason):
         if self.stopReason is None:
@@ -202,6 +219,17 @@ class HostedVM(VMLife):
             self.nic.transport.loseConnection()
         if self.cgroup is not None:
             self.cgroup.remove()
+        if self.results is None:
+            self._over(why)
+            return
+        # What the guest wrote last is read, and its result told, before its end.
+        giveUp = self.host.reactor.callLater(RESULT_DRAIN, self.results.abandon)
+        done = self.results.whenDone()
+        done.addCallback(lambda _: giveUp.active() and giveUp.cancel())
+        done.addCallback(lambda _: self.results.vmEnded())
+        done.addCallback(lambda _: self._over(why))
+
+    def _over(self, why):
         if self.failReason is not None:
             state, reason = VMState.FAILED, self.failReason
         elif self.stopReason is not None:
@@ -220,8 +248,9 @@ class VMHost(Service):
     log = Logger()
 
     def __init__(self, reactor, cache, qemuBinary, accel="tcg", user=None, cgroups=None,
-                 grace=DEFAULT_GRACE, cores=1, memory=1024):
+                 grace=DEFAULT_GRACE, cores=1, memory=1024, resultMax=commands.RESULT_MAX):
         self.reactor = reactor
+        self.resultMax = resultMax
         self.cache = cache
         self.qemu = qemuBinary
         self.accel = accel
@@ -277,6 +306,7 @@ class VMHost(Service):
             vm = self.vms[vmId]
             if vmId in keep:
                 vm.bind(session)
+                self.tellResult(vm)
             else:
                 vm.stop("the market no longer wants this VM")
         if running:
@@ -394,6 +424,25 @@ class VMHost(Service):
         d = self.session.control.callRemote(
             commands.VMState, vm=vm.id, state=vm.state, cpu_seconds=vm.cpuSeconds(), **kw)
         d.addErrback(lambda f: self.log.warn("reporting VM {vm}: {why}", vm=vm.id,
+                                             why=f.getErrorMessage()))
+
+    def forwardResult(self, vm):
+        """How C{vm}'s result bytes go on to its buyer: (offset, data) -> Deferred."""
+        def forward(offset, data):
+            if self.session is None:
+                return defer.fail(commands.BadRequest("the market connection was lost"))
+            return self.session.control.callRemote(commands.ResultChunk, vm=vm.id,
+                                                   offset=offset, data=data)
+        return forward
+
+    def tellResult(self, vm):
+        """Tell the market C{vm}'s result once it is complete (when connected; else later)."""
+        if self.session is None or vm.resultUntold is None:
+            return
+        (sha256, size), vm.resultUntold = vm.resultUntold, None
+        d = self.session.control.callRemote(commands.ResultReady, vm=vm.id, sha256=sha256,
+                                            size=size)
+        d.addErrback(lambda f: self.log.warn("reporting VM {vm}'s result: {why}", vm=vm.id,
                                              why=f.getErrorMessage()))
 
     def reportAll(self):

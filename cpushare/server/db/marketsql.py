@@ -142,3 +142,36 @@ def addRating(cursor, leaseId, sellerId, buyerId, good, comment):
 def accountName(cursor, accountId):
     cursor.execute("SELECT name FROM accounts WHERE id = ?", (accountId,))
     return cursor.fetchone()[0]
+
+
+# -- results
+
+
+def addResult(cursor, leaseId, vmId, orderId, sellerId, country, cpu, sha256, size, reported):
+    """
+    Record the result a lease's seller reported at C{reported}: one a lease,
+    the first (a report the market took again after a restart is dropped).
+    """
+    cursor.execute(
+        "INSERT INTO results (lease_id, vm_id, order_id, seller_account_id, country, cpu,"
+        " sha256, size, reported) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT (lease_id) DO NOTHING",
+        (leaseId, vmId, orderId, sellerId, country, cpu, sha256, size, reported))
+
+
+def orderResults(cursor, orderId, after=None, limit=1000):
+    """
+    The VMs of an order after VM C{after}, by id, each with its latest
+    result, the seller that reported it and what it said of itself; a VM
+    without one has its current seller, if any, and no digest.
+    """
+    cursor.execute(
+        "SELECT v.id, v.replica_group, v.state, s.name, r.country, r.cpu, r.sha256, r.size"
+        " FROM vms v"
+        " LEFT JOIN results r ON r.lease_id ="
+        "  (SELECT MAX(lease_id) FROM results WHERE vm_id = v.id)"
+        " LEFT JOIN accounts s ON s.id = COALESCE(r.seller_account_id, v.seller_account_id)"
+        " WHERE v.order_id = ? AND v.id > ? ORDER BY v.id LIMIT ?",
+        (orderId, -1 if after is None else after, limit))
+    keys = ("vm", "replica_group", "state", "seller", "country", "cpu", "sha256", "size")
+    return [dict(zip(keys, row)) for row in cursor.fetchall()]

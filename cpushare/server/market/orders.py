@@ -108,6 +108,8 @@ class VM(VMLife):
         self.replicas = 1               # the VMs of its replica group
         self.diversity = frozenset()    # what the sellers of its group must differ in
         self.mark = None                # its seller, as diversity compares it, once placed
+        self.resultLease = None         # the lease whose seller reported its result
+        self.resultSent = (None, 0)     # (lease, bytes of its result the buyer took)
 
     def consoleReceived(self, data):
         """Console output from the seller: kept (the last CONSOLE_HISTORY bytes) and sent on."""
@@ -792,6 +794,85 @@ class Orders:
             vm.moveTo(state)
         self._save(lambda c: store.updateVM(
             c, vmId, state=state, cpu_seconds=vm.cpuSeconds, started=vm.started))
+
+    def _resultVM(self, seller, vmId):
+        """C{vmId} as its seller reports on its result: running there, under a lease."""
+        vm = seller.vms.get(vmId)
+        if vm is None or vm.system:
+            raise NoSuchVM(f"VM {vmId} is not running on this seller")
+        if vm.leaseId is None:
+            raise BadRequest(f"VM {vmId} has no lease to report a result for")
+        return vm
+
+    async def resultChunk(self, seller, vmId, offset, data):
+        """
+        Bytes of C{vm}'s result at C{offset}, from its seller: passed on to
+        the buyer's program, in order; answered once it took them.
+        """
+        vm = self._resultVM(seller, vmId)
+        lease, sent = vm.resultSent
+        if lease != vm.leaseId:
+            sent = 0
+        if vm.resultLease == vm.leaseId:
+            raise BadRequest(f"VM {vmId}'s result was already reported")
+        if offset != sent or not 0 < len(data) <= commands.IMAGE_CHUNK \
+                or offset + len(data) > commands.RESULT_MAX:
+            raise BadRequest(f"result bytes {offset}+{len(data)} of VM {vmId} do not follow"
+                             f" the {sent} sent, in chunks of at most {commands.IMAGE_CHUNK},"
+                             f" up to {commands.RESULT_MAX}")
+        buyer = vm.buyerSession or self.buyerSession(vm.buyerId)
+        if buyer is None or not buyer.connected:
+            raise BadRequest(f"the buyer's program is not connected: VM {vmId}'s result"
+                             " is not passed on")
+        vm.resultSent = (vm.leaseId, offset + len(data))
+        try:
+            await buyer.control.callRemote(commands.ResultChunk, vm=vmId, offset=offset,
+                                           data=data, order=vm.order)
+        except Exception as e:
+            vm.resultSent = (None, 0)
+            raise BadRequest(f"the buyer's program did not take VM {vmId}'s result: {e}")
+
+    def resultReady(self, seller, vmId, sha256, size):
+        """
+        The seller of C{vm} says its result is C{size} bytes of digest
+        C{sha256} (checked as a sha256 by the protocol): recorded once a
+        lease, for a VM running on this seller under a lease, and passed on
+        to the buyer's program when it took every byte.
+        """
+        vm = self._resultVM(seller, vmId)
+        if not 0 <= size <= commands.RESULT_MAX:
+            raise BadRequest(f"result size {size} is not within 0 to {commands.RESULT_MAX} bytes")
+        leaseId = vm.leaseId
+        if vm.resultLease == leaseId:
+            raise BadRequest(f"VM {vmId}'s result was already reported")
+        vm.resultLease = leaseId
+        figures = self.board.figures(seller)
+        cpu = "/".join(figures.cpu) if figures.cpu else None
+        orderId, sellerId, reported = vm.order, seller.account["id"], self.reactor.seconds()
+        self.log.info("VM {vm} result: {size} bytes, sha256 {sha256}", vm=vmId, size=size,
+                      sha256=sha256)
+        self._save(lambda c: marketsql.addResult(
+            c, leaseId, vmId, orderId, sellerId, figures.country, cpu, sha256, size, reported))
+        buyer = vm.buyerSession or self.buyerSession(vm.buyerId)
+        lease, sent = vm.resultSent
+        if (sent if lease == leaseId else 0) == size and buyer is not None and buyer.connected:
+            buyer.control.callRemote(commands.ResultReady, vm=vmId, sha256=sha256, size=size,
+                                     order=orderId).addErrback(
+                lambda f: self.log.warn("passing on VM {vm}'s result: {why}", vm=vmId,
+                                        why=f.getErrorMessage()))
+
+    async def results(self, account, orderId, after=None):
+        """A page of the results of this account's order C{orderId}: (rows, more)."""
+        if await self.db.run(store.orderAccount, orderId) != account["id"]:
+            raise BadRequest(f"you have no order {orderId}")
+        rows = await self.db.run(marketsql.orderResults, orderId, after,
+                                 commands.RESULTS_PAGE + 1)
+        for row in rows:
+            vm = self.vms.get(row["vm"])
+            if vm is not None:
+                row["state"] = vm.state
+        rows = [{k: v for k, v in row.items() if v is not None} for row in rows]
+        return paging.pageOf(commands.ListResults, "results", rows, commands.RESULTS_PAGE)
 
     def fetchChunk(self, seller, vmId, offset, length):
         vm = seller.vms.get(vmId)
