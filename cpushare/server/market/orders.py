@@ -848,7 +848,7 @@ class Orders:
         vm.resultLease = leaseId
         figures = self.board.figures(seller)
         cpu = "/".join(figures.cpu) if figures.cpu else None
-        orderId, sellerId, reported = vm.order, seller.account["id"], self.reactor.seconds()
+        orderId, sellerId, reported = vm.order, seller.account.id, self.reactor.seconds()
         self.log.info("VM {vm} result: {size} bytes, sha256 {sha256}", vm=vmId, size=size,
                       sha256=sha256)
         self._save(lambda c: marketsql.addResult(
@@ -863,7 +863,7 @@ class Orders:
 
     async def results(self, account, orderId, after=None):
         """A page of the results of this account's order C{orderId}: (rows, more)."""
-        if await self.db.run(store.orderAccount, orderId) != account["id"]:
+        if await self.db.run(store.orderAccount, orderId) != account.id:
             raise BadRequest(f"you have no order {orderId}")
         rows = await self.db.run(marketsql.orderResults, orderId, after,
                                  commands.RESULTS_PAGE + 1)
