@@ -34,12 +34,6 @@ class HoldCase(OrderCase):
     def sellers(self, **kw):
         return self.call(self.cli, commands.ListSellers, offset=0, **kw)
 
-    def balances(self, name):
-        def get(cursor):
-            cursor.execute("SELECT id FROM accounts WHERE name = ?", (name,))
-            return ledger.balances(cursor, cursor.fetchone()[0])
-        return self.store.run(get)
-
     @defer.inlineCallbacks
     def settled(self):
         """The leases, once all are settled."""

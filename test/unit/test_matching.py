@@ -261,12 +261,6 @@ class BillingTests(OrderCase):
         return self.call(self.carolCli, commands.PlaceOrder, image=self.carolSha, vms=1,
                          cores=1, memory=256, **kw)
 
-    def balances(self, name):
-        def get(cursor):
-            cursor.execute("SELECT id FROM accounts WHERE name = ?", (name,))
-            return ledger.balances(cursor, cursor.fetchone()[0])
-        return self.store.run(get)
-
     @defer.inlineCallbacks
     def test_a_buyer_without_funds_waits_until_funds_come(self):
         placed = yield self.place()

@@ -80,6 +80,13 @@ class OrderCase(test_session.ImageCase):
     def offer(self, seller, cores, memory):
         yield seller.control.callRemote(commands.Offer, cores=cores, memory=memory)
 
+    def balances(self, name):
+        """The ledger balances of account C{name}."""
+        def get(cursor):
+            cursor.execute("SELECT id FROM accounts WHERE name = ?", (name,))
+            return ledger.balances(cursor, cursor.fetchone()[0])
+        return self.store.run(get)
+
     def call(self, session, command, **kw):
         return session.control.callRemote(command, **kw)
 
