@@ -239,6 +239,7 @@ class Multiplexer(Protocol, Routing):
         self._readPaused = False
         self._flushCall = None
         self._closing = False
+        self._ignoring = False      # ignoreInput(): nothing more the peer sends is read
         self._closeTimeout = None
         self._drainWaiters = []
         self._resumeCall = None
@@ -271,8 +272,13 @@ class Multiplexer(Protocol, Routing):
     def greetingReceived(self, version, software):
         """The peer's greeting matched our protocol version."""
 
+    def ignoreInput(self):
+        """Read nothing more the peer sends on any channel; what was read stands."""
+        self._ignoring = True
+        self._buffer = b""
+
     def dataReceived(self, data):
-        if self._closing:
+        if self._closing or self._ignoring:
             return
         self.lastReceived = self.reactor.seconds()
         if self._buffer:

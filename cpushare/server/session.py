@@ -509,13 +509,10 @@ class MarketSession(Multiplexer):
         """
         if self._capped and not self._silenced:
             self._silenced = True
+            self.ignoreInput()
             if self.control is not None:
                 self.control.stopReading()
         return self.refusal
-
-    def dataReceived(self, data):
-        if not self._silenced:
-            Multiplexer.dataReceived(self, data)
 
     def requireHello(self):
         if self.account is None:

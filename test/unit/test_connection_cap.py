@@ -9,6 +9,8 @@ connections makes room again (nothing is counted for ever).
 import pytest
 from twisted.internet import defer
 
+from cpushare.protocol.commands import nicChannel
+from cpushare.protocol.mux import HEADER
 from cpushare.server import admission
 from cpushare.server.session import REFUSED_GRACE
 from test.fakemarket import LogCapture, Replies, command, control
@@ -190,6 +192,10 @@ def test_a_refused_connection_is_read_no_further_once_told_why(mm):
         mm.reactor.advance(0)
     assert len(transport.value()) == written
     assert session.bufferedBytes() < 64 * 1024
+    # Nor are frames on other channels parsed, routed or counted.
+    framesIn = session.counters.framesIn
+    session.dataReceived(HEADER.pack(nicChannel(1), 4) + b"junk")
+    assert session.counters.framesIn == framesIn
     mm.reactor.advance(REFUSED_GRACE + 0.1)
     assert transport.disconnecting
 
