@@ -406,6 +406,12 @@ class PlaceOrder(amp.Command):
     C{dry_run} nothing is placed or held: C{order} is 0, C{vm_ids} empty,
     C{allocated} how many VMs would be placed now, C{plan} where (at most
     PLAN_PAGE of them) and C{hold} what the market would hold for them.
+
+    With C{adaptive} (instead of C{replicas}) each VM is run a second time
+    only now and then: with probability 1/n for a seller with n
+    consecutive valid results.  With C{compare}, replicas whose digests
+    differ are compared by the buyer's program (L{CompareResults}) with a
+    command it keeps itself.
     """
 
     arguments = [
@@ -417,6 +423,8 @@ class PlaceOrder(amp.Command):
     ] + SCREENS + REPLICAS + [
         (b"dry_run", amp.Boolean(optional=True)),
         (b"explain", amp.Boolean(optional=True)),
+        (b"adaptive", amp.Boolean(optional=True)),
+        (b"compare", amp.Boolean(optional=True)),
     ]
     response = [(b"order", amp.Integer()), (b"vm_ids", amp.ListOf(amp.Integer())),
                 (b"allocated", amp.Integer()), (b"waiting", amp.Unicode(optional=True)),
@@ -592,9 +600,28 @@ class ListResults(amp.Command):
             (b"cpu", amp.Unicode(optional=True)),
             (b"sha256", amp.Unicode(optional=True)),
             (b"size", amp.Integer(optional=True)),
+            (b"lease", amp.Integer(optional=True)),
+            (b"verdict", amp.Unicode(optional=True)),
         ])),
         (b"more", amp.Boolean()),
     ]
+    errors = COMMON_ERRORS
+
+
+class CompareResults(amp.Command):
+    """
+    Server to a buyer's program: are the results of VMs C{a} and C{b} of
+    its order C{order} the same, as the command the buyer named for that
+    order says (its exit status 0: the same)?  The program runs its own
+    command on the result files it saved; the server names only the VMs,
+    so it can never make the buyer's computer run anything else.  C{same}
+    is the answer; C{error} says why there is none (no command for this
+    order, a file missing, the command timed out), and then C{same} is
+    false.
+    """
+
+    arguments = [(b"order", amp.Integer()), (b"a", amp.Integer()), (b"b", amp.Integer())]
+    response = [(b"same", amp.Boolean()), (b"error", amp.Unicode(optional=True))]
     errors = COMMON_ERRORS
 
 

@@ -219,13 +219,13 @@ class ServerControl(ControlProtocol, FundsCommands):
 
     @commands.PlaceOrder.responder
     def placeOrder(self, image, vms, cores, memory, budget=None, replicas=None, diverse=None,
-                   dry_run=False, explain=False, **screens):
+                   dry_run=False, explain=False, adaptive=False, compare=False, **screens):
         account = self.session.requireHello()
         orders = self.session.market.orders
         screens = Screens.fromArguments(**screens)
         return defer.ensureDeferred(
             orders.place(account, image, vms, cores, memory, screens, budget, replicas,
-                         diverse, dry_run, explain))
+                         diverse, dry_run, explain, adaptive=adaptive, compare=compare))
 
     @commands.ListLeases.responder
     def listLeases(self, before=None):

@@ -75,6 +75,8 @@ class ResultTests(OrderCase):
         listed = yield self.call(self.cli, commands.ListResults, order=order)
         self.assertFalse(listed["more"])
         rows = {r["vm"]: r for r in listed["results"]}
+        self.assertIsInstance(rows[a].pop("lease"), int)
+        self.assertEqual(rows[a].pop("verdict"), "pending")
         self.assertEqual(rows[a], {"vm": a, "replica_group": 1, "state": "allocated",
                                    "seller": "it", "country": "IT",
                                    "cpu": "GenuineIntel/6/85", "sha256": DIGEST, "size": 3})

@@ -43,12 +43,17 @@ class Lease:
     liveSince: float = attr.ib()        # None until its VM showed life
 
 
-def insert(cursor, vmId, orderId, buyerId, sellerId, price, netFee, cores, started):
-    """A new lease, nothing held or charged yet; returns its id."""
+def insert(cursor, vmId, orderId, buyerId, sellerId, price, netFee, cores, started,
+           verdict=None):
+    """
+    A new lease, nothing held or charged yet; returns its id.  C{verdict}
+    is 'pending' for a lease of a replicated order (its earnings wait for
+    its replica group's verdict), else None.
+    """
     cursor.execute(
         "INSERT INTO leases (vm_id, order_id, buyer_account_id, seller_account_id, price,"
-        " net_fee, cores, started) VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-        (vmId, orderId, buyerId, sellerId, price, netFee, cores, started))
+        " net_fee, cores, started, verdict) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        (vmId, orderId, buyerId, sellerId, price, netFee, cores, started, verdict))
     return cursor.fetchone()[0]
 
 

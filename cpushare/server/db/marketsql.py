@@ -166,12 +166,16 @@ def orderResults(cursor, orderId, after=None, limit=1000):
     without one has its current seller, if any, and no digest.
     """
     cursor.execute(
-        "SELECT v.id, v.replica_group, v.state, s.name, r.country, r.cpu, r.sha256, r.size"
+        "SELECT v.id, v.replica_group, v.state, s.name, r.country, r.cpu, r.sha256, r.size,"
+        " l.id, l.verdict"
         " FROM vms v"
         " LEFT JOIN results r ON r.lease_id ="
         "  (SELECT MAX(lease_id) FROM results WHERE vm_id = v.id)"
+        " LEFT JOIN leases l ON l.id = COALESCE(r.lease_id,"
+        "  (SELECT MAX(id) FROM leases WHERE vm_id = v.id))"
         " LEFT JOIN accounts s ON s.id = COALESCE(r.seller_account_id, v.seller_account_id)"
         " WHERE v.order_id = ? AND v.id > ? ORDER BY v.id LIMIT ?",
         (orderId, -1 if after is None else after, limit))
-    keys = ("vm", "replica_group", "state", "seller", "country", "cpu", "sha256", "size")
+    keys = ("vm", "replica_group", "state", "seller", "country", "cpu", "sha256", "size",
+            "lease", "verdict")
     return [dict(zip(keys, row)) for row in cursor.fetchall()]

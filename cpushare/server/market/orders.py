@@ -259,7 +259,8 @@ class Orders:
     # -- buyers
 
     async def place(self, account, image, count, cores, memory, screens=Screens(),
-                    budget=None, replicas=None, diverse=None, dryRun=False, explain=False):
+                    budget=None, replicas=None, diverse=None, dryRun=False, explain=False,
+                    adaptive=False, compare=False):
         """
         Place an order of C{count} VMs, each run C{replicas} times when
         given (on sellers that differ in C{diverse}); with C{dryRun} only
@@ -588,7 +589,7 @@ class Orders:
             leaseId = billing_.openLease(
                 cursor, vm.id, vm.order, vm.buyerId, vm.sellerAccountId, figures.name,
                 figures.price, figures.netFee, vm.cores, placed, billing.interval,
-                billing.window)
+                billing.window, None if vm.group is None else "pending")
             return leaseId, billing_.leaseNetLimit(cursor, leaseId, billing.interval)
 
         try:

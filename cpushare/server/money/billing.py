@@ -124,14 +124,15 @@ def _topUp(cursor, lease, interval, window):
 
 
 def openLease(cursor, vmId, orderId, buyerId, sellerId, sellerName, price, netFee, cores,
-              started, interval=INTERVAL, window=WINDOW):
+              started, interval=INTERVAL, window=WINDOW, verdict=None):
     """
     Create a lease and hold its first window; returns its id.  Raises
     CannotFund (and nothing is kept) when the buyer's funds or the order's
-    budget do not hold one interval.
+    budget do not hold one interval.  C{verdict} 'pending': its earnings
+    wait for its replica group's verdict.
     """
     leaseId = leasesql.insert(cursor, vmId, orderId, buyerId, sellerId, price, netFee, cores,
-                              started)
+                              started, verdict)
     lease = leasesql.Lease(
         id=leaseId, vm=vmId, order=orderId, buyer=buyerId, seller=sellerId,
         sellerName=sellerName, price=price, netFee=netFee, cores=cores, started=started,
