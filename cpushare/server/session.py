@@ -274,8 +274,9 @@ class ServerControl(ControlProtocol, FundsCommands):
     @commands.ResultReady.responder
     def resultReady(self, vm, sha256, size, order=None):
         self.session.requireRole("seller")
-        self.session.market.orders.resultReady(self.session, vm, sha256, size)
-        return {}
+        d = defer.ensureDeferred(
+            self.session.market.orders.resultReady(self.session, vm, sha256, size))
+        return d.addCallback(lambda _: {})
 
     @commands.ResultChunk.responder
     def resultChunk(self, vm, offset, data, order=None):

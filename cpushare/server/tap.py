@@ -70,6 +70,12 @@ class Options(usage.Options):
         ["cpu-bench-image", None, None,
          "The benchmark ISO (default: built from the reference livecd into --data)."],
         ["cpu-bench-mb", None, 16, "MiB each CPU benchmark hashes.", int],
+        ["verdict-timeout", None, 86400.0,
+         "Seconds a replica group waits for its replicas' results after the first one"
+         " before it is decided with those in.", float],
+        ["adaptive-threshold", None, 10,
+         "--replicas auto: a seller with fewer consecutive valid results than this always"
+         " has its VMs run twice.", int],
         ["web", None, None,
          "Twisted server endpoint (or a port number) for the HTTPS endpoint buyers' "
          "browsers reach when PayPal sends them back (TLS is added)."],
@@ -138,6 +144,10 @@ class Options(usage.Options):
                 "--max-unauthenticated-per-address and --max-unauthenticated must be at least 1")
         if self["max-connections-per-account"] < 1:
             raise usage.UsageError("--max-connections-per-account must be at least 1")
+        if not 0 < self["verdict-timeout"] <= 365 * 86400:
+            raise usage.UsageError("--verdict-timeout must be above 0 and at most a year")
+        if not 1 <= self["adaptive-threshold"] <= 10**6:
+            raise usage.UsageError("--adaptive-threshold must be 1 to 1000000")
         if not 0 < self["billing-interval"] < self["hold-window"]:
             raise usage.UsageError(
                 "--billing-interval must be positive and shorter than --hold-window")
@@ -276,6 +286,8 @@ def makeService(options, reactor=None):
                     accessCheck=options["access-check"],
                     rekeysPerDay=options["rekeys-per-day"])
     market.orders.grace = options["grace"]
+    market.orders.verdicts.timeout = options["verdict-timeout"]
+    market.orders.verdicts.threshold = options["adaptive-threshold"]
     market.admission.perAddress = options["max-unauthenticated-per-address"]
     market.admission.total = options["max-unauthenticated"]
     market.admission.accounts.perAccount = options["max-connections-per-account"]

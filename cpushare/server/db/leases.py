@@ -190,3 +190,11 @@ def accountLeases(cursor, accountId, before=None, limit=1000):
         entry["reason"] = clip(entry["reason"])
         rows.append(entry)
     return rows
+
+
+def pendingLeases(cursor, vmId):
+    """[(lease id, seller account id, buyer account id)] of C{vmId}'s leases awaiting a verdict."""
+    cursor.execute(
+        "SELECT id, seller_account_id, buyer_account_id FROM leases"
+        " WHERE vm_id = ? AND verdict = 'pending' ORDER BY id", (vmId,))
+    return [tuple(row) for row in cursor.fetchall()]

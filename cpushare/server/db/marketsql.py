@@ -10,7 +10,7 @@ runs inside one store transaction.
 import json
 
 from cpushare.protocol import states
-from cpushare.server.db.store import now
+from cpushare.server.db.store import macFor, now
 
 # -- sellers' terms
 
@@ -114,6 +114,60 @@ def activeReplicaGroups(cursor):
             for vmId, group, replicas, diversity in cursor.fetchall()}
 
 
+def setVerdictFlags(cursor, orderId, compare, adaptive):
+    """The order's differing results are compared by the buyer's program; it is adaptive."""
+    cursor.execute("UPDATE orders SET compare = ?, adaptive = ? WHERE id = ?",
+                   (1 if compare else 0, 1 if adaptive else 0, orderId))
+
+
+def addReplicaVM(cursor, orderId, group):
+    """One more VM in replica group C{group} of the order (a tie-break); returns its id."""
+    stamp = now()
+    cursor.execute(
+        "INSERT INTO vms (order_id, mac, state, created, replica_group)"
+        " VALUES (?, '', ?, ?, ?) RETURNING id",
+        (orderId, states.VMState.PENDING, stamp, group))
+    vmId = cursor.fetchone()[0]
+    cursor.execute("UPDATE vms SET mac = ? WHERE id = ?", (macFor(vmId), vmId))
+    cursor.execute("UPDATE orders SET vms = vms + 1 WHERE id = ?", (orderId,))
+    return vmId
+
+
+def addVerdict(cursor, orderId, group, verdict, sha256, decided, reason):
+    """Keep the verdict of a replica group (once)."""
+    cursor.execute(
+        "INSERT INTO verdicts (order_id, replica_group, verdict, sha256, decided, reason)"
+        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (order_id, replica_group) DO NOTHING",
+        (orderId, group, verdict, sha256, decided, reason))
+
+
+def undecidedGroups(cursor):
+    """
+    The replica groups with no verdict yet whose order is open, a VM a row:
+    (order, group, buyer, compare, adaptive, vm, state, latest result's
+    lease, its sha256, whether the VM had a lease).
+    """
+    cursor.execute(
+        "SELECT o.id, v.replica_group, o.account_id, o.compare, o.adaptive, v.id, v.state,"
+        " r.lease_id, r.sha256,"
+        " (SELECT COUNT(*) FROM leases l WHERE l.vm_id = v.id)"
+        " FROM vms v JOIN orders o ON o.id = v.order_id"
+        " LEFT JOIN results r ON r.lease_id ="
+        "  (SELECT MAX(lease_id) FROM results WHERE vm_id = v.id)"
+        " WHERE v.replica_group IS NOT NULL AND NOT EXISTS (SELECT 1 FROM verdicts d"
+        "  WHERE d.order_id = o.id AND d.replica_group = v.replica_group)"
+        " ORDER BY o.id, v.replica_group, v.id")
+    return [tuple(row) for row in cursor.fetchall()]
+
+
+def orderVerdicts(cursor, orderId):
+    """{replica group: (verdict, sha256, reason)} of the order's decided groups."""
+    cursor.execute("SELECT replica_group, verdict, sha256, reason FROM verdicts"
+                   " WHERE order_id = ?", (orderId,))
+    return {group: (verdict, sha256, reason) for group, verdict, sha256, reason
+            in cursor.fetchall()}
+
+
 # -- ratings
 
 
@@ -150,13 +204,15 @@ def accountName(cursor, accountId):
 def addResult(cursor, leaseId, vmId, orderId, sellerId, country, cpu, sha256, size, reported):
     """
     Record the result a lease's seller reported at C{reported}: one a lease,
-    the first (a report the market took again after a restart is dropped).
+    the first.  False when the lease has one already (a report again
+    after a restart of the market): nothing is changed.
     """
     cursor.execute(
         "INSERT INTO results (lease_id, vm_id, order_id, seller_account_id, country, cpu,"
         " sha256, size, reported) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
         " ON CONFLICT (lease_id) DO NOTHING",
         (leaseId, vmId, orderId, sellerId, country, cpu, sha256, size, reported))
+    return cursor.rowcount == 1
 
 
 def orderResults(cursor, orderId, after=None, limit=1000):

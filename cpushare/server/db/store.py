@@ -693,6 +693,14 @@ def createOrder(cursor, accountId, image, vms, cores, memory):
     return orderId, ids
 
 
+def orderTerms(cursor, orderId):
+    """(image, cores, memory, buyer's account name) of an order."""
+    cursor.execute(
+        "SELECT o.image, o.cores, o.memory, a.name FROM orders o"
+        " JOIN accounts a ON a.id = o.account_id WHERE o.id = ?", (orderId,))
+    return tuple(cursor.fetchone())
+
+
 def macFor(vmId):
     """A locally administered unicast MAC, unique per VM id."""
     b = vmId.to_bytes(4, "big")

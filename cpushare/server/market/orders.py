@@ -54,6 +54,8 @@ from cpushare.server.db import marketsql
 from cpushare.server.db import store
 from cpushare.server.market.cpubench import SYSTEM_ACCOUNT
 from cpushare.server.market import replicas as replicas_
+from cpushare.server.market import validation
+from cpushare.server.market import verdicts as verdicts_
 from cpushare.server.market.replicas import Mark, conflict, markOf
 from cpushare.server.market.screens import Screens
 
@@ -200,6 +202,7 @@ class Orders:
         # The market runs its CPU benchmark: a seller without a score yet
         # takes no replica that must run on a different CPU.
         self.measuresCPU = False
+        self.verdicts = verdicts_.Verdicts(reactor, store, self)
 
     # -- loading
 
@@ -240,13 +243,43 @@ class Orders:
                 self._detach(vm, "the market server restarted")
         await self.billing.settleLeftovers(
             {vm.leaseId for vm in self.vms.values() if vm.leaseId is not None})
+        await self._loadGroups()
         pending = [vm for vm in self.vms.values() if vm.state == VMState.PENDING]
         if rows:
             self.log.info("loaded {n} active VMs ({p} waiting for capacity)",
                           n=len(rows), p=len(pending))
 
+    async def _loadGroups(self):
+        """
+        Bring back the replica groups not decided yet.  A VM that ended
+        without a result while the server was away is not judged: whether
+        its seller or its buyer ended it is not known.
+        """
+        groups = {}
+        for (orderId, number, buyerId, compare, adaptive, vmId, state, resultLease, sha256,
+             leased) in await self.db.run(marketsql.undecidedGroups):
+            key = (orderId, number)
+            if key not in groups:
+                groups[key] = self.verdicts.open(orderId, number, buyerId, [], bool(compare),
+                                                 bool(adaptive))
+            group = groups[key]
+            group.sampled = group.sampled or leased > 0
+            self.verdicts.added(group, vmId)
+            member = group.members[vmId]
+            if sha256 is not None:
+                member.outcome, member.lease = sha256, resultLease
+            elif state in OVER:
+                member.outcome = verdicts_.EXCUSED
+        for group in groups.values():
+            for vm in self.vms.values():
+                if (vm.order, vm.group) == group.key:
+                    vm.replicas = len(group.members)
+            if any(m.outcome is not verdicts_.MISSING for m in group.members.values()):
+                self.verdicts.outcomeSeen(group)
+
     def stop(self):
         """The server is stopping: VMs stay as they are in the database."""
+        self.verdicts.stop()
         for vm in self.vms.values():
             if vm.graceCall is not None and vm.graceCall.active():
                 vm.graceCall.cancel()
@@ -266,7 +299,12 @@ class Orders:
         given (on sellers that differ in C{diverse}); with C{dryRun} only
         say where they would go and what would be held.
         """
-        k, diversity = replicas_.checkReplicas(replicas, diverse)
+        if adaptive and replicas is not None:
+            raise BadRequest("--replicas auto replaces a number of replicas: give one or the"
+                             " other")
+        k, diversity = replicas_.checkReplicas(2 if adaptive else replicas, diverse)
+        if compare and k == 1:
+            raise BadRequest("a comparator compares replicas: give --replicas too")
         if budget is not None and not 0 < budget <= MAX_AMOUNT:
             raise BadRequest(f"a budget is above 0 and at most {formatAmount(MAX_AMOUNT)}")
         if not 1 <= count <= MAX_VMS_PER_ORDER:
@@ -291,25 +329,32 @@ class Orders:
             size = await self.db.run(imageSize)
             return self._dryRun(VM(0, 0, account.id, account.name, image, size, cores,
                                    memory, "", screens, budget), count, k, diversity, explain)
+        if adaptive:
+            k = 1               # a second replica is drawn as each VM is placed
 
         def create(cursor):
             size = imageSize(cursor)
             orderId, ids = store.createOrder(
                 cursor, account.id, image, count * k, cores, memory)
             marketsql.setOrderScreens(cursor, orderId, screens.toArguments(), budget)
-            if k > 1:
+            if k > 1 or adaptive:
                 marketsql.setReplicas(cursor, orderId, k, replicas_.ordered(diversity),
                                       {vmId: 1 + i // k for i, vmId in enumerate(ids)})
+                marketsql.setVerdictFlags(cursor, orderId, compare, adaptive)
             return size, orderId, ids
 
         size, orderId, ids = await self.db.run(create)
         allocated = 0
         reasons = {}                # replica group (None: none) -> why its VMs wait
+        if k > 1 or adaptive:
+            for number in range(1, count + 1):
+                self.verdicts.open(orderId, number, account.id, ids[(number - 1) * k:number * k],
+                                   compare, adaptive)
         for i, vmId in enumerate(ids):
             vm = VM(vmId, orderId, account.id, account.name, image, size,
                     cores, memory, store.macFor(vmId), screens, budget)
             self.vms[vmId] = vm
-            if k > 1:
+            if k > 1 or adaptive:
                 self._join(vm, 1 + i // k, k, diversity)
             if self._allocate(vm):
                 allocated += 1
@@ -388,8 +433,12 @@ class Orders:
         self.groups.setdefault((vm.order, group), set()).add(vm)
 
     def _leave(self, vm):
-        """C{vm} ended: its group's other replicas no longer compare with it."""
-        if vm.group is None:
+        """
+        C{vm} ended: its group's other replicas no longer compare with it,
+        once the group is decided (until then a replica that ended still
+        keeps the next ones, a tie-break's, off its seller).
+        """
+        if vm.group is None or self.verdicts.groupOf(vm) is not None:
             return
         key = (vm.order, vm.group)
         members = self.groups.get(key)
@@ -589,11 +638,13 @@ class Orders:
             leaseId = billing_.openLease(
                 cursor, vm.id, vm.order, vm.buyerId, vm.sellerAccountId, figures.name,
                 figures.price, figures.netFee, vm.cores, placed, billing.interval,
-                billing.window, None if vm.group is None else "pending")
-            return leaseId, billing_.leaseNetLimit(cursor, leaseId, billing.interval)
+                billing.window, self.verdicts.leaseFor(vm))
+            consecutive = validation.validationOf(cursor, vm.sellerAccountId).consecutive
+            return leaseId, billing_.leaseNetLimit(cursor, leaseId, billing.interval), \
+                consecutive
 
         try:
-            leaseId, netLimit = await self.db.run(save)
+            leaseId, netLimit, consecutive = await self.db.run(save)
         except billing_.CannotFund as e:
             self._unfunded(vm, seller, str(e))
             return
@@ -604,6 +655,7 @@ class Orders:
         vm.leaseId = leaseId
         vm.netLimit = netLimit
         vm.lifeWatch = lambda: self._showedLife(vm)
+        self.verdicts.placed(vm, consecutive)
         buyer = self.buyerSession(vm.buyerId)
         if buyer is not None:
             self._linkBuyer(vm, buyer)
@@ -832,8 +884,11 @@ class Orders:
         except Exception as e:
             vm.resultSent = (None, 0)
             raise BadRequest(f"the buyer's program did not take VM {vmId}'s result: {e}")
+        if vm.resultSent[0] == vm.leaseId and vm.aliveAt is not None:
+            # The bytes reached the buyer: they are billed like its VM's traffic.
+            vm.netBase += len(data)
 
-    def resultReady(self, seller, vmId, sha256, size):
+    async def resultReady(self, seller, vmId, sha256, size):
         """
         The seller of C{vm} says its result is C{size} bytes of digest
         C{sha256} (checked as a sha256 by the protocol): recorded once a
@@ -852,8 +907,12 @@ class Orders:
         orderId, sellerId, reported = vm.order, seller.account.id, self.reactor.seconds()
         self.log.info("VM {vm} result: {size} bytes, sha256 {sha256}", vm=vmId, size=size,
                       sha256=sha256)
-        self._save(lambda c: marketsql.addResult(
-            c, leaseId, vmId, orderId, sellerId, figures.country, cpu, sha256, size, reported))
+        recorded = await self.db.runInOrder(
+            lambda c: marketsql.addResult(c, leaseId, vmId, orderId, sellerId,
+                                          figures.country, cpu, sha256, size, reported))
+        if not recorded:
+            raise BadRequest(f"VM {vmId}'s result was already reported")
+        self.verdicts.outcome(vm, sha256, leaseId, sellerId)
         buyer = vm.buyerSession or self.buyerSession(vm.buyerId)
         lease, sent = vm.resultSent
         if (sent if lease == leaseId else 0) == size and buyer is not None and buyer.connected:
@@ -861,6 +920,64 @@ class Orders:
                                      order=orderId).addErrback(
                 lambda f: self.log.warn("passing on VM {vm}'s result: {why}", vm=vmId,
                                         why=f.getErrorMessage()))
+
+    # -- verdicts (L{verdicts_.Verdicts} calls these)
+
+    def addReplica(self, group):
+        """One more replica in C{group}: a tie-break, or an adaptive order's second run."""
+        defer.ensureDeferred(self._addReplica(group)).addErrback(
+            lambda f: self.log.failure("adding a replica to group {n} of order {order}", f,
+                                       n=group.number, order=group.order))
+
+    async def _addReplica(self, group):
+        model = next((vm for vm in self.groups.get(group.key, ()) if vm.id in group.members),
+                     None)
+        if model is None:
+            model = await self._modelVM(group)
+        vmId = await self.db.run(marketsql.addReplicaVM, group.order, group.number)
+        self.verdicts.added(group, vmId)
+        vm = VM(vmId, group.order, model.buyerId, model.buyerName, model.image, model.size,
+                model.cores, model.memory, store.macFor(vmId), model.screens, model.budget)
+        self.vms[vmId] = vm
+        k = len(group.members)
+        self._join(vm, group.number, k, model.diversity)
+        for other in self.groups.get(group.key, ()):
+            other.replicas = k
+        self.log.info("VM {vm}: replica {k} of group {n} of order {order}", vm=vmId, k=k,
+                      n=group.number, order=group.order)
+        if not self._allocate(vm):
+            vm.reason = self.whyWaiting(vm)
+
+    async def _modelVM(self, group):
+        """A VM like those of C{group}, from the database (its replicas ended before a restart)."""
+        orderId = group.order
+
+        def read(cursor):
+            image, cores, memory, buyerName = store.orderTerms(cursor, orderId)
+            return (image, store.imageSize(cursor, group.buyer, image) or 0, cores, memory,
+                    buyerName, marketsql.orderScreens(cursor, {orderId}),
+                    marketsql.orderReplicas(cursor, orderId))
+
+        image, size, cores, memory, buyerName, screens, (_, diversity) = \
+            await self.db.run(read)
+        arguments, budget = screens.get(orderId, ({}, None))
+        vm = VM(0, orderId, group.buyer, buyerName, image, size, cores, memory, "",
+                Screens.fromArguments(**arguments), budget)
+        vm.diversity = frozenset(diversity)
+        return vm
+
+    def stopRejected(self, vmId, why):
+        """A replica's result was rejected: it stops (nothing more of it is paid)."""
+        vm = self.vms.get(vmId)
+        if vm is not None and vm.active:
+            self._end(vm, VMState.STOPPED, why)
+
+    def groupDecided(self, group):
+        """C{group} is decided: its replicas no longer keep others off their sellers."""
+        members = self.groups.pop(group.key, set())
+        for vm in members:
+            if vm.active:
+                self.groups.setdefault(group.key, set()).add(vm)
 
     async def results(self, account, orderId, after=None):
         """A page of the results of this account's order C{orderId}: (rows, more)."""
@@ -983,6 +1100,11 @@ class Orders:
         vm.seller = None
         self.vms.pop(vm.id, None)
         self._leave(vm)
+        # Its seller ended it (or could not start it): a replica without a
+        # result.  The buyer or the market ended it: it is not judged.
+        self.verdicts.outcome(
+            vm, verdicts_.NO_RESULT if state == VMState.FAILED or not tellSeller
+            else verdicts_.EXCUSED, vm.leaseId, vm.sellerAccountId)
         vm.foldLink()
         self._endLease(vm, reason, waitForSeller=seller is not None and tellSeller
                        and seller.connected)
