@@ -6,13 +6,18 @@ screen on (`cpushare sellers`, --min-validated).
 """
 
 import pytest
+from twisted.internet import defer
 
+from cpushare.client.cli.main import parser
+from cpushare.client.cli.market import formatSellers
+from cpushare.client.cli.screens import screenArguments
 from cpushare.protocol import commands
 from cpushare.server.db import marketsql, store
 from cpushare.server.market import ratings, validation
-from cpushare.server.market.screens import rating
+from cpushare.server.market.screens import MAX_SCREEN_VALIDATED, Figures, Screens, rating
 from cpushare.server.market.validation import Validation
 
+from test.unit.test_orders import OrderCase
 from test.unit.test_ratings import _account, _lease, _rate
 
 
@@ -125,3 +130,146 @@ def test_a_well_rated_seller_drops_after_a_failed_canary(conn):
     assert (good, bad, raters) == (5.0, 1.0, 6)
     assert rating(good, bad) < before - 0.1
     assert store.transact(conn, validation.recordAndVote, sam, True)[1] is None
+
+
+# -- the --min-validated screen and what `cpushare sellers` shows
+
+
+def _figures(validated=0, errorRate=None):
+    return Figures(name="sam", price=10_000, netFee=0, country="IT", rating=0.5, votes=2,
+                   latencyMs=None, bandwidthMbps=None, cpuScore=None,
+                   validated=validated, errorRate=errorRate)
+
+
+def test_the_screen_names_both_figures_and_refuses_absurd_floors():
+    screens = Screens.fromArguments(min_validated=25)
+    assert screens.exclusion(_figures(24)) == \
+        "has 24 validated results, fewer than --min-validated 25"
+    assert screens.exclusion(_figures(24)).screen == "--min-validated"
+    assert screens.exclusion(_figures(25)) is None
+    assert Screens.fromArguments(min_validated=0).exclusion(_figures(0)) is None
+    # Kept with a waiting order's screens.
+    assert Screens.fromArguments(**screens.toArguments()) == screens
+    assert Screens.fromArguments().toArguments() == {}
+    for absurd in (-1, MAX_SCREEN_VALIDATED + 1, 10**100, 2.5, True, "7"):
+        with pytest.raises(commands.BadRequest, match=r"\(--min-validated\) must be a whole"
+                           r" number between 0 and 1000000000"):
+            Screens.fromArguments(min_validated=absurd)
+
+
+def test_the_command_line_sends_the_screen_and_shows_the_counts():
+    for argv in (["sellers", "--min-validated", "12"],
+                 ["order", "place", "--image", "x.iso", "--min-validated", "12"]):
+        assert screenArguments(parser().parse_args(argv)) == {"min_validated": 12}
+    with pytest.raises(SystemExit):
+        parser().parse_args(["sellers", "--min-validated", "many"])
+    seller = {"name": "sam", "price": 10_000, "net_fee": 0, "cores": 2, "free_cores": 2,
+              "memory": 1024, "free_memory": 1024, "rating": 0.5, "votes": 2,
+              "connected": 0.0}
+    new = dict(seller, name="new", validated=0)
+    proven = dict(seller, name="proven", validated=397, error_rate=3 / 400)
+    out = formatSellers([new, proven, dict(seller, name="shy", excluded="has 0 validated"
+                                           " results, fewer than --min-validated 5")], 60.0)
+    lines = out.splitlines()
+    header = lines[0].split()
+    assert header[5:8] == ["RATING", "VALIDATED", "ERRORS"]
+    assert lines[1].split()[5:8] == ["0.50/2", "0", "-"]
+    assert lines[2].split()[5:8] == ["0.50/2", "397", "0.8%"]
+    assert lines[-1] == "  shy has 0 validated results, fewer than --min-validated 5"
+
+
+class ValidatedSellersTests(OrderCase):
+    """The board follows Validations.record; buyers see and screen on the counts."""
+
+    @defer.inlineCallbacks
+    def seller(self, name, cores=2, price=None):
+        who = yield self.register(name)
+        session = yield self.program("seller", who)
+        terms = {"price": price} if price is not None else {}
+        yield self.call(session, commands.Offer, cores=cores, memory=4096, **terms)
+        accountId = yield self.store.run(
+            lambda c: c.execute("SELECT id FROM accounts WHERE name = ?", (name,)).fetchone()[0])
+        return session, who, accountId
+
+    def sellers(self, **kw):
+        return self.call(self.cli, commands.ListSellers, offset=0, explain=True, **kw)
+
+    @defer.inlineCallbacks
+    def listed(self, **kw):
+        """{name: (validated, error_rate, excluded)} as ListSellers shows them."""
+        found = (yield self.sellers(**kw))["sellers"]
+        return {s["name"]: (s.get("validated"), s.get("error_rate"), s.get("excluded"))
+                for s in found}
+
+    def order(self, vms=1, **kw):
+        return self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=vms, cores=1,
+                         memory=256, **kw)
+
+    @defer.inlineCallbacks
+    def test_the_screen_admits_and_excludes_sellers_as_their_counts_change(self):
+        proven, _, provenId = yield self.seller("proven", cores=1, price=30_000)
+        fresh, freshWho, freshId = yield self.seller("fresh", cores=1, price=20_000)
+        shown = yield self.listed(min_validated=2)
+        self.assertEqual(shown, {
+            "proven": (0, None, "has 0 validated results, fewer than --min-validated 2"),
+            "fresh": (0, None, "has 0 validated results, fewer than --min-validated 2")})
+
+        # An order that asks for 3 validated results waits, and says why.
+        placed = yield self.order(min_validated=3)
+        self.assertEqual(placed["allocated"], 0)
+        self.assertIn("2 by --min-validated", placed["waiting"])
+
+        validations = self.market.validations
+        for _ in range(2):
+            yield defer.ensureDeferred(validations.record(provenId, True))
+        shown = yield self.listed(min_validated=2)
+        self.assertEqual(shown["proven"], (2, 0.0, None))
+        self.assertEqual(shown["fresh"][2],
+                         "has 0 validated results, fewer than --min-validated 2")
+        self.assertEqual(len(proven.started.pending), 0, "2 validated results are not 3")
+
+        # The third accepted result: the waiting VM goes to proven at once.
+        counts = yield defer.ensureDeferred(validations.record(provenId, True))
+        self.assertEqual(counts, Validation(validated=3, consecutive=3))
+        self.assertEqual((yield self.within(proven.started.get()))["vm"], placed["vm_ids"][0])
+        self.assertEqual(len(fresh.started.pending), 0)
+
+        # A result found wrong raises its error rate; its validated count stays.
+        yield defer.ensureDeferred(validations.record(provenId, False, why="in a minority"))
+        shown = yield self.listed(min_validated=3)
+        self.assertEqual(shown["proven"], (3, 0.25, None))
+
+        # Counts of a seller offline are kept, and loaded when it comes online.
+        yield self.close(fresh)
+        for _ in range(4):
+            yield defer.ensureDeferred(validations.record(freshId, True))
+        self.assertNotIn("fresh", (yield self.listed()))
+        again = yield self.program("seller", freshWho)
+        yield self.call(again, commands.Offer, cores=1, memory=4096)
+        self.assertEqual((yield self.listed(min_validated=4))["fresh"], (4, 0.0, None))
+
+    @defer.inlineCallbacks
+    def test_a_wrong_canary_answer_shows_in_the_sellers_rating_at_once(self):
+        _, _, samId = yield self.seller("canaried")
+        [before] = (yield self.sellers())["sellers"]
+        self.assertEqual((before["votes"], before["rating"]), (0, 0.0))
+        yield defer.ensureDeferred(
+            self.market.validations.record(samId, False, canary=True, why="wrong digest"))
+        [after] = (yield self.sellers())["sellers"]
+        self.assertEqual((after["votes"], after["validated"], after["error_rate"]), (1, 0, 1.0))
+        self.assertEqual((yield self.listed(min_rating=0.01))["canaried"][2],
+                         "is rated 0.00 (1 votes), below --min-rating 0.01")
+
+    @defer.inlineCallbacks
+    def test_absurd_floors_are_refused_naming_the_screen_and_nothing_is_placed(self):
+        yield self.seller("any")
+        bad = [(-1, "(--min-validated) must be a whole number between 0 and 1000000000"),
+               (MAX_SCREEN_VALIDATED + 1, "(--min-validated) must be a whole number"),
+               (10**30, "min_validated: 1000000000000000000000000000000 is out of range")]
+        for absurd, problem in bad:
+            for ask in (self.sellers, self.order):
+                with self.assertRaises(commands.BadRequest) as e:
+                    yield ask(min_validated=absurd)
+                self.assertIn(problem, str(e.exception))
+        self.assertEqual((yield self.call(self.cli, commands.ListVMs))["vms"], [])
+        self.assertEqual((yield self.listed(min_validated=0))["any"], (0, None, None))
