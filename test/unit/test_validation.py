@@ -238,6 +238,9 @@ class ValidatedSellersTests(OrderCase):
         yield defer.ensureDeferred(validations.record(provenId, False, why="in a minority"))
         shown = yield self.listed(min_validated=3)
         self.assertEqual(shown["proven"], (3, 0.25, None))
+        # Counts told late, after newer ones, do not turn the board back.
+        self.assertFalse(self.market.board.validated(provenId, counts))
+        self.assertEqual((yield self.listed(min_validated=3))["proven"], (3, 0.25, None))
 
         # Counts of a seller offline are kept, and loaded when it comes online.
         yield self.close(fresh)

@@ -123,12 +123,18 @@ class Board:
         """
         A seller's L{Validation} changed (a verdict or a canary checked a
         result); returns whether it is online with more validated results
-        than before (a --min-validated screen may pass it now).
+        than before (a --min-validated screen may pass it now).  Each check
+        adds one result, so counts of fewer results than the board has are
+        from a check whose transaction finished earlier but was told later
+        (the store runs several at once): they are ignored.
         """
         entry = self.standing.get(sellerId)
         if entry is None:
             return False
-        more = validation.validated > entry["validation"].validated
+        known = entry["validation"]
+        if validation.validated + validation.invalid < known.validated + known.invalid:
+            return False
+        more = validation.validated > known.validated
         entry["validation"] = validation
         self.invalidate()
         return more
