@@ -260,6 +260,13 @@ class ValidatedSellersTests(OrderCase):
             self.market.validations.record(samId, False, canary=True, why="wrong digest"))
         [after] = (yield self.sellers())["sellers"]
         self.assertEqual((after["votes"], after["validated"], after["error_rate"]), (1, 0, 1.0))
+        # Recorded in a transaction of the caller's own, then told.
+        told = yield self.store.run(validation.recordAndVote, samId, True)
+        self.assertEqual(told, (Validation(validated=1, invalid=1, consecutive=1,
+                                           canariesFailed=1), None))
+        self.market.validations.recorded(samId, *told)
+        [after] = (yield self.sellers())["sellers"]
+        self.assertEqual((after["votes"], after["validated"], after["error_rate"]), (1, 1, 0.5))
         self.assertEqual((yield self.listed(min_rating=0.01))["canaried"][2],
                          "is rated 0.00 (1 votes), below --min-rating 0.01")
 

@@ -102,7 +102,14 @@ class Validations:
         """L{record} in the store; returns the seller's new L{Validation}."""
         validation, votes = await self.store.run(
             recordAndVote, sellerId, bool(valid), leaseId, buyerId, canary, why)
+        self.recorded(sellerId, validation, votes)
+        return validation
+
+    def recorded(self, sellerId, validation, votes=None):
+        """
+        Tell what L{recordAndVote} returned, when it ran in a transaction of
+        the caller's own (with the ledger's moves of a verdict, say).
+        """
         self.changed(sellerId, validation)
         if votes is not None and self.voted is not None:
             self.voted(sellerId, votes)
-        return validation
