@@ -175,6 +175,8 @@ SCREENS = [
     (b"max_net_fee", amp.Integer(optional=True)),
     # Not a screen: the GB a VM-hour the order expects, to rank sellers by cost.
     (b"traffic", amp.Float(optional=True)),
+    # At least this many results accepted by verdicts and canaries.
+    (b"min_validated", amp.Integer(optional=True)),
 ]
 
 # Replicated runs: each VM run C{replicas} times on sellers that differ in
@@ -219,6 +221,10 @@ class ListSellers(amp.Command):
             (b"cpu_score", amp.Float(optional=True)),
             (b"excluded", amp.Unicode(optional=True)),
             (b"cpu", amp.Unicode(optional=True)),
+            # Results verdicts and canaries accepted, and the share of its
+            # checked results found wrong (absent before any was checked).
+            (b"validated", amp.Integer(optional=True)),
+            (b"error_rate", amp.Float(optional=True)),
         ])),
         (b"total", amp.Integer()),
         (b"passing", amp.Integer()),

@@ -189,12 +189,13 @@ def test_seller_is_listed_with_latency_and_buyer_is_not(market, processes, tmp_p
     assert table.status == 0, table
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["NAME", "PRICE/CORE-H", "NET/GB", "FREE/CORES", "FREE/MEMORY",
-                                "RATING", "LATENCY", "MBPS", "CPU", "COUNTRY", "ONLINE",
-                                "CPU-MODEL"]
+                                "RATING", "VALIDATED", "ERRORS", "LATENCY", "MBPS", "CPU",
+                                "COUNTRY", "ONLINE", "CPU-MODEL"]
     assert [line.split()[0] for line in lines[1:]] == ["dave", "alice"], table.stdout
     row = lines[2].split()
     assert row[1:6] == ["0.03", "0.00", "2/2", "1024/1024MB", "new"], table.stdout
-    assert row[7] == "ms" and row[10] == "IT", table.stdout
+    assert row[6:8] == ["0", "-"], table.stdout     # no result checked yet
+    assert row[9] == "ms" and row[12] == "IT", table.stdout
     assert lines[1].split()[1:3] == ["0.02", "0.50"], table.stdout
 
     screened = cpushare(bob, "sellers", "--max-net-fee", "0.1", "--explain")
@@ -208,7 +209,11 @@ def test_seller_is_listed_with_latency_and_buyer_is_not(market, processes, tmp_p
     assert "price:   0.015 a core-hour" in changed.stdout
     table = cpushare(bob, "sellers", "--json")
     assert [s["name"] for s in json.loads(table.stdout)] == ["alice", "dave"], table.stdout
+    assert [(s["validated"], s["error_rate"]) for s in json.loads(table.stdout)] == \
+        [(0, None), (0, None)], table.stdout
     for args, problem in [(("--max-price", "-1"), "--max-price: '-1' is not an amount"),
+                          (("--min-validated", "-1"),
+                           "(--min-validated) must be a whole number between 0 and"),
                           (("--country", "Italy"), "'ITALY' is not a two-letter country code")]:
         bad = cpushare(bob, "sellers", *args)
         assert bad.status == 1 and problem in bad.stderr, bad

@@ -11,6 +11,7 @@ SCREENS, shared with `cpushare order place`:
     --max-price P       at most P a core-hour
     --max-net-fee F     at most F a GB of network traffic
     --min-rating R      rated at least R (0 to 1)
+    --min-validated N   at least N results accepted by the market's checks
     --max-latency MS    at most MS round trip to the market
     --min-bandwidth MBPS
     --min-cpu SCORE
@@ -30,9 +31,17 @@ from cpushare.protocol import commands
 from cpushare.money import formatAmount
 
 
+def validationColumns(seller):
+    """The VALIDATED and ERRORS cells of a seller: its checked results."""
+    rate = seller.get("error_rate")
+    return (str(seller.get("validated", 0)),
+            "-" if rate is None else f"{100 * rate:.1f}%")
+
+
 def formatSellers(sellers, now):
     rows = [("NAME", "PRICE/CORE-H", "NET/GB", "FREE/CORES", "FREE/MEMORY", "RATING",
-             "LATENCY", "MBPS", "CPU", "COUNTRY", "ONLINE", "CPU-MODEL")]
+             "VALIDATED", "ERRORS", "LATENCY", "MBPS", "CPU", "COUNTRY", "ONLINE",
+             "CPU-MODEL")]
     excluded = []
     for s in sellers:
         if s.get("excluded"):
@@ -43,6 +52,7 @@ def formatSellers(sellers, now):
             s["name"], formatAmount(s["price"]), formatAmount(s["net_fee"]),
             f"{s['free_cores']}/{s['cores']}", f"{s['free_memory']}/{s['memory']}MB",
             f"{s['rating']:.2f}/{s['votes']}" if s["votes"] else "new",
+            *validationColumns(s),
             "-" if latency is None else f"{latency:.1f} ms",
             "-" if bandwidth is None else f"{bandwidth:.0f}",
             "-" if cpu is None else f"{cpu:.0f}",
@@ -68,6 +78,9 @@ async def sellers(reactor, args, home):
             found.extend(page["sellers"])
             if not page["sellers"] or len(found) >= page["total"]:
                 break
+    for s in found:     # in the JSON too before any result was checked
+        s.setdefault("validated", 0)
+        s.setdefault("error_rate", None)
     printListing(args.json, found, "no sellers are online", formatSellers)
     if page.get("replicas") and not args.json:
         print(f"replicas: {page['replicas']}")

@@ -8,6 +8,9 @@ def addScreenArguments(p):
     g.add_argument("--max-price", metavar="P", help="at most P a core-hour")
     g.add_argument("--max-net-fee", metavar="F", help="at most F a GB of network traffic")
     g.add_argument("--min-rating", type=float, metavar="R", help="rated at least R (0 to 1)")
+    g.add_argument("--min-validated", type=int, metavar="N",
+                   help="at least N results accepted by the market's checks"
+                        " (replicated runs and canaries)")
     g.add_argument("--max-latency", type=float, metavar="MS",
                    help="at most MS milliseconds round trip to the market")
     g.add_argument("--min-bandwidth", type=float, metavar="MBPS",
@@ -47,7 +50,8 @@ def screenArguments(args):
         screens["max_price"] = amount(args.max_price, "--max-price")
     if args.max_net_fee is not None:
         screens["max_net_fee"] = amount(args.max_net_fee, "--max-net-fee", allowZero=True)
-    for name in ("min_rating", "max_latency", "min_bandwidth", "min_cpu", "traffic"):
+    for name in ("min_rating", "max_latency", "min_bandwidth", "min_cpu", "traffic",
+                 "min_validated"):
         if getattr(args, name) is not None:
             screens[name] = getattr(args, name)
     for name, key in (("country", "countries"), ("not_country", "not_countries")):

@@ -180,6 +180,13 @@ def ratingsOf(cursor, sellerId):
     return [(buyer, int(good), int(count)) for buyer, good, count in cursor.fetchall()]
 
 
+def canariesFailed(cursor, sellerId):
+    """How many known-answer jobs (canaries) the seller answered wrongly."""
+    cursor.execute("SELECT canaries_failed FROM validation WHERE account_id = ?", (sellerId,))
+    row = cursor.fetchone()
+    return 0 if row is None else int(row[0])
+
+
 def leaseRating(cursor, leaseId):
     """(good, created) of the lease's rating, or None when it has none."""
     cursor.execute("SELECT good, created FROM ratings WHERE lease_id = ?", (leaseId,))

@@ -6,8 +6,9 @@ A seller's terms (price per core-hour, fee per GB, country) are kept in
 the database per account, so they survive reconnections: the seller
 program sends those its owner gave on its command line, `cpushare terms`
 changes them while it runs, and a seller that never said gets the market's
-default price.  Its votes (for the rating) are read when it comes online
-and kept up to date as buyers rate.
+default price.  Its votes (for the rating) and its validation (results
+accepted and found wrong by verdicts and canaries) are read when it comes
+online and kept up to date as buyers rate and results are checked.
 
 Ranking every seller for every VM would be wasteful: the ranked list is
 rebuilt when a seller comes or goes or its terms or rating change, and
@@ -31,6 +32,7 @@ from cpushare.money import MAX_PRICE, formatAmount
 from cpushare.server.market.ratings import votes as sellerVotes
 from cpushare.server.market.screens import (
     DEFAULT_TRAFFIC, Exclusion, Figures, country as countryCode, preference, rating)
+from cpushare.server.market.validation import Validation, validationOf
 
 RERANK = 5.0
 DEFAULT_PRICE = 10_000      # micro-units a core-hour: 0.01
@@ -59,9 +61,9 @@ def checkTerms(price=None, net_fee=None, country=None, maxNetFee=MAX_NET_FEE):
 
 
 def sellerStanding(cursor, accountId, defaults):
-    """What the market needs of a seller that comes online: (terms, votes)."""
+    """What the market needs of a seller that comes online: (terms, votes, validation)."""
     return (marketsql.sellerTerms(cursor, accountId) or dict(defaults),
-            sellerVotes(cursor, accountId))
+            sellerVotes(cursor, accountId), validationOf(cursor, accountId))
 
 
 class Board:
@@ -78,7 +80,8 @@ class Board:
         self.sellers = sellers
         self.defaults = {"price": defaultPrice, "net_fee": 0, "country": None}
         self.maxNetFee = maxNetFee
-        self.standing = {}          # account id -> {"terms": {...}, "votes": (good, bad)}
+        # account id -> {"terms": {...}, "votes": (good, bad, raters), "validation": Validation}
+        self.standing = {}
         self._ranked = {}           # (cores, traffic) -> [(session, figures)], best first
         self._rankedAt = None
 
@@ -90,11 +93,11 @@ class Board:
         given = checkTerms(price, net_fee, country, self.maxNetFee)
         accountId = session.account.id
         db = self.store
-        terms, votes = await db.run(sellerStanding, accountId, self.defaults)
+        terms, votes, validation = await db.run(sellerStanding, accountId, self.defaults)
         if (price, net_fee, country) != (None, None, None):
             terms = await db.run(marketsql.setSellerTerms, accountId, self.defaults,
                                  given["price"], given["net_fee"], given["country"])
-        self.standing[accountId] = {"terms": terms, "votes": votes}
+        self.standing[accountId] = {"terms": terms, "votes": votes, "validation": validation}
         self.invalidate()
         return terms
 
@@ -116,10 +119,31 @@ class Board:
             entry["votes"] = votes
             self.invalidate()
 
+    def validated(self, sellerId, validation):
+        """
+        A seller's L{Validation} changed (a verdict or a canary checked a
+        result); returns whether it is online with more validated results
+        than before (a --min-validated screen may pass it now).  Each check
+        adds one result, so counts of fewer results than the board has are
+        from a check whose transaction finished earlier but was told later
+        (the store runs several at once): they are ignored.
+        """
+        entry = self.standing.get(sellerId)
+        if entry is None:
+            return False
+        known = entry["validation"]
+        if validation.validated + validation.invalid < known.validated + known.invalid:
+            return False
+        more = validation.validated > known.validated
+        entry["validation"] = validation
+        self.invalidate()
+        return more
+
     def figures(self, session):
         entry = self.standing.get(session.account.id)
         terms = entry["terms"] if entry else self.defaults
         good, bad, raters = entry["votes"] if entry else (0, 0, 0)
+        validation = entry["validation"] if entry else Validation()
         return Figures(
             name=session.account.name,
             price=terms["price"],
@@ -131,6 +155,8 @@ class Board:
             bandwidthMbps=getattr(session, "bandwidthMbps", None),
             cpuScore=getattr(session, "cpuScore", None),
             cpu=getattr(session, "cpu", None),
+            validated=validation.validated,
+            errorRate=validation.errorRate,
         )
 
     def ranked(self, cores=1, traffic=DEFAULT_TRAFFIC):

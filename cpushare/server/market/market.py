@@ -33,6 +33,7 @@ from cpushare.server.money.desk import MoneyDesk
 from cpushare.server.market.orders import Orders
 from cpushare.server.market.ratings import Ratings
 from cpushare.server.market.replicas import network as replicaNetwork
+from cpushare.server.market.validation import Validations
 from cpushare.server.relay import Relay
 
 ACCOUNT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}\Z")
@@ -74,6 +75,7 @@ class Market(Service):
                              self.buyerSession, images)
         self.billing.serve(self.orders)
         self.ratings = Ratings(store, self.board.voted)
+        self.validations = Validations(store, self.validationChanged, self.board.voted)
         self.measureEvery = measureEvery
         self.measureSlots = defer.DeferredSemaphore(MEASURE_AT_ONCE)
         cpuBench = dict(cpuBench or {"every": 0})
@@ -194,6 +196,15 @@ class Market(Service):
             price=formatAmount(terms["price"]))
         return terms
 
+    def validationChanged(self, sellerId, validation):
+        """
+        A verdict or a canary checked a result of the seller C{sellerId}: the
+        board screens it on its new counts, and VMs that wait for sellers
+        with more validated results may now be placed.
+        """
+        if self.board.validated(sellerId, validation):
+            self.orders.capacityChanged()
+
     async def setTerms(self, account, price=None, net_fee=None, country=None):
         """A seller's account changes its terms; returns those in force."""
         terms = await self.board.setTerms(account.id, price, net_fee, country)
@@ -242,6 +253,8 @@ class Market(Service):
                 "cpu_score": fig.cpuScore,
                 "excluded": None if reason is None else str(reason),
                 "cpu": None if fig.cpu is None else "/".join(fig.cpu),
+                "validated": fig.validated,
+                "error_rate": fig.errorRate,
             })
         return entries, len(listed), len(passing)
 

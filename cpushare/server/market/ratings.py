@@ -8,7 +8,9 @@ own VM on its own seller is never rated; anyone else's lease is refused
 as if it did not exist.  Each buyer account counts once in a seller's
 votes, its leases' ratings averaged, weighted by what it paid that seller
 up to L{RATING_FULL_VOTE}: many votes from one account, or from fresh
-accounts that paid next to nothing, weigh next to nothing.
+accounts that paid next to nothing, weigh next to nothing.  The market
+votes too: each canary (a known-answer job, L{validation}) a seller
+answered wrongly is a full-weight bad vote.
 """
 
 from dataclasses import dataclass
@@ -29,20 +31,23 @@ MAX_COMMENT = 500
 def votes(cursor, accountId):
     """
     A seller's votes as (good, bad, raters): each buyer account that rated
-    it counts once, weighted by what it paid (see the module); C{raters} is
-    how many buyer accounts rated it.
+    it counts once, weighted by what it paid (see the module), and each
+    known-answer job (canary) it answered wrongly is a full bad vote of the
+    market's; C{raters} is how many buyer accounts rated it, plus one for
+    the market when it found a wrong canary answer.
     """
     rated = marketsql.ratingsOf(cursor, accountId)
-    if not rated:
-        return 0.0, 0.0, 0
-    paid = leasesql.paidTo(cursor, accountId)
+    failed = marketsql.canariesFailed(cursor, accountId)
     good = bad = 0.0
-    for buyer, goodCount, count in rated:
-        weight = min(1.0, paid.get(buyer, 0) / RATING_FULL_VOTE)
-        share = goodCount / count
-        good += weight * share
-        bad += weight * (1.0 - share)
-    return good, bad, len(rated)
+    if rated:
+        paid = leasesql.paidTo(cursor, accountId)
+        for buyer, goodCount, count in rated:
+            weight = min(1.0, paid.get(buyer, 0) / RATING_FULL_VOTE)
+            share = goodCount / count
+            good += weight * share
+            bad += weight * (1.0 - share)
+    # The market's own vote: each wrong canary answer a full bad vote.
+    return good, bad + failed, len(rated) + (1 if failed else 0)
 
 
 def checkComment(comment):

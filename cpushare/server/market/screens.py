@@ -29,6 +29,7 @@ _COUNTRY = re.compile(r"^[A-Z]{2}$")
 MAX_SCREEN_LATENCY_MS = 600_000.0
 MAX_SCREEN_BANDWIDTH = 1_000_000.0    # Mbps
 MAX_SCREEN_CPU = 1e9
+MAX_SCREEN_VALIDATED = 10**9
 # The network traffic a VM-hour is expected to carry, in GB, when an order
 # does not say: what ranking weighs sellers' fees a GB with.
 DEFAULT_TRAFFIC = 1.0
@@ -83,6 +84,8 @@ class Figures:
     bandwidthMbps = attr.ib()           # None until measured
     cpuScore = attr.ib()                # None until measured
     cpu = attr.ib(default=None)         # (vendor, family, model) as it says, or None
+    validated = attr.ib(default=0)      # results verdicts and canaries accepted
+    errorRate = attr.ib(default=None)   # share of its checked results found wrong, or None
 
 
 def _number(value, what, low, high):
@@ -91,6 +94,14 @@ def _number(value, what, low, high):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or \
             not math.isfinite(value) or not low <= value <= high:
         raise BadRequest(f"{what} must be between {low:g} and {high:g}, not {value!r}")
+    return value
+
+
+def _count(value, what, high):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+        raise BadRequest(f"{what} must be a whole number between 0 and {high}, not {value!r}")
     return value
 
 
@@ -113,11 +124,13 @@ class Screens:
     notCountries = attr.ib(default=())
     maxNetFee = attr.ib(default=None)       # micro-units per GB
     traffic = attr.ib(default=DEFAULT_TRAFFIC)  # GB a VM-hour, to rank by cost (not a screen)
+    minValidated = attr.ib(default=None)    # results accepted by verdicts and canaries
 
     @classmethod
     def fromArguments(cls, max_price=None, min_rating=None, max_latency=None,
                       min_bandwidth=None, min_cpu=None, countries=None,
-                      not_countries=None, max_net_fee=None, traffic=None):
+                      not_countries=None, max_net_fee=None, traffic=None,
+                      min_validated=None):
         """Screens from a command's arguments, checked: BadRequest names a bad one."""
         only = tuple(sorted({country(c, "country") for c in countries or ()}))
         never = tuple(sorted({country(c, "excluded country") for c in not_countries or ()}))
@@ -137,6 +150,8 @@ class Screens:
             maxNetFee=_money(max_net_fee, "the maximum network fee"),
             traffic=DEFAULT_TRAFFIC if traffic is None else _number(
                 traffic, "the expected traffic (GB a VM-hour)", 0.0, MAX_TRAFFIC),
+            minValidated=_count(min_validated, "the minimum of validated results"
+                                " (--min-validated)", MAX_SCREEN_VALIDATED),
         )
 
     def toArguments(self):
@@ -148,6 +163,7 @@ class Screens:
             "not_countries": list(self.notCountries) or None,
             "max_net_fee": self.maxNetFee,
             "traffic": None if self.traffic == DEFAULT_TRAFFIC else self.traffic,
+            "min_validated": self.minValidated,
         }
         return {k: v for k, v in values.items() if v is not None}
 
@@ -169,6 +185,9 @@ class Screens:
         if self.minRating is not None and seller.rating < self.minRating:
             return Exclusion("--min-rating", f"is rated {seller.rating:.2f} ({seller.votes} votes),"
                              f" below --min-rating {self.minRating:g}")
+        if self.minValidated is not None and seller.validated < self.minValidated:
+            return Exclusion("--min-validated", f"has {seller.validated} validated results,"
+                             f" fewer than --min-validated {self.minValidated}")
         if self.maxLatencyMs is not None:
             if seller.latencyMs is None:
                 return Exclusion("--max-latency", "has no latency measured yet (--max-latency)")

@@ -9,12 +9,15 @@ result also gets an automatic "bad" rating for its lease, in the lease's
 buyer's name (replacing any rating that buyer gave it).  Inconclusive
 verdicts change nothing.
 
-All functions take a DB-API cursor and run inside the store's transaction.
+The functions take a DB-API cursor and run inside the store's
+transaction; L{Validations} is the service the market calls with a
+checked result, which keeps the board (what buyers screen on) current.
 """
 
 from dataclasses import dataclass
 
 from cpushare.server.db.store import now
+from cpushare.server.market.ratings import votes as sellerVotes
 
 
 @dataclass(frozen=True)
@@ -70,3 +73,43 @@ def record(cursor, sellerId, valid, leaseId=None, buyerId=None, canary=False, wh
                 " created = excluded.created",
                 (leaseId, sellerId, buyerId, comment[:500], now()))
     return validationOf(cursor, sellerId)
+
+
+def recordAndVote(cursor, sellerId, valid, leaseId=None, buyerId=None, canary=False, why=None):
+    """
+    L{record}, and the seller's votes after it (L{ratings.votes}) when the
+    result was invalid (an automatic bad rating or a wrong canary answer
+    changes them), else None.
+    """
+    validation = record(cursor, sellerId, valid, leaseId, buyerId, canary, why)
+    return validation, None if valid else sellerVotes(cursor, sellerId)
+
+
+class Validations:
+    """
+    Counts sellers' checked results (verdicts of replica groups, canaries):
+    C{changed(sellerId, validation)} is told a seller's new L{Validation},
+    and C{voted(sellerId, votes)}, when given, its new votes after an
+    invalid result (the board ranks it again).
+    """
+
+    def __init__(self, store, changed, voted=None):
+        self.store = store
+        self.changed = changed
+        self.voted = voted
+
+    async def record(self, sellerId, valid, leaseId=None, buyerId=None, canary=False, why=None):
+        """L{record} in the store; returns the seller's new L{Validation}."""
+        validation, votes = await self.store.run(
+            recordAndVote, sellerId, bool(valid), leaseId, buyerId, canary, why)
+        self.recorded(sellerId, validation, votes)
+        return validation
+
+    def recorded(self, sellerId, validation, votes=None):
+        """
+        Tell what L{recordAndVote} returned, when it ran in a transaction of
+        the caller's own (with the ledger's moves of a verdict, say).
+        """
+        self.changed(sellerId, validation)
+        if votes is not None and self.voted is not None:
+            self.voted(sellerId, votes)
