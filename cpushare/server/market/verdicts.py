@@ -229,7 +229,7 @@ class Verdicts:
     def leaseFor(self, vm):
         """The verdict a new lease of C{vm} opens with: pending while its group is undecided."""
         group = self.groupOf(vm)
-        return None if group is None or group.decided else "pending"
+        return None if group is None or group.decided else escrow.PENDING_VERDICT
 
     # -- adaptive replication
 
