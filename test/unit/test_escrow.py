@@ -4,8 +4,12 @@ database: each test runs on SQLite and on PostgreSQL (the `conn` fixture
 of test/conftest.py).
 """
 
-import pytest
+import argparse
 
+import pytest
+from twisted.internet import defer
+
+from cpushare.client.cli import funds
 from cpushare.money import CENT, MICRO
 from cpushare.protocol import commands
 from cpushare.server import admin
@@ -16,6 +20,8 @@ from cpushare.server.money.escrow import CannotDecide, decide, pendingMismatch
 from cpushare.server.money.ledger import EARNINGS, FUNDS, HELD, PENDING
 from test.unit.test_billing import INTERVAL, PRICE, WINDOW, check, credit, market, run  # noqa: F401
 from test.unit.test_ledger import adminArguments
+from test.unit.test_orders import FakeProgram, OrderCase
+from test.unit.test_replicas import AMD, INTEL
 
 CREDIT = 10 * MICRO
 
@@ -233,3 +239,89 @@ def test_the_books_check_finds_leases_that_disagree_with_the_pending_accounts(
             " its leases await verdicts on 0.003007") in out
     assert f"HELD account {market['alice']}: its held funds are 0.012" in out
     assert "THE BOOKS DO NOT BALANCE" in out
+
+
+# -- on the market in memory (test/fakemarket.py)
+
+
+class PendingOnTheMarketTests(OrderCase):
+    """A replicated order's sellers see their earnings await verdicts."""
+
+    @defer.inlineCallbacks
+    def seller(self, name, host, country, cpu):
+        who = yield self.register(name)
+        session = yield self.connect("seller", *who, sessionClass=FakeProgram, host=host)
+        yield self.call(session, commands.Offer, cores=1, memory=4096, country=country, **cpu)
+        return session
+
+    @defer.inlineCallbacks
+    def test_sellers_see_what_awaits_verdicts_until_they_are_in(self):
+        it = yield self.seller("it", "192.0.2.1", "IT", INTEL)
+        de = yield self.seller("de", "198.51.100.1", "DE", AMD)
+        placed = yield self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=1,
+                                 cores=1, memory=256, replicas=2)
+        self.assertEqual(placed["allocated"], 2)
+        for s in (it, de):
+            vm = (yield self.within(s.started.get()))["vm"]
+            yield self.showLife(s, vm)
+            yield self.call(s, commands.VMState, vm=vm, state="running", cpu_seconds=30.0)
+        clock = self.reactor
+
+        class MinuteLater:
+            def seconds(self):
+                return clock.seconds() + 60
+
+        self.patch(self.market.billing, "reactor", MinuteLater())
+        yield self.market.billing.tick()
+        leases = {lease["seller"]: lease for lease in
+                  (yield self.call(self.cli, commands.ListLeases))["leases"]}
+        charged = leases["it"]["charged"]
+        self.assertGreater(charged, 0)
+        for s in (it, de):
+            balance = yield self.call(s, commands.Balance)
+            self.assertEqual((balance["earnings"], balance["awaiting_verdicts"]),
+                             (0, leases[s.info["account"]]["charged"]))
+            earned = yield self.call(s, commands.Earnings)
+            self.assertEqual((earned["earnings"], earned["awaiting_verdicts"]),
+                             (0, leases[s.info["account"]]["charged"]))
+        yield self.checkBooks()
+        funds = (yield self.call(self.cli, commands.Balance))["funds"]
+        yield self.store.run(decide, leases["it"]["lease"], "accepted")
+        yield self.store.run(decide, leases["de"]["lease"], "rejected")
+        balance = yield self.call(it, commands.Balance)
+        self.assertEqual((balance["earnings"], balance["awaiting_verdicts"]), (charged, 0))
+        balance = yield self.call(de, commands.Balance)
+        self.assertEqual((balance["earnings"], balance["awaiting_verdicts"]), (0, 0))
+        self.assertEqual((yield self.call(self.cli, commands.Balance))["funds"],
+                         funds + leases["de"]["charged"])
+        yield self.checkBooks()
+
+
+def showBalance(monkeypatch, capsys, sheet, show=funds.balance):
+    """What C{show} prints of C{sheet}, as the market would answer it."""
+    async def ask(reactor, home, command, **kw):
+        return sheet
+
+    monkeypatch.setattr(funds, "ask", ask)
+    coroutine = show(None, argparse.Namespace(json=False), None)
+    with pytest.raises(StopIteration):
+        coroutine.send(None)
+    return capsys.readouterr().out
+
+
+def test_the_command_line_shows_what_awaits_verdicts_apart(monkeypatch, capsys):
+    sheet = {"funds": 0, "held": 0, "earnings": 2 * MICRO, "payout": 0,
+             "awaiting_verdicts": 1_500_000, "currency": "USD", "commission_percent": "5",
+             "payments": True, "pending": []}
+    out = showBalance(monkeypatch, capsys, sheet)
+    assert "earnings:  2.00 USD   earned selling; 'cpushare payout'" in out
+    assert "awaiting:  1.50 USD   earned with replicated runs, awaiting verdicts" in out
+    # A market that says nothing of verdicts, or nothing waiting: no line.
+    for answer in (dict(sheet, awaiting_verdicts=0),
+                   {k: v for k, v in sheet.items() if k != "awaiting_verdicts"}):
+        assert "awaiting" not in showBalance(monkeypatch, capsys, answer)
+    sheet = {"earnings": 2 * MICRO, "payout": 0, "awaiting_verdicts": 1_500_000,
+             "currency": "USD", "minimum": MICRO, "payments": True, "payouts": []}
+    out = showBalance(monkeypatch, capsys, sheet, funds.earnings)
+    assert ("awaiting:        1.50 USD (replicated runs awaiting verdicts: paid once their"
+            " results are accepted)") in out
