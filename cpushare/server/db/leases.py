@@ -41,8 +41,9 @@ class Lease:
     heldTotal: int = attr.ib(converter=int)
     settled: int = attr.ib()
     liveSince: float = attr.ib()        # None until its VM showed life
-    # None: not replicated; 'pending' until its replica group is decided,
-    # then 'accepted', 'inconclusive' or 'rejected'.
+    # None when not replicated; else pending until its replica group is
+    # decided, then accepted, inconclusive or rejected
+    # (L{cpushare.server.money.escrow}).
     verdict: str = attr.ib(default=None)
     # What its bills charged that waits for its verdict (in its seller's
     # ledger account of kind pending).
@@ -53,8 +54,9 @@ def insert(cursor, vmId, orderId, buyerId, sellerId, price, netFee, cores, start
            verdict=None):
     """
     A new lease, nothing held or charged yet; returns its id.  C{verdict}
-    is 'pending' for a lease of a replicated order (its earnings wait for
-    its replica group's verdict), else None.
+    is L{cpushare.server.money.escrow.PENDING_VERDICT} for a lease of a
+    replicated order (its earnings wait for its replica group's verdict),
+    else None.
     """
     cursor.execute(
         "INSERT INTO leases (vm_id, order_id, buyer_account_id, seller_account_id, price,"

@@ -54,6 +54,7 @@ from cpushare.money import cost, formatAmount
 from cpushare.server.db import leases as leasesql
 from cpushare.server.db import marketsql
 from cpushare.server.money import ledger
+from cpushare.server.money.escrow import PENDING_VERDICT, REJECTED
 from cpushare.server.money.ledger import EARNINGS, FUNDS, HELD, PENDING
 
 INTERVAL = 60.0
@@ -202,7 +203,7 @@ def bill(cursor, leaseId, cpuSeconds, netBytes, now, final=False, interval=INTER
     due = cost(lease.price, lease.netFee, cpu, traffic) - lease.charged
     paid = 0
     stop = None
-    if due > 0 and lease.verdict != "rejected":
+    if due > 0 and lease.verdict != REJECTED:
         # Never more than is held for the lease: its hold is all the buyer
         # agreed to pay for it so far.
         paid = min(due, lease.held)
@@ -213,7 +214,7 @@ def bill(cursor, leaseId, cpuSeconds, netBytes, now, final=False, interval=INTER
             lease.charged += paid
             lease.held -= paid
             to, waits = EARNINGS, ""
-            if lease.verdict == "pending":
+            if lease.verdict == PENDING_VERDICT:
                 to, waits = PENDING, ", awaiting its replica group's verdict"
                 lease.pending += paid
             ledger.post(
