@@ -748,6 +748,8 @@ class Balance(amp.Command):
     """
     This account's balances, the payments waiting at PayPal, and the
     market's terms: its currency, commission and whether it takes payments.
+    C{awaiting_verdicts} is what a seller earned with replicated runs whose
+    verdicts are not in yet: not in its earnings until they are.
     """
 
     arguments = []
@@ -756,6 +758,7 @@ class Balance(amp.Command):
         (b"held", amp.Integer()),
         (b"earnings", amp.Integer()),
         (b"payout", amp.Integer()),
+        (b"awaiting_verdicts", amp.Integer(optional=True)),
         (b"currency", amp.Unicode()),
         (b"commission_percent", amp.Unicode()),
         (b"payments", amp.Boolean()),
@@ -778,7 +781,7 @@ class Statement(amp.Command):
     This account's ledger entries, newest first, STATEMENT_PAGE at a time
     (fewer when they would not fit L{cpushare.protocol.paging.PAGE_BYTES}):
     entries older than entry C{before} (all when absent).  Each has the
-    balance of its account (funds, held, earnings, payout) after it;
+    balance of its account (funds, held, earnings, payout, pending) after it;
     C{more} says whether older ones remain.
     """
 
@@ -801,12 +804,17 @@ class Statement(amp.Command):
 
 
 class Earnings(amp.Command):
-    """Seller: earnings, money on its way out, the payout address and recent payouts."""
+    """
+    Seller: earnings, money on its way out, the payout address and recent
+    payouts; C{awaiting_verdicts} is earned with replicated runs whose
+    verdicts are not in yet, and cannot be paid out before.
+    """
 
     arguments = []
     response = [
         (b"earnings", amp.Integer()),
         (b"payout", amp.Integer()),
+        (b"awaiting_verdicts", amp.Integer(optional=True)),
         (b"currency", amp.Unicode()),
         (b"minimum", amp.Integer()),
         (b"payments", amp.Boolean()),

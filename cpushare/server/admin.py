@@ -16,8 +16,10 @@ The database is the server's: the SQLite file market.sqlite in --data, or
 the one --db names (the same URL as the server's --db).
 
 `books` proves the ledger: every entry summed is zero, every transaction
-balances, no owner's account is below zero.  It exits 0 when they hold and
-2 when they do not.
+balances, no owner's account is below zero, and the leases agree with it
+(each buyer's held funds are what its leases hold, each seller's pending
+earnings what its leases say waits for a verdict).  It exits 0 when they
+hold and 2 when they do not.
 
 `payout-sent` and `payout-returned` settle a payout whose outcome the
 market could not learn from PayPal (state unknown, or pending for good),
@@ -37,7 +39,7 @@ import os
 import sys
 
 from cpushare.server.db import database
-from cpushare.server.money import ledger
+from cpushare.server.money import billing, escrow, ledger
 from cpushare.server.db import store
 
 
@@ -125,7 +127,7 @@ def run(args):
                 raise Refused(str(e))
             print(f"credited {ledger.formatAmount(amount)} to {args.name}")
         elif args.command == "books":
-            return printBooks(store.transact(conn, ledger.books))
+            return printBooks(store.transact(conn, checkBooks))
         else:
             return money(conn, args)
     except database.Unavailable as e:
@@ -220,6 +222,18 @@ def money(conn, args):
     raise AssertionError(args.command)
 
 
+def checkBooks(cursor):
+    """
+    L{ledger.books}, with the buyers whose held funds (C{held}) and the
+    sellers whose pending earnings (C{pending}) differ from their leases'.
+    """
+    report = ledger.books(cursor)
+    report["held"] = billing.heldMismatch(cursor)
+    report["pending"] = escrow.pendingMismatch(cursor)
+    report["ok"] = report["ok"] and not report["held"] and not report["pending"]
+    return report
+
+
 def printBooks(report):
     fmt = ledger.formatAmount
     print(f"transactions: {report['transactions']}, entries: {report['entries']}")
@@ -232,6 +246,12 @@ def printBooks(report):
         print(f"NEGATIVE {name}: {fmt(amount)}")
     for name, kept, summed in report["drift"]:
         print(f"DRIFT {name}: its balance says {fmt(kept)}, its entries sum to {fmt(summed)}")
+    for owner, kept, leases in report.get("held", ()):
+        print(f"HELD account {owner}: its held funds are {fmt(kept)},"
+              f" its leases hold {fmt(leases)}")
+    for owner, kept, leases in report.get("pending", ()):
+        print(f"PENDING account {owner}: its pending earnings are {fmt(kept)},"
+              f" its leases await verdicts on {fmt(leases)}")
     if report["ok"]:
         print("the books balance: every entry sums to zero")
         return 0

@@ -21,6 +21,7 @@ from cpushare.server.money import ledger
 from cpushare.server.db import leases as leasesql
 from cpushare.server.db import store
 from cpushare.server.money.billing import CannotFund, bill, heldMismatch, openLease
+from cpushare.server.money.escrow import pendingMismatch
 from cpushare.server.money.ledger import EARNINGS, FUNDS, HELD
 
 PRICE = 36_000          # 0.036 a core-hour: 10 micro-units a core-second
@@ -62,6 +63,7 @@ def balances(conn, m):
 def check(conn):
     assert run(conn, ledger.books)["ok"]
     assert run(conn, heldMismatch) == []
+    assert run(conn, pendingMismatch) == []
 
 
 def test_a_lease_holds_a_window_and_pays_for_the_cpu_really_used(conn, market):

@@ -63,7 +63,7 @@ def test_bad_amounts_are_refused_naming_the_problem(text, problem):
 def test_a_deposit_credits_funds_less_commission_and_the_books_balance(conn, alice):
     deposit(conn, alice, 20 * MICRO, MICRO)
     assert run(conn, ledger.balances, alice) == {
-        FUNDS: 19 * MICRO, HELD: 0, EARNINGS: 0, ledger.PAYOUT: 0}
+        FUNDS: 19 * MICRO, HELD: 0, EARNINGS: 0, ledger.PAYOUT: 0, ledger.PENDING: 0}
     assert run(conn, ledger.balance, COMMISSION) == MICRO
     assert run(conn, ledger.balance, PAYPAL) == -20 * MICRO
     books = run(conn, ledger.books)

@@ -9,7 +9,7 @@ from twisted.internet import defer
 from cpushare.client.cli import upload
 from cpushare.money import MICRO
 from cpushare.server import admin
-from cpushare.server.money import billing
+from cpushare.server.money import billing, escrow
 from cpushare.server.money import ledger
 from cpushare.client.session import ClientControl, ClientSession
 from cpushare.protocol import commands
@@ -61,6 +61,7 @@ class OrderCase(test_session.ImageCase):
         books = yield self.store.run(ledger.books)
         self.assertTrue(books["ok"], books)
         self.assertEqual((yield self.store.run(billing.heldMismatch)), [])
+        self.assertEqual((yield self.store.run(escrow.pendingMismatch)), [])
 
     @defer.inlineCallbacks
     def setUp(self):

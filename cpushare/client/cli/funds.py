@@ -2,7 +2,8 @@
 The commands about money:
 
     cpushare funds add AMOUNT [--json]     a PayPal payment to approve, then funds
-    cpushare balance [--json]              funds, held, earnings, payments waiting
+    cpushare balance [--json]              funds, held, earnings (and those awaiting
+                                           verdicts), payments waiting
     cpushare statement [--json]            every movement, newest first
     cpushare earnings [--json]             a seller's earnings and payouts
     cpushare payout [AMOUNT] [--email ADDR] [--json]
@@ -52,6 +53,9 @@ async def balance(reactor, args, home):
         ("held", formatAmount(sheet["held"]), cur, "held for your running VMs"),
         ("earnings", formatAmount(sheet["earnings"]), cur, "earned selling; 'cpushare payout'"),
     ]
+    if sheet.get("awaiting_verdicts"):
+        rows.append(("awaiting", formatAmount(sheet["awaiting_verdicts"]), cur,
+                     "earned with replicated runs, awaiting verdicts"))
     if sheet["payout"]:
         rows.append(("payout", formatAmount(sheet["payout"]), cur, "on its way to you"))
     width = max(len(r[1]) for r in rows)
@@ -118,6 +122,9 @@ async def earnings(reactor, args, home):
         return
     cur = sheet["currency"]
     print(f"earnings:        {formatAmount(sheet['earnings'])} {cur}")
+    if sheet.get("awaiting_verdicts"):
+        print(f"awaiting:        {formatAmount(sheet['awaiting_verdicts'])} {cur} (replicated "
+              "runs awaiting verdicts: paid once their results are accepted)")
     print(f"on the way:      {formatAmount(sheet['payout'])} {cur} (payouts PayPal has not "
           "finished)")
     print(f"payout minimum:  {formatAmount(sheet['minimum'])} {cur}")

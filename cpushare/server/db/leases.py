@@ -41,14 +41,22 @@ class Lease:
     heldTotal: int = attr.ib(converter=int)
     settled: int = attr.ib()
     liveSince: float = attr.ib()        # None until its VM showed life
+    # None when not replicated; else pending until its replica group is
+    # decided, then accepted, inconclusive or rejected
+    # (L{cpushare.server.money.escrow}).
+    verdict: str = attr.ib(default=None)
+    # What its bills charged that waits for its verdict (in its seller's
+    # ledger account of kind pending).
+    pending: int = attr.ib(default=0, converter=int)
 
 
 def insert(cursor, vmId, orderId, buyerId, sellerId, price, netFee, cores, started,
            verdict=None):
     """
     A new lease, nothing held or charged yet; returns its id.  C{verdict}
-    is 'pending' for a lease of a replicated order (its earnings wait for
-    its replica group's verdict), else None.
+    is L{cpushare.server.money.escrow.PENDING_VERDICT} for a lease of a
+    replicated order (its earnings wait for its replica group's verdict),
+    else None.
     """
     cursor.execute(
         "INSERT INTO leases (vm_id, order_id, buyer_account_id, seller_account_id, price,"
@@ -67,7 +75,7 @@ def load(cursor, leaseId):
     cursor.execute(
         "SELECT l.id, l.vm_id, l.order_id, l.buyer_account_id, l.seller_account_id, s.name,"
         " l.price, l.net_fee, l.cores, l.started, l.ended, l.cpu_seconds, l.net_bytes,"
-        " l.charged, l.held, l.held_total, l.settled, l.live_since"
+        " l.charged, l.held, l.held_total, l.settled, l.live_since, l.verdict, l.pending"
         " FROM leases l JOIN accounts s ON s.id = l.seller_account_id WHERE l.id = ?",
         (leaseId,))
     row = cursor.fetchone()
@@ -80,9 +88,14 @@ def saveBill(cursor, lease):
     """Store what a bill changed in C{lease} (a L{Lease})."""
     cursor.execute(
         "UPDATE leases SET cpu_seconds = ?, net_bytes = ?, charged = ?, held = ?,"
-        " held_total = ?, settled = ? WHERE id = ?",
+        " held_total = ?, settled = ?, verdict = ?, pending = ? WHERE id = ?",
         (lease.cpuSeconds, lease.netBytes, lease.charged, lease.held,
-         lease.heldTotal, lease.settled, lease.id))
+         lease.heldTotal, lease.settled, lease.verdict, lease.pending, lease.id))
+
+
+def setVerdict(cursor, leaseId, verdict):
+    """The lease's verdict is in: nothing of it waits any more."""
+    cursor.execute("UPDATE leases SET verdict = ?, pending = 0 WHERE id = ?", (verdict, leaseId))
 
 
 def figures(cursor, leaseId):
@@ -130,10 +143,13 @@ def unsettledLeases(cursor):
 
 
 def orderTotals(cursor, orderId):
-    """(charged, held) summed over the order's leases."""
+    """
+    (charged, held) summed over the order's leases; what rejected leases
+    were charged went back to the buyer and does not count.
+    """
     cursor.execute(
-        "SELECT COALESCE(SUM(charged), 0), COALESCE(SUM(held), 0) FROM leases"
-        " WHERE order_id = ?", (orderId,))
+        "SELECT COALESCE(SUM(CASE WHEN verdict = 'rejected' THEN 0 ELSE charged END), 0),"
+        " COALESCE(SUM(held), 0) FROM leases WHERE order_id = ?", (orderId,))
     charged, held = cursor.fetchone()
     return int(charged), int(held)
 
@@ -143,6 +159,14 @@ def heldByBuyer(cursor):
     cursor.execute(
         "SELECT buyer_account_id, COALESCE(SUM(held), 0) FROM leases GROUP BY buyer_account_id")
     return {a: int(h) for a, h in cursor.fetchall()}
+
+
+def pendingBySeller(cursor):
+    """{seller account id: what its leases' bills charged that waits for their verdicts}."""
+    cursor.execute(
+        "SELECT seller_account_id, SUM(pending) FROM leases WHERE pending <> 0"
+        " GROUP BY seller_account_id")
+    return {a: int(p) for a, p in cursor.fetchall()}
 
 
 def paidTo(cursor, sellerId):

@@ -17,7 +17,11 @@ hold is made.  Every C{interval} seconds each lease is billed:
    to the micro-unit; what was not charged yet moves from held funds to
    the seller's earnings, and never more than is held: no charge passes
    the funds held for the lease, so none passes the buyer's funds or the
-   order's budget;
+   order's budget.  A lease of a replicated order whose verdict is
+   pending is charged to its seller's pending account instead, until
+   L{cpushare.server.money.escrow.decide} pays or returns it; one whose
+   result was rejected is charged nothing more (its CPU seconds and bytes
+   are still recorded);
  - the hold is topped up to a whole window again from the buyer's funds,
    within the order's budget;
  - the lease's network allowance (L{netLimit}) is set again: the bytes it
@@ -50,7 +54,8 @@ from cpushare.money import cost, formatAmount
 from cpushare.server.db import leases as leasesql
 from cpushare.server.db import marketsql
 from cpushare.server.money import ledger
-from cpushare.server.money.ledger import EARNINGS, FUNDS, HELD
+from cpushare.server.money.escrow import PENDING_VERDICT, REJECTED
+from cpushare.server.money.ledger import EARNINGS, FUNDS, HELD, PENDING
 
 INTERVAL = 60.0
 # Bills a tick has waiting for the store at once.
@@ -137,7 +142,7 @@ def openLease(cursor, vmId, orderId, buyerId, sellerId, sellerName, price, netFe
         id=leaseId, vm=vmId, order=orderId, buyer=buyerId, seller=sellerId,
         sellerName=sellerName, price=price, netFee=netFee, cores=cores, started=started,
         ended=None, cpuSeconds=0.0, netBytes=0, charged=0, held=0, heldTotal=0, settled=0,
-        liveSince=None)
+        liveSince=None, verdict=verdict)
     why = _topUp(cursor, lease, interval, window)
     if why is not None:
         raise CannotFund(why)
@@ -198,7 +203,7 @@ def bill(cursor, leaseId, cpuSeconds, netBytes, now, final=False, interval=INTER
     due = cost(lease.price, lease.netFee, cpu, traffic) - lease.charged
     paid = 0
     stop = None
-    if due > 0:
+    if due > 0 and lease.verdict != REJECTED:
         # Never more than is held for the lease: its hold is all the buyer
         # agreed to pay for it so far.
         paid = min(due, lease.held)
@@ -208,11 +213,15 @@ def bill(cursor, leaseId, cpuSeconds, netBytes, now, final=False, interval=INTER
         if paid > 0:
             lease.charged += paid
             lease.held -= paid
+            to, waits = EARNINGS, ""
+            if lease.verdict == PENDING_VERDICT:
+                to, waits = PENDING, ", awaiting its replica group's verdict"
+                lease.pending += paid
             ledger.post(
                 cursor, "charge",
                 f"VM {lease.vm} on {lease.sellerName} (lease {lease.id}):"
-                f" {cpu:.1f} CPU s, {traffic} bytes",
-                [(HELD, lease.buyer, -paid), (EARNINGS, lease.seller, paid)],
+                f" {cpu:.1f} CPU s, {traffic} bytes{waits}",
+                [(HELD, lease.buyer, -paid), (to, lease.seller, paid)],
                 reference=f"lease:{lease.id}:charged:{lease.charged}")
     if final:
         if lease.held > 0:

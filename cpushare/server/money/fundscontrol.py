@@ -49,6 +49,7 @@ class FundsCommands(amp.CommandLocator):
         def answer(sheet):
             return {"funds": sheet.funds, "held": sheet.held, "earnings": sheet.earnings,
                     "payout": sheet.payout, "pending": [_pending(p) for p in sheet.pending],
+                    "awaiting_verdicts": sheet.awaiting,
                     "currency": money.currency, "payments": money.takesPayments,
                     "commission_percent": formatPercent(money.commission)}
 
@@ -75,7 +76,7 @@ class FundsCommands(amp.CommandLocator):
         def answer(sheet):
             result = {
                 "earnings": sheet.earnings, "payout": sheet.payout,
-                "currency": money.currency, "minimum": money.payoutMinimum,
+                "awaiting_verdicts": sheet.awaiting, "currency": money.currency, "minimum": money.payoutMinimum,
                 "payments": money.takesPayments,
                 # The most recent few.
                 "payouts": [_payoutLine(p) for p in sheet.payouts],

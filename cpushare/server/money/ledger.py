@@ -14,6 +14,11 @@ Ledger accounts, by kind (an "owner" is a market account):
     funds       an owner's spendable money (a buyer's)
     held        an owner's money held for VMs running ahead of billing
     earnings    what an owner (a seller) has earned and not paid out
+    pending     what an owner (a seller) has earned with leases of replicated
+                orders whose verdict is not in yet: paid to its earnings when
+                its replica group accepts the result (or cannot decide),
+                returned to the buyer's funds when its result is rejected
+                (L{cpushare.server.money.escrow}); never paid out
     payout      earnings on their way out in a PayPal payout
     commission  the market's (no owner)
     grants      the market's own money given to owners by the operator
@@ -47,12 +52,13 @@ from cpushare.server.db.store import now
 FUNDS = "funds"
 HELD = "held"
 EARNINGS = "earnings"
+PENDING = "pending"
 PAYOUT = "payout"
 COMMISSION = "commission"
 GRANTS = "grants"
 PAYPAL = "paypal"
 
-OWNED = (FUNDS, HELD, EARNINGS, PAYOUT)
+OWNED = (FUNDS, HELD, EARNINGS, PAYOUT, PENDING)
 MARKET = (COMMISSION, GRANTS, PAYPAL)
 
 
@@ -226,7 +232,8 @@ def books(cursor):
     cursor.execute(
         "SELECT a.name, SUM(e.amount) FROM ledger_accounts a"
         " JOIN ledger_entries e ON e.account_id = a.id"
-        " WHERE a.kind IN (?, ?, ?, ?) GROUP BY a.name HAVING SUM(e.amount) < 0"
+        " WHERE a.kind IN (" + ", ".join("?" * len(OWNED)) + ")"
+        " GROUP BY a.name HAVING SUM(e.amount) < 0"
         " ORDER BY a.name",
         OWNED,
     )

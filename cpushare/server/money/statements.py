@@ -2,7 +2,9 @@
 What an account sees of its money: its balances with the payments still
 waiting at PayPal, its statement (the ledger's entries, a page at a time,
 each with its account's balance after it), and a seller's earnings with
-its payout address and recent payouts.
+its payout address and recent payouts.  A seller's earnings awaiting the
+verdicts of replicated runs (L{cpushare.server.money.escrow}) are shown
+apart from those it may take out.
 """
 
 from typing import List, Optional
@@ -12,7 +14,7 @@ import attr
 from cpushare.protocol.commands import STATEMENT_PAGE
 from cpushare.server.money import ledger
 from cpushare.server.money.funds import Payment, pendingPayments
-from cpushare.server.money.ledger import EARNINGS, FUNDS, HELD, PAYOUT
+from cpushare.server.money.ledger import EARNINGS, FUNDS, HELD, PAYOUT, PENDING
 from cpushare.server.money.payouts import Payout, accountPayouts, payoutEmail
 
 MAX_MEMO = 200
@@ -23,7 +25,7 @@ class StatementEntry:
     """
     One ledger entry of an owner's: its id and its transaction's, when,
     the transaction's kind and memo, the kind of account it moved
-    (funds, held, earnings, payout), the amount and that account's
+    (funds, held, earnings, payout, pending), the amount and that account's
     balance after it (micro-units).  Its fields are those of an entry of
     the C{Statement} command.
     """
@@ -40,26 +42,32 @@ class StatementEntry:
 
 @attr.s(frozen=True, auto_attribs=True)
 class BalanceSheet:
-    """An owner's balances (micro-units) and its L{Payment}s still waiting at PayPal."""
+    """
+    An owner's balances (micro-units) and its L{Payment}s still waiting at
+    PayPal; C{awaiting} is what it earned that awaits verdicts.
+    """
 
     funds: int
     held: int
     earnings: int
     payout: int
     pending: List[Payment]
+    awaiting: int = 0
 
 
 @attr.s(frozen=True, auto_attribs=True)
 class EarningsSheet:
     """
     A seller's earnings and money on its way out (micro-units), its payout
-    address (None before its first payout) and its recent L{Payout}s.
+    address (None before its first payout), its recent L{Payout}s, and what
+    it earned that awaits verdicts (C{awaiting}: not paid out before).
     """
 
     earnings: int
     payout: int
     email: Optional[str]
     payouts: List[Payout]
+    awaiting: int = 0
 
 
 # -- SQL, run on the store's pool (Store.run)
@@ -105,7 +113,8 @@ def balanceSheet(cursor, accountId):
     """The account's L{BalanceSheet}."""
     b = ledger.balances(cursor, accountId)
     return BalanceSheet(funds=b[FUNDS], held=b[HELD], earnings=b[EARNINGS],
-                        payout=b[PAYOUT], pending=pendingPayments(cursor, accountId))
+                        payout=b[PAYOUT], pending=pendingPayments(cursor, accountId),
+                        awaiting=b[PENDING])
 
 
 def earningsSheet(cursor, accountId):
@@ -113,7 +122,7 @@ def earningsSheet(cursor, accountId):
     b = ledger.balances(cursor, accountId)
     return EarningsSheet(earnings=b[EARNINGS], payout=b[PAYOUT],
                          email=payoutEmail(cursor, accountId),
-                         payouts=accountPayouts(cursor, accountId))
+                         payouts=accountPayouts(cursor, accountId), awaiting=b[PENDING])
 
 
 class Statements:
