@@ -202,7 +202,7 @@ def test_what_is_no_verdict_is_refused_naming_it(conn, market, verdict):
     credit(conn, market, CREDIT)
     leaseId = pendingLease(conn, market)
     with pytest.raises(CannotDecide, match="a verdict is one of accepted, inconclusive,"
-                       f" rejected, not {verdict!r}"):
+                       f" unchecked, rejected, not {verdict!r}"):
         run(conn, decide, leaseId, verdict)
     with pytest.raises(CannotDecide, match="there is no lease 999"):
         run(conn, decide, 999, "accepted")

@@ -14,6 +14,9 @@ import attr
 from cpushare.money import cpuCost, netCost
 from cpushare.protocol.paging import clip
 
+# A replicated lease's verdict until its replica group is decided.
+PENDING_VERDICT = "pending"
+
 
 @attr.s(slots=True)
 class Lease:
@@ -220,5 +223,5 @@ def pendingLeases(cursor, vmId):
     """[(lease id, seller account id, buyer account id)] of C{vmId}'s leases awaiting a verdict."""
     cursor.execute(
         "SELECT id, seller_account_id, buyer_account_id FROM leases"
-        " WHERE vm_id = ? AND verdict = 'pending' ORDER BY id", (vmId,))
+        " WHERE vm_id = ? AND verdict = ? ORDER BY id", (vmId, PENDING_VERDICT))
     return [tuple(row) for row in cursor.fetchall()]

@@ -562,9 +562,13 @@ class Orders:
             vm.reason = self.unfunded[vm.buyerId]
             return False
         found = self._choose(vm, self._siblingMarks(vm))
-        if found is None or not self._place(vm, found[0], found[1]):
+        if found is None:
             return False
+        # Marked before it is placed: placing it may place its group's next.
         vm.mark = found[2]
+        if not self._place(vm, found[0], found[1]):
+            vm.mark = None
+            return False
         return True
 
     def _open(self, vm, taken=None):

@@ -12,6 +12,8 @@ C{lease:ID:verdict}:
     inconclusive   pending -> the seller's earnings (paid: no majority, so
                    nobody is found wrong; otherwise a buyer whose guest
                    writes random results would get CPU for free)
+    unchecked      pending -> the seller's earnings (a VM of an order
+                   replicated adaptively that ran once: not compared)
     rejected       pending -> the buyer's funds (returned: the result was
                    in its group's minority); later bills of the lease
                    charge nothing
@@ -30,14 +32,18 @@ from cpushare.server.db import leases as leasesql
 from cpushare.server.money import ledger
 from cpushare.server.money.ledger import EARNINGS, FUNDS, PENDING
 
-PENDING_VERDICT = "pending"
+PENDING_VERDICT = leasesql.PENDING_VERDICT
 ACCEPTED, INCONCLUSIVE, REJECTED = "accepted", "inconclusive", "rejected"
-VERDICTS = (ACCEPTED, INCONCLUSIVE, REJECTED)
+# A VM of an adaptively replicated order that ran once: paid, not compared.
+UNCHECKED = "unchecked"
+VERDICTS = (ACCEPTED, INCONCLUSIVE, UNCHECKED, REJECTED)
 
 # Why a verdict was given, and where the money that waited for it goes.
 _MEMO = {
     ACCEPTED: ("its result agreed with its replica group's", "paid to the seller's earnings"),
     INCONCLUSIVE: ("its replica group reached no majority", "paid to the seller's earnings"),
+    UNCHECKED: ("it ran once, not compared (adaptive replication)",
+                "paid to the seller's earnings"),
     REJECTED: ("its result was in its replica group's minority",
                "returned to the buyer's funds"),
 }
@@ -51,7 +57,7 @@ class CannotDecide(ValueError):
 class Decided:
     """
     What L{decide} moved, in micro-units: C{amount} from the seller's
-    pending account to its earnings (accepted, inconclusive) or to the
+    pending account to its earnings (accepted, inconclusive, unchecked) or to the
     buyer's funds (rejected); 0 when nothing waited or when the same
     verdict was given before (C{replayed}).
     """
@@ -67,8 +73,8 @@ class Decided:
 
 def decide(cursor, leaseId, verdict):
     """
-    Give lease C{leaseId} its C{verdict} (accepted, inconclusive or
-    rejected) and move what its bills charged meanwhile; returns a
+    Give lease C{leaseId} its C{verdict} (accepted, inconclusive,
+    unchecked or rejected) and move what its bills charged meanwhile; returns a
     L{Decided}.  Works for a lease still running and for a settled one.
     Giving the same verdict again moves nothing; L{CannotDecide} for a
     lease that does not exist, one that is not replicated, or one already
