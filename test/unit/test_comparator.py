@@ -296,3 +296,163 @@ def test_the_buyer_program_answers_compare_results_and_refuses_bad_ids(tmp_path)
         refused = replies.answer(tag)
         assert refused[b"_error_code"] == b"BAD_REQUEST" and why in refused[b"_error_description"]
     assert session.connected
+
+
+# -- the command line: --compare, --replicas auto, and the verdicts shown
+
+
+def placeArgs(*words):
+    from cpushare.client.cli.main import parser
+    return parser().parse_args(["order", "place", "--image", "a" * 64, *words])
+
+
+def test_replicas_auto_asks_for_adaptive_replication_and_k_is_still_a_number():
+    from cpushare.client.cli.main import parser
+    from cpushare.client.cli.screens import replicaArguments
+    assert replicaArguments(placeArgs("--replicas", "auto")) == {"adaptive": True}
+    assert replicaArguments(placeArgs("--replicas", "3")) == {"replicas": 3}
+    for bad in (["order", "place", "--image", "a" * 64, "--replicas", "many"],
+                ["sellers", "--replicas", "auto"]):
+        with pytest.raises(SystemExit):
+            parser().parse_args(bad)
+    order = parser()._subparsers._group_actions[0].choices["order"]
+    place = order._subparsers._group_actions[0].choices["place"].format_help()
+    assert "K|auto" in place and "--compare" in place
+
+
+@pytest.mark.parametrize("words, why", [
+    (["--compare", "cmp"], "--compare needs --replicas K or --replicas auto"),
+    (["--replicas", "2", "--compare", ""], "--compare: the command is empty"),
+    (["--replicas", "2", "--compare", "   "], "--compare: the command is empty"),
+    (["--replicas", "2", "--compare", "cmp 'unclosed"], "cannot be split into words"),
+    (["--replicas", "2", "--compare", "no-such-comparator-anywhere a"],
+     "--compare: 'no-such-comparator-anywhere' is not a program on this computer"),
+    (["--replicas", "2", "--compare", "/nonexistent/cmp"], "is not a program on this computer"),
+])
+def test_a_comparator_that_cannot_run_is_refused_by_name(words, why):
+    from cpushare.client.cli.connection import CommandError
+    from cpushare.client.cli.screens import comparatorWords
+    with pytest.raises(CommandError, match=why.replace("(", r"\(")):
+        comparatorWords(placeArgs(*words))
+
+
+def test_a_comparator_is_split_like_a_shell_but_its_metacharacters_are_words(
+        tmp_path, monkeypatch):
+    from cpushare.client.cli.screens import comparatorWords
+    words = comparatorWords(placeArgs(
+        "--replicas", "auto", "--compare",
+        f"{sys.executable} compare.py --tolerance '1e-9; rm -rf ~' \"$(reboot)\" '*'"))
+    assert words == [sys.executable, "compare.py", "--tolerance", "1e-9; rm -rf ~",
+                     "$(reboot)", "*"]
+    # A program named by name is kept by its full path: the buyer's program
+    # runs the same one whatever its own PATH.
+    assert comparatorWords(placeArgs("--replicas", "2", "--compare", "cmp -s")) == \
+        [os.path.abspath(__import__("shutil").which("cmp")), "-s"]
+    script = tmp_path / "same.py"
+    script.write_text("")
+    script.chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    assert comparatorWords(placeArgs("--replicas", "2", "--compare", "./same.py"))[0] == \
+        str(script)
+
+
+class FakeConnection:
+    """The market for the command line: records each call and answers from C{answers}."""
+
+    calls = []
+    answers = {}
+
+    def __init__(self, reactor, home):
+        pass
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        return False
+
+    async def call(self, command, **kw):
+        self.calls.append((command, kw))
+        return self.answers[command]
+
+    async def every(self, command, name, key, cursor, **kw):
+        self.calls.append((command, kw))
+        return self.answers[command]
+
+
+def placing(monkeypatch, tmp_path, *words):
+    """Run `cpushare order place` with C{words}; the PlaceOrder arguments sent."""
+    from cpushare.client.cli import vms
+    from cpushare.client.home import Home
+    FakeConnection.calls = []
+    FakeConnection.answers = {commands.PlaceOrder: {"order": 12, "vm_ids": [30, 31],
+                                                    "allocated": 2, "hold": 0, "plan": []}}
+    monkeypatch.setattr(vms, "Connection", FakeConnection)
+    args = placeArgs(*words)
+    fired(defer.ensureDeferred(vms.orderPlace(MemoryReactor(), args, Home(str(tmp_path)))))
+    [(cmd, sent)] = FakeConnection.calls
+    assert cmd is commands.PlaceOrder
+    return sent
+
+
+def test_order_place_sends_only_that_there_is_a_comparator_and_keeps_it_here(
+        monkeypatch, tmp_path, capsys):
+    sent = placing(monkeypatch, tmp_path, "--replicas", "auto", "--compare",
+                   f"{sys.executable} -c 'import sys; sys.exit(0)'")
+    assert sent["compare"] is True and sent["adaptive"] is True and "replicas" not in sent
+    assert sys.executable not in repr(sent) and "import" not in repr(sent)
+    home = str(tmp_path)
+    with open(comparatorPath(home, 12)) as f:
+        assert json.load(f) == {"argv": [sys.executable, "-c", "import sys; sys.exit(0)"]}
+    assert loadComparator(home, 12) == [sys.executable, "-c", "import sys; sys.exit(0)"]
+    assert os.stat(comparatorPath(home, 12)).st_mode & 0o077 == 0
+    out = capsys.readouterr().out
+    assert "order 12: VMs 30, 31" in out
+    assert "compared on this computer by your buyer program with:" in out
+
+
+def test_a_dry_run_keeps_no_comparator(monkeypatch, tmp_path, capsys):
+    sent = placing(monkeypatch, tmp_path, "--replicas", "2", "--compare", "cmp -s",
+                   "--dry-run")
+    assert sent["replicas"] == 2 and sent["compare"] is True and sent["dry_run"] is True
+    assert not os.path.exists(os.path.join(str(tmp_path), "compare"))
+    assert "nothing was placed" in capsys.readouterr().out
+
+
+def test_an_order_without_compare_sends_none_and_keeps_nothing(monkeypatch, tmp_path):
+    sent = placing(monkeypatch, tmp_path, "--replicas", "3")
+    assert "compare" not in sent and "adaptive" not in sent
+    assert not os.path.exists(os.path.join(str(tmp_path), "compare"))
+
+
+def test_results_show_each_replicas_lease_and_verdict_and_json_passes_them_on(
+        monkeypatch, tmp_path, capsys):
+    from cpushare.client.cli import vms
+    from cpushare.client.cli.main import parser
+    from cpushare.client.home import Home
+    rows = [
+        {"vm": 8, "replica_group": 1, "state": "stopped", "seller": "it", "lease": 40,
+         "sha256": "a" * 64, "size": 3, "verdict": "accepted"},
+        {"vm": 9, "replica_group": 1, "state": "stopped", "seller": "de", "lease": 41,
+         "sha256": "b" * 64, "size": 3, "verdict": "rejected"},
+        {"vm": 10, "replica_group": 2, "state": "running", "seller": "fr", "lease": 42,
+         "verdict": "pending"},
+        {"vm": 11, "state": "pending", "lease": None, "verdict": None},
+    ]
+    table = vms.formatResults(rows, 0).splitlines()
+    assert table[0].split() == ["GROUP", "VM", "LEASE", "SELLER", "COUNTRY", "CPU", "STATE",
+                                "SIZE", "SHA256", "VERDICT", "SAVED"]
+    # A VM of no replica group comes first, without a lease or a verdict yet.
+    assert table[1].split()[:3] == ["-", "11", "-"] and table[1].split()[-2:] == ["-", "-"]
+    assert table[2].split() == ["1", "8", "40", "it", "-", "-", "stopped", "3", "a" * 64,
+                                "accepted", "-"]
+    assert table[3].split()[2] == "41" and table[3].split()[-2] == "rejected"
+    assert table[4].split()[-2:] == ["pending", "-"]
+    FakeConnection.answers = {commands.ListResults: [dict(r) for r in rows]}
+    monkeypatch.setattr(vms, "Connection", FakeConnection)
+    args = parser().parse_args(["results", "12", "--json"])
+    fired(defer.ensureDeferred(vms.listResults(MemoryReactor(), args, Home(str(tmp_path)))))
+    assert FakeConnection.calls[-1] == (commands.ListResults, {"order": 12})
+    shown = json.loads(capsys.readouterr().out)
+    assert [(r["vm"], r.get("lease"), r.get("verdict")) for r in shown] == [
+        (8, 40, "accepted"), (9, 41, "rejected"), (10, 42, "pending"), (11, None, None)]
