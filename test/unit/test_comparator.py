@@ -28,6 +28,7 @@ from cpushare.client.buyer.comparator import Comparisons
 from cpushare.client.home import comparatorPath, loadComparator, resultPath, saveComparator
 from cpushare.protocol import commands
 from test.fakemarket import MemoryReactor, Replies, command, control
+from test.unit.test_results import fired
 
 ORDER = 7
 
@@ -47,13 +48,6 @@ def script(home, name, text):
     with open(path, "w") as f:
         f.write(text)
     return [sys.executable, path]
-
-
-def fired(d):
-    found = []
-    d.addBoth(found.append)
-    [value] = found
-    return value
 
 
 class ProcessTransport(StringTransport):
@@ -186,6 +180,48 @@ def test_at_most_two_comparisons_run_at_once_the_rest_wait_their_turn(tmp_path):
     assert len(fake.spawned) == 4
     fake.advance(60)
     assert [a.called for a in answers] == [True] * 4
+
+
+class HeldPool:
+    """A thread pool whose work waits until the test runs it."""
+
+    def __init__(self):
+        self.held = []
+
+    def callInThreadWithCallback(self, onResult, f, *args, **kw):
+        self.held.append((onResult, f, args))
+
+    def runAll(self):
+        while self.held:
+            onResult, f, args = self.held.pop(0)
+            try:
+                onResult(True, f(*args))
+            except Exception as e:
+                onResult(False, e)
+
+
+def test_a_result_still_being_checked_is_waited_for_before_comparing(tmp_path):
+    import hashlib
+    from cpushare.client.buyer.results import ResultFiles
+    home = str(tmp_path)
+    fake = RecordingReactor()
+    fake._pool = pool = HeldPool()
+    files = ResultFiles(fake, home)
+    comparisons = Comparisons(fake, home, results=files)
+    saveComparator(home, ORDER, [sys.executable, "-c", "pass"])
+    results(home, **{"1": b"0.3"})
+    files.chunk(ORDER, 2, 0, b"0.30000000000000004")
+    pool.runAll()
+    # The last of VM 2's result arrived: while it is hashed, the market asks.
+    files.ready(ORDER, 2, hashlib.sha256(b"0.30000000000000004").hexdigest(), 19)
+    answer = comparisons.compare(ORDER, 1, 2)
+    assert not answer.called and fake.spawned == []
+    pool.runAll()   # the check: the file gets its name
+    pool.runAll()   # the comparison's own look at the files
+    [(child, program, argv)] = fake.spawned
+    assert argv[-1] == resultPath(home, ORDER, 2)
+    child.processEnded(Failure(error.ProcessDone(0)))
+    assert fired(answer) == {"same": True}
 
 
 # -- real comparators on the real reactor

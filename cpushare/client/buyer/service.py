@@ -178,8 +178,8 @@ def makeService(options, reactor=None):
                            socketPath=options["socket"], dhcp=not options["no-dhcp"])
     from cpushare.client.buyer.comparator import Comparisons
     from cpushare.client.buyer.results import ResultFiles
-    buyer = Buyer(network, ResultFiles(reactor, options.home.path),
-                  Comparisons(reactor, options.home.path))
+    results = ResultFiles(reactor, options.home.path)
+    buyer = Buyer(network, results, Comparisons(reactor, options.home.path, results=results))
     service = MultiService()
     network.setServiceParent(service)
     MarketConnection(
