@@ -27,7 +27,7 @@ from cpushare.client.buyer import comparator
 from cpushare.client.buyer.comparator import Comparisons
 from cpushare.client.home import comparatorPath, loadComparator, resultPath, saveComparator
 from cpushare.protocol import commands
-from test.fakemarket import MemoryReactor, Replies, command, control
+from test.fakemarket import MarketCase, MemoryReactor, Replies, command, control
 from test.unit.test_results import fired
 
 ORDER = 7
@@ -332,6 +332,44 @@ def test_the_buyer_program_answers_compare_results_and_refuses_bad_ids(tmp_path)
         refused = replies.answer(tag)
         assert refused[b"_error_code"] == b"BAD_REQUEST" and why in refused[b"_error_description"]
     assert session.connected
+
+
+class MarketAsks(MarketCase):
+    """The market's own session asking a real buyer program's session, in memory."""
+
+    @defer.inlineCallbacks
+    def test_the_market_asks_by_ids_and_the_buyer_program_answers(self):
+        from cpushare.client.buyer.service import Buyer, BuyerSession
+        from cpushare.client.session import connectOnce
+        from test.unit.test_fuzz import RecordingNetwork
+        key, cert = yield self.register("bob")
+        home = self.mktemp()
+        os.makedirs(home)
+        comparisons = Comparisons(RecordingReactor(), home, timeout=60)
+        session = yield connectOnce(self.reactor, self.endpoint(cert), "buyer",
+                                    host="localhost", port=7000, sessionClass=BuyerSession,
+                                    buyer=Buyer(RecordingNetwork(), None, comparisons))
+        self.closedAtTheEnd(session)
+        market = self.market.buyerSession(session.info["account_id"]).control
+
+        answer = yield self.within(market.callRemote(commands.CompareResults, order=ORDER,
+                                                     a=1, b=2))
+        self.assertEqual(answer, {"same": False,
+                                  "error": f"no comparator for order {ORDER} on this computer"})
+        saveComparator(home, ORDER, [sys.executable, "-c", "pass"])
+        results(home, **{"1": b"x", "2": b"y"})
+        asked = market.callRemote(commands.CompareResults, order=ORDER, a=1, b=2)
+        yield self.sleep(1)
+        [(child, program, argv)] = comparisons.reactor.spawned
+        self.assertEqual(argv, [sys.executable, "-c", "pass", resultPath(home, ORDER, 1),
+                                resultPath(home, ORDER, 2)])
+        child.processEnded(Failure(error.ProcessTerminated(1)))
+        self.assertEqual((yield self.within(asked)), {"same": False, "error": None})
+        refused = yield self.assertFailure(
+            market.callRemote(commands.CompareResults, order=ORDER, a=2, b=2),
+            commands.BadRequest)
+        self.assertIn("VM 2 compared with itself", str(refused))
+        self.assertTrue(session.connected)
 
 
 # -- the command line: --compare, --replicas auto, and the verdicts shown
