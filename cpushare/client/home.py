@@ -5,6 +5,8 @@ A client's home folder: its identity on one market.
     cert.pem     the client certificate the market's CA signed
     ca.pem       the market's CA certificate, to verify the server
     config.json  {"server": "HOST:PORT", "name": ..., "account_id": ...}
+    results/ORDER/VM.result  a VM's result, saved by the buyer's program
+    compare/ORDER.json       the command comparing an order's results
 
 The default home is $CPUSHARE_HOME, else ~/.cpushare.
 """
@@ -122,3 +124,46 @@ class Home:
 def resultPath(home, order, vm):
     """Where the buyer's program saves VM C{vm}'s result: HOME/results/ORDER/VM.result."""
     return os.path.join(home, "results", str(int(order)), f"{int(vm)}.result")
+
+
+COMPARATOR_MAX = 64 * 1024  # bytes of a comparator file read at most
+
+
+def comparatorPath(home, order):
+    """
+    Where the command comparing order C{order}'s results is kept:
+    HOME/compare/ORDER.json, C{{"argv": [...]}}, written by `cpushare order
+    place --compare` and read by the buyer's program; never sent anywhere.
+    """
+    return os.path.join(home, "compare", f"{int(order)}.json")
+
+
+def saveComparator(home, order, argv):
+    """Keep C{argv} as order C{order}'s comparator (replaced whole, readable only by its owner)."""
+    path = comparatorPath(home, order)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    pki.writePrivate(path, json.dumps({"argv": list(argv)}).encode() + b"\n")
+    return path
+
+
+def loadComparator(home, order):
+    """
+    Order C{order}'s comparator as a list of words, or None when this home
+    has none for it or its file is not one (too long, not JSON, no
+    non-empty list of words without NUL characters in C{argv}).
+    """
+    try:
+        with open(comparatorPath(home, order), "rb") as f:
+            text = f.read(COMPARATOR_MAX + 1)
+    except OSError:
+        return None
+    if len(text) > COMPARATOR_MAX:
+        return None
+    try:
+        argv = json.loads(text).get("argv")
+    except (ValueError, AttributeError, RecursionError):
+        return None
+    if not isinstance(argv, list) or not argv or argv[0] == "" or not all(
+            isinstance(word, str) and "\0" not in word for word in argv):
+        return None
+    return argv

@@ -403,11 +403,12 @@ def test_results_are_shown_by_replica_group_with_a_full_digest():
          "cpu": "GenuineIntel/6/85", "sha256": DIGEST, "size": 3,
          "saved": "/h/results/2/8.result"},
     ], 0).splitlines()
-    assert table[0].split() == ["GROUP", "VM", "SELLER", "COUNTRY", "CPU", "STATE", "SIZE",
-                                "SHA256", "SAVED"]
-    assert table[1].split() == ["1", "8", "it", "IT", "GenuineIntel/6/85", "stopped", "3", DIGEST,
-                                "/h/results/2/8.result"]
-    assert table[2].split() == ["2", "9", "de", "DE", "-", "running", "-", "no", "result", "-"]
+    assert table[0].split() == ["GROUP", "VM", "LEASE", "SELLER", "COUNTRY", "CPU", "STATE",
+                                "SIZE", "SHA256", "VERDICT", "SAVED"]
+    assert table[1].split() == ["1", "8", "-", "it", "IT", "GenuineIntel/6/85", "stopped", "3",
+                                DIGEST, "-", "/h/results/2/8.result"]
+    assert table[2].split() == ["2", "9", "-", "de", "DE", "-", "running", "-", "no", "result",
+                                "-", "-"]
 
 
 # -- the buyer's program saves the bytes

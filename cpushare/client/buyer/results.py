@@ -31,6 +31,7 @@ class ResultFiles:
         self.reactor = reactor
         self.home = home
         self.written = {}   # (order, vm) -> bytes written to its .part
+        self.checking = {}  # (order, vm) -> Deferreds waiting for its check to end
 
     def _inThread(self, fn, *args):
         return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args)
@@ -60,7 +61,14 @@ class ResultFiles:
                           vm=vm, size=size)
             return defer.succeed(None)
         path = resultPath(self.home, order, vm)
+        key = (order, vm)
+        self.checking.setdefault(key, [])
         d = self._inThread(_finish, path, sha256, size)
+
+        def over(outcome):
+            for waiting in self.checking.pop(key, ()):
+                waiting.callback(None)
+            return outcome
 
         def done(saved):
             if saved:
@@ -71,7 +79,15 @@ class ResultFiles:
                           sha256=sha256)
             return None
 
-        return d.addCallback(done)
+        return d.addBoth(over).addCallback(done)
+
+    def checked(self, order, vm):
+        """A Deferred fired once VM C{vm}'s result, when being checked, is saved or refused."""
+        if (order, vm) not in self.checking:
+            return defer.succeed(None)
+        waiting = defer.Deferred()
+        self.checking[(order, vm)].append(waiting)
+        return waiting
 
 
 def _write(path, offset, data):

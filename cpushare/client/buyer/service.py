@@ -10,7 +10,9 @@ buyer's switch; the switch also joins a TAP device (when the process has
 CAP_NET_ADMIN) and a unix socket in QEMU's stream framing, and runs the
 DHCP server that gives VMs their addresses (reported to the market, so
 `cpushare vms` shows them).  See docs/network.md.  The VMs' results are
-saved under HOME/results (L{cpushare.client.buyer.results}).
+saved under HOME/results (L{cpushare.client.buyer.results}), and compared
+with the buyer's own command when the market asks
+(L{cpushare.client.buyer.comparator}).
 """
 
 from twisted.logger import Logger
@@ -98,6 +100,13 @@ class BuyerControl(ClientControl):
             results.ready(order, vm, sha256, size)
         return {}
 
+    @commands.CompareResults.responder
+    def compareResults(self, order, a, b):
+        comparisons = self.session.buyer.comparisons
+        if comparisons is None:
+            raise commands.BadRequest("this buyer program compares no results")
+        return comparisons.compare(order, a, b)
+
 
 class BuyerSession(ClientSession):
     controlClass = BuyerControl
@@ -110,9 +119,10 @@ class BuyerSession(ClientSession):
 class Buyer:
     """Glue between the market session and the buyer's network."""
 
-    def __init__(self, network, results=None):
+    def __init__(self, network, results=None, comparisons=None):
         self.network = network
         self.results = results
+        self.comparisons = comparisons
         self.session = None
         self.macs = {}  # vm -> MAC text
         if network.dhcp is not None:
@@ -166,8 +176,10 @@ def makeService(options, reactor=None):
 
     network = BuyerNetwork(reactor, subnet=options.subnet, tapName=options["tap"],
                            socketPath=options["socket"], dhcp=not options["no-dhcp"])
+    from cpushare.client.buyer.comparator import Comparisons
     from cpushare.client.buyer.results import ResultFiles
-    buyer = Buyer(network, ResultFiles(reactor, options.home.path))
+    results = ResultFiles(reactor, options.home.path)
+    buyer = Buyer(network, results, Comparisons(reactor, options.home.path, results=results))
     service = MultiService()
     network.setServiceParent(service)
     MarketConnection(

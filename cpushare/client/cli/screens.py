@@ -1,5 +1,11 @@
-"""The screens an order or `cpushare sellers` is given on the command line."""
+"""The screens and replicas an order or `cpushare sellers` is given on the command line."""
 
+import argparse
+import os
+import shlex
+import shutil
+
+from cpushare.client.cli.connection import CommandError
 from cpushare.client.cli.output import amount
 
 
@@ -24,23 +30,71 @@ def addScreenArguments(p):
                         " sellers are ranked by price a core-hour + fee a GB x GB")
 
 
-def addReplicaArguments(p):
+def addReplicaArguments(p, placing=False):
+    """--replicas and --diverse; placing an order, also --replicas auto and --compare."""
     g = p.add_argument_group("replicas (each VM run on several different sellers)")
-    g.add_argument("--replicas", type=int, metavar="K",
-                   help="run each VM K times (2 to 5), each on a different seller")
+    if placing:
+        g.add_argument("--replicas", type=replicaCount, metavar="K|auto",
+                       help="run each VM K times (2 to 5), each on a different seller; or"
+                            " auto: run a VM a second time only now and then, the more rarely"
+                            " the more results in a row its seller had right")
+    else:
+        g.add_argument("--replicas", type=int, metavar="K",
+                       help="run each VM K times (2 to 5), each on a different seller")
     g.add_argument("--diverse", metavar="WHAT,..",
                    help="what the sellers of one VM's replicas must differ in: any of"
                         " country, cpu, owner (default: all three)")
+    if placing:
+        g.add_argument("--compare", metavar="'CMD ARGS'",
+                       help="when replicas' results differ, run CMD ARGS FILE_A FILE_B on this"
+                            " computer (by your buyer program, never through a shell): exit"
+                            " status 0 says they are the same")
+
+
+def replicaCount(text):
+    """An order's --replicas: a number, or auto."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of replicas nor auto")
 
 
 def replicaArguments(args):
     """--replicas and --diverse as PlaceOrder/ListSellers arguments."""
     given = {}
-    if args.replicas is not None:
+    if args.replicas == "auto":
+        given["adaptive"] = True
+    elif args.replicas is not None:
         given["replicas"] = args.replicas
     if args.diverse is not None:
         given["diverse"] = [d.strip() for d in args.diverse.split(",") if d.strip()]
     return given
+
+
+def comparatorWords(args):
+    """
+    --compare as the words of the command to run (None without it): split
+    as a POSIX shell would, but never run by one; its program found now,
+    on this computer, so that the buyer's program runs the same one.
+    """
+    if args.compare is None:
+        return None
+    if args.replicas is None:
+        raise CommandError("--compare needs --replicas K or --replicas auto: it compares"
+                           " the results of a VM's replicas")
+    try:
+        words = shlex.split(args.compare)
+    except ValueError as e:
+        raise CommandError(f"--compare {args.compare!r} cannot be split into words: {e}")
+    if not words:
+        raise CommandError("--compare: the command is empty")
+    program = words[0]
+    found = program if os.sep in program else shutil.which(program)
+    if found is None or not os.path.isfile(found) or not os.access(found, os.X_OK):
+        raise CommandError(f"--compare: {program!r} is not a program on this computer")
+    return [os.path.abspath(found)] + words[1:]
 
 
 def screenArguments(args):

@@ -3,15 +3,18 @@ The buyer's commands about images, orders, VMs and consoles:
 
     cpushare image upload job.iso        cpushare image list
     cpushare order place --image job.iso|SHA256 --vms N [--cores C] [--memory MB]
-                         [--replicas K [--diverse country,cpu,owner]] [--dry-run] [--explain]
+                         [--replicas K|auto [--diverse country,cpu,owner] [--compare CMD]]
+                         [--dry-run] [--explain]
     cpushare order cancel ORDER
     cpushare vms [--json]                cpushare vm stop VM
     cpushare results ORDER [--json]
     cpushare console VM
 """
 
+import json
 import os
 import re
+import shlex
 import sys
 
 from twisted.internet import defer, stdio
@@ -21,11 +24,12 @@ from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
 from cpushare.client.cli.connection import CommandError, Connection
-from cpushare.client.home import resultPath
+from cpushare.client.home import comparatorPath, resultPath, saveComparator
 from cpushare.client.cli.output import (
     actions, amount, ask, command, duration, formatTable, printedAsJSON, printListing)
 from cpushare.client.cli.screens import (
-    addReplicaArguments, addScreenArguments, replicaArguments, screenArguments)
+    addReplicaArguments, addScreenArguments, comparatorWords, replicaArguments,
+    screenArguments)
 from cpushare.money import formatAmount
 from cpushare.imagefolder import hashFile
 from cpushare.protocol import commands
@@ -50,6 +54,9 @@ async def resolveImage(reactor, image):
 async def orderPlace(reactor, args, home):
     extra = screenArguments(args)
     extra.update(replicaArguments(args))
+    compare = comparatorWords(args)
+    if compare is not None:
+        extra["compare"] = True
     if args.budget is not None:
         extra["budget"] = amount(args.budget, "--budget")
     for flag in ("dry_run", "explain"):
@@ -59,10 +66,12 @@ async def orderPlace(reactor, args, home):
     async with Connection(reactor, home) as market:
         placed = await market.call(commands.PlaceOrder, image=sha256, vms=args.vms,
                                    cores=args.cores, memory=args.memory, **extra)
+    if compare is not None and not args.dry_run:
+        await keepComparator(reactor, home, placed["order"], compare)
     if printedAsJSON(args, placed):
         return
     if args.dry_run:
-        print(formatDryRun(placed, args.vms, args.replicas))
+        print(formatDryRun(placed, args.vms, extra.get("replicas")))
         return
     for line in placed.get("explain") or ():
         print(f"waiting: {line}")
@@ -70,6 +79,21 @@ async def orderPlace(reactor, args, home):
     print(f"order {placed['order']}: VMs {ids}; {placed['allocated']} placed on sellers now")
     if placed.get("waiting"):
         print(f"the rest wait: {placed['waiting']}")
+    if compare is not None:
+        print(f"results that differ are compared on this computer by your buyer program with:"
+              f" {shlex.join(compare)} FILE_A FILE_B")
+
+
+async def keepComparator(reactor, home, order, words):
+    """Keep order C{order}'s comparator where the buyer's program finds it."""
+    try:
+        await deferToThreadPool(reactor, reactor.getThreadPool(), saveComparator, home.path,
+                                order, words)
+    except OSError as e:
+        path = comparatorPath(home.path, order)
+        raise CommandError(
+            f"order {order} is placed, but its comparator could not be kept in {path}: {e};"
+            f" write {json.dumps({'argv': words})} there, or cancel the order")
 
 
 async def orderCancel(reactor, args, home):
@@ -117,15 +141,16 @@ async def listVMs(reactor, args, home):
 
 
 def formatResults(results, now):
-    """An order's results, by replica group: each replica's seller and result."""
-    rows = [("GROUP", "VM", "SELLER", "COUNTRY", "CPU", "STATE", "SIZE", "SHA256", "SAVED")]
+    """An order's results, by replica group: each replica's lease, seller, result and verdict."""
+    rows = [("GROUP", "VM", "LEASE", "SELLER", "COUNTRY", "CPU", "STATE", "SIZE", "SHA256",
+             "VERDICT", "SAVED")]
     for r in sorted(results, key=lambda r: (r.get("replica_group") or 0, r["vm"])):
-        size = r.get("size")
+        size, lease = r.get("size"), r.get("lease")
         rows.append((
-            str(r.get("replica_group") or "-"), str(r["vm"]), r.get("seller") or "-",
-            r.get("country") or "-", r.get("cpu") or "-", r["state"],
+            str(r.get("replica_group") or "-"), str(r["vm"]), "-" if lease is None else str(lease),
+            r.get("seller") or "-", r.get("country") or "-", r.get("cpu") or "-", r["state"],
             "-" if size is None else str(size), r.get("sha256") or "no result",
-            r.get("saved") or "-",
+            r.get("verdict") or "-", r.get("saved") or "-",
         ))
     return formatTable(rows)
 
@@ -325,7 +350,7 @@ def addParsers(sub):
                             " place and hold nothing")
     place.add_argument("--explain", action="store_true",
                        help="say why each replica group that waits does")
-    addReplicaArguments(place)
+    addReplicaArguments(place, placing=True)
     addScreenArguments(place)
     cancel = command(orders, "cancel", orderCancel, help="stop all VMs of an order")
     cancel.add_argument("order", type=int)
