@@ -3,6 +3,7 @@ The result channel with real VMs: a replicated order's two VMs, on two
 sellers in different countries, each write a result with the livecd's
 cpushare-result; the market shows each replica's digest, the sha256 of the
 bytes the guest wrote, and the buyer's program saved those very bytes.
+The two agree, so the group is accepted and both sellers are paid.
 Real twistd processes, TLS and QEMU under TCG (two VMs at once).
 """
 
@@ -79,5 +80,24 @@ def test_each_replica_reports_the_digest_of_its_result_and_the_buyer_saves_it(
         assert "wrote its result" in proc.log(), name
         assert "Traceback" not in proc.log(), name
     assert "result saved in" in buyerProc.log()
-    assert "Traceback" not in market.log() + buyerProc.log()
+    # The two agree: the group is accepted.
+    def accepted():
+        rows = run(buyer, "results", str(orderId), "--json").json()
+        return all(r.get("verdict") == "accepted" for r in rows)
+
+    waitUntil(accepted, "the group's verdict", BOOT_TIMEOUT, processes, 1.0)
     run(buyer, "order", "cancel", str(orderId))
+
+    # Once their leases are settled, both sellers are paid what they charged.
+    def settled():
+        leases = run(buyer, "leases", "--json").json()
+        return leases if len(leases) == 2 and all(
+            "ended" in lease and lease["held"] == 0 for lease in leases) else None
+
+    leases = {lease["seller"]: lease for lease in
+              waitUntil(settled, "both leases settled", BOOT_TIMEOUT, processes, 1.0)}
+    for name in sellers:
+        sheet = run(tmp_path / name, "balance", "--json").json()
+        assert sheet["earnings"] == leases[name]["charged"] > 0, (name, sheet, leases)
+        assert not sheet.get("awaiting_verdicts"), sheet
+    assert "Traceback" not in market.log() + buyerProc.log()
