@@ -70,6 +70,10 @@ class Options(usage.Options):
         ["cpu-bench-image", None, None,
          "The benchmark ISO (default: built from the reference livecd into --data)."],
         ["cpu-bench-mb", None, 16, "MiB each CPU benchmark hashes.", int],
+        ["canary-every", None, 21600.0,
+         "Mean seconds between canaries (known-answer jobs in a VM of the benchmark "
+         "image, paid from the market's grants) on each seller, at random (0: never).",
+         float],
         ["web", None, None,
          "Twisted server endpoint (or a port number) for the HTTPS endpoint buyers' "
          "browsers reach when PayPal sends them back (TLS is added)."],
@@ -124,6 +128,8 @@ class Options(usage.Options):
         for name in ("registrations-per-address", "registrations-per-minute"):
             if self[name] < 0:
                 raise usage.UsageError(f"--{name} must be 0 (no limit) or more")
+        if not 0 <= self["canary-every"] < float("inf"):
+            raise usage.UsageError("--canary-every must be 0 (never) or a number of seconds")
         if self["rekeys-per-day"] < 1:
             raise usage.UsageError("--rekeys-per-day must be 1 or more")
         if not 0 < self["access-check"] <= 60:
@@ -270,6 +276,7 @@ def makeService(options, reactor=None):
                     cpuBench={"every": options["cpu-bench-every"],
                               "image": options["cpu-bench-image"],
                               "mb": options["cpu-bench-mb"], "folder": data},
+                    canaries={"every": options["canary-every"]},
                     registrations=RegistrationLimits(
                         reactor, options["registrations-per-address"],
                         options["registrations-per-minute"]),

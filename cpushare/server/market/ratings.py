@@ -8,7 +8,9 @@ own VM on its own seller is never rated; anyone else's lease is refused
 as if it did not exist.  Each buyer account counts once in a seller's
 votes, its leases' ratings averaged, weighted by what it paid that seller
 up to L{RATING_FULL_VOTE}: many votes from one account, or from fresh
-accounts that paid next to nothing, weigh next to nothing.
+accounts that paid next to nothing, weigh next to nothing.  The market
+itself votes once, bad and in full, against a seller that answered one of
+its canaries wrong (L{cpushare.server.market.canary}).
 """
 
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from cpushare.protocol.commands import BadRequest, NotPermitted
 from cpushare.server.db import leases as leasesql
 from cpushare.server.db import marketsql
 from cpushare.server.market.screens import rating
+from cpushare.server.market.validation import validationOf
 
 # A buyer account's vote counts in full once it has paid the seller this
 # much (micro-units, 1.00) over all their leases; below, in proportion.
@@ -33,7 +36,8 @@ def votes(cursor, accountId):
     how many buyer accounts rated it.
     """
     rated = marketsql.ratingsOf(cursor, accountId)
-    if not rated:
+    caught = validationOf(cursor, accountId).canariesFailed > 0
+    if not rated and not caught:
         return 0.0, 0.0, 0
     paid = leasesql.paidTo(cursor, accountId)
     good = bad = 0.0
@@ -42,7 +46,9 @@ def votes(cursor, accountId):
         share = goodCount / count
         good += weight * share
         bad += weight * (1.0 - share)
-    return good, bad, len(rated)
+    if caught:
+        bad += 1.0      # the market's own vote
+    return good, bad, len(rated) + int(caught)
 
 
 def checkComment(comment):
