@@ -424,3 +424,15 @@ def test_the_servers_canary_option():
             assert "--canary-every must be 0 (never) or a number of seconds" in str(e)
         else:
             raise AssertionError(f"--canary-every {bad} was taken")
+
+
+def test_the_cheating_seller_alters_every_result():
+    from test import cheatingseller
+
+    told = []
+    port = cheatingseller.cheatingResultPort()(1, lambda *r: told.append(r), told.append)
+    port.dataReceived(b"CPUSHARE-RESULT 65\n" + b"a" * 30)
+    port.dataReceived(b"a" * 34 + b"\n")
+    wrong = hashlib.sha256(cheatingseller.altered(b"a" * 64 + b"\n")).hexdigest()
+    assert told == [(wrong, 65)]
+    assert wrong != hashlib.sha256(b"a" * 64 + b"\n").hexdigest()
