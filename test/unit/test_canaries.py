@@ -15,6 +15,7 @@ from cpushare.protocol import commands
 from cpushare.server.market import canary as canary_
 from cpushare.server.market import cpubench
 from cpushare.server.market.orders import SYSTEM_RESULT_MAX
+from cpushare.server.market.ratings import votes
 from cpushare.server.market.validation import validationOf
 from cpushare.server.money import ledger
 
@@ -162,11 +163,17 @@ class CanaryTests(OrderCase):
         self.assertEqual((yield self.grantsSpent()), 0)
         counts = yield self.validation()
         self.assertEqual((counts.invalid, counts.consecutive, counts.canariesFailed), (1, 0, 1))
-        [listed] = (yield self.call(self.cli, commands.ListSellers, offset=0))["sellers"]
-        self.assertEqual((listed["votes"], listed["rating"]), (1, 0.0))
+        yield self.assertMarketVotedBad()
         self.assertEqual(self.market.orders.used(self.session), (0, 0))
         yield self.checkBooks()
         return reported
+
+    @defer.inlineCallbacks
+    def assertMarketVotedBad(self):
+        """The market's one bad vote, in full, is sam's only vote."""
+        self.assertEqual((yield self.store.run(votes, self.samId)), (0.0, 1.0, 1))
+        [listed] = (yield self.call(self.cli, commands.ListSellers, offset=0))["sellers"]
+        self.assertEqual((listed["votes"], listed["rating"]), (1, 0.0))
 
     # -- abuse
 
@@ -188,8 +195,7 @@ class CanaryTests(OrderCase):
                           counts.canariesFailed), (1, 1, 0, 1))
         # The first canary's pay stays; the wrong one added nothing.
         self.assertEqual((yield self.balances("sam"))["earnings"], paid)
-        [listed] = (yield self.call(self.cli, commands.ListSellers, offset=0))["sellers"]
-        self.assertEqual((listed["votes"], listed["rating"]), (1, 0.0))
+        yield self.assertMarketVotedBad()
         excluded = yield self.call(self.cli, commands.ListSellers, offset=0, explain=True,
                                    min_rating=0.1)
         self.assertIn("rating", excluded["sellers"][0]["excluded"])

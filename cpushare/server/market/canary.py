@@ -136,12 +136,12 @@ class Canaries(SellerTurns):
         None when the seller had no room for it.
         """
         name, sellerId = session.account.name, session.account.id
-        if not roomFor(self.orders, session):
-            self.log.info("canary on {name} put off: no room for it now", name=name)
-            return None
         seed = secrets.token_hex(16)
         expected = await deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
                                            resultDigest, seed, self.mb)
+        if not session.connected or not roomFor(self.orders, session):
+            self.log.info("canary on {name} put off: no room for it now", name=name)
+            return None
         price = self.board.figures(session).price
         run = SystemRun(self.reactor, self.orders, self.timeout, self.what, name)
         bench = self.bench
