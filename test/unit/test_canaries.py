@@ -16,7 +16,7 @@ from cpushare.server.market import canary as canary_
 from cpushare.server.market import cpubench
 from cpushare.server.market.orders import SYSTEM_RESULT_MAX
 from cpushare.server.market.ratings import votes
-from cpushare.server.market.validation import validationOf
+from cpushare.server.market.validation import Validation, validationOf
 from cpushare.server.money import ledger
 
 from test.fakemarket import LogCapture
@@ -248,6 +248,23 @@ class CanaryTests(OrderCase):
         self.assertEqual((counts.invalid, counts.canariesFailed), (1, 1))
         yield self.checkBooks()
         # It is not given another canary while away.
+        self.assertEqual(self.canaries.calls, {})
+
+    @defer.inlineCallbacks
+    def test_a_canary_the_market_stops_is_left_undecided(self):
+        self.seller.mode = "silent"
+        with LogCapture() as log:
+            running = self.runCanary()
+            vm = (yield self.within(self.seller.started.get()))["vm"]
+            yield self.sleep(5)
+            self.canaries.stop()
+            self.assertIsNone((yield running))
+            self.assertEqual((yield self.within(self.seller.stopped.get())), vm)
+        self.assertIn(f"canary VM {vm} on sam left undecided: the market stops",
+                      " ".join(log.texts()))
+        self.assertEqual(log.failures, [])
+        self.assertEqual((yield self.row())[3], None)
+        self.assertEqual((yield self.validation()), Validation())
         self.assertEqual(self.canaries.calls, {})
 
     @defer.inlineCallbacks

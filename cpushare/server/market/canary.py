@@ -133,7 +133,7 @@ class Canaries(SellerTurns):
     async def run(self, session):
         """
         Run one canary on C{session}'s seller; returns whether it passed, or
-        None when the seller had no room for it.
+        None when the seller had no room for it or the market stopped first.
         """
         name, sellerId = session.account.name, session.account.id
         seed = secrets.token_hex(16)
@@ -156,17 +156,23 @@ class Canaries(SellerTurns):
             if await run.typeLine(f"/cpushare/canary {seed} {self.mb}") is not None:
                 answer = await run.until(reported, "no result")
             run.stop()
+            ran = self.reactor.seconds() - started
             passed = answer == expected
             amount = 0
             if passed:
-                cpu = min(await self._finalCPU(session, vm),
-                          (self.reactor.seconds() - started) * CORES)
+                # Its CPU seconds, as its seller says, capped at its time.
+                cpu = min(await self._finalCPU(session, vm), ran * CORES)
                 amount = cpuCost(price, cpu)
                 why = None
             elif answer is None:
                 why = f"the canary got no result: {run.why}"
             else:
                 why = f"the canary's result was wrong: sha256 {answer}, not {expected}"
+            if self.stopped:
+                # Not the seller's doing: the canary is left undecided.
+                self.log.info("canary VM {vm} on {name} left undecided: the market stops",
+                              vm=vm.id, name=name)
+                return None
             sellerVotes = await self.store.run(decide, vm.id, sellerId, answer, passed, amount,
                                                self.reactor.seconds(), why)
         finally:
@@ -184,7 +190,7 @@ class Canaries(SellerTurns):
     async def _finalCPU(self, session, vm):
         """The stopped VM's CPU seconds, once its seller said its last word (or soon)."""
         deadline = self.reactor.seconds() + SETTLE_WAIT
-        while vm.id in session.stopping and session.connected \
+        while vm.id in session.stopping and session.connected and not self.stopped \
                 and self.reactor.seconds() < deadline:
             await deferLater(self.reactor, FINAL_CPU_POLL)
         return vm.cpuSeconds

@@ -239,7 +239,9 @@ class SellerTurns:
     C{firstWait()} seconds after it comes online, then C{nextWait()}
     seconds after each turn ends; never two turns of one seller at once,
     and at most C{atOnce} turns market-wide (the others queue).  C{what}
-    names a turn in the log.  Turns stop for a seller that goes.
+    names a turn in the log.  Turns stop for a seller that goes, and all
+    of them when the market stops: the VMs of those running are ended
+    (C{orders.endSystemVM}) and C{stopped} says why they were.
     """
 
     log = Logger()
@@ -251,6 +253,7 @@ class SellerTurns:
         self.calls = {}                 # session -> its next turn's DelayedCall
         self.queued = set()             # sessions waiting for a slot
         self.running = {}               # session -> the VM of its turn
+        self.stopped = False
 
     @property
     def enabled(self):
@@ -267,10 +270,13 @@ class SellerTurns:
             call.cancel()
 
     def stop(self):
+        self.stopped = True
         for call in self.calls.values():
             if call.active():
                 call.cancel()
         self.calls.clear()
+        for vm in list(self.running.values()):
+            self.orders.endSystemVM(vm)
 
     def _start(self, session):
         self.calls.pop(session, None)
@@ -290,7 +296,8 @@ class SellerTurns:
         d.addBoth(lambda _: self._again(session))
 
     def _again(self, session):
-        if session.connected and self.enabled and session not in self.calls:
+        if session.connected and self.enabled and not self.stopped \
+                and session not in self.calls:
             self.calls[session] = self.reactor.callLater(self.nextWait(), self._start, session)
 
 
