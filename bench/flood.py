@@ -301,7 +301,7 @@ def bench(args):
 
     try:
         data = os.path.join(tmp, "data")
-        extra = ["--measure-every", "0", "--cpu-bench-every", "0",
+        extra = ["--measure-every", "0", "--cpu-bench-every", "0", "--canary-every", "0",
                  "--heartbeat", "10", "--timeout", "300"]
         if args.accounts > 1:
             # The flood's accounts were made beforehand (over days, say).

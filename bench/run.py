@@ -306,9 +306,9 @@ def runConnectionBenchmark(ctx, args, env, summary):
                          f"for {args.connections} connections")
     data = os.path.join(ctx.tmp, "conn-server")
     extra = ["--heartbeat", str(args.heartbeat)] if args.heartbeat else []
-    # Idle connections only: no bandwidth measurements or CPU benchmark VMs
-    # (scheduled work, at most four of each at once; see docs/performance.md).
-    extra += ["--measure-every", "0", "--cpu-bench-every", "0"]
+    # Idle connections only: no bandwidth measurements, CPU benchmark or canary VMs
+    # (scheduled work, a few of each at once; see docs/performance.md).
+    extra += ["--measure-every", "0", "--cpu-bench-every", "0", "--canary-every", "0"]
     # Every connection comes from 127.0.0.1, a batch of them in their TLS
     # handshakes at once: more than one address may hold before Hello.
     extra += ["--max-unauthenticated-per-address", str(max(16, 2 * args.batch))]

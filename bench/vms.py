@@ -559,9 +559,10 @@ class Bench:
             self.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
 
         data = self.path("server-data")
-        # No CPU benchmark VM on the seller: it would boot beside the measured ones.
+        # No CPU benchmark or canary VM on the seller: it would boot beside the measured ones.
         self.server, port = startServer(self.children, "server", data,
-                                        extra=["--cpu-bench-every", "0"], **self.twistdOptions())
+                                        extra=["--cpu-bench-every", "0", "--canary-every", "0"],
+                                        **self.twistdOptions())
         self.logs.follow("server", self.path("server.log"))
         where = f"127.0.0.1:{port}"
         for home in ("seller", "buyer"):

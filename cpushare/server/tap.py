@@ -76,6 +76,10 @@ class Options(usage.Options):
         ["adaptive-threshold", None, 10,
          "--replicas auto: a seller with fewer consecutive valid results than this always"
          " has its VMs run twice.", int],
+        ["canary-every", None, 21600.0,
+         "Mean seconds between canaries (known-answer jobs in a VM of the benchmark "
+         "image, paid from the market's grants) on each seller, at random (0: never).",
+         float],
         ["web", None, None,
          "Twisted server endpoint (or a port number) for the HTTPS endpoint buyers' "
          "browsers reach when PayPal sends them back (TLS is added)."],
@@ -130,6 +134,8 @@ class Options(usage.Options):
         for name in ("registrations-per-address", "registrations-per-minute"):
             if self[name] < 0:
                 raise usage.UsageError(f"--{name} must be 0 (no limit) or more")
+        if not 0 <= self["canary-every"] < float("inf"):
+            raise usage.UsageError("--canary-every must be 0 (never) or a number of seconds")
         if self["rekeys-per-day"] < 1:
             raise usage.UsageError("--rekeys-per-day must be 1 or more")
         if not 0 < self["access-check"] <= 60:
@@ -280,6 +286,7 @@ def makeService(options, reactor=None):
                     cpuBench={"every": options["cpu-bench-every"],
                               "image": options["cpu-bench-image"],
                               "mb": options["cpu-bench-mb"], "folder": data},
+                    canaries={"every": options["canary-every"]},
                     registrations=RegistrationLimits(
                         reactor, options["registrations-per-address"],
                         options["registrations-per-minute"]),

@@ -326,8 +326,8 @@ class Market:
             "--data", self.data, "--listen", f"tcp:{port}:interface={LOOPBACK}",
             "--hostname", "localhost",
             "--heartbeat", HEARTBEAT, "--timeout", SILENCE_TIMEOUT,
-            # No CPU benchmark VMs unless a test asks (extra comes last and wins).
-            "--cpu-bench-every", "0",
+            # No CPU benchmark or canary VMs unless a test asks (extra comes last and wins).
+            "--cpu-bench-every", "0", "--canary-every", "0",
             # Every account of the suite registers from 127.0.0.1.
             "--registrations-per-address", "0", *self.extra,
         ] + (["--db", self.db] if self.db else []))

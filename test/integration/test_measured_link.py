@@ -111,7 +111,8 @@ def test_the_market_shows_no_seller_nearer_or_faster_than_its_link(link, process
     server = link.start(link.market, "server", [
         executable("twistd"), "-n", "--pidfile=", "cpushare-server", "--data", data,
         "--listen", f"tcp:0:interface={link.marketIP}", "--hostname", link.marketIP,
-        "--heartbeat", HEARTBEAT, "--timeout", SILENCE_TIMEOUT, "--cpu-bench-every", "0"])
+        "--heartbeat", HEARTBEAT, "--timeout", SILENCE_TIMEOUT, "--cpu-bench-every", "0",
+        "--canary-every", "0"])
     address = server.waitFor(
         lambda: (data / "server.address").exists()
         and json.loads((data / "server.address").read_text()), "the server listening")

@@ -73,7 +73,7 @@ def test_billing_reports_what_each_bill_decided_to_the_leases_it_serves():
 
 def test_the_market_wires_its_services_without_handing_itself_over(tmp_path):
     market = _market(tmp_path)
-    for service in (market.board, market.orders, market.billing, market.cpubench,
+    for service in (market.board, market.orders, market.billing, market.cpubench, market.canaries,
                     market.ratings, market.access, market.admission):
         assert not any(value is market for value in vars(service).values()), service
     verifyObject(ILeases, market.orders)

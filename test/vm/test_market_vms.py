@@ -70,9 +70,10 @@ class Network:
 SELLER_GRACE = 12
 
 
-def startSeller(processes, home, cores, memory, name="seller", extra=()):
+def startSeller(processes, home, cores, memory, name="seller", extra=(), twistd=None):
+    """A seller; C{twistd} is the command that runs twistd (test/cheatingseller.py's, say)."""
     proc = processes.start(name, [
-        executable("twistd"), "-n", "--pidfile=", "cpushare-seller", "--home", home,
+        *(twistd or [executable("twistd")]), "-n", "--pidfile=", "cpushare-seller", "--home", home,
         "--cores", cores, "--memory", memory, "--accel", "tcg", "--cache-size", 200,
         "--grace", SELLER_GRACE, *extra,
     ])

@@ -29,6 +29,12 @@ and boot it at once.
 A seller keeps its score while it stays online; one that fails the
 benchmark (a wrong digest, no answer within C{timeout}) keeps none and
 fails --min-cpu screens.
+
+The same image answers the market's canaries (L{cpushare.server.market.canary}):
+/cpushare/canary SEED MB sends the same digest as the VM's result.  What
+both share is here: the guest's programs, booting a market VM and typing
+a line at its shell (L{SystemRun}), and taking each seller online in turn
+(L{SellerTurns}).
 """
 
 import hashlib
@@ -53,13 +59,27 @@ CORES, MEMORY = 1, 256
 # The account benchmark VMs belong to: a name registration cannot take.
 SYSTEM_ACCOUNT = "~market"
 
+# The file the built image is kept in, in the data folder: its number
+# changes whenever the image's files do, so an older image is not reused.
+IMAGE_FILE = "cpu-benchmark-2.iso"
+
+DIGEST_PROGRAM = """#!/bin/sh
+# /cpushare/digest SEED MB: the SHA-256 of SEED, a newline and MB MiB of zeros.
+{ echo "$1"; dd if=/dev/zero bs=1048576 count="$2" 2>/dev/null; } | sha256sum | cut -d' ' -f1
+"""
+
 BENCH_PROGRAM = """#!/bin/sh
 # The CPUShare CPU benchmark: /cpushare/bench NONCE MB
 # hashes NONCE, a newline and MB MiB of zeros with SHA-256.
 nonce=$1 mb=$2
-digest=$( { echo "$nonce"; dd if=/dev/zero bs=1048576 count="$mb" 2>/dev/null; } \\
-    | sha256sum | cut -d' ' -f1)
+digest=$(/cpushare/digest "$nonce" "$mb")
 echo "CPUSHARE-BENCH-RESULT $nonce $digest"
+"""
+
+CANARY_PROGRAM = """#!/bin/sh
+# The CPUShare canary: /cpushare/canary SEED MB sends the SHA-256 of SEED,
+# a newline and MB MiB of zeros (hex, a newline) as this VM's result.
+/cpushare/digest "$1" "$2" > /tmp/canary && cpushare-result /tmp/canary
 """
 
 _RESULT = re.compile(rb"CPUSHARE-BENCH-RESULT ([0-9a-f]{32}) ([0-9a-f]{64})")
@@ -78,10 +98,12 @@ def expectedDigest(nonce, mb):
 def writeBenchFolder(folder):
     """The files the benchmark image adds to the reference livecd."""
     os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, "bench")
-    with open(path, "w") as f:
-        f.write(BENCH_PROGRAM)
-    os.chmod(path, 0o755)
+    for name, program in (("digest", DIGEST_PROGRAM), ("bench", BENCH_PROGRAM),
+                          ("canary", CANARY_PROGRAM)):
+        path = os.path.join(folder, name)
+        with open(path, "w") as f:
+            f.write(program)
+        os.chmod(path, 0o755)
     with open(os.path.join(folder, "no-network"), "w") as f:
         f.write("the CPU benchmark needs no network: do not wait for DHCP\n")
     return folder
@@ -113,8 +135,175 @@ def systemAccount(cursor, sha256, size):
     return row[0]
 
 
-class CPUBench:
+def roomFor(orders, session):
+    """Whether C{session}'s seller has room for one more of the market's VMs now."""
+    cores, memory = orders.used(session)
+    return session.offer is not None and cores + CORES <= session.offer["cores"] and \
+        memory + MEMORY <= session.offer["memory"]
+
+
+class SystemRun:
+    """
+    One of the market's own VMs of the benchmark image on a seller, given
+    C{timeout} seconds in all: C{boot} starts it, C{typeLine} waits for
+    the guest's shell prompt and types a line, C{until} waits for what the
+    VM must do, and C{stop} ends the VM.  C{what} and C{name} (the seller)
+    name it in the log; C{why} says why it gave up, once it did.
+    """
+
     log = Logger()
+
+    def __init__(self, reactor, orders, timeout, what, name):
+        self.reactor = reactor
+        self.orders = orders
+        self.timeout = timeout
+        self.what = what
+        self.name = name
+        self.why = None
+        self.vm = self.call = None
+        self.seen = bytearray()
+        self.typed = None               # where the output after the typed line begins
+        self.prompt = defer.Deferred()
+        self.found = None               # fired with (when, match) of the awaited output
+        self.pattern = None
+        self.stopped = False
+
+    def console(self, data):
+        seen = self.seen
+        seen.extend(data)
+        if self.typed is None:
+            ready = seen.find(b"CPUSHARE-READY")
+            if ready >= 0 and seen.find(_PROMPT, ready) >= 0 and not self.prompt.called:
+                self.prompt.callback(True)
+        elif self.pattern is not None:
+            match = self.pattern.search(bytes(seen[self.typed:]))
+            if match and not self.found.called:
+                self.found.callback((self.reactor.seconds(), match))
+        if len(seen) > 65536:
+            del seen[:32768]
+            if self.typed is not None:
+                self.typed = max(0, self.typed - 32768)
+
+    async def boot(self, session, accountId, sha256, size):
+        """Start the VM on C{session}'s seller; returns it."""
+        vm = await self.orders.systemVM(session, accountId, sha256, size, CORES, MEMORY,
+                                        self.console)
+        self.vm = vm
+        self.ended = defer.Deferred()
+        vm.endWaiters.append(self.ended)
+        self.timedOut = defer.Deferred()
+        self.call = self.reactor.callLater(self.timeout, self.timedOut.callback, None)
+        return vm
+
+    async def until(self, awaited, late):
+        """What C{awaited} fires with, or None (logged) on the timeout or the VM's end."""
+        value, which = await defer.DeferredList([awaited, self.timedOut, self.ended],
+                                                fireOnOneCallback=True)
+        if which == 1:
+            self.why = f"{late} in {self.timeout:.0f}s"
+        elif which == 2:
+            self.why = f"its VM {value[0]}: {value[1]}"
+        else:
+            return value
+        self.log.warn("{what} of {name}: {why}", what=self.what, name=self.name, why=self.why)
+        return None
+
+    async def typeLine(self, line, pattern=None):
+        """
+        Type C{line} at the guest's shell once its prompt shows: returns when
+        it was typed, or None (the VM did not come up).  With C{pattern},
+        C{found} fires with (when, match) of its first match in what the
+        console shows after the line.
+        """
+        if await self.until(self.prompt, "its VM did not come up") is None:
+            return None
+        self.typed = len(self.seen)
+        if pattern is not None:
+            self.pattern, self.found = pattern, defer.Deferred()
+        typed = self.reactor.seconds()
+        self.vm.consoleInput(line.encode("ascii") + b"\n")
+        return typed
+
+    def stop(self):
+        """End the VM (once)."""
+        if self.call is not None and self.call.active():
+            self.call.cancel()
+        if self.vm is not None and not self.stopped:
+            self.stopped = True
+            self.orders.endSystemVM(self.vm)
+
+
+class SellerTurns:
+    """
+    Gives each seller online a turn (C{run(session)}), again and again:
+    C{firstWait()} seconds after it comes online, then C{nextWait()}
+    seconds after each turn ends; never two turns of one seller at once,
+    and at most C{atOnce} turns market-wide (the others queue).  C{what}
+    names a turn in the log.  Turns stop for a seller that goes, and all
+    of them when the market stops: the VMs of those running are ended
+    (C{orders.endSystemVM}) and C{stopped} says why they were.
+    """
+
+    log = Logger()
+    what = "a turn"
+
+    def __init__(self, reactor, atOnce):
+        self.reactor = reactor
+        self.slots = defer.DeferredSemaphore(atOnce)
+        self.calls = {}                 # session -> its next turn's DelayedCall
+        self.queued = set()             # sessions waiting for a slot
+        self.running = {}               # session -> the VM of its turn
+        self.stopped = False
+
+    @property
+    def enabled(self):
+        raise NotImplementedError
+
+    def sellerOnline(self, session):
+        if self.enabled and session not in self.calls and session not in self.queued \
+                and session not in self.running:
+            self.calls[session] = self.reactor.callLater(self.firstWait(), self._start, session)
+
+    def sessionLost(self, session):
+        call = self.calls.pop(session, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def stop(self):
+        self.stopped = True
+        for call in self.calls.values():
+            if call.active():
+                call.cancel()
+        self.calls.clear()
+        for vm in list(self.running.values()):
+            self.orders.endSystemVM(vm)
+
+    def _start(self, session):
+        self.calls.pop(session, None)
+        if not session.connected:
+            return
+        self.queued.add(session)
+
+        def turn():
+            self.queued.discard(session)
+            if not session.connected:
+                return defer.succeed(None)
+            return defer.ensureDeferred(self.run(session))
+
+        d = self.slots.run(turn)
+        d.addErrback(lambda f: self.log.failure("{what} of {name}", f, what=self.what,
+                                                 name=session.account.name))
+        d.addBoth(lambda _: self._again(session))
+
+    def _again(self, session):
+        if session.connected and self.enabled and not self.stopped \
+                and session not in self.calls:
+            self.calls[session] = self.reactor.callLater(self.nextWait(), self._start, session)
+
+
+class CPUBench(SellerTurns):
+    log = Logger()
+    what = "CPU benchmark"
 
     def __init__(self, reactor, store, orders, rescored, images=None, image=None, every=EVERY,
                  mb=MB, timeout=TIMEOUT, first=FIRST, cache=None):
@@ -125,7 +314,7 @@ class CPUBench:
             (the board ranks its sellers again).
         @param images: the image store the benchmark image is put in.
         """
-        self.reactor = reactor
+        SellerTurns.__init__(self, reactor, AT_ONCE)
         self.store = store
         self.orders = orders
         self.rescored = rescored
@@ -137,23 +326,27 @@ class CPUBench:
         self.first = first
         self.cache = cache
         self.sha256 = self.size = self.accountId = None
-        self.slots = defer.DeferredSemaphore(AT_ONCE)
-        self.calls = {}                 # session -> the next benchmark's DelayedCall
-        self.queued = set()             # sessions waiting for a benchmark slot
-        self.running = {}               # session -> the VM measuring it
+        # The canaries run VMs of the same image: it is made for them too.
+        self.forCanaries = False
 
     @property
     def enabled(self):
         return bool(self.every) and self.sha256 is not None
 
+    def firstWait(self):
+        return self.first
+
+    def nextWait(self):
+        return self.every
+
     async def prepare(self, dataFolder):
         """Build (or take) the benchmark image and put it in the image store."""
-        if not self.every:
+        if not (self.every or self.forCanaries):
             return
         pool = self.reactor.getThreadPool()
         try:
             if self.image is None:
-                path = os.path.join(dataFolder, "cpu-benchmark.iso")
+                path = os.path.join(dataFolder, IMAGE_FILE)
                 if os.path.exists(path):
                     sha256, size = await deferToThreadPool(self.reactor, pool, hashFile, path)
                 else:
@@ -174,105 +367,28 @@ class CPUBench:
             return
         self.sha256, self.size = sha256, size
         self.log.info("CPU benchmark image {sha256} ({size} bytes); sellers are measured "
-                      "every {every:.0f}s", sha256=sha256, size=size, every=self.every)
+                      "every {every:.0f}s (0: never)", sha256=sha256, size=size,
+                      every=self.every)
 
-    def sellerOnline(self, session):
-        if self.enabled and session not in self.calls and session not in self.queued \
-                and session not in self.running:
-            self.calls[session] = self.reactor.callLater(self.first, self._start, session)
-
-    def sessionLost(self, session):
-        call = self.calls.pop(session, None)
-        if call is not None and call.active():
-            call.cancel()
-
-    def stop(self):
-        for call in self.calls.values():
-            if call.active():
-                call.cancel()
-        self.calls.clear()
-
-    def _start(self, session):
-        self.calls.pop(session, None)
-        if not session.connected:
-            return
-        self.queued.add(session)
-
-        def measure():
-            self.queued.discard(session)
-            if not session.connected:
-                return defer.succeed(None)
-            return defer.ensureDeferred(self.measure(session))
-
-        d = self.slots.run(measure)
-        d.addErrback(lambda f: self.log.failure("CPU benchmark of {name}", f,
-                                                 name=session.account.name))
-        d.addBoth(lambda _: self._again(session))
-
-    def _again(self, session):
-        if session.connected and self.every and session not in self.calls:
-            self.calls[session] = self.reactor.callLater(self.every, self._start, session)
+    def run(self, session):
+        return self.measure(session)
 
     async def measure(self, session):
         """Run one benchmark VM on C{session}'s seller; returns the score or None."""
         name = session.account.name
-        orders = self.orders
-        cores, memory = orders.used(session)
-        if session.offer is None or cores + CORES > session.offer["cores"] or \
-                memory + MEMORY > session.offer["memory"]:
+        if not roomFor(self.orders, session):
             self.log.info("CPU benchmark of {name} put off: no room for it now", name=name)
             return None
         nonce = secrets.token_hex(16)
         expected = deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
                                      expectedDigest, nonce, self.mb)
-        prompt, result = defer.Deferred(), defer.Deferred()
-        seen = bytearray()
-        state = {"typed": None}
-
-        def console(data):
-            seen.extend(data)
-            if state["typed"] is None:
-                ready = seen.find(b"CPUSHARE-READY")
-                if ready >= 0 and seen.find(_PROMPT, ready) >= 0 and not prompt.called:
-                    prompt.callback(True)
-            else:
-                match = _RESULT.search(bytes(seen[state["typed"]:]))
-                if match and not result.called:
-                    result.callback((self.reactor.seconds(), match))
-            if len(seen) > 65536:
-                del seen[:32768]
-                if state["typed"] is not None:
-                    state["typed"] = max(0, state["typed"] - 32768)
-
-        vm = await orders.systemVM(session, self.accountId, self.sha256, self.size, CORES,
-                                   MEMORY, console)
-        self.running[session] = vm
-        ended = defer.Deferred()
-        vm.endWaiters.append(ended)
-        timeout = defer.Deferred()
-        call = self.reactor.callLater(self.timeout, timeout.callback, None)
-
-        async def until(awaited, late):
-            """What C{awaited} fires with, or None (logged) on the timeout or the VM's end."""
-            value, which = await defer.DeferredList([awaited, timeout, ended],
-                                                    fireOnOneCallback=True)
-            if which == 1:
-                self.log.warn("CPU benchmark of {name}: {late} in {t:.0f}s", name=name,
-                              late=late, t=self.timeout)
-                return None
-            if which == 2:
-                self.log.warn("CPU benchmark of {name}: its VM {state}: {reason}", name=name,
-                              state=value[0], reason=value[1])
-                return None
-            return value
-
+        run = SystemRun(self.reactor, self.orders, self.timeout, self.what, name)
+        self.running[session] = await run.boot(session, self.accountId, self.sha256, self.size)
         try:
-            if await until(prompt, "its VM did not come up") is None:
+            started = await run.typeLine(f"/cpushare/bench {nonce} {self.mb}", _RESULT)
+            if started is None:
                 return None
-            state["typed"] = len(seen)
-            started = self.reactor.seconds()
-            vm.consoleInput(f"/cpushare/bench {nonce} {self.mb}\n".encode("ascii"))
-            answer = await until(result, "no result")
+            answer = await run.until(run.found, "no result")
             if answer is None:
                 return None
             finished, match = answer
@@ -290,7 +406,5 @@ class CPUBench:
                           s=finished - started)
             return score
         finally:
-            if call.active():
-                call.cancel()
             self.running.pop(session, None)
-            orders.endSystemVM(vm)
+            run.stop()

@@ -28,6 +28,7 @@ from cpushare.server.money.billing import INTERVAL, WINDOW, Billing
 from cpushare.server.market.measure import (
     AT_ONCE as MEASURE_AT_ONCE, EVERY as MEASURE_EVERY, BandwidthMeter)
 from cpushare.server.market.board import DEFAULT_PRICE, MAX_NET_FEE, OWN_ACCOUNT, Board
+from cpushare.server.market.canary import Canaries
 from cpushare.server.market.cpubench import CPUBench
 from cpushare.server.money.desk import MoneyDesk
 from cpushare.server.market.orders import Orders
@@ -48,12 +49,14 @@ class Market(Service):
     def __init__(self, reactor, store, credentials, images=None,
                  heartbeat=DEFAULT_INTERVAL, timeout=DEFAULT_TIMEOUT,
                  defaultPrice=DEFAULT_PRICE, billingInterval=INTERVAL, holdWindow=WINDOW,
-                 measureEvery=MEASURE_EVERY, cpuBench=None,
+                 measureEvery=MEASURE_EVERY, cpuBench=None, canaries=None,
                  registrations=None, accessCheck=CHECK_EVERY, rekeysPerDay=REKEYS_PER_DAY,
                  maxNetFee=MAX_NET_FEE):
         """
         @param cpuBench: keyword arguments of L{CPUBench} plus C{folder},
             where the benchmark image is kept; None: no CPU benchmark.
+        @param canaries: keyword arguments of L{Canaries} (their VMs boot the
+            benchmark image); None: no canaries.
         @param registrations: a L{cpushare.server.access.RegistrationLimits},
             or None for none (the server's options always give one).
         @param accessCheck: seconds between looks for suspensions, deletions
@@ -82,6 +85,8 @@ class Market(Service):
         self.cpuBenchFolder = cpuBench.pop("folder", None)
         self.cpubench = CPUBench(reactor, store, self.orders, self.board.invalidate, images,
                                  **cpuBench)
+        self.canaries = Canaries(reactor, store, self.orders, self.cpubench, self.board,
+                                 **(canaries or {"every": 0}))
         self.images = images
         # Balances and statements; PayPal when makeService sets one up.
         self.money = MoneyDesk(reactor, store)
@@ -109,6 +114,7 @@ class Market(Service):
     def stopService(self):
         Service.stopService(self)
         self.cpubench.stop()
+        self.canaries.stop()
         self.access.stop()
         self.billing.stop()
         self.orders.stop()
@@ -137,6 +143,7 @@ class Market(Service):
                 self._buyers.pop(session.account.id, None)
         self.relay.dropSession(session, reason)
         self.cpubench.sessionLost(session)
+        self.canaries.sessionLost(session)
         self.orders.sessionLost(session)
 
     def buyerStarted(self, session):
@@ -158,6 +165,7 @@ class Market(Service):
         await self.orders.load()
         self.billing.start()
         if self.images is not None:
+            self.cpubench.forCanaries = bool(self.canaries.every)
             await self.cpubench.prepare(self.cpuBenchFolder)
         self.orders.measuresCPU = self.cpubench.enabled
 
@@ -189,6 +197,7 @@ class Market(Service):
         self.board.invalidate()
         self.orders.capacityChanged()
         self.cpubench.sellerOnline(session)
+        self.canaries.sellerOnline(session)
         session.log.info(
             "seller {name} (session {session}) offers {cores} cores, {memory} MB"
             " at {price} a core-hour", name=session.account.name,

@@ -69,6 +69,8 @@ CONSOLE_HISTORY = 4096
 # A VM whose traffic spent its network allowance is billed at once and its
 # hold topped up; it stops when that gives it fewer bytes than this.
 MIN_NET_ALLOWANCE = 10**6
+# The most result bytes one of the market's own VMs (a canary) may send.
+SYSTEM_RESULT_MAX = 4096
 
 
 class VM(VMLife):
@@ -104,6 +106,7 @@ class VM(VMLife):
         self.consoleHistory = b""
         self.consoles = set()
         self.consoleObserver = None     # the market's own VMs: it reads their console
+        self.resultObserver = None      # and takes their result: (sha256, size)
         self.system = False
         self.endWaiters = []            # Deferreds fired with (state, reason) when it ends
         self.group = None               # its replica group in its order, or None
@@ -855,8 +858,12 @@ class Orders:
     def _resultVM(self, seller, vmId):
         """C{vmId} as its seller reports on its result: running there, under a lease."""
         vm = seller.vms.get(vmId)
-        if vm is None or vm.system:
+        if vm is None:
             raise NoSuchVM(f"VM {vmId} is not running on this seller")
+        if vm.system:
+            if vm.resultObserver is None:
+                raise BadRequest(f"VM {vmId} is the market's own and takes no result now")
+            return vm
         if vm.leaseId is None:
             raise BadRequest(f"VM {vmId} has no lease to report a result for")
         return vm
@@ -867,6 +874,14 @@ class Orders:
         the buyer's program, in order; answered once it took them.
         """
         vm = self._resultVM(seller, vmId)
+        if vm.system:
+            # The market's own VM (a canary): its few bytes stop here.
+            sent = vm.resultSent[1]
+            if offset != sent or not 0 < len(data) <= SYSTEM_RESULT_MAX - offset:
+                raise BadRequest(f"result bytes {offset}+{len(data)} of VM {vmId} do not follow"
+                                 f" the {sent} sent, up to {SYSTEM_RESULT_MAX}")
+            vm.resultSent = (None, offset + len(data))
+            return
         lease, sent = vm.resultSent
         if lease != vm.leaseId:
             sent = 0
@@ -900,6 +915,11 @@ class Orders:
         to the buyer's program when it took every byte.
         """
         vm = self._resultVM(seller, vmId)
+        if vm.system:
+            # The market's own VM (a canary): its observer takes the result, once.
+            observer, vm.resultObserver = vm.resultObserver, None
+            observer(sha256, size)
+            return
         if not 0 <= size <= commands.RESULT_MAX:
             raise BadRequest(f"result size {size} is not within 0 to {commands.RESULT_MAX} bytes")
         leaseId = vm.leaseId
