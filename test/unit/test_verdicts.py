@@ -155,6 +155,11 @@ class VerdictTests(OrderCase):
         counts = yield self.counts("de")
         self.assertEqual((counts.validated, counts.invalid, counts.consecutive), (0, 1, 0))
         self.assertEqual((yield self.counts("fr")).validated, 1)
+        # Buyers see it at once, next to the rating the bad one lowered.
+        listed = {s["name"]: s for s in
+                  (yield self.call(self.cli, commands.ListSellers, offset=0))["sellers"]}
+        self.assertEqual((listed["de"]["validated"], listed["de"]["error_rate"]), (0, 1.0))
+        self.assertEqual((listed["it"]["validated"], listed["it"]["error_rate"]), (1, 0.0))
         yield self.checkBooks()
 
     @defer.inlineCallbacks

@@ -79,6 +79,7 @@ class Market(Service):
         self.billing.serve(self.orders)
         self.ratings = Ratings(store, self.board.voted)
         self.validations = Validations(store, self.validationChanged, self.board.voted)
+        self.orders.verdicts.validated = self.validations.recorded
         self.measureEvery = measureEvery
         self.measureSlots = defer.DeferredSemaphore(MEASURE_AT_ONCE)
         cpuBench = dict(cpuBench or {"every": 0})

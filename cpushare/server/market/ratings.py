@@ -21,7 +21,6 @@ from cpushare.protocol.commands import BadRequest, NotPermitted
 from cpushare.server.db import leases as leasesql
 from cpushare.server.db import marketsql
 from cpushare.server.market.screens import rating
-from cpushare.server.market.validation import validationOf
 
 # A buyer account's vote counts in full once it has paid the seller this
 # much (micro-units, 1.00) over all their leases; below, in proportion.

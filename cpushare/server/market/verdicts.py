@@ -166,7 +166,8 @@ def settle(cursor, group, judgement, decided, reason):
     One store transaction: every pending lease of the group's VMs takes
     its verdict (money moves, L{escrow.decide}), the sellers of judged
     outcomes are counted (L{validation.record}), and the verdict is kept.
-    Returns {seller account id: its new L{validation.Validation}}.
+    Returns {seller account id: (its new L{validation.Validation}, its
+    votes when they changed, else None)}.
     """
     changed = {}
     for vm, leases in _pendingLeases(cursor, list(group.members)).items():
@@ -178,13 +179,13 @@ def settle(cursor, group, judgement, decided, reason):
                 continue
             if vm in judgement.rejected:
                 escrow.decide(cursor, leaseId, REJECTED)
-                changed[sellerId] = validation.record(
+                changed[sellerId] = validation.recordAndVote(
                     cursor, sellerId, False, leaseId, buyerId,
                     why=f"its result of VM {vm} was in the minority of replica group"
                         f" {group.number} of order {group.order}")
             elif vm in judgement.accepted and judgement.verdict == ACCEPTED:
                 escrow.decide(cursor, leaseId, ACCEPTED)
-                changed[sellerId] = validation.record(cursor, sellerId, True)
+                changed[sellerId] = validation.recordAndVote(cursor, sellerId, True)
             else:
                 escrow.decide(cursor, leaseId, judgement.verdict)
     marketsql.addVerdict(cursor, group.order, group.number, judgement.verdict,
@@ -198,7 +199,7 @@ class Verdicts:
     places tie-breaking replicas (C{addReplica(group)}), stops rejected ones
     (C{stopRejected(vmId, why)}) and finds a buyer's program
     (C{buyerSession(accountId)}); C{validated(sellerId, validation)} is told
-    a seller's new counts.
+    a seller's new counts and votes (L{validation.Validations.recorded}).
     """
 
     log = Logger()
@@ -212,7 +213,7 @@ class Verdicts:
         self.timeout = timeout
         self.threshold = threshold
         self.random = random or random_.SystemRandom()
-        self.validated = validated or (lambda sellerId, counts: None)
+        self.validated = validated or (lambda sellerId, counts, votes=None: None)
         self.groups = {}            # (order, number) -> Group
 
     def open(self, orderId, number, buyerId, vmIds, compare=False, adaptive=False):
@@ -364,8 +365,8 @@ class Verdicts:
         self.log.info("replica group {n} of order {order}: {verdict} ({reason})",
                       n=group.number, order=group.order, verdict=judgement.verdict,
                       reason=reason)
-        for sellerId, counts in changed.items():
-            self.validated(sellerId, counts)
+        for sellerId, (counts, votes) in changed.items():
+            self.validated(sellerId, counts, votes)
         for vm in sorted(judgement.rejected):
             self.orders.stopRejected(vm, f"its result was in the minority of replica group"
                                          f" {group.number}: {reason}")
