@@ -213,6 +213,33 @@ class VerdictTests(OrderCase):
         self.assertEqual((yield self.counts("de")).invalid, 0)
         yield self.checkBooks()
 
+    @defer.inlineCallbacks
+    def test_a_group_half_reported_before_a_restart_is_decided_after_it(self):
+        from cpushare.server.market.orders import Orders
+        vms, order = yield self.group()
+        (it, a), (de, b) = vms["it"], vms["de"]
+        yield self.report(it, a, RIGHT)
+        market = self.market
+        restarted = Orders(market.reactor, market.store, market.relay, market.board,
+                           market.billing, market.buyerSession, market.images, grace=60)
+        self.addCleanup(restarted.stop)
+        yield defer.ensureDeferred(restarted.load())
+        group = restarted.verdicts.groups[(order, 1)]
+        self.assertEqual({vm: m.outcome for vm, m in group.members.items()},
+                         {a: RIGHT, b: verdicts.MISSING})
+        # Its seller comes back with the VM, and reports its result.
+        [session] = [s for s in market.sellers() if s.account.name == "de"]
+        self.assertEqual(restarted.reattach(session, [b]), [b])
+        yield defer.ensureDeferred(restarted.resultReady(session, b, RIGHT, 3))
+        yield self.sleep(1)
+
+        def leaseVerdicts(cursor):
+            cursor.execute("SELECT vm_id, verdict FROM leases WHERE order_id = ?", (order,))
+            return dict(cursor.fetchall())
+        self.assertEqual((yield self.store.run(leaseVerdicts)), {a: "accepted", b: "accepted"})
+        self.assertNotIn((order, 1), restarted.verdicts.groups)
+        yield self.checkBooks()
+
     # -- what a cheater tries
 
     @defer.inlineCallbacks
