@@ -240,6 +240,29 @@ class VerdictTests(OrderCase):
         self.assertNotIn((order, 1), restarted.verdicts.groups)
         yield self.checkBooks()
 
+    @defer.inlineCallbacks
+    def test_a_tie_break_that_finds_no_seller_ends_when_time_is_up(self):
+        self.market.orders.verdicts.timeout = 300.0
+        vms, order = yield self.group()
+        yield self.close(self.sellers["fr"])
+        (it, a), (de, b) = vms["it"], vms["de"]
+        yield self.report(it, a, RIGHT)
+        yield self.report(de, b, WRONG)
+        rows = yield self.decided(order)
+        [c] = [vm for vm in rows if vm not in (a, b)]
+        listed = {v["vm"]: v for v in (yield self.call(self.cli, commands.ListVMs))["vms"]}
+        self.assertEqual(listed[c]["state"], "pending")
+        self.assertIn("replica group 1: needs 3 sellers", listed[c]["reason"])
+        yield self.sleep(300)
+        rows = yield self.decided(order)
+        self.assertEqual((rows[a]["verdict"], rows[b]["verdict"]),
+                         ("inconclusive", "inconclusive"))
+        listed = {v["vm"]: v for v in (yield self.call(self.cli, commands.ListVMs))["vms"]}
+        self.assertEqual((listed[c]["state"], listed[c]["reason"]),
+                         ("stopped", "its replica group was decided without it"))
+        self.assertEqual((yield self.counts("de")).invalid, 0)
+        yield self.checkBooks()
+
     # -- what a cheater tries
 
     @defer.inlineCallbacks

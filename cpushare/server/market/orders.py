@@ -949,9 +949,11 @@ class Orders:
 
     def addReplica(self, group):
         """One more replica in C{group}: a tie-break, or an adaptive order's second run."""
-        defer.ensureDeferred(self._addReplica(group)).addErrback(
-            lambda f: self.log.failure("adding a replica to group {n} of order {order}", f,
-                                       n=group.number, order=group.order))
+        def failed(f):
+            group.adding = False
+            self.log.failure("adding a replica to group {n} of order {order}", f,
+                             n=group.number, order=group.order)
+        defer.ensureDeferred(self._addReplica(group)).addErrback(failed)
 
     async def _addReplica(self, group):
         model = next((vm for vm in self.groups.get(group.key, ()) if vm.id in group.members),
@@ -997,11 +999,18 @@ class Orders:
             self._end(vm, VMState.STOPPED, why)
 
     def groupDecided(self, group):
-        """C{group} is decided: its replicas no longer keep others off their sellers."""
+        """
+        C{group} is decided: its replicas no longer keep others off their
+        sellers, and one still waiting for a seller (its time ran out) ends.
+        """
         members = self.groups.pop(group.key, set())
         for vm in members:
             if vm.active:
                 self.groups.setdefault(group.key, set()).add(vm)
+        for vmId in sorted(group.members):
+            vm = self.vms.get(vmId)
+            if vm is not None and vm.state == VMState.PENDING:
+                self._end(vm, VMState.STOPPED, "its replica group was decided without it")
 
     async def results(self, account, orderId, after=None):
         """A page of the results of this account's order C{orderId}: (rows, more)."""

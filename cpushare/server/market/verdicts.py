@@ -91,6 +91,7 @@ class Group:
     same: dict = field(default_factory=dict)        # (digest, digest) -> bool, compared
     timer: object = None
     deciding: bool = False
+    adding: bool = False            # a replica is being added: wait for it
     decided: bool = False
 
     @property
@@ -254,6 +255,7 @@ class Verdicts:
                       " results): {what}", vm=vm.id, n=consecutive,
                       what="runs a second time" if again else "runs once")
         if again:
+            group.adding = True
             self.orders.addReplica(group)
 
     # -- outcomes
@@ -287,11 +289,13 @@ class Verdicts:
             group.timer = None
 
     def added(self, group, vmId):
+        """A replica C{vmId} joined C{group}."""
         group.members[vmId] = Member(vmId)
+        group.adding = False
 
     def consider(self, group, final=False):
         """Decide C{group} if it can be now."""
-        if group.decided or group.deciding:
+        if group.decided or group.deciding or group.adding:
             return
         outcomes = {vm: m.outcome for vm, m in group.members.items()}
         if not final and any(o is MISSING for o in outcomes.values()):
@@ -352,6 +356,7 @@ class Verdicts:
         if judgement.verdict == TIEBREAK:
             self.log.info("replica group {n} of order {order}: the two results differ;"
                           " a third replica breaks the tie", n=group.number, order=group.order)
+            group.adding = True
             self.orders.addReplica(group)
             return
         reason = self._reason(group, judgement, final)
