@@ -30,6 +30,22 @@ def run(home, *args, timeout=60):
     return result
 
 
+def buildJobISO(folder, job):
+    """The reference livecd with no network and C{job} as its start script, in C{folder}."""
+    files = folder / "files"
+    files.mkdir()
+    (files / "no-network").write_text("")
+    start = files / "start"
+    start.write_text(job)
+    start.chmod(0o755)
+    iso = folder / "job.iso"
+    result = subprocess.run(
+        [executable("cpushare"), "image", "build", "-o", iso, "--add", files, "--no-ssh-key"],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result
+    return iso
+
+
 @pytest.fixture(scope="module")
 def sshKey(tmp_path_factory):
     """A fresh ssh key of the buyer's, with no passphrase."""

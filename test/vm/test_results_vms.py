@@ -9,12 +9,12 @@ Real twistd processes, TLS and QEMU under TCG (two VMs at once).
 
 import hashlib
 import os
-import subprocess
 
 import pytest
 
-from test.integration.conftest import executable, waitUntil
-from test.vm.test_market_vms import BOOT_TIMEOUT, run, startBuyer, startSeller
+from test.integration.conftest import waitUntil
+from test.vm.test_market_vms import (
+    BOOT_TIMEOUT, buildJobISO, run, startBuyer, startSeller)
 
 # What the guest job writes: `seq 1 20000`, about 107 KiB (two chunks on the wire).
 ANSWER = "".join(f"{i}\n" for i in range(1, 20001)).encode()
@@ -28,19 +28,7 @@ echo "result-sent status=$?"
 
 @pytest.fixture(scope="module")
 def resultISO(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("resultjob")
-    files = folder / "files"
-    files.mkdir()
-    (files / "no-network").write_text("")
-    start = files / "start"
-    start.write_text(JOB)
-    start.chmod(0o755)
-    iso = folder / "result.iso"
-    result = subprocess.run(
-        [executable("cpushare"), "image", "build", "-o", iso, "--add", files, "--no-ssh-key"],
-        capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result
-    return iso
+    return buildJobISO(tmp_path_factory.mktemp("resultjob"), JOB)
 
 
 def test_each_replica_reports_the_digest_of_its_result_and_the_buyer_saves_it(

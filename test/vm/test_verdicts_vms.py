@@ -10,13 +10,13 @@ its lease is rated bad and its error rate shows it; the books balance.
 Real twistd processes, TLS and QEMU under TCG.
 """
 
-import subprocess
 
 import pytest
 
 from test import cheatingseller
-from test.integration.conftest import Market, executable, waitUntil
-from test.vm.test_market_vms import BOOT_TIMEOUT, run, startBuyer, startSeller
+from test.integration.conftest import Market, waitUntil
+from test.vm.test_market_vms import (
+    BOOT_TIMEOUT, buildJobISO, run, startBuyer, startSeller)
 
 # The job writes its result and powers off: its seller reports the VM
 # stopped, and the next replica may boot.
@@ -31,19 +31,7 @@ poweroff -f
 
 @pytest.fixture(scope="module")
 def jobISO(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("verdictjob")
-    files = folder / "files"
-    files.mkdir()
-    (files / "no-network").write_text("")
-    start = files / "start"
-    start.write_text(JOB)
-    start.chmod(0o755)
-    iso = folder / "job.iso"
-    result = subprocess.run(
-        [executable("cpushare"), "image", "build", "-o", iso, "--add", files, "--no-ssh-key"],
-        capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result
-    return iso
+    return buildJobISO(tmp_path_factory.mktemp("verdictjob"), JOB)
 
 
 def balance(home):
