@@ -11,7 +11,8 @@ Two measurements, each against a baseline taken in the same run:
            The time from `order place` to the verdict of a group of two
            replicas (--replicas 2 --diverse country), against the time from
            `order place` to the result of the same job run once, in
-           alternating rounds.  At most two VMs run at once.
+           alternating rounds, and the market's own time from a group's
+           last result to its verdict.  At most two VMs run at once.
   cost     the market's own work for one verdict: the store transaction
            that judges a group of two, moves its held earnings and counts
            its sellers (verdicts.settle), in CPU time of the market's
@@ -134,6 +135,22 @@ class Decide:
             time.sleep(0.5)
         raise BenchError("the VMs of the last round did not end")
 
+    def lag(self, order):
+        """
+        Seconds from the group's last result reaching the market to its
+        verdict, as the market's own clock recorded both.
+        """
+        import sqlite3
+        db = sqlite3.connect(f"file:{self.path('server-data', 'market.sqlite')}?mode=ro",
+                             uri=True)
+        try:
+            (lag,) = db.execute(
+                "SELECT d.decided - MAX(r.reported) FROM verdicts d JOIN results r"
+                " ON r.order_id = d.order_id WHERE d.order_id = ?", (order,)).fetchone()
+        finally:
+            db.close()
+        return lag
+
     def once(self, replicas):
         """Seconds from placing the order to its verdict (replicas) or its result (one VM)."""
         self.idle()
@@ -153,7 +170,7 @@ class Decide:
             else:
                 done = all("sha256" in r for r in rows)
             if done:
-                return time.monotonic() - t, rows
+                return time.monotonic() - t, order
             self.children.check()
             time.sleep(0.25)
         raise BenchError(f"order {order} was not decided in {TIMEOUT}s")
@@ -162,23 +179,27 @@ class Decide:
 def decide(folder, rounds):
     children = Children(folder)
     bench = Decide(folder, children)
-    single, pair, verdicts = [], [], []
+    single, pair, lags, verdicts = [], [], [], []
     try:
         bench.start()
         for i in range(rounds):
             seconds, _ = bench.once(False)
             single.append(seconds)
-            seconds, rows = bench.once(True)
+            seconds, order = bench.once(True)
             pair.append(seconds)
-            verdicts.append(sorted({r.get("verdict") for r in rows}))
+            verdicts.append(sorted({r.get("verdict") for r in cliJSON(bench.buyer, "results",
+                                                                        order)}))
+            lags.append(bench.lag(order))
             log(f"round {i + 1}: one VM's result in {single[-1]:.1f}s, a pair's verdict"
-                f" in {pair[-1]:.1f}s ({verdicts[-1]})")
+                f" in {pair[-1]:.1f}s ({verdicts[-1]}), {lags[-1] * 1000:.1f} ms after its"
+                " last result")
     finally:
         children.stopAll()
     return {
         "one_vm_result_s": stats.summary(single),
         "pair_verdict_s": stats.summary(pair),
         "ratio_median": stats.ratio(stats.median(pair), stats.median(single)),
+        "verdict_after_last_result_ms": stats.summary([lag * 1000 for lag in lags]),
         "verdicts": verdicts,
     }
 
