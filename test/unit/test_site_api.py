@@ -19,6 +19,7 @@ from cpushare.server.market.screens import rating
 from cpushare.server.site import api
 
 from test.unit.test_orders import OrderCase
+from test.unit.test_ratings import _lease
 
 
 @attr.s(frozen=True)
@@ -206,7 +207,9 @@ class APITests(OrderCase):
     def test_query_strings_give_the_same_arguments_as_json(self):
         query = api.fromQuery({b"offset": [b"2"], b"explain": [b"on"],
                                b"countries": [b"IT", b"FR"], b"not_countries": [b"US,DE"],
-                               b"min_rating": [b"0.5"]})
+                               b"min_rating": [b"0.5"], b"max_price": [b""],
+                               b"max_latency": [b"  "]})
+        # A form's fields left blank are not given.
         self.assertEqual(api.parse(query, api.FUNCTIONS["sellers"].spec), {
             "offset": 2, "explain": True, "countries": ["IT", "FR"],
             "not_countries": ["US", "DE"], "min_rating": 0.5})
@@ -427,3 +430,35 @@ class APITests(OrderCase):
                          {"unsuspended": "bob"})
         rows = yield self.store.run(store.listAccounts)
         self.assertEqual([r["suspended"] for r in rows], [None, None, None])
+
+
+def _vm(conn, buyer, seller, charges):
+    """One VM of C{buyer}'s with a lease on C{seller} for each (charged, verdict) given."""
+    first = _lease(conn, buyer, seller, charges[0][0])
+
+    def more(cursor):
+        for charged, verdict in charges[1:]:
+            cursor.execute(
+                "INSERT INTO leases (vm_id, order_id, buyer_account_id, seller_account_id,"
+                " price, net_fee, cores, started, charged, verdict)"
+                " SELECT vm_id, order_id, buyer_account_id, seller_account_id, price, net_fee,"
+                " cores, started, ?, ? FROM leases WHERE id = ?", (charged, verdict, first))
+        cursor.execute("SELECT vm_id FROM leases WHERE id = ?", (first,))
+        return cursor.fetchone()[0]
+    return store.transact(conn, more)
+
+
+def test_a_vms_cost_leaves_out_rejected_charges_and_other_buyers_vms(conn):
+    from cpushare.server.db import leases
+
+    alice, bob, sam = (store.transact(conn, store.createAccount, n, n.ljust(64, "0"))
+                       for n in ("alice", "bob", "sam"))
+    mine = _vm(conn, alice, sam, [(300, None), (200, "rejected"), (50, "accepted")])
+    theirs = _vm(conn, bob, sam, [(999, None)])
+    assert store.transact(conn, leases.vmCharges, alice, [mine, theirs]) == {mine: 350}
+    assert store.transact(conn, leases.vmCharges, alice, []) == {}
+    onSam = store.transact(conn, leases.sellerLeases, sam)
+    assert [(entry["vm"], entry["charged"]) for entry in onSam] == \
+        [(theirs, 999), (mine, 50), (mine, 200), (mine, 300)]
+    assert store.transact(conn, leases.sellerLeases, alice) == []
+    assert [a["name"] for a in store.transact(conn, store.listAccounts, alice, 1)] == ["bob"]

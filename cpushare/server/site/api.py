@@ -200,17 +200,19 @@ def parse(arguments, spec):
 
 def fromQuery(args):
     """
-    A query string's arguments (twisted.web's C{request.args}: bytes names
-    to lists of bytes values) as a mapping for L{parse}: one value stays a
-    string, repeated values make a list.
+    A query string's or a form's arguments (twisted.web's C{request.args}:
+    bytes names to lists of bytes values) as a mapping for L{parse}: one
+    value stays a string, repeated values make a list, and empty values
+    (a form's field left blank) are not given.
     """
     if len(args) > MAX_ARGUMENTS:
         raise BadRequest(f"at most {MAX_ARGUMENTS} arguments, not {len(args)}")
     arguments = {}
     try:
         for name, values in args.items():
-            decoded = [v.decode("utf-8") for v in values[:MAX_ITEMS + 1]]
-            arguments[name.decode("utf-8")] = decoded[0] if len(decoded) == 1 else decoded
+            decoded = [v.decode("utf-8") for v in values[:MAX_ITEMS + 1] if v.strip()]
+            if decoded:
+                arguments[name.decode("utf-8")] = decoded[0] if len(decoded) == 1 else decoded
     except UnicodeDecodeError:
         raise BadRequest("the query string is not UTF-8")
     return arguments
