@@ -208,8 +208,8 @@ class APITests(OrderCase):
         query = api.fromQuery({b"offset": [b"2"], b"explain": [b"on"],
                                b"countries": [b"IT", b"FR"], b"not_countries": [b"US,DE"],
                                b"min_rating": [b"0.5"], b"max_price": [b""],
-                               b"max_latency": [b"  "]})
-        # A form's fields left blank are not given.
+                               b"max_latency": [b"  "], b"csrf": [b"token"]})
+        # A form's fields left blank are not given, nor its CSRF token.
         self.assertEqual(api.parse(query, api.FUNCTIONS["sellers"].spec), {
             "offset": 2, "explain": True, "countries": ["IT", "FR"],
             "not_countries": ["US", "DE"], "min_rating": 0.5})

@@ -203,13 +203,16 @@ def fromQuery(args):
     A query string's or a form's arguments (twisted.web's C{request.args}:
     bytes names to lists of bytes values) as a mapping for L{parse}: one
     value stays a string, repeated values make a list, and empty values
-    (a form's field left blank) are not given.
+    (a form's field left blank) are not given.  A form's C{csrf} field is
+    the site's (L{cpushare.server.site.auth}), checked before: not an argument.
     """
     if len(args) > MAX_ARGUMENTS:
         raise BadRequest(f"at most {MAX_ARGUMENTS} arguments, not {len(args)}")
     arguments = {}
     try:
         for name, values in args.items():
+            if name == b"csrf":
+                continue
             decoded = [v.decode("utf-8") for v in values[:MAX_ITEMS + 1] if v.strip()]
             if decoded:
                 arguments[name.decode("utf-8")] = decoded[0] if len(decoded) == 1 else decoded
