@@ -39,7 +39,8 @@ import os
 import sys
 
 from cpushare.server.db import database
-from cpushare.server.money import billing, escrow, ledger
+from cpushare.server.money import ledger
+from cpushare.server.money.billing import checkBooks
 from cpushare.server.db import store
 
 
@@ -140,8 +141,8 @@ def run(args):
 def access(conn, args):
     """Suspension and certificates."""
     if args.command == "suspend":
-        if args.reason is not None and len(args.reason) > 200:
-            raise Refused("a reason is at most 200 characters")
+        if args.reason is not None and len(args.reason) > store.MAX_SUSPEND_REASON:
+            raise Refused(f"a reason is at most {store.MAX_SUSPEND_REASON} characters")
         if not store.transact(conn, store.suspendAccount, args.name, args.reason):
             raise Refused(f"no active, unsuspended account named {args.name!r}")
         print(f"suspended account {args.name}")
@@ -220,18 +221,6 @@ def money(conn, args):
               f"funds of {payment.account}")
         return 0
     raise AssertionError(args.command)
-
-
-def checkBooks(cursor):
-    """
-    L{ledger.books}, with the buyers whose held funds (C{held}) and the
-    sellers whose pending earnings (C{pending}) differ from their leases'.
-    """
-    report = ledger.books(cursor)
-    report["held"] = billing.heldMismatch(cursor)
-    report["pending"] = escrow.pendingMismatch(cursor)
-    report["ok"] = report["ok"] and not report["held"] and not report["pending"]
-    return report
 
 
 def printBooks(report):

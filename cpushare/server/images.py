@@ -258,6 +258,23 @@ class ImageStore(ImageFolder):
                              f"not {after[:64]!r}")
         return paging.pageOf(ListImages, "images", rows, IMAGES_PAGE)
 
+    async def delete(self, account, sha256):
+        """
+        Take an image off the account's images, freeing its room in the
+        quota; refused while one of its VMs that is not over boots it.  The
+        file stays in the store (other accounts may hold it, an ended
+        order's VMs name it).
+        """
+        checkSha256(sha256)
+        busy = await self.db.run(_deleteImage, account.id, sha256)
+        if busy is None:
+            raise BadRequest(f"you have no image {sha256}")
+        if busy:
+            raise BadRequest(f"image {sha256} boots {busy} of your VMs that are not over:"
+                             " stop them or cancel their orders first")
+        self.log.info("account {name} deleted its image {sha256}", name=account.name,
+                      sha256=sha256)
+
     def readChunk(self, sha256, offset, length):
         return self.inThread(self._read, self.pathFor(checkSha256(sha256)), offset, length)
 
@@ -266,3 +283,15 @@ class ImageStore(ImageFolder):
         with open(path, "rb") as f:
             f.seek(offset)
             return f.read(length)
+
+
+def _deleteImage(cursor, accountId, sha256):
+    """
+    In one transaction, so that no order placed meanwhile boots it: the
+    account's VMs not over that boot the image (it is kept), else 0 once it
+    is deleted, or None when the account has no such image.
+    """
+    busy = store.activeImageVMs(cursor, accountId, sha256)
+    if busy:
+        return busy
+    return 0 if store.deleteAccountImage(cursor, accountId, sha256) else None

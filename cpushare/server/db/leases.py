@@ -204,19 +204,28 @@ def accountLeases(cursor, accountId, before=None, limit=1000):
         (accountId, 2**62 if before is None else before, limit))
     rows = []
     for *row, held in cursor.fetchall():
-        entry = dict(zip(LEASE_KEYS, row))
-        for key in ("price", "net_fee", "net_bytes", "charged"):
-            entry[key] = int(entry[key])
+        entry = _listed(LEASE_KEYS, row)
         # The breakdown of what was charged: CPU time, then traffic (billing
         # rounds each down, so they may add up to a micro-unit less).
         entry["cpu_cost"] = cpuCost(entry["price"], entry["cpu_seconds"])
         entry["net_cost"] = netCost(entry["net_fee"], entry["net_bytes"])
         entry["held"] = int(held)
-        entry["rating"] = None if entry["rating"] is None else (
-            "good" if entry["rating"] else "bad")
-        entry["reason"] = clip(entry["reason"])
         rows.append(entry)
     return rows
+
+
+def _listed(keys, row):
+    """
+    A lease's C{row} as a list shows it, a dict of C{keys}: amounts as ints,
+    its rating good or bad (or None), its reason clipped.
+    """
+    entry = dict(zip(keys, row))
+    for key in ("price", "net_fee", "net_bytes", "charged"):
+        entry[key] = int(entry[key])
+    entry["rating"] = None if entry["rating"] is None else (
+        "good" if entry["rating"] else "bad")
+    entry["reason"] = clip(entry["reason"])
+    return entry
 
 
 def pendingLeases(cursor, vmId):
@@ -225,3 +234,39 @@ def pendingLeases(cursor, vmId):
         "SELECT id, seller_account_id, buyer_account_id FROM leases"
         " WHERE vm_id = ? AND verdict = ? ORDER BY id", (vmId, PENDING_VERDICT))
     return [tuple(row) for row in cursor.fetchall()]
+
+
+SELLER_LEASE_KEYS = ("lease", "vm", "price", "net_fee", "cores", "started", "ended",
+                     "cpu_seconds", "net_bytes", "charged", "reason", "rating", "verdict")
+
+
+def sellerLeases(cursor, sellerId, before=None, limit=1000):
+    """
+    The leases that ran on this account's sellers, newest first, older than
+    lease C{before} if given.  Nothing about their buyers: not their names,
+    orders or comments.
+    """
+    cursor.execute(
+        "SELECT l.id, l.vm_id, l.price, l.net_fee, l.cores, l.started, l.ended,"
+        " l.cpu_seconds, l.net_bytes, l.charged, l.reason, r.good, l.verdict"
+        " FROM leases l LEFT JOIN ratings r ON r.lease_id = l.id"
+        " WHERE l.seller_account_id = ? AND l.id < ? ORDER BY l.id DESC LIMIT ?",
+        (sellerId, 2**62 if before is None else before, limit))
+    return [_listed(SELLER_LEASE_KEYS, row) for row in cursor.fetchall()]
+
+
+def vmCharges(cursor, buyerId, vmIds):
+    """
+    {vm id: what its leases charged the buyer C{buyerId}} for those of
+    C{vmIds} that are its VMs; what rejected leases were charged went back
+    to the buyer and does not count (as in L{orderTotals}).
+    """
+    vmIds = list(vmIds)
+    if not vmIds:
+        return {}
+    cursor.execute(
+        "SELECT vm_id, COALESCE(SUM(CASE WHEN verdict = 'rejected' THEN 0 ELSE charged END),"
+        " 0) FROM leases WHERE buyer_account_id = ? AND vm_id IN ("
+        + ", ".join("?" * len(vmIds)) + ") GROUP BY vm_id",
+        [buyerId] + vmIds)
+    return {vmId: int(charged) for vmId, charged in cursor.fetchall()}

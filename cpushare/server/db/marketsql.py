@@ -187,6 +187,21 @@ def canariesFailed(cursor, sellerId):
     return 0 if row is None else int(row[0])
 
 
+def ratingsReceived(cursor, sellerId, before=None, limit=100):
+    """
+    The ratings buyers gave the seller's leases, newest first, older than
+    lease C{before} when given: [{lease, good, comment, created}].  Not
+    who gave them.
+    """
+    cursor.execute(
+        "SELECT lease_id, good, comment, created FROM ratings"
+        " WHERE seller_account_id = ? AND buyer_account_id <> seller_account_id"
+        " AND lease_id < ? ORDER BY lease_id DESC LIMIT ?",
+        (sellerId, 2**62 if before is None else before, limit))
+    return [{"lease": lease, "rating": "good" if good else "bad", "comment": comment,
+             "created": created} for lease, good, comment, created in cursor.fetchall()]
+
+
 def leaseRating(cursor, leaseId):
     """(good, created) of the lease's rating, or None when it has none."""
     cursor.execute("SELECT good, created FROM ratings WHERE lease_id = ?", (leaseId,))

@@ -188,9 +188,11 @@ def accountForCertificate(cursor, fingerprint):
     return Account(accountId, name, created), None
 
 
-def listAccounts(cursor):
+def listAccounts(cursor, after=0, limit=None):
+    """The accounts in order of id, those after id C{after}, at most C{limit} when given."""
     cursor.execute(
-        "SELECT id, name, created, deleted, suspended FROM accounts ORDER BY id"
+        "SELECT id, name, created, deleted, suspended FROM accounts WHERE id > ? ORDER BY id"
+        + ("" if limit is None else f" LIMIT {int(limit)}"), (after,)
     )
     return [
         {"id": r[0], "name": r[1], "created": r[2], "deleted": r[3], "suspended": r[4]}
@@ -234,6 +236,10 @@ def _changeAccess(cursor, sql, params, stamp, accountId, fingerprint, what):
         accountId = accountId(cursor)
     _accessChanged(cursor, accountId, fingerprint, what, stamp)
     return True
+
+
+# The most characters a suspension's reason may have.
+MAX_SUSPEND_REASON = 200
 
 
 def suspendAccount(cursor, name, reason=None):
@@ -655,6 +661,28 @@ def addAccountImage(cursor, accountId, sha256, size, name):
         " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
         (accountId, sha256, name, stamp),
     )
+
+
+def deleteAccountImage(cursor, accountId, sha256):
+    """
+    Take the image off the account's images (it no longer counts against
+    its quota): True, or False when the account has no such image.  The
+    caller checks first that none of its VMs that are not over boots it
+    (L{activeImageVMs}).
+    """
+    cursor.execute("DELETE FROM account_images WHERE account_id = ? AND sha256 = ?",
+                   (accountId, sha256))
+    return cursor.rowcount == 1
+
+
+def activeImageVMs(cursor, accountId, sha256):
+    """How many of the account's VMs that are not over boot the image."""
+    cursor.execute(
+        "SELECT COUNT(*) FROM vms v JOIN orders o ON o.id = v.order_id"
+        " WHERE o.account_id = ? AND o.image = ? AND v.state IN ("
+        + ",".join("?" * len(states.ACTIVE)) + ")",
+        [accountId, sha256, *states.ACTIVE])
+    return int(cursor.fetchone()[0])
 
 
 # -- orders and VMs

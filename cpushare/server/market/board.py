@@ -112,6 +112,10 @@ class Board:
         self.invalidate()
         return terms
 
+    async def termsOf(self, accountId):
+        """The terms a seller of C{accountId} has in force (the defaults when it set none)."""
+        return await self.store.run(marketsql.sellerTerms, accountId) or dict(self.defaults)
+
     def voted(self, sellerId, votes):
         """A seller's votes changed: C{votes} as L{ratings.votes} gives them."""
         entry = self.standing.get(sellerId)

@@ -66,6 +66,9 @@ MAX_VMS_PER_ORDER = 1000
 MAX_VM_CORES = 256
 MAX_VM_MEMORY = 1024 * 1024
 CONSOLE_HISTORY = 4096
+# Lines of a VM's console the web site shows, by default and at most.
+CONSOLE_TAIL = 40
+MAX_CONSOLE_TAIL = 500
 # A VM whose traffic spent its network allowance is billed at once and its
 # hold topped up; it stops when that gives it fewer bytes than this.
 MIN_NET_ALLOWANCE = 10**6
@@ -535,6 +538,20 @@ class Orders:
         if vm.consoleHistory:
             session.sendFrame(channel, vm.consoleHistory)
         return channel
+
+    def consoleTail(self, account, vmId, lines=CONSOLE_TAIL):
+        """
+        The last C{lines} lines of C{account}'s VM's console (what the market
+        keeps: its last CONSOLE_HISTORY bytes), as text, bytes that are not
+        UTF-8 replaced; the first line may be cut.
+        """
+        if isinstance(lines, bool) or not isinstance(lines, int) \
+                or not 1 <= lines <= MAX_CONSOLE_TAIL:
+            raise BadRequest(f"lines must be a whole number from 1 to {MAX_CONSOLE_TAIL},"
+                             f" not {lines!r}")
+        vm = self.owned(account, vmId)
+        text = vm.consoleHistory.decode("utf-8", errors="replace")
+        return text.splitlines()[-lines:]
 
     def buyerConnected(self, session):
         """A buyer program connected: its VMs' NICs now reach it."""
@@ -1225,3 +1242,21 @@ class Orders:
             return paging.pageOf(commands.ListVMs, "vms", rows, commands.VMS_PAGE)
 
         return d.addCallback(merge)
+
+    def sellerLeases(self, account, before=None):
+        """
+        A page of the leases that ran on C{account}'s sellers, newest first,
+        older than lease C{before} when given: (leases, more).  Nothing about
+        their buyers.
+        """
+        d = self.db.run(leasesql.sellerLeases, account.id, before, commands.LEASES_PAGE + 1)
+
+        def page(rows):
+            rows = [{k: v for k, v in r.items() if v is not None} for r in rows]
+            return rows[:commands.LEASES_PAGE], len(rows) > commands.LEASES_PAGE
+
+        return d.addCallback(page)
+
+    def costs(self, account, vmIds):
+        """Fires with {vm id: what its leases charged C{account}} for those of its VMs."""
+        return self.db.run(leasesql.vmCharges, account.id, vmIds)

@@ -26,6 +26,8 @@ from cpushare.server.market.screens import rating
 # much (micro-units, 1.00) over all their leases; below, in proportion.
 RATING_FULL_VOTE = 1_000_000
 MAX_COMMENT = 500
+# Ratings of a seller's leases shown a page.
+RATINGS_PAGE = 100
 
 
 def votes(cursor, accountId):
@@ -109,3 +111,16 @@ class Ratings:
         self.voted(sellerId, sellerVotes)
         goodVotes, bad, raters = sellerVotes
         return Rated(seller=name, rating=rating(goodVotes, bad), votes=raters)
+
+    async def received(self, account, before=None, limit=RATINGS_PAGE):
+        """
+        C{account}'s standing as a seller: a L{Rated} (its rating now, as
+        the board computes it) and a page of the ratings its leases were
+        given, newest first, older than lease C{before} when given, with
+        whether older ones remain.
+        """
+        goodVotes, bad, raters = await self.store.run(votes, account.id)
+        history = await self.store.run(marketsql.ratingsReceived, account.id, before,
+                                       limit + 1)
+        rated = Rated(seller=account.name, rating=rating(goodVotes, bad), votes=raters)
+        return rated, history[:limit], len(history) > limit

@@ -54,6 +54,7 @@ from cpushare.money import cost, formatAmount
 from cpushare.server.db import leases as leasesql
 from cpushare.server.db import marketsql
 from cpushare.server.money import ledger
+from cpushare.server.money import escrow
 from cpushare.server.money.escrow import PENDING_VERDICT, REJECTED
 from cpushare.server.money.ledger import EARNINGS, FUNDS, HELD, PENDING
 
@@ -238,6 +239,19 @@ def bill(cursor, leaseId, cpuSeconds, netBytes, now, final=False, interval=INTER
     return Bill(charged=paid, held=lease.held, stop=stop, settled=bool(lease.settled),
                 netLimit=netLimit(lease.price, lease.netFee, lease.cores, lease.held, traffic,
                                   interval))
+
+
+def checkBooks(cursor):
+    """
+    L{ledger.books}, with the buyers whose held funds (C{held}) and the
+    sellers whose pending earnings (C{pending}) differ from their leases'
+    (what `cpushare-admin books` proves).
+    """
+    report = ledger.books(cursor)
+    report["held"] = heldMismatch(cursor)
+    report["pending"] = escrow.pendingMismatch(cursor)
+    report["ok"] = report["ok"] and not report["held"] and not report["pending"]
+    return report
 
 
 def heldMismatch(cursor):

@@ -45,55 +45,69 @@ class FundsCommands(amp.CommandLocator):
     @commands.Balance.responder
     def balance(self):
         account, money = self._money()
-
-        def answer(sheet):
-            return {"funds": sheet.funds, "held": sheet.held, "earnings": sheet.earnings,
-                    "payout": sheet.payout, "pending": [_pending(p) for p in sheet.pending],
-                    "awaiting_verdicts": sheet.awaiting,
-                    "currency": money.currency, "payments": money.takesPayments,
-                    "commission_percent": formatPercent(money.commission)}
-
-        return money.statements.balance(account).addCallback(answer)
+        return money.statements.balance(account).addCallback(
+            lambda sheet: balanceAnswer(money, sheet))
 
     @commands.Statement.responder
     def statement(self, before=None):
         account, money = self._money()
-        if before is not None and not 0 < before <= 2**62:
-            raise commands.BadRequest("before must be a positive entry number")
-
-        def answer(page):
-            entries, more = page
-            entries = [attr.asdict(e) for e in entries]
-            fitted, cut = paging.pageOf(commands.Statement, "entries", entries, len(entries))
-            return {"entries": fitted, "more": more or cut, "currency": money.currency}
-
-        return money.statements.statement(account, before).addCallback(answer)
+        checkEntry(before)
+        return money.statements.statement(account, before).addCallback(
+            lambda page: statementAnswer(money, page))
 
     @commands.Earnings.responder
     def earnings(self):
         account, money = self._money()
-
-        def answer(sheet):
-            result = {
-                "earnings": sheet.earnings, "payout": sheet.payout,
-                "awaiting_verdicts": sheet.awaiting, "currency": money.currency, "minimum": money.payoutMinimum,
-                "payments": money.takesPayments,
-                # The most recent few.
-                "payouts": [_payoutLine(p) for p in sheet.payouts],
-            }
-            if sheet.email is not None:
-                result["email"] = sheet.email
-            return result
-
-        return money.statements.earnings(account).addCallback(answer)
+        return money.statements.earnings(account).addCallback(
+            lambda sheet: earningsAnswer(money, sheet))
 
     @commands.Payout.responder
     def payout(self, amount=None, email=None):
         account, money = self._money()
+        return defer.ensureDeferred(requestPayout(money, account, amount, email))
 
-        async def request():
-            p = await money.payouts.request(account, amount, email)
-            return {"payout": p.id, "amount": p.amount, "email": p.email,
-                    "state": p.state, "currency": p.currency}
 
-        return defer.ensureDeferred(request())
+# The answers, also the web site's (L{cpushare.server.site.api}).
+
+def balanceAnswer(money, sheet):
+    """C{Balance}'s answer from an account's L{statements.BalanceSheet}."""
+    return {"funds": sheet.funds, "held": sheet.held, "earnings": sheet.earnings,
+            "payout": sheet.payout, "pending": [_pending(p) for p in sheet.pending],
+            "awaiting_verdicts": sheet.awaiting,
+            "currency": money.currency, "payments": money.takesPayments,
+            "commission_percent": formatPercent(money.commission)}
+
+
+def checkEntry(before):
+    """C{Statement}'s cursor: None or a ledger entry's number."""
+    if before is not None and not 0 < before <= 2**62:
+        raise commands.BadRequest("before must be a positive entry number")
+
+
+def statementAnswer(money, page):
+    """C{Statement}'s answer from a page of an account's statement: (entries, more)."""
+    entries, more = page
+    entries = [attr.asdict(e) for e in entries]
+    fitted, cut = paging.pageOf(commands.Statement, "entries", entries, len(entries))
+    return {"entries": fitted, "more": more or cut, "currency": money.currency}
+
+
+def earningsAnswer(money, sheet):
+    """C{Earnings}' answer from a seller's L{statements.EarningsSheet}."""
+    result = {
+        "earnings": sheet.earnings, "payout": sheet.payout,
+        "awaiting_verdicts": sheet.awaiting, "currency": money.currency, "minimum": money.payoutMinimum,
+        "payments": money.takesPayments,
+        # The most recent few.
+        "payouts": [_payoutLine(p) for p in sheet.payouts],
+    }
+    if sheet.email is not None:
+        result["email"] = sheet.email
+    return result
+
+
+async def requestPayout(money, account, amount=None, email=None):
+    """C{Payout}: pay out C{account}'s earnings; returns the command's answer."""
+    p = await money.payouts.request(account, amount, email)
+    return {"payout": p.id, "amount": p.amount, "email": p.email,
+            "state": p.state, "currency": p.currency}

@@ -219,6 +219,12 @@ def accountPayouts(cursor, accountId, limit=20):
                     (accountId, limit))
 
 
+def openPayouts(cursor, limit=1000):
+    """The L{Payout}s not settled yet (requested, pending, unknown), oldest first."""
+    return _payouts(cursor, " WHERE p.state IN (" + ", ".join("?" * len(SETTLEABLE))
+                    + ") ORDER BY p.id LIMIT ?", (*SETTLEABLE, limit))
+
+
 def listPayouts(cursor, limit=1000):
     """The market's L{Payout}s, newest first (for the operator)."""
     return _payouts(cursor, " ORDER BY p.id DESC LIMIT ?", (limit,))
