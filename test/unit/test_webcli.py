@@ -54,3 +54,17 @@ def test_the_operator_makes_an_account_a_web_administrator(tmp_path, capsys):
     assert admin.main(["--data", str(tmp_path), "web-admin", "nobody"]) == 1
     assert "no account named 'nobody'" in capsys.readouterr().err
     conn.close()
+
+
+def test_the_servers_trusted_proxies_are_addresses(tmp_path):
+    from twisted.python import usage
+
+    from cpushare.server.tap import Options
+    options = Options()
+    options.parseOptions(["--data", str(tmp_path), "--web-proxy", "192.0.2.1, ::1"])
+    assert options["web-proxy"] == ["192.0.2.1", "::1"]
+    default = Options()
+    default.parseOptions(["--data", str(tmp_path)])
+    assert default["web-proxy"] == []
+    with pytest.raises(usage.UsageError, match="--web-proxy 'proxy.example': not an IP"):
+        Options().parseOptions(["--data", str(tmp_path), "--web-proxy", "proxy.example"])
