@@ -20,7 +20,11 @@ never a traceback.
 A page is a method decorated with C{@Site.app.route(...)} (and
 L{auth.loggedIn} or L{auth.adminOnly}) that returns
 C{await self.render(request, "NAME.html", ...)}: a template in
-templates/ extending base.html, autoescaped.
+templates/ extending base.html, autoescaped.  A module of pages of its
+own decorates functions C{(site, request, ...)} with C{@Site.app.route}
+and is imported at the end of this module; its path leaves L{COMING}.
+C{await site.account(request)} is the logged-in account (the
+L{cpushare.server.db.store.Account} the control commands get), or None.
 """
 
 import json
@@ -196,7 +200,7 @@ class Site:
     # -- for pages
 
     async def account(self, request):
-        """The logged-in L{cpushare.server.db.store.Account}, or None."""
+        """The logged-in L{cpushare.server.db.store.Account}, or None (a coroutine)."""
         session = await auth.webSession(self, request)
         return None if session is None else session.account
 
