@@ -14,6 +14,7 @@ from cpushare.server.db import store as storesql
 from cpushare.server.market import weblogin
 from cpushare.server.site import auth
 
+from test.fakemarket import LogCapture
 from test.sitebrowser import PUBLIC_URL, SiteCase
 
 PASSWORD = "correct horse battery"
@@ -211,10 +212,14 @@ class LimitTests(SiteCase):
 
     async def test_five_wrong_passwords_for_a_name_stop_its_logins_for_15_minutes(self):
         await self.account("alice", PASSWORD)
-        for i in range(auth.FAILURES):
-            page = await self.attempt("alice", f"guess number {i}", host=f"203.0.113.{i}")
-            self.assertEqual(page.status, 403)
-            self.assertIn("wrong name or password", page.text)
+        with LogCapture() as log:
+            for i in range(auth.FAILURES):
+                page = await self.attempt("alice", f"guess number {i}",
+                                          host=f"203.0.113.{i}")
+                self.assertEqual(page.status, 403)
+                self.assertIn("wrong name or password", page.text)
+        [warned] = [t for t in log.texts() if "stop for a while" in t]
+        self.assertIn("'alice'", warned)
         page = await self.attempt("alice", PASSWORD, host="192.0.2.99")
         self.assertEqual(page.status, 429)
         self.assertIn("too many failed logins for this account: try again in 15 minutes",

@@ -325,6 +325,8 @@ class Site:
             refused = self.limits.refusal(name, address)
             if refused is not None:
                 problem += "; " + refused
+                self.log.warn("web logins as {name!r} or from {address} stop for a while: "
+                              "{why}", name=name[:64], address=address, why=refused)
         return await self.render(request, "login.html", status=status, next=back,
                                  name=name[:64], problem=problem)
 
