@@ -15,6 +15,7 @@ setup(
     ],
     package_data={
         "cpushare.server.db": ["schema/*.sql"],
+        "cpushare.server.site": ["templates/*.html", "static/*"],
         "twisted": ["plugins/cpushare_plugins.py"],
     },
     install_requires=[
@@ -26,6 +27,9 @@ setup(
         "pycdlib>=1.14",
         "psycopg[binary]>=3.1",
         "paypalrestsdk>=1.13",
+        "klein>=24.8",
+        "jinja2>=3.1",
+        "argon2-cffi>=23.1",
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6.100", "import-linter>=2.0"],

@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 
+from argon2 import PasswordHasher
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
@@ -43,6 +44,11 @@ from cpushare.server.images import ImageStore
 from cpushare.server.market.market import Market
 from cpushare.server.session import MarketFactory
 from cpushare.server.db.store import Store
+
+
+# argon2id at its cheapest: web passwords hashed by the same code, in
+# milliseconds rather than 64 MiB and tens of them.
+CHEAP_HASHER = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1)
 
 
 class SynchronousPool:
@@ -203,6 +209,7 @@ class MemoryMarket:
                                  quota=64 * 1024 * 1024)
         self.market = Market(self.reactor, self.store, self.credentials, self.images,
                              heartbeat=heartbeat, timeout=timeout, measureEvery=0)
+        self.market.weblogins.hasher = CHEAP_HASHER
         self.factory = MarketFactory(self.market)
         self._port = 40000
         self._accounts = {}
@@ -569,6 +576,7 @@ class MarketCase(MarketClientMixin, unittest.TestCase):
         self.market = Market(self.reactor, self.store, self.credentials, self.images,
                              heartbeat=self.heartbeat, timeout=self.heartbeatTimeout,
                              **kw)
+        self.market.weblogins.hasher = CHEAP_HASHER
         self.addCleanup(self.market.billing.stop)
         self.addCleanup(self.market.orders.stop)
         if self.images is not None:

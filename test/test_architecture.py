@@ -46,6 +46,10 @@ def test_a_forbidden_import_breaks_a_rule(tmp_path):
          "The server in layers: front ends, market, money, store"),
         ("cpushare/client/session.py", "cpushare.server.db.store",
          "The market server and the client programs never import each other"),
+        ("cpushare/server/admin.py", "cpushare.server.site.app",
+         "The web site is reached only through the web port (tap and web)"),
+        ("cpushare/server/site/auth.py", "cpushare.server.session",
+         "The server in layers: front ends, market, money, store"),
     ]
     for path, module, contract in cases:
         source = tree / path

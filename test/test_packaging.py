@@ -39,6 +39,8 @@ def test_the_wheel_holds_plugins_scripts_and_schema(tmp_path):
     assert "twisted/__init__.py" not in names, "must not shadow Twisted"
     assert "twisted/plugins/__init__.py" not in names, "must not shadow Twisted's plugins"
     assert "cpushare/server/db/schema/001_accounts.sql" in names
+    assert "cpushare/server/site/templates/base.html" in names
+    assert "cpushare/server/site/static/site.css" in names
     for package in ("cpushare/server/market/", "cpushare/server/money/", "cpushare/server/db/",
                     "cpushare/client/seller/", "cpushare/client/buyer/", "cpushare/client/cli/",
                     "cpushare/vm/", "cpushare/protocol/"):

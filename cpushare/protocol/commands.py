@@ -104,6 +104,29 @@ class WhoAmI(amp.Command):
     errors = COMMON_ERRORS
 
 
+class SetWebPassword(amp.Command):
+    """
+    Set this account's password for the market's web site (at least 10
+    characters); its browsers logged in before are logged out.
+    NotPermitted: the market is too busy hashing passwords just now.
+    """
+
+    arguments = [(b"password", amp.Unicode())]
+    response = []
+    errors = {**COMMON_ERRORS, NotPermitted: b"NOT_PERMITTED"}
+
+
+class WebLoginLink(amp.Command):
+    """
+    A link to the market's web site that logs this account in, once, within
+    five minutes.  NotPermitted: the market has no web site.
+    """
+
+    arguments = []
+    response = [(b"url", amp.Unicode())]
+    errors = {**COMMON_ERRORS, NotPermitted: b"NOT_PERMITTED"}
+
+
 # A seller's terms: micro-units of the market's currency per core-hour and
 # per GB (10^9 bytes) of network traffic, and an ISO 3166 country code.
 TERMS = [

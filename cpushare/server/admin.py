@@ -11,9 +11,13 @@ cpushare-admin: the operator's tool, working on the market's database.
     cpushare-admin [--data DIR | --db URL] payments | payouts
     cpushare-admin [--data DIR | --db URL] payout-sent ID | payout-returned ID
     cpushare-admin [--data DIR | --db URL] credit-payment PAYPAL_ID
+    cpushare-admin [--data DIR | --db URL] web-admin NAME [--remove]
 
 The database is the server's: the SQLite file market.sqlite in --data, or
 the one --db names (the same URL as the server's --db).
+
+`web-admin` makes an account an administrator of the web site (its
+operator's pages under /admin), or no longer one with --remove.
 
 `books` proves the ledger: every entry summed is zero, every transaction
 balances, no owner's account is below zero, and the leases agree with it
@@ -41,7 +45,7 @@ import sys
 from cpushare.server.db import database
 from cpushare.server.money import ledger
 from cpushare.server.money.billing import checkBooks
-from cpushare.server.db import store
+from cpushare.server.db import store, websql
 
 
 def main(argv=None):
@@ -81,6 +85,9 @@ def main(argv=None):
     cp = sub.add_parser("credit-payment",
                         help="credit a payment PayPal completed that the market could not")
     cp.add_argument("paypal_id")
+    wa = sub.add_parser("web-admin", help="let an account see the web site's operator pages")
+    wa.add_argument("name")
+    wa.add_argument("--remove", action="store_true", help="no longer an administrator")
     args = p.parse_args(argv)
     try:
         return run(args)
@@ -129,6 +136,11 @@ def run(args):
             print(f"credited {ledger.formatAmount(amount)} to {args.name}")
         elif args.command == "books":
             return printBooks(store.transact(conn, checkBooks))
+        elif args.command == "web-admin":
+            if not store.transact(conn, websql.setWebAdmin, args.name, not args.remove):
+                raise Refused(f"no account named {args.name!r}")
+            print(f"account {args.name} is {'no longer ' if args.remove else ''}"
+                  "an administrator of the web site")
         else:
             return money(conn, args)
     except database.Unavailable as e:

@@ -110,6 +110,18 @@ class ServerControl(ControlProtocol, FundsCommands):
             "session": self.session.sessionId,
         }
 
+    @commands.SetWebPassword.responder
+    def setWebPassword(self, password):
+        account = self.session.requireHello()
+        d = defer.ensureDeferred(self.session.market.weblogins.setPassword(account, password))
+        return d.addCallback(lambda _: {})
+
+    @commands.WebLoginLink.responder
+    def webLoginLink(self):
+        account = self.session.requireHello()
+        d = defer.ensureDeferred(self.session.market.weblogins.loginLink(account))
+        return d.addCallback(lambda url: {"url": url})
+
     @commands.Offer.responder
     def offer(self, cores, memory, price=None, net_fee=None, country=None, cpu_vendor=None,
               cpu_family=None, cpu_model=None):

@@ -10,6 +10,7 @@ command line (ps, /proc/PID/cmdline), and shells and service managers keep
 it in histories and unit files.
 """
 
+import ipaddress
 import os
 
 from twisted.application.service import MultiService
@@ -81,8 +82,8 @@ class Options(usage.Options):
          "image, paid from the market's grants) on each seller, at random (0: never).",
          float],
         ["web", None, None,
-         "Twisted server endpoint (or a port number) for the HTTPS endpoint buyers' "
-         "browsers reach when PayPal sends them back (TLS is added)."],
+         "Twisted server endpoint (or a port number) for the HTTPS web site, where "
+         "buyers and sellers log in and PayPal sends buyers back (TLS is added)."],
         ["public-url", None, None,
          "The web endpoint's address as browsers reach it "
          "(default https://HOSTNAME:PORT of --web)."],
@@ -90,6 +91,9 @@ class Options(usage.Options):
          "Certificate (PEM, chain after it) for the web endpoint; default: the "
          "market's own server certificate."],
         ["web-key", None, None, "The key of --web-cert (PEM)."],
+        ["web-proxy", None, "",
+         "Addresses (comma-separated) of reverse proxies in front of the web site, whose "
+         "X-Forwarded-For header names the browser's address (login limits count it)."],
         ["paypal-mode", None, "sandbox", "PayPal's sandbox or live."],
         ["paypal-client-id", None, None,
          "The PayPal REST app's client id: with it the market takes payments."],
@@ -205,6 +209,12 @@ class Options(usage.Options):
             except Exception as e:
                 raise usage.UsageError(
                     f"--web-cert/--web-key: not a PEM certificate and its key ({e})")
+        self["web-proxy"] = [a.strip() for a in self["web-proxy"].split(",") if a.strip()]
+        for address in self["web-proxy"]:
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise usage.UsageError(f"--web-proxy {address!r}: not an IP address")
         if self["web"] is not None and self["web"].isdigit():
             self["web"] = f"tcp:{self['web']}"
         if self["public-url"] is not None:
@@ -331,11 +341,16 @@ def makeService(options, reactor=None):
 
     before = lambda: defer.ensureDeferred(openAll())
     if options["web"] is not None:
+        from cpushare.server.site.app import Site
         from cpushare.server.web import WebService, loadWebTLS
+        publicUrl = lambda: funds.publicUrl
+        market.weblogins.publicUrl = publicUrl
+        pages = Site(market, reactor, publicUrl, secure=True,
+                     trustedProxies=options["web-proxy"]).resource()
         web = WebService(reactor, serverFromString(reactor, options["web"]),
                          loadWebTLS(credentials, options["web-cert"], options["web-key"]),
                          funds, options["hostname"], data, before=before,
-                         revocations=revocations)
+                         revocations=revocations, pages=pages)
         web.setServiceParent(service)
         # Clients are let in once the web endpoint listens, so that the
         # links of their payments have somewhere to go.

@@ -1,21 +1,19 @@
 """
-The market's HTTPS endpoint for buyers' browsers: where PayPal sends a
+The market's HTTPS endpoint for buyers' browsers: the web site
+(L{cpushare.server.site}, every path but these), and where PayPal sends a
 buyer back after approving or cancelling a payment.
 
-    /                 a page naming the market
     /ca.crl           the market CA's certificate revocation list (DER)
     /paypal/return    ?n=NONCE&paymentId=PAY-..&token=EC-..&PayerID=..
     /paypal/cancel    ?n=NONCE&token=EC-..
 
-The pages are small and plain, and say what happened to the money.  The
+The PayPal pages are small and plain, and say what happened to the money.  The
 work is L{cpushare.server.money.funds.Funds}'s; this module only reads the
 query and renders the outcome.  TLS uses the market's server certificate
 unless the operator gives another (a certificate for a public name that
 browsers trust on their own).
 """
 
-import base64
-import hashlib
 import html
 import os
 
@@ -30,6 +28,8 @@ from zope.interface import implementer
 
 from cpushare import pki
 from cpushare.listening import ListeningService
+from cpushare.server.site.app import HSTS_MAX_AGE, securityHeaders  # noqa: F401 (tests)
+from cpushare.server.site.app import field as _arg
 
 PAGE = """<!DOCTYPE html>
 <html lang="en">
@@ -37,18 +37,15 @@ PAGE = """<!DOCTYPE html>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{title} - CPUShare</title>
-<style>
-body {{ font-family: sans-serif; max-width: 36em; margin: 3em auto; padding: 0 1em;
-       line-height: 1.5; color: #222; }}
-h1 {{ font-size: 1.4em; }}
-p.note {{ color: #666; font-size: 0.9em; }}
-</style>
+<link rel="stylesheet" href="/static/site.css">
 </head>
 <body>
+<main>
 <h1>{title}</h1>
 <p id="message">{message}</p>
 <p class="note">CPUShare market. You may close this page; <code>cpushare balance</code>
 shows your funds.</p>
+</main>
 </body>
 </html>
 """
@@ -57,16 +54,6 @@ shows your funds.</p>
 def page(title, message):
     return PAGE.format(title=html.escape(title, quote=False),
                        message=html.escape(message, quote=False)).encode("utf-8")
-
-
-def _arg(request, name):
-    values = request.args.get(name.encode())
-    if not values:
-        return None
-    try:
-        return values[0].decode("utf-8")
-    except UnicodeDecodeError:
-        return None
 
 
 class OutcomePage(resource.Resource):
@@ -152,9 +139,15 @@ class Branch(resource.Resource):
 
 
 class Root(Branch):
-    def __init__(self, funds, revocations=None):
+    """
+    /ca.crl and /paypal/*; any other path goes to C{pages} (the site's
+    resource), or without one, / is a page naming the market.
+    """
+
+    def __init__(self, funds, revocations=None, pages=None):
         Branch.__init__(self)
         self.home = Home()
+        self.pages = pages
         self.crl = None
         if revocations is not None:
             from cpushare.server.revocation import RevocationListPage
@@ -165,30 +158,19 @@ class Root(Branch):
         self.putChild(b"paypal", paypal)
 
     def getChild(self, path, request):
-        if path == b"" and not request.postpath:
-            return self.home
         if path == b"ca.crl" and not request.postpath and self.crl is not None:
             return self.crl
+        if self.pages is not None:
+            # The site routes the whole path itself.
+            request.postpath.insert(0, request.prepath.pop())
+            return self.pages
+        if path == b"" and not request.postpath:
+            return self.home
         return NotFound()
 
 
-# A year: browsers that saw the market once refuse plain HTTP to it since.
-HSTS_MAX_AGE = 365 * 24 * 3600
-# The pages' only inline content is their <style>, allowed by its hash.
-_STYLE = PAGE[PAGE.index("<style>") + len("<style>"):PAGE.index("</style>")]
-_STYLE_HASH = base64.b64encode(hashlib.sha256(
-    _STYLE.replace("{{", "{").replace("}}", "}").encode("utf-8")).digest()).decode("ascii")
-SECURITY_HEADERS = {
-    b"strict-transport-security": f"max-age={HSTS_MAX_AGE}".encode(),
-    b"content-security-policy": (
-        f"default-src 'none'; style-src 'sha256-{_STYLE_HASH}'; base-uri 'none'; "
-        f"form-action 'none'; frame-ancestors 'none'").encode(),
-    b"x-content-type-options": b"nosniff",
-    b"x-frame-options": b"DENY",
-    b"referrer-policy": b"no-referrer",
-    b"cache-control": b"no-store",
-    b"cross-origin-opener-policy": b"same-origin",
-}
+# The web port is always HTTPS: every response carries HSTS.
+SECURITY_HEADERS = securityHeaders(secure=True)
 
 
 class WebSite(server.Site):
@@ -207,8 +189,8 @@ class WebSite(server.Site):
         return server.Site.getResourceFor(self, request)
 
 
-def site(funds, revocations=None):
-    return WebSite(Root(funds, revocations))
+def site(funds, revocations=None, pages=None):
+    return WebSite(Root(funds, revocations, pages))
 
 
 # TLS 1.2 suites: forward secret (ECDHE) and AEAD (AES-GCM, ChaCha20-Poly1305)
@@ -272,10 +254,11 @@ class WebService(ListeningService):
     """
 
     def __init__(self, reactor, endpoint, tlsOptions, funds, hostname, dataDir, before=None,
-                 revocations=None):
+                 revocations=None, pages=None):
+        """@param pages: the web site's resource (L{cpushare.server.site.app.Site.resource})."""
         self.funds = funds
         self.hostname = hostname
-        factory = TLSMemoryBIOFactory(tlsOptions, False, site(funds, revocations))
+        factory = TLSMemoryBIOFactory(tlsOptions, False, site(funds, revocations, pages))
         ListeningService.__init__(
             self, reactor, endpoint, factory, "CPUShare web endpoint",
             os.path.join(dataDir, "web.address"), before=before)

@@ -239,11 +239,13 @@ class CLIResult:
         return json.loads(self.stdout)
 
 
-def runCLI(program, *args, timeout=CLI_TIMEOUT):
+def runCLI(program, *args, timeout=CLI_TIMEOUT, input=None):
+    """Run a command line program; C{input}: its standard input (none when None)."""
     argv = [executable(program)] + [str(a) for a in args]
+    stdin = subprocess.DEVNULL if input is None else None
     try:
         completed = subprocess.run(
-            argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            argv, stdin=stdin, input=input, capture_output=True, text=True,
             timeout=timeout, env=_environment(),
         )
     except subprocess.TimeoutExpired as e:

@@ -6,6 +6,7 @@ cpushare: the command line for buyers and sellers, one module a command group.
     cpushare sellers, terms, leases, rate               (market.py)
     cpushare order place|cancel, vms, vm stop, console  (vms.py)
     cpushare funds add, balance, statement, earnings, payout (funds.py)
+    cpushare web [password]                             (web.py)
 
 Every failure is one line on stderr, naming the problem, and exit status 1.
 """
@@ -15,7 +16,7 @@ import sys
 
 from twisted.internet import defer, task
 
-from cpushare.client.cli import account, funds, images, market, vms
+from cpushare.client.cli import account, funds, images, market, vms, web
 from cpushare.client.cli.connection import CommandError
 from cpushare.client.home import Home, HomeError, defaultHome
 from cpushare.client.session import ConnectError
@@ -27,7 +28,7 @@ def parser():
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    for group in (account, images, market, vms, funds):
+    for group in (account, images, market, vms, funds, web):
         group.addParsers(sub)
     return p
 

@@ -35,6 +35,7 @@ from cpushare.server.market.orders import Orders
 from cpushare.server.market.ratings import Ratings
 from cpushare.server.market.replicas import network as replicaNetwork
 from cpushare.server.market.validation import Validations
+from cpushare.server.market.weblogin import WebLogins
 from cpushare.server.relay import Relay
 
 ACCOUNT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,31}\Z")
@@ -97,6 +98,8 @@ class Market(Service):
         self.rekeysPerDay = rekeysPerDay
         self.access = AccessWatch(reactor, self.store, lambda: self.sessions.values(),
                                   accessCheck)
+        # Web passwords, login links and browser sessions (the web site's login).
+        self.weblogins = WebLogins(reactor, store)
 
     @property
     def images(self):
