@@ -111,6 +111,12 @@ def test_hostile_labels_stay_text():
     assert root.find(SVG + "title").text.startswith("</svg><script>")
 
 
+def test_a_huge_label_is_cut_to_its_bound():
+    root = parse(lineChart([("x" * 10**6, [(NOV_1, 1)])], "y " * 10**6, "z"))
+    assert max(len(t) for t in texts(root)) <= charts.MAX_TITLE
+    assert "x" * (charts.MAX_LABEL - 1) + "\u2026" in texts(root)
+
+
 def test_hostile_price_chart_text_stays_text():
     svg = priceChart(MICRO, [MICRO, 2 * MICRO], title=HOSTILE, currency=HOSTILE, unit=HOSTILE)
     root = parse(svg)

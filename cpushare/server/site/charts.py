@@ -77,7 +77,8 @@ class ChartError(ValueError):
 
 def _clean(text, limit):
     """C{text} as a string XML can carry, at most C{limit} characters."""
-    text = _NOT_XML.sub("\ufffd", str(text))
+    # Cut first: a megabyte of label costs no more than a line of it.
+    text = _NOT_XML.sub("\ufffd", str(text)[:limit * 8])
     text = " ".join(text.split())
     if len(text) > limit:
         text = text[:limit - 1] + "\u2026"
