@@ -15,8 +15,10 @@ command -v dpkg-deb >/dev/null || need+=(dpkg)
 # The store's tests run on PostgreSQL as well as SQLite (test/postgres.py).
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)
 # The tests of adding funds open PayPal's approval link in a real browser
-# that trusts the market's CA through an NSS database (certutil).
+# that trusts the market's CA through an NSS database (certutil); the web
+# site's tests (test/browser) drive it with Selenium through chromedriver.
 command -v chromium >/dev/null || need+=(chromium)
+command -v chromedriver >/dev/null || [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 command -v certutil >/dev/null || need+=(libnss3-tools)
 # The web port's TLS is checked with testssl.sh (test/integration/test_web_tls.py).
 command -v testssl >/dev/null || command -v testssl.sh >/dev/null || need+=(testssl.sh)

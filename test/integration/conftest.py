@@ -290,6 +290,25 @@ def waitUntil(condition, what, timeout=START_TIMEOUT, processes=None, interval=0
         time.sleep(interval)
 
 
+# -- a browser's trust
+
+
+def browserHome(home, ca, certutil="certutil"):
+    """
+    A HOME for a browser (Chromium) whose NSS database trusts the CA at
+    C{ca} as a buyer who added it would (None: trusts no market's CA).
+    """
+    nss = Path(home) / ".pki" / "nssdb"
+    nss.mkdir(parents=True)
+    argvs = [[certutil, "-N", "-d", f"sql:{nss}", "--empty-password"]]
+    if ca is not None:
+        argvs.append([certutil, "-A", "-d", f"sql:{nss}", "-n", "CPUShare market CA",
+                      "-t", "C,,", "-i", str(ca)])
+    for argv in argvs:
+        subprocess.run(argv, check=True, capture_output=True, timeout=60)
+    return Path(home)
+
+
 # -- the market server
 
 

@@ -21,7 +21,7 @@ import pytest
 from cpushare.server.money import ledger
 from cpushare.server.db import store
 
-from .conftest import LOOPBACK, Market, assertOneLineError, cpushare, waitUntil
+from .conftest import LOOPBACK, Market, assertOneLineError, browserHome, cpushare, waitUntil
 
 FAKE = Path(__file__).parent.parent / "paypalfake.py"
 CLIENT_ID = "market-app-id"
@@ -71,15 +71,7 @@ class Browser:
         if self.chromium is None or certutil is None:
             pytest.fail("these tests need Debian's chromium and libnss3-tools: "
                         "run tools/host-deps.sh as root (or apt-get install them)")
-        self.home = Path(root) / f"{name}-home"
-        nss = self.home / ".pki" / "nssdb"
-        nss.mkdir(parents=True)
-        argvs = [[certutil, "-N", "-d", f"sql:{nss}", "--empty-password"]]
-        if caPath is not None:
-            argvs.append([certutil, "-A", "-d", f"sql:{nss}", "-n", "CPUShare market CA",
-                          "-t", "C,,", "-i", str(caPath)])
-        for argv in argvs:
-            subprocess.run(argv, check=True, capture_output=True, timeout=60)
+        self.home = browserHome(Path(root) / f"{name}-home", caPath, certutil)
 
     def open(self, url):
         """Load C{url}, following redirects; returns the page's DOM as text."""
