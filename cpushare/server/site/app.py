@@ -60,7 +60,7 @@ MENU = [
 # The pages still to come: until then a logged-in browser is told so (and
 # one not logged in is sent to /login).  A page that arrives takes its
 # path out of this list.
-COMING = ["/orders/new", "/vms", "/images", "/funds", "/statement", "/seller"]
+COMING = ["/orders/new", "/images", "/seller"]
 # Where a login may send the browser back to: a path of this site.
 _LOCAL_PATH = re.compile(r"/(?![/\\])[A-Za-z0-9/_.~%?=&+-]{0,500}\Z")
 
@@ -392,3 +392,7 @@ def field(request, name):
         return values[0].decode("utf-8")
     except UnicodeDecodeError:
         return None
+
+
+# The pages of their own modules (each registers its routes on Site.app).
+from cpushare.server.site import pages_vms  # noqa: E402,F401
