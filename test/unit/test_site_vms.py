@@ -280,6 +280,7 @@ class VMPagesTests(SiteCase, OrderCase):
                 ("99999999999999999999", "is more than the largest amount allowed"),
                 ("20.001", "has a fraction of a cent"),
                 ("<script>", "'&lt;script&gt;' is not an amount"),
+                ("9" * 5000, "an amount has at most 40 characters"),
                 ("", "'' is not an amount")]:
             page = await self.post(alice, "/funds/add", {"amount": amount}, page="/funds")
             self.assertEqual(page.status, 400, amount)

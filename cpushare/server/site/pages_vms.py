@@ -41,6 +41,8 @@ DONE = {
 _DONE = re.compile(r"(stopped|rated|cancelled)-([0-9]{1,19})\Z")
 # A payment's approval page: PayPal's (or a test's fake), never a script.
 _WEB_ADDRESS = re.compile(r"https?://[^\s<>\"']{1,2000}\Z")
+# The most characters of an amount typed into the funds form.
+MAX_AMOUNT_TEXT = 40
 # How often the scripts ask for news, in seconds (they only enhance the pages).
 POLL_SECONDS = 5
 
@@ -106,7 +108,7 @@ async def _vmsPage(site, request, account, status=200, problem=None):
         request, "vms.html", status=status, title="VMs", vms=rows, orders=orders,
         problem=problem, done=_done(request), currency=market.money.currency,
         older=f"/vms?before={rows[-1]['vm']}" if more else None,
-        live="before" not in request.args, poll=POLL_SECONDS)
+        live=b"before" not in request.args, poll=POLL_SECONDS)
 
 
 @Site.app.route("/vms", methods=["GET"])
@@ -122,7 +124,7 @@ async def _change(site, request, name, arguments, done):
         await api.call(site.market, account, name, arguments)
     except CPUShareError as e:
         status, problem = _problem(e)
-        request.args.pop(b"before", None)
+        request.args.pop(b"before", None)      # the newest VMs, not a form's field
         return await _vmsPage(site, request, account, status, problem)
     return site.redirect(request, "/vms?" + urllib.parse.urlencode({"done": done}))
 
@@ -185,7 +187,7 @@ async def _fundsPage(site, request, account, status=200, problem=None, amount=""
                for p in balance["pending"]]
     return await site.render(
         request, "funds.html", status=status, title="Funds", balance=balance, shown=shown,
-        pending=pending, problem=problem, amount=amount[:40])
+        pending=pending, problem=problem, amount=amount[:MAX_AMOUNT_TEXT])
 
 
 @Site.app.route("/funds", methods=["GET"])
@@ -206,6 +208,9 @@ async def addFunds(site, request):
     account = await site.account(request)
     typed = (field(request, "amount") or "").strip()
     try:
+        if len(typed) > MAX_AMOUNT_TEXT:
+            raise BadAmount(f"an amount has at most {MAX_AMOUNT_TEXT} characters, like 20 or "
+                            "12.50")
         amount = parseAmount(typed)
     except BadAmount as e:
         return await _fundsPage(site, request, account, 400, str(e), typed)
@@ -247,7 +252,7 @@ async def statement(site, request):
     return await site.render(
         request, "statement.html", status=status, title="Statement", entries=entries,
         currency=currency, chart=chart, older=older, problem=problem,
-        newest="before" in request.args, csvEntries=f"{CSV_ENTRIES:,}")
+        newest=b"before" in request.args, csvEntries=f"{CSV_ENTRIES:,}")
 
 
 @Site.app.route("/statement.csv", methods=["GET"])
