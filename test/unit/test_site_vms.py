@@ -66,10 +66,10 @@ class VMPagesTests(SiteCase, OrderCase):
         self.assertEqual(page.status, 303, page)
         return browser
 
-    async def alice(self):
+    async def aliceBrowser(self):
         return await self.logIn("alice", self.aliceId)
 
-    async def bob(self):
+    async def bobBrowser(self):
         bob = await self.register("bob")
         cli = await self.connect("cli", *bob)
         bobId = (await cli.control.callRemote(commands.WhoAmI))["account_id"]
@@ -124,13 +124,13 @@ class VMPagesTests(SiteCase, OrderCase):
         [listed] = (await self.call(self.cli, commands.ListVMs))["vms"]
         self.assertEqual(listed["state"], "running")
         [shown] = (await self.call(self.cli, commands.ListLeases))["leases"]
-        self.assertNotIn("rating", shown)
+        self.assertIsNone(shown.get("rating"))
 
     # -- the owner
 
     async def test_the_owner_sees_its_vm_reads_its_console_and_stops_it(self):
         seller, order, vm, lease = await self.running()
-        alice = await self.alice()
+        alice = await self.aliceBrowser()
         page = await alice.get("/vms")
         self.assertEqual(page.status, 200)
         [row] = rows(page, "vms")
@@ -165,7 +165,7 @@ class VMPagesTests(SiteCase, OrderCase):
 
     async def test_a_lease_is_rated_once(self):
         seller, order, vm, lease = await self.running()
-        alice = await self.alice()
+        alice = await self.aliceBrowser()
         rated = await self.post(alice, f"/leases/{lease}/rate", {"good": "true"})
         self.assertEqual((rated.status, rated.location), (303, f"/vms?done=rated-{lease}"))
         page = await alice.get(rated.location)
@@ -187,7 +187,7 @@ class VMPagesTests(SiteCase, OrderCase):
 
     async def test_an_order_is_cancelled_after_a_confirmation(self):
         seller, order, vm, lease = await self.running()
-        alice = await self.alice()
+        alice = await self.aliceBrowser()
         ask = await alice.get(f"/orders/{order}/cancel")
         self.assertEqual(ask.status, 200)
         self.assertIn(f'action="/orders/{order}/cancel"', ask.text)
@@ -202,7 +202,7 @@ class VMPagesTests(SiteCase, OrderCase):
         self.assertNotIn(f"/orders/{order}/cancel", page.text)
 
     async def test_bad_ids_and_cursors_are_answered_on_the_page(self):
-        alice = await self.alice()
+        alice = await self.aliceBrowser()
         for path, status, problem in [
                 ("/vms?before=x", 400, "before must be a whole number, not 'x'"),
                 ("/vms?before=0", 400, "before must be a whole number from 1"),
@@ -219,7 +219,7 @@ class VMPagesTests(SiteCase, OrderCase):
 
     async def test_another_account_finds_nothing_of_alices_and_changes_nothing(self):
         seller, order, vm, lease = await self.running()
-        bob = await self.bob()
+        bob = await self.bobBrowser()
         page = await bob.get("/vms")
         self.assertEqual(rows(page, "vms"), [])
         self.assertNotIn(">sam<", page.text)
@@ -241,7 +241,7 @@ class VMPagesTests(SiteCase, OrderCase):
         [listed] = (await self.call(self.cli, commands.ListVMs))["vms"]
         self.assertEqual(listed["state"], "running")
         [shown] = (await self.call(self.cli, commands.ListLeases))["leases"]
-        self.assertNotIn("rating", shown)
+        self.assertIsNone(shown.get("rating"))
         self.assertEqual(rows(await bob.get("/statement"), "statement"), [])
         # The CSV takes no argument naming an account: a query is ignored.
         download = await bob.get(f"/statement.csv?account={self.aliceId}&name=alice")
@@ -254,7 +254,7 @@ class VMPagesTests(SiteCase, OrderCase):
         self.market.money.funds.paypal = paypal
         self.market.money.paypal = paypal
         self.market.money.funds.publicUrl = PUBLIC_URL
-        alice = await self.alice()
+        alice = await self.aliceBrowser()
         page = await alice.get("/funds")
         self.assertEqual(page.status, 200)
         self.assertIn('<td class="number" id="funds">100.00 USD</td>', page.text)
@@ -273,7 +273,7 @@ class VMPagesTests(SiteCase, OrderCase):
         paypal = CreatingPayPal()
         self.market.money.funds.paypal = self.market.money.paypal = paypal
         self.market.money.funds.publicUrl = PUBLIC_URL
-        alice = await self.alice()
+        alice = await self.aliceBrowser()
         for amount, problem in [
                 ("-5", "'-5' is not an amount"),
                 ("0", "'0' is zero"),
@@ -296,7 +296,7 @@ class VMPagesTests(SiteCase, OrderCase):
         self.assertNotIn("javascript:", page.text)
 
     async def test_a_market_without_paypal_says_so(self):
-        alice = await self.alice()
+        alice = await self.aliceBrowser()
         page = await alice.get("/funds")
         self.assertIn("This market takes no payments.", page.text)
         self.assertNotIn('action="/funds/add"', page.text)
@@ -308,7 +308,7 @@ class VMPagesTests(SiteCase, OrderCase):
         seller, order, vm, lease = await self.running()
         # Many small credits, so the statement has pages.
         await self.credits(250)
-        alice = await self.alice()
+        alice = await self.aliceBrowser()
         page = await alice.get("/statement")
         self.assertEqual(page.status, 200)
         first = rows(page, "statement")
@@ -338,7 +338,7 @@ class VMPagesTests(SiteCase, OrderCase):
         original = self.market.money.statements.csvStatement
         self.patch(self.market.money.statements, "csvStatement",
                    lambda account, currency: original(account, currency, limit=3))
-        alice = await self.alice()
+        alice = await self.aliceBrowser()
         table = list(csv.reader(io.StringIO((await alice.get("/statement.csv")).text)))
         self.assertEqual(len(table), 1 + 3 + 1)
         self.assertEqual(table[3][3], "'=credit 2")
