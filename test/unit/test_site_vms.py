@@ -345,3 +345,16 @@ class VMPagesTests(SiteCase, OrderCase):
         self.assertEqual(table[-1][1:4], [
             "note", "", "only the newest 3 entries are in this file; the statement pages go "
             "back further"])
+
+    async def test_the_scripts_are_served_and_put_in_text_never_html(self):
+        # A seller's name or a console line is a hostile peer's text: the
+        # scripts that refresh the pages set it as text only.
+        for name, asks in [("vms.js", "/api/vms"), ("console.js", "/api/console?vm=")]:
+            page = await self.browser().get(f"/static/{name}")
+            self.assertEqual(page.status, 200)
+            self.assertEqual(page.headers["content-type"], "text/javascript; charset=utf-8")
+            self.assertIn(asks, page.text)
+            self.assertIn("textContent", page.text)
+            for unsafe in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write",
+                           "eval("):
+                self.assertNotIn(unsafe, page.text, name)
