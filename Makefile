@@ -32,7 +32,7 @@ demo: $(STAMP)
 # tests fail, never skip, without theirs.
 test: $(STAMP)
 	bash tools/host-deps.sh
-	$(PY) -m pytest test $(PYTEST_ARGS)
+	$(PY) -m pytest test --durations=30 $(PYTEST_ARGS)
 
 check: $(STAMP)
 	CPUSHARE_FUZZ=$(CHECK_FUZZ) $(PY) -m pytest test/unit test/test_architecture.py \
