@@ -7,6 +7,7 @@ and with the input a careless or hostile browser sends.
 """
 
 import hashlib
+import io
 import re
 
 from cpushare.money import MICRO, formatAmount
@@ -19,6 +20,7 @@ from test.sitebrowser import SiteCase
 from test.unit.test_orders import FakeProgram
 
 BOUNDARY = "----cpushareTestBoundary7"
+CONTENT_TYPE = f"multipart/form-data; boundary={BOUNDARY}".encode()
 
 
 def multipart(fields, file=None, filename="livecd.iso", boundary=BOUNDARY, fileFirst=False):
@@ -320,3 +322,37 @@ class OrderPagesTests(BuyerPagesCase):
                                             "memory": "256", "csrf": page.csrf()})
         self.assertEqual(placed.status, 400)
         self.assertIn(f"this account has no image '{sha}'", placed.shown)
+
+
+class UploadFormTests(BuyerPagesCase):
+
+    def test_a_form_is_read_up_to_its_file_and_no_further(self):
+        body = multipart({"csrf": "token", "name": "job"}, b"ISO" * 100000)
+        args = {}
+        form = upload.readForm(io.BytesIO(body), CONTENT_TYPE, args)
+        self.assertEqual(args, {b"csrf": [b"token"], b"name": [b"job"]})
+        self.assertEqual((form.problem, form.filename), (None, "livecd.iso"))
+        self.assertEqual(body[form.start:form.end], b"ISO" * 100000)
+
+    def test_a_hostile_form_is_refused_by_name_with_bounded_reading(self):
+        cases = [
+            (multipart({f"f{i}": "x" for i in range(20)}, b"x"), "more than 8 fields"),
+            (multipart({"name": "x" * 5000}, b"x"), "a field of the form is too long"),
+            (b"no boundary here" + b"x" * 100, "does not start with its boundary"),
+            (b"--" + BOUNDARY.encode() + b"\r\n" + b"x" * (upload.FORM_HEAD + 10),
+             "fields before the file are too long"),
+        ]
+        for body, words in cases:
+            form = upload.readForm(io.BytesIO(body), CONTENT_TYPE, {})
+            self.assertIn(words, form.problem)
+        form = upload.readForm(io.BytesIO(b""), b"multipart/form-data", {})
+        self.assertEqual(form.problem, "the form has no multipart boundary")
+
+    async def test_a_body_over_a_megabyte_is_refused_unless_it_is_an_upload(self):
+        alice = await self.loggedIn("alice")
+        csrf = (await alice.get("/orders/new")).csrf()
+        page = await alice.post("/orders", {"csrf": csrf, "countries": "x" * (2 * 1024**2)})
+        self.assertEqual(page.status, 413, page)
+        self.assertIn("larger than the 1048576 bytes", page.text)
+        # Two megabytes of image are not: they fit the quota.
+        await self.imageOf(alice, b"z" * (2 * 1024**2))
