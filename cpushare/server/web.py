@@ -30,6 +30,10 @@ from cpushare import pki
 from cpushare.listening import ListeningService
 from cpushare.server.site.app import HSTS_MAX_AGE, securityHeaders  # noqa: F401 (tests)
 from cpushare.server.site.app import field as _arg
+from cpushare.server.site.upload import FORM_SLACK, isMultipart, readForm
+
+# The largest request body that is not an image's upload form.
+MAX_FORM = 1024 * 1024
 
 PAGE = """<!DOCTYPE html>
 <html lang="en">
@@ -157,6 +161,12 @@ class Root(Branch):
         paypal.putChild(b"cancel", PayPalCancel(funds))
         self.putChild(b"paypal", paypal)
 
+    def maxUpload(self):
+        """The largest upload form's body: the image quota of an account, and its form."""
+        images = getattr(getattr(getattr(self.pages, "site", None), "market", None),
+                         "images", None)
+        return 0 if images is None else images.quota + FORM_SLACK
+
     def getChild(self, path, request):
         if path == b"ca.crl" and not request.postpath and self.crl is not None:
             return self.crl
@@ -173,14 +183,75 @@ class Root(Branch):
 SECURITY_HEADERS = securityHeaders(secure=True)
 
 
+class WebRequest(server.Request):
+    """
+    A request whose body is bounded (MAX_FORM; an image's upload form, the
+    account quota the image store has, L{Root.maxUpload}), refused with 413
+    as soon as it is larger; a multipart form is not parsed into memory
+    whole, only its fields before its file (L{readForm}), and
+    C{request.form} says where the file lies in C{request.content}.
+    """
+
+    form = None
+    _tooLarge = False
+    _received = 0
+
+    def _limit(self):
+        if isMultipart(self.requestHeaders.getRawHeaders(b"content-type", [b""])[0]):
+            return getattr(self.channel.site.resource, "maxUpload", lambda: 0)()
+        return MAX_FORM
+
+    def gotLength(self, length):
+        server.Request.gotLength(self, length)
+        if length is not None and length > self._limit():
+            self._refuseLarge()
+
+    def handleContentChunk(self, data):
+        if self._tooLarge:
+            return
+        self._received += len(data)
+        if self._received > self._limit():
+            self._refuseLarge()
+            return
+        server.Request.handleContentChunk(self, data)
+
+    def _refuseLarge(self):
+        self._tooLarge = True
+        limit = self._limit()
+        body = page("Too large", f"This request is larger than the {limit} bytes this page "
+                    "takes (an image may be as large as your account's image quota).")
+        self.channel.transport.write(
+            b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: text/html; charset=utf-8\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body) + body)
+        self.channel.transport.loseConnection()
+
+    def requestReceived(self, command, path, version):
+        if self._tooLarge:
+            return
+        ctype = self.requestHeaders.getRawHeaders(b"content-type", [b""])[0]
+        if command == b"POST" and isMultipart(ctype):
+            self._parsePOSTFormSubmission = False
+            self._formFields = {}
+            self.form = readForm(self.content, ctype, self._formFields)
+        return server.Request.requestReceived(self, command, path, version)
+
+    def process(self):
+        # The query's arguments are parsed by now: the form's fields join them.
+        for name, values in getattr(self, "_formFields", {}).items():
+            self.args.setdefault(name, []).extend(values)
+        return server.Request.process(self)
+
+
 class WebSite(server.Site):
     """
     The site: every response carries HSTS and the security headers, and
-    no Server header naming the software and its version.
+    no Server header naming the software and its version; request bodies
+    are bounded (L{WebRequest}).
     """
 
     displayTracebacks = False
     noisy = False
+    requestFactory = WebRequest
 
     def getResourceFor(self, request):
         request.responseHeaders.removeHeader(b"server")

@@ -3,7 +3,7 @@ The market's web site: Klein routes rendering Jinja2 templates, served by
 the server's web port (L{cpushare.server.web}, which keeps /ca.crl and
 /paypal/* and hands every other path to L{Site.resource}).
 
-    /                 the market (a placeholder for now)
+    /                 the market (L{pages_buyer}: also /images, /orders/new, /orders)
     /login            log in with name and password (GET: the form; POST)
     /login/TOKEN      log in once with a link from `cpushare web`
     /logout           log out (GET: the button; POST)
@@ -60,7 +60,7 @@ MENU = [
 # The pages still to come: until then a logged-in browser is told so (and
 # one not logged in is sent to /login).  A page that arrives takes its
 # path out of this list.
-COMING = ["/orders/new", "/images", "/seller"]
+COMING = ["/seller"]
 # Where a login may send the browser back to: a path of this site.
 _LOCAL_PATH = re.compile(r"/(?![/\\])[A-Za-z0-9/_.~%?=&+-]{0,500}\Z")
 
@@ -291,10 +291,6 @@ class Site:
 
     # -- the pages of the login
 
-    @app.route("/", methods=["GET"])
-    async def home(self, request):
-        return await self.render(request, "home.html")
-
     @app.route("/login", methods=["GET"])
     async def loginForm(self, request):
         if await self.account(request) is not None:
@@ -396,3 +392,4 @@ def field(request, name):
 
 # The pages of their own modules (each registers its routes on Site.app).
 from cpushare.server.site import pages_vms  # noqa: E402,F401
+from cpushare.server.site import pages_buyer  # noqa: E402,F401
