@@ -281,7 +281,9 @@ class OrderPagesTests(BuyerPagesCase):
                                  page.text))
         placed = await alice.post("/orders", fields)
         self.assertEqual(placed.status, 303, placed)
-        order = int(placed.location.split("placed=")[1])
+        order = int(placed.location.split("done=placed-")[1])
+        shown = await alice.get(placed.location)
+        self.assertIn(f"Order {order} is placed", shown.shown)
         vms = (await api.call(self.market, account, "vms"))["vms"]
         self.assertEqual([vm["order"] for vm in vms], [order, order])
 

@@ -252,5 +252,5 @@ async def placeOrder(site, request):
         placed = await api.call(site.market, account, "place_order", args)
     except REFUSED as e:
         return await _orderPage(site, request, account, values, problem=refusalText(e))
-    return site.redirect(request, f"/vms?placed={int(placed['order'])}")
+    return site.redirect(request, f"/vms?done=placed-{int(placed['order'])}")
 

@@ -37,8 +37,9 @@ DONE = {
     "stopped": "VM {} is stopping.",
     "rated": "Lease {} is rated: thank you.",
     "cancelled": "Order {} is cancelled: its VMs stop.",
+    "placed": "Order {} is placed: its VMs are below.",
 }
-_DONE = re.compile(r"(stopped|rated|cancelled)-([0-9]{1,19})\Z")
+_DONE = re.compile(r"(stopped|rated|cancelled|placed)-([0-9]{1,19})\Z")
 # A payment's approval page: PayPal's (or a test's fake), never a script.
 _WEB_ADDRESS = re.compile(r"https?://[^\s<>\"']{1,2000}\Z")
 # The most characters of an amount typed into the funds form.
