@@ -6,9 +6,8 @@ another account and as nobody, and the abuse of their forms and calls.
 
 import json
 
-from twisted.internet import defer
 
-from cpushare.money import MICRO
+from cpushare.money import formatAmount
 from cpushare.protocol import commands
 from cpushare.server.db import store, websql
 from cpushare.server.db.store import Account
@@ -104,7 +103,7 @@ class SellerPageTests(SiteOrderCase):
         earned = (await api.call(self.market, await self.accountNamed("sam"),
                                  "earnings"))["earnings"]
         self.assertGreater(earned, 0)
-        self.assertIn(f'<dd id="earned">{earned / MICRO:.2f}', page.text)
+        self.assertIn(f'<dd id="earned">{formatAmount(earned)} USD</dd>', page.text)
         self.assertIn('<dd id="validated">0</dd>', page.text)
         self.assertIn("none checked yet", page.text)
         self.assertIn("This market makes no payouts", page.text)

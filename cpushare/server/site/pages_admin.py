@@ -63,7 +63,7 @@ async def accountAction(site, request, action):
     if field(request, "confirm") != "yes":
         return await site.render(request, "admin_confirm.html", action=action, verb=verb,
                                  name=name, reason=reason[:300])
-    arguments = {"name": name}
+    arguments = {"name": name or None}
     if action == "suspend" and reason:
         arguments["reason"] = reason
     _, refused = await refusalOf(api.call(site.market, await caller(site, request),
