@@ -13,7 +13,7 @@ from cpushare.money import formatAmount
 from cpushare.server.site import api, auth
 from cpushare.server.site.apiroutes import caller
 from cpushare.server.site.app import Site, field
-from cpushare.server.site.pages_seller import refusalOf, when
+from cpushare.server.site.pages_seller import pageFrom, refusalOf, when
 
 # What each account action asks the operator to confirm, and says when done.
 ACTIONS = {
@@ -25,12 +25,9 @@ ACTIONS = {
 
 async def adminPage(site, request, status=200, problem=None):
     market, account = site.market, await caller(site, request)
-    after = field(request, "after")
-    accounts, refused = await refusalOf(api.call(
-        market, account, "admin_accounts", {} if after is None else {"after": after}))
+    accounts, refused = await pageFrom(site, request, account, "admin_accounts", "after")
     if refused is not None:
         status, problem = refused
-        accounts = await api.call(market, account, "admin_accounts")
     done = None
     for action, (_, _, said) in ACTIONS.items():
         name = field(request, action + "ed")

@@ -57,15 +57,25 @@ async def refusalOf(call):
         return None, (status, answer["error"])
 
 
+async def pageFrom(site, request, account, function, cursor):
+    """
+    A page of the API list C{function} from the query's C{cursor} field:
+    (answer, None), or with a cursor it refuses, (the first page, (status, message)).
+    """
+    value = field(request, cursor)
+    answer, refused = await refusalOf(api.call(
+        site.market, account, function, {} if value is None else {cursor: value}))
+    if refused is not None:
+        answer = await api.call(site.market, account, function)
+    return answer, refused
+
+
 async def sellerPage(site, request, account, status=200, problem=None, sent=None):
     """The page; C{sent}: the fields of a refused form, shown again as they were."""
     market = site.market
-    before = field(request, "before")
-    leases, refused = await refusalOf(api.call(
-        market, account, "seller_leases", {} if before is None else {"before": before}))
+    leases, refused = await pageFrom(site, request, account, "seller_leases", "before")
     if refused is not None:
         status, problem = refused
-        leases = await api.call(market, account, "seller_leases")
     earnings = await api.call(market, account, "earnings")
     standing = await api.call(market, account, "seller_rating")
     terms = await api.call(market, account, "terms")
@@ -104,36 +114,44 @@ def sentForm(request, *names):
     return {name: (field(request, name) or "")[:300] for name in names}
 
 
-@Site.app.route("/seller/payout", methods=["POST"], endpoint="seller payout")
-@auth.loggedIn
-async def payout(site, request):
+async def submit(site, request, function, arguments, done, sent):
+    """
+    A form of the seller's page: the API C{function} with the C{arguments()}
+    the form gives (BadAmount names a bad field), then to the page C{done(answer)};
+    refused, the page with the message and the fields C{sent} as they were.
+    """
     account = await site.account(request)
     try:
-        arguments = {"amount": amountField(request, "amount"),
-                     "email": (field(request, "email") or "").strip() or None}
+        given = arguments()
     except BadAmount as e:
         refused = (400, str(e))
     else:
-        done, refused = await refusalOf(api.call(site.market, account, "payout", arguments))
+        answer, refused = await refusalOf(api.call(site.market, account, function, given))
         if refused is None:
-            return site.redirect(request, f"/seller?payout={done['payout']}")
-    return await sellerPage(site, request, account, *refused,
-                            sent=sentForm(request, "amount", "email"))
+            return site.redirect(request, done(answer))
+    return await sellerPage(site, request, account, *refused, sent=sentForm(request, *sent))
+
+
+def textField(request, name):
+    """A form's text field, stripped (blank: None)."""
+    return (field(request, name) or "").strip() or None
+
+
+@Site.app.route("/seller/payout", methods=["POST"], endpoint="seller payout")
+@auth.loggedIn
+async def payout(site, request):
+    return await submit(
+        site, request, "payout",
+        lambda: {"amount": amountField(request, "amount"), "email": textField(request, "email")},
+        lambda answer: f"/seller?payout={answer['payout']}", ("amount", "email"))
 
 
 @Site.app.route("/seller/terms", methods=["POST"], endpoint="seller terms")
 @auth.loggedIn
 async def setTerms(site, request):
-    account = await site.account(request)
-    try:
-        arguments = {"price": amountField(request, "price", allowZero=True),
-                     "net_fee": amountField(request, "net_fee", allowZero=True),
-                     "country": (field(request, "country") or "").strip() or None}
-    except BadAmount as e:
-        refused = (400, str(e))
-    else:
-        _, refused = await refusalOf(api.call(site.market, account, "set_terms", arguments))
-        if refused is None:
-            return site.redirect(request, "/seller?terms=changed")
-    return await sellerPage(site, request, account, *refused,
-                            sent=sentForm(request, "price", "net_fee", "country"))
+    return await submit(
+        site, request, "set_terms",
+        lambda: {"price": amountField(request, "price", allowZero=True),
+                 "net_fee": amountField(request, "net_fee", allowZero=True),
+                 "country": textField(request, "country")},
+        lambda answer: "/seller?terms=changed", ("price", "net_fee", "country"))
