@@ -92,9 +92,9 @@ async def sellerPage(site, request, account, status=200, problem=None, sent=None
             "amount": "", "email": earnings.get("email", "")}
     form.update(sent or {})
     done = None
-    if field(request, "payout"):
-        done = f"Payout {field(request, 'payout')[:20]} requested."
-    elif field(request, "terms"):
+    if (field(request, "payout") or "").isdigit():
+        done = f"Payout {int(field(request, 'payout')[:19])} requested."
+    elif field(request, "terms") == "changed":
         done = "Your terms are changed; your sellers online offer them now."
     return await site.render(
         request, "seller.html", status=status, problem=problem, done=done, form=form,
