@@ -127,6 +127,11 @@ class SellerPageTests(SiteOrderCase):
             self.assertEqual(page.status, 400, cursor)
             self.assertIn('<p class="problem" id="message">before must be', page.text)
             self.assertNotIn("Traceback", page.text)
+        # What the address says was done is said only of a payout's number.
+        for query in ("payout=%C2%B2", "payout=%3Cb%3E", "payout=" + "9" * 40, "terms=x"):
+            page = await sam.get(f"/seller?{query}")
+            self.assertEqual(page.status, 200, query)
+            self.assertNotIn('id="done"', page.text, query)
 
     async def test_the_terms_form_changes_the_terms_as_set_terms(self):
         sam = await self.browserOf("sam")

@@ -12,6 +12,7 @@ message, shown on the page with the form as it was sent.
 """
 
 import datetime
+import re
 
 from markupsafe import Markup
 
@@ -92,8 +93,9 @@ async def sellerPage(site, request, account, status=200, problem=None, sent=None
             "amount": "", "email": earnings.get("email", "")}
     form.update(sent or {})
     done = None
-    if (field(request, "payout") or "").isdigit():
-        done = f"Payout {int(field(request, 'payout')[:19])} requested."
+    payoutId = field(request, "payout") or ""
+    if re.fullmatch(r"[0-9]{1,18}", payoutId):
+        done = f"Payout {int(payoutId)} requested."
     elif field(request, "terms") == "changed":
         done = "Your terms are changed; your sellers online offer them now."
     return await site.render(
