@@ -54,14 +54,14 @@ def jsonAnswer(request, status, answer):
 
 def jsonBody(request):
     """A POST's arguments: its body as a JSON object (an empty body: none)."""
-    kind = (request.getHeader(b"content-type") or "").split(";")[0].strip().lower()
+    kind = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
     request.content.seek(0)
     body = request.content.read(MAX_BODY + 1)
     if len(body) > MAX_BODY:
         raise BodyTooLarge(f"the arguments are at most {MAX_BODY} bytes of JSON")
     if not body.strip():
         return {}
-    if kind != "application/json":
+    if kind != b"application/json":
         raise BadRequest("send the arguments as a JSON object with Content-Type:"
                          " application/json")
     try:

@@ -10,10 +10,9 @@ market's health.  All through the admin API functions
 import urllib.parse
 
 from cpushare.money import formatAmount
-from cpushare.server.site import api, auth
-from cpushare.server.site.apiroutes import caller
+from cpushare.server.site import api, apiroutes, auth
 from cpushare.server.site.app import Site, field
-from cpushare.server.site.pages_seller import pageFrom, refusalOf, when
+from cpushare.server.site.pages import pageFrom, refusalOf, when
 
 # What each account action asks the operator to confirm, and says when done.
 ACTIONS = {
@@ -24,8 +23,9 @@ ACTIONS = {
 
 
 async def adminPage(site, request, status=200, problem=None):
-    market, account = site.market, await caller(site, request)
-    accounts, refused = await pageFrom(site, request, account, "admin_accounts", "after")
+    market, account = site.market, await apiroutes.caller(site, request)
+    accounts, refused = await pageFrom(market, account, "admin_accounts", "after",
+                                       field(request, "after"))
     if refused is not None:
         status, problem = refused
     done = None
@@ -63,7 +63,7 @@ async def accountAction(site, request, action):
     arguments = {"name": name or None}
     if action == "suspend" and reason:
         arguments["reason"] = reason
-    _, refused = await refusalOf(api.call(site.market, await caller(site, request),
+    _, refused = await refusalOf(api.call(site.market, await apiroutes.caller(site, request),
                                           function, arguments))
     if refused is not None:
         return await adminPage(site, request, *refused)

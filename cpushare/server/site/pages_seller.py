@@ -11,7 +11,6 @@ Everything is read and changed through the API functions
 message, shown on the page with the form as it was sent.
 """
 
-import datetime
 import re
 
 from markupsafe import Markup
@@ -20,20 +19,7 @@ from cpushare.money import BadAmount, formatAmount, parseAmount
 from cpushare.server.market.validation import validationOf
 from cpushare.server.site import api, auth, charts
 from cpushare.server.site.app import Site, field
-
-
-def when(value):
-    """A time as the pages show it: epoch seconds or ISO text as 'YYYY-MM-DD HH:MM UTC'."""
-    if value is None or value == "":
-        return ""
-    try:
-        if isinstance(value, (int, float)):
-            moment = datetime.datetime.fromtimestamp(value, datetime.timezone.utc)
-        else:
-            moment = datetime.datetime.fromisoformat(str(value))
-    except (ValueError, OverflowError, OSError):
-        return str(value)[:40]
-    return moment.strftime("%Y-%m-%d %H:%M UTC")
+from cpushare.server.site.pages import pageFrom, refusalOf, when
 
 
 def amountField(request, name, allowZero=False):
@@ -47,34 +33,11 @@ def amountField(request, name, allowZero=False):
         raise BadAmount(f"{name.replace('_', ' ')}: {e}") from None
 
 
-async def refusalOf(call):
-    """(answer, None) of an awaited API call, or (None, (status, message)) when refused."""
-    try:
-        return await call, None
-    except Exception as error:
-        status, answer = api.refusal(error)
-        if status == 500:
-            Site.log.failure("a page's API call failed")
-        return None, (status, answer["error"])
-
-
-async def pageFrom(site, request, account, function, cursor):
-    """
-    A page of the API list C{function} from the query's C{cursor} field:
-    (answer, None), or with a cursor it refuses, (the first page, (status, message)).
-    """
-    value = field(request, cursor)
-    answer, refused = await refusalOf(api.call(
-        site.market, account, function, {} if value is None else {cursor: value}))
-    if refused is not None:
-        answer = await api.call(site.market, account, function)
-    return answer, refused
-
-
 async def sellerPage(site, request, account, status=200, problem=None, sent=None):
     """The page; C{sent}: the fields of a refused form, shown again as they were."""
     market = site.market
-    leases, refused = await pageFrom(site, request, account, "seller_leases", "before")
+    leases, refused = await pageFrom(site.market, account, "seller_leases", "before",
+                                     field(request, "before"))
     if refused is not None:
         status, problem = refused
     earnings = await api.call(market, account, "earnings")
