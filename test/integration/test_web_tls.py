@@ -84,8 +84,11 @@ def webPort(market):
     return json.loads((market.data / "web.address").read_text())["port"]
 
 
-def scan(tmp_path, port, ca, checks):
-    """testssl's findings on the web port, by id, after asserting none is MEDIUM or worse."""
+def scan(tmp_path, port, ca, checks, path=""):
+    """
+    testssl's findings on the web port (its headers checks on the page at
+    C{path}), by id, after asserting none is MEDIUM or worse.
+    """
     testssl = shutil.which("testssl") or shutil.which("testssl.sh")
     if testssl is None:
         pytest.fail("this test needs Debian's testssl.sh: run tools/host-deps.sh as root "
@@ -95,7 +98,7 @@ def scan(tmp_path, port, ca, checks):
         [testssl, "--quiet", "--color", "0", "--warnings", "off", "--nodns", "none",
          "--ip", LOOPBACK, "--add-ca", str(ca), "--connect-timeout", "10",
          "--openssl-timeout", "10", "--jsonfile", str(report), *checks,
-         f"localhost:{port}"],
+         f"localhost:{port}{path}"],
         capture_output=True, text=True, timeout=SCAN_TIMEOUT, cwd=tmp_path)
     assert report.exists(), f"testssl wrote no report:\n{done.stdout[-3000:]}{done.stderr}"
     findings = json.loads(report.read_text())
@@ -167,8 +170,12 @@ def test_a_market_with_an_operators_certificate_passes_testssl(processes, tmp_pa
         "--web", f"tcp:0:interface={LOOPBACK}", "--web-cert", cert, "--web-key", key,
     ]).start()
     # The TLS settings are the defaults' (scanned above): here the
-    # certificate, the protocols and the headers.
-    byId = scan(tmp_path, webPort(market), ca, ["-p", "-S", "-h"])
+    # certificate, the protocols and the headers of the site's login page,
+    # which sets a cookie (the login form's CSRF token).
+    byId = scan(tmp_path, webPort(market), ca, ["-p", "-S", "-h"], path="/login")
+    assert byId["cookie_count"]["finding"].startswith('1 at "/login"'), byId["cookie_count"]
+    assert byId["cookie_secure"]["severity"] == "OK", byId["cookie_secure"]
+    assert byId["cookie_httponly"]["severity"] == "OK", byId["cookie_httponly"]
     served = pki.loadCertificate(cert.read_bytes())
     assert int(byId["cert_serialNumber"]["finding"], 16) == served.serial_number
     assert byId["cert_crlDistributionPoints"]["finding"] == f"http://{LOOPBACK}:9/web.crl"

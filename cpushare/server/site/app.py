@@ -7,7 +7,9 @@ the server's web port (L{cpushare.server.web}, which keeps /ca.crl and
     /login            log in with name and password (GET: the form; POST)
     /login/TOKEN      log in once with a link from `cpushare web`
     /logout           log out (GET: the button; POST)
-    /admin            the operator's pages (web administrators only)
+    /seller           the seller's page (pages_seller)
+    /admin            the operator's page (web administrators only; pages_admin)
+    /api/NAME         the JSON API (apiroutes; docs/api.md)
     /static/...       the style sheet and scripts: nothing loads from elsewhere
 
 Pages call the same market services as the control commands
@@ -60,7 +62,7 @@ MENU = [
 # The pages still to come: until then a logged-in browser is told so (and
 # one not logged in is sent to /login).  A page that arrives takes its
 # path out of this list.
-COMING = ["/seller"]
+COMING = []
 # Where a login may send the browser back to: a path of this site.
 _LOCAL_PATH = re.compile(r"/(?![/\\])[A-Za-z0-9/_.~%?=&+-]{0,500}\Z")
 
@@ -346,13 +348,6 @@ class Site:
         await auth.logOut(self, request)
         return self.redirect(request, "/login")
 
-    # -- the operator's pages
-
-    @app.route("/admin", methods=["GET"])
-    @auth.adminOnly
-    async def admin(self, request):
-        return await self.render(request, "admin.html")
-
     @app.route("/static/<name>", methods=["GET"])
     def staticFile(self, request, name):
         if name not in self.files:
@@ -390,6 +385,6 @@ def field(request, name):
         return None
 
 
-# The pages of their own modules (each registers its routes on Site.app).
-from cpushare.server.site import pages_vms  # noqa: E402,F401
-from cpushare.server.site import pages_buyer  # noqa: E402,F401
+# The pages of their own modules (they register their routes on Site.app).
+from cpushare.server.site import apiroutes, pages_admin, pages_seller  # noqa: E402,F401
+from cpushare.server.site import pages_buyer, pages_vms  # noqa: E402,F401
