@@ -173,7 +173,7 @@ def test_a_market_with_an_operators_certificate_passes_testssl(processes, tmp_pa
     # certificate, the protocols and the headers of the site's login page,
     # which sets a cookie (the login form's CSRF token).
     byId = scan(tmp_path, webPort(market), ca, ["-p", "-S", "-h"], path="/login")
-    assert byId["cookie_count"]["finding"].startswith('1 at "/login"'), byId["cookie_count"]
+    assert byId["cookie_count"]["finding"].startswith("1 at '/login'"), byId["cookie_count"]
     assert byId["cookie_secure"]["severity"] == "OK", byId["cookie_secure"]
     assert byId["cookie_httponly"]["severity"] == "OK", byId["cookie_httponly"]
     served = pki.loadCertificate(cert.read_bytes())
