@@ -18,8 +18,10 @@ from cpushare.server.site.app import Site
 
 from test.unit.test_site_seller import SiteOrderCase
 
-# Routes anybody may see: the login pages and the style sheet.
-PUBLIC = {"home", "loginForm", "login", "loginLink", "logoutForm", "logout", "staticFile"}
+# Routes anybody may see: the market's front page, the login pages and the
+# style sheet.
+PUBLIC = {"buyer GET /", "loginForm", "login", "loginLink", "logoutForm", "logout",
+          "staticFile"}
 # Routes a logged-in walk leaves alone: they would end its session.
 SESSION = {"login", "logout", "loginLink"}
 # The values a route's argument takes in the walk, by its name (a route
@@ -115,7 +117,7 @@ class WalkTests(SiteOrderCase):
         found = {(endpoint, method) for endpoint, method, _ in rules()}
         for route in [("seller", "GET"), ("seller payout", "POST"), ("admin", "GET"),
                       ("admin account action", "POST"), ("api", "GET"), ("api", "POST"),
-                      ("home", "GET"), ("login", "POST")]:
+                      ("buyer GET /", "GET"), ("login", "POST")]:
             self.assertIn(route, found)
 
     async def test_nobody_is_sent_to_log_in(self):
