@@ -655,6 +655,8 @@ class Orders:
     async def _fund(self, vm, seller, figures):
         billing = self.billing
         placed = self.reactor.seconds()
+        # Only an adaptive group's first lease needs its seller's count.
+        draws = self.verdicts.drawsFor(vm)
 
         def save(cursor):
             store.updateVM(cursor, vm.id, seller_account_id=vm.sellerAccountId,
@@ -663,7 +665,8 @@ class Orders:
                 cursor, vm.id, vm.order, vm.buyerId, vm.sellerAccountId, figures.name,
                 figures.price, figures.netFee, vm.cores, placed, billing.interval,
                 billing.window, self.verdicts.leaseFor(vm))
-            consecutive = validation.validationOf(cursor, vm.sellerAccountId).consecutive
+            consecutive = validation.validationOf(
+                cursor, vm.sellerAccountId).consecutive if draws else 0
             return leaseId, billing_.leaseNetLimit(cursor, leaseId, billing.interval), \
                 consecutive
 
@@ -679,7 +682,8 @@ class Orders:
         vm.leaseId = leaseId
         vm.netLimit = netLimit
         vm.lifeWatch = lambda: self._showedLife(vm)
-        self.verdicts.placed(vm, consecutive)
+        if draws:
+            self.verdicts.placed(vm, consecutive)
         buyer = self.buyerSession(vm.buyerId)
         if buyer is not None:
             self._linkBuyer(vm, buyer)

@@ -241,14 +241,20 @@ class Verdicts:
             return True
         return self.random.random() < 1.0 / consecutive
 
+    def drawsFor(self, vm):
+        """Whether C{vm}'s first lease draws its second run (its seller's count is needed)."""
+        group = self.groupOf(vm)
+        return group is not None and group.adaptive and not group.sampled and \
+            not group.decided
+
     def placed(self, vm, consecutive):
         """
         C{vm} got its first lease on a seller with C{consecutive} valid
         results: for an adaptive group, draw whether it runs a second time.
         """
-        group = self.groupOf(vm)
-        if group is None or not group.adaptive or group.sampled or group.decided:
+        if not self.drawsFor(vm):
             return
+        group = self.groupOf(vm)
         group.sampled = True
         again = self.draw(consecutive)
         self.log.info("VM {vm} (adaptive replication, seller with {n} consecutive valid"
