@@ -11,15 +11,15 @@ docs/screenshots/ for docs/buyer.md.
 """
 
 import re
-import subprocess
 
 import pytest
 from selenium.webdriver.common.by import By
 
 from test.browser.conftest import PAGE_TIMEOUT
-from test.integration.conftest import cpushare, executable, waitUntil
+from test.integration.conftest import cpushare, waitUntil
 from test.integration.test_funds import PayPalFake, startPaidMarket
-from test.vm.test_market_vms import BOOT_TIMEOUT, order, run, startBuyer, startSeller
+from test.vm.test_market_vms import (
+    BOOT_TIMEOUT, buildJobISO, order, run, startBuyer, startSeller)
 
 pytestmark = pytest.mark.slow
 
@@ -35,19 +35,6 @@ def paypal(processes, tmp_path):
 def webMarket(processes, tmp_path, paypal):
     """The market of this module takes payments (5% commission), through the fake."""
     return startPaidMarket(processes, tmp_path, paypal)
-
-
-def buildISO(folder):
-    files = folder / "files"
-    files.mkdir(parents=True)
-    (files / "start").write_text(JOB)
-    (files / "start").chmod(0o755)
-    iso = folder / "job.iso"
-    result = subprocess.run(
-        [executable("cpushare"), "image", "build", "-o", iso, "--add", files, "--no-ssh-key"],
-        capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result
-    return iso
 
 
 def text(browser, css):
@@ -68,7 +55,7 @@ def test_a_buyer_adds_funds_watches_its_vm_cancels_it_and_downloads_its_statemen
     sam = market.register(tmp_path / "sam", "sam")
     startSeller(processes, sam, cores=1, memory=512)
     startBuyer(processes, alice, None, "10.79.0.0")
-    iso = buildISO(tmp_path / "job")
+    iso = buildJobISO(tmp_path / "job", JOB, network=True)
 
     # Log in with the link `cpushare web` prints.
     done = cpushare(alice, "web", "--no-open")

@@ -30,11 +30,12 @@ def run(home, *args, timeout=60):
     return result
 
 
-def buildJobISO(folder, job):
-    """The reference livecd with no network and C{job} as its start script, in C{folder}."""
+def buildJobISO(folder, job, network=False):
+    """The reference livecd with C{job} as its start script (and no network), in C{folder}."""
     files = folder / "files"
-    files.mkdir()
-    (files / "no-network").write_text("")
+    files.mkdir(parents=True)
+    if not network:
+        (files / "no-network").write_text("")
     start = files / "start"
     start.write_text(job)
     start.chmod(0o755)
