@@ -230,6 +230,15 @@ class VerdictTests(OrderCase):
         # Its seller comes back with the VM, and reports its result.
         [session] = [s for s in market.sellers() if s.account.name == "de"]
         self.assertEqual(restarted.reattach(session, [b]), [b])
+        # A seller cannot report a result again because the market forgot it did.
+        [first] = [s for s in market.sellers() if s.account.name == "it"]
+        self.assertEqual(restarted.reattach(first, [a]), [a])
+        try:
+            yield defer.ensureDeferred(restarted.resultReady(first, a, WRONG, 3))
+        except commands.BadRequest as e:
+            self.assertIn("already reported", str(e))
+        else:
+            self.fail("a second result of one lease was taken after a restart")
         yield defer.ensureDeferred(restarted.resultReady(session, b, RIGHT, 3))
         yield self.sleep(1)
 
