@@ -108,6 +108,20 @@ class Browser:
         self.driver.get(url)
         return self.driver.title
 
+    def logInWithLink(self, link, name):
+        """
+        Open a `cpushare web` link, check that its page names the account
+        C{name}, and press its button: the browser is then on the market.
+        """
+        from selenium.webdriver.common.by import By
+
+        self.open(link)
+        shown = self.driver.find_element(By.ID, "link-account").text
+        assert shown == f"This link logs this browser in as {name}.", shown
+        self.driver.find_element(By.ID, "login-link").click()
+        who = self.driver.find_elements(By.CSS_SELECTOR, "header .who")
+        assert who and who[0].text == name, self.driver.page_source[:2000]
+
     def requested(self):
         """Every URL the browser asked for since the last call, in order."""
         urls = []

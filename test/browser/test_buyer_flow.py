@@ -3,14 +3,16 @@ A buyer's day in a real browser: the real cpushare-server with its web
 port and PayPal set up (pointed at the PayPal fake), a real seller booting
 one real QEMU VM (TCG), the buyer program giving it an address, and
 headless Chromium.  The buyer logs in with the link `cpushare web` prints,
-adds funds through the PayPal fake's approval page, places an order (with
-the CLI: the order form is tested on its own), watches the VM run with its
-address on /vms, reads its console, cancels the order, finds the charge in
-its statement and downloads it as CSV.  Each step leaves a screenshot in
+adds funds through the PayPal fake's approval page, screens the sellers on
+the market page, uploads its livecd on the images page, reviews and places
+an order with the order form, watches the VM run with its address on /vms,
+reads its console, cancels the order, finds the charge in its statement and
+downloads it as CSV.  Each step leaves a screenshot in
 docs/screenshots/ for docs/buyer.md.
 """
 
 import re
+from hashlib import sha256
 
 import pytest
 from selenium.webdriver.common.by import By
@@ -18,8 +20,7 @@ from selenium.webdriver.common.by import By
 from test.browser.conftest import PAGE_TIMEOUT
 from test.integration.conftest import cpushare, waitUntil
 from test.integration.test_funds import PayPalFake, startPaidMarket
-from test.vm.test_market_vms import (
-    BOOT_TIMEOUT, buildJobISO, order, run, startBuyer, startSeller)
+from test.vm.test_market_vms import BOOT_TIMEOUT, buildJobISO, startBuyer, startSeller
 
 pytestmark = pytest.mark.slow
 
@@ -57,14 +58,13 @@ def test_a_buyer_adds_funds_watches_its_vm_cancels_it_and_downloads_its_statemen
     startBuyer(processes, alice, None, "10.79.0.0")
     iso = buildJobISO(tmp_path / "job", JOB, network=True)
 
-    # Log in with the link `cpushare web` prints.
+    # Log in with the link `cpushare web` prints: its page, then its button.
     done = cpushare(alice, "web", "--no-open")
     assert done.status == 0, done
     [link] = re.findall(r"https://\S+", done.stdout)
     browser.requested()
-    browser.open(link)
+    browser.logInWithLink(link, "alice")
     assert browser.current_url == market.webUrl + "/"
-    assert "alice" in text(browser, "header .who")
 
     # Add funds: the form, PayPal's approval page (the fake approves), back.
     browser.open("/funds")
@@ -82,9 +82,55 @@ def test_a_buyer_adds_funds_watches_its_vm_cancels_it_and_downloads_its_statemen
     [payment] = paypal.state()["payments"]
     assert payment["state"] == "approved"
 
-    # The order (the CLI's: the order form has tests of its own).
-    run(alice, "image", "upload", iso, timeout=300)
-    [vm] = order(alice, iso, cores=1, memory=256)
+    # The market: sam is online; a price screen excludes it, with the reason.
+    browser.open("/")
+    sellers = [row.text for row in browser.find_elements(By.CSS_SELECTOR, "table.sellers tbody tr")]
+    assert len(sellers) == 1 and sellers[0].startswith("sam "), sellers
+    browser.find_element(By.NAME, "max_price").send_keys("0.000001")
+    browser.find_element(By.NAME, "explain").click()
+    browser.find_element(By.CSS_SELECTOR, "form.filters button").click()
+    waitUntil(lambda: browser.find_elements(By.CSS_SELECTOR, "tr.excluded"),
+              "sam listed as excluded", PAGE_TIMEOUT, processes, 0.5)
+    assert "0 of the sellers online pass these screens" in text(browser, "#summary")
+    excluded = text(browser, "tr.excluded td:last-child")
+    assert "price" in excluded, excluded
+    browser.screenshot("buyer-market")
+
+    # The livecd, uploaded on the images page (its script shows the progress).
+    browser.open("/images")
+    assert "You have no images yet." in browser.page_source
+    browser.find_element(By.NAME, "name").send_keys("browser job")
+    browser.find_element(By.NAME, "image").send_keys(str(iso))
+    browser.find_element(By.CSS_SELECTOR, "form.upload button").click()
+    waitUntil(lambda: "is stored" in (browser.find_elements(By.ID, "message") or [None])[0].text
+              if browser.find_elements(By.ID, "message") else False,
+              "the stored message on /images", 300, processes, 1.0)
+    [row] = browser.find_elements(By.CSS_SELECTOR, "table.images tbody tr")
+    cells = [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+    assert cells[0] == "browser job" and cells[1] == str(iso.stat().st_size), cells
+    assert cells[2] == sha256(iso.read_bytes()).hexdigest(), cells
+    browser.screenshot("buyer-images")
+
+    # The order form, from the image's Order link: review, then place.
+    row.find_element(By.LINK_TEXT, "Order").click()
+    for name, value in (("vms", "1"), ("cores", "1"), ("memory", "256")):
+        field = browser.find_element(By.NAME, name)
+        field.clear()
+        field.send_keys(value)
+    browser.find_element(By.CSS_SELECTOR, 'button[name="review"]').click()
+    waitUntil(lambda: browser.find_elements(By.ID, "review"), "the order's review",
+              PAGE_TIMEOUT, processes, 0.5)
+    review = text(browser, "#review")
+    assert "1 of 1 VMs would be placed on sellers now" in review, review
+    assert text(browser, "table.plan tbody tr td:nth-child(2)") == "sam"
+    assert float(text(browser, "#hold")) > 0, review
+    browser.screenshot("buyer-order")
+    browser.find_element(By.ID, "place").click()
+    waitUntil(lambda: browser.current_url.startswith(market.webUrl + "/vms?done=placed-"),
+              "/vms after placing", PAGE_TIMEOUT, processes, 0.5)
+    assert "is placed" in text(browser, "#message")
+    [vm] = [int(row.get_attribute("data-vm"))
+            for row in browser.find_elements(By.CSS_SELECTOR, "tr[data-vm]")]
 
     # The VM runs and gets its address, on /vms.
     def addressed():

@@ -47,7 +47,7 @@ def test_a_seller_changes_its_terms_and_an_operator_suspends_an_account(
     webMarket.register(tmp_path / "bob", "bob", funds=None)
     assert webMarket.admin("web-admin", "sam").status == 0
     browser.requested()
-    browser.open(loginLink(webMarket, sam))
+    browser.logInWithLink(loginLink(webMarket, sam), "sam")
     browser.get_log("browser")
 
     assert browser.open("/seller").startswith("Selling")

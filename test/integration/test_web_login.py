@@ -63,7 +63,11 @@ def test_the_cli_sets_a_password_and_opens_a_one_time_link(processes, tmp_path):
 
     https = HTTPS(market)
     path = urllib.parse.urlsplit(link).path
-    status, headers, _ = https.request("GET", path)
+    # The link's page names the account; its button logs in.
+    status, headers, page = https.request("GET", path)
+    assert status == 200 and "logs this browser in as <strong>alice</strong>" in page, page
+    token = re.search(r'name="csrf" value="([^"]+)"', page).group(1)
+    status, headers, _ = https.request("POST", path, {"csrf": token})
     assert (status, headers["Location"]) == (303, "/"), headers
     status, headers, page = https.request("GET", "/")
     assert status == 200 and "alice" in page, page

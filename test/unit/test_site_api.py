@@ -462,3 +462,28 @@ def test_a_vms_cost_leaves_out_rejected_charges_and_other_buyers_vms(conn):
         [(theirs, 999), (mine, 50), (mine, 200), (mine, 300)]
     assert store.transact(conn, leases.sellerLeases, alice) == []
     assert [a["name"] for a in store.transact(conn, store.listAccounts, alice, 1)] == ["bob"]
+
+
+def test_the_lease_a_vm_page_rates_is_each_vms_newest_and_only_the_buyers(conn):
+    """
+    The VMs page shows a rating button for each VM on it, however many
+    newer leases the buyer has: the newest lease of each VM asked for, never
+    one of another buyer's VMs.
+    """
+    from cpushare.server.db import leases
+
+    alice, bob, sam = (store.transact(conn, store.createAccount, n, n.ljust(64, "0"))
+                       for n in ("alice", "bob", "sam"))
+    mine = _vm(conn, alice, sam, [(300, None), (200, None)])
+    others = [_vm(conn, alice, sam, [(1, None)]) for _ in range(3)]
+    theirs = _vm(conn, bob, sam, [(999, None)])
+    newest = store.transact(conn, leases.accountLeases, alice)
+    shown = store.transact(conn, leases.vmLastLeases, alice, [mine, theirs])
+    assert shown == {mine: {"lease": max(e["lease"] for e in newest if e["vm"] == mine),
+                            "rating": None}}
+    assert newest[0]["vm"] == others[-1]  # newer leases than mine's exist
+    store.transact(conn, lambda c: c.execute(
+        "INSERT INTO ratings (lease_id, buyer_account_id, seller_account_id, good, created)"
+        " VALUES (?, ?, ?, 0, 'now')", (shown[mine]["lease"], alice, sam)))
+    assert store.transact(conn, leases.vmLastLeases, alice, [mine])[mine]["rating"] == "bad"
+    assert store.transact(conn, leases.vmLastLeases, alice, []) == {}

@@ -116,18 +116,28 @@ class SessionTests(SiteCase):
 
 class LinkTests(SiteCase):
 
+    async def useLink(self, browser, path):
+        """Open a login link's page, then press its button: the answer to the POST."""
+        page = await browser.get(path)
+        self.assertEqual(page.status, 200, page)
+        return await browser.post(path, {"csrf": page.csrf()})
+
     async def test_a_login_link_logs_in_once(self):
         alice = await self.account("alice")
         url = await self.market.weblogins.loginLink(alice)
         self.assertTrue(url.startswith(PUBLIC_URL + "/login/"), url)
         path = url[len(PUBLIC_URL):]
         browser = self.browser()
-        page = await browser.get(path)
+        page = await self.useLink(browser, path)
         self.assertEqual((page.status, page.location), (303, "/"))
         self.assertIn("alice", (await browser.get("/")).text)
         # Replayed, by the same browser or by whoever saw the link.
         for replay in (self.browser(), browser):
             page = await replay.get(path)
+            self.assertEqual(page.status, 403)
+            self.assertIn("used, expired or unknown", page.text)
+            token = (await replay.get("/login")).csrf() or (await replay.get("/logout")).csrf()
+            page = await replay.post(path, {"csrf": token})
             self.assertEqual(page.status, 403)
             self.assertIn("used, expired or unknown", page.text)
         # Only the token's SHA-256 is stored.
@@ -136,12 +146,57 @@ class LinkTests(SiteCase):
             lambda c: c.execute("SELECT * FROM web_login_tokens").fetchall())
         self.assertNotIn(token, repr(rows))
 
+    async def test_opening_a_login_link_names_its_account_and_logs_nobody_in(self):
+        """
+        Login CSRF: a link mallory sends alice does not log alice's browser
+        in to mallory's account when she opens it, nor when a page of
+        mallory's posts to it; the link's page names mallory, and opening it
+        (a link preview, a scanner) does not spend it.
+        """
+        mallory = await self.account("mallory")
+        path = (await self.market.weblogins.loginLink(mallory))[len(PUBLIC_URL):]
+        alice = self.browser()
+        for _ in range(2):
+            page = await alice.get(path)
+            self.assertEqual(page.status, 200)
+            self.assertIn("logs this browser in as <strong>mallory</strong>", page.text)
+            self.assertNotIn("__Host-cpushare-session", alice.cookies)
+            self.assertEqual((await alice.get("/vms")).status, 303)
+        # A form on another site posts without the browser's CSRF token.
+        for fields in ({}, {"csrf": "guessed"}):
+            page = await alice.post(path, fields)
+            self.assertEqual(page.status, 403, page)
+            self.assertNotIn("__Host-cpushare-session", alice.cookies)
+        # The link still works for whoever presses its button.
+        page = await self.useLink(self.browser(), path)
+        self.assertEqual((page.status, page.location), (303, "/"))
+
+    async def test_a_login_link_as_another_account_ends_the_session_it_replaces(self):
+        alice = await self.account("alice")
+        bob = await self.account("bob")
+        browser = self.browser()
+        await self.useLink(browser, (await self.market.weblogins.loginLink(alice))[
+            len(PUBLIC_URL):])
+        aliceCookie = browser.cookies["__Host-cpushare-session"]
+        path = (await self.market.weblogins.loginLink(bob))[len(PUBLIC_URL):]
+        page = await browser.get(path)
+        self.assertIn("This browser is logged in as alice now", page.text)
+        page = await browser.post(path, {"csrf": page.csrf()})
+        self.assertEqual(page.status, 303)
+        self.assertIn("bob", (await browser.get("/vms")).text)
+        # alice's old session cookie no longer logs anybody in.
+        stale = self.browser()
+        stale.cookies["__Host-cpushare-session"] = aliceCookie
+        self.assertEqual((await stale.get("/vms")).status, 303)
+
     async def test_a_login_link_expires_after_five_minutes(self):
         alice = await self.account("alice")
         url = await self.market.weblogins.loginLink(alice)
-        self.reactor.advance(weblogin.LINK_LIFETIME + 1)
         browser = self.browser()
         page = await browser.get(url[len(PUBLIC_URL):])
+        self.reactor.advance(weblogin.LINK_LIFETIME + 1)
+        self.assertEqual((await browser.get(url[len(PUBLIC_URL):])).status, 403)
+        page = await browser.post(url[len(PUBLIC_URL):], {"csrf": page.csrf()})
         self.assertEqual(page.status, 403)
         self.assertNotIn("__Host-cpushare-session", browser.cookies)
 
@@ -158,7 +213,7 @@ class LinkTests(SiteCase):
         count = await self.store.run(
             lambda c: c.execute("SELECT COUNT(*) FROM web_login_tokens").fetchone()[0])
         self.assertEqual(count, weblogin.LINKS_PER_ACCOUNT)
-        page = await self.browser().get(urls[-1][len(PUBLIC_URL):])
+        page = await self.useLink(self.browser(), urls[-1][len(PUBLIC_URL):])
         self.assertEqual(page.status, 303)
 
 
@@ -320,7 +375,9 @@ class CommandTests(SiteCase):
         self.assertEqual(page.status, 303, page)
         answer = await session.control.callRemote(commands.WebLoginLink)
         self.assertTrue(answer["url"].startswith(PUBLIC_URL + "/login/"))
-        page = await self.browser().get(answer["url"][len(PUBLIC_URL):])
+        browser = self.browser()
+        path = answer["url"][len(PUBLIC_URL):]
+        page = await browser.post(path, {"csrf": (await browser.get(path)).csrf()})
         self.assertEqual(page.status, 303)
         self.assertNotIn(PASSWORD, repr(await self.store.run(
             lambda c: c.execute("SELECT * FROM web_passwords").fetchall())))

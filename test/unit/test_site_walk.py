@@ -20,7 +20,8 @@ from test.unit.test_site_seller import SiteOrderCase
 
 # Routes anybody may see: the market's front page, the login pages and the
 # style sheet.
-PUBLIC = {"buyer GET /", "loginForm", "login", "loginLink", "logoutForm", "logout",
+PUBLIC = {"buyer GET /", "loginForm", "login", "loginLinkForm", "loginLink", "logoutForm",
+          "logout",
           "staticFile"}
 # Routes a logged-in walk leaves alone: they would end its session.
 SESSION = {"login", "logout", "loginLink"}

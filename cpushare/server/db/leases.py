@@ -255,6 +255,24 @@ def sellerLeases(cursor, sellerId, before=None, limit=1000):
     return [_listed(SELLER_LEASE_KEYS, row) for row in cursor.fetchall()]
 
 
+def vmLastLeases(cursor, buyerId, vmIds):
+    """
+    {vm id: {"lease": id, "rating": "good", "bad" or None}}: the newest
+    lease of each of C{vmIds} that is a VM of the buyer C{buyerId}, the one
+    its buyer rates.
+    """
+    vmIds = list(vmIds)
+    if not vmIds:
+        return {}
+    cursor.execute(
+        "SELECT l.vm_id, l.id, r.good FROM leases l LEFT JOIN ratings r ON r.lease_id = l.id"
+        " WHERE l.id IN (SELECT MAX(id) FROM leases WHERE buyer_account_id = ? AND vm_id IN ("
+        + ", ".join("?" * len(vmIds)) + ") GROUP BY vm_id)",
+        [buyerId] + vmIds)
+    return {vmId: {"lease": lease, "rating": None if good is None else (
+        "good" if good else "bad")} for vmId, lease, good in cursor.fetchall()}
+
+
 def vmCharges(cursor, buyerId, vmIds):
     """
     {vm id: what its leases charged the buyer C{buyerId}} for those of

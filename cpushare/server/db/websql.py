@@ -62,6 +62,17 @@ def addLoginToken(cursor, accountId, tokenHash, expires, now, perAccount):
                    (tokenHash, accountId, expires))
 
 
+def loginTokenAccount(cursor, tokenHash, now):
+    """The name of the live account a login token is for, or None; the token stays unused."""
+    cursor.execute(
+        "SELECT a.name, t.expires FROM web_login_tokens t"
+        f" JOIN accounts a ON a.id = t.account_id WHERE t.id = ? AND {_LIVE}", (tokenHash,))
+    row = cursor.fetchone()
+    if row is None or row[1] <= now:
+        return None
+    return row[0]
+
+
 def useLoginToken(cursor, tokenHash, now):
     """The live account id a login token is for, or None; a token is used once."""
     cursor.execute(

@@ -1261,6 +1261,13 @@ class Orders:
 
         return d.addCallback(page)
 
+    def lastLeases(self, account, vmIds):
+        """
+        Fires with {vm id: {"lease", "rating"}}: the newest lease of each of
+        C{account}'s VMs among C{vmIds}, the one its buyer rates.
+        """
+        return self.db.run(leasesql.vmLastLeases, account.id, vmIds)
+
     def costs(self, account, vmIds):
         """Fires with {vm id: what its leases charged C{account}} for those of its VMs."""
         return self.db.run(leasesql.vmCharges, account.id, vmIds)

@@ -131,6 +131,13 @@ class WebLogins:
             self._decoy = self.hasher.hash(secrets.token_urlsafe(16))
         self._verify(self._decoy, password)
 
+    async def loginLinkAccount(self, token):
+        """The name of the live account a login link is for, or None; the link stays unused."""
+        if not wellFormed(token):
+            return None
+        return await self.store.run(websql.loginTokenAccount, digest(token),
+                                    self.reactor.seconds())
+
     async def useLoginLink(self, token):
         """The id of the live account a login link's token is for, or None; once only."""
         if not wellFormed(token):

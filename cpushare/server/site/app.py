@@ -5,7 +5,7 @@ the server's web port (L{cpushare.server.web}, which keeps /ca.crl and
 
     /                 the market (L{pages_buyer}: also /images, /orders/new, /orders)
     /login            log in with name and password (GET: the form; POST)
-    /login/TOKEN      log in once with a link from `cpushare web`
+    /login/TOKEN      a link from `cpushare web`: GET names the account, POST logs in once
     /logout           log out (GET: the button; POST)
     /seller           the seller's page (pages_seller)
     /admin            the operator's page (web administrators only; pages_admin)
@@ -328,15 +328,34 @@ class Site:
         return await self.render(request, "login.html", status=status, next=back,
                                  name=name[:64], problem=problem)
 
+    def spentLink(self, request):
+        return self.render(
+            request, "login.html", status=403, next="/", name="",
+            problem="this login link is used, expired or unknown: `cpushare web` prints a new one")
+
     @app.route("/login/<token>", methods=["GET"])
+    async def loginLinkForm(self, request, token):
+        """
+        The page of a login link: it names the account and asks to log in.
+        Opening a link logs nobody in, so a link somebody else sent cannot
+        log a browser into their account unseen (login CSRF), and a link
+        fetched by a preview or a scanner is not spent.
+        """
+        name = await self.logins.loginLinkAccount(token)
+        if name is None:
+            return await self.spentLink(request)
+        current = await self.account(request)
+        return await self.render(request, "login_link.html", token=token, linkName=name,
+                                 current=current.name if current else None)
+
+    @app.route("/login/<token>", methods=["POST"])
     async def loginLink(self, request, token):
         accountId = await self.logins.useLoginLink(token)
         if accountId is None:
-            return await self.render(
-                request, "login.html", status=403, next="/", name="",
-                problem="this login link is used, expired or unknown: `cpushare web` "
-                "prints a new one")
+            return await self.spentLink(request)
         await auth.logIn(self, request, accountId)
+        self.log.info("account {id} logged in to the web site with a login link from "
+                      "{address}", id=accountId, address=self.clientAddress(request))
         return self.redirect(request, "/")
 
     @app.route("/logout", methods=["GET"])

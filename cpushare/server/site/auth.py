@@ -133,7 +133,13 @@ def _setCookie(site, request, name, value, maxAge):
 
 
 async def logIn(site, request, accountId):
-    """Start a session for the account in this browser (a new secret each time)."""
+    """
+    Start a session for the account in this browser (a new secret each
+    time); the session the browser had, if any, ends.
+    """
+    old = _cookie(request, site.cookies[0])
+    if old is not None:
+        await site.logins.endSession(old)
     secret = await site.logins.startSession(accountId)
     # A cookie of the browser's session: the market ends it after 12 idle hours.
     _setCookie(site, request, site.cookies[0], secret, None)

@@ -93,10 +93,8 @@ async def _vmsPage(site, request, account, status=200, problem=None):
     except CPUShareError as e:
         status, problem = _problem(e)
         listed = {"vms": [], "more": False}
-    # The newest lease of each VM, for its rating buttons.
-    leases = {}
-    for lease in (await api.call(market, account, "leases"))["leases"]:
-        leases.setdefault(lease["vm"], lease)
+    # The newest lease of each VM on this page, for its rating buttons.
+    leases = await market.orders.lastLeases(account, [vm["vm"] for vm in listed["vms"]])
     rows = []
     for vm in listed["vms"]:
         lease = leases.get(vm["vm"])
