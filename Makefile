@@ -29,10 +29,15 @@ demo: $(STAMP)
 	$(PY) -m cpushare.client.demo
 
 # The Debian packages are checked again on every run: the browser and VM
-# tests fail, never skip, without theirs.
+# tests fail, never skip, without theirs.  TEST_WORKERS processes run the
+# tests (pytest-xdist): the VM and browser tests one after the other in one
+# of them, the rest beside them (test/conftest.py); TEST_WORKERS=0 runs all
+# in this process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
 	bash tools/host-deps.sh
-	$(PY) -m pytest test --durations=30 $(PYTEST_ARGS)
+	$(PY) -m pytest test -n $(TEST_WORKERS) --dist loadgroup --durations=30 $(PYTEST_ARGS)
 
 check: $(STAMP)
 	CPUSHARE_FUZZ=$(CHECK_FUZZ) $(PY) -m pytest test/unit test/test_architecture.py \

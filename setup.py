@@ -32,7 +32,8 @@ setup(
         "argon2-cffi>=23.1",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6.100", "import-linter>=2.0", "selenium>=4.11"],
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "hypothesis>=6.100", "import-linter>=2.0",
+                 "selenium>=4.11"],
     },
     entry_points={
         "console_scripts": [

@@ -16,20 +16,32 @@ from cpushare.server.db.database import PostgreSQL, SQLite
 from . import postgres as _postgres
 
 
-_VM_TESTS = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "vm") + _os.sep
+_HERE = _os.path.dirname(_os.path.abspath(__file__))
+_VM_TESTS = _os.path.join(_HERE, "vm") + _os.sep
+_BROWSER_TESTS = _os.path.join(_HERE, "browser") + _os.sep
 
 
 def pytest_collection_modifyitems(config, items):
     """
     Tests that boot QEMU (test/vm), need PostgreSQL (a server of their own)
     or a browser (headless Chromium) are slow; `make check` leaves them out.
+
+    When the tests run in several processes (`make test` runs two, with
+    pytest-xdist), the tests that boot QEMU or drive the browser all run in
+    one of them, one after the other: at most two VMs run at once, and the
+    browser tests' screenshots are not written twice at the same time.  The
+    other process runs everything else beside them.
     """
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         fixtures = getattr(item, "fixturenames", ())
+        path = str(item.path)
+        heavy = path.startswith((_VM_TESTS, _BROWSER_TESTS))
         if "postgres" in fixtures or "postgresql" in params.values() \
-                or "browser" in fixtures or str(item.path).startswith(_VM_TESTS):
+                or "browser" in fixtures or heavy:
             item.add_marker(pytest.mark.slow)
+        if heavy:
+            item.add_marker(pytest.mark.xdist_group("vm"))
 
 
 @pytest.fixture(scope="session")

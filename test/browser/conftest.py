@@ -108,6 +108,32 @@ class Browser:
         self.driver.get(url)
         return self.driver.title
 
+    def follow(self, element):
+        """
+        Click C{element} (a link or a form's button) and wait until the
+        browser has left the page it was on: a click returns before the
+        next page loads.
+        """
+        from selenium.common.exceptions import WebDriverException
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        page = self.driver.find_element(By.TAG_NAME, "html")
+        element.click()
+
+        def left(driver):
+            try:
+                page.tag_name
+            except WebDriverException as e:
+                # Stale, or Chromium's "Node ... does not belong to the
+                # document": the old page is gone either way.
+                return "stale" in str(e) or "does not belong to the document" in str(e)
+            return False
+
+        WebDriverWait(self.driver, PAGE_TIMEOUT).until(left)
+        WebDriverWait(self.driver, PAGE_TIMEOUT).until(
+            lambda driver: driver.execute_script("return document.readyState") == "complete")
+
     def logInWithLink(self, link, name):
         """
         Open a `cpushare web` link, check that its page names the account
@@ -118,7 +144,7 @@ class Browser:
         self.open(link)
         shown = self.driver.find_element(By.ID, "link-account").text
         assert shown == f"This link logs this browser in as {name}.", shown
-        self.driver.find_element(By.ID, "login-link").click()
+        self.follow(self.driver.find_element(By.ID, "login-link"))
         who = self.driver.find_elements(By.CSS_SELECTOR, "header .who")
         assert who and who[0].text == name, self.driver.page_source[:2000]
 

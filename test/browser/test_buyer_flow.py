@@ -88,7 +88,7 @@ def test_a_buyer_adds_funds_watches_its_vm_cancels_it_and_downloads_its_statemen
     assert len(sellers) == 1 and sellers[0].startswith("sam "), sellers
     browser.find_element(By.NAME, "max_price").send_keys("0.000001")
     browser.find_element(By.NAME, "explain").click()
-    browser.find_element(By.CSS_SELECTOR, "form.filters button").click()
+    browser.follow(browser.find_element(By.CSS_SELECTOR, "form.filters button"))
     waitUntil(lambda: browser.find_elements(By.CSS_SELECTOR, "tr.excluded"),
               "sam listed as excluded", PAGE_TIMEOUT, processes, 0.5)
     assert "0 of the sellers online pass these screens" in text(browser, "#summary")
@@ -102,9 +102,10 @@ def test_a_buyer_adds_funds_watches_its_vm_cancels_it_and_downloads_its_statemen
     browser.find_element(By.NAME, "name").send_keys("browser job")
     browser.find_element(By.NAME, "image").send_keys(str(iso))
     browser.find_element(By.CSS_SELECTOR, "form.upload button").click()
-    waitUntil(lambda: "is stored" in (browser.find_elements(By.ID, "message") or [None])[0].text
-              if browser.find_elements(By.ID, "message") else False,
-              "the stored message on /images", 300, processes, 1.0)
+    def stored():
+        return any("is stored" in shown.text for shown in browser.find_elements(By.ID, "message"))
+
+    waitUntil(stored, "the stored message on /images", 300, processes, 1.0)
     [row] = browser.find_elements(By.CSS_SELECTOR, "table.images tbody tr")
     cells = [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
     assert cells[0] == "browser job" and cells[1] == str(iso.stat().st_size), cells
@@ -112,12 +113,12 @@ def test_a_buyer_adds_funds_watches_its_vm_cancels_it_and_downloads_its_statemen
     browser.screenshot("buyer-images")
 
     # The order form, from the image's Order link: review, then place.
-    row.find_element(By.LINK_TEXT, "Order").click()
+    browser.follow(row.find_element(By.LINK_TEXT, "Order"))
     for name, value in (("vms", "1"), ("cores", "1"), ("memory", "256")):
         field = browser.find_element(By.NAME, name)
         field.clear()
         field.send_keys(value)
-    browser.find_element(By.CSS_SELECTOR, 'button[name="review"]').click()
+    browser.follow(browser.find_element(By.CSS_SELECTOR, 'button[name="review"]'))
     waitUntil(lambda: browser.find_elements(By.ID, "review"), "the order's review",
               PAGE_TIMEOUT, processes, 0.5)
     review = text(browser, "#review")
@@ -125,7 +126,7 @@ def test_a_buyer_adds_funds_watches_its_vm_cancels_it_and_downloads_its_statemen
     assert text(browser, "table.plan tbody tr td:nth-child(2)") == "sam"
     assert float(text(browser, "#hold")) > 0, review
     browser.screenshot("buyer-order")
-    browser.find_element(By.ID, "place").click()
+    browser.follow(browser.find_element(By.ID, "place"))
     waitUntil(lambda: browser.current_url.startswith(market.webUrl + "/vms?done=placed-"),
               "/vms after placing", PAGE_TIMEOUT, processes, 0.5)
     assert "is placed" in text(browser, "#message")
@@ -146,7 +147,7 @@ def test_a_buyer_adds_funds_watches_its_vm_cancels_it_and_downloads_its_statemen
     browser.screenshot("buyer-vms")
 
     # Its console, from the page's link.
-    browser.find_element(By.CSS_SELECTOR, f'a[href="/vms/{vm}/console"]').click()
+    browser.follow(browser.find_element(By.CSS_SELECTOR, f'a[href="/vms/{vm}/console"]'))
     waitUntil(lambda: "hello from the browser test" in text(browser, "#console")
               or browser.refresh(), "the job's line on the console page", BOOT_TIMEOUT,
               processes, 2.0)
@@ -157,7 +158,7 @@ def test_a_buyer_adds_funds_watches_its_vm_cancels_it_and_downloads_its_statemen
     order_ = browser.find_element(By.CSS_SELECTOR, 'ul.orders a').get_attribute("href")
     browser.open(order_)
     browser.screenshot("buyer-cancel")
-    browser.find_element(By.CSS_SELECTOR, "main form button").click()
+    browser.follow(browser.find_element(By.CSS_SELECTOR, "main form button"))
     waitUntil(lambda: "is cancelled" in text(browser, "#message"), "the cancelled message",
               PAGE_TIMEOUT, processes, 0.5)
     assert vmRow(browser, vm)["reason"] == "the order was cancelled"

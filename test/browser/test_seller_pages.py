@@ -30,7 +30,7 @@ def submit(browser, action, **fields):
         box = form.find_element("name", name)
         box.clear()
         box.send_keys(value)
-    form.find_element("css selector", "button[type=submit]").click()
+    browser.follow(form.find_element("css selector", "button[type=submit]"))
     return browser.title
 
 
@@ -66,9 +66,9 @@ def test_a_seller_changes_its_terms_and_an_operator_suspends_an_account(
     browser.screenshot("admin")
     row = browser.find_element("xpath", "//tr[td[text()='bob']]")
     row.find_element("name", "reason").send_keys("testing the page")
-    row.find_element("css selector", "button[type=submit]").click()
+    browser.follow(row.find_element("css selector", "button[type=submit]"))
     assert "Suspend the account bob?" in browser.find_element("id", "confirm").text
-    browser.find_element("css selector", 'form[action="/admin/suspend"] button').click()
+    browser.follow(browser.find_element("css selector", 'form[action="/admin/suspend"] button'))
     assert "bob is suspended" in browser.find_element("id", "done").text
     accounts = webMarket.admin("accounts")
     assert re.search(r"bob.*suspended", accounts.stdout), accounts

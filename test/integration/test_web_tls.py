@@ -84,16 +84,33 @@ def webPort(market):
     return json.loads((market.data / "web.address").read_text())["port"]
 
 
+CONNECT_PROBLEM = "check failed because of connect problem"
+
+
 def scan(tmp_path, port, ca, checks, path=""):
     """
     testssl's findings on the web port (its headers checks on the page at
     C{path}), by id, after asserting none is MEDIUM or worse.
+
+    A check that testssl could not finish because one of its many
+    connections timed out (a busy two-core machine) says so instead of a
+    finding; the scan then runs once more, and a second such answer fails.
     """
+    byId = _scan(tmp_path, port, ca, checks, path)
+    if any(f["finding"] == CONNECT_PROBLEM for f in byId.values()):
+        byId = _scan(tmp_path, port, ca, checks, path)
+    failed = [i for i, f in byId.items() if f["finding"] == CONNECT_PROBLEM]
+    assert failed == [], f"testssl could not connect for {failed}"
+    return byId
+
+
+def _scan(tmp_path, port, ca, checks, path):
     testssl = shutil.which("testssl") or shutil.which("testssl.sh")
     if testssl is None:
         pytest.fail("this test needs Debian's testssl.sh: run tools/host-deps.sh as root "
                     "(or apt-get install testssl.sh)")
     report = tmp_path / "testssl.json"
+    report.unlink(missing_ok=True)      # testssl will not write over a report
     done = subprocess.run(
         [testssl, "--quiet", "--color", "0", "--warnings", "off", "--nodns", "none",
          "--ip", LOOPBACK, "--add-ca", str(ca), "--connect-timeout", "10",
