@@ -473,7 +473,7 @@ class Policy:
             if event["digest"] not in allowed:
                 raise EvidenceError("policy", f"{_NAMES[kind]} {event['digest'][:16]}... ({event['what']}) "
                                               "is not allowed by the operator's policy")
-        for kind in ("client", "qemu"):
+        for kind, thing in (("client", "client"), ("qemu", "QEMU binary")):
             if not any(e["kind"] == kind for e in events):
-                raise EvidenceError("policy", f"the event log measures no {kind} (the policy asks for "
-                                              f"{_NAMES[kind]})")
+                raise EvidenceError("policy", f"the event log measures no {thing}: a trusted VM runs only "
+                                              "under a client and a QEMU the operator allows")
