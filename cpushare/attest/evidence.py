@@ -32,8 +32,8 @@ import struct
 
 import attr
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC, TPM2_GENERATED, TPM2_ST, TPMA_OBJECT
@@ -121,7 +121,9 @@ def publicKey(public, what):
 
 def _sameKey(a, b):
     """Whether two cryptography public keys are the same key."""
-    return type(a.public_numbers()) is type(b.public_numbers()) and a.public_numbers() == b.public_numbers()
+    def der(key):
+        return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return der(a) == der(b)
 
 
 def _hasAll(attributes, wanted):
@@ -147,7 +149,7 @@ def verifyEnrolment(ekCertDer, ekPublic, akPublic, trustedCAs):
     try:
         certificate = x509.load_der_x509_certificate(ekCertDer)
         certKey = certificate.public_key()
-    except ValueError as e:
+    except (ValueError, UnsupportedAlgorithm) as e:
         raise EvidenceError("format", f"the endorsement certificate is not a DER certificate ({e})") from None
     if not any(_issuedBy(certificate, ca) for ca in trustedCAs):
         raise EvidenceError("endorsement", "the endorsement certificate is not signed by a CA the operator trusts")
@@ -162,7 +164,7 @@ def verifyEnrolment(ekCertDer, ekPublic, akPublic, trustedCAs):
 def _issuedBy(certificate, ca):
     try:
         certificate.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         return False
     return True
 
@@ -410,10 +412,9 @@ _NAMES = {"firmware": "the firmware's digest", "kernel": "the boot loader or ker
 def _digestSet(values, kind):
     if not isinstance(values, (list, tuple, set, frozenset)) or len(values) > MAX_POLICY_DIGESTS:
         raise EvidenceError("format", f"the policy's {kind} is not a list of at most {MAX_POLICY_DIGESTS} digests")
-    digests = frozenset(v.lower() for v in values if isinstance(v, str))
-    if len(digests) != len(set(values)) or any(len(d) != 64 or d.strip("0123456789abcdef") for d in digests):
+    if not all(isinstance(v, str) and len(v) == 64 and not v.lower().strip("0123456789abcdef") for v in values):
         raise EvidenceError("format", f"the policy's {kind} holds something other than sha256 digests in hex")
-    return digests
+    return frozenset(v.lower() for v in values)
 
 
 @attr.s(frozen=True)

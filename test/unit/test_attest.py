@@ -6,6 +6,7 @@ cheating seller can make without a TPM).  test/integration/test_tpm.py runs
 the same checks against real software TPMs.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -225,9 +226,14 @@ def forgedQuote(ak, nonce, events, magic=TPM2_GENERATED.VALUE, stType=TPM2_ST.AT
     return {"attest": signed, "signature": signature, "pcrs": pcrs, "events": events}
 
 
-@pytest.fixture(scope="module")
-def ak():
+@functools.lru_cache(maxsize=None)
+def sharedAK():
     return SoftwareAK()
+
+
+@pytest.fixture
+def ak():
+    return sharedAK()
 
 
 def test_a_well_formed_quote_passes_and_says_what_it_measured(ak):
@@ -344,3 +350,33 @@ def test_the_kernel_kind_is_what_the_firmware_starts():
     assert eventlog.bootKind(0xD) == "kernel"
     assert eventlog.bootKind(0x4) == "separator"
     assert eventlog.bootKind(0x80000001) == eventlog.bootKind(0x8) == "firmware"
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=70),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+                         st.sampled_from(list(evidence.POLICY_KINDS) + ["allow_any_firmware", "x"]),
+                         inner, max_size=5), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_json)
+def test_a_policy_file_is_read_or_refused_with_a_reason(document):
+    try:
+        policy = Policy.fromJSON(json.dumps(document))
+    except EvidenceError as e:
+        assert e.kind == "format"
+    else:
+        assert Policy.fromJSON(policy.toJSON()) == policy
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400), st.binary(max_size=400))
+def test_enrolment_of_noise_is_refused_with_a_reason(certificate, public):
+    ak = sharedAK()
+    for args in ((certificate, public, ak.public), (certificate, ak.public, public)):
+        try:
+            evidence.verifyEnrolment(*args, [])
+        except EvidenceError as e:
+            assert e.kind in ("format", "endorsement", "key")
+        else:
+            pytest.fail("noise enrolled")
