@@ -176,9 +176,7 @@ def main(argv=None):
         f"{result['enrolment_market_ms']['median']} ms; a quote {result['quote_ms']['median']} ms; "
         f"verifyQuote {result['verify_quote_cpu_ms']['median']} ms of CPU, "
         f"x{result['verify_quote_vs_rsa_verify']} one RSA-2048 verification")
-    path = stats.resultPath("attest")
-    stats.write(path, result)
-    log(f"wrote {path}")
+    log(f"wrote {stats.write(stats.resultPath('attest'), result)}")
     return 0
 
 

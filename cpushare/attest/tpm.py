@@ -132,14 +132,14 @@ def open(spec, eventLog=None):
     return TPM(esapi, tcti, spec, eventLog)
 
 
-def _tpmCall(what, kind="tpm"):
-    """A decorator: the TPM's errors inside become EvidenceError(C{kind}) naming C{what}."""
+def _tpmCall(what):
+    """A decorator: the TPM's errors inside become a L{TPMError} naming C{what}."""
     def decorate(method):
         def call(self, *args, **kwargs):
             try:
                 return method(self, *args, **kwargs)
             except TSS2_Exception as e:
-                raise EvidenceError(kind, f"the TPM cannot {what}: {e}") from None
+                raise TPMError(f"the TPM cannot {what}: {e}") from None
         call.__name__ = method.__name__
         call.__doc__ = method.__doc__
         return call

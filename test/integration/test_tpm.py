@@ -356,6 +356,7 @@ def test_opening_what_is_not_a_tpm_says_so(tmp_path):
     (tmp_path / "file").write_bytes(b"")
     assert "is not a TPM: it is not a character device" in refused("tpm", tpmlib.open, str(tmp_path / "file"))
     assert "neither a TPM device's path" in refused("tpm", tpmlib.open, "tpm0")
+    assert "does not answer as a TPM 2.0" in refused("tpm", tpmlib.open, "/dev/zero")
     assert "cannot reach the TPM" in refused("tpm", tpmlib.open, "swtpm:host=127.0.0.1,port=1")
 
 
