@@ -123,7 +123,11 @@ class SoftwareTPM:
             self.eventLog = os.path.join(folder, "boot.log")
             with open(self.eventLog, "wb") as f:
                 f.write(tcgLog(BOOT_EVENTS))
-            self.extendBoot(BOOT_EVENTS)
+            try:
+                self.extendBoot(BOOT_EVENTS)
+            except BaseException:
+                self.stop()
+                raise
 
     @property
     def spec(self):
