@@ -54,6 +54,7 @@ bench: $(STAMP)
 	@if [ "$$(id -u)" = 0 ]; then $(PY) bench/vms.py $(VM_BENCH_ARGS); \
 	else echo "bench/vms.py skipped: it needs root (a TAP device, the cpushare-vm user)"; fi
 	$(PY) bench/verdicts.py $(VERDICT_BENCH_ARGS)
+	$(PY) bench/attest.py $(ATTEST_BENCH_ARGS)
 	$(PY) bench/site.py $(SITE_BENCH_ARGS)
 
 clean:

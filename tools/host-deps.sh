@@ -22,6 +22,15 @@ command -v chromedriver >/dev/null || [ -x /usr/bin/chromedriver ] || need+=(chr
 command -v certutil >/dev/null || need+=(libnss3-tools)
 # The web port's TLS is checked with testssl.sh (test/integration/test_web_tls.py).
 command -v testssl >/dev/null || command -v testssl.sh >/dev/null || need+=(testssl.sh)
+# Trusted computing (cpushare/attest): pip builds tpm2-pytss from source
+# against Debian's libtss2 (cffi: headers, pkg-config and a C compiler), so
+# these come before `pip install`; the tests run a software TPM (swtpm,
+# swtpm_setup from swtpm-tools).
+pkg-config --exists tss2-esys tss2-mu tss2-tctildr 2>/dev/null || need+=(libtss2-dev)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+command -v gcc >/dev/null && command -v make >/dev/null || need+=(build-essential)
+command -v swtpm >/dev/null || need+=(swtpm)
+command -v swtpm_setup >/dev/null || need+=(swtpm-tools)
 
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
