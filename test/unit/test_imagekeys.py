@@ -15,7 +15,6 @@ from cpushare import imagecrypt
 from cpushare.client.cli import upload
 from cpushare.protocol import commands
 from cpushare.protocol.commands import BadRequest
-from cpushare.server.db import store
 from cpushare.server.db.store import Account
 from cpushare.server.market import imagekeys
 from cpushare.server.market.imagekeys import ImageKeys, KeyFileError, KeyUnavailable
