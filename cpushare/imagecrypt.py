@@ -89,6 +89,11 @@ class Header:
         return hmac.compare_digest(keyCheck(key, self.imageId), self.keyCheck)
 
 
+def encryptedSize(plainSize, chunkSize=CHUNK):
+    """The size of the encrypted image of an ISO of C{plainSize} bytes."""
+    return HEADER.size + plainSize + -(-plainSize // chunkSize) * TAG
+
+
 def newKey():
     """A fresh random image key."""
     return AESGCM.generate_key(bit_length=256)

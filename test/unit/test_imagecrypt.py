@@ -195,6 +195,7 @@ class RoundTripTests(CryptCase):
         data = os.urandom(size)
         path = self.encrypt(data)
         self.assertEqual(os.path.getsize(path), HEADER.size + size + -(-size // SMALL) * TAG)
+        self.assertEqual(os.path.getsize(path), imagecrypt.encryptedSize(size, SMALL))
         self.assertEqual(self.decrypt(path), data)
         with open(path, "rb") as f:
             self.assertEqual(imagecrypt.readHeader(f).plainSize(os.path.getsize(path)), size)

@@ -73,10 +73,9 @@ async def imageUpload(reactor, args, home):
 
 
 async def imageUploadEncrypted(reactor, args, home):
-    from cpushare.imagecrypt import ImageCryptError
+    from cpushare.imagecrypt import ImageCryptError, encryptedSize
     async with Connection(reactor, home) as market:
-        # The ciphertext is about as big as the ISO.
-        bar = upload.ProgressBar(os.path.getsize(args.iso))
+        bar = upload.ProgressBar(encryptedSize(os.path.getsize(args.iso)))
         try:
             sha256, size, keyFile = await upload.uploadEncrypted(
                 reactor, market.session, home.path, args.iso, args.name, progress=bar.update)
