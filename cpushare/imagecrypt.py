@@ -125,9 +125,12 @@ def _aad(header, index, count):
 
 
 def isEncrypted(path):
-    """Whether the file at C{path} starts as an encrypted image does."""
-    with open(path, "rb") as f:
-        return f.read(len(MAGIC)) == MAGIC
+    """Whether the file at C{path} starts as an encrypted image does (False: no file)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except FileNotFoundError:
+        return False
 
 
 def parseHeader(data):

@@ -127,8 +127,7 @@ class HostTests(MemoryCase):
                            cores=2, memory=2048)
         self.host.session = self.session = FakeSession()
         self.launched = []
-        self.patch(HostedVM, "launch",
-                   lambda vm, path, isoFd=None: self.launch(vm, path, isoFd))
+        self.patch(HostedVM, "launch", lambda vm, path: self.launch(vm, path, vm.isoFd))
 
     def launch(self, vm, path, isoFd=None):
         # What QEMU would be handed: read it now, as QEMU would.
@@ -172,3 +171,25 @@ class HostTests(MemoryCase):
             "failed", "could not start: this key does not open the encrypted image (it is "
             "another image's key, or the image's header is damaged)"))
         self.assertEqual(openFds(), before)
+
+
+class SpawnTests(MemoryCase):
+    def test_qemu_is_handed_the_memory_as_its_cdrom_descriptor(self):
+        from cpushare.vm import qemu
+
+        class Reactor(MemoryReactorClock):
+            def spawnProcess(self, protocol, executable, args=(), env=None, path=None,
+                             uid=None, gid=None, usePTY=False, childFDs=None):
+                self.childFDs = childFDs
+                return object()
+
+        reactor = Reactor()
+        fd = imagememory.decryptToMemory(self.encrypted, self.key)
+        try:
+            config = qemu.VMConfig(5, 1, 256, "memory", "0a:cb:00:00:00:05")
+            qemu.spawn(reactor, config, None, 10, 11, 12, "qemu-system-x86_64", isoFd=fd)
+            self.assertEqual(reactor.childFDs[qemu.ISO_FD], fd)
+            # Still the caller's to close: the seller closes it once QEMU has its own.
+            self.assertEqual(os.pread(fd, 10, 0), SECRET[:10])
+        finally:
+            os.close(fd)

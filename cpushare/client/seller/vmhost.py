@@ -109,6 +109,7 @@ class HostedVM(VMLife):
         self.framesDropped = 0
         self.results = None
         self.resultUntold = None    # (sha256, size) not yet told to the market
+        self.isoFd = None           # its encrypted image decrypted, while it starts
         self.ended = defer.Deferred()
 
     # -- frames and console
@@ -157,8 +158,8 @@ class HostedVM(VMLife):
             pass
         return self.lastCPU
 
-    def launch(self, path, isoFd=None):
-        """Start QEMU on the ISO at C{path}, or on C{isoFd} (its decrypted image) when given."""
+    def launch(self, path):
+        """Start QEMU on the ISO at C{path}, or on C{isoFd} (its decrypted image) when set."""
         host = self.host
         config = qemu.VMConfig(self.id, self.cores, self.memory, path, self.mac, host.accel)
         nicOurs, nicTheirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -171,7 +172,7 @@ class HostedVM(VMLife):
         try:
             self.transport = qemu.spawn(
                 host.reactor, config, self.process, nicTheirs.fileno(), qmpTheirs.fileno(),
-                resultTheirs.fileno(), host.qemu, uid=host.uid, gid=host.gid, isoFd=isoFd)
+                resultTheirs.fileno(), host.qemu, uid=host.uid, gid=host.gid, isoFd=self.isoFd)
         except BaseException:
             for s in (nicOurs, nicTheirs, qmpOurs, qmpTheirs, resultOurs, resultTheirs):
                 s.close()
@@ -369,14 +370,13 @@ class VMHost(Service):
                 commands.FetchImageChunk, vm=vm.id, offset=offset, length=length)
             return d.addCallback(lambda r: r["data"])
 
-        isoFd = None
         try:
             path = await self.cache.ensure(vm.image, vm.size, fetch)
             if vm.stopReason is None:
-                isoFd = await self._decrypted(vm, path)
+                vm.isoFd = await self._decrypted(vm, path)
             if vm.stopReason is None:
                 self.report(vm, VMState.BOOTING)
-                vm.launch(path, isoFd)
+                vm.launch(path)
         except Exception as e:
             state, reason = VMState.FAILED, f"could not start: {e}"
         else:
@@ -389,8 +389,9 @@ class VMHost(Service):
                 return
             state, reason = VMState.STOPPED, vm.stopReason
         finally:
-            if isoFd is not None:
-                os.close(isoFd)     # QEMU holds its own
+            if vm.isoFd is not None:
+                os.close(vm.isoFd)  # QEMU holds its own
+                vm.isoFd = None
         self.cache.release(vm.image)
         self.vms.pop(vm.id, None)
         self.log.warn("VM {vm} {state}: {reason}", vm=vm.id, state=state, reason=reason)
