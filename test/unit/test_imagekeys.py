@@ -83,6 +83,8 @@ class UploadTests(EncryptedCase):
         # The market releases it in clear to the caller that wraps it, and only that.
         self.assertEqual((yield self.market.imagekeys.unsealed(self.aliceId, sha256)), key)
         self.assertIsNone((yield self.market.imagekeys.unsealed(self.aliceId, self.sha)))
+        self.assertTrue((yield self.market.imagekeys.encrypted(self.aliceAccount, sha256)))
+        self.assertFalse((yield self.market.imagekeys.encrypted(self.aliceAccount, self.sha)))
         # The listing says which images are encrypted.
         listed = yield self.call(self.cli, commands.ListImages)
         self.assertEqual({i["sha256"]: i["encrypted"] for i in listed["images"]},

@@ -23,6 +23,7 @@ import stat
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from cpushare import imagecrypt
@@ -152,19 +153,22 @@ class ImageKeys:
         self.log.info("account {account} gave the key of its encrypted image {sha256}",
                       account=getattr(account, "name", account), sha256=sha256)
 
-    async def encrypted(self, account, sha256):
-        """Whether the account's image C{sha256} has a key here."""
-        return await self.db.run(store.imageKey, _accountId(account), sha256) is not None
+    def encrypted(self, account, sha256):
+        """A Deferred: whether the account's image C{sha256} has a key here."""
+        d = self.db.run(store.imageKey, _accountId(account), sha256)
+        return d.addCallback(lambda row: row is not None)
 
-    async def unsealed(self, account, sha256):
+    def unsealed(self, account, sha256):
         """
-        The key of C{account}'s image C{sha256} in clear (C{account} is an
-        account or its id), or None when the image has no key.  Only for
-        the moment of a release: the caller wraps it to the attested
-        seller's TPM key at once and keeps it nowhere.  Raises
-        L{KeyUnavailable} when the key is here but cannot be unsealed.
+        A Deferred of the key of C{account}'s image C{sha256} in clear
+        (C{account} is an account or its id), or of None when the image has
+        no key.  Only for the moment of a release: the caller wraps it to
+        the attested seller's TPM key at once and keeps it nowhere.  Fails
+        with L{KeyUnavailable} when the key is here but cannot be unsealed.
         """
-        accountId = _accountId(account)
+        return defer.ensureDeferred(self._unsealed(_accountId(account), sha256))
+
+    async def _unsealed(self, accountId, sha256):
         row = await self.db.run(store.imageKey, accountId, sha256)
         if row is None:
             return None
