@@ -201,13 +201,16 @@ class RoundTripTests(CryptCase):
             self.assertEqual(imagecrypt.readHeader(f).plainSize(os.path.getsize(path)), size)
 
     def test_megabyte_chunks_by_default(self):
-        data = os.urandom(imagecrypt.CHUNK + 1)
-        source = self.plain(data)
-        written = imagecrypt.encryptFile(source, source + ".enc", self.key)
-        self.assertEqual(written, HEADER.size + len(data) + 2 * TAG)
-        self.assertTrue(imagecrypt.isEncrypted(source + ".enc"))
-        self.assertFalse(imagecrypt.isEncrypted(source))
-        self.assertEqual(self.decrypt(source + ".enc"), data)
+        for size, chunks in ((imagecrypt.CHUNK - 1, 1), (imagecrypt.CHUNK, 1),
+                             (imagecrypt.CHUNK + 1, 2)):
+            data = os.urandom(size)
+            source = self.plain(data)
+            written = imagecrypt.encryptFile(source, source + ".enc", self.key)
+            self.assertEqual(written, HEADER.size + len(data) + chunks * TAG)
+            self.assertEqual(written, imagecrypt.encryptedSize(size))
+            self.assertTrue(imagecrypt.isEncrypted(source + ".enc"))
+            self.assertFalse(imagecrypt.isEncrypted(source))
+            self.assertEqual(self.decrypt(source + ".enc"), data)
 
     def test_two_encryptions_share_nothing_an_observer_could_match(self):
         data = b"the same well-known ISO" * 1000
