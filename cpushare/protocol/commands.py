@@ -383,7 +383,8 @@ class ListImages(amp.Command):
     This account's images in the order they were uploaded, a page at a time
     (see L{cpushare.protocol.paging}): at most IMAGES_PAGE, those after the
     image C{after} (a sha256 the previous page ended with) when given;
-    C{more} says whether others follow.
+    C{more} says whether others follow.  C{encrypted}: the market holds the
+    image's key (L{SetImageKey}).
     """
 
     arguments = [(b"after", amp.Unicode(optional=True))]
@@ -393,9 +394,24 @@ class ListImages(amp.Command):
             (b"name", amp.Unicode()),
             (b"size", amp.Integer()),
             (b"uploaded", amp.Unicode()),
+            (b"encrypted", amp.Boolean(optional=True)),
         ])),
         (b"more", amp.Boolean()),
     ]
+    errors = COMMON_ERRORS
+
+
+class SetImageKey(amp.Command):
+    """
+    Give the market the key of this account's encrypted image C{sha256}
+    (L{cpushare.imagecrypt}: 32 bytes, which must open the image).  The
+    market keeps it sealed and releases it only wrapped to the TPM of a
+    seller whose attestation just passed; it never sends it back.  An image
+    with a key is ordered only as a trusted order.
+    """
+
+    arguments = [(b"sha256", amp.Unicode()), (b"key", amp.String())]
+    response = []
     errors = COMMON_ERRORS
 
 

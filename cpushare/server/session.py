@@ -227,6 +227,15 @@ class ServerControl(ControlProtocol, FundsCommands):
         d = defer.ensureDeferred(self.session.market.images.list(account, after))
         return d.addCallback(lambda page: {"images": page[0], "more": page[1]})
 
+    @commands.SetImageKey.responder
+    def setImageKey(self, sha256, key):
+        account = self.session.requireHello()
+        imagekeys = self.session.market.imagekeys
+        if imagekeys is None:
+            raise BadRequest("this market keeps no image keys")
+        d = defer.ensureDeferred(imagekeys.set(account, sha256, key))
+        return d.addCallback(lambda _: {})
+
     # -- orders and VMs
 
     @commands.PlaceOrder.responder

@@ -55,6 +55,10 @@ class Options(usage.Options):
         ["max-uploads", None, 4, "Image uploads one account may have in progress at once.", int],
         ["upload-idle", None, 300.0,
          "Seconds an image upload may go without data before it is discarded.", float],
+        ["image-key-file", None, None,
+         "The key-encryption key sealing buyers' encrypted images' keys (made 0600 at the "
+         "first start; back it up, and keep it off the database's disk).  "
+         "Default: image-keys.kek in --data."],
         ["grace", None, 600.0,
          "Seconds a disconnected seller's VMs wait for it to come back before "
          "they are placed elsewhere.", float],
@@ -301,7 +305,9 @@ def makeService(options, reactor=None):
                         reactor, options["registrations-per-address"],
                         options["registrations-per-minute"]),
                     accessCheck=options["access-check"],
-                    rekeysPerDay=options["rekeys-per-day"])
+                    rekeysPerDay=options["rekeys-per-day"],
+                    imageKeyFile=os.path.abspath(
+                        options["image-key-file"] or os.path.join(data, "image-keys.kek")))
     market.orders.grace = options["grace"]
     market.orders.verdicts.timeout = options["verdict-timeout"]
     market.orders.verdicts.threshold = options["adaptive-threshold"]

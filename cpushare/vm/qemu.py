@@ -12,7 +12,10 @@ The command line gives the guest exactly what was sold and nothing else:
   works, else `tcg`;
 - the ISO read-only as a cdrom, from the seller's content-addressed cache,
   handed to QEMU as an open file descriptor (fd 5, `-add-fd`): QEMU needs
-  no access to the cache folder, or to any other file of the seller's;
+  no access to the cache folder, or to any other file of the seller's (an
+  encrypted image is handed over the same way, as a read-only descriptor
+  of the sealed memory it was decrypted into,
+  L{cpushare.client.seller.imagememory});
 - one NIC, virtio-net, on a socketpair whose other end the seller client
   owns (fd 3); the VM has no other network;
 - the serial console on QEMU's stdin/stdout (pipes to the seller client),
@@ -202,16 +205,19 @@ class VMProcess(protocol.ProcessProtocol):
 
 
 def spawn(reactor, config, vmProcess, nicFd, qmpFd, resultFd, qemu, uid=None, gid=None,
-          cwd="/"):
+          cwd="/", isoFd=None):
     """
     Start QEMU for C{config}; returns the process transport.  C{nicFd},
     C{qmpFd} and C{resultFd} are the VM's ends of the NIC, QMP and result
     port socketpairs; the ISO at
-    C{config.iso} is opened read-only here and handed over as ISO_FD.
+    C{config.iso} is opened read-only here and handed over as ISO_FD, or
+    C{isoFd} when given (a read-only descriptor the caller keeps and closes).
     """
     argv = idleWrapper() + commandLine(config, qemu)
     env = {"PATH": "/usr/bin:/bin", "LANG": "C"}
-    isoFd = os.open(config.iso, os.O_RDONLY | os.O_CLOEXEC)
+    given = isoFd is not None
+    if not given:
+        isoFd = os.open(config.iso, os.O_RDONLY | os.O_CLOEXEC)
     try:
         return reactor.spawnProcess(
             vmProcess, argv[0], argv, env=env, path=cwd, uid=uid, gid=gid,
@@ -219,4 +225,5 @@ def spawn(reactor, config, vmProcess, nicFd, qmpFd, resultFd, qemu, uid=None, gi
                       RESULT_FD: resultFd},
         )
     finally:
-        os.close(isoFd)
+        if not given:
+            os.close(isoFd)

@@ -66,6 +66,9 @@ class FakeCache:
     def release(self, sha256):
         pass
 
+    def inThread(self, fn, *args):
+        return defer.maybeDeferred(fn, *args)
+
     def ensure(self, sha256, size, fetch):
         self.asked.append(sha256)
         path = os.path.join(self.folder, "image.iso")

@@ -13,6 +13,7 @@ import re
 from cpushare.money import MICRO, formatAmount
 from cpushare.protocol import commands
 from cpushare.server import admin
+from cpushare.server.db import store
 from cpushare.server.db.store import Account
 from cpushare.server.site import api, upload
 
@@ -161,6 +162,21 @@ class ImagePagesTests(BuyerPagesCase):
         other = await self.upload(alice, b"other" * 100, name="", filename="C:\\isos\\x.iso")
         self.assertEqual(other.status, 303, other)
         self.assertIn("<td>x.iso</td>", (await alice.get("/images")).text)
+
+    async def test_an_encrypted_image_is_marked_as_one(self):
+        alice = await self.loggedIn("alice")
+        plain, sealed = b"p" * 1000, b"s" * 1000
+        for data in (plain, sealed):
+            self.assertEqual((await self.upload(alice, data)).status, 303)
+        account = await self.accountNamed("alice")
+        # As the market's key custody records an image's key (sealed).
+        await self.store.run(store.setImageKey, account.id, hashlib.sha256(sealed).hexdigest(),
+                             "00" * 60, "0" * 16)
+        rows = re.findall(r"<tr>(.*?)</tr>", (await alice.get("/images")).text, re.S)
+        marks = {re.search(r'class="sha">(\w+)<', r).group(1): re.findall(r"<td>(yes[^<]*|no)</td>", r)
+                 for r in rows if 'class="sha"' in r}
+        self.assertEqual(marks, {hashlib.sha256(plain).hexdigest(): ["no"],
+                                 hashlib.sha256(sealed).hexdigest(): ["yes: trusted orders only"]})
 
     async def test_an_upload_over_the_quota_is_refused_with_a_message(self):
         alice = await self.loggedIn("alice")

@@ -142,6 +142,9 @@ class FakeCache:
     def release(self, image):
         pass
 
+    def inThread(self, fn, *args):
+        return defer.maybeDeferred(fn, *args)
+
 
 class FakeTransport:
     pid = 1234

@@ -3,7 +3,8 @@ The image commands: build a livecd, upload an ISO, list the market's images.
 
     cpushare image build -o job.iso [--add DIR]... [--ssh-key KEY.pub]... [--no-ssh-key]
                          [--base other.iso] [--cache DIR]
-    cpushare image upload ISO [--name NAME]
+    cpushare image upload ISO [--name NAME] [--encrypt]
+    cpushare image key SHA256
     cpushare image list [--json]
 """
 
@@ -54,6 +55,8 @@ async def imageUpload(reactor, args, home):
         await deferToThreadPool(reactor, reactor.getThreadPool(), checkBootable, args.iso)
     except ImageError as e:
         raise CommandError(str(e))
+    if args.encrypt:
+        return await imageUploadEncrypted(reactor, args, home)
     async with Connection(reactor, home) as market:
         bar = upload.ProgressBar(os.path.getsize(args.iso))
         try:
@@ -69,6 +72,37 @@ async def imageUpload(reactor, args, home):
         print(f"{args.iso} is already on the market (sha256 {sha256}); nothing sent")
 
 
+async def imageUploadEncrypted(reactor, args, home):
+    from cpushare.imagecrypt import ImageCryptError, encryptedSize
+    async with Connection(reactor, home) as market:
+        bar = upload.ProgressBar(encryptedSize(os.path.getsize(args.iso)))
+        try:
+            sha256, size, keyFile = await upload.uploadEncrypted(
+                reactor, market.session, home.path, args.iso, args.name, progress=bar.update)
+        except (commands.CPUShareError, ImageCryptError) as e:
+            raise CommandError(str(e))
+        finally:
+            bar.close()
+    print(f"uploaded {args.iso} encrypted: {size} bytes, sha256 {sha256}")
+    print(f"its key is in {keyFile}; the market holds it sealed and releases it only to "
+          "attested sellers: order it with --trusted")
+
+
+async def imageKey(reactor, args, home):
+    """Give the market again the key kept in the home (after a failed upload --encrypt)."""
+    try:
+        key = upload.loadKey(home.path, args.sha256)
+    except (OSError, ValueError) as e:
+        raise CommandError(f"no key for image {args.sha256} in this home: {e}")
+    async with Connection(reactor, home) as market:
+        try:
+            await market.session.control.callRemote(
+                commands.SetImageKey, sha256=args.sha256, key=key)
+        except commands.CPUShareError as e:
+            raise CommandError(str(e))
+    print(f"the market holds the key of image {args.sha256}")
+
+
 async def imageList(reactor, args, home):
     async with Connection(reactor, home) as market:
         listed = await market.every(commands.ListImages, "images", "sha256", "after")
@@ -77,8 +111,9 @@ async def imageList(reactor, args, home):
 
 
 def formatImages(listed, now):
-    rows = [("SHA256", "SIZE", "NAME", "UPLOADED")]
-    rows += [(i["sha256"], f"{i['size'] / 1e6:.1f} MB", i["name"], i["uploaded"])
+    rows = [("SHA256", "SIZE", "NAME", "UPLOADED", "ENCRYPTED")]
+    rows += [(i["sha256"], f"{i['size'] / 1e6:.1f} MB", i["name"], i["uploaded"],
+              "yes" if i.get("encrypted") else "no")
              for i in listed]
     return formatTable(rows)
 
@@ -110,4 +145,11 @@ def addParsers(sub):
     u = command(imageActions, "upload", imageUpload, help="upload an ISO to the market")
     u.add_argument("iso")
     u.add_argument("--name", help="a name for it (default: the file's name)")
+    u.add_argument("--encrypt", action="store_true",
+                   help="encrypt it here first: the market and unattested sellers see only "
+                   "ciphertext; the key is kept in HOME/image-keys/ and released by the "
+                   "market only to attested sellers (order it with --trusted)")
+    k = command(imageActions, "key", imageKey,
+                help="give the market the key of an encrypted image again, from this home")
+    k.add_argument("sha256")
     command(imageActions, "list", imageList, json=True, help="the images on the market")

@@ -4,14 +4,20 @@ Images on the buyer's side: hashing and uploading an ISO to the market.
 The file is read and hashed on a thread, never on the reactor.  The upload
 is pipelined: up to WINDOW chunks are in flight, each acknowledged by the
 server, so a slow link slows the upload instead of growing a queue.
+
+An encrypted upload (L{uploadEncrypted}) encrypts the ISO first, on a
+thread, into a temporary file in the home folder, uploads that, keeps the
+key in HOME/image-keys/SHA256.key (0600) and gives it to the market.
 """
 
 import os
 import sys
+import tempfile
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 
+from cpushare import imagecrypt, pki
 from cpushare.imagefolder import hashFile
 from cpushare.protocol import commands
 
@@ -94,3 +100,52 @@ async def upload(reactor, session, path, name=None, progress=None):
         failures[0].raiseException()
     await session.control.callRemote(commands.ImageUploadFinish, sha256=sha256)
     return sha256, size, True
+
+
+def keyPath(home, sha256):
+    """Where the key of the encrypted image C{sha256} is kept: HOME/image-keys/SHA256.key."""
+    return os.path.join(home, "image-keys", f"{sha256}.key")
+
+
+def saveKey(home, sha256, key):
+    path = keyPath(home, sha256)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    pki.writePrivate(path, key.hex().encode("ascii") + b"\n")
+    return path
+
+
+def loadKey(home, sha256):
+    """The key kept for image C{sha256}; OSError or ValueError naming the file."""
+    path = keyPath(home, sha256)
+    with open(path, "rb") as f:
+        text = f.read(200).strip()
+    key = bytes.fromhex(text.decode("ascii", "replace"))
+    if len(key) != imagecrypt.KEY_SIZE:
+        raise ValueError(f"{path} does not hold a {imagecrypt.KEY_SIZE}-byte key in hex")
+    return key
+
+
+async def uploadEncrypted(reactor, session, home, path, name=None, progress=None):
+    """
+    Encrypt the ISO at C{path} under a new key, upload the ciphertext and
+    give the market its key; returns (sha256 of the ciphertext, its size,
+    the key file's path).  The plaintext never leaves this computer.
+    """
+    pool = reactor.getThreadPool()
+    key = imagecrypt.newKey()
+    fd, encrypted = tempfile.mkstemp(prefix=".encrypting-", suffix=".iso", dir=home)
+    os.close(fd)
+    try:
+        await deferToThreadPool(reactor, pool, imagecrypt.encryptFile, path, encrypted, key)
+        sha256, size, _ = await upload(reactor, session, encrypted,
+                                       name or os.path.basename(path), progress)
+    finally:
+        os.remove(encrypted)
+    saved = saveKey(home, sha256, key)
+    try:
+        await session.control.callRemote(commands.SetImageKey, sha256=sha256, key=key)
+    except commands.CPUShareError as e:
+        raise commands.CPUShareError(
+            f"{e}; the image was uploaded (sha256 {sha256}) and its key kept in {saved}: "
+            f"give it to the market with 'cpushare image key {sha256}'")
+    return sha256, size, saved

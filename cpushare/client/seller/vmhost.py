@@ -25,7 +25,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from cpushare import imagecrypt
 from cpushare.client import marketchecks
+from cpushare.client.seller import imagememory
 from cpushare.client.seller.results import ResultPort
 from cpushare.protocol import commands
 from cpushare.protocol.commands import consoleChannel, nicChannel
@@ -107,6 +109,7 @@ class HostedVM(VMLife):
         self.framesDropped = 0
         self.results = None
         self.resultUntold = None    # (sha256, size) not yet told to the market
+        self.isoFd = None           # its encrypted image decrypted, while it starts
         self.ended = defer.Deferred()
 
     # -- frames and console
@@ -156,6 +159,7 @@ class HostedVM(VMLife):
         return self.lastCPU
 
     def launch(self, path):
+        """Start QEMU on the ISO at C{path}, or on C{isoFd} (its decrypted image) when set."""
         host = self.host
         config = qemu.VMConfig(self.id, self.cores, self.memory, path, self.mac, host.accel)
         nicOurs, nicTheirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -168,7 +172,7 @@ class HostedVM(VMLife):
         try:
             self.transport = qemu.spawn(
                 host.reactor, config, self.process, nicTheirs.fileno(), qmpTheirs.fileno(),
-                resultTheirs.fileno(), host.qemu, uid=host.uid, gid=host.gid)
+                resultTheirs.fileno(), host.qemu, uid=host.uid, gid=host.gid, isoFd=self.isoFd)
         except BaseException:
             for s in (nicOurs, nicTheirs, qmpOurs, qmpTheirs, resultOurs, resultTheirs):
                 s.close()
@@ -265,6 +269,9 @@ class VMHost(Service):
         self.vms = {}
         self.endedAway = []  # (vm, state, reason) of VMs that ended while disconnected
         self.session = None
+        # (vm) -> Deferred of the key of its encrypted image, unwrapped by
+        # this seller's TPM; None: this seller cannot boot encrypted images.
+        self.imageKey = None
         self._graceCall = None
         self._reporter = LoopingCall(self.reportAll)
         self._reporter.clock = reactor
@@ -366,6 +373,8 @@ class VMHost(Service):
         try:
             path = await self.cache.ensure(vm.image, vm.size, fetch)
             if vm.stopReason is None:
+                vm.isoFd = await self._decrypted(vm, path)
+            if vm.stopReason is None:
                 self.report(vm, VMState.BOOTING)
                 vm.launch(path)
         except Exception as e:
@@ -379,11 +388,30 @@ class VMHost(Service):
                 self.tell(vm)
                 return
             state, reason = VMState.STOPPED, vm.stopReason
+        finally:
+            if vm.isoFd is not None:
+                os.close(vm.isoFd)  # QEMU holds its own
+                vm.isoFd = None
         self.cache.release(vm.image)
         self.vms.pop(vm.id, None)
         self.log.warn("VM {vm} {state}: {reason}", vm=vm.id, state=state, reason=reason)
         self.report(vm, state, reason)
         vm.ended.callback(None)
+
+    async def _decrypted(self, vm, path):
+        """
+        A read-only descriptor of C{vm}'s image decrypted into sealed memory
+        when it is an encrypted image (L{imagememory}), else None: the plain
+        image never touches the disk.
+        """
+        if not await self.cache.inThread(imagecrypt.isEncrypted, path):
+            return None
+        if self.imageKey is None:
+            raise imagecrypt.ImageCryptError(
+                "the image is encrypted, and its key is released only to a seller with a "
+                "TPM (--tpm)")
+        key = await self.imageKey(vm)
+        return await self.cache.inThread(imagememory.decryptToMemory, path, key)
 
     def stop(self, vmId, reason="stopped by the market"):
         vm = self.vms.get(vmId)

@@ -616,14 +616,16 @@ def accountImages(cursor, accountId, after=None, limit=None):
         where = " AND (ai.uploaded > ? OR (ai.uploaded = ? AND ai.sha256 > ?))"
         args += [row[0], row[0], after]
     cursor.execute(
-        "SELECT ai.sha256, ai.name, i.size, ai.uploaded"
+        "SELECT ai.sha256, ai.name, i.size, ai.uploaded, k.sha256"
         " FROM account_images ai JOIN images i ON i.sha256 = ai.sha256"
+        " LEFT JOIN image_keys k ON k.account_id = ai.account_id AND k.sha256 = ai.sha256"
         " WHERE ai.account_id = ?" + where + " ORDER BY ai.uploaded, ai.sha256"
         + ("" if limit is None else f" LIMIT {int(limit)}"),
         args,
     )
     return [
-        {"sha256": r[0], "name": r[1], "size": r[2], "uploaded": r[3]}
+        {"sha256": r[0], "name": r[1], "size": r[2], "uploaded": r[3],
+         "encrypted": r[4] is not None}
         for r in cursor.fetchall()
     ]
 
@@ -668,8 +670,10 @@ def deleteAccountImage(cursor, accountId, sha256):
     Take the image off the account's images (it no longer counts against
     its quota): True, or False when the account has no such image.  The
     caller checks first that none of its VMs that are not over boots it
-    (L{activeImageVMs}).
+    (L{activeImageVMs}).  An encrypted image's key goes with it.
     """
+    cursor.execute("DELETE FROM image_keys WHERE account_id = ? AND sha256 = ?",
+                   (accountId, sha256))
     cursor.execute("DELETE FROM account_images WHERE account_id = ? AND sha256 = ?",
                    (accountId, sha256))
     return cursor.rowcount == 1
@@ -683,6 +687,32 @@ def activeImageVMs(cursor, accountId, sha256):
         + ",".join("?" * len(states.ACTIVE)) + ")",
         [accountId, sha256, *states.ACTIVE])
     return int(cursor.fetchone()[0])
+
+
+# The keys of encrypted images, sealed (cpushare.server.market.imagekeys).
+
+
+def setImageKey(cursor, accountId, sha256, sealed, kek):
+    """Keep the sealed key of the account's image (replacing one given before)."""
+    cursor.execute("DELETE FROM image_keys WHERE account_id = ? AND sha256 = ?",
+                   (accountId, sha256))
+    cursor.execute(
+        "INSERT INTO image_keys (account_id, sha256, sealed, kek, created)"
+        " VALUES (?, ?, ?, ?, ?)", (accountId, sha256, sealed, kek, now()))
+
+
+def imageKey(cursor, accountId, sha256):
+    """(sealed, kek) of the account's image's key, or None when it has none."""
+    cursor.execute("SELECT sealed, kek FROM image_keys WHERE account_id = ? AND sha256 = ?",
+                   (accountId, sha256))
+    row = cursor.fetchone()
+    return None if row is None else (row[0], row[1])
+
+
+def imageKeyKEKs(cursor):
+    """{kek id: how many image keys it sealed}."""
+    cursor.execute("SELECT kek, COUNT(*) FROM image_keys GROUP BY kek")
+    return {row[0]: int(row[1]) for row in cursor.fetchall()}
 
 
 # -- orders and VMs

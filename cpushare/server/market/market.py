@@ -30,6 +30,7 @@ from cpushare.server.market.measure import (
 from cpushare.server.market.board import DEFAULT_PRICE, MAX_NET_FEE, OWN_ACCOUNT, Board
 from cpushare.server.market.canary import Canaries
 from cpushare.server.market.cpubench import CPUBench
+from cpushare.server.market.imagekeys import ImageKeys
 from cpushare.server.money.desk import MoneyDesk
 from cpushare.server.market.orders import Orders
 from cpushare.server.market.ratings import Ratings
@@ -52,7 +53,7 @@ class Market(Service):
                  defaultPrice=DEFAULT_PRICE, billingInterval=INTERVAL, holdWindow=WINDOW,
                  measureEvery=MEASURE_EVERY, cpuBench=None, canaries=None,
                  registrations=None, accessCheck=CHECK_EVERY, rekeysPerDay=REKEYS_PER_DAY,
-                 maxNetFee=MAX_NET_FEE):
+                 maxNetFee=MAX_NET_FEE, imageKeyFile=None):
         """
         @param cpuBench: keyword arguments of L{CPUBench} plus C{folder},
             where the benchmark image is kept; None: no CPU benchmark.
@@ -62,6 +63,8 @@ class Market(Service):
             or None for none (the server's options always give one).
         @param accessCheck: seconds between looks for suspensions, deletions
             and revocations made by cpushare-admin.
+        @param imageKeyFile: the file of the key-encryption key that seals
+            encrypted images' keys (L{ImageKeys}); None: the market keeps none.
         """
         self.reactor = reactor
         self.store = store
@@ -89,6 +92,7 @@ class Market(Service):
                                  **cpuBench)
         self.canaries = Canaries(reactor, store, self.orders, self.cpubench, self.board,
                                  **(canaries or {"every": 0}))
+        self.imagekeys = None if imageKeyFile is None else ImageKeys(store, images, imageKeyFile)
         self.images = images
         # Balances and statements; PayPal when makeService sets one up.
         self.money = MoneyDesk(reactor, store)
@@ -109,6 +113,8 @@ class Market(Service):
     @images.setter
     def images(self, images):
         self._images = self.orders.images = self.cpubench.images = images
+        if self.imagekeys is not None:
+            self.imagekeys.images = images
 
     def startService(self):
         Service.startService(self)
@@ -165,6 +171,8 @@ class Market(Service):
     async def open(self):
         """Open the database and bring back the active VMs: run before listening."""
         await self.store.open()
+        if self.imagekeys is not None:
+            await self.imagekeys.start()
         await self.access.start()
         await self.orders.load()
         self.billing.start()

@@ -299,11 +299,13 @@ class Orders:
 
     async def place(self, account, image, count, cores, memory, screens=Screens(),
                     budget=None, replicas=None, diverse=None, dryRun=False, explain=False,
-                    adaptive=False, compare=False):
+                    adaptive=False, compare=False, trusted=False):
         """
         Place an order of C{count} VMs, each run C{replicas} times when
         given (on sellers that differ in C{diverse}); with C{dryRun} only
-        say where they would go and what would be held.
+        say where they would go and what would be held.  An encrypted
+        image (one whose key the market holds) is run only by a C{trusted}
+        order: its key is released to attested sellers alone.
         """
         if adaptive and replicas is not None:
             raise BadRequest("--replicas auto replaces a number of replicas: give one or the"
@@ -329,6 +331,10 @@ class Orders:
                 raise BadRequest(
                     f"this account has no image {image!r}:"
                     " upload it with 'cpushare image upload'")
+            if not trusted and store.imageKey(cursor, account.id, image) is not None:
+                raise BadRequest(
+                    f"image {image} is encrypted: its key is released only to attested"
+                    " sellers, so order it with --trusted")
             return size
 
         if dryRun:
