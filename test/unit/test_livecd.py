@@ -247,7 +247,7 @@ def test_the_default_keys_are_the_users_public_keys(tmp_path, monkeypatch):
     (publicKey("ssh-dss") + "\n", "line 1: the guest's ssh server takes no ssh-dss keys, only ssh-ed25519,"),
     ("ssh-ed25519 AAAAB3NzaC1yc2EAAAADAQABAAAAgQC bob\n", "line 1: the ssh-ed25519 key is damaged"),
     ("ssh-ed25519 AAAA%%%% bob\n", "line 1 is not an OpenSSH public key"),
-])
+], ids=["private-key", "text", "comment-only", "ssh-dss", "damaged-blob", "not-base64"])
 def test_what_is_not_a_public_key_file_is_refused_by_name(tmp_path, content, message):
     path = tmp_path / "key"
     path.write_text(content)
