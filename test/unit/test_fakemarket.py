@@ -180,9 +180,12 @@ def test_the_tests_needing_postgresql_qemu_or_a_browser_are_marked_slow():
     slow = [item(fixtures=("postgres", "postgresURL")),
             item(fixtures=("db",), params={"db": "postgresql"}),
             item(fixtures=("paidMarket",), params={"paidMarket": "postgresql"}),
-            item(fixtures=("browser",)),
-            item(path="vm/test_market_vms.py")]
+            item(fixtures=("browser",))]
+    heavy = [item(path="vm/test_market_vms.py"), item(path="browser/test_smoke.py")]
     fast = [item(fixtures=("db",), params={"db": "sqlite"}), item(fixtures=("tmp_path",))]
-    conftest.pytest_collection_modifyitems(None, slow + fast)
+    conftest.pytest_collection_modifyitems(None, slow + heavy + fast)
     assert [[m.name for m in i.marks] for i in slow] == [["slow"]] * len(slow)
     assert [i.marks for i in fast] == [[], []]
+    # The VM and browser tests run one after the other in one test process.
+    assert [[(m.name, m.args) for m in i.marks] for i in heavy] == [
+        [("slow", ()), ("xdist_group", ("vm",))]] * len(heavy)
