@@ -111,7 +111,7 @@ class TrustedCase(OrderCase):
         self.imagekeys = ImageKeys()
         OrderCase.makeMarket(self, attestations={
             "cas": [b"vendor-ca"], "library": fakeattest, "every": EVERY,
-            "timeout": TIMEOUT, "commission": 10.0, "imagekeys": self.imagekeys}, **kw)
+            "timeout": TIMEOUT, "commission": 100_000, "imagekeys": self.imagekeys}, **kw)
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -498,3 +498,33 @@ class ImageKeyTests(TrustedCase):
         [vm] = (yield self.call(self.cli, commands.ListVMs))["vms"]
         self.assertIn("its image's key was not released", vm["reason"])
         self.assertEqual(placed["allocated"], 1)
+
+
+def test_the_server_options_of_trusted_computing(tmp_path):
+    import pytest
+    from twisted.python import usage
+
+    from cpushare import pki
+    from cpushare.server.tap import Options
+    from test.fakemarket import credentials
+
+    ca = tmp_path / "vendor.pem"
+    ca.write_bytes(pki.certToPEM(credentials().caCert))
+    options = Options()
+    options.parseOptions(["--data", str(tmp_path)])
+    assert (options["tpm-cas"], options["attest-every"], options["trusted-commission-rate"]) \
+        == ([], 300.0, 0)
+    options = Options()
+    options.parseOptions(["--data", str(tmp_path), "--tpm-ca", str(ca), "--tpm-test-ca",
+                          str(ca), "--trusted-commission", "12.5", "--attest-every", "60"])
+    assert len(options["tpm-cas"]) == 2
+    assert options["trusted-commission-rate"] == 125_000
+    junk = tmp_path / "junk.pem"
+    junk.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot one\n-----END CERTIFICATE-----\n")
+    for bad, text in ((["--tpm-ca", str(tmp_path / "missing.pem")],
+                       "--tpm-ca .*missing.pem: No such file"),
+                      (["--tpm-test-ca", str(junk)], "--tpm-test-ca .*junk.pem: not a certificate"),
+                      (["--trusted-commission", "60"], "--trusted-commission: .* 0 to 50 percent"),
+                      (["--attest-every", "1"], "--attest-every must be 10 to 86400")):
+        with pytest.raises(usage.UsageError, match=text):
+            Options().parseOptions(["--data", str(tmp_path)] + bad)

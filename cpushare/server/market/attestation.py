@@ -54,8 +54,9 @@ from cpushare.server.db import tpmsql
 DEFAULT_EVERY = 300.0
 # Seconds a seller has to answer an Attest (or BindingKey, ReleaseKey).
 ANSWER_TIMEOUT = 60.0
-# The most the operator's trusted commission may take of a charge, in percent.
-MAX_COMMISSION = 50.0
+# The most the operator's trusted commission may take of a charge, in
+# millionths (as the funds commission): 50%.
+MAX_COMMISSION = 500_000
 NONCE_SIZE = commands.NONCE_SIZE
 NOT_ENROLLED = "has no TPM enrolled (cpushare-seller --tpm)"
 MAX_PCRS = 32
@@ -96,12 +97,11 @@ def endorsementIssuer(ekCert):
         return "unknown"
 
 
-def commissionPpm(percent):
-    """The operator's trusted commission in percent as parts per million, checked."""
-    if not 0 <= percent <= MAX_COMMISSION:
-        raise ValueError(f"the trusted commission is 0 to {MAX_COMMISSION:g} percent,"
-                         f" not {percent:g}")
-    return int(round(percent * 10_000))
+def checkCommission(rate):
+    """The operator's trusted commission (millionths of a charge), checked."""
+    if isinstance(rate, bool) or not isinstance(rate, int) or not 0 <= rate <= MAX_COMMISSION:
+        raise ValueError(f"the trusted commission is 0 to {MAX_COMMISSION // 10_000} percent")
+    return rate
 
 
 def decodeQuote(answer):
@@ -129,11 +129,12 @@ class Attestations:
     log = Logger()
 
     def __init__(self, reactor, store, board, cas=(), every=DEFAULT_EVERY,
-                 timeout=ANSWER_TIMEOUT, commission=0.0, library=None, imagekeys=None):
+                 timeout=ANSWER_TIMEOUT, commission=0, library=None, imagekeys=None):
         """
         @param cas: the TPM vendor CAs the operator trusts (x509
             certificates); none: the market takes no enrolment.
-        @param commission: the operator's trusted commission, percent.
+        @param commission: the operator's trusted commission, in millionths
+            of each charge of a trusted lease.
         @param library: the evidence library (L{cpushare.attest}: an object
             with C{evidence} and C{EvidenceError}); None: imported when first used.
         @param imagekeys: the keys of encrypted images (C{unsealed(account,
@@ -145,7 +146,7 @@ class Attestations:
         self.cas = list(cas)
         self.every = float(every)
         self.timeout = float(timeout)
-        self.commissionPpm = commissionPpm(commission)
+        self.commissionPpm = checkCommission(commission)
         self._library = library
         self.imagekeys = imagekeys
         self.orders = None

@@ -179,6 +179,9 @@ class Market(Service):
             self.cpubench.forCanaries = bool(self.canaries.every)
             await self.cpubench.prepare(self.cpuBenchFolder)
         self.orders.measuresCPU = self.cpubench.enabled
+        if self.attestations.imagekeys is None:
+            # The keys of encrypted images, when the market keeps them.
+            self.attestations.imagekeys = getattr(self, "imagekeys", None)
 
     def sellers(self):
         """The sellers online now, ordered by session."""
