@@ -528,3 +528,42 @@ def test_the_server_options_of_trusted_computing(tmp_path):
                       (["--attest-every", "1"], "--attest-every must be 10 to 86400")):
         with pytest.raises(usage.UsageError, match=text):
             Options().parseOptions(["--data", str(tmp_path)] + bad)
+
+
+def test_the_operator_keeps_the_tpm_policy_and_sees_the_enrolled_sellers(conn, capsys):
+    from cpushare.server import admin
+    from cpushare.server.db import store
+    from test.unit.test_ledger import adminArguments
+
+    def main(*words):
+        code = admin.main(adminArguments(conn) + list(words))
+        out, err = capsys.readouterr()
+        return code, out + err
+
+    qemu = "ab" * 32
+    assert main("tpm-policy", "add", "qemu", qemu.upper()) == \
+        (0, f"allowed: qemu {qemu}\nfirmware: none allowed\nkernel: none allowed\n"
+            f"qemu: {qemu}\nclient: none allowed\n")
+    code, out = main("tpm-policy", "add", "qemu", qemu)
+    assert (code, out) == (1, f"cpushare-admin: qemu {qemu} is already allowed\n")
+    for words, text in ((("add", "bios", qemu), "'bios' is not a kind"),
+                        (("add", "qemu", "xyz"), "'xyz' is not a sha256 digest"),
+                        (("remove", "client", qemu), f"client {qemu} is not allowed"),
+                        (("any-firmware", "maybe"), "takes yes or no")):
+        code, out = main("tpm-policy", *words)
+        assert code == 1 and text in out, out
+    code, out = main("tpm-policy", "any-firmware", "yes")
+    assert "firmware: any\nkernel: any\n" in out
+    assert store.transact(conn, tpmsql.policy)["allow_any_firmware"] is True
+    code, out = main("tpm-policy", "remove", "qemu", qemu)
+    assert "no longer allowed" in out and "qemu: none allowed" in out
+    account = store.transact(conn, store.createAccount, "sam", "cd" * 32)
+    assert store.transact(conn, tpmsql.enrol, "00" * 34, account, "cd" * 32, "ef" * 32,
+                          "CN=Vendor CA", "0011") is None
+    assert store.transact(conn, tpmsql.enrol, "00" * 34, account + 1, "aa" * 32, "ef" * 32,
+                          "CN=Vendor CA", "0011") == \
+        "this attestation key is enrolled by another account"
+    store.transact(conn, tpmsql.recordResult, "00" * 34, None, "not attested: no answer")
+    code, out = main("tpm-sellers")
+    assert code == 0 and "sam" in out and "by CN=Vendor CA" in out
+    assert "last: not attested: no answer" in out
