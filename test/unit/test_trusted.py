@@ -567,3 +567,32 @@ def test_the_operator_keeps_the_tpm_policy_and_sees_the_enrolled_sellers(conn, c
     code, out = main("tpm-sellers")
     assert code == 0 and "sam" in out and "by CN=Vendor CA" in out
     assert "last: not attested: no answer" in out
+
+
+def test_the_command_line_asks_for_trusted_sellers_and_shows_them():
+    from cpushare.client.cli.main import parser
+    from cpushare.client.cli.market import formatSellers
+    from cpushare.client.cli.screens import screenArguments
+    from cpushare.client.cli.vms import formatDryRun
+
+    for argv in (["sellers", "--trusted"], ["order", "place", "--image", "x.iso", "--trusted"]):
+        assert screenArguments(parser().parse_args(argv)) == {"trusted": True}
+    assert screenArguments(parser().parse_args(["sellers"])) == {}
+    seller = {"name": "sam", "price": 10_000, "net_fee": 0, "cores": 2, "free_cores": 2,
+              "memory": 1024, "free_memory": 1024, "rating": 0.5, "votes": 2,
+              "connected": 0.0, "trusted_price": 15_000,
+              "trust": "has no TPM enrolled (cpushare-seller --tpm)"}
+    # No seller with a TPM: the table is as it always was.
+    assert "TRUSTED" not in formatSellers([seller], 60.0)
+    attested = dict(seller, name="tina", trust=None, attested=30.0)
+    failed = dict(seller, name="fred", trust="not attested: no answer")
+    lines = formatSellers([seller, attested, failed], 90.0).splitlines()
+    assert lines[0].split()[-2:] == ["TRUSTED", "TRUSTED/CORE-H"]
+    assert lines[1].split()[-2:] == ["-", "-"]
+    assert lines[2].split()[-3:] == ["60s", "ago", "0.015"]
+    assert lines[3].split()[-2:] == ["failed", "0.015"]
+    out = formatDryRun({"allocated": 1, "hold": 1000, "premium": 26_000,
+                        "plan": [{"group": 1, "seller": "tina", "price": 36_000,
+                                  "hold": 1000}]}, 1, None)
+    assert out.splitlines()[-1] == ("trusted computing costs 0.026 more an hour for these VMs"
+                                    " at full tilt than their sellers' normal prices")
