@@ -6,6 +6,7 @@ of test/fakeattest.py; the real library is tested against swtpm.
 """
 
 import json
+import re
 import os
 
 from twisted.internet import defer
@@ -13,6 +14,8 @@ from twisted.internet import defer
 from cpushare.client.seller.trusted import TrustedSeller, packageDigest
 from cpushare.money import cost
 from cpushare.protocol import commands
+from cpushare.money import MICRO
+from cpushare.server import admin
 from cpushare.server.db import tpmsql
 from cpushare.server.money import ledger
 
@@ -105,17 +108,18 @@ class ImageKeys:
         return self.keys.get((account, sha256))
 
 
-class TrustedCase(OrderCase):
+ATTESTATIONS = {"cas": [b"vendor-ca"], "library": fakeattest, "every": EVERY,
+                "timeout": TIMEOUT, "commission": 100_000}
+
+
+class TrustedSellers:
+    """A market that enrols the stand-in TPMs, with a policy that lets them pass."""
 
     def makeMarket(self, **kw):
         self.imagekeys = ImageKeys()
-        OrderCase.makeMarket(self, attestations={
-            "cas": [b"vendor-ca"], "library": fakeattest, "every": EVERY,
-            "timeout": TIMEOUT, "commission": 100_000, "imagekeys": self.imagekeys}, **kw)
+        super().makeMarket(attestations=dict(ATTESTATIONS, imagekeys=self.imagekeys), **kw)
 
-    @defer.inlineCallbacks
-    def setUp(self):
-        yield OrderCase.setUp(self)
+    async def allowHonestSellers(self):
         self.qemu = os.path.join(self.folder, "qemu-system-x86_64")
         with open(self.qemu, "wb") as f:
             f.write(b"\x7fELF a QEMU")
@@ -123,23 +127,33 @@ class TrustedCase(OrderCase):
         self.qemuDigest = fileDigest(self.qemu)
         for kind, digest in (("firmware", "f" * 64), ("kernel", "e" * 64),
                              ("qemu", self.qemuDigest), ("client", CLIENT)):
-            yield self.store.run(tpmsql.allow, kind, digest)
+            await self.store.run(tpmsql.allow, kind, digest)
 
-    @defer.inlineCallbacks
-    def trustedSeller(self, who, tpm=None, price=10_000, trusted_price=15_000, cores=2,
-                      enrol=True):
+    async def trustedSeller(self, who, tpm=None, price=10_000, trusted_price=15_000, cores=2,
+                            enrol=True):
         """A seller program of C{who} with a TPM, enrolled and attested (with C{enrol})."""
-        session = yield self.connect("seller", *who, sessionClass=TrustedProgram)
+        session = await self.connect("seller", *who, sessionClass=TrustedProgram)
         session.tpm = tpm or fakeattest.FakeTPM(b"vendor-ca")
         session.trusted = TrustedSeller(self.reactor, FakeTPMService(session.tpm), self.folder,
                                         self.qemu, running=lambda: 1,
                                         onImageKey=session.keys.__setitem__)
-        yield self.call(session, commands.Offer, cores=cores, memory=4096, price=price,
-                        trusted_price=trusted_price)
+        await session.control.callRemote(commands.Offer, cores=cores, memory=4096, price=price,
+                                         trusted_price=trusted_price)
         if enrol:
-            yield defer.ensureDeferred(session.trusted.enrol(session))
-            yield self.sleep(0.1)
+            await defer.ensureDeferred(session.trusted.enrol(session))
+            await self.sleep(0.1)
         return session
+
+
+class TrustedCase(TrustedSellers, OrderCase):
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield OrderCase.setUp(self)
+        yield defer.ensureDeferred(self.allowHonestSellers())
+
+    def trustedSeller(self, *a, **kw):
+        return defer.ensureDeferred(TrustedSellers.trustedSeller(self, *a, **kw))
 
     def order(self, vms=1, **kw):
         return self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=vms, cores=1,
@@ -596,3 +610,57 @@ def test_the_command_line_asks_for_trusted_sellers_and_shows_them():
                                   "hold": 1000}]}, 1, None)
     assert out.splitlines()[-1] == ("trusted computing costs 0.026 more an hour for these VMs"
                                     " at full tilt than their sellers' normal prices")
+
+
+from test.unit.test_site_buyer import BuyerPagesCase  # noqa: E402
+
+
+class TrustedPagesTests(TrustedSellers, BuyerPagesCase):
+    """The web site's Trusted computing checkbox, its premium, and the market page."""
+
+    async def setUp(self):
+        await BuyerPagesCase.setUp(self)
+        await self.allowHonestSellers()
+        self.tina = await self.trustedSeller(await self.register("tina"), price=10_000,
+                                             trusted_price=36_000)
+        await self.seller("sam")
+        self.alice = await self.loggedIn("alice")
+        await self.store.run(admin.credit, "alice", 100 * MICRO, "funds for the tests")
+        self.sha = await self.imageOf(self.alice)
+
+    async def test_the_checkbox_reviews_the_premium_and_places_on_attested_sellers(self):
+        page = await self.alice.get("/orders/new")
+        self.assertIn('<input type="checkbox" name="trusted" value="1"> Trusted computing',
+                      page.text)
+        page = await self.alice.get(f"/orders/new?image={self.sha}&vms=1&cores=1&memory=256"
+                                    "&trusted=1&review=1")
+        self.assertEqual(page.status, 200, page)
+        self.assertIn('name="trusted" value="1" checked', page.text)
+        self.assertIn("Trusted computing costs <strong>0.026</strong> more an hour", page.text)
+        self.assertIn("<td>tina</td>", page.text)
+        self.assertNotIn("<td>sam</td>", page.text)
+        fields = dict(re.findall(r'<input type="hidden" name="([a-z_]+)" value="([^"]*)">',
+                                 page.text))
+        self.assertEqual(fields["trusted"], "1")
+        placed = await self.alice.post("/orders", fields)
+        self.assertEqual(placed.status, 303, placed)
+        start = await self.within(self.tina.started.get())
+        self.assertEqual(start["image"], self.sha)
+        # Without the box: the cheaper untrusted price, no premium.
+        page = await self.alice.get(f"/orders/new?image={self.sha}&vms=1&cores=1&memory=256"
+                                    "&review=1")
+        self.assertEqual(page.status, 200, page)
+        self.assertNotIn("Trusted computing costs", page.text)
+
+    async def test_the_market_page_shows_who_is_attested_and_screens_on_it(self):
+        page = await self.alice.get("/?trusted=1&explain=1")
+        self.assertEqual(page.status, 200, page)
+        self.assertIn("<td>attested just now</td>", page.text)
+        self.assertIn('<td class="num">0.036</td>', page.text)
+        self.assertIn("has no TPM enrolled (cpushare-seller --tpm)", page.text)
+        self.assertIn("1 of the sellers online pass these screens", page.shown)
+        for bad in ("maybe", "2"):
+            page = await self.alice.get(f"/orders/new?image={self.sha}&vms=1&cores=1"
+                                        f"&memory=256&trusted={bad}&review=1")
+            self.assertEqual(page.status, 400, page)
+            self.assertIn("trusted must be true or false", page.shown)

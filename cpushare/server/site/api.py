@@ -276,7 +276,7 @@ SCREENS = {
     "max_price": integer(), "min_rating": number, "max_latency": number,
     "min_bandwidth": number, "min_cpu": number, "countries": texts(8),
     "not_countries": texts(8), "max_net_fee": integer(), "traffic": number,
-    "min_validated": integer(),
+    "min_validated": integer(), "trusted": boolean,
 }
 REPLICAS = {"replicas": integer(), "diverse": texts(16, 8)}
 BEFORE = {"before": integer(1, MAX_ID)}
