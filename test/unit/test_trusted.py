@@ -252,6 +252,18 @@ class EnrolmentTests(TrustedCase):
         self.assertIn("enrolled by another account", str(e.exception))
 
     @defer.inlineCallbacks
+    def test_a_connection_enrols_a_few_times_at_most(self):
+        seller = yield self.trustedSeller(self.sam, enrol=False)
+        tpm = seller.tpm
+        for _ in range(3):
+            yield self.call(seller, commands.EnrolTPM, ek_cert=tpm.ekCert,
+                            ek_public=tpm.ekPublic, ak_public=tpm.akPublic)
+        with self.assertRaises(commands.NotPermitted) as e:
+            yield self.call(seller, commands.EnrolTPM, ek_cert=tpm.ekCert,
+                            ek_public=tpm.ekPublic, ak_public=tpm.akPublic)
+        self.assertIn("at most 3 TPM enrolments a connection", str(e.exception))
+
+    @defer.inlineCallbacks
     def test_a_buyer_or_command_line_cannot_enrol(self):
         tpm = fakeattest.FakeTPM(b"vendor-ca")
         with self.assertRaises(commands.BadRequest) as e:
@@ -664,3 +676,32 @@ class TrustedPagesTests(TrustedSellers, BuyerPagesCase):
                                         f"&memory=256&trusted={bad}&review=1")
             self.assertEqual(page.status, 400, page)
             self.assertIn("trusted must be true or false", page.shown)
+
+
+class ReconnectTests(TrustedCase):
+
+    @defer.inlineCallbacks
+    def test_a_seller_that_reconnects_is_attested_again_or_its_lease_stops(self):
+        seller = yield self.trustedSeller(self.sam)
+        [vmId] = (yield self.order(vms=1, trusted=True))["vm_ids"]
+        yield self.within(seller.started.get())
+        yield self.close(seller)
+        yield self.sleep(5)
+        back = yield self.trustedSeller(self.sam, tpm=seller.tpm)
+        kept = yield self.call(back, commands.ReattachVMs, vms=[vmId])
+        self.assertEqual(kept["keep"], [vmId])
+        reconnected = self.reactor.seconds()
+        yield self.sleep(TIMEOUT + 1)
+        [lease] = yield self.lease(vmId)
+        self.assertGreater(lease["attested"], reconnected)
+        self.assertEqual([a[0] for a in back.asked if a[0] is not None], [vmId])
+        # Back again, without enrolling its TPM this time: the lease stops.
+        yield self.close(back)
+        yield self.sleep(1)
+        bare = yield self.trustedSeller(self.sam, tpm=seller.tpm, enrol=False)
+        yield self.call(bare, commands.ReattachVMs, vms=[vmId])
+        stopped = yield self.within(bare.stopped.get(), TIMEOUT + 5)
+        self.assertEqual(stopped, vmId)
+        vms = (yield self.call(self.cli, commands.ListVMs, all=True))["vms"]
+        self.assertEqual(vms[0]["reason"],
+                         "not attested: its seller's TPM is not enrolled on its connection")

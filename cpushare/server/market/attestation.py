@@ -60,6 +60,8 @@ MAX_COMMISSION = 500_000
 NONCE_SIZE = commands.NONCE_SIZE
 NOT_ENROLLED = "has no TPM enrolled (cpushare-seller --tpm)"
 MAX_PCRS = 32
+# EnrolTPM commands one connection may send (each costs the market CPU).
+MAX_ENROLMENTS = 3
 
 
 class Refused(Exception):
@@ -190,6 +192,10 @@ class Attestations:
         if not self.cas:
             raise NotPermitted("this market enrols no TPM: its operator trusts no TPM vendor"
                                " CA (the server's --tpm-ca)")
+        session.tpmEnrolments = getattr(session, "tpmEnrolments", 0) + 1
+        if session.tpmEnrolments > MAX_ENROLMENTS:
+            raise NotPermitted(f"at most {MAX_ENROLMENTS} TPM enrolments a connection:"
+                               " connect again")
         evidence = self.library.evidence
         try:
             akName = await self._cpu(evidence.verifyEnrolment, ekCert, ekPublic, akPublic,
@@ -358,6 +364,18 @@ class Attestations:
             self.every, self._reattest, vm, seller, leaseId)
         return None
 
+    def resume(self, vm, seller, leaseId):
+        """
+        Trusted lease C{leaseId} of C{vm} runs on again on C{seller} (a new
+        connection, or after a restart): attested again once the seller had
+        C{timeout} seconds to enrol, then every C{every} seconds.
+        """
+        old = self._calls.pop(leaseId, None)
+        if old is not None and old.active():
+            old.cancel()
+        self._calls[leaseId] = self.reactor.callLater(
+            min(self.every, self.timeout), self._reattest, vm, seller, leaseId)
+
     def _reattest(self, vm, seller, leaseId):
         self._calls.pop(leaseId, None)
         if vm.leaseId != leaseId or vm.seller is not seller or not vm.active:
@@ -366,12 +384,13 @@ class Attestations:
         d.addErrback(lambda f: self.log.failure("attesting VM {vm}", f, vm=vm.id))
 
     async def _again(self, vm, seller, leaseId):
-        attested = await self.attest(seller, vm) if seller.connected else None
+        trust = getattr(seller, "trust", None) if seller.connected else None
+        attested = None if trust is None else await self.attest(seller, vm)
         if vm.leaseId != leaseId or not vm.active:
             return
         if attested is None:
-            why = seller.trust.untrusted if seller.connected else \
-                "not attested: the seller disconnected"
+            why = trust.untrusted if trust is not None else \
+                "not attested: its seller's TPM is not enrolled on its connection"
             self.orders.attestationFailed(vm, why)
             return
         await self.store.run(leasesql.setAttested, leaseId, self.reactor.seconds())

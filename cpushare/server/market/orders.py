@@ -1110,6 +1110,9 @@ class Orders:
                 vm.graceCall.cancel()
             vm.graceCall = None
             self._bindSeller(vm, seller)
+            if vm.screens.trusted and vm.leaseId is not None and self.attestations is not None:
+                # Its seller's new connection must attest it again, soon.
+                self.attestations.resume(vm, seller, vm.leaseId)
             if vm.state == VMState.DETACHED and self._move(vm, VMState.RUNNING):
                 vm.reason = None
             buyer = self.buyerSession(vm.buyerId)
