@@ -450,6 +450,13 @@ class FailClosedTests(TrustedCase):
             seller, vmId, r"^not attested: the event log does not replay to the quoted PCR 23$")
 
     @defer.inlineCallbacks
+    def test_a_malformed_answer_stops_the_lease(self):
+        seller, vmId = yield self.startTrusted()
+        seller.tamper = lambda answer, vm: dict(answer, pcrs=b'{"23": "not hex"}')
+        yield self.failsAndStopsCharging(
+            seller, vmId, r"^not attested: the quote's PCR values or event log are malformed")
+
+    @defer.inlineCallbacks
     def test_a_changed_client_mid_lease_stops_the_lease(self):
         seller, vmId = yield self.startTrusted()
         seller.tpm.measure("client", "c" * 64, "cpushare")

@@ -174,6 +174,8 @@ class SellerControl(ClientControl):
 
     @commands.Attest.responder
     def attest(self, nonce, vm=None, image=None):
+        if vm is not None:
+            marketchecks.checkVMId("Attest", vm)
         return trusted.responder(self.session, "attest", nonce, vm, image)
 
     @commands.BindingKey.responder

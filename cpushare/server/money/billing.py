@@ -28,6 +28,13 @@ hold is made.  Every C{interval} seconds each lease is billed:
    may carry before the hold, less one interval of CPU at full tilt, is
    spent.  The relay drops the frames past it and the VM is stopped.
 
+A trusted lease (one of an order placed with --trusted) is billed the
+same way, but its wall time ends at its last good TPM quote
+(C{attested}): a lease whose attestation fails is never charged past the
+quote before, and the operator's trusted commission (C{commission_ppm})
+goes from each of its charges to the market's commission account in the
+charge's own transaction.
+
 When the buyer's funds (or the order's budget) can no longer hold one
 billing interval at full tilt, the VM is stopped with a notice: it never
 runs on credit, and because one interval at full tilt is always held, the
