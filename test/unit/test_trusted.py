@@ -6,6 +6,7 @@ of test/fakeattest.py; the real library is tested against swtpm.
 """
 
 import json
+import pytest
 import re
 import os
 
@@ -712,3 +713,60 @@ class ReconnectTests(TrustedCase):
         vms = (yield self.call(self.cli, commands.ListVMs, all=True))["vms"]
         self.assertEqual(vms[0]["reason"],
                          "not attested: its seller's TPM is not enrolled on its connection")
+
+
+def test_the_seller_options_of_trusted_computing(monkeypatch):
+    import pytest
+    from twisted.python import usage
+    from cpushare.client.home import Home
+    from cpushare.client.options import ClientOptions
+    from cpushare.client.seller.service import Options
+
+    def noAccount(self):
+        self.home = Home("/nonexistent")
+
+    monkeypatch.setattr(ClientOptions, "postOptions", noAccount)
+    with pytest.raises(usage.UsageError, match="--trusted-price is the price of trusted"
+                                               " leases: give --tpm too"):
+        Options().parseOptions(["--trusted-price", "0.02"])
+    with pytest.raises(usage.UsageError, match="--trusted-price: "):
+        Options().parseOptions(["--tpm", "/dev/tpmrm0", "--trusted-price", "free"])
+    options = Options()
+    options.parseOptions(["--tpm", "/dev/tpmrm0", "--trusted-price", "0.02", "--price", "0.01"])
+    assert options.terms == {"price": 10_000, "trusted_price": 20_000}
+    assert options["tpm"] == "/dev/tpmrm0"
+    options = Options()
+    options.parseOptions([])
+    assert options["tpm"] is None and "trusted_price" not in options.terms
+
+
+def test_the_seller_measures_once_and_begins_again_when_no_vm_runs(tmp_path):
+    from test.fakemarket import MemoryReactor
+    from cpushare.client.seller.trusted import fileDigest
+
+    qemu = tmp_path / "qemu"
+    qemu.write_bytes(b"QEMU")
+    tpm = FakeTPMService(fakeattest.FakeTPM())
+    vms = []
+    seller = TrustedSeller(MemoryReactor(), tpm, str(tmp_path), str(qemu),
+                           running=lambda: len(vms))
+
+    def quote(vm=None, image=None):
+        d = defer.ensureDeferred(seller.attest(b"n" * 32, vm, image))
+        return json.loads(d.result["events"])
+
+    image = "ab" * 32
+    vms.append(7)
+    events = quote(7, image)
+    assert [(e["kind"], e["digest"]) for e in events if e["pcr"] == 23] == [
+        ("client", CLIENT), ("qemu", fileDigest(str(qemu))), ("image", image)]
+    # Measured once while the PCR holds it; a seller-wide quote with a VM running keeps it.
+    assert quote(7, image) == events and quote() == events
+    assert tpm.resets == 0
+    vms.clear()
+    events = quote()
+    assert tpm.resets == 1
+    assert [e["kind"] for e in events if e["pcr"] == 23] == ["client", "qemu"]
+    refused = []
+    defer.ensureDeferred(seller.attest(b"short")).addErrback(refused.append)
+    assert str(refused[0].value) == "Attest: a nonce is 16 to 64 bytes"
