@@ -18,6 +18,7 @@ from cpushare.protocol import commands
 from cpushare.money import MICRO
 from cpushare.server import admin
 from cpushare.server.db import tpmsql
+from cpushare.server.site import api
 from cpushare.server.money import ledger
 
 from test import fakeattest
@@ -770,3 +771,21 @@ def test_the_seller_measures_once_and_begins_again_when_no_vm_runs(tmp_path):
     refused = []
     defer.ensureDeferred(seller.attest(b"short")).addErrback(refused.append)
     assert str(refused[0].value) == "Attest: a nonce is 16 to 64 bytes"
+
+    async def test_a_seller_sets_its_trusted_price_on_its_page(self):
+        sam = await self.loggedIn("sam")
+        token = (await sam.get("/seller")).csrf()
+        page = await sam.post("/seller/terms", {"price": "0.01", "trusted_price": "0.025",
+                                                "csrf": token})
+        self.assertEqual((page.status, page.location), (303, "/seller?terms=changed"))
+        account = await self.accountNamed("sam")
+        self.assertEqual((await api.call(self.market, account, "terms"))["trusted_price"],
+                         25_000)
+        page = await sam.get("/seller")
+        self.assertIn('name="trusted_price" type="text" inputmode="decimal" maxlength="20"'
+                      ' value="0.025"', page.text)
+        for bad, message in (("0", "the trusted price must be above 0"),
+                             ("lots", "trusted price: 'lots' is not an amount")):
+            page = await sam.post("/seller/terms", {"trusted_price": bad, "csrf": token})
+            self.assertEqual(page.status, 400, page)
+            self.assertIn(message, page.text)
