@@ -17,7 +17,8 @@ installed cpushare package's files), the QEMU program it runs, and for a
 lease the buyer's image (its sha256, which the image cache checks every
 image against).  Each is measured once while the PCR holds it; the PCR is
 reset (and the log begun again) at a seller-wide attestation when no VM
-runs, so the log stays small.
+runs (and before the first quote: the PCR may hold what an earlier run
+of the seller extended), so the log stays small and replays.
 """
 
 import hashlib
@@ -99,7 +100,7 @@ class TrustedSeller:
         self.qemu = qemu
         self.running = running
         self.onImageKey = onImageKey
-        self.measured = set()       # (kind, digest) in the PCR now
+        self.measured = None        # (kind, digest) in the PCR now; None: not reset yet
         self.bindings = {}          # vm id -> its binding key (BindingKey's answer)
         self._digests = None
 
@@ -139,9 +140,10 @@ class TrustedSeller:
         """Attest's answer: measure what runs the VM (and C{image}), then quote C{nonce}."""
         if not 16 <= len(nonce) <= 64:
             raise BadRequest("Attest: a nonce is 16 to 64 bytes")
-        if vm is None and not self.running() and self.measured:
+        if self.measured is None or (vm is None and not self.running() and self.measured):
+            # What an earlier run extended is not in this log: begin again.
             await self.tpm.resetClientPCR()
-            self.measured.clear()
+            self.measured = set()
         client, qemu = await self.digests()
         await self._measure("client", client, "cpushare")
         await self._measure("qemu", qemu, os.path.basename(self.qemu))
