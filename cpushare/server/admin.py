@@ -13,7 +13,7 @@ cpushare-admin: the operator's tool, working on the market's database.
     cpushare-admin [--data DIR | --db URL] credit-payment PAYPAL_ID
     cpushare-admin [--data DIR | --db URL] web-admin NAME [--remove]
     cpushare-admin [--data DIR | --db URL] tpm-policy [add|remove KIND DIGEST | any-firmware yes|no]
-    cpushare-admin [--data DIR | --db URL] tpm-sellers
+    cpushare-admin [--data DIR | --db URL] tpm-sellers | tpm-forget NAME
 
 The database is the server's: the SQLite file market.sqlite in --data, or
 the one --db names (the same URL as the server's --db).
@@ -27,7 +27,8 @@ the seller's computer, the QEMU program and the seller's client), and
 whether any firmware and kernel may pass; `add` and `remove` change it, and
 the running market checks every later quote against it.  `tpm-sellers`
 lists the enrolled TPM attestation keys, their accounts and how their last
-attestation went.
+attestation went; `tpm-forget` forgets an account's keys, so that its
+seller enrols again (after `cpushare rekey`, or a new TPM).
 
 `books` proves the ledger: every entry summed is zero, every transaction
 balances, no owner's account is below zero, and the leases agree with it
@@ -103,6 +104,9 @@ def main(argv=None):
                     choices=("list", "add", "remove", "any-firmware"))
     tp.add_argument("values", nargs="*", metavar="KIND DIGEST | yes|no")
     sub.add_parser("tpm-sellers", help="list the sellers' enrolled TPM attestation keys")
+    tf = sub.add_parser("tpm-forget", help="forget an account's TPM keys: its seller enrols"
+                        " again")
+    tf.add_argument("name")
     args = p.parse_args(argv)
     try:
         return run(args)
@@ -151,7 +155,7 @@ def run(args):
             print(f"credited {ledger.formatAmount(amount)} to {args.name}")
         elif args.command == "books":
             return printBooks(store.transact(conn, checkBooks))
-        elif args.command in ("tpm-policy", "tpm-sellers"):
+        elif args.command in ("tpm-policy", "tpm-sellers", "tpm-forget"):
             trusted(conn, args)
         elif args.command == "web-admin":
             if not store.transact(conn, websql.setWebAdmin, args.name, not args.remove):
@@ -169,6 +173,13 @@ def run(args):
 
 def trusted(conn, args):
     """The trusted computing policy and the enrolled sellers."""
+    if args.command == "tpm-forget":
+        n = store.transact(conn, tpmsql.forget, args.name)
+        if not n:
+            raise Refused(f"account {args.name!r} has no TPM key enrolled")
+        print(f"forgot {n} TPM key{'s' if n > 1 else ''} of {args.name}: its seller enrols"
+              " again when it next connects")
+        return
     if args.command == "tpm-sellers":
         for k in store.transact(conn, tpmsql.enrolled):
             print(f"{k['account']:<32}  key {k['ak_name'][:16]}  enrolled {k['enrolled']}"

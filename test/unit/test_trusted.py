@@ -602,6 +602,11 @@ def test_the_operator_keeps_the_tpm_policy_and_sees_the_enrolled_sellers(conn, c
     code, out = main("tpm-sellers")
     assert code == 0 and "sam" in out and "by CN=Vendor CA" in out
     assert "last: not attested: no answer" in out
+    assert main("tpm-forget", "sam") == \
+        (0, "forgot 1 TPM key of sam: its seller enrols again when it next connects\n")
+    assert main("tpm-forget", "sam") == (1, "cpushare-admin: account 'sam' has no TPM key"
+                                             " enrolled\n")
+    assert main("tpm-sellers") == (0, "")
 
 
 def test_the_command_line_asks_for_trusted_sellers_and_shows_them():

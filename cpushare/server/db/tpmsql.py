@@ -68,6 +68,13 @@ def enrolled(cursor):
     return [dict(zip(keys, row)) for row in cursor.fetchall()]
 
 
+def forget(cursor, accountName):
+    """Forget the keys enrolled by the account named C{accountName}; returns how many."""
+    cursor.execute("DELETE FROM tpm_keys WHERE account_id IN"
+                   " (SELECT id FROM accounts WHERE name = ?)", (accountName,))
+    return cursor.rowcount
+
+
 def policy(cursor):
     """The operator's policy as JSON-able data: {kind: [digests]} and allow_any_firmware."""
     found = {kind: [] for kind in KINDS}
