@@ -137,7 +137,7 @@ def verifyQuote(akPublic, quote, nonce, policy):
                             " key")
     if not attest.startswith(MAGIC):
         raise EvidenceError("format", "the quote is not a TPM-generated quote")
-    body = attest[len(MAGIC):]
+    body, clock = attest[len(MAGIC):-12], attest[-12:]
     if body[:len(nonce)] != nonce or len(body) != len(nonce) + 32:
         raise EvidenceError("nonce", "the quote's nonce is not the one asked for (a replayed"
                             " quote)")
@@ -156,6 +156,8 @@ def verifyQuote(akPublic, quote, nonce, policy):
     policy.check(events)
     return Attested(
         pcrs=pcrs, events=events,
+        clock={"clock": int.from_bytes(clock[:8], "big"),
+               "resetCount": int.from_bytes(clock[8:], "big")},
         client=tuple(e["digest"] for e in events if e["kind"] == "client"),
         qemu=tuple(e["digest"] for e in events if e["kind"] == "qemu"),
         images=tuple(e["digest"] for e in events if e["kind"] == "image"))
@@ -195,6 +197,8 @@ class FakeTPM:
                      {"pcr": 4, "kind": "kernel", "digest": "e" * 64, "what": "vmlinuz"}]
         self.events = []
         self.keys = {}
+        self.clock = 1000
+        self.resetCount = 1
 
     def activate(self, challenge):
         if challenge["credential_blob"] != akNameOf(self.akPublic):
@@ -214,7 +218,9 @@ class FakeTPM:
 
     def quote(self, nonce):
         pcrs = self.pcrs()
-        attest = MAGIC + nonce + pcrDigest(pcrs)
+        self.clock += 1
+        attest = MAGIC + nonce + pcrDigest(pcrs) + self.clock.to_bytes(8, "big") + \
+            self.resetCount.to_bytes(4, "big")
         return {"attest": attest, "signature": _sign(self.akPublic, attest), "pcrs": pcrs,
                 "events": list(self.boot + self.events)}
 

@@ -452,6 +452,20 @@ class FailClosedTests(TrustedCase):
             seller, vmId, r"^not attested: the event log does not replay to the quoted PCR 23$")
 
     @defer.inlineCallbacks
+    def test_a_tpm_reset_under_a_running_lease_stops_it(self):
+        seller, vmId = yield self.startTrusted()
+        seller.tpm.resetCount += 1
+        yield self.failsAndStopsCharging(
+            seller, vmId, r"^not attested: the TPM was reset since the lease's last quote")
+
+    @defer.inlineCallbacks
+    def test_a_tpm_clock_going_back_stops_the_lease(self):
+        seller, vmId = yield self.startTrusted()
+        seller.tpm.clock -= 100
+        yield self.failsAndStopsCharging(
+            seller, vmId, r"^not attested: the TPM's clock went back since the lease's last")
+
+    @defer.inlineCallbacks
     def test_a_malformed_answer_stops_the_lease(self):
         seller, vmId = yield self.startTrusted()
         seller.tamper = lambda answer, vm: dict(answer, pcrs=b'{"23": "not hex"}')

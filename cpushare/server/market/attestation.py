@@ -106,6 +106,21 @@ def checkCommission(rate):
     return rate
 
 
+def clockOf(attested):
+    """
+    (resetCount, clock) of a quote's TPM clock information, or None when
+    the library gives none.
+    """
+    info = getattr(attested, "clock", None)
+    if info is None:
+        return None
+    get = info.get if isinstance(info, dict) else lambda name: getattr(info, name, None)
+    reset, clock = get("resetCount"), get("clock")
+    if not isinstance(reset, int) or not isinstance(clock, int):
+        return None
+    return reset, clock
+
+
 def decodeQuote(answer):
     """An Attest answer as the quote dict of verifyQuote; L{Refused} when malformed."""
     try:
@@ -154,6 +169,7 @@ class Attestations:
         self.orders = None
         self.random = os.urandom
         self._calls = {}            # lease id -> its next attestation
+        self._clocks = {}           # lease id -> its last quote's L{clockOf}
 
     # -- the library, behind one seam
 
@@ -184,6 +200,7 @@ class Attestations:
             if call.active():
                 call.cancel()
         self._calls.clear()
+        self._clocks.clear()
 
     # -- enrolment
 
@@ -285,13 +302,34 @@ class Attestations:
             evidence = self.library.evidence
             attested = await self._cpu(evidence.verifyQuote, trust.akPublic, quote, nonce,
                                        evidence.Policy.fromJSON(policy))
-            if vm is not None and vm.image not in set(getattr(attested, "images", ()) or ()):
-                raise Refused(f"the quote does not measure this lease's image {vm.image[:16]}...")
+            if vm is not None:
+                if vm.image not in set(getattr(attested, "images", ()) or ()):
+                    raise Refused(f"the quote does not measure this lease's image"
+                                  f" {vm.image[:16]}...")
+                self._checkClock(vm.leaseId, attested)
         except Refused as e:
             await self._result(session, trust, None, f"not attested: {e}", vm)
             return None
         await self._result(session, trust, self.reactor.seconds(), None, vm)
         return attested
+
+    def _checkClock(self, leaseId, attested):
+        """
+        A lease's quotes come from one boot of its seller's TPM, its clock
+        going forward: L{Refused} when the TPM was reset or its clock went back.
+        """
+        now = clockOf(attested)
+        if now is None or leaseId is None:
+            return
+        before = self._clocks.get(leaseId)
+        if before is not None:
+            if now[0] != before[0]:
+                raise Refused("the TPM was reset since the lease's last quote (its computer"
+                              " restarted under the VM)")
+            if now[1] < before[1]:
+                raise Refused("the TPM's clock went back since the lease's last quote (an old"
+                              " quote)")
+        self._clocks[leaseId] = now
 
     async def _result(self, session, trust, when, why, vm):
         changed = (trust.untrusted is None) != (why is None)
@@ -378,7 +416,10 @@ class Attestations:
 
     def _reattest(self, vm, seller, leaseId):
         self._calls.pop(leaseId, None)
-        if vm.leaseId != leaseId or vm.seller is not seller or not vm.active:
+        if vm.leaseId != leaseId or not vm.active:
+            self._clocks.pop(leaseId, None)
+            return
+        if vm.seller is not seller:
             return
         d = defer.ensureDeferred(self._again(vm, seller, leaseId))
         d.addErrback(lambda f: self.log.failure("attesting VM {vm}", f, vm=vm.id))
@@ -391,6 +432,7 @@ class Attestations:
         if attested is None:
             why = trust.untrusted if trust is not None else \
                 "not attested: its seller's TPM is not enrolled on its connection"
+            self._clocks.pop(leaseId, None)
             self.orders.attestationFailed(vm, why)
             return
         await self.store.run(leasesql.setAttested, leaseId, self.reactor.seconds())
