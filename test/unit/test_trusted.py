@@ -22,6 +22,7 @@ from cpushare.server.site import api
 from cpushare.server.money import ledger
 
 from test import fakeattest
+from test.unit.test_billing import market  # noqa: F401 (a fixture)
 from test.unit.test_orders import FakeProgram, FakeSellerControl, OrderCase
 
 EVERY = 100.0
@@ -811,3 +812,36 @@ def test_the_seller_measures_once_and_begins_again_when_no_vm_runs(tmp_path):
     refused = []
     defer.ensureDeferred(seller.attest(b"short")).addErrback(refused.append)
     assert str(refused[0].value) == "Attest: a nonce is 16 to 64 bytes"
+
+
+def test_a_trusted_replicated_lease_keeps_the_commission_and_the_rest_waits(conn, market):
+    """The commission is the market's at each bill; the seller's share waits for the verdict."""
+    from cpushare.server.db import leases as leasesql
+    from cpushare.server.money.billing import bill, openLease
+    from cpushare.server.money.escrow import decide
+    from cpushare.server.money.ledger import EARNINGS, FUNDS, HELD, PENDING
+    from test.unit.test_billing import INTERVAL, PRICE, WINDOW, check, credit, run
+
+    m = market
+    credit(conn, m, 10 * MICRO)
+    leaseId = run(conn, openLease, m["vm"], m["order"], m["alice"], m["sam"], "sam", PRICE,
+                  0, 2, 1000.0, INTERVAL, WINDOW, verdict="pending", trusted=True,
+                  commissionPpm=125_000)
+    run(conn, leasesql.showedLife, leaseId, 1000.0)
+    # Nothing is charged before a quote passed, whatever the seller says.
+    assert run(conn, bill, leaseId, 1200.0, 0, 1600.0).charged == 0
+    run(conn, leasesql.setAttested, leaseId, 1300.0)
+    run(conn, leasesql.setAttested, leaseId, 1200.0)     # never backwards
+    # 300 s of 2 cores up to the last good quote: 600 CPU s at 10 micro-units.
+    assert run(conn, bill, leaseId, 1200.0, 0, 1600.0).charged == 6_000
+    sam = run(conn, ledger.balances, m["sam"])
+    assert (sam[EARNINGS], sam[PENDING]) == (0, 5_250)
+    assert run(conn, ledger.balance, ledger.COMMISSION) == 750
+    check(conn)
+    # Rejected: the seller's share goes back to the buyer; the commission stays.
+    decide_ = run(conn, decide, leaseId, "rejected")
+    assert decide_.amount == 5_250
+    run(conn, bill, leaseId, 1200.0, 0, 1700.0, True)
+    alice = run(conn, ledger.balances, m["alice"])
+    assert (alice[FUNDS], alice[HELD]) == (10 * MICRO - 750, 0)
+    check(conn)
