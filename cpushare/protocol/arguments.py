@@ -81,6 +81,14 @@ class Text(amp.Unicode):
         self.maxLength = maxLength
 
 
+class Blob(amp.String):
+    """Bytes of at most C{maxLength} (TPM evidence: structures, certificates, JSON)."""
+
+    def __init__(self, maxLength, optional=False):
+        amp.String.__init__(self, optional)
+        self.maxLength = maxLength
+
+
 class Sha256(amp.Unicode):
     """A sha256 digest as 64 lowercase hexadecimal characters."""
 
@@ -117,6 +125,10 @@ def checkValue(name, argument, raw):
         return text
     if isinstance(argument, amp.Unicode):
         return checkText(name, raw)
+    if isinstance(argument, Blob):
+        if len(raw) > argument.maxLength:
+            raise BadArgument(f"{name}: longer than {argument.maxLength} bytes")
+        return raw
     if isinstance(argument, amp.ListOf):
         items = _strings(name, raw)
         for i, item in enumerate(items):

@@ -7,7 +7,7 @@ a typed failure with a one-line description it can show a user.
 
 from twisted.protocols import amp
 
-from cpushare.protocol.arguments import Sha256, Text
+from cpushare.protocol.arguments import Blob, Sha256, Text
 
 
 class CPUShareError(Exception):
@@ -135,6 +135,10 @@ TERMS = [
     (b"country", amp.Unicode(optional=True)),
 ]
 
+# The price a core-hour of a seller's trusted (TPM-attested) leases; never
+# given: its price.
+TRUSTED_TERMS = [(b"trusted_price", amp.Integer(optional=True))]
+
 
 # The seller's CPU as its client reads it (/proc/cpuinfo): the vendor, the
 # family and the model, each at most CPU_TEXT characters; for replicas that
@@ -155,7 +159,8 @@ class Offer(amp.Command):
     The seller's CPU (C{CPU}) is what it says; the market cannot check it.
     """
 
-    arguments = [(b"cores", amp.Integer()), (b"memory", amp.Integer())] + TERMS + CPU
+    arguments = [(b"cores", amp.Integer()), (b"memory", amp.Integer())] + TERMS + CPU + \
+        TRUSTED_TERMS
     response = TERMS
     errors = COMMON_ERRORS
 
@@ -181,7 +186,7 @@ class Probe(amp.Command):
 class SetTerms(amp.Command):
     """Change this account's terms as a seller, also while its seller runs."""
 
-    arguments = TERMS
+    arguments = TERMS + TRUSTED_TERMS
     response = TERMS
     errors = COMMON_ERRORS
 
@@ -200,6 +205,8 @@ SCREENS = [
     (b"traffic", amp.Float(optional=True)),
     # At least this many results accepted by verdicts and canaries.
     (b"min_validated", amp.Integer(optional=True)),
+    # Only sellers whose TPM attestation passed, at their trusted prices.
+    (b"trusted", amp.Boolean(optional=True)),
 ]
 
 # Replicated runs: each VM run C{replicas} times on sellers that differ in
@@ -248,6 +255,11 @@ class ListSellers(amp.Command):
             # checked results found wrong (absent before any was checked).
             (b"validated", amp.Integer(optional=True)),
             (b"error_rate", amp.Float(optional=True)),
+            # Its trusted price; when its TPM's last attestation passed
+            # (absent: none did), else why it is not attested.
+            (b"trusted_price", amp.Integer(optional=True)),
+            (b"attested", amp.Float(optional=True)),
+            (b"trust", amp.Unicode(optional=True)),
         ])),
         (b"total", amp.Integer()),
         (b"passing", amp.Integer()),
@@ -475,6 +487,9 @@ class PlaceOrder(amp.Command):
                 (b"allocated", amp.Integer()), (b"waiting", amp.Unicode(optional=True)),
                 (b"explain", amp.ListOf(amp.Unicode(), optional=True)),
                 (b"hold", amp.Integer(optional=True)),
+                # A trusted dry run: what the VMs placed cost more a
+                # VM-hour at full tilt than at their sellers' normal prices.
+                (b"premium", amp.Integer(optional=True)),
                 (b"plan", amp.AmpList([
                     (b"group", amp.Integer()),
                     (b"seller", amp.Unicode()),
@@ -891,3 +906,84 @@ class Payout(amp.Command):
         (b"currency", amp.Unicode()),
     ]
     errors = MONEY_ERRORS
+
+
+# -- trusted computing (docs/protocol.md, "Trusted computing")
+#
+# TPM evidence crosses as bytes (TPM2B-marshalled structures, DER
+# certificates) and JSON; each piece is at most EVIDENCE_MAX bytes, and
+# cpushare.attest checks what is inside.
+
+EVIDENCE_MAX = 60000
+KEY_MAX = 4096
+NONCE_SIZE = 32
+
+
+class EnrolTPM(amp.Command):
+    """
+    Seller to market: enrol this seller's TPM: its endorsement key's
+    certificate (DER) and public area, and the attestation key it made.
+    C{enrolled}: the key is already bound to this account and certificate
+    (nothing more to do); otherwise the market's challenge (MakeCredential
+    to the endorsement key, for the attestation key), answered once with
+    L{ActivateTPM}.  NotPermitted: refused, with the reason.
+    """
+
+    arguments = [(b"ek_cert", Blob(EVIDENCE_MAX)), (b"ek_public", Blob(KEY_MAX)),
+                 (b"ak_public", Blob(KEY_MAX))]
+    response = [(b"enrolled", amp.Boolean()),
+                (b"credential_blob", Blob(KEY_MAX, optional=True)),
+                (b"encrypted_secret", Blob(KEY_MAX, optional=True))]
+    errors = {**COMMON_ERRORS, NotPermitted: b"NOT_PERMITTED"}
+
+
+class ActivateTPM(amp.Command):
+    """
+    Seller to market: the secret ActivateCredential recovered from the
+    challenge of L{EnrolTPM}; right, the attestation key is bound to this
+    account and certificate.  NotPermitted: wrong, or no challenge open.
+    """
+
+    arguments = [(b"secret", Blob(256))]
+    response = []
+    errors = {**COMMON_ERRORS, NotPermitted: b"NOT_PERMITTED"}
+
+
+class Attest(amp.Command):
+    """
+    Market to seller: a TPM quote over C{nonce} (NONCE_SIZE random bytes,
+    asked once) of the boot chain's PCRs and the PCR the seller's client
+    extends, with the event log.  With C{vm}, before and while it runs: the
+    seller first measures the image C{image} it boots for it.  C{pcrs} is
+    JSON {index: hex digest}, C{events} a JSON list of events.
+    """
+
+    arguments = [(b"nonce", Blob(64)), (b"vm", amp.Integer(optional=True)),
+                 (b"image", Sha256(optional=True))]
+    response = [(b"attest", Blob(KEY_MAX)), (b"signature", Blob(KEY_MAX)),
+                (b"pcrs", Blob(KEY_MAX)), (b"events", Blob(EVIDENCE_MAX))]
+    errors = COMMON_ERRORS
+
+
+class BindingKey(amp.Command):
+    """
+    Market to seller, after a passing quote for VM C{vm}: a key made in the
+    TPM that only the PCR values C{pcrs} (JSON, those of that quote) let
+    it use, certified by the attestation key over C{nonce}.
+    """
+
+    arguments = [(b"vm", amp.Integer()), (b"nonce", Blob(64)), (b"pcrs", Blob(KEY_MAX))]
+    response = [(b"public", Blob(KEY_MAX)), (b"certify", Blob(KEY_MAX)),
+                (b"signature", Blob(KEY_MAX))]
+    errors = COMMON_ERRORS
+
+
+class ReleaseKey(amp.Command):
+    """
+    Market to seller: the key of VM C{vm}'s encrypted image, wrapped to
+    the key of L{BindingKey}; the seller unwraps it in its TPM.
+    """
+
+    arguments = [(b"vm", amp.Integer()), (b"wrapped", Blob(KEY_MAX))]
+    response = []
+    errors = VM_ERRORS

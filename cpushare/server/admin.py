@@ -12,12 +12,23 @@ cpushare-admin: the operator's tool, working on the market's database.
     cpushare-admin [--data DIR | --db URL] payout-sent ID | payout-returned ID
     cpushare-admin [--data DIR | --db URL] credit-payment PAYPAL_ID
     cpushare-admin [--data DIR | --db URL] web-admin NAME [--remove]
+    cpushare-admin [--data DIR | --db URL] tpm-policy [add|remove KIND DIGEST | any-firmware yes|no]
+    cpushare-admin [--data DIR | --db URL] tpm-sellers | tpm-forget NAME
 
 The database is the server's: the SQLite file market.sqlite in --data, or
 the one --db names (the same URL as the server's --db).
 
 `web-admin` makes an account an administrator of the web site (its
 operator's pages under /admin), or no longer one with --remove.
+
+`tpm-policy` shows the trusted computing policy: the digests a TPM quote's
+event log may show, by kind (firmware, kernel, qemu, client: what booted
+the seller's computer, the QEMU program and the seller's client), and
+whether any firmware and kernel may pass; `add` and `remove` change it, and
+the running market checks every later quote against it.  `tpm-sellers`
+lists the enrolled TPM attestation keys, their accounts and how their last
+attestation went; `tpm-forget` forgets an account's keys, so that its
+seller enrols again (after `cpushare rekey`, or a new TPM).
 
 `books` proves the ledger: every entry summed is zero, every transaction
 balances, no owner's account is below zero, and the leases agree with it
@@ -45,7 +56,7 @@ import sys
 from cpushare.server.db import database
 from cpushare.server.money import ledger
 from cpushare.server.money.billing import checkBooks
-from cpushare.server.db import store, websql
+from cpushare.server.db import store, tpmsql, websql
 
 
 def main(argv=None):
@@ -88,6 +99,14 @@ def main(argv=None):
     wa = sub.add_parser("web-admin", help="let an account see the web site's operator pages")
     wa.add_argument("name")
     wa.add_argument("--remove", action="store_true", help="no longer an administrator")
+    tp = sub.add_parser("tpm-policy", help="show or change the trusted computing policy")
+    tp.add_argument("action", nargs="?", default="list",
+                    choices=("list", "add", "remove", "any-firmware"))
+    tp.add_argument("values", nargs="*", metavar="KIND DIGEST | yes|no")
+    sub.add_parser("tpm-sellers", help="list the sellers' enrolled TPM attestation keys")
+    tf = sub.add_parser("tpm-forget", help="forget an account's TPM keys: its seller enrols"
+                        " again")
+    tf.add_argument("name")
     args = p.parse_args(argv)
     try:
         return run(args)
@@ -136,6 +155,8 @@ def run(args):
             print(f"credited {ledger.formatAmount(amount)} to {args.name}")
         elif args.command == "books":
             return printBooks(store.transact(conn, checkBooks))
+        elif args.command in ("tpm-policy", "tpm-sellers", "tpm-forget"):
+            trusted(conn, args)
         elif args.command == "web-admin":
             if not store.transact(conn, websql.setWebAdmin, args.name, not args.remove):
                 raise Refused(f"no account named {args.name!r}")
@@ -148,6 +169,50 @@ def run(args):
     finally:
         conn.close()
     return 0
+
+
+def trusted(conn, args):
+    """The trusted computing policy and the enrolled sellers."""
+    if args.command == "tpm-forget":
+        n = store.transact(conn, tpmsql.forget, args.name)
+        if not n:
+            raise Refused(f"account {args.name!r} has no TPM key enrolled")
+        print(f"forgot {n} TPM key{'s' if n > 1 else ''} of {args.name}: its seller enrols"
+              " again when it next connects")
+        return
+    if args.command == "tpm-sellers":
+        for k in store.transact(conn, tpmsql.enrolled):
+            print(f"{k['account']:<32}  key {k['ak_name'][:16]}  enrolled {k['enrolled']}"
+                  f"  by {k['ek_issuer']}")
+            print(f"{'':<32}  last: {k['last_result'] or 'never attested'}")
+        return
+    action, values = args.action, args.values
+    if action == "any-firmware":
+        if values not in (["yes"], ["no"]):
+            raise Refused("tpm-policy any-firmware takes yes or no")
+        store.transact(conn, tpmsql.setAnyFirmware, values == ["yes"])
+        print("any firmware and kernel may pass" if values == ["yes"] else
+              "only the firmware and kernel digests listed pass")
+    elif action in ("add", "remove"):
+        if len(values) != 2:
+            raise Refused(f"tpm-policy {action} takes a kind and a digest")
+        kind, digest = values[0], values[1].lower()
+        if kind not in tpmsql.KINDS:
+            raise Refused(f"{kind!r} is not a kind: {', '.join(tpmsql.KINDS)}")
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise Refused(f"{values[1]!r} is not a sha256 digest (64 hexadecimal digits)")
+        fn = tpmsql.allow if action == "add" else tpmsql.disallow
+        if not store.transact(conn, fn, kind, digest):
+            raise Refused(f"{kind} {digest} is {'already' if action == 'add' else 'not'}"
+                          " allowed")
+        print(f"{'allowed' if action == 'add' else 'no longer allowed'}: {kind} {digest}")
+    elif values:
+        raise Refused("tpm-policy list takes nothing more")
+    policy = store.transact(conn, tpmsql.policy)
+    for kind in tpmsql.KINDS:
+        allowed = policy[kind]
+        anyOne = kind in ("firmware", "kernel") and policy[tpmsql.ALLOW_ANY_FIRMWARE]
+        print(f"{kind}: {'any' if anyOne else ', '.join(allowed) or 'none allowed'}")
 
 
 def access(conn, args):

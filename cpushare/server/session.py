@@ -124,7 +124,7 @@ class ServerControl(ControlProtocol, FundsCommands):
 
     @commands.Offer.responder
     def offer(self, cores, memory, price=None, net_fee=None, country=None, cpu_vendor=None,
-              cpu_family=None, cpu_model=None):
+              cpu_family=None, cpu_model=None, trusted_price=None):
         session = self.session
         session.requireHello()
         if session.role != "seller":
@@ -135,14 +135,33 @@ class ServerControl(ControlProtocol, FundsCommands):
             raise BadRequest(f"memory must be between 64 and {MAX_MEMORY_MB} MB, not {memory}")
         cpu = cpuIdentity(cpu_vendor, cpu_family, cpu_model)
         d = defer.ensureDeferred(
-            session.market.offer(session, cores, memory, price, net_fee, country, cpu))
+            session.market.offer(session, cores, memory, price, net_fee, country, cpu,
+                                 trusted_price))
         return d.addCallback(_terms)
 
     @commands.SetTerms.responder
-    def setTerms(self, price=None, net_fee=None, country=None):
+    def setTerms(self, price=None, net_fee=None, country=None, trusted_price=None):
         account = self.session.requireHello()
-        d = defer.ensureDeferred(self.session.market.setTerms(account, price, net_fee, country))
+        d = defer.ensureDeferred(self.session.market.setTerms(account, price, net_fee, country,
+                                                              trusted_price))
         return d.addCallback(_terms)
+
+    @commands.EnrolTPM.responder
+    def enrolTPM(self, ek_cert, ek_public, ak_public):
+        session = self.session
+        session.requireHello()
+        session.requireRole("seller")
+        d = defer.ensureDeferred(
+            session.market.attestations.enrol(session, ek_cert, ek_public, ak_public))
+        return d.addCallback(_terms)
+
+    @commands.ActivateTPM.responder
+    def activateTPM(self, secret):
+        session = self.session
+        session.requireHello()
+        session.requireRole("seller")
+        d = defer.ensureDeferred(session.market.attestations.activate(session, secret))
+        return d.addCallback(lambda _: {})
 
     @commands.ListSellers.responder
     def listSellers(self, offset, explain=False, replicas=None, diverse=None, **screens):
@@ -382,6 +401,8 @@ class MarketSession(Multiplexer):
         self.offer = None
         self.bandwidthMbps = None   # measured by the market (measure.py)
         self.cpuScore = None
+        self.trust = None           # its TPM, once enrolled (market/attestation.py)
+        self.tpmChallenge = None    # an enrolment challenge it has to answer
         self.meter = None
         self.heartbeat = None
         self.links = {}
@@ -627,4 +648,5 @@ class MarketFactory(Factory):
 
 
 def _terms(terms):
-    return {k: v for k, v in terms.items() if v is not None}
+    """Terms (or another answer) as AMP sends them: what is None left out."""
+    return {k: v for k, v in terms.items() if v is not None and k != "trusted_price"}

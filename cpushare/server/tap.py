@@ -129,7 +129,25 @@ class Options(usage.Options):
         ["max-connections-per-account", None, CONNECTIONS_PER_ACCOUNT,
          "Connections one account may hold open at once (its seller, its buyer, "
          "its commands); one more is refused, naming the limit.", int],
+        ["attest-every", None, 300.0,
+         "Seconds between attestations of each TPM-enrolled seller and trusted lease.", float],
+        ["trusted-commission", None, "0",
+         "The market's commission on the charges of trusted leases, in percent (at most 50)."],
     ]
+
+    def __init__(self):
+        usage.Options.__init__(self)
+        self["tpm-ca"] = []
+        self["tpm-test-ca"] = []
+
+    def opt_tpm_ca(self, path):
+        """A TPM vendor CA certificate (PEM or DER) whose endorsement certificates the
+        market trusts (repeat for each vendor); none: sellers cannot enrol."""
+        self["tpm-ca"].append(path)
+
+    def opt_tpm_test_ca(self, path):
+        """A test CA (swtpm's) trusted like --tpm-ca: for tests only, said in the log."""
+        self["tpm-test-ca"].append(path)
 
     def postOptions(self):
         if self["heartbeat"] <= 0 or self["timeout"] <= self["heartbeat"]:
@@ -167,6 +185,7 @@ class Options(usage.Options):
                 "--billing-interval must be positive and shorter than --hold-window")
         if self["max-uploads"] < 1 or self["upload-idle"] <= 0:
             raise usage.UsageError("--max-uploads and --upload-idle must be positive")
+        self.postTrustedOptions()
 
         from cpushare.server.db import database
 
@@ -176,6 +195,21 @@ class Options(usage.Options):
         except database.BadURL as e:
             raise usage.UsageError(f"--db: {e}")
         self.postMoneyOptions(os.environ)
+
+    def postTrustedOptions(self):
+        """Check the trusted computing options; load the TPM CAs."""
+        from cpushare.server.market.attestation import checkCommission
+        from cpushare.server.money import funds
+
+        if not 10 <= self["attest-every"] <= 86400:
+            raise usage.UsageError("--attest-every must be 10 to 86400 seconds")
+        try:
+            self["trusted-commission-rate"] = checkCommission(
+                funds.parsePercent(self["trusted-commission"]))
+        except ValueError as e:
+            raise usage.UsageError(f"--trusted-commission: {e}")
+        self["tpm-cas"] = [loadCA(path, option) for option in ("tpm-ca", "tpm-test-ca")
+                           for path in self[option]]
 
     def postMoneyOptions(self, environ):
         """Check the web, PayPal and money options; read the PayPal secret."""
@@ -307,7 +341,12 @@ def makeService(options, reactor=None):
                     accessCheck=options["access-check"],
                     rekeysPerDay=options["rekeys-per-day"],
                     imageKeyFile=os.path.abspath(
-                        options["image-key-file"] or os.path.join(data, "image-keys.kek")))
+                        options["image-key-file"] or os.path.join(data, "image-keys.kek")),
+                    attestations={"cas": options["tpm-cas"], "every": options["attest-every"],
+                                  "commission": options["trusted-commission-rate"]})
+    for path in options["tpm-test-ca"]:
+        log.warn("trusting the TPM test CA {path} (--tpm-test-ca): sellers with a software"
+                 " TPM can enrol; never on a real market", path=path)
     market.orders.grace = options["grace"]
     market.orders.verdicts.timeout = options["verdict-timeout"]
     market.orders.verdicts.threshold = options["adaptive-threshold"]
@@ -370,6 +409,22 @@ def makeService(options, reactor=None):
         before=before,
     ).setServiceParent(service)
     return service
+
+
+def loadCA(path, option):
+    """A CA certificate (PEM or DER) from C{path}; a UsageError naming --C{option} and it."""
+    from cryptography import x509
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 20)
+    except OSError as e:
+        raise usage.UsageError(f"--{option} {path}: {e.strerror}")
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except ValueError:
+        raise usage.UsageError(f"--{option} {path}: not a certificate (PEM or DER)") from None
 
 
 def makePayPal(reactor, options):

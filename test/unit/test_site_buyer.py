@@ -258,7 +258,7 @@ class ImagePagesTests(BuyerPagesCase):
 
 class OrderPagesTests(BuyerPagesCase):
 
-    async def test_the_form_has_every_option_and_the_coming_trusted_computing(self):
+    async def test_the_form_has_every_option_and_trusted_computing(self):
         alice = await self.loggedIn("alice")
         sha = await self.imageOf(alice)
         page = await alice.get(f"/orders/new?image={sha}")
@@ -268,8 +268,9 @@ class OrderPagesTests(BuyerPagesCase):
                      "countries", "not_countries", "replicas", "diverse"):
             self.assertIn(f'name="{name}"', page.text, name)
         self.assertIn(f'<option value="{sha}" selected>', page.text)
-        self.assertIn('name="trusted" value="1" disabled', page.text)
-        self.assertIn("coming: sellers attested by their TPM", page.text)
+        self.assertIn('<input type="checkbox" name="trusted" value="1"> Trusted computing',
+                      page.text)
+        self.assertIn("only sellers whose TPM proves what booted their computer", page.text)
         self.assertIn("command line only", page.text)
         for choice in ("auto", "2", "5"):
             self.assertIn(f'<option value="{choice}"', page.text)

@@ -2,7 +2,7 @@
 The market's commands: screening sellers, terms, leases, ratings.
 
     cpushare sellers [SCREENS] [--replicas K [--diverse country,cpu,owner]] [--explain] [--json]
-    cpushare terms [--price P] [--net-fee F] [--country CC]
+    cpushare terms [--price P] [--net-fee F] [--country CC] [--trusted-price P]
     cpushare leases [--json]
     cpushare rate LEASE good|bad [--comment TEXT]
 
@@ -17,6 +17,8 @@ SCREENS, shared with `cpushare order place`:
     --min-cpu SCORE
     --country CC,..     only in these countries
     --not-country CC,..
+    --trusted           only sellers whose TPM attestation passed, at their
+                        trusted prices
     --traffic GB        not a screen: the GB of network traffic a VM-hour is
                         expected to carry (default 1), to rank sellers by what
                         a VM-hour really costs (price + fee x GB)
@@ -38,10 +40,28 @@ def validationColumns(seller):
             "-" if rate is None else f"{100 * rate:.1f}%")
 
 
+def enrolled(seller):
+    """Whether a seller of ListSellers has a TPM enrolled (attested or not)."""
+    return seller.get("attested") is not None or \
+        not (seller.get("trust") or "has no TPM").startswith("has no TPM")
+
+
+def trustedColumns(seller, now):
+    """The TRUSTED and TRUSTED/CORE-H cells: when its TPM last attested, its trusted price."""
+    if not enrolled(seller):
+        return ("-", "-")
+    price = formatAmount(seller["trusted_price"]) if seller.get("trusted_price") else "-"
+    if seller.get("trust"):
+        return ("failed", price)
+    return (f"{duration(now - seller['attested'])} ago", price)
+
+
 def formatSellers(sellers, now):
+    # The trusted columns only when a seller listed has a TPM enrolled.
+    trusted = any(enrolled(s) for s in sellers)
     rows = [("NAME", "PRICE/CORE-H", "NET/GB", "FREE/CORES", "FREE/MEMORY", "RATING",
              "VALIDATED", "ERRORS", "LATENCY", "MBPS", "CPU", "COUNTRY", "ONLINE",
-             "CPU-MODEL")]
+             "CPU-MODEL") + (("TRUSTED", "TRUSTED/CORE-H") if trusted else ())]
     excluded = []
     for s in sellers:
         if s.get("excluded"):
@@ -57,6 +77,7 @@ def formatSellers(sellers, now):
             "-" if bandwidth is None else f"{bandwidth:.0f}",
             "-" if cpu is None else f"{cpu:.0f}",
             s.get("country") or "-", duration(now - s["connected"]), s.get("cpu") or "-",
+            *(trustedColumns(s, now) if trusted else ()),
         ))
     lines = [formatTable(rows)] if len(rows) > 1 else ["no seller online passes these screens"]
     if excluded:
@@ -94,6 +115,8 @@ async def terms(reactor, args, home):
         given["net_fee"] = amount(args.net_fee, "--net-fee", allowZero=True)
     if args.country is not None:
         given["country"] = args.country
+    if args.trusted_price is not None:
+        given["trusted_price"] = amount(args.trusted_price, "--trusted-price")
     async with Connection(reactor, home) as market:
         if given:
             result = await market.call(commands.SetTerms, **given)
@@ -158,6 +181,8 @@ def addParsers(sub):
     t.add_argument("--price", metavar="P", help="asking price a core-hour")
     t.add_argument("--net-fee", metavar="F", help="fee a GB of network traffic (0 for none)")
     t.add_argument("--country", metavar="CC", help="the country the seller runs in")
+    t.add_argument("--trusted-price", metavar="P",
+                   help="asking price a core-hour of trusted leases (a seller with --tpm)")
 
     command(sub, "leases", leases, json=True, help="your VMs' leases and what they cost")
 

@@ -25,6 +25,10 @@ def addScreenArguments(p):
                    help="at least SCORE on the CPU benchmark")
     g.add_argument("--country", metavar="CC,..", help="only sellers in these countries")
     g.add_argument("--not-country", metavar="CC,..", help="no sellers in these countries")
+    g.add_argument("--trusted", action="store_true",
+                   help="only sellers whose TPM attestation passed, at their trusted prices:"
+                        " each VM starts only after its seller's TPM quote matches the"
+                        " market's policy, and stops when a later one does not")
     g.add_argument("--traffic", type=float, metavar="GB",
                    help="GB of network traffic a VM-hour is expected to carry (default 1):"
                         " sellers are ranked by price a core-hour + fee a GB x GB")
@@ -112,4 +116,6 @@ def screenArguments(args):
         value = getattr(args, name)
         if value is not None:
             screens[key] = [c.strip() for c in value.split(",") if c.strip()]
+    if getattr(args, "trusted", False):
+        screens["trusted"] = True
     return screens

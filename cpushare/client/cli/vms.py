@@ -116,6 +116,9 @@ def formatDryRun(plan, vms, replicas):
         lines.append(f"(the first {len(plan['plan'])} of {plan['allocated']} shown)")
     lines.append(f"{plan['allocated']} of {total} VMs would be placed now; the market would"
                  f" hold {formatAmount(plan['hold'])} of your funds for their first window")
+    if plan.get("premium") is not None:
+        lines.append(f"trusted computing costs {formatAmount(plan['premium'])} more an hour"
+                     " for these VMs at full tilt than their sellers' normal prices")
     for line in plan.get("explain") or ([plan["waiting"]] if plan.get("waiting") else []):
         lines.append(f"waiting: {line}")
     return "\n".join(lines)

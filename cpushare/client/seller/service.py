@@ -20,6 +20,7 @@ from twisted.python import usage
 
 from cpushare.client import marketchecks
 from cpushare.client.options import ClientOptions
+from cpushare.client.seller import trusted
 from cpushare.client.session import ClientControl, ClientSession
 from cpushare.protocol import commands
 from cpushare.money import formatAmount
@@ -35,7 +36,7 @@ def physicalMemoryMB():
 
 class Options(ClientOptions):
     synopsis = ("[--home H] [--cores N] [--memory MB] [--cache-size MB] [--price P]"
-                " [--net-fee F] [--country CC]")
+                " [--net-fee F] [--country CC] [--tpm DEVICE [--trusted-price P]]")
     longdesc = "Sell this computer's idle CPU time on the CPUShare market."
     optParameters = [
         ["cores", None, None, "Cores to offer (default: all of them).", int],
@@ -57,6 +58,11 @@ class Options(ClientOptions):
         ["country", None, None, "The country this computer is in (ISO code, like IT).", str],
         ["result-max", None, 64,
          "MB a VM's result may hold at most (1 to 64: the market takes no larger one).", int],
+        ["tpm", None, None,
+         "Sell trusted leases: this computer's TPM, like /dev/tpmrm0 (or an swtpm socket,"
+         " swtpm:host=127.0.0.1,port=N); the market attests it before and during each.", str],
+        ["trusted-price", None, None,
+         "Asking price a core-hour of trusted leases (with --tpm; default: the price).", str],
     ]
 
     def postOptions(self):
@@ -75,7 +81,11 @@ class Options(ClientOptions):
             raise usage.UsageError("--result-max must be 1 to 64 (MB)")
         from cpushare.money import MAX_PRICE, BadAmount, parseAmount
         terms = {}
-        for key, option in (("price", "price"), ("net_fee", "net-fee")):
+        if self["trusted-price"] is not None and self["tpm"] is None:
+            raise usage.UsageError("--trusted-price is the price of trusted leases: give --tpm"
+                                   " too")
+        for key, option in (("price", "price"), ("net_fee", "net-fee"),
+                            ("trusted_price", "trusted-price")):
             if self[option] is not None:
                 try:
                     terms[key] = parseAmount(self[option], maximum=MAX_PRICE,
@@ -162,13 +172,31 @@ class SellerControl(ClientControl):
         # A seller never asks for links of its own: nothing to remember.
         return {}
 
+    @commands.Attest.responder
+    def attest(self, nonce, vm=None, image=None):
+        if vm is not None:
+            marketchecks.checkVMId("Attest", vm)
+        return trusted.responder(self.session, "attest", nonce, vm, image)
+
+    @commands.BindingKey.responder
+    def bindingKey(self, vm, nonce, pcrs):
+        marketchecks.checkVMId("BindingKey", vm)
+        return trusted.responder(self.session, "bindingKey", vm, nonce, pcrs)
+
+    @commands.ReleaseKey.responder
+    def releaseKey(self, vm, wrapped):
+        marketchecks.checkVMId("ReleaseKey", vm)
+        d = trusted.responder(self.session, "releaseKey", vm, wrapped)
+        return d.addCallback(lambda _: {})
+
 
 class SellerSession(ClientSession):
     controlClass = SellerControl
 
-    def __init__(self, reactor, role, hello=True, host=None):
+    def __init__(self, reactor, role, hello=True, host=None, trusted=None):
         ClientSession.__init__(self, reactor, role, hello)
         self.host = host
+        self.trusted = trusted      # a TrustedSeller with --tpm, else None
 
 
 def makeService(options, reactor=None):
@@ -205,6 +233,12 @@ def makeService(options, reactor=None):
     cpu = cpuinfo.readOfferFields()
     log.info("CPU: {cpu}", cpu="/".join(cpu.values()) or "not described by /proc/cpuinfo")
 
+    tpm = None
+    if options["tpm"]:
+        tpm = trusted.TrustedSeller(
+            reactor, trusted.openTPM(reactor, options["tpm"], options.home.path),
+            options.home.path, options["qemu"], running=lambda: len(host.vms))
+
     async def serve(session):
         await accel
         await host.connected(session)
@@ -213,12 +247,18 @@ def makeService(options, reactor=None):
         log.info("offering {cores} cores and {memory} MB at {price} a core-hour"
                  " ({fee} a GB)", cores=cores, memory=memory,
                  price=formatAmount(terms["price"]), fee=formatAmount(terms["net_fee"]))
+        if tpm is not None:
+            try:
+                await tpm.enrol(session)
+            except Exception as e:
+                # It still sells untrusted leases; the market says why not trusted ones.
+                log.error("trusted computing: enrolling this TPM failed: {why}", why=str(e))
 
     service = SellerService(host)
     connection = MarketConnection(
         reactor, homeEndpoint(reactor, options.home), "seller",
         onSession=lambda session: defer.ensureDeferred(serve(session)),
-        sessionClass=SellerSession, sessionKw={"host": host},
+        sessionClass=SellerSession, sessionKw={"host": host, "trusted": tpm},
         where=f"{options.host}:{options.port}",
     )
     connection.setServiceParent(service)

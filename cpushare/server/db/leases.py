@@ -51,21 +51,36 @@ class Lease:
     # What its bills charged that waits for its verdict (in its seller's
     # ledger account of kind pending).
     pending: int = attr.ib(default=0, converter=int)
+    # A trusted lease is billed up to C{attested}, when its last quote
+    # passed (None: none did); the operator's commission on its charges,
+    # in parts per million, goes to the market.
+    trusted: int = attr.ib(default=0)
+    attested: float = attr.ib(default=None)
+    commissionPpm: int = attr.ib(default=0, converter=int)
 
 
 def insert(cursor, vmId, orderId, buyerId, sellerId, price, netFee, cores, started,
-           verdict=None):
+           verdict=None, trusted=False, commissionPpm=0):
     """
     A new lease, nothing held or charged yet; returns its id.  C{verdict}
     is L{cpushare.server.money.escrow.PENDING_VERDICT} for a lease of a
     replicated order (its earnings wait for its replica group's verdict),
-    else None.
+    else None.  C{trusted}: a trusted lease, with the operator's
+    commission C{commissionPpm} (parts per million of its charges).
     """
     cursor.execute(
         "INSERT INTO leases (vm_id, order_id, buyer_account_id, seller_account_id, price,"
-        " net_fee, cores, started, verdict) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-        (vmId, orderId, buyerId, sellerId, price, netFee, cores, started, verdict))
+        " net_fee, cores, started, verdict, trusted, commission_ppm)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        (vmId, orderId, buyerId, sellerId, price, netFee, cores, started, verdict,
+         int(bool(trusted)), commissionPpm))
     return cursor.fetchone()[0]
+
+
+def setAttested(cursor, leaseId, when):
+    """A quote of trusted lease C{leaseId} passed at C{when}: it may be billed up to then."""
+    cursor.execute("UPDATE leases SET attested = ? WHERE id = ? AND (attested IS NULL"
+                   " OR attested < ?)", (when, leaseId, when))
 
 
 def setHeld(cursor, leaseId, held, heldTotal):
@@ -78,7 +93,8 @@ def load(cursor, leaseId):
     cursor.execute(
         "SELECT l.id, l.vm_id, l.order_id, l.buyer_account_id, l.seller_account_id, s.name,"
         " l.price, l.net_fee, l.cores, l.started, l.ended, l.cpu_seconds, l.net_bytes,"
-        " l.charged, l.held, l.held_total, l.settled, l.live_since, l.verdict, l.pending"
+        " l.charged, l.held, l.held_total, l.settled, l.live_since, l.verdict, l.pending,"
+        " l.trusted, l.attested, l.commission_ppm"
         " FROM leases l JOIN accounts s ON s.id = l.seller_account_id WHERE l.id = ?",
         (leaseId,))
     row = cursor.fetchone()

@@ -18,14 +18,17 @@ from cpushare.server.db.store import macFor, now
 def sellerTerms(cursor, accountId):
     """A seller's stored terms, or None when it never set any."""
     cursor.execute(
-        "SELECT price, net_fee, country FROM seller_terms WHERE account_id = ?", (accountId,))
+        "SELECT price, net_fee, country, trusted_price FROM seller_terms WHERE account_id = ?",
+        (accountId,))
     row = cursor.fetchone()
     if row is None:
         return None
-    return {"price": int(row[0]), "net_fee": int(row[1]), "country": row[2]}
+    return {"price": int(row[0]), "net_fee": int(row[1]), "country": row[2],
+            "trusted_price": None if row[3] is None else int(row[3])}
 
 
-def setSellerTerms(cursor, accountId, defaults, price=None, net_fee=None, country=None):
+def setSellerTerms(cursor, accountId, defaults, price=None, net_fee=None, country=None,
+                   trusted_price=None):
     """
     Change the terms given (None keeps the stored value, or C{defaults}'
     when there is none); returns the terms now in force.
@@ -33,19 +36,23 @@ def setSellerTerms(cursor, accountId, defaults, price=None, net_fee=None, countr
     terms = sellerTerms(cursor, accountId)
     exists = terms is not None
     terms = dict(terms or defaults)
-    for key, value in (("price", price), ("net_fee", net_fee), ("country", country)):
+    terms.setdefault("trusted_price", None)
+    for key, value in (("price", price), ("net_fee", net_fee), ("country", country),
+                       ("trusted_price", trusted_price)):
         if value is not None:
             terms[key] = value
     if exists:
         cursor.execute(
-            "UPDATE seller_terms SET price = ?, net_fee = ?, country = ?, updated = ?"
-            " WHERE account_id = ?",
-            (terms["price"], terms["net_fee"], terms["country"], now(), accountId))
+            "UPDATE seller_terms SET price = ?, net_fee = ?, country = ?, trusted_price = ?,"
+            " updated = ? WHERE account_id = ?",
+            (terms["price"], terms["net_fee"], terms["country"], terms["trusted_price"], now(),
+             accountId))
     else:
         cursor.execute(
-            "INSERT INTO seller_terms (account_id, price, net_fee, country, updated)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (accountId, terms["price"], terms["net_fee"], terms["country"], now()))
+            "INSERT INTO seller_terms (account_id, price, net_fee, country, trusted_price,"
+            " updated) VALUES (?, ?, ?, ?, ?, ?)",
+            (accountId, terms["price"], terms["net_fee"], terms["country"],
+             terms["trusted_price"], now()))
     return terms
 
 
@@ -54,8 +61,9 @@ def setSellerTerms(cursor, accountId, defaults, price=None, net_fee=None, countr
 
 def setOrderScreens(cursor, orderId, screens, budget):
     cursor.execute(
-        "UPDATE orders SET screens = ?, budget = ? WHERE id = ?",
-        (json.dumps(screens, sort_keys=True), budget, orderId))
+        "UPDATE orders SET screens = ?, budget = ?, trusted = ? WHERE id = ?",
+        (json.dumps(screens, sort_keys=True), budget, int(bool(screens.get("trusted"))),
+         orderId))
 
 
 def orderBudget(cursor, orderId):

@@ -43,9 +43,11 @@ RANKINGS = 64
 OWN_ACCOUNT = "own account"
 
 
-def checkTerms(price=None, net_fee=None, country=None, maxNetFee=MAX_NET_FEE):
+def checkTerms(price=None, net_fee=None, country=None, maxNetFee=MAX_NET_FEE,
+               trusted_price=None):
     """Terms as given by a seller, checked: BadRequest names a bad one."""
-    for what, value, low in (("price", price, 1), ("network fee", net_fee, 0)):
+    for what, value, low in (("price", price, 1), ("network fee", net_fee, 0),
+                             ("trusted price", trusted_price, 1)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or not low <= value <= MAX_PRICE):
             raise BadRequest(
@@ -57,7 +59,8 @@ def checkTerms(price=None, net_fee=None, country=None, maxNetFee=MAX_NET_FEE):
             f" of {formatAmount(maxNetFee)} a GB (the server's --max-net-fee)")
     if country is not None:
         country = countryCode(country)
-    return {"price": price, "net_fee": net_fee, "country": country}
+    return {"price": price, "net_fee": net_fee, "country": country,
+            "trusted_price": trusted_price}
 
 
 def sellerStanding(cursor, accountId, defaults):
@@ -78,7 +81,8 @@ class Board:
         self.reactor = reactor
         self.store = store
         self.sellers = sellers
-        self.defaults = {"price": defaultPrice, "net_fee": 0, "country": None}
+        self.defaults = {"price": defaultPrice, "net_fee": 0, "country": None,
+                         "trusted_price": None}
         self.maxNetFee = maxNetFee
         # account id -> {"terms": {...}, "votes": (good, bad, raters), "validation": Validation}
         self.standing = {}
@@ -88,24 +92,27 @@ class Board:
     def invalidate(self):
         self._ranked = {}
 
-    async def sellerOnline(self, session, price=None, net_fee=None, country=None):
+    async def sellerOnline(self, session, price=None, net_fee=None, country=None,
+                           trusted_price=None):
         """A seller offers capacity: load its standing, store the terms it gives."""
-        given = checkTerms(price, net_fee, country, self.maxNetFee)
+        given = checkTerms(price, net_fee, country, self.maxNetFee, trusted_price)
         accountId = session.account.id
         db = self.store
         terms, votes, validation = await db.run(sellerStanding, accountId, self.defaults)
-        if (price, net_fee, country) != (None, None, None):
+        if (price, net_fee, country, trusted_price) != (None, None, None, None):
             terms = await db.run(marketsql.setSellerTerms, accountId, self.defaults,
-                                 given["price"], given["net_fee"], given["country"])
+                                 given["price"], given["net_fee"], given["country"],
+                                 given["trusted_price"])
         self.standing[accountId] = {"terms": terms, "votes": votes, "validation": validation}
         self.invalidate()
         return terms
 
-    async def setTerms(self, accountId, price=None, net_fee=None, country=None):
-        given = checkTerms(price, net_fee, country, self.maxNetFee)
+    async def setTerms(self, accountId, price=None, net_fee=None, country=None,
+                       trusted_price=None):
+        given = checkTerms(price, net_fee, country, self.maxNetFee, trusted_price)
         terms = await self.store.run(
             marketsql.setSellerTerms, accountId, self.defaults,
-            given["price"], given["net_fee"], given["country"])
+            given["price"], given["net_fee"], given["country"], given["trusted_price"])
         entry = self.standing.get(accountId)
         if entry is not None:
             entry["terms"] = terms
@@ -143,14 +150,20 @@ class Board:
         self.invalidate()
         return more
 
-    def figures(self, session):
+    def figures(self, session, trusted=False):
+        """
+        What the market knows of the seller of C{session}; C{trusted}: as a
+        trusted order sees it, at its trusted price.
+        """
         entry = self.standing.get(session.account.id)
         terms = entry["terms"] if entry else self.defaults
         good, bad, raters = entry["votes"] if entry else (0, 0, 0)
         validation = entry["validation"] if entry else Validation()
+        trustedPrice = terms.get("trusted_price") or terms["price"]
+        trust = getattr(session, "trust", None)
         return Figures(
             name=session.account.name,
-            price=terms["price"],
+            price=trustedPrice if trusted else terms["price"],
             netFee=terms["net_fee"],
             country=terms["country"],
             rating=rating(good, bad),
@@ -161,22 +174,26 @@ class Board:
             cpu=getattr(session, "cpu", None),
             validated=validation.validated,
             errorRate=validation.errorRate,
+            trustedPrice=trustedPrice,
+            **({} if trust is None else
+               {"untrusted": trust.untrusted, "attested": trust.attested}),
         )
 
-    def ranked(self, cores=1, traffic=DEFAULT_TRAFFIC):
+    def ranked(self, cores=1, traffic=DEFAULT_TRAFFIC, trusted=False):
         """
         [(session, figures)] of the sellers online, cheapest a VM-hour of
-        C{cores} cores and C{traffic} GB first.
+        C{cores} cores and C{traffic} GB first; C{trusted}: at their
+        trusted prices.
         """
         now = self.reactor.seconds()
         if self._rankedAt is None or now - self._rankedAt >= RERANK:
             self._ranked = {}
-        key = (cores, traffic)
+        key = (cores, traffic, trusted)
         entries = self._ranked.get(key)
         if entries is None:
             if len(self._ranked) >= RANKINGS:
                 self._ranked = {}
-            entries = [(s, self.figures(s)) for s in self.sellers()
+            entries = [(s, self.figures(s, trusted)) for s in self.sellers()
                        if s.account.id in self.standing]
             entries.sort(key=lambda e: preference(e[1], e[0].connectedAt or 0.0,
                                                   cores, traffic))
@@ -202,7 +219,7 @@ class Board:
         sellers never pass.
         """
         passing, excluded = [], []
-        for session, fig in self.ranked(cores, screens.traffic):
+        for session, fig in self.ranked(cores, screens.traffic, screens.trusted):
             reason = self.exclusion(session, fig, screens, accountId)
             if reason is None:
                 passing.append((session, fig))

@@ -28,6 +28,7 @@ from cpushare.server.money.billing import INTERVAL, WINDOW, Billing
 from cpushare.server.market.measure import (
     AT_ONCE as MEASURE_AT_ONCE, EVERY as MEASURE_EVERY, BandwidthMeter)
 from cpushare.server.market.board import DEFAULT_PRICE, MAX_NET_FEE, OWN_ACCOUNT, Board
+from cpushare.server.market.attestation import Attestations
 from cpushare.server.market.canary import Canaries
 from cpushare.server.market.cpubench import CPUBench
 from cpushare.server.market.imagekeys import ImageKeys
@@ -53,7 +54,7 @@ class Market(Service):
                  defaultPrice=DEFAULT_PRICE, billingInterval=INTERVAL, holdWindow=WINDOW,
                  measureEvery=MEASURE_EVERY, cpuBench=None, canaries=None,
                  registrations=None, accessCheck=CHECK_EVERY, rekeysPerDay=REKEYS_PER_DAY,
-                 maxNetFee=MAX_NET_FEE, imageKeyFile=None):
+                 maxNetFee=MAX_NET_FEE, imageKeyFile=None, attestations=None):
         """
         @param cpuBench: keyword arguments of L{CPUBench} plus C{folder},
             where the benchmark image is kept; None: no CPU benchmark.
@@ -65,6 +66,8 @@ class Market(Service):
             and revocations made by cpushare-admin.
         @param imageKeyFile: the file of the key-encryption key that seals
             encrypted images' keys (L{ImageKeys}); None: the market keeps none.
+        @param attestations: keyword arguments of L{Attestations} (the TPM
+            vendor CAs, how often to attest, the trusted commission).
         """
         self.reactor = reactor
         self.store = store
@@ -81,6 +84,9 @@ class Market(Service):
         self.orders = Orders(reactor, store, self.relay, self.board, self.billing,
                              self.buyerSession, images)
         self.billing.serve(self.orders)
+        self.attestations = Attestations(reactor, store, self.board, **(attestations or {}))
+        self.attestations.orders = self.orders
+        self.orders.attestations = self.attestations
         self.ratings = Ratings(store, self.board.voted)
         self.validations = Validations(store, self.validationChanged, self.board.voted)
         self.orders.verdicts.validated = self.validations.recorded
@@ -127,6 +133,7 @@ class Market(Service):
         self.canaries.stop()
         self.access.stop()
         self.billing.stop()
+        self.attestations.stop()
         self.orders.stop()
         for session in list(self.sessions.values()):
             session.transport.loseConnection()
@@ -180,6 +187,9 @@ class Market(Service):
             self.cpubench.forCanaries = bool(self.canaries.every)
             await self.cpubench.prepare(self.cpuBenchFolder)
         self.orders.measuresCPU = self.cpubench.enabled
+        if self.attestations.imagekeys is None:
+            # The keys of encrypted images, when the market keeps them.
+            self.attestations.imagekeys = getattr(self, "imagekeys", None)
 
     def sellers(self):
         """The sellers online now, ordered by session."""
@@ -191,14 +201,14 @@ class Market(Service):
     # -- sellers
 
     async def offer(self, session, cores, memory, price=None, net_fee=None, country=None,
-                    cpu=None):
+                    cpu=None, trusted_price=None):
         """
         The seller of C{session} offers C{cores} and C{memory} MB on the terms
         given (None: its stored ones); returns the terms in force.  It is
         ranked, measured, and given the VMs that wait for it.  C{cpu} is
         what it says of its CPU (L{replicas.cpuIdentity}), or None.
         """
-        terms = await self.board.sellerOnline(session, price, net_fee, country)
+        terms = await self.board.sellerOnline(session, price, net_fee, country, trusted_price)
         session.cpu = cpu
         session.network = replicaNetwork(session.peerHost())
         session.offer = {"cores": cores, "memory": memory}
@@ -226,9 +236,10 @@ class Market(Service):
         if self.board.validated(sellerId, validation):
             self.orders.capacityChanged()
 
-    async def setTerms(self, account, price=None, net_fee=None, country=None):
+    async def setTerms(self, account, price=None, net_fee=None, country=None,
+                       trusted_price=None):
         """A seller's account changes its terms; returns those in force."""
-        terms = await self.board.setTerms(account.id, price, net_fee, country)
+        terms = await self.board.setTerms(account.id, price, net_fee, country, trusted_price)
         self.log.info(
             "seller {name} changed its terms: {price} a core-hour, {fee} a GB, {country}",
             name=account.name, price=formatAmount(terms["price"]),
@@ -276,6 +287,9 @@ class Market(Service):
                 "cpu": None if fig.cpu is None else "/".join(fig.cpu),
                 "validated": fig.validated,
                 "error_rate": fig.errorRate,
+                "trusted_price": fig.trustedPrice,
+                "attested": fig.attested,
+                "trust": fig.untrusted,
             })
         return entries, len(listed), len(passing)
 

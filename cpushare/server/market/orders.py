@@ -209,6 +209,9 @@ class Orders:
         # takes no replica that must run on a different CPU.
         self.measuresCPU = False
         self.verdicts = verdicts_.Verdicts(reactor, store, self)
+        # Trusted leases are admitted and watched by the market's
+        # L{cpushare.server.market.attestation.Attestations}, when it has one.
+        self.attestations = None
 
     # -- loading
 
@@ -397,7 +400,7 @@ class Orders:
         at their sellers' terms.  Nothing is placed or held.
         """
         taken = {}                  # seller session -> (cores, memory) this plan gives it
-        plan, hold, reasons = [], 0, []
+        plan, hold, reasons, premium = [], 0, [], 0
         for group in range(1, count + 1):
             if k > 1:
                 vm.group, vm.replicas, vm.diversity = group, k, diversity
@@ -416,11 +419,14 @@ class Orders:
                 amount = billing_.windowCost(figures.price, figures.netFee, vm.cores,
                                              self.billing.window)
                 hold += amount
+                if vm.screens.trusted:
+                    premium += (figures.price - self.board.figures(seller).price) * vm.cores
                 plan.append({"group": group, "seller": figures.name, "country": figures.country,
                              "price": figures.price, "hold": amount})
             if k == 1 and found is None:
                 break               # the VMs left are alike: none would be placed either
         result = {"order": 0, "vm_ids": [], "allocated": len(plan), "hold": hold,
+                  **({"premium": premium} if vm.screens.trusted else {}),
                   "plan": [{key: value for key, value in entry.items() if value is not None}
                            for entry in plan[:commands.PLAN_PAGE]]}
         return self._waiting(result, reasons, explain)
@@ -604,7 +610,7 @@ class Orders:
         first: (session, figures).
         """
         board = self.board
-        for seller, figures in board.ranked(vm.cores, vm.screens.traffic):
+        for seller, figures in board.ranked(vm.cores, vm.screens.traffic, vm.screens.trusted):
             if not seller.connected or seller.offer is None:
                 continue
             cores, memory = self.used(seller)
@@ -663,6 +669,8 @@ class Orders:
         placed = self.reactor.seconds()
         # Only an adaptive group's first lease needs its seller's count.
         draws = self.verdicts.drawsFor(vm)
+        trusted = {} if not vm.screens.trusted or self.attestations is None else {
+            "trusted": True, "commissionPpm": self.attestations.commissionPpm}
 
         def save(cursor):
             store.updateVM(cursor, vm.id, seller_account_id=vm.sellerAccountId,
@@ -670,7 +678,7 @@ class Orders:
             leaseId = billing_.openLease(
                 cursor, vm.id, vm.order, vm.buyerId, vm.sellerAccountId, figures.name,
                 figures.price, figures.netFee, vm.cores, placed, billing.interval,
-                billing.window, self.verdicts.leaseFor(vm))
+                billing.window, self.verdicts.leaseFor(vm), **trusted)
             consecutive = validation.validationOf(
                 cursor, vm.sellerAccountId).consecutive if draws else 0
             return leaseId, billing_.leaseNetLimit(cursor, leaseId, billing.interval), \
@@ -687,6 +695,14 @@ class Orders:
             return
         vm.leaseId = leaseId
         vm.netLimit = netLimit
+        if trusted:
+            # Its seller's TPM must attest it before it starts.
+            why = await self.attestations.admit(vm, seller, leaseId)
+            if vm.seller is not seller or not vm.active or vm.leaseId != leaseId:
+                return              # it ended meanwhile, its lease with it
+            if why is not None:
+                self._notAdmitted(vm, seller, why)
+                return
         vm.lifeWatch = lambda: self._showedLife(vm)
         if draws:
             self.verdicts.placed(vm, consecutive)
@@ -697,6 +713,34 @@ class Orders:
             commands.StartVM, vm=vm.id, image=vm.image, size=vm.size,
             cores=vm.cores, memory=vm.memory, mac=vm.mac)
         d.addErrback(self._startFailed, vm, seller)
+
+    def _notAdmitted(self, vm, seller, why):
+        """
+        C{vm}'s seller failed the attestation of its trusted lease: the
+        lease ends, nothing charged, and the VM waits for an attested seller.
+        """
+        self.log.info("VM {vm} of {buyer} not started on {seller}: {why}", vm=vm.id,
+                      buyer=vm.buyerName, seller=seller.account.name, why=why)
+        self._endLease(vm, why, waitForSeller=False)
+        seller.vms.pop(vm.id, None)
+        seller.unroute(consoleChannel(vm.id))
+        vm.seller = None
+        vm.sellerAccountId = None
+        vm.mark = None
+        if self._move(vm, VMState.PENDING):
+            vm.reason = (f"seller {seller.account.name} was {why}; waiting for an attested"
+                         " seller")
+            self._save(lambda c: store.updateVM(c, vm.id, state=VMState.PENDING,
+                                                seller_account_id=None, reason=vm.reason))
+        self.capacityChanged()
+
+    def attestationFailed(self, vm, why):
+        """
+        A trusted lease's re-attestation failed: its VM stops (fail closed);
+        its bills stop at its last good quote (L{billing_.bill}).
+        """
+        if vm.active:
+            self._end(vm, VMState.STOPPED, why)
 
     def _unfunded(self, vm, seller, why):
         """The buyer cannot pay for C{vm}: it waits, and so do its other VMs."""
@@ -1072,6 +1116,9 @@ class Orders:
                 vm.graceCall.cancel()
             vm.graceCall = None
             self._bindSeller(vm, seller)
+            if vm.screens.trusted and vm.leaseId is not None and self.attestations is not None:
+                # Its seller's new connection must attest it again, soon.
+                self.attestations.resume(vm, seller, vm.leaseId)
             if vm.state == VMState.DETACHED and self._move(vm, VMState.RUNNING):
                 vm.reason = None
             buyer = self.buyerSession(vm.buyerId)

@@ -86,6 +86,11 @@ class Figures:
     cpu = attr.ib(default=None)         # (vendor, family, model) as it says, or None
     validated = attr.ib(default=0)      # results verdicts and canaries accepted
     errorRate = attr.ib(default=None)   # share of its checked results found wrong, or None
+    # Why it cannot take trusted leases (no TPM enrolled, or its last
+    # attestation was refused), or None: its TPM's last quote passed.
+    untrusted = attr.ib(default="has no TPM enrolled (cpushare-seller --tpm)")
+    attested = attr.ib(default=None)    # when its last quote passed, or None
+    trustedPrice = attr.ib(default=None)  # its price a core-hour of trusted leases
 
 
 def _number(value, what, low, high):
@@ -125,12 +130,13 @@ class Screens:
     maxNetFee = attr.ib(default=None)       # micro-units per GB
     traffic = attr.ib(default=DEFAULT_TRAFFIC)  # GB a VM-hour, to rank by cost (not a screen)
     minValidated = attr.ib(default=None)    # results accepted by verdicts and canaries
+    trusted = attr.ib(default=False)        # only attested sellers, at their trusted prices
 
     @classmethod
     def fromArguments(cls, max_price=None, min_rating=None, max_latency=None,
                       min_bandwidth=None, min_cpu=None, countries=None,
                       not_countries=None, max_net_fee=None, traffic=None,
-                      min_validated=None):
+                      min_validated=None, trusted=None):
         """Screens from a command's arguments, checked: BadRequest names a bad one."""
         only = tuple(sorted({country(c, "country") for c in countries or ()}))
         never = tuple(sorted({country(c, "excluded country") for c in not_countries or ()}))
@@ -152,6 +158,7 @@ class Screens:
                 traffic, "the expected traffic (GB a VM-hour)", 0.0, MAX_TRAFFIC),
             minValidated=_count(min_validated, "the minimum of validated results"
                                 " (--min-validated)", MAX_SCREEN_VALIDATED),
+            trusted=bool(trusted),
         )
 
     def toArguments(self):
@@ -164,12 +171,15 @@ class Screens:
             "max_net_fee": self.maxNetFee,
             "traffic": None if self.traffic == DEFAULT_TRAFFIC else self.traffic,
             "min_validated": self.minValidated,
+            "trusted": True if self.trusted else None,
         }
         return {k: v for k, v in values.items() if v is not None}
 
     def exclusion(self, seller):
         """Why C{seller} (L{Figures}) fails these screens (an L{Exclusion}), or None."""
         fmt = formatAmount
+        if self.trusted and seller.untrusted is not None:
+            return Exclusion("--trusted", seller.untrusted)
         if self.maxPrice is not None and seller.price > self.maxPrice:
             return Exclusion("--max-price", f"asks {fmt(seller.price)} a core-hour,"
                              f" more than --max-price {fmt(self.maxPrice)}")

@@ -28,6 +28,13 @@ hold is made.  Every C{interval} seconds each lease is billed:
    may carry before the hold, less one interval of CPU at full tilt, is
    spent.  The relay drops the frames past it and the VM is stopped.
 
+A trusted lease (one of an order placed with --trusted) is billed the
+same way, but its wall time ends at its last good TPM quote
+(C{attested}): a lease whose attestation fails is never charged past the
+quote before, and the operator's trusted commission (C{commission_ppm})
+goes from each of its charges to the market's commission account in the
+charge's own transaction.
+
 When the buyer's funds (or the order's budget) can no longer hold one
 billing interval at full tilt, the VM is stopped with a notice: it never
 runs on credit, and because one interval at full tilt is always held, the
@@ -56,7 +63,7 @@ from cpushare.server.db import marketsql
 from cpushare.server.money import ledger
 from cpushare.server.money import escrow
 from cpushare.server.money.escrow import PENDING_VERDICT, REJECTED
-from cpushare.server.money.ledger import EARNINGS, FUNDS, HELD, PENDING
+from cpushare.server.money.ledger import COMMISSION, EARNINGS, FUNDS, HELD, PENDING
 
 INTERVAL = 60.0
 # Bills a tick has waiting for the store at once.
@@ -130,15 +137,18 @@ def _topUp(cursor, lease, interval, window):
 
 
 def openLease(cursor, vmId, orderId, buyerId, sellerId, sellerName, price, netFee, cores,
-              started, interval=INTERVAL, window=WINDOW, verdict=None):
+              started, interval=INTERVAL, window=WINDOW, verdict=None, trusted=False,
+              commissionPpm=0):
     """
     Create a lease and hold its first window; returns its id.  Raises
     CannotFund (and nothing is kept) when the buyer's funds or the order's
     budget do not hold one interval.  C{verdict} 'pending': its earnings
-    wait for its replica group's verdict.
+    wait for its replica group's verdict.  C{trusted}: a trusted lease,
+    billed up to its last good quote, C{commissionPpm} of its charges
+    going to the market (L{bill}).
     """
     leaseId = leasesql.insert(cursor, vmId, orderId, buyerId, sellerId, price, netFee, cores,
-                              started, verdict)
+                              started, verdict, trusted, commissionPpm)
     lease = leasesql.Lease(
         id=leaseId, vm=vmId, order=orderId, buyer=buyerId, seller=sellerId,
         sellerName=sellerName, price=price, netFee=netFee, cores=cores, started=started,
@@ -194,6 +204,9 @@ def bill(cursor, leaseId, cpuSeconds, netBytes, now, final=False, interval=INTER
         lease.ended = now
         leasesql.endLease(cursor, leaseId, now, reason)
     end = lease.ended if lease.ended is not None else now
+    if lease.trusted:
+        # Fail closed: a trusted lease is charged only up to its last good quote.
+        end = min(end, lease.started if lease.attested is None else lease.attested)
     if lease.liveSince is None:
         # It never showed life: nothing it did is charged.
         wall, cpuSeconds, netBytes = 0.0, 0.0, 0
@@ -214,15 +227,18 @@ def bill(cursor, leaseId, cpuSeconds, netBytes, now, final=False, interval=INTER
         if paid > 0:
             lease.charged += paid
             lease.held -= paid
+            # The operator's trusted commission, in the bill's own transaction.
+            commission = paid * lease.commissionPpm // 1_000_000
             to, waits = EARNINGS, ""
             if lease.verdict == PENDING_VERDICT:
                 to, waits = PENDING, ", awaiting its replica group's verdict"
-                lease.pending += paid
+                lease.pending += paid - commission
             ledger.post(
                 cursor, "charge",
                 f"VM {lease.vm} on {lease.sellerName} (lease {lease.id}):"
                 f" {cpu:.1f} CPU s, {traffic} bytes{waits}",
-                [(HELD, lease.buyer, -paid), (to, lease.seller, paid)],
+                [(HELD, lease.buyer, -paid), (to, lease.seller, paid - commission),
+                 (COMMISSION, None, commission)],
                 reference=f"lease:{lease.id}:charged:{lease.charged}")
     if final:
         if lease.held > 0:

@@ -276,7 +276,7 @@ SCREENS = {
     "max_price": integer(), "min_rating": number, "max_latency": number,
     "min_bandwidth": number, "min_cpu": number, "countries": texts(8),
     "not_countries": texts(8), "max_net_fee": integer(), "traffic": number,
-    "min_validated": integer(),
+    "min_validated": integer(), "trusted": boolean,
 }
 REPLICAS = {"replicas": integer(), "diverse": texts(16, 8)}
 BEFORE = {"before": integer(1, MAX_ID)}
@@ -460,10 +460,11 @@ async def terms(market, account):
     return _present(await market.board.termsOf(account.id))
 
 
-@api(post=True, price=integer(), net_fee=integer(), country=text(8))
-async def set_terms(market, account, price=None, net_fee=None, country=None):
-    """Change this account's terms as a seller, as SetTerms."""
-    return _present(await market.setTerms(account, price, net_fee, country))
+@api(post=True, price=integer(), net_fee=integer(), country=text(8), trusted_price=integer())
+async def set_terms(market, account, price=None, net_fee=None, country=None,
+                    trusted_price=None):
+    """Change this account's terms as a seller, as SetTerms (and its trusted price)."""
+    return _present(await market.setTerms(account, price, net_fee, country, trusted_price))
 
 
 # - the operator's

@@ -26,7 +26,7 @@ from cpushare.server.site.app import Site, field
 
 # The screens both the market and the order form take, as the form names them.
 SCREEN_FIELDS = ("max_price", "max_net_fee", "min_rating", "min_validated", "max_latency",
-                 "min_bandwidth", "min_cpu", "countries", "not_countries")
+                 "min_bandwidth", "min_cpu", "countries", "not_countries", "trusted")
 # Form fields that are amounts of money ("0.50"): micro-units for the API.
 AMOUNTS = {"max_price": "the maximum price", "max_net_fee": "the maximum network fee",
            "budget": "the budget"}
@@ -83,6 +83,16 @@ def route(path, method):
     return Site.app.route(path, methods=[method], endpoint=f"buyer {method} {path}")
 
 
+def trustedShown(seller, now):
+    """A seller's Trusted cell: when its TPM's last quote passed, or why it is not trusted."""
+    if seller.get("trust") is None and seller.get("attested") is not None:
+        minutes = max(0, int(now - seller["attested"]) // 60)
+        return "attested just now" if minutes == 0 else f"attested {minutes} min ago"
+    if (seller.get("trust") or "").startswith("not attested"):
+        return seller["trust"]
+    return "-"
+
+
 def refusalText(error):
     """What a page says for an error the API raised (a bug's words stay in the log)."""
     return api.refusal(error)[1]["error"]
@@ -123,6 +133,9 @@ async def market(site, request):
     else:
         answer, problem = await _call(site, account, "sellers", args)
     sellers = (answer or {}).get("sellers", [])
+    now = site.reactor.seconds()
+    for s in sellers:
+        s["trusted_shown"] = trustedShown(s, now)
     offset = int(values["offset"]) if answer and values["offset"] else 0
     nextPage = None
     if answer and offset + len(sellers) < answer["total"]:

@@ -53,6 +53,8 @@ async def sellerPage(site, request, account, status=200, problem=None, sent=None
     form = {"price": formatAmount(terms["price"]),
             "net_fee": formatAmount(terms.get("net_fee", 0)),
             "country": terms.get("country") or "",
+            "trusted_price": formatAmount(terms["trusted_price"])
+            if terms.get("trusted_price") else "",
             "amount": "", "email": earnings.get("email", "")}
     form.update(sent or {})
     done = None
@@ -118,5 +120,6 @@ async def setTerms(site, request):
         site, request, "set_terms",
         lambda: {"price": amountField(request, "price", allowZero=True),
                  "net_fee": amountField(request, "net_fee", allowZero=True),
-                 "country": textField(request, "country")},
-        lambda answer: "/seller?terms=changed", ("price", "net_fee", "country"))
+                 "country": textField(request, "country"),
+                 "trusted_price": amountField(request, "trusted_price")},
+        lambda answer: "/seller?terms=changed", ("price", "net_fee", "country", "trusted_price"))
