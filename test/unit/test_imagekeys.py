@@ -155,8 +155,8 @@ class UploadTests(EncryptedCase):
         self.assertEqual((yield self.store.run(
             lambda c: c.execute("SELECT COUNT(*) FROM orders").fetchone()[0])), 0)
         # A trusted order passes this check (which sellers take it is the trusted screen's).
-        placed = yield defer.ensureDeferred(self.market.orders.place(
-            self.aliceAccount, sha256, 1, 1, 256, dryRun=True, trusted=True))
+        placed = yield self.call(self.cli, commands.PlaceOrder, image=sha256, vms=1, cores=1,
+                                 memory=256, dry_run=True, trusted=True)
         self.assertEqual(placed["order"], 0)
         # A plain image is ordered as before.
         placed = yield self.call(self.cli, commands.PlaceOrder, image=self.sha, vms=1, cores=1,

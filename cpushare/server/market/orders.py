@@ -302,14 +302,16 @@ class Orders:
 
     async def place(self, account, image, count, cores, memory, screens=Screens(),
                     budget=None, replicas=None, diverse=None, dryRun=False, explain=False,
-                    adaptive=False, compare=False, trusted=False):
+                    adaptive=False, compare=False):
         """
         Place an order of C{count} VMs, each run C{replicas} times when
         given (on sellers that differ in C{diverse}); with C{dryRun} only
         say where they would go and what would be held.  An encrypted
-        image (one whose key the market holds) is run only by a C{trusted}
-        order: its key is released to attested sellers alone.
+        image (one whose key the market holds) is run only by a trusted
+        order (C{screens.trusted}): its key is released to attested sellers
+        alone.
         """
+        trusted = screens.trusted
         if adaptive and replicas is not None:
             raise BadRequest("--replicas auto replaces a number of replicas: give one or the"
                              " other")
