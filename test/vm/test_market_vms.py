@@ -170,11 +170,27 @@ def consoleRun(home, vm, command, expect, linger=3.0, tries=4):
     raise AssertionError(f"{command!r} never showed {expect!r}:\n{shown}")
 
 
-def qemuOf(vm):
+def qemuOf(vm, root):
+    """
+    The pid of the QEMU running VM C{vm} for a seller of this test (its
+    home under C{root}): other tests' sellers, in the other test process or
+    elsewhere on the machine, may run a VM of the same number at the same
+    time.
+    """
     out = subprocess.run(["pgrep", "-f", f"cpushare-vm-{vm} -nodefaults"], capture_output=True,
                          text=True).stdout.split()
-    assert len(out) == 1, out
-    return int(out[0])
+    ours = []
+    for pid in out:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent = f.read().rsplit(")", 1)[1].split()[1]
+            with open(f"/proc/{parent}/cmdline", "rb") as f:
+                if f"--home\0{root}/".encode() in f.read():
+                    ours.append(int(pid))
+        except (OSError, IndexError):
+            pass                        # gone already
+    assert len(ours) == 1, (out, ours)
+    return ours[0]
 
 
 # -- the tests
@@ -227,7 +243,7 @@ def test_an_ordered_vm_boots_sandboxed_and_joins_the_buyers_network(
     assert "hello from the job" in shown, shown
 
     # The sandbox, read from the live QEMU process.
-    pid = qemuOf(vm)
+    pid = qemuOf(vm, tmp_path)
     status = open(f"/proc/{pid}/status").read()
     uid = int(re.search(r"Uid:\s+(\d+)", status).group(1))
     assert uid == pwd.getpwnam(VM_USER).pw_uid != 0
@@ -275,7 +291,7 @@ def test_an_ordered_vm_boots_sandboxed_and_joins_the_buyers_network(
     market.start()
     waitUntil(lambda: "reattached VMs [" in sellerProc.log(), "the seller to reattach",
               START_TIMEOUT, processes, 0.5)
-    assert qemuOf(vm) == pid
+    assert qemuOf(vm, tmp_path) == pid
     waitUntil(lambda: ping(ip, count=1, interface=net.tap).returncode == 0,
               "the VM to answer pings again", START_TIMEOUT, processes, 0.5)
     assert vms(buyer)[vm]["state"] == "running"
@@ -289,7 +305,7 @@ def test_an_ordered_vm_boots_sandboxed_and_joins_the_buyers_network(
     # A market gone for longer than the seller's grace period: its VMs stop.
     [second] = order(buyer, jobISO)
     waitForAddress(buyer, second, processes)
-    pid = qemuOf(second)
+    pid = qemuOf(second, tmp_path)
     market.proc.stop()
     waitUntil(lambda: not os.path.exists(f"/proc/{pid}"),
               "the seller to stop its VM after its grace period", SELLER_GRACE + 30, processes)
@@ -359,7 +375,7 @@ def test_a_crashed_vm_and_a_corrupt_image_show_their_reasons(
     [vm] = order(buyer, jobISO)
     waitUntil(lambda: vms(buyer)[vm]["state"] == "running", "the VM to run",
               BOOT_TIMEOUT, processes, 0.5)
-    os.kill(qemuOf(vm), signal.SIGKILL)
+    os.kill(qemuOf(vm, tmp_path), signal.SIGKILL)
     waitUntil(lambda: vms(buyer)[vm]["state"] == "failed", "the crash to be reported",
               30, processes, 0.5)
     assert vms(buyer)[vm]["reason"] == "killed by signal 9"
@@ -398,7 +414,7 @@ def test_a_crashed_vm_and_a_corrupt_image_show_their_reasons(
     [last] = order(buyer, jobISO)
     waitUntil(lambda: vms(buyer)[last]["state"] == "running", "a last VM to run",
               BOOT_TIMEOUT, processes, 0.5)
-    pid = qemuOf(last)
+    pid = qemuOf(last, tmp_path)
     assert sellerProc.stop(timeout=30) in CLEAN_EXIT
     assert not os.path.exists(f"/proc/{pid}"), "QEMU outlived its seller"
     listed = vms(buyer)[last]
@@ -423,7 +439,7 @@ def test_a_vm_whose_seller_vanishes_mid_boot_is_placed_again_on_another(
     waitUntil(lambda: vms(buyer)[vm]["state"] == "running", "the VM to boot on sam",
               BOOT_TIMEOUT, processes, 0.2)
     assert vms(buyer)[vm]["seller"] == "sam"
-    pid = qemuOf(vm)
+    pid = qemuOf(vm, tmp_path)
 
     # sam vanishes while its VM boots; its QEMU dies with it.
     sam.signal(signal.SIGKILL)
@@ -441,7 +457,7 @@ def test_a_vm_whose_seller_vanishes_mid_boot_is_placed_again_on_another(
     market.waitForLog(f"VM {vm}: its seller did not come back in {MARKET_GRACE}s; placing it again")
     waitUntil(lambda: vms(buyer)[vm]["state"] == "running", "the VM to boot on sue",
               BOOT_TIMEOUT, processes, 0.5)
-    assert qemuOf(vm) != pid
+    assert qemuOf(vm, tmp_path) != pid
     ip = waitForAddress(buyer, vm, processes)
     mac = bytes.fromhex(vms(buyer)[vm]["mac"].replace(":", ""))
     # The guest on sue took its DHCP lease: it answers at that address.
