@@ -277,16 +277,12 @@ def vmLastLeases(cursor, buyerId, vmIds):
     lease of each of C{vmIds} that is a VM of the buyer C{buyerId}, the one
     its buyer rates.
     """
-    vmIds = list(vmIds)
-    if not vmIds:
-        return {}
-    cursor.execute(
-        "SELECT l.vm_id, l.id, r.good FROM leases l LEFT JOIN ratings r ON r.lease_id = l.id"
-        " WHERE l.id IN (SELECT MAX(id) FROM leases WHERE buyer_account_id = ? AND vm_id IN ("
-        + ", ".join("?" * len(vmIds)) + ") GROUP BY vm_id)",
-        [buyerId] + vmIds)
+    rows = _ofVMs(
+        cursor, "SELECT l.vm_id, l.id, r.good FROM leases l LEFT JOIN ratings r"
+        " ON r.lease_id = l.id WHERE l.id IN (SELECT MAX(id) FROM leases"
+        " WHERE buyer_account_id = ? AND vm_id IN ({vms}) GROUP BY vm_id)", buyerId, vmIds)
     return {vmId: {"lease": lease, "rating": None if good is None else (
-        "good" if good else "bad")} for vmId, lease, good in cursor.fetchall()}
+        "good" if good else "bad")} for vmId, lease, good in rows}
 
 
 def vmCharges(cursor, buyerId, vmIds):
@@ -295,12 +291,20 @@ def vmCharges(cursor, buyerId, vmIds):
     C{vmIds} that are its VMs; what rejected leases were charged went back
     to the buyer and does not count (as in L{orderTotals}).
     """
+    rows = _ofVMs(
+        cursor, "SELECT vm_id, COALESCE(SUM(CASE WHEN verdict = 'rejected' THEN 0"
+        " ELSE charged END), 0) FROM leases WHERE buyer_account_id = ? AND vm_id IN ({vms})"
+        " GROUP BY vm_id", buyerId, vmIds)
+    return {vmId: int(charged) for vmId, charged in rows}
+
+
+def _ofVMs(cursor, query, buyerId, vmIds):
+    """
+    The rows of C{query} for the buyer C{buyerId} and the VMs C{vmIds}
+    (its C{{vms}} stands for their placeholders); none for no VMs.
+    """
     vmIds = list(vmIds)
     if not vmIds:
-        return {}
-    cursor.execute(
-        "SELECT vm_id, COALESCE(SUM(CASE WHEN verdict = 'rejected' THEN 0 ELSE charged END),"
-        " 0) FROM leases WHERE buyer_account_id = ? AND vm_id IN ("
-        + ", ".join("?" * len(vmIds)) + ") GROUP BY vm_id",
-        [buyerId] + vmIds)
-    return {vmId: int(charged) for vmId, charged in cursor.fetchall()}
+        return []
+    cursor.execute(query.format(vms=", ".join("?" * len(vmIds))), [buyerId] + vmIds)
+    return cursor.fetchall()
