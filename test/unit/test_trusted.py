@@ -40,7 +40,7 @@ class FakeTPMService:
     def endorsement(self):
         return defer.succeed((self.tpm.ekCert, self.tpm.ekPublic))
 
-    def attestationKey(self, home):
+    def attestationKey(self):
         return defer.succeed(self.tpm.akPublic)
 
     def activate(self, challenge):
@@ -61,7 +61,7 @@ class FakeTPMService:
         return defer.succeed(self.tpm.bindingKey(nonce, pcrs))
 
     def unwrap(self, binding, wrapped):
-        return defer.maybeDeferred(self.tpm.unwrap, binding["public"], wrapped)
+        return defer.maybeDeferred(self.tpm.unwrap, binding, wrapped)
 
 
 class TrustedControl(FakeSellerControl):

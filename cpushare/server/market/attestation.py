@@ -135,6 +135,16 @@ def decodeQuote(answer):
             "events": events}
 
 
+def checkQuote(evidence, akPublic, quote, nonce, policy):
+    """
+    The library's verifyQuote of C{quote} against the operator's C{policy}
+    as the database keeps it (L{tpmsql.policy}: JSON-able data, read by the
+    library's C{Policy.fromJSON}, which refuses a malformed one by name).
+    """
+    return evidence.verifyQuote(akPublic, quote, nonce,
+                                evidence.Policy.fromJSON(json.dumps(policy)))
+
+
 class Attestations:
     """
     The sellers' TPMs and the trusted leases; see the module.  C{orders}
@@ -299,9 +309,8 @@ class Attestations:
             answer = await self._ask(session, commands.Attest, nonce=nonce, **kw)
             quote = decodeQuote(answer)
             policy = await self.store.run(tpmsql.policy)
-            evidence = self.library.evidence
-            attested = await self._cpu(evidence.verifyQuote, trust.akPublic, quote, nonce,
-                                       evidence.Policy.fromJSON(policy))
+            attested = await self._cpu(checkQuote, self.library.evidence, trust.akPublic,
+                                       quote, nonce, policy)
             if vm is not None:
                 if vm.image not in set(getattr(attested, "images", ()) or ()):
                     raise Refused(f"the quote does not measure this lease's image"
