@@ -268,6 +268,9 @@ class Attestations:
     def _refusedEnrolment(self, session, why):
         self.log.warn("refused the TPM enrolment of seller {name}: {why}",
                       name=session.account.name, why=why)
+        # What `sellers --explain --trusted` says of it, until it enrols.
+        session.tpmRefused = f"TPM enrolment refused: {why}"
+        self.board.invalidate()
         raise NotPermitted(f"TPM enrolment refused: {why}")
 
     def _trusted(self, session, akName, akPublic):
