@@ -356,7 +356,8 @@ async def marketSide(reactor, folder, software, ca, rounds, say):
             "lease_start_trusted_encrypted_ms": stats.summary(ms(starts["trusted_encrypted"])),
             "lease_start_trusted_vs_untrusted": stats.ratio(medians["trusted"],
                                                             medians["untrusted"]),
-            "lease_start_round_trips_before_startvm": {"untrusted": 0, "trusted": 1, "trusted_encrypted": 3},
+            "lease_start_round_trips_before_startvm": {"untrusted": 0, "trusted": 1,
+                                                       "trusted_encrypted": 3},
         }
     finally:
         await tpmService.stopService()

@@ -182,9 +182,11 @@ def verifyQuote(akPublic, quote, nonce, policy, previous=None):
         raise EvidenceError("format", "the quote does not cover the PCRs asked")
     if body[len(nonce):] != pcrDigest(pcrs):
         raise EvidenceError("signature", "the reported PCR values are not the quoted ones")
-    clock = Clock(clock=int.from_bytes(clock[:8], "big"), resetCount=int.from_bytes(clock[8:], "big"))
+    clock = Clock(clock=int.from_bytes(clock[:8], "big"),
+                  resetCount=int.from_bytes(clock[8:], "big"))
     if previous is not None and clock.wentBackFrom(previous):
-        raise EvidenceError("nonce", "the TPM's clock is before its last quote's (a replayed quote)")
+        raise EvidenceError("nonce", "the TPM's clock is before its last quote's (a replayed"
+                            " quote)")
     replayed = replay(events)
     for pcr, value in replayed.items():
         if pcrs.get(pcr) != value:

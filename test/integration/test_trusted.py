@@ -31,7 +31,7 @@ QEMU = shutil.which("qemu-system-x86_64")
 
 
 def allowHonestSellers(market, tpm):
-    """The operator's policy: the swtpm's synthetic boot, this client and QEMU (as the seller prints them)."""
+    """The operator's policy: the swtpm's boot, this client and QEMU (as the seller prints them)."""
     with open(tpm.eventLog, "rb") as f:
         for event in parseTCG(f.read()):
             if event["kind"] in ("firmware", "kernel"):
@@ -173,7 +173,7 @@ def test_a_cheating_seller_is_refused_and_gets_no_trusted_order(
         mode = f"other-tpm:{swtpms.make().spec}" if cheat == "other-tpm" else cheat
         tpmSeller(processes, market, home, "mallory", tpm, cheat=mode, monkeypatch=monkeypatch)
     market.waitForLog("seller mallory enrolled its TPM", timeout=20)
-    market.waitForLog(f"seller mallory: not attested: ", timeout=20)
+    market.waitForLog("seller mallory: not attested: ", timeout=20)
     assert reason in market.log(), market.log()[-3000:]
     waitForSellers(bob, lambda s: len(s) == 1, "mallory online", processes)
     why = explained(bob, "mallory")

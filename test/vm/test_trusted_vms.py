@@ -27,7 +27,11 @@ from test.vm.test_market_vms import (
 )
 
 ATTEST_EVERY = 10       # the least the server takes
+QEMU = shutil.which("qemu-system-x86_64")
 BILLING_WAIT = 5
+
+pytestmark = pytest.mark.skipif(QEMU is None, reason="needs qemu-system-x86_64 (Debian:"
+                                " qemu-system-x86)")
 
 
 def policyLines(tpm, qemu):
@@ -43,7 +47,7 @@ def policyLines(tpm, qemu):
 
 def test_a_trusted_order_boots_an_encrypted_livecd_and_stops_when_attestation_fails(
         processes, tmp_path, swtpms):  # noqa: F811
-    qemu = shutil.which("qemu-system-x86_64")
+    qemu = QEMU
     tpm = swtpms.make()
     market = Market(processes, tmp_path / "market", extra=[
         "--tpm-test-ca", os.path.join(swtpms.caFolder, "ca.pem"),

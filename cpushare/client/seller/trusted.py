@@ -90,7 +90,7 @@ def encodeQuote(quote):
     answer = {
         "attest": quote["attest"], "signature": quote["signature"],
         "pcrs": json.dumps({str(k): v.hex() for k, v in sorted(quote["pcrs"].items())}).encode(),
-        "events": json.dumps(quote["events"], sort_keys=True).encode(),
+        "events": json.dumps(quote["events"], sort_keys=True, separators=(",", ":")).encode(),
     }
     if len(answer["events"]) > commands.EVIDENCE_MAX:
         raise BadRequest(f"the event log is larger than {commands.EVIDENCE_MAX} bytes")
@@ -202,7 +202,7 @@ class TrustedSeller:
             self.onImageKey(vm, key)
 
     def busy(self):
-        """Whether a VM runs, or waits for its image key (the PCR state it was bound to is in use)."""
+        """Whether a VM runs or waits for its image key (its PCR state is in use)."""
         return bool(self.running() or self.released or self.waiting)
 
     def keyReleased(self, vm, key):
