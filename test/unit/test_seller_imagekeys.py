@@ -134,3 +134,39 @@ def test_a_release_without_a_binding_or_in_another_state_is_refused_by_name():
     assert failure.check(BadRequest)
     assert "its PCRs are no longer in the attested state" in str(failure.value)
     assert 12 not in s.released
+
+
+def test_the_seller_takes_a_boot_event_log_only_with_a_tpm_and_wires_the_image_keys(
+        monkeypatch, tmp_path):
+    from twisted.python import usage
+    from twisted.internet.testing import MemoryReactorClock
+    from cpushare.client.home import Home
+    from cpushare.client.options import ClientOptions
+    from cpushare.client.seller import service
+
+    def noAccount(self):
+        self.home = Home(str(tmp_path))
+        self.host, self.port = "market.example", 8443
+
+    monkeypatch.setattr(ClientOptions, "postOptions", noAccount)
+    with pytest.raises(usage.UsageError, match="--tpm-event-log is the log of a TPM's boot"
+                                               " chain: give --tpm too"):
+        service.Options().parseOptions(["--tpm-event-log", "/boot.log"])
+    options = service.Options()
+    options.parseOptions(["--tpm", "swtpm:host=127.0.0.1,port=1", "--tpm-event-log",
+                          "/boot.log", "--accel", "tcg", "--cache", str(tmp_path / "images")])
+    opened = []
+
+    def openTPM(reactor, spec, home, eventLog=None):
+        from twisted.application.service import Service
+        tpm = Service()
+        opened.append((spec, home, eventLog))
+        return tpm
+
+    monkeypatch.setattr(trusted, "openTPM", openTPM)
+    seller = service.makeService(options, MemoryReactorClock())
+    assert opened == [("swtpm:host=127.0.0.1,port=1", str(tmp_path), "/boot.log")]
+    # The VM host asks the seller's TrustedSeller for each encrypted image's key,
+    # and the TPM service stops with the program.
+    assert seller.host.imageKey.__self__.__class__ is TrustedSeller
+    assert len(list(seller)) == 3
