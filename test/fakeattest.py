@@ -13,6 +13,7 @@ Use it as C{Attestations(..., library=fakeattest)}.
 
 import hashlib
 import hmac
+import json
 import os
 import sys
 
@@ -58,43 +59,79 @@ def pcrDigest(pcrs):
     return hashlib.sha256(b"".join(pcrs[i] for i in PCRS)).digest()
 
 
-@attr.s
+@attr.s(frozen=True)
+class Clock:
+    """A TPM's clock at a quote, as cpushare.attest.evidence.Clock."""
+    clock = attr.ib()
+    resetCount = attr.ib()
+    restartCount = attr.ib(default=0)
+    safe = attr.ib(default=True)
+
+    def wentBackFrom(self, earlier):
+        return (self.resetCount, self.restartCount, self.clock) < (
+            earlier.resetCount, earlier.restartCount, earlier.clock)
+
+
+@attr.s(frozen=True)
 class Attested:
+    """As cpushare.attest.evidence.Attested: digests are tuples of hex strings."""
     pcrs = attr.ib()
     events = attr.ib()
-    clock = attr.ib(default=0)
+    clock = attr.ib()
     client = attr.ib(default=())
     qemu = attr.ib(default=())
     images = attr.ib(default=())
 
 
-class Policy:
-    """The operator's allowed digests by kind."""
+POLICY_KINDS = ("firmware", "kernel", "qemu", "client")
 
-    def __init__(self, allowed, anyFirmware=False):
-        self.allowed = allowed
-        self.anyFirmware = anyFirmware
+
+@attr.s(frozen=True)
+class Policy:
+    """The operator's allowed digests by kind, as cpushare.attest.evidence.Policy."""
+    firmware = attr.ib(default=frozenset(), converter=frozenset)
+    kernel = attr.ib(default=frozenset(), converter=frozenset)
+    qemu = attr.ib(default=frozenset(), converter=frozenset)
+    client = attr.ib(default=frozenset(), converter=frozenset)
+    allow_any_firmware = attr.ib(default=False, converter=bool)
 
     @classmethod
-    def fromJSON(cls, data):
-        allowed = {k: set(data.get(k, ())) for k in ("firmware", "kernel", "qemu", "client")}
-        return cls(allowed, bool(data.get("allow_any_firmware")))
+    def fromJSON(cls, text):
+        """The policy of JSON C{text}, as the real one reads it (not a dict)."""
+        if not isinstance(text, (str, bytes)):
+            raise EvidenceError("format", "the policy is not JSON text")
+        try:
+            document = json.loads(text)
+        except ValueError as e:
+            raise EvidenceError("format", f"the policy is not JSON ({e})") from None
+        known = set(POLICY_KINDS) | {"allow_any_firmware"}
+        if not isinstance(document, dict) or not set(document) <= known:
+            raise EvidenceError("format", "the policy is not an object of its kinds")
+        return cls(**document)
 
     def toJSON(self):
-        return {**{k: sorted(v) for k, v in self.allowed.items()},
-                "allow_any_firmware": self.anyFirmware}
+        document = {kind: sorted(getattr(self, kind)) for kind in POLICY_KINDS}
+        document["allow_any_firmware"] = self.allow_any_firmware
+        return json.dumps(document, indent=2, sort_keys=True) + "\n"
 
-    def check(self, events):
+    def check(self, events, unexplained=()):
+        if unexplained and not self.allow_any_firmware:
+            raise EvidenceError("policy", f"PCR {unexplained[0]} has no boot event log, and the"
+                                " operator's policy does not allow any firmware")
         for event in events:
             kind = event["kind"]
-            if kind == "image":
+            if kind not in POLICY_KINDS:
                 continue
-            if kind in ("firmware", "kernel") and self.anyFirmware:
+            if kind in ("firmware", "kernel") and self.allow_any_firmware:
                 continue
-            if event["digest"] not in self.allowed.get(kind, ()):
+            if event["digest"] not in getattr(self, kind):
                 raise EvidenceError("policy", f"{'QEMU' if kind == 'qemu' else kind}'s digest"
                                     f" {event['digest'][:16]}... is not allowed by the"
                                     " operator's policy")
+        for kind, thing in (("client", "client"), ("qemu", "QEMU binary")):
+            if not any(e["kind"] == kind for e in events):
+                raise EvidenceError("policy", f"the event log measures no {thing}: a trusted VM"
+                                    " runs only under a client and a QEMU the operator allows")
 
 
 # -- the market's side (cpushare.attest.evidence)
@@ -126,7 +163,7 @@ def checkActivation(secret, answered):
                             " the attestation key is not in the endorsement key's TPM")
 
 
-def verifyQuote(akPublic, quote, nonce, policy):
+def verifyQuote(akPublic, quote, nonce, policy, previous=None):
     attest, signature = quote.get("attest"), quote.get("signature")
     pcrs, events = quote.get("pcrs"), quote.get("events")
     if not isinstance(attest, bytes) or not isinstance(events, list) or \
@@ -145,6 +182,11 @@ def verifyQuote(akPublic, quote, nonce, policy):
         raise EvidenceError("format", "the quote does not cover the PCRs asked")
     if body[len(nonce):] != pcrDigest(pcrs):
         raise EvidenceError("signature", "the reported PCR values are not the quoted ones")
+    clock = Clock(clock=int.from_bytes(clock[:8], "big"),
+                  resetCount=int.from_bytes(clock[8:], "big"))
+    if previous is not None and clock.wentBackFrom(previous):
+        raise EvidenceError("nonce", "the TPM's clock is before its last quote's (a replayed"
+                            " quote)")
     replayed = replay(events)
     for pcr, value in replayed.items():
         if pcrs.get(pcr) != value:
@@ -153,11 +195,10 @@ def verifyQuote(akPublic, quote, nonce, policy):
     if CLIENT_PCR not in replayed and pcrs[CLIENT_PCR] != bytes(32):
         raise EvidenceError("eventlog", f"the event log does not replay to the quoted PCR"
                             f" {CLIENT_PCR}")
-    policy.check(events)
+    policy.check(events, unexplained=[i for i in range(8) if i not in replayed
+                                      and pcrs[i] != bytes(32)])
     return Attested(
-        pcrs=pcrs, events=events,
-        clock={"clock": int.from_bytes(clock[:8], "big"),
-               "resetCount": int.from_bytes(clock[8:], "big")},
+        pcrs=pcrs, events=events, clock=clock,
         client=tuple(e["digest"] for e in events if e["kind"] == "client"),
         qemu=tuple(e["digest"] for e in events if e["kind"] == "qemu"),
         images=tuple(e["digest"] for e in events if e["kind"] == "image"))
@@ -231,7 +272,11 @@ class FakeTPM:
         return {"public": public, "certify": certify,
                 "signature": _sign(self.akPublic, certify)}
 
-    def unwrap(self, public, wrapped):
+    def unwrap(self, binding, wrapped):
+        """As the real TPM.unwrap: C{binding} is the dict bindingKey returned."""
+        public = binding.get("public") if isinstance(binding, dict) else None
+        if public not in self.keys:
+            raise EvidenceError("key", "this TPM made no such binding key (or has forgotten it)")
         if self.keys.get(public) != self.pcrs():
             raise EvidenceError("key", "the PCR values changed: the key cannot be used")
         return wrapSecret(public, wrapped)

@@ -28,7 +28,10 @@ whether any firmware and kernel may pass; `add` and `remove` change it, and
 the running market checks every later quote against it.  `tpm-sellers`
 lists the enrolled TPM attestation keys, their accounts and how their last
 attestation went; `tpm-forget` forgets an account's keys, so that its
-seller enrols again (after `cpushare rekey`, or a new TPM).
+seller enrols again (after `cpushare rekey`, or a new TPM).  A seller
+prints the client and QEMU lines to add (`python -m
+cpushare.client.seller.trusted --qemu PATH`); the boot chain's digests are
+in its TCG event log (docs/operator.md, "Trusted computing").
 
 `books` proves the ledger: every entry summed is zero, every transaction
 balances, no owner's account is below zero, and the leases agree with it
@@ -99,7 +102,9 @@ def main(argv=None):
     wa = sub.add_parser("web-admin", help="let an account see the web site's operator pages")
     wa.add_argument("name")
     wa.add_argument("--remove", action="store_true", help="no longer an administrator")
-    tp = sub.add_parser("tpm-policy", help="show or change the trusted computing policy")
+    tp = sub.add_parser("tpm-policy", help="show or change the trusted computing policy",
+                        epilog="A seller prints its client and QEMU digests as these lines:"
+                        " python -m cpushare.client.seller.trusted --qemu PATH")
     tp.add_argument("action", nargs="?", default="list",
                     choices=("list", "add", "remove", "any-firmware"))
     tp.add_argument("values", nargs="*", metavar="KIND DIGEST | yes|no")

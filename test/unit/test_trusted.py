@@ -40,7 +40,7 @@ class FakeTPMService:
     def endorsement(self):
         return defer.succeed((self.tpm.ekCert, self.tpm.ekPublic))
 
-    def attestationKey(self, home):
+    def attestationKey(self):
         return defer.succeed(self.tpm.akPublic)
 
     def activate(self, challenge):
@@ -61,7 +61,7 @@ class FakeTPMService:
         return defer.succeed(self.tpm.bindingKey(nonce, pcrs))
 
     def unwrap(self, binding, wrapped):
-        return defer.maybeDeferred(self.tpm.unwrap, binding["public"], wrapped)
+        return defer.maybeDeferred(self.tpm.unwrap, binding, wrapped)
 
 
 class TrustedControl(FakeSellerControl):
@@ -213,7 +213,9 @@ class EnrolmentTests(TrustedCase):
             yield defer.ensureDeferred(seller.trusted.enrol(seller))
         self.assertIn("not signed by a CA the operator trusts", str(e.exception))
         [entry] = (yield self.sellers(trusted=True))["sellers"]
-        self.assertEqual(entry["excluded"], "has no TPM enrolled (cpushare-seller --tpm)")
+        # --explain names why it has no TPM enrolled: the refusal itself.
+        self.assertEqual(entry["excluded"], "TPM enrolment refused: the endorsement certificate"
+                                            " is not signed by a CA the operator trusts")
 
     @defer.inlineCallbacks
     def test_a_challenge_answered_wrong_is_refused_and_answered_only_once(self):

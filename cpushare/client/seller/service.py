@@ -63,6 +63,9 @@ class Options(ClientOptions):
          " swtpm:host=127.0.0.1,port=N); the market attests it before and during each.", str],
         ["trusted-price", None, None,
          "Asking price a core-hour of trusted leases (with --tpm; default: the price).", str],
+        ["tpm-event-log", None, None,
+         "With --tpm: the TCG event log of the TPM's boot chain (default: the kernel's,"
+         " for a device; a software TPM has none unless its tests write one).", str],
     ]
 
     def postOptions(self):
@@ -83,6 +86,9 @@ class Options(ClientOptions):
         terms = {}
         if self["trusted-price"] is not None and self["tpm"] is None:
             raise usage.UsageError("--trusted-price is the price of trusted leases: give --tpm"
+                                   " too")
+        if self["tpm-event-log"] is not None and self["tpm"] is None:
+            raise usage.UsageError("--tpm-event-log is the log of a TPM's boot chain: give --tpm"
                                    " too")
         for key, option in (("price", "price"), ("net_fee", "net-fee"),
                             ("trusted_price", "trusted-price")):
@@ -233,11 +239,13 @@ def makeService(options, reactor=None):
     cpu = cpuinfo.readOfferFields()
     log.info("CPU: {cpu}", cpu="/".join(cpu.values()) or "not described by /proc/cpuinfo")
 
-    tpm = None
+    tpm = tpmService = None
     if options["tpm"]:
-        tpm = trusted.TrustedSeller(
-            reactor, trusted.openTPM(reactor, options["tpm"], options.home.path),
-            options.home.path, options["qemu"], running=lambda: len(host.vms))
+        tpmService = trusted.openTPM(reactor, options["tpm"], options.home.path,
+                                     eventLog=options["tpm-event-log"])
+        tpm = trusted.TrustedSeller(reactor, tpmService, options.home.path, options["qemu"],
+                                    running=lambda: len(host.vms))
+        host.imageKey = tpm.imageKey
 
     async def serve(session):
         await accel
@@ -263,6 +271,8 @@ def makeService(options, reactor=None):
     )
     connection.setServiceParent(service)
     host.setServiceParent(service)
+    if tpmService is not None:
+        tpmService.setServiceParent(service)
     return service
 
 

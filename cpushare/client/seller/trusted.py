@@ -19,6 +19,18 @@ image against).  Each is measured once while the PCR holds it; the PCR is
 reset (and the log begun again) at a seller-wide attestation when no VM
 runs (and before the first quote: the PCR may hold what an earlier run
 of the seller extended), so the log stays small and replays.
+
+An encrypted image's key reaches the VM host through L{TrustedSeller.imageKey}
+(the host's C{imageKey}): the market releases it (ReleaseKey) before it
+sends StartVM, so a key unwrapped by the TPM waits here, in memory only,
+until the VM asks for it, or is dropped after C{keyTimeout} seconds; a VM
+that asks for a key the market never releases fails after C{keyTimeout}
+seconds, with the reason.
+
+Run as a program, this module prints what an operator must allow in the
+market's policy for this seller (`cpushare-admin tpm-policy add ...`):
+
+    python -m cpushare.client.seller.trusted [--qemu PATH]
 """
 
 import hashlib
@@ -33,8 +45,15 @@ import cpushare
 from cpushare.protocol import commands
 from cpushare.protocol.commands import BadRequest
 
-# Bindings kept for VMs whose image key has not come yet, at most.
+# Bindings kept for VMs whose image key has not come yet, at most (and
+# released keys waiting for their VM, at most).
 MAX_BINDINGS = 64
+# Seconds a released image key waits for its VM, and a VM for its key.
+KEY_TIMEOUT = 600.0
+
+
+class NoImageKey(Exception):
+    """A VM's encrypted image has no key on this seller: the reason."""
 
 
 def fileDigest(path):
@@ -71,17 +90,21 @@ def encodeQuote(quote):
     answer = {
         "attest": quote["attest"], "signature": quote["signature"],
         "pcrs": json.dumps({str(k): v.hex() for k, v in sorted(quote["pcrs"].items())}).encode(),
-        "events": json.dumps(quote["events"], sort_keys=True).encode(),
+        "events": json.dumps(quote["events"], sort_keys=True, separators=(",", ":")).encode(),
     }
     if len(answer["events"]) > commands.EVIDENCE_MAX:
         raise BadRequest(f"the event log is larger than {commands.EVIDENCE_MAX} bytes")
     return answer
 
 
-def openTPM(reactor, spec, home):
-    """The TPM of C{spec} (a device or an swtpm socket) as a TPMService."""
+def openTPM(reactor, spec, home, eventLog=None):
+    """
+    The TPM of C{spec} (a device or an swtpm socket) as a TPMService;
+    C{eventLog}: the TCG event log of its boot chain (a device's is found by
+    itself; a software TPM's is a file its tests write).
+    """
     from cpushare.attest.tpm import TPMService
-    return TPMService(reactor, spec, home)
+    return TPMService(reactor, spec, home, eventLog=eventLog)
 
 
 class TrustedSeller:
@@ -93,15 +116,19 @@ class TrustedSeller:
 
     log = Logger()
 
-    def __init__(self, reactor, tpm, home, qemu, running=lambda: 0, onImageKey=None):
+    def __init__(self, reactor, tpm, home, qemu, running=lambda: 0, onImageKey=None,
+                 keyTimeout=KEY_TIMEOUT):
         self.reactor = reactor
         self.tpm = tpm
         self.home = home
         self.qemu = qemu
         self.running = running
         self.onImageKey = onImageKey
+        self.keyTimeout = keyTimeout
         self.measured = None        # (kind, digest) in the PCR now; None: not reset yet
         self.bindings = {}          # vm id -> its binding key (BindingKey's answer)
+        self.released = {}          # vm id -> (its image key, the call that drops it)
+        self.waiting = {}           # vm id -> the Deferred of its image key
         self._digests = None
 
     def _inThread(self, fn, *args):
@@ -120,7 +147,7 @@ class TrustedSeller:
     async def enrol(self, session):
         """Enrol this seller's TPM with the market of C{session}."""
         ekCert, ekPublic = await self.tpm.endorsement()
-        akPublic = await self.tpm.attestationKey(self.home)
+        akPublic = await self.tpm.attestationKey()
         answer = await session.control.callRemote(
             commands.EnrolTPM, ek_cert=ekCert, ek_public=ekPublic, ak_public=akPublic)
         if answer["enrolled"]:
@@ -140,7 +167,7 @@ class TrustedSeller:
         """Attest's answer: measure what runs the VM (and C{image}), then quote C{nonce}."""
         if not 16 <= len(nonce) <= 64:
             raise BadRequest("Attest: a nonce is 16 to 64 bytes")
-        if self.measured is None or (vm is None and not self.running() and self.measured):
+        if self.measured is None or (vm is None and self.measured and not self.busy()):
             # What an earlier run extended is not in this log: begin again.
             await self.tpm.resetClientPCR()
             self.measured = set()
@@ -170,8 +197,63 @@ class TrustedSeller:
         if binding is None:
             raise BadRequest(f"ReleaseKey: no binding key was made for VM {vm}")
         key = await self.tpm.unwrap(binding, wrapped)
+        self.keyReleased(vm, key)
         if self.onImageKey is not None:
             self.onImageKey(vm, key)
+
+    def busy(self):
+        """Whether a VM runs or waits for its image key (its PCR state is in use)."""
+        return bool(self.running() or self.released or self.waiting)
+
+    def keyReleased(self, vm, key):
+        """VM C{vm}'s image key came: to the VM waiting for it, else kept a while for it."""
+        d = self.waiting.pop(vm, None)
+        if d is not None:
+            d.callback(key)
+            return
+        old = self.released.pop(vm, None)
+        if old is not None and old[1].active():
+            old[1].cancel()
+        while len(self.released) >= MAX_BINDINGS:
+            _, call = self.released.pop(next(iter(self.released)))
+            if call.active():
+                call.cancel()
+        drop = self.reactor.callLater(self.keyTimeout, self.released.pop, vm, None)
+        self.released[vm] = (key, drop)
+
+    def imageKey(self, vm):
+        """
+        A Deferred of the key of VM C{vm}'s encrypted image (the VM host's
+        C{imageKey}): the key released for it, now or within C{keyTimeout}
+        seconds; else it fails with L{NoImageKey}, the reason.
+        """
+        vmId = vm.id
+        kept = self.released.pop(vmId, None)
+        if kept is not None:
+            if kept[1].active():
+                kept[1].cancel()
+            return defer.succeed(kept[0])
+        if vmId in self.waiting or len(self.waiting) >= MAX_BINDINGS:
+            return defer.fail(NoImageKey(f"VM {vmId}'s image key is awaited already, or too many"
+                                         " keys are"))
+        d = defer.Deferred()
+        self.waiting[vmId] = d
+
+        def late():
+            if self.waiting.get(vmId) is d:
+                del self.waiting[vmId]
+                d.errback(NoImageKey(
+                    f"the market released no key for VM {vmId}'s encrypted image within"
+                    f" {self.keyTimeout:g}s (its seller's TPM was not attested for it)"))
+
+        call = self.reactor.callLater(self.keyTimeout, late)
+
+        def done(result):
+            if call.active():
+                call.cancel()
+            return result
+
+        return d.addBoth(done)
 
 
 def responder(session, method, *args):
@@ -179,4 +261,37 @@ def responder(session, method, *args):
     trusted = getattr(session, "trusted", None)
     if trusted is None:
         raise BadRequest("this seller has no TPM (it was not started with --tpm)")
-    return defer.ensureDeferred(getattr(trusted, method)(*args))
+
+    def named(failure):
+        # The TPM's refusals (EvidenceError, TPMError) reach the market by their reason.
+        if getattr(failure.value, "kind", None) is not None and not failure.check(BadRequest):
+            raise BadRequest(str(failure.value)[:500])
+        return failure
+
+    return defer.ensureDeferred(getattr(trusted, method)(*args)).addErrback(named)
+
+
+def measurements(qemu):
+    """The `cpushare-admin tpm-policy add` lines that let this seller's client and C{qemu} pass."""
+    return [f"cpushare-admin tpm-policy add client {packageDigest()}",
+            f"cpushare-admin tpm-policy add qemu {fileDigest(os.path.realpath(qemu))}"]
+
+
+def main(argv=None):
+    """Print what the operator must allow for this seller (see the module)."""
+    import argparse
+    import shutil
+    parser = argparse.ArgumentParser(
+        prog="python -m cpushare.client.seller.trusted",
+        description="Print the digests this seller's client measures into its TPM, as the"
+                    " lines the market's operator runs to allow them.")
+    parser.add_argument("--qemu", default=shutil.which("qemu-system-x86_64"),
+                        help="the QEMU program the seller runs (default: found on PATH)")
+    args = parser.parse_args(argv)
+    if not args.qemu or not os.path.isfile(args.qemu):
+        parser.error("no QEMU program: name it with --qemu")
+    print("\n".join(measurements(args.qemu)))
+
+
+if __name__ == "__main__":
+    main()

@@ -135,6 +135,16 @@ def decodeQuote(answer):
             "events": events}
 
 
+def checkQuote(evidence, akPublic, quote, nonce, policy):
+    """
+    The library's verifyQuote of C{quote} against the operator's C{policy}
+    as the database keeps it (L{tpmsql.policy}: JSON-able data, read by the
+    library's C{Policy.fromJSON}, which refuses a malformed one by name).
+    """
+    return evidence.verifyQuote(akPublic, quote, nonce,
+                                evidence.Policy.fromJSON(json.dumps(policy)))
+
+
 class Attestations:
     """
     The sellers' TPMs and the trusted leases; see the module.  C{orders}
@@ -258,6 +268,9 @@ class Attestations:
     def _refusedEnrolment(self, session, why):
         self.log.warn("refused the TPM enrolment of seller {name}: {why}",
                       name=session.account.name, why=why)
+        # What `sellers --explain --trusted` says of it, until it enrols.
+        session.tpmRefused = f"TPM enrolment refused: {why}"
+        self.board.invalidate()
         raise NotPermitted(f"TPM enrolment refused: {why}")
 
     def _trusted(self, session, akName, akPublic):
@@ -299,9 +312,8 @@ class Attestations:
             answer = await self._ask(session, commands.Attest, nonce=nonce, **kw)
             quote = decodeQuote(answer)
             policy = await self.store.run(tpmsql.policy)
-            evidence = self.library.evidence
-            attested = await self._cpu(evidence.verifyQuote, trust.akPublic, quote, nonce,
-                                       evidence.Policy.fromJSON(policy))
+            attested = await self._cpu(checkQuote, self.library.evidence, trust.akPublic,
+                                       quote, nonce, policy)
             if vm is not None:
                 if vm.image not in set(getattr(attested, "images", ()) or ()):
                     raise Refused(f"the quote does not measure this lease's image"

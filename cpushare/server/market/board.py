@@ -175,7 +175,8 @@ class Board:
             validated=validation.validated,
             errorRate=validation.errorRate,
             trustedPrice=trustedPrice,
-            **({} if trust is None else
+            **({"untrusted": session.tpmRefused} if trust is None
+               and getattr(session, "tpmRefused", None) else {} if trust is None else
                {"untrusted": trust.untrusted, "attested": trust.attested}),
         )
 
