@@ -30,10 +30,7 @@ BLOCK = 4096
 VM = 7
 MEMFD = "/memfd:cpushare-image (deleted)"
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(QEMU is None, reason="needs qemu-system-x86_64 (Debian: qemu-system-x86)"),
-]
+pytestmark = pytest.mark.slow
 
 
 class MarketStandIn:

@@ -30,8 +30,7 @@ ATTEST_EVERY = 10       # the least the server takes
 QEMU = shutil.which("qemu-system-x86_64")
 BILLING_WAIT = 5
 
-pytestmark = pytest.mark.skipif(QEMU is None, reason="needs qemu-system-x86_64 (Debian:"
-                                " qemu-system-x86)")
+pytestmark = pytest.mark.slow
 
 
 def policyLines(tpm, qemu):
