@@ -552,6 +552,34 @@ class ImageKeyTests(TrustedCase):
         self.assertEqual(placed["allocated"], 1)
 
 
+    @defer.inlineCallbacks
+    def test_trusted_leases_starting_together_on_one_seller_are_admitted_one_at_a_time(self):
+        """
+        A lease's quote, binding key and key release are not interleaved with
+        another lease's on the same seller: the other's image, measured into
+        PCR 23 in between, would leave the first key unwrappable.
+        """
+        seller = yield self.trustedSeller(self.sam)
+        self.imagekeys.keys[(self.aliceId, self.sha)] = os.urandom(32)
+        steps = []
+        trusted = seller.trusted
+        for name, where in (("attest", 1), ("bindingKey", 0), ("releaseKey", 0)):
+            def logged(*args, _real=getattr(trusted, name), _name=name, _where=where):
+                steps.append((_name, args[_where]))
+                return _real(*args)
+            setattr(trusted, name, logged)
+        placed = yield self.order(vms=2, trusted=True)
+        yield self.sleep(1)
+        vms = placed["vm_ids"]
+        self.assertEqual(sorted(seller.keys), sorted(vms))
+        admissions = [step for step in steps if step[0] != "attest" or step[1] is not None]
+        self.assertEqual(len(admissions), 6, steps)
+        for start in (0, 3):
+            self.assertEqual(len({v for _, v in admissions[start:start + 3]}), 1, steps)
+            self.assertEqual([n for n, _ in admissions[start:start + 3]],
+                             ["attest", "bindingKey", "releaseKey"])
+
+
 def test_the_server_options_of_trusted_computing(tmp_path):
     import pytest
     from twisted.python import usage

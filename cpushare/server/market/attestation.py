@@ -40,6 +40,7 @@ is not encrypted).
 import hashlib
 import json
 import os
+import weakref
 
 import attr
 from twisted.internet import defer
@@ -180,6 +181,8 @@ class Attestations:
         self.random = os.urandom
         self._calls = {}            # lease id -> its next attestation
         self._clocks = {}           # lease id -> its last quote's L{clockOf}
+        # seller session -> the lock its trusted leases' admissions take turns on
+        self._admissions = weakref.WeakKeyDictionary()
 
     # -- the library, behind one seam
 
@@ -400,16 +403,24 @@ class Attestations:
         """
         if getattr(seller, "trust", None) is None:
             return NOT_ENROLLED
-        attested = await self.attest(seller, vm)
-        if attested is None:
-            return seller.trust.untrusted
-        await self.store.run(leasesql.setAttested, leaseId, self.reactor.seconds())
+        # One admission at a time on a seller: another lease's image measured
+        # between this quote and its key's release would change PCR 23, and
+        # the key, bound to the quoted PCRs, could not be unwrapped.
+        lock = self._admissions.setdefault(seller, defer.DeferredLock())
+        await lock.acquire()
         try:
-            await self.releaseImageKey(vm, seller, attested)
-        except Refused as e:
-            why = f"not attested: its image's key was not released: {e}"
-            await self._result(seller, seller.trust, None, why, vm)
-            return why
+            attested = await self.attest(seller, vm)
+            if attested is None:
+                return seller.trust.untrusted
+            await self.store.run(leasesql.setAttested, leaseId, self.reactor.seconds())
+            try:
+                await self.releaseImageKey(vm, seller, attested)
+            except Refused as e:
+                why = f"not attested: its image's key was not released: {e}"
+                await self._result(seller, seller.trust, None, why, vm)
+                return why
+        finally:
+            lock.release()
         self._calls[leaseId] = self.reactor.callLater(
             self.every, self._reattest, vm, seller, leaseId)
         return None
