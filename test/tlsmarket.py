@@ -38,7 +38,10 @@ class TLSMarketCase(MarketClientMixin, unittest.TestCase):
         self.store.startService()
         self.addCleanup(self.store.stopService)
         yield self.store.open()
-        self.market = Market(reactor, self.store, self.credentials, heartbeat=0.2, timeout=2)
+        # Heartbeats every second, silence tolerated for 10: a test process
+        # starved of CPU for a few seconds (the other test process boots
+        # VMs) must not lose its connections.  No test here is about them.
+        self.market = Market(reactor, self.store, self.credentials, heartbeat=1, timeout=10)
         self.addCleanup(self.market.orders.stop)
         factory = TLSMemoryBIOFactory(
             self.credentials.serverTLS(), False, MarketFactory(self.market)
