@@ -24,7 +24,7 @@ L{auth.loggedIn} or L{auth.adminOnly}) that returns
 C{await self.render(request, "NAME.html", ...)}: a template in
 templates/ extending base.html, autoescaped.  A module of pages of its
 own decorates functions C{(site, request, ...)} with C{@Site.app.route}
-and is imported at the end of this module; its path leaves L{COMING}.
+and is imported at the end of this module.
 C{await site.account(request)} is the logged-in account (the
 L{cpushare.server.db.store.Account} the control commands get), or None.
 """
@@ -59,10 +59,6 @@ MENU = [
     ("/statement", "Statement"),
     ("/seller", "Selling"),
 ]
-# The pages still to come: until then a logged-in browser is told so (and
-# one not logged in is sent to /login).  A page that arrives takes its
-# path out of this list.
-COMING = []
 # Where a login may send the browser back to: a path of this site.
 _LOCAL_PATH = re.compile(r"/(?![/\\])[A-Za-z0-9/_.~%?=&+-]{0,500}\Z")
 
@@ -375,18 +371,6 @@ class Site:
         request.setHeader(b"content-type", kind)
         request.setHeader(b"cache-control", f"public, max-age={STATIC_MAX_AGE}".encode())
         return body
-
-
-def _comingPage(title):
-    @auth.loggedIn
-    async def coming(site, request):
-        return await site.render(request, "coming.html", title=title)
-    return coming
-
-
-for _path in COMING:
-    Site.app.route(_path, methods=["GET"], endpoint="coming " + _path)(
-        _comingPage(dict(MENU)[_path]))
 
 
 def _isAPI(request):
