@@ -41,7 +41,7 @@ test: $(STAMP)
 
 check: $(STAMP)
 	CPUSHARE_FUZZ=$(CHECK_FUZZ) $(PY) -m pytest test/unit test/test_architecture.py \
-		-m "not slow" $(PYTEST_ARGS)
+		-m "not slow" -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 fuzz: $(STAMP)
 	CPUSHARE_FUZZ=1 $(PY) -m pytest test/unit/test_fuzz.py -p no:cacheprovider \
