@@ -257,6 +257,7 @@ class Network:
         self.hosts = {}
         self.outside = {}
         self.cut = False
+        self.loss, self.random = 0.0, random.Random(14)
         self.lastDelivered = {}
 
     def attach(self, address, mesh, outside=None):
@@ -267,7 +268,7 @@ class Network:
         return Transport(self, address)
 
     def carry(self, data, source, destination):
-        if self.cut:
+        if self.cut or (self.loss and self.random.random() < self.loss):
             return
         source = self.outside.get(source, source)
         mesh = self.hosts.get(destination)
@@ -316,6 +317,15 @@ def joined(clock, aCandidates=(B_HOME,), bCandidates=(A_HOME,), bOutside=None, l
     return network, sellerA, sellerB
 
 
+def started(**kw):
+    """Two sellers joined by a fake network, both paths started."""
+    clock = task.Clock()
+    network, a, b = joined(clock, **kw)
+    a.path.start()
+    b.path.start()
+    return clock, network, a, b
+
+
 def advance(clock, seconds):
     """Move the clock C{seconds} on, running each call at its own time."""
     end = clock.seconds() + seconds
@@ -347,10 +357,7 @@ def test_two_paths_punch_go_direct_and_carry_frames_both_ways():
 
 
 def test_an_idle_direct_path_keeps_alive_and_measures_its_rtt():
-    clock = task.Clock()
-    network, a, b = joined(clock, latency=0.03)
-    a.path.start()
-    b.path.start()
+    clock, network, a, b = started(latency=0.03)
     advance(clock, 1)
     before = len(a.transport.sent)
     for _ in range(60):
@@ -365,10 +372,7 @@ def test_an_idle_direct_path_keeps_alive_and_measures_its_rtt():
 
 
 def test_a_busy_path_sends_no_keepalives():
-    clock = task.Clock()
-    network, a, b = joined(clock)
-    a.path.start()
-    b.path.start()
+    clock, network, a, b = started()
     advance(clock, 1)
     before = len(a.transport.sent)
     for _ in range(100):
@@ -380,10 +384,7 @@ def test_a_busy_path_sends_no_keepalives():
 
 
 def test_a_cut_path_falls_back_within_5_s_then_comes_back_when_healed():
-    clock = task.Clock()
-    network, a, b = joined(clock)
-    a.path.start()
-    b.path.start()
+    clock, network, a, b = started()
     advance(clock, 3)
     network.cut = True
     cutAt = clock.seconds()
@@ -402,6 +403,27 @@ def test_a_cut_path_falls_back_within_5_s_then_comes_back_when_healed():
     advance(clock, 60)
     assert (a.path.state, b.path.state) == (DIRECT, DIRECT)
     assert a.path.retryDelay == meshpath.RETRY_FIRST
+    assert a.path.send(FRAME)
+    advance(clock, 0.1)
+    assert b.frames == [FRAME]
+
+
+def test_punching_gets_through_a_network_that_loses_most_datagrams():
+    clock = task.Clock()
+    network, a, b = joined(clock)
+    network.loss = 0.7
+    a.path.start()
+    b.path.start()
+    wentDirect = set()
+    for _ in range(int(meshpath.PUNCH_FOR / 0.25)):
+        advance(clock, 0.25)
+        wentDirect.update(name for name, seller in [("a", a), ("b", b)]
+                          if seller.path.state == DIRECT)
+    assert wentDirect == {"a", "b"}
+    # Once the loss is over, a keepalive brings back whichever end fell back.
+    network.loss = 0.0
+    advance(clock, meshpath.KEEPALIVE_EVERY + 0.1)
+    assert (a.path.state, b.path.state) == (DIRECT, DIRECT)
     assert a.path.send(FRAME)
     advance(clock, 0.1)
     assert b.frames == [FRAME]
@@ -482,10 +504,7 @@ def test_a_probe_flood_from_an_unauthenticated_address_gets_no_answer():
 
 
 def test_nothing_unauthenticated_or_replayed_reaches_a_direct_path():
-    clock = task.Clock()
-    network, a, b = joined(clock)
-    a.path.start()
-    b.path.start()
+    clock, network, a, b = started()
     advance(clock, 0.5)
     attacker = ("192.0.2.66", 5555)
     # What an eavesdropper captured from B, replayed from its own address,
@@ -502,10 +521,7 @@ def test_nothing_unauthenticated_or_replayed_reaches_a_direct_path():
 
 
 def test_a_probe_reply_is_never_larger_than_the_probe():
-    clock = task.Clock()
-    network, a, b = joined(clock)
-    a.path.start()
-    b.path.start()
+    clock, network, a, b = started()
     advance(clock, 12)
     probes = [d for d, _ in a.transport.sent if d[1] == wire.PROBE]
     replies = [d for d, _ in b.transport.sent if d[1] == wire.PROBE_REPLY]
@@ -514,10 +530,7 @@ def test_a_probe_reply_is_never_larger_than_the_probe():
 
 
 def test_a_stopped_path_sends_nothing_more():
-    clock = task.Clock()
-    network, a, b = joined(clock)
-    a.path.start()
-    b.path.start()
+    clock, network, a, b = started()
     advance(clock, 1)
     a.path.stop()
     sent = len(a.transport.sent)
