@@ -55,6 +55,7 @@ bench: $(STAMP)
 	else echo "bench/vms.py skipped: it needs root (a TAP device, the cpushare-vm user)"; fi
 	$(PY) bench/verdicts.py $(VERDICT_BENCH_ARGS)
 	$(PY) bench/attest.py $(ATTEST_BENCH_ARGS)
+	$(PY) bench/mesh.py $(MESH_BENCH_ARGS)
 	$(PY) bench/site.py $(SITE_BENCH_ARGS)
 
 clean:

@@ -39,9 +39,11 @@ def test_a_forbidden_import_breaks_a_rule(tmp_path):
     assert lint(tree).returncode == 0
     cases = [
         ("cpushare/protocol/mux.py", "cpushare.server.relay",
-         "The core (protocol, pki, money, images on disk, vm, attest) imports no program"),
+         "The core (protocol, pki, money, images, vm, attest, mesh) imports no program"),
         ("cpushare/attest/evidence.py", "cpushare.server.market.orders",
-         "The core (protocol, pki, money, images on disk, vm, attest) imports no program"),
+         "The core (protocol, pki, money, images, vm, attest, mesh) imports no program"),
+        ("cpushare/mesh/path.py", "cpushare.client.seller.vmhost",
+         "The core (protocol, pki, money, images, vm, attest, mesh) imports no program"),
         ("cpushare/client/seller/vmhost.py", "cpushare.client.buyer.switch",
          "The seller, the buyer and the command line are apart"),
         ("cpushare/server/db/store.py", "cpushare.server.money.ledger",
