@@ -22,7 +22,7 @@ $(STAMP): setup.py pyproject.toml tools/host-deps.sh
 	bash tools/host-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
-	$(PY) -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -e '.[test,tpm]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -31,9 +31,11 @@ setup(
         "jinja2>=3.1",
         "argon2-cffi>=23.1",
         # Built from source against Debian 12's libtss2 3.2.1 (tools/host-deps.sh).
-        "tpm2-pytss>=3.0,<4",
     ],
     extras_require={
+        # Trusted computing: sellers with --tpm and markets that take TPM
+        # enrolments (--tpm-ca); it builds against Debian's libtss2-dev.
+        "tpm": ["tpm2-pytss>=3.0,<4"],
         "test": ["pytest>=7", "pytest-xdist>=3.5", "hypothesis>=6.100", "import-linter>=2.0",
                  "selenium>=4.11"],
     },

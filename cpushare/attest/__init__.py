@@ -64,3 +64,18 @@ def bounded(name, data, limit=MAX_EVIDENCE):
     if len(data) > limit:
         raise EvidenceError("format", f"the {name} is {len(data)} bytes, more than the {limit} allowed")
     return data
+
+
+def libraryMissing():
+    """
+    None when the TPM library (tpm2-pytss, on Debian's libtss2) can be
+    imported, else what to install: it is an extra of the package, needed
+    only by sellers with --tpm and markets that take enrolments.
+    """
+    try:
+        import tpm2_pytss  # noqa: F401
+    except ImportError as e:
+        return (f"the TPM library tpm2-pytss is not installed ({e}): pip install"
+                " 'cpushare[tpm]' (it builds against Debian's libtss2-dev: apt-get install"
+                " libtss2-dev pkg-config build-essential; `make setup` installs both)")
+    return None

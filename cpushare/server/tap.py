@@ -210,6 +210,11 @@ class Options(usage.Options):
             raise usage.UsageError(f"--trusted-commission: {e}")
         self["tpm-cas"] = [loadCA(path, option) for option in ("tpm-ca", "tpm-test-ca")
                            for path in self[option]]
+        if self["tpm-cas"]:
+            from cpushare.attest import libraryMissing
+            missing = libraryMissing()
+            if missing:
+                raise usage.UsageError(f"--tpm-ca: {missing}")
 
     def postMoneyOptions(self, environ):
         """Check the web, PayPal and money options; read the PayPal secret."""

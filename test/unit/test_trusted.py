@@ -875,3 +875,34 @@ def test_a_trusted_replicated_lease_keeps_the_commission_and_the_rest_waits(conn
     alice = run(conn, ledger.balances, m["alice"])
     assert (alice[FUNDS], alice[HELD]) == (10 * MICRO - 750, 0)
     check(conn)
+
+
+def test_without_the_tpm_library_only_the_tpm_options_are_refused(monkeypatch, tmp_path):
+    """
+    The TPM library is an extra of the package: a seller without a TPM, and
+    a market that takes no enrolments, run without it; --tpm and --tpm-ca
+    say what to install.
+    """
+    import sys
+    import pytest
+    from twisted.python import usage
+    from cpushare import pki
+    from cpushare.client.home import Home
+    from cpushare.client.options import ClientOptions
+    from cpushare.client.seller.service import Options as SellerOptions
+    from cpushare.server.tap import Options as ServerOptions
+    from test.fakemarket import credentials
+
+    monkeypatch.setitem(sys.modules, "tpm2_pytss", None)      # import fails
+    monkeypatch.setattr(ClientOptions, "postOptions",
+                        lambda self: setattr(self, "home", Home("/nonexistent")))
+    SellerOptions().parseOptions(["--price", "0.01"])
+    ServerOptions().parseOptions(["--data", str(tmp_path)])
+    with pytest.raises(usage.UsageError, match=r"--tpm: the TPM library tpm2-pytss is not"
+                                               r" installed .*pip install 'cpushare\[tpm\]'"):
+        SellerOptions().parseOptions(["--tpm", "/dev/tpmrm0"])
+    ca = tmp_path / "vendor.pem"
+    ca.write_bytes(pki.certToPEM(credentials().caCert))
+    with pytest.raises(usage.UsageError, match=r"--tpm-ca: the TPM library tpm2-pytss is not"
+                                               r" installed .*libtss2-dev"):
+        ServerOptions().parseOptions(["--data", str(tmp_path), "--tpm-ca", str(ca)])

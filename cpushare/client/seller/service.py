@@ -90,6 +90,11 @@ class Options(ClientOptions):
         if self["tpm-event-log"] is not None and self["tpm"] is None:
             raise usage.UsageError("--tpm-event-log is the log of a TPM's boot chain: give --tpm"
                                    " too")
+        if self["tpm"] is not None:
+            from cpushare.attest import libraryMissing
+            missing = libraryMissing()
+            if missing:
+                raise usage.UsageError(f"--tpm: {missing}")
         for key, option in (("price", "price"), ("net_fee", "net-fee"),
                             ("trusted_price", "trusted-price")):
             if self[option] is not None:
