@@ -61,3 +61,18 @@ class ListeningService(Service):
         if self.port is not None:
             port, self.port = self.port, None
             return port.stopListening()
+
+
+class UDPEndpoint:
+    """
+    A UDP port as L{ListeningService} takes an endpoint: C{listen(protocol)}
+    binds C{protocol} (a DatagramProtocol) to C{port} (0: any free one).
+    """
+
+    def __init__(self, reactor, port, interface=""):
+        self.reactor = reactor
+        self.port = port
+        self.interface = interface
+
+    def listen(self, protocol):
+        return maybeDeferred(self.reactor.listenUDP, self.port, protocol, self.interface)

@@ -281,6 +281,33 @@ class Ping(amp.Command):
     response = [(b"nonce", amp.String()), (b"latency_ms", amp.Float(optional=True))]
 
 
+class MeshToken(amp.Command):
+    """
+    A seller asks for a token to send to the market's UDP port, which
+    answers with the address the datagram came from (L{cpushare.mesh.reflect}).
+    The token is good for 60 seconds and for this session only.  A
+    BadRequest when the market listens on no UDP port.
+    """
+
+    arguments = []
+    response = [(b"token", amp.String()), (b"udp_port", amp.Integer())]
+    errors = COMMON_ERRORS
+
+
+class MeshCandidates(amp.Command):
+    """
+    A seller's candidate addresses for direct paths (at most 8: the public
+    one the market told it, its local ones), each an IPv4 or IPv6 literal
+    and a port; the market keeps them for brokering.  A BadRequest names
+    the first bad one.
+    """
+
+    arguments = [(b"candidates", amp.AmpList([
+        (b"host", Text(64)), (b"port", amp.Integer())]))]
+    response = []
+    errors = COMMON_ERRORS
+
+
 class LinkChannel(amp.Command):
     """
     Link one of this connection's channels to a channel of another

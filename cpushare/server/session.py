@@ -357,6 +357,27 @@ class ServerControl(ControlProtocol, FundsCommands):
             result["latency_ms"] = latency
         return result
 
+    @commands.MeshToken.responder
+    def meshToken(self):
+        session = self.session
+        session.requireRole("seller")
+        rendezvous = session.market.rendezvous
+        port = rendezvous.udpPort()
+        if port is None:
+            raise BadRequest("this market listens on no UDP port (direct paths are off)")
+        return {"token": rendezvous.issue(session), "udp_port": port}
+
+    @commands.MeshCandidates.responder
+    def meshCandidates(self, candidates):
+        session = self.session
+        session.requireRole("seller")
+        try:
+            session.market.rendezvous.setCandidates(
+                session, [(c["host"], c["port"]) for c in candidates])
+        except ValueError as e:
+            raise BadRequest(str(e))
+        return {}
+
     @commands.LinkChannel.responder
     def linkChannel(self, channel, peer_session, peer_channel):
         session = self.session
@@ -402,6 +423,8 @@ class MarketSession(Multiplexer):
         self.bandwidthMbps = None   # measured by the market (measure.py)
         self.cpuScore = None
         self.trust = None           # its TPM, once enrolled (market/attestation.py)
+        self.meshPublic = None      # (host, port) its UDP came from (market/rendezvous.py)
+        self.meshCandidates = []    # [(host, port)] it gave for direct paths
         self.tpmChallenge = None    # an enrolment challenge it has to answer
         self.meter = None
         self.heartbeat = None

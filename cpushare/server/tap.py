@@ -133,6 +133,9 @@ class Options(usage.Options):
          "Seconds between attestations of each TPM-enrolled seller and trusted lease.", float],
         ["trusted-commission", None, "0",
          "The market's commission on the charges of trusted leases, in percent (at most 50)."],
+        ["udp-port", None, None,
+         "UDP port where sellers learn their public address for direct paths between "
+         "them (0: any free one, written to DATA/udp.address; default: none).", int],
     ]
 
     def __init__(self):
@@ -183,6 +186,8 @@ class Options(usage.Options):
         if not 0 < self["billing-interval"] < self["hold-window"]:
             raise usage.UsageError(
                 "--billing-interval must be positive and shorter than --hold-window")
+        if self["udp-port"] is not None and not 0 <= self["udp-port"] <= 65535:
+            raise usage.UsageError("--udp-port must be 0 (any free port) to 65535")
         if self["max-uploads"] < 1 or self["upload-idle"] <= 0:
             raise usage.UsageError("--max-uploads and --upload-idle must be positive")
         self.postTrustedOptions()
@@ -407,6 +412,12 @@ def makeService(options, reactor=None):
         before = web.whenListening
     before = lambda listening=before: defer.ensureDeferred(certify(listening))
 
+    if options["udp-port"] is not None:
+        from cpushare.listening import UDPEndpoint
+        ListeningService(
+            reactor, UDPEndpoint(reactor, options["udp-port"]), market.rendezvous,
+            "CPUShare mesh rendezvous (UDP)", os.path.join(data, "udp.address"),
+        ).setServiceParent(service)
     factory = TLSMemoryBIOFactory(credentials.serverTLS(), False, MarketFactory(market))
     ListeningService(
         reactor, serverFromString(reactor, options["listen"]), factory,

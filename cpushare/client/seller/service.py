@@ -66,6 +66,9 @@ class Options(ClientOptions):
         ["tpm-event-log", None, None,
          "With --tpm: the TCG event log of the TPM's boot chain (default: the kernel's,"
          " for a device; a software TPM has none unless its tests write one).", str],
+        ["udp-port", None, None,
+         "The UDP port this seller opened for direct paths between sellers' VMs (default:"
+         " an ephemeral port, for hole punching only).", int],
     ]
 
     def postOptions(self):
@@ -80,6 +83,8 @@ class Options(ClientOptions):
             raise usage.UsageError("--memory must be at least 64 (MB)")
         if self["cache-size"] < 1:
             raise usage.UsageError("--cache-size must be at least 1 (MB)")
+        if self["udp-port"] is not None and not 0 <= self["udp-port"] <= 65535:
+            raise usage.UsageError("--udp-port must be 0 (ephemeral) to 65535")
         if not 1 <= self["result-max"] <= 64:
             raise usage.UsageError("--result-max must be 1 to 64 (MB)")
         from cpushare.money import MAX_PRICE, BadAmount, parseAmount
@@ -260,6 +265,9 @@ def makeService(options, reactor=None):
         log.info("offering {cores} cores and {memory} MB at {price} a core-hour"
                  " ({fee} a GB)", cores=cores, memory=memory,
                  price=formatAmount(terms["price"]), fee=formatAmount(terms["net_fee"]))
+        discovery = defer.ensureDeferred(meshPort.discover(session, options.host))
+        discovery.addErrback(lambda f: session.connected and log.failure(
+            "mesh: learning the public address", f))
         if tpm is not None:
             try:
                 await tpm.enrol(session)
@@ -268,6 +276,11 @@ def makeService(options, reactor=None):
                 log.error("trusted computing: enrolling this TPM failed: {why}", why=str(e))
 
     service = SellerService(host)
+    from cpushare.client.seller.rendezvous import MeshPort
+    from cpushare.listening import ListeningService, UDPEndpoint
+    meshPort = MeshPort(reactor, given=bool(options["udp-port"]))
+    ListeningService(reactor, UDPEndpoint(reactor, options["udp-port"] or 0), meshPort,
+                     "mesh UDP port").setServiceParent(service)
     connection = MarketConnection(
         reactor, homeEndpoint(reactor, options.home), "seller",
         onSession=lambda session: defer.ensureDeferred(serve(session)),

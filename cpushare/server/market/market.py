@@ -36,6 +36,7 @@ from cpushare.server.money.desk import MoneyDesk
 from cpushare.server.market.orders import Orders
 from cpushare.server.market.ratings import Ratings
 from cpushare.server.market.replicas import network as replicaNetwork
+from cpushare.server.market.rendezvous import Rendezvous
 from cpushare.server.market.validation import Validations
 from cpushare.server.market.weblogin import WebLogins
 from cpushare.server.relay import Relay
@@ -79,6 +80,7 @@ class Market(Service):
         self._buyers = {}           # account id -> [buyer sessions], oldest first
         # The services, each given what it uses; only the market wires them.
         self.relay = Relay()
+        self.rendezvous = Rendezvous(reactor)  # public UDP addresses, candidates
         self.board = Board(reactor, store, self.sellers, defaultPrice, maxNetFee)
         self.billing = Billing(reactor, store, billingInterval, holdWindow)
         self.orders = Orders(reactor, store, self.relay, self.board, self.billing,
@@ -159,6 +161,7 @@ class Market(Service):
             if not buyers:
                 self._buyers.pop(session.account.id, None)
         self.relay.dropSession(session, reason)
+        self.rendezvous.forget(session)
         self.cpubench.sessionLost(session)
         self.canaries.sessionLost(session)
         self.orders.sessionLost(session)
