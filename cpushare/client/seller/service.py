@@ -275,12 +275,11 @@ def makeService(options, reactor=None):
                 # It still sells untrusted leases; the market says why not trusted ones.
                 log.error("trusted computing: enrolling this TPM failed: {why}", why=str(e))
 
-    service = SellerService(host)
     from cpushare.client.seller.rendezvous import MeshPort
     from cpushare.listening import ListeningService, UDPEndpoint
     meshPort = MeshPort(reactor, given=bool(options["udp-port"]))
-    ListeningService(reactor, UDPEndpoint(reactor, options["udp-port"] or 0), meshPort,
-                     "mesh UDP port").setServiceParent(service)
+    service = SellerService(host, ListeningService(
+        reactor, UDPEndpoint(reactor, options["udp-port"] or 0), meshPort, "mesh UDP port"))
     connection = MarketConnection(
         reactor, homeEndpoint(reactor, options.home), "seller",
         onSession=lambda session: defer.ensureDeferred(serve(session)),
@@ -298,13 +297,22 @@ class SellerService(MultiService):
     """
     The seller program.  Stopping it stops the VMs first, so their end is
     reported while the market connection is still up, and then the rest.
+    C{udp}, a service, holds its UDP port: open while the program runs.
     """
 
-    def __init__(self, host):
+    def __init__(self, host, udp=None):
         MultiService.__init__(self)
         self.host = host
+        self.udp = udp
+
+    def startService(self):
+        MultiService.startService(self)
+        if self.udp is not None:
+            self.udp.startService()
 
     def stopService(self):
         d = defer.maybeDeferred(self.host.stopService)
         d.addBoth(lambda _: MultiService.stopService(self))
+        if self.udp is not None:
+            d.addBoth(lambda _: self.udp.stopService())
         return d
