@@ -9,6 +9,8 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v chrt >/dev/null || need+=(util-linux)
 command -v ip >/dev/null || need+=(iproute2)
+# The tests of sellers behind a NAT build one in a network namespace.
+command -v iptables >/dev/null || need+=(iptables)
 command -v ping >/dev/null || need+=(iputils-ping)
 command -v ssh >/dev/null && command -v ssh-keygen >/dev/null || need+=(openssh-client)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
