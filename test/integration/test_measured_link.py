@@ -96,6 +96,22 @@ class DelayedLink:
         return result.stdout
 
 
+def startServerIn(net, ns, data, ip, extra=()):
+    """
+    A market server in the namespace C{ns} of C{net} (which starts its
+    processes), listening on C{ip}: (the server's process, its address).
+    """
+    server = net.start(ns, "server", [
+        executable("twistd"), "-n", "--pidfile=", "cpushare-server", "--data", data,
+        "--listen", f"tcp:0:interface={ip}", "--hostname", ip,
+        "--heartbeat", HEARTBEAT, "--timeout", SILENCE_TIMEOUT, "--cpu-bench-every", "0",
+        "--canary-every", "0", *extra])
+    address = server.waitFor(
+        lambda: (data / "server.address").exists()
+        and json.loads((data / "server.address").read_text()), "the server listening")
+    return server, address
+
+
 @pytest.fixture
 def link(processes):
     link = DelayedLink(processes)
@@ -108,14 +124,7 @@ def link(processes):
 
 def test_the_market_shows_no_seller_nearer_or_faster_than_its_link(link, processes, tmp_path):
     data = tmp_path / "market"
-    server = link.start(link.market, "server", [
-        executable("twistd"), "-n", "--pidfile=", "cpushare-server", "--data", data,
-        "--listen", f"tcp:0:interface={link.marketIP}", "--hostname", link.marketIP,
-        "--heartbeat", HEARTBEAT, "--timeout", SILENCE_TIMEOUT, "--cpu-bench-every", "0",
-        "--canary-every", "0"])
-    address = server.waitFor(
-        lambda: (data / "server.address").exists()
-        and json.loads((data / "server.address").read_text()), "the server listening")
+    server, address = startServerIn(link, link.market, data, link.marketIP)
     where = f"{link.marketIP}:{address['port']}"
 
     def register(ns, name):

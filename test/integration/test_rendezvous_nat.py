@@ -7,14 +7,13 @@ Needs root (network namespaces) and iptables; CI runs as root.  Only
 addresses inside the namespaces this test creates are used.
 """
 
-import json
 import os
 import re
 
 import pytest
 
-from .conftest import HEARTBEAT, SILENCE_TIMEOUT, executable, waitUntil
-from .test_measured_link import run
+from .conftest import executable, waitUntil
+from .test_measured_link import run, startServerIn
 
 SELLER_PORT = 40000
 
@@ -76,16 +75,9 @@ def nat(processes):
         nat.down()
 
 
-def test_sellerBehindNATLearnsTheNATsAddress(nat, processes, tmp_path):
+def test_a_seller_behind_a_nat_learns_the_nats_address(nat, processes, tmp_path):
     data = tmp_path / "market"
-    server = nat.start(nat.public, "server", [
-        executable("twistd"), "-n", "--pidfile=", "cpushare-server", "--data", data,
-        "--listen", f"tcp:0:interface={nat.marketIP}", "--hostname", nat.marketIP,
-        "--heartbeat", HEARTBEAT, "--timeout", SILENCE_TIMEOUT, "--cpu-bench-every", "0",
-        "--canary-every", "0", "--udp-port", "0"])
-    address = server.waitFor(
-        lambda: (data / "server.address").exists()
-        and json.loads((data / "server.address").read_text()), "the server listening")
+    server, address = startServerIn(nat, nat.public, data, nat.marketIP, ["--udp-port", "0"])
     server.waitFor(lambda: (data / "udp.address").exists(), "the server's UDP port")
     home = tmp_path / "seller"
     registered = run("ip", "netns", "exec", nat.home, executable("cpushare"), "--home", home,
