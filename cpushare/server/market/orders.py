@@ -724,17 +724,8 @@ class Orders:
         self.log.info("VM {vm} of {buyer} not started on {seller}: {why}", vm=vm.id,
                       buyer=vm.buyerName, seller=seller.account.name, why=why)
         self._endLease(vm, why, waitForSeller=False)
-        seller.vms.pop(vm.id, None)
-        seller.unroute(consoleChannel(vm.id))
-        vm.seller = None
-        vm.sellerAccountId = None
-        vm.mark = None
-        if self._move(vm, VMState.PENDING):
-            vm.reason = (f"seller {seller.account.name} was {why}; waiting for an attested"
-                         " seller")
-            self._save(lambda c: store.updateVM(c, vm.id, state=VMState.PENDING,
-                                                seller_account_id=None, reason=vm.reason))
-        self.capacityChanged()
+        self._unplace(vm, seller, f"seller {seller.account.name} was {why}; waiting for an"
+                      " attested seller")
 
     def attestationFailed(self, vm, why):
         """
@@ -748,6 +739,10 @@ class Orders:
         """The buyer cannot pay for C{vm}: it waits, and so do its other VMs."""
         self.log.info("VM {vm} of {buyer} waits: {why}", vm=vm.id, buyer=vm.buyerName, why=why)
         self.unfunded[vm.buyerId] = why
+        self._unplace(vm, seller, why)
+
+    def _unplace(self, vm, seller, reason):
+        """C{vm} leaves C{seller}, where it did not start, and waits for capacity: C{reason}."""
         if vm.seller is seller:
             seller.vms.pop(vm.id, None)
             seller.unroute(consoleChannel(vm.id))
@@ -755,9 +750,9 @@ class Orders:
         vm.sellerAccountId = None
         vm.mark = None
         if vm.active and self._move(vm, VMState.PENDING):
-            vm.reason = why
+            vm.reason = reason
             self._save(lambda c: store.updateVM(c, vm.id, state=VMState.PENDING,
-                                                seller_account_id=None, reason=why))
+                                                seller_account_id=None, reason=reason))
         self.capacityChanged()
 
     async def systemVM(self, seller, accountId, image, size, cores, memory, onConsole):
