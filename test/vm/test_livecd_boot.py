@@ -140,7 +140,7 @@ def jobISO(folder):
 
 def test_the_livecd_takes_a_dhcp_address_and_runs_start(boot, jobISO):
     guest = boot(jobISO)
-    line = guest.waitFor(r"CPUSHARE-READY [^\r\n]*")
+    line = guest.waitFor(r"CPUSHARE-READY [^\r\n]*\r?\n")
     seconds = time.monotonic() - guest.started
     ready = livecd.parseReady(line.group(0))
     assert ready is not None, line.group(0)
@@ -176,7 +176,7 @@ def test_a_second_layer_added_with_base_boots(boot, folder, jobISO):
     assert "in initrd layer 2" in done.stdout
 
     guest = boot(iso)
-    ready = livecd.parseReady(guest.waitFor(r"CPUSHARE-READY [^\r\n]*").group(0))
+    ready = livecd.parseReady(guest.waitFor(r"CPUSHARE-READY [^\r\n]*\r?\n").group(0))
     assert ready["ip"] == "10.0.2.15/24"
     guest.waitFor(r"layers: payload-7f3a second-layer")
     assert guest.waitFor(livecd.START_EXIT.pattern).group("status") == "0"
@@ -198,6 +198,6 @@ def test_files_added_to_another_iso_keep_it_bootable(boot, folder, jobISO):
     assert "files added under /cpushare/ on the cdrom" in done.stdout
 
     guest = boot(out)
-    ready = livecd.parseReady(guest.waitFor(r"CPUSHARE-READY [^\r\n]*").group(0))
+    ready = livecd.parseReady(guest.waitFor(r"CPUSHARE-READY [^\r\n]*\r?\n").group(0))
     assert ready["ip"] == "10.0.2.15/24"
     guest.waitFor(r"job says: payload-7f3a")
