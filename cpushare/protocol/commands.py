@@ -308,6 +308,91 @@ class MeshCandidates(amp.Command):
     errors = COMMON_ERRORS
 
 
+#: The most peers one MeshPeers names, and VMs (MACs) of one peer: a seller
+#: of a bigger buyer network reaches the rest through the relay.
+MESH_PEERS = 32
+MESH_MACS = 64
+#: Pairs of sellers a ListPaths page holds at most.
+PATHS_PAGE = 200
+
+
+class MeshPeers(amp.Command):
+    """
+    Market to seller: the whole view of one buyer network from this
+    seller, sent again whenever it changes.  C{vms} are this seller's VMs
+    in the network (frames between them stay on the seller; no VM: the
+    network left this seller).  Each peer is another seller hosting VMs of
+    the network: its session id, the 32-byte secret of the pair, the
+    session ids each end writes in the other's datagrams, its candidate
+    addresses and its VMs' MACs.
+    """
+
+    arguments = [
+        (b"network", amp.Integer()),
+        (b"vms", amp.ListOf(amp.Integer())),
+        (b"peers", amp.AmpList([
+            (b"peer", amp.Integer()),
+            (b"secret", amp.String()),
+            (b"local_session", amp.Integer()),
+            (b"remote_session", amp.Integer()),
+            (b"candidates", amp.AmpList([(b"host", Text(64)), (b"port", amp.Integer())])),
+            (b"macs", amp.ListOf(Text(17))),
+        ])),
+    ]
+    response = []
+    errors = COMMON_ERRORS
+
+
+class MeshReport(amp.Command):
+    """
+    Seller to market, every report interval and when a path changes: each
+    path's state (trying, direct or relayed), its round trip, and the bytes
+    of frames each of its VMs sent to and received from the peer directly
+    since the path was brokered (both ends count; the market bills the
+    smaller count).
+    """
+
+    arguments = [(b"paths", amp.AmpList([
+        (b"network", amp.Integer()),
+        (b"peer", amp.Integer()),
+        (b"state", Text(16)),
+        (b"rtt_ms", amp.Float(optional=True)),
+        (b"vms", amp.AmpList([
+            (b"vm", amp.Integer()),
+            (b"sent", amp.Integer()),
+            (b"received", amp.Integer()),
+        ])),
+    ]))]
+    response = []
+    errors = COMMON_ERRORS
+
+
+class ListPaths(amp.Command):
+    """
+    Buyer: the paths between the sellers of this account's VMs, a page at a
+    time after pair C{after} (an index): each pair of sellers, direct or
+    relayed as both ends last said, with its round trip and the bytes
+    carried directly (the billed, smaller count).
+    """
+
+    arguments = [(b"after", amp.Integer(optional=True))]
+    response = [
+        (b"paths", amp.AmpList([
+            (b"index", amp.Integer()),
+            (b"seller_a", amp.Unicode()),
+            (b"seller_b", amp.Unicode()),
+            (b"vms_a", amp.ListOf(amp.Integer())),
+            (b"vms_b", amp.ListOf(amp.Integer())),
+            (b"state", amp.Unicode()),
+            (b"rtt_ms", amp.Float(optional=True)),
+            (b"direct_bytes", amp.Integer()),
+            (b"why", amp.Unicode(optional=True)),
+        ])),
+        (b"more", amp.Boolean()),
+    ]
+    errors = COMMON_ERRORS
+
+
 class LinkChannel(amp.Command):
     """
     Link one of this connection's channels to a channel of another

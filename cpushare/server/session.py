@@ -44,6 +44,18 @@ def _cursor(before, what):
         raise BadRequest(f"before must be a {what} number from 1 to {MAX_ID}, not {before}")
 
 
+def pathRow(index, view):
+    """A L{cpushare.server.market.paths.PairView} as a ListPaths row."""
+    row = {"index": index, "seller_a": view.sellerA, "seller_b": view.sellerB,
+           "vms_a": list(view.vmsA), "vms_b": list(view.vmsB), "state": view.state,
+           "direct_bytes": view.directBytes}
+    if view.rtt is not None:
+        row["rtt_ms"] = view.rtt * 1000.0
+    if view.why is not None:
+        row["why"] = view.why
+    return row
+
+
 class ServerControl(ControlProtocol, FundsCommands):
     """Responders for the commands clients send to the server (money: L{FundsCommands})."""
 
@@ -376,7 +388,25 @@ class ServerControl(ControlProtocol, FundsCommands):
                 session, [(c["host"], c["port"]) for c in candidates])
         except ValueError as e:
             raise BadRequest(str(e))
+        session.market.paths.candidatesChanged(session)
         return {}
+
+    @commands.MeshReport.responder
+    def meshReport(self, paths):
+        session = self.session
+        session.requireRole("seller")
+        session.market.paths.report(session, paths)
+        return {}
+
+    @commands.ListPaths.responder
+    def listPaths(self, after=None):
+        account = self.session.requireHello()
+        after = -1 if after is None else after
+        views = self.session.market.paths.paths(account.id)
+        rows = [pathRow(i, view) for i, view in enumerate(views) if i > after]
+        rows, more = paging.pageOf(commands.ListPaths, "paths", rows[:commands.PATHS_PAGE + 1],
+                                   commands.PATHS_PAGE)
+        return {"paths": rows, "more": more}
 
     @commands.LinkChannel.responder
     def linkChannel(self, channel, peer_session, peer_channel):

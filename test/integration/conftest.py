@@ -239,9 +239,12 @@ class CLIResult:
         return json.loads(self.stdout)
 
 
-def runCLI(program, *args, timeout=CLI_TIMEOUT, input=None):
-    """Run a command line program; C{input}: its standard input (none when None)."""
-    argv = [executable(program)] + [str(a) for a in args]
+def runCLI(program, *args, timeout=CLI_TIMEOUT, input=None, prefix=()):
+    """
+    Run a command line program; C{input}: its standard input (none when
+    None); C{prefix}: what runs it (["ip", "netns", "exec", NS], say).
+    """
+    argv = [*map(str, prefix), executable(program)] + [str(a) for a in args]
     stdin = subprocess.DEVNULL if input is None else None
     try:
         completed = subprocess.run(
@@ -253,7 +256,7 @@ def runCLI(program, *args, timeout=CLI_TIMEOUT, input=None):
             f"{' '.join(argv)} did not finish in {timeout}s; "
             f"stdout {e.stdout!r} stderr {e.stderr!r}"
         )
-    return CLIResult(argv[1:], completed)
+    return CLIResult(argv[len(prefix) + 1:], completed)
 
 
 def cpushare(home, *args, **kw):

@@ -146,16 +146,19 @@ def ssh(address, command, knownHosts, key=None):
                           timeout=120)
 
 
-def console(home, vm, typed, linger=3.0):
-    """Type into a VM's console and return what it showed (history included)."""
+def console(home, vm, typed, linger=3.0, prefix=()):
+    """
+    Type into a VM's console and return what it showed (history included);
+    C{prefix} runs the command line (["ip", "netns", "exec", NS], say).
+    """
     result = subprocess.run(
-        [executable("cpushare"), "--home", home, "console", str(vm), "--linger", str(linger)],
-        input=typed, capture_output=True, timeout=60)
+        [*map(str, prefix), executable("cpushare"), "--home", home, "console", str(vm),
+         "--linger", str(linger)], input=typed, capture_output=True, timeout=60)
     assert result.returncode == 0, result
     return result.stdout.decode("utf-8", "replace")
 
 
-def consoleRun(home, vm, command, expect, linger=3.0, tries=4):
+def consoleRun(home, vm, command, expect, linger=3.0, tries=4, prefix=()):
     """
     Run C{command} on a VM's console until its output matches C{expect}.
     The guest's shell drops what is typed while it redraws its prompt (it
@@ -164,7 +167,7 @@ def consoleRun(home, vm, command, expect, linger=3.0, tries=4):
     """
     shown = ""
     for _ in range(tries):
-        shown = console(home, vm, command.encode() + b"\n", linger)
+        shown = console(home, vm, command.encode() + b"\n", linger, prefix)
         if re.search(expect, shown):
             return shown
     raise AssertionError(f"{command!r} never showed {expect!r}:\n{shown}")

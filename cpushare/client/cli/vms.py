@@ -6,7 +6,7 @@ The buyer's commands about images, orders, VMs and consoles:
                          [--replicas K|auto [--diverse country,cpu,owner] [--compare CMD]]
                          [--dry-run] [--explain]
     cpushare order cancel ORDER
-    cpushare vms [--json]                cpushare vm stop VM
+    cpushare vms [--paths] [--json]      cpushare vm stop VM
     cpushare results ORDER [--json]
     cpushare console VM
 """
@@ -137,9 +137,29 @@ def formatVMs(vms, now):
     return formatTable(rows)
 
 
+def formatPaths(paths, now=None):
+    """The pairs of sellers of the buyer's VMs: direct or relayed, round trip, bytes."""
+    rows = [("SELLERS", "VMS", "PATH", "RTT", "DIRECT BYTES", "WHY")]
+    for p in paths:
+        rtt = p.get("rtt_ms")
+        rows.append((
+            f"{p['seller_a']} - {p['seller_b']}",
+            f"{','.join(map(str, p['vms_a']))} - {','.join(map(str, p['vms_b']))}",
+            p["state"], "-" if rtt is None else f"{rtt:.1f} ms", str(p["direct_bytes"]),
+            p.get("why") or ""))
+    return formatTable(rows)
+
+
 async def listVMs(reactor, args, home):
     async with Connection(reactor, home) as market:
-        vms = await market.every(commands.ListVMs, "vms", "vm", "before")
+        if args.paths:
+            paths = await market.every(commands.ListPaths, "paths", "index", "after")
+        else:
+            vms = await market.every(commands.ListVMs, "vms", "vm", "before")
+    if args.paths:
+        printListing(args.json, paths, "no pair of sellers runs your VMs: every VM's frames"
+                     " go through the relay", formatPaths)
+        return
     printListing(args.json, vms, "no VMs: place an order with 'cpushare order place'", formatVMs)
 
 
@@ -358,7 +378,10 @@ def addParsers(sub):
     cancel = command(orders, "cancel", orderCancel, help="stop all VMs of an order")
     cancel.add_argument("order", type=int)
 
-    command(sub, "vms", listVMs, json=True, help="list your VMs")
+    vms = command(sub, "vms", listVMs, json=True, help="list your VMs")
+    vms.add_argument("--paths", action="store_true",
+                     help="instead, each pair of sellers running your VMs: direct or relayed,"
+                          " with its round trip")
 
     results = command(sub, "results", listResults, json=True,
                       help="the results of an order's VMs, by replica group")

@@ -6,8 +6,9 @@ sends it from its UDP port to the market's (L{cpushare.mesh.reflect}), again
 after L{ANSWER_TIMEOUT} seconds up to L{TRIES} times when nothing comes back,
 and hears the address and port the market saw: its public address, after any
 NAT.  It then tells the market its candidates (MeshCandidates): that public
-address and its local address with the bound port.  Nothing switches frames
-over the port yet.
+address and its local address with the bound port.  Every other datagram
+goes to the direct paths' L{cpushare.mesh.path.Mesh}
+(L{cpushare.client.seller.meshswitch}).
 """
 
 import socket
@@ -37,14 +38,19 @@ class MeshPort(DatagramProtocol):
         self.public = None          # (host, port) as the market saw it
         self.candidates = []
         self.ignored = 0            # datagrams that answered no request of ours
+        self.mesh = None            # the direct paths' L{cpushare.mesh.path.Mesh}, if any
         self._waiting = None        # (token, market address, Deferred)
 
     def datagramReceived(self, data, addr):
         waiting = self._waiting
-        parsed = reflect.parseAnswer(data)
+        parsed = None if waiting is None else reflect.parseAnswer(data)
         if (waiting is None or parsed is None or tuple(addr[:2]) != waiting[1]
                 or parsed[0] != waiting[0]):
-            self.ignored += 1
+            if self.mesh is not None:
+                # A peer's datagram, or nothing: the mesh opens it or drops it.
+                self.mesh.datagramReceived(data, tuple(addr[:2]))
+            else:
+                self.ignored += 1
             return
         self._waiting = None
         waiting[2].callback(parsed[1:])

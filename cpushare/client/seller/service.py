@@ -172,6 +172,14 @@ class SellerControl(ClientControl):
         self.refusals.stop()
         ClientControl.connectionLost(self, reason)
 
+    @commands.MeshPeers.responder
+    def meshPeers(self, network, vms, peers):
+        switch = self.session.host.switch
+        if switch is None:
+            raise commands.BadRequest("MeshPeers: this seller has no UDP port")
+        switch.view(network, vms, peers, self.session.info["session"])
+        return {}
+
     @commands.StartVM.responder
     def startVM(self, vm, image, size, cores, memory, mac):
         self.session.host.start(vm, image, size, cores, memory, mac)
@@ -258,6 +266,8 @@ def makeService(options, reactor=None):
         host.imageKey = tpm.imageKey
 
     async def serve(session):
+        # The paths brokered on the last connection are good no more.
+        switch.forgetAll()
         await accel
         await host.connected(session)
         terms = await session.control.callRemote(
@@ -275,9 +285,11 @@ def makeService(options, reactor=None):
                 # It still sells untrusted leases; the market says why not trusted ones.
                 log.error("trusted computing: enrolling this TPM failed: {why}", why=str(e))
 
+    from cpushare.client.seller.meshswitch import MeshSwitch
     from cpushare.client.seller.rendezvous import MeshPort
     from cpushare.listening import ListeningService, UDPEndpoint
     meshPort = MeshPort(reactor, given=bool(options["udp-port"]))
+    host.switch = switch = MeshSwitch(reactor, host, meshPort)
     service = SellerService(host, ListeningService(
         reactor, UDPEndpoint(reactor, options["udp-port"] or 0), meshPort, "mesh UDP port"))
     connection = MarketConnection(
@@ -309,8 +321,12 @@ class SellerService(MultiService):
         MultiService.startService(self)
         if self.udp is not None:
             self.udp.startService()
+        if self.host.switch is not None:
+            self.host.switch.start()
 
     def stopService(self):
+        if self.host.switch is not None:
+            self.host.switch.stop()
         d = defer.maybeDeferred(self.host.stopService)
         d.addBoth(lambda _: MultiService.stopService(self))
         if self.udp is not None:

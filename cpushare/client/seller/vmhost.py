@@ -115,6 +115,9 @@ class HostedVM(VMLife):
     # -- frames and console
 
     def frameFromVM(self, frame):
+        switch = self.host.switch
+        if switch is not None and switch.frameFromVM(self, frame):
+            return                  # to a VM here, or directly to another seller
         session = self.host.session
         if session is None or not session.sendFrame(nicChannel(self.id), frame):
             self.framesDropped += 1
@@ -272,6 +275,7 @@ class VMHost(Service):
         # (vm) -> Deferred of the key of its encrypted image, unwrapped by
         # this seller's TPM; None: this seller cannot boot encrypted images.
         self.imageKey = None
+        self.switch = None          # its VMs' frames between sellers (meshswitch.py)
         self._graceCall = None
         self._reporter = LoopingCall(self.reportAll)
         self._reporter.clock = reactor

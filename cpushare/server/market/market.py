@@ -36,6 +36,7 @@ from cpushare.server.money.desk import MoneyDesk
 from cpushare.server.market.orders import Orders
 from cpushare.server.market.ratings import Ratings
 from cpushare.server.market.replicas import network as replicaNetwork
+from cpushare.server.market.paths import Paths
 from cpushare.server.market.rendezvous import Rendezvous
 from cpushare.server.market.validation import Validations
 from cpushare.server.market.weblogin import WebLogins
@@ -86,6 +87,9 @@ class Market(Service):
         self.orders = Orders(reactor, store, self.relay, self.board, self.billing,
                              self.buyerSession, images)
         self.billing.serve(self.orders)
+        # Direct paths between the sellers of one buyer network.
+        self.paths = Paths(reactor, counted=self.orders.directCounted)
+        self.orders.paths = self.paths
         self.attestations = Attestations(reactor, store, self.board, **(attestations or {}))
         self.attestations.orders = self.orders
         self.orders.attestations = self.attestations
@@ -165,6 +169,7 @@ class Market(Service):
         self.cpubench.sessionLost(session)
         self.canaries.sessionLost(session)
         self.orders.sessionLost(session)
+        self.paths.sessionLost(session)
 
     def buyerStarted(self, session):
         """A buyer program said hello: its VMs' NICs now reach it."""

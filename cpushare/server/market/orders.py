@@ -94,6 +94,7 @@ class VM(VMLife):
         self.leaseId = None         # the lease it runs under, once funded
         self.link = None            # the relay link of its NIC to the buyer
         self.netBase = 0            # bytes of its earlier links, this lease
+        self.netDirect = 0          # bytes it carried directly to other sellers, this lease
         self.aliveAt = None         # when it showed life, this lease (billing starts)
         self.lifeWatch = None       # called on its first sign of life, then None
         self.netLimit = None        # total bytes its lease may carry; None: no limit
@@ -139,7 +140,7 @@ class VM(VMLife):
         """Bytes its NIC exchanged with the buyer's network during this lease."""
         link = self.link
         current = 0 if link is None else link.bytesAB + link.bytesBA
-        return self.netBase + current
+        return self.netBase + current + self.netDirect
 
     def foldLink(self):
         """The current link ends: keep its count."""
@@ -198,6 +199,7 @@ class Orders:
         self.relay = relay
         self.board = board
         self.billing = billing
+        self.paths = None           # direct paths between sellers (market/paths.py)
         self.buyerSession = buyerSession
         self.images = images
         self.grace = grace
@@ -654,7 +656,7 @@ class Orders:
         self._bindSeller(vm, seller)
         vm.sellerAccountId = seller.account.id
         vm.reason = None
-        vm.netBase = 0
+        vm.netBase = vm.netDirect = 0
         vm.aliveAt = None
         vm.lifeWatch = None
         vm.netLimit = None
@@ -711,6 +713,8 @@ class Orders:
         buyer = self.buyerSession(vm.buyerId)
         if buyer is not None:
             self._linkBuyer(vm, buyer)
+        if self.paths is not None:
+            self.paths.joined(vm, seller)
         d = seller.control.callRemote(
             commands.StartVM, vm=vm.id, image=vm.image, size=vm.size,
             cores=vm.cores, memory=vm.memory, mac=vm.mac)
@@ -747,6 +751,7 @@ class Orders:
             seller.vms.pop(vm.id, None)
             seller.unroute(consoleChannel(vm.id))
             vm.seller = None
+            self._leftSeller(vm)
         vm.sellerAccountId = None
         vm.mark = None
         if vm.active and self._move(vm, VMState.PENDING):
@@ -814,6 +819,22 @@ class Orders:
         self._armLink(vm)
         leaseId = vm.leaseId
         self._save(lambda c: leasesql.showedLife(c, leaseId, when))
+
+    def _leftSeller(self, vm):
+        if self.paths is not None:
+            self.paths.left(vm)
+
+    def directCounted(self, vmId, nbytes):
+        """
+        C{nbytes} more of C{vmId}'s frames went directly to another seller,
+        as both ends agree (L{cpushare.server.market.paths}): billed as the
+        relay's bytes are, from its first sign of life.
+        """
+        vm = self.vms.get(vmId)
+        if vm is None or vm.leaseId is None or vm.aliveAt is None or not vm.active:
+            return
+        vm.netDirect += nbytes
+        self._armLink(vm)
 
     def netLimitChanged(self, vm, limit):
         """A bill set how many bytes the VM's lease may carry in all."""
@@ -1113,6 +1134,8 @@ class Orders:
                 vm.graceCall.cancel()
             vm.graceCall = None
             self._bindSeller(vm, seller)
+            if self.paths is not None and vm.leaseId is not None:
+                self.paths.joined(vm, seller)
             if vm.screens.trusted and vm.leaseId is not None and self.attestations is not None:
                 # Its seller's new connection must attest it again, soon.
                 self.attestations.resume(vm, seller, vm.leaseId)
@@ -1145,6 +1168,7 @@ class Orders:
 
     def _detach(self, vm, why):
         vm.seller = None
+        self._leftSeller(vm)
         if not self._move(vm, VMState.DETACHED):
             return
         vm.reason = f"{why}; waiting up to {self.grace:.0f}s for it to come back"
@@ -1202,6 +1226,7 @@ class Orders:
             vm.buyerSession.control.callRemote(commands.PortDetached, vm=vm.id, reason=reason)
         vm.buyerSession = None
         vm.seller = None
+        self._leftSeller(vm)
         self.vms.pop(vm.id, None)
         self._leave(vm)
         # Its seller ended it (or could not start it): a replica without a

@@ -22,6 +22,7 @@ another's as one that does not exist.
 import re
 import urllib.parse
 
+import attr
 from markupsafe import Markup
 
 from cpushare.money import BadAmount, formatAmount, parseAmount
@@ -103,8 +104,11 @@ async def _vmsPage(site, request, account, status=200, problem=None):
             costText=money(vm["cost"]), lease=lease))
     orders = sorted({vm["order"] for vm in rows if vm["active"]}, reverse=True)
     more = listed["more"] and rows
+    # Each pair of sellers running the buyer's VMs: direct or relayed.
+    paths = [dict(attr.asdict(p), rttText="" if p.rtt is None else f"{p.rtt * 1000:.1f} ms")
+             for p in market.paths.paths(account.id)]
     return await site.render(
-        request, "vms.html", status=status, title="VMs", vms=rows, orders=orders,
+        request, "vms.html", status=status, title="VMs", vms=rows, orders=orders, paths=paths,
         problem=problem, done=_done(request), currency=market.money.currency,
         older=f"/vms?before={rows[-1]['vm']}" if more else None,
         live=b"before" not in request.args, poll=POLL_SECONDS)
