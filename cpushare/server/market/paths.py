@@ -16,8 +16,10 @@ Sellers report each path (MeshReport): its state, round trip, and the bytes
 each of their VMs sent to and received from the peer directly.  For each
 direction the market bills the smaller of the sender's and the receiver's
 count, shared among the VMs in proportion to what each end claimed, and
-logs a mismatch past L{TOLERANCE_BYTES} or L{TOLERANCE_RATIO} against both
-sellers when it lasts L{MISMATCH_REPORTS} reports.
+logs a mismatch past L{TOLERANCE_BYTES} and L{TOLERANCE_RATIO} against both
+sellers.  The ends report at different moments, so while frames flow their
+counts differ by what crossed in between: a direction is compared only when
+it is quiet, when both ends' last two reports show no new bytes of it.
 """
 
 import collections
@@ -30,13 +32,10 @@ from cpushare.mesh import path as meshpath
 from cpushare.mesh import wire
 from cpushare.protocol import commands
 
-#: A mismatch between both ends' counts of one direction that is logged: more
-#: than this many bytes and this share of the larger count, for this many
-#: reports in a row (the ends report at different moments, so counts in
-#: flight differ for a while).
+#: A mismatch between both ends' counts of a quiet direction that is logged:
+#: more than this many bytes and this share of the larger count.
 TOLERANCE_BYTES = 1024 * 1024
 TOLERANCE_RATIO = 0.05
-MISMATCH_REPORTS = 3
 #: The largest byte count believed in a report.
 MAX_COUNT = 2 ** 62
 
@@ -66,6 +65,8 @@ class _End:
         self.rtt = None
         self.vms = {}               # vm id -> (sent, received)
         self.reported = False
+        self.totals = (0, 0)        # bytes sent and received in all, last report
+        self.quiet = (False, False)  # neither total moved in the last report
 
 
 class _Pair:
@@ -74,7 +75,7 @@ class _Pair:
         self.ids = ids              # seller session id -> the session id it chose
         self.ends = collections.defaultdict(_End)
         self.billed = {}            # (vm id, "sent" or "received") -> bytes billed
-        self.suspect = collections.Counter()    # (from, to) -> reports in a row
+        self.logged = {}            # (from, to) -> the gap last logged
         self.agreed = collections.Counter()     # (from, to) -> the smaller count
 
 
@@ -250,6 +251,10 @@ class Paths:
                     continue
                 counts[vmId] = (sent, received)
             end.vms.update(counts)
+            totals = (sum(s for s, _ in end.vms.values()), sum(r for _, r in end.vms.values()))
+            end.quiet = (end.reported and totals[0] == end.totals[0],
+                         end.reported and totals[1] == end.totals[1])
+            end.totals = totals
             end.state = entry["state"]
             rtt = entry.get("rtt_ms")
             end.rtt = None if rtt is None or not 0 <= rtt < 600000 else rtt / 1000.0
@@ -266,7 +271,9 @@ class Paths:
             pair.agreed[(sender, receiver)] = agreed
             self._share(pair, sentBy, 0, claimSent, agreed, "sent")
             self._share(pair, receivedBy, 1, claimReceived, agreed, "received")
-            self._checkMismatch(network, pair, sender, receiver, claimSent, claimReceived)
+            if sender in pair.ends and receiver in pair.ends and \
+                    pair.ends[sender].quiet[0] and pair.ends[receiver].quiet[1]:
+                self._checkMismatch(network, pair, sender, receiver, claimSent, claimReceived)
 
     def _share(self, pair, claims, which, total, agreed, label):
         if not total:
@@ -281,12 +288,13 @@ class Paths:
     def _checkMismatch(self, network, pair, sender, receiver, sent, received):
         key = (sender, receiver)
         gap = abs(sent - received)
-        if gap <= max(TOLERANCE_BYTES, TOLERANCE_RATIO * max(sent, received)):
-            pair.suspect[key] = 0
+        tolerance = max(TOLERANCE_BYTES, TOLERANCE_RATIO * max(sent, received))
+        if gap <= tolerance:
+            pair.logged.pop(key, None)
             return
-        pair.suspect[key] += 1
-        if pair.suspect[key] != MISMATCH_REPORTS:
-            return
+        if gap <= pair.logged.get(key, -tolerance) + tolerance:
+            return              # logged already, and it did not grow
+        pair.logged[key] = gap
         names = [self._name(network, s) for s in key]
         for name in names:
             self.mismatches[name] += 1
