@@ -56,6 +56,8 @@ bench: $(STAMP)
 	$(PY) bench/verdicts.py $(VERDICT_BENCH_ARGS)
 	$(PY) bench/attest.py $(ATTEST_BENCH_ARGS)
 	$(PY) bench/mesh.py $(MESH_BENCH_ARGS)
+	@if [ "$$(id -u)" = 0 ]; then $(PY) bench/natmatrix.py $(NAT_BENCH_ARGS); \
+	else echo "bench/natmatrix.py skipped: it needs root (network namespaces, iptables)"; fi
 	$(PY) bench/site.py $(SITE_BENCH_ARGS)
 
 clean:
