@@ -178,8 +178,9 @@ class Lab:
                 ns, address = internet.host(name)
                 self.sides.append(Side(kind, ns, address))
             else:
-                ns, address, router, wanIP = internet.home(name, kind)
-                self.sides.append(Side(kind, ns, address, router=router, wanIP=wanIP))
+                home = internet.home(name, kind)
+                self.sides.append(Side(kind, home.ns, home.address, router=home.router,
+                                       wanIP=home.wanIP))
         self.attacker, self.attackerIP = internet.host("x")
         self.reflector = self._start(internet.public, "reflector",
                                      ["reflect", "--bind", internet.address])

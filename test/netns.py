@@ -23,6 +23,7 @@ The kinds of NAT a router may do (L{NAT_KINDS}), as Linux does them:
                 destination
 """
 
+import collections
 import os
 import subprocess
 import sys
@@ -32,6 +33,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DELAY_LINK = os.path.join(HERE, "integration", "delaylink.py")
 
 NAT_KINDS = ("cone", "restricted", "symmetric")
+
+#: A home behind a NAT: its namespace and address, its router's namespace,
+#: the router's public address, and the internet's end of the router's link.
+Home = collections.namedtuple("Home", "ns address router wanIP gateway")
 
 
 class NetworkError(Exception):
@@ -187,8 +192,8 @@ class Internet:
 
     def home(self, name, kind):
         """
-        A home behind a router with a NAT of C{kind} (L{NAT_KINDS}):
-        (home namespace, home address, router namespace, router's public address).
+        A home behind a router with a NAT of C{kind} (L{NAT_KINDS}), as a
+        L{Home}.
         """
         k = self._subnet()
         router = self.net.namespace(f"{name}-rtr")
@@ -199,4 +204,4 @@ class Internet:
         lanGateway, homeIP = self.net.link(router, home, f"192.168.{k}")
         self.net.route(home, lanGateway)
         self.net.nat(router, kind, wan)
-        return home, homeIP, router, wanIP
+        return Home(home, homeIP, router, wanIP, gateway)
