@@ -25,7 +25,8 @@ DirectPath at one moment (the start skew is recorded).  The baseline is two
 ends in the internet's own namespace, no NAT: it must go direct every time.
 Every cell is run at each --delays value: the one-way delay in ms of each
 access link (two homes are twice that apart), 0 being the namespaces' own
-few microseconds.
+few microseconds.  With --skew the second end starts that many ms after
+the first, as two sellers at different distances from the market would.
 
 How to read the results (bench/results/natmatrix.json, and the table
 printed): for each delay and cell (the two kinds), "direct" is the share of
@@ -68,6 +69,9 @@ def parser():
     p.add_argument("--delays", default="0,10",
                    help="one-way delays of each access link, in ms, comma-separated: the "
                         "matrix is run at each (default: 0,10)")
+    p.add_argument("--skew", type=float, default=0.0,
+                   help="ms the second end starts after the first, as two sellers at "
+                        "different distances from the market would (default: 0)")
     p.add_argument("--kinds", default=",".join(natlab.KINDS),
                    help=f"the kinds of the matrix (default: {','.join(natlab.KINDS)})")
     p.add_argument("--results", default=stats.RESULTS,
@@ -119,13 +123,13 @@ def cellSummary(trials):
     }
 
 
-def runCell(kinds, delay, trials, logs, prefix):
+def runCell(kinds, delay, trials, logs, prefix, skew=0.0):
     lab = natlab.Lab(prefix, kinds, logs, delay=delay)
     records = []
     try:
         lab.up()
         for _ in range(trials):
-            trial = lab.trial()
+            trial = lab.trial(skew)
             try:
                 records.append(trialRecord(trial))
             finally:
@@ -190,7 +194,8 @@ def main(argv=None):
     for delay in delays:
         matrix = matrices[str(delay)] = []
         for n, pair in enumerate(cells(kinds)):
-            cell = runCell(pair, delay, args.trials, logs, f"nb-{os.getpid()}-{n}-")
+            cell = runCell(pair, delay, args.trials, logs, f"nb-{os.getpid()}-{n}-",
+                           args.skew / 1000)
             matrix.append(cell)
             log(f"delay {delay} ms: " + describe(cell))
             if pair == ("public", "public") and cell["summary"]["success_rate"] != 1:
@@ -202,6 +207,7 @@ def main(argv=None):
         "benchmark": "natmatrix",
         "description": __doc__.strip().split("\n\n")[-1],
         "parameters": {"trials": args.trials, "delays_ms": delays, "kinds": kinds,
+                       "skew_ms": args.skew,
                        "punch_seconds": natlab.meshpath.PUNCH_FOR},
         "environment": {"date": stats.now(), "kernel": os.uname().release,
                         "cpu": stats.cpuModel(), "cpus": os.cpu_count(),

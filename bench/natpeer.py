@@ -135,15 +135,18 @@ class Control:
 class EndPort(MeshPort):
     """The seller's UDP port: the reflector's answers to MeshPort, the rest to the mesh."""
 
-    def __init__(self, reactor, given, mesh):
+    def __init__(self, reactor, given, mesh, after=lambda: None):
         MeshPort.__init__(self, reactor, given)
         self.mesh = mesh
+        self.after = after
 
     def datagramReceived(self, data, addr):
         if reflect.parseAnswer(data) is not None:
             MeshPort.datagramReceived(self, data, addr)
         else:
             self.mesh.datagramReceived(data, addr)
+            # A path goes direct only on a datagram: look at once.
+            self.after()
 
 
 class Sender:
@@ -164,7 +167,7 @@ class End:
         self.reactor = reactor
         self.args = args
         self.mesh = meshpath.Mesh()
-        self.port = EndPort(reactor, bool(args.udp_port), self.mesh)
+        self.port = EndPort(reactor, bool(args.udp_port), self.mesh, self.check)
         self.listening = reactor.listenUDP(args.udp_port, self.port, interface=args.bind)
         self.sender = Sender(self.listening)
         self.pair = wire.Pair(bytes.fromhex(args.secret), args.me, args.peer,
@@ -199,16 +202,13 @@ class End:
 
     def start(self):
         self.startedAt = time.monotonic()
-        self.watch = task.LoopingCall(self.check)
-        self.watch.clock = self.reactor
-        self.watch.start(0.002)
         self.reactor.callLater(meshpath.PUNCH_FOR + 0.2, self.report)
         self.path.start()
 
     def check(self):
-        if self.directAt is None and self.path.state == meshpath.DIRECT:
+        if (self.directAt is None and self.startedAt is not None
+                and self.path.state == meshpath.DIRECT):
             self.directAt = time.monotonic()
-            self.watch.stop()
             self.ping(0)
 
     def ping(self, n):
@@ -243,8 +243,6 @@ class End:
         if self.reported:
             return
         self.reported = True
-        if self.watch.running:
-            self.watch.stop()
         path = self.path
         say({"event": "result", "direct": self.directAt is not None,
              "seconds_to_direct": None if self.directAt is None

@@ -196,8 +196,11 @@ class Lab:
         self.reflector.send("token")
         return self.reflector.read(10.0)["token"]
 
-    def trial(self):
-        """Run one trial (L{Trial}); its ends keep running until its C{stop}."""
+    def trial(self, skew=0.0):
+        """
+        Run one trial (L{Trial}); its ends keep running until its C{stop}.
+        The second end starts C{skew} seconds after the first.
+        """
         self.trials += 1
         n = self.trials
         secret = os.urandom(32).hex()
@@ -220,8 +223,8 @@ class Lab:
                     end.fail("learned no public address from the reflector")
             startAt = time.monotonic() + START_DELAY
             for i, end in enumerate(ends):
-                end.send({"peer": ready[1 - i]["candidates"], "start_at": startAt})
-            results = [end.read(RESULT_TIMEOUT + START_DELAY, "result") for end in ends]
+                end.send({"peer": ready[1 - i]["candidates"], "start_at": startAt + i * skew})
+            results = [end.read(RESULT_TIMEOUT + START_DELAY + skew, "result") for end in ends]
         except BaseException:
             for end in ends:
                 end.stop()
