@@ -5,25 +5,16 @@ each kind of NAT.  The namespaces themselves are exercised by
 test/integration/test_nat_matrix.py.
 """
 
-import importlib.util
 import os
+import runpy
+import types
 
 import pytest
 
 from test.netns import natRules
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "bench_natmatrix", os.path.join(ROOT, "bench", "natmatrix.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-natmatrix = _load()
+natmatrix = types.SimpleNamespace(**runpy.run_path(os.path.join(ROOT, "bench", "natmatrix.py")))
 
 
 def trial(direct, seconds=None, skew=0.1, rtt=None, answered=0, sent=0, where=None):
