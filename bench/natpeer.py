@@ -1,7 +1,7 @@
 """
 One process of the NAT matrix (bench/natmatrix.py, test/natlab.py), run
 inside a network namespace, speaking JSON lines on its standard input and
-output.  Two roles:
+output.  Three roles:
 
     natpeer.py reflect --bind ADDRESS
         The market's "where am I" answer path: the real

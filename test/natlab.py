@@ -148,8 +148,9 @@ class Trial:
 
 class Lab:
     """
-    Two sides of kinds C{kinds} on one internet, named with C{prefix}
-    (e.g. "nb-1234-"); L{close} removes everything, whatever happened.
+    Two sides of kinds C{kinds} on one internet whose access links are
+    C{delay} ms long each way, named with C{prefix} (e.g. "nb-1234-");
+    L{close} removes everything, whatever happened.
     """
 
     def __init__(self, prefix, kinds, logs, delay=0):
