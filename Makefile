@@ -58,6 +58,8 @@ bench: $(STAMP)
 	$(PY) bench/mesh.py $(MESH_BENCH_ARGS)
 	@if [ "$$(id -u)" = 0 ]; then $(PY) bench/paths.py $(PATHS_BENCH_ARGS); \
 	else echo "bench/paths.py skipped: it needs root (the sellers' VM user)"; fi
+	@if [ "$$(id -u)" = 0 ]; then $(PY) bench/natmatrix.py $(NAT_BENCH_ARGS); \
+	else echo "bench/natmatrix.py skipped: it needs root (network namespaces, iptables)"; fi
 	$(PY) bench/site.py $(SITE_BENCH_ARGS)
 
 clean:

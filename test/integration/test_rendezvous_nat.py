@@ -12,6 +12,7 @@ import re
 
 import pytest
 
+from ..netns import Internet, Network
 from .conftest import executable, waitUntil
 from .test_measured_link import run, startServerIn
 
@@ -24,42 +25,21 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
 
 
 class HomeBehindNAT:
-    """public <-veth-> router (MASQUERADE) <-veth-> home."""
+    """public <-link-> router (MASQUERADE) <-link-> home (test/netns.py)."""
 
     def __init__(self, processes):
-        tag = f"{os.getpid() % 100000}"
         self.processes = processes
-        self.public, self.router, self.home = (
-            f"cpushare-pub{tag}", f"cpushare-rtr{tag}", f"cpushare-home{tag}")
-        net = os.getpid() % 250
-        self.marketIP, self.natIP = f"10.202.{net}.1", f"10.202.{net}.2"
-        self.gatewayIP, self.homeIP = f"192.168.{net}.1", f"192.168.{net}.2"
-        self.wan, self.wanPeer = f"cpw{tag}", f"cpr{tag}"
-        self.lan, self.lanPeer = f"cpl{tag}", f"cph{tag}"
+        self.net = Network(f"cpushare-{os.getpid() % 100000}-")
 
     def up(self):
-        for ns in (self.public, self.router, self.home):
-            run("ip", "netns", "add", ns)
-            run("ip", "-n", ns, "link", "set", "lo", "up")
-        run("ip", "-n", self.public, "link", "add", self.wan, "type", "veth", "peer", "name",
-            self.wanPeer, "netns", self.router)
-        run("ip", "-n", self.router, "link", "add", self.lan, "type", "veth", "peer", "name",
-            self.lanPeer, "netns", self.home)
-        for ns, dev, ip in ((self.public, self.wan, self.marketIP),
-                            (self.router, self.wanPeer, self.natIP),
-                            (self.router, self.lan, self.gatewayIP),
-                            (self.home, self.lanPeer, self.homeIP)):
-            run("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
-            run("ip", "-n", ns, "link", "set", dev, "up")
-        run("ip", "-n", self.home, "route", "add", "default", "via", self.gatewayIP)
-        run("ip", "netns", "exec", self.router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        run("ip", "netns", "exec", self.router, "iptables", "-t", "nat", "-A", "POSTROUTING",
-            "-o", self.wanPeer, "-j", "MASQUERADE")
+        internet = Internet(self.net)
+        home = internet.home("home", "cone")
+        self.public, self.marketIP = internet.public, home.gateway
+        self.home, self.homeIP, self.router, self.natIP = home[:4]
 
     def down(self):
         self.processes.stopAll()
-        for ns in (self.public, self.router, self.home):
-            run("ip", "netns", "del", ns, check=False)
+        self.net.down()
 
     def start(self, ns, name, argv):
         return self.processes.start(name, ["ip", "netns", "exec", ns, *map(str, argv)])
