@@ -306,6 +306,21 @@ class Options(usage.Options):
                 "web endpoint, where their payments are completed")
 
 
+def udpInterface(listen):
+    """
+    The address the UDP port binds: the IPv4 address the --listen endpoint
+    names with interface=, so that answers leave from the address sellers
+    sent to (a NAT lets in only those), else every IPv4 interface ("").
+    """
+    for part in listen.split(":"):
+        if part.startswith("interface="):
+            try:
+                return str(ipaddress.IPv4Address(part[len("interface="):]))
+            except ValueError:
+                return ""
+    return ""
+
+
 def makeService(options, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
@@ -415,7 +430,8 @@ def makeService(options, reactor=None):
     if options["udp-port"] is not None:
         from cpushare.listening import UDPEndpoint
         ListeningService(
-            reactor, UDPEndpoint(reactor, options["udp-port"]), market.rendezvous,
+            reactor, UDPEndpoint(reactor, options["udp-port"], udpInterface(options["listen"])),
+            market.rendezvous,
             "CPUShare mesh rendezvous (UDP)", os.path.join(data, "udp.address"),
         ).setServiceParent(service)
     factory = TLSMemoryBIOFactory(credentials.serverTLS(), False, MarketFactory(market))

@@ -342,6 +342,8 @@ class TestServer:
 class RecordingHost:
     """The seller's VM host, recording what the market asked of it."""
 
+    switch = None       # no UDP port: MeshPeers is refused by name
+
     def __init__(self):
         self.calls = []
 

@@ -243,8 +243,10 @@ class MarketCommandTests(MarketCase):
             # The NAT rewrites the source; the answer comes back through it.
             reflector.datagramReceived(data, ("203.0.113.7", 40000))
 
+        # The market answers from another of its addresses (the interface
+        # that leads back): the token, not the address, makes it the answer.
         reflector.transport.deliver = lambda data, addr: self.reactor.callLater(
-            0.01, port.datagramReceived, data, ("192.0.2.1", MARKET_PORT))
+            0.01, port.datagramReceived, data, ("192.0.2.99", MARKET_PORT))
         port.makeConnection(FakeUDP(host="10.0.0.5", port=4500, deliver=toMarket))
         # A forged answer from elsewhere is ignored.
         port.datagramReceived(reflect.answer(b"x" * 16, "198.51.100.1", 1), ("198.51.100.1", 7))

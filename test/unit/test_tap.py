@@ -234,3 +234,11 @@ class RealTapTests(unittest.TestCase):
         # Closing the port removes the device.
         yield stop()
         self.assertFalse(os.path.exists(f"/sys/class/net/{name}"))
+
+
+def test_the_udp_port_binds_the_address_the_listen_endpoint_names():
+    from cpushare.server.tap import udpInterface
+    assert udpInterface("tcp:8843:interface=203.0.113.5") == "203.0.113.5"
+    assert udpInterface("tcp:8843") == ""
+    assert udpInterface("tcp:8843:interface=localhost") == ""
+    assert udpInterface("tcp6:8843:interface=2001\\:db8\\:\\:1") == ""

@@ -1,18 +1,21 @@
 """
 VMs on two sellers behind NATs talk directly, with real QEMU VMs, in
-network namespaces the test builds:
+network namespaces the test builds (test/netns.py):
 
-    "internet" (a bridge): the market (UDP port open), the buyer, a forger
+    "internet" (routes): the market (UDP port open), the buyer, a forger
         |                      |
     router A (NAT)         router B (NAT)
         |                      |
     home A: seller sam     home B: seller sue
 
-Each router masquerades its home (iptables MASQUERADE: a cone NAT in
-practice, Linux keeps the source port; with --random-fully a new port for
-each destination: a symmetric NAT) and, as a home router's firewall does,
-drops what comes unsolicited from outside to the router itself.  The sellers use ephemeral UDP ports:
-they get through by hole punching only.
+Each router masquerades its home: MASQUERADE keeps the source port (a cone
+NAT), with a home router's firewall that drops what comes unasked from
+outside ("restricted" in test/netns.py); with --random-fully it gives each
+destination a new port (a symmetric NAT).  The sellers use ephemeral UDP
+ports: they get through by hole punching only.  (Two routers that only
+masquerade, with no firewall, punch only when both ends start within the
+time a datagram takes between them: test/integration/test_nat_matrix.py
+and docs/performance.md, "Direct paths through NATs".)
 
 Needs root (network namespaces, iptables); CI runs as root.
 """
@@ -26,8 +29,9 @@ import time
 
 import pytest
 
+from test import netns
 from test.integration.conftest import START_TIMEOUT, executable, runCLI, waitUntil
-from test.integration.test_measured_link import run, startServerIn
+from test.integration.test_measured_link import startServerIn
 from test.vm.test_market_vms import BOOT_TIMEOUT, buildJobISO, consoleRun
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
@@ -43,78 +47,36 @@ BIG = 2048 * 1024
 DIRECT_WAIT = 40.0
 
 
-class Internet:
-    """The namespaces above, with NATs of C{kinds} ("cone" or "symmetric")."""
+class Lab:
+    """
+    The namespaces above (test/netns.py), with home routers of C{kinds}:
+    "restricted" (MASQUERADE, which keeps the port: a cone NAT, with a home
+    router's firewall) or "symmetric" (MASQUERADE --random-fully).
+    """
 
     def __init__(self, processes, kinds):
-        tag = os.getpid() % 100000
-        n = os.getpid() % 200 + 20
-        self.processes, self.kinds, self.tag = processes, kinds, tag
-        self.public, self.forger = f"cpushare-inet{tag}", f"cpushare-forge{tag}"
-        self.prefix = f"10.204.{n}"
-        self.marketIP, self.forgerIP = f"{self.prefix}.1", f"{self.prefix}.9"
-        self.routers = [f"cpushare-rt{i}-{tag}" for i in range(2)]
-        self.homes = [f"cpushare-hm{i}-{tag}" for i in range(2)]
-        self.wanIPs = [f"{self.prefix}.{10 + i}" for i in range(2)]
-        self.lans = [f"192.168.{n + i}" for i in range(2)]
-        self.namespaces = [self.public, self.forger, *self.routers, *self.homes]
-
-    def ip(self, ns, *args):
-        run("ip", "-n", ns, *args)
-
-    def inside(self, ns, *argv):
-        return run("ip", "netns", "exec", ns, *argv)
-
-    def veth(self, nsA, a, nsB, b):
-        self.ip(nsA, "link", "add", a, "type", "veth", "peer", "name", b, "netns", nsB)
+        self.processes, self.kinds = processes, kinds
+        self.net = netns.Network(f"cpushare-dp{os.getpid() % 100000}-")
 
     def up(self):
-        for ns in self.namespaces:
-            run("ip", "netns", "add", ns)
-            self.ip(ns, "link", "set", "lo", "up")
-        self.ip(self.public, "link", "add", "br0", "type", "bridge")
-        self.ip(self.public, "addr", "add", f"{self.marketIP}/24", "dev", "br0")
-        self.ip(self.public, "link", "set", "br0", "up")
-        wans = [(self.forger, f"fg{self.tag}", self.forgerIP)] + [
-            (router, f"wan{i}", ip) for i, (router, ip) in enumerate(zip(self.routers,
-                                                                          self.wanIPs))]
-        for i, (ns, inner, ip) in enumerate(wans):
-            outer = f"br{i}p{self.tag}"
-            self.veth(self.public, outer, ns, inner)
-            self.ip(self.public, "link", "set", outer, "master", "br0", "up")
-            self.ip(ns, "addr", "add", f"{ip}/24", "dev", inner)
-            self.ip(ns, "link", "set", inner, "up")
-        for i, (router, home, lan, kind) in enumerate(zip(self.routers, self.homes, self.lans,
-                                                          self.kinds)):
-            self.veth(router, "lan", home, "eth0")
-            self.ip(router, "addr", "add", f"{lan}.1/24", "dev", "lan")
-            self.ip(home, "addr", "add", f"{lan}.2/24", "dev", "eth0")
-            self.ip(router, "link", "set", "lan", "up")
-            self.ip(home, "link", "set", "eth0", "up")
-            self.ip(home, "route", "add", "default", "via", f"{lan}.1")
-            self.inside(router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-            self.inside(router, "iptables", "-t", "nat", "-A", "POSTROUTING", "-o", f"wan{i}",
-                        "-j", "MASQUERADE", *(["--random-fully"] if kind == "symmetric" else []))
-            # A home router's firewall: nothing unsolicited reaches the router
-            # itself from outside (without it an early probe of the peer
-            # becomes a connection of the router's own in its conntrack and
-            # takes the port the home's own probes need: see
-            # docs/performance.md, "Direct paths through NATs").
-            self.inside(router, "iptables", "-A", "INPUT", "-i", f"wan{i}", "-m", "conntrack",
-                        "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
-            self.inside(router, "iptables", "-A", "INPUT", "-i", f"wan{i}", "-j", "DROP")
+        self.internet = netns.Internet(self.net)
+        self.public, self.marketIP = self.internet.public, self.internet.address
+        self.homes = [self.internet.home(f"h{i}", kind) for i, kind in enumerate(self.kinds)]
+        self.forger, _ = self.internet.host("forger")
 
     def down(self):
         self.processes.stopAll()
-        for ns in self.namespaces:
-            run("ip", "netns", "del", ns, check=False)
+        self.net.down()
+
+    def inside(self, ns, *argv):
+        return netns.run(*self.net.exec(ns, *argv))
 
     def start(self, ns, name, argv):
-        return self.processes.start(name, ["ip", "netns", "exec", ns, *map(str, argv)])
+        return self.processes.start(name, self.net.exec(ns, *argv))
 
     def cli(self, home, *args, ns=None, timeout=120):
         result = runCLI("cpushare", "--home", home, *args, timeout=timeout,
-                        prefix=["ip", "netns", "exec", ns or self.public])
+                        prefix=self.net.exec(ns or self.public))
         assert result.status == 0, result
         return result
 
@@ -127,17 +89,17 @@ def jobISO(tmp_path_factory):
 def market(internet, processes, tmp_path, jobISO):
     """The market, sam and sue in their homes, bob's buyer and his two VMs: their addresses."""
     data = tmp_path / "market"
-    internet.server, address = startServerIn(internet, internet.public, data, internet.marketIP,
-                                             ["--udp-port", "0"])
+    internet.server, address = startServerIn(internet, internet.public, data,
+                                             internet.marketIP, ["--udp-port", "0"])
     server = f"{internet.marketIP}:{address['port']}"
     homes = {}
-    for name, ns in [("bob", internet.public), ("sam", internet.homes[0]),
-                     ("sue", internet.homes[1])]:
+    for name, ns in [("bob", internet.public), ("sam", internet.homes[0].ns),
+                     ("sue", internet.homes[1].ns)]:
         homes[name] = tmp_path / name
         internet.cli(homes[name], "register", "--server", server, "--ca", data / "ca.pem",
                      "--name", name, ns=ns)
     internet.sellers = {}
-    for name, ns in (("sam", internet.homes[0]), ("sue", internet.homes[1])):
+    for name, ns in (("sam", internet.homes[0].ns), ("sue", internet.homes[1].ns)):
         proc = internet.start(ns, name, [
             executable("twistd"), "-n", "--pidfile=", "cpushare-seller", "--home", homes[name],
             "--cores", 1, "--memory", 512, "--accel", "tcg", "--cache-size", 200])
@@ -216,7 +178,7 @@ def publicAddress(seller):
 
 def built(processes, kinds):
     """The namespaces with NATs of C{kinds}, taken down when the test ends."""
-    internet = Internet(processes, kinds)
+    internet = Lab(processes, kinds)
     try:
         internet.up()
         yield internet
@@ -226,7 +188,7 @@ def built(processes, kinds):
 
 @pytest.fixture
 def cones(processes):
-    yield from built(processes, ("cone", "cone"))
+    yield from built(processes, ("restricted", "restricted"))
 
 
 @pytest.fixture
@@ -289,7 +251,7 @@ def test_vms_behind_two_cone_nats_talk_directly_and_fall_back_to_the_relay_when_
     pinger.start()
     time.sleep(3)
     cut = time.monotonic()
-    internet.inside(internet.routers[0], "iptables", "-I", "FORWARD", "-p", "udp",
+    internet.inside(internet.homes[0].router, "iptables", "-I", "FORWARD", "-p", "udp",
                     "-j", "DROP")
     relayed = waitUntil(lambda: (lambda p: p["state"] != "direct" and p)(
         paths(internet, bob)[0]), "the pair to leave the direct path", 20, processes, 0.2)

@@ -44,8 +44,10 @@ class MeshPort(DatagramProtocol):
     def datagramReceived(self, data, addr):
         waiting = self._waiting
         parsed = None if waiting is None else reflect.parseAnswer(data)
-        if (waiting is None or parsed is None or tuple(addr[:2]) != waiting[1]
-                or parsed[0] != waiting[0]):
+        # The token says it is the market's answer: a market reached at an
+        # address of another of its interfaces answers from the one that
+        # leads back here.
+        if waiting is None or parsed is None or parsed[0] != waiting[0]:
             if self.mesh is not None:
                 # A peer's datagram, or nothing: the mesh opens it or drops it.
                 self.mesh.datagramReceived(data, tuple(addr[:2]))
