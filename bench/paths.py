@@ -27,7 +27,8 @@ path).  Typed into the first VM's console (`cpushare console`):
 and for each throughput run the bytes the market server and the buyer
 program sent and received on their TCP connections (`ss -i`: what they
 carried, TLS and the console's command included) and the CPU they used,
-which the direct path spares them.  Each figure is the median
+which the direct path spares them; and the CPU of all four programs (both
+sellers, the server, the buyer) for each frame that arrived.  Each figure is the median
 of --repeats runs (5 by default).  Results go to bench/results/paths.json.  Nothing here
 asserts a speed; it needs root (the seller's VM user).
 """
@@ -135,10 +136,11 @@ class Market:
             register(self.path(home), port, data, f"bench-{home}", timeout=120)
         subprocess.run([os.path.join(BIN, "cpushare-admin"), "--data", data, "credit",
                         "bench-bob", "100"], check=True, capture_output=True)
+        self.sellers = []
         for name in ("sam", "sue"):
-            self.twistd(name, "cpushare-seller", "--home", self.path(name), "--cores", 1,
-                        "--memory", 512, "--accel", "tcg", "--cache-size", 50,
-                        "--qemu", FRAMEVM)
+            self.sellers.append(self.twistd(
+                name, "cpushare-seller", "--home", self.path(name), "--cores", 1,
+                "--memory", 512, "--accel", "tcg", "--cache-size", 50, "--qemu", FRAMEVM))
             self.logs.wait(name, r"offering \d+ cores", 60, alive=self.alive)
             if self.mode == "direct":
                 self.logs.wait(name, r"mesh: candidates given", 60, alive=self.alive)
@@ -200,16 +202,22 @@ def measureOnce(market, args, result):
     for size in SIZES:
         before = {name: (tcpBytes(p.pid), cpuTicks(p.pid))
                   for name, p in (("server", market.server), ("buyer", market.buyer))}
+        sellersBefore = sum(cpuTicks(p.pid) for p in market.sellers)
         words = market.ask(f"tput {size} {args.seconds}", linger=args.seconds + 4,
                            expect=r"^TPUT")
         carried = {name: {"tcp_bytes": tcpBytes(p.pid) - before[name][0],
                           "cpu_seconds": (cpuTicks(p.pid) - before[name][1]) / CLK_TCK}
                    for name, p in (("server", market.server), ("buyer", market.buyer))}
+        sellersCPU = (sum(cpuTicks(p.pid) for p in market.sellers) - sellersBefore) / CLK_TCK
         sent, received, seconds = int(words[3]), int(words[4]), float(words[5])
+        programsCPU = sellersCPU + sum(c["cpu_seconds"] for c in carried.values())
         result["throughput"][size].append({
             "sent": sent, "received": received, "seconds": seconds,
             "frames_per_second": round(received / seconds), "mb_per_second":
-            round(received * size / seconds / 1e6, 2), "carried": carried})
+            round(received * size / seconds / 1e6, 2), "carried": carried,
+            "sellers_cpu_seconds": sellersCPU,
+            # CPU of the four programs (both sellers, server, buyer) per frame through.
+            "cpu_us_per_frame": round(programsCPU / max(1, received) * 1e6, 1)})
 
 
 def medians(result):
@@ -219,7 +227,10 @@ def medians(result):
     for size, runs in result["throughput"].items():
         out[f"fps_{size}"] = stats.median([r["frames_per_second"] for r in runs])
         out[f"mbps_{size}"] = stats.median([r["mb_per_second"] for r in runs])
-        out[f"loss_{size}"] = stats.median([1 - r["received"] / max(1, r["sent"]) for r in runs])
+        out[f"loss_{size}"] = round(stats.median(
+            [1 - r["received"] / max(1, r["sent"]) for r in runs]), 3)
+        out[f"cpu_us_per_frame_{size}"] = stats.median([r["cpu_us_per_frame"] for r in runs])
+        out[f"sellers_cpu_{size}"] = stats.median([r["sellers_cpu_seconds"] for r in runs])
         for name in ("server", "buyer"):
             out[f"{name}_bytes_{size}"] = stats.median(
                 [r["carried"][name]["tcp_bytes"] for r in runs])

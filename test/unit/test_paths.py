@@ -328,7 +328,7 @@ class LimitTests(PathsCase):
         clock = Clock()
         sent = []
         paths = paths_.Paths(clock)
-        paths._send = lambda seller, network, vms, peers: sent.append((seller, peers))
+        paths._send = lambda seller, network, vms, peers, delay: sent.append((seller, peers))
         sellers = [Seller(n) for n in range(1, commands.MESH_PEERS + 4)]
         for n, seller in enumerate(sellers, 1):
             paths.joined(VM(n), seller)
@@ -376,3 +376,60 @@ class PathsPageTests(SiteCase, PathsCase):
         page = await other.get("/vms")
         self.assertNotIn('id="paths"', page.text)
         self.assertNotIn("sue1", page.text)
+
+
+class SyncTests(PathsCase):
+
+    def test_the_nearer_sellers_view_leaves_later_so_both_start_punching_together(self):
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        arrived = {}
+
+        class Heartbeat:
+            def __init__(self, rtt):
+                self.rtt = rtt
+
+            def latencyMs(self):
+                return self.rtt
+
+        class Control:
+            def __init__(self, seller):
+                self.seller = seller
+
+            def callRemote(self, command, **kw):
+                # The view reaches the seller one way later.
+                arrived[self.seller.sessionId] = clock.seconds() + paths_.oneWay(self.seller)
+                return defer.succeed({})
+
+        class Seller:
+            connected = True
+
+            def __init__(self, n, rtt):
+                self.sessionId = n
+                self.meshCandidates = [("192.0.2.1", 1000 + n)]
+                self.account = type("A", (), {"name": f"s{n}"})
+                self.heartbeat = Heartbeat(rtt)
+                self.control = Control(self)
+
+        class VM:
+            def __init__(self, n):
+                self.id, self.buyerId, self.mac = n, 7, f"0a:cb:00:00:00:{n:02x}"
+
+        paths = paths_.Paths(clock)
+        far, near, unknown = Seller(1, 180.0), Seller(2, 20.0), Seller(3, None)
+        for n, seller in enumerate((far, near, unknown), 1):
+            paths.joined(VM(n), seller)
+        clock.advance(0)
+        self.assertEqual(set(arrived), {1})
+        clock.advance(0.08)
+        self.assertEqual(set(arrived), {1, 2})
+        clock.advance(0.01)         # a round trip not measured yet counts as none
+        self.assertEqual(set(arrived), {1, 2, 3})
+        self.assertAlmostEqual(arrived[1], 0.09)
+        self.assertAlmostEqual(arrived[2], 0.09)
+        self.assertAlmostEqual(arrived[3], 0.09)
+        # A view that changes nothing is not sent again, and an absurd round
+        # trip holds a view back at most MAX_SYNC_DELAY.
+        far.heartbeat.rtt = 10 ** 7
+        self.assertEqual(paths_.oneWay(far), paths_.MAX_SYNC_DELAY)

@@ -10,7 +10,9 @@ each seller of the network that gave candidates its whole view again
 L{commands.MESH_PEERS}) a fresh 32-byte pair secret, the session ids both
 ends write in each other's datagrams, the peer's candidates and its VMs'
 MACs.  A secret lives as long as both sellers host VMs of the network on the
-same connections; it is never sent to anybody else.
+same connections; it is never sent to anybody else.  The views of the
+nearer sellers (by their heartbeats' round trips) leave later, so that all
+of them arrive, and the sellers start punching, at about the same moment.
 
 Sellers report each path (MeshReport): its state, round trip, and the bytes
 each of their VMs sent to and received from the peer directly.  For each
@@ -36,11 +38,25 @@ from cpushare.protocol import commands
 #: more than this many bytes and this share of the larger count.
 TOLERANCE_BYTES = 1024 * 1024
 TOLERANCE_RATIO = 0.05
+#: The longest a view is held back so that both ends of a pair get theirs at
+#: the same moment (a plain MASQUERADE router lets a pair through only when
+#: both ends start punching within the time a datagram takes between them).
+MAX_SYNC_DELAY = 1.0
 #: The largest byte count believed in a report.
 MAX_COUNT = 2 ** 62
 
 DIRECT, RELAYED, TRYING = meshpath.DIRECT, meshpath.RELAYED, meshpath.TRYING
 STATES = (DIRECT, RELAYED, TRYING)
+
+
+def oneWay(seller):
+    """
+    Half of C{seller}'s heartbeat round trip in seconds (0 before one was
+    measured), at most L{MAX_SYNC_DELAY}: how long a view takes to reach it.
+    """
+    heartbeat = getattr(seller, "heartbeat", None)
+    latency = None if heartbeat is None else heartbeat.latencyMs()
+    return 0.0 if latency is None else min(MAX_SYNC_DELAY, latency / 2000.0)
 
 
 @attr.s(frozen=True)
@@ -150,10 +166,15 @@ class Paths:
             # (each one's peers are all the others); a seller without a UDP
             # path gets no view: its frames go through the relay, as always.
             meshed = [s for s in sellers if s.meshCandidates][:commands.MESH_PEERS + 1]
+            ways = {s: oneWay(s) for s in meshed}
+            latest = max(ways.values(), default=0.0)
             for seller, vms in sellers.items():
                 if seller.meshCandidates:
+                    # The nearer sellers' views leave later, so that every
+                    # seller of the mesh starts punching at the same moment.
                     self._sendView(seller, network, vms,
-                                   {s: sellers[s] for s in meshed} if seller in meshed else {})
+                                   {s: sellers[s] for s in meshed} if seller in meshed else {},
+                                   latest - ways.get(seller, latest))
             for key in [k for k in self._sent if k[1] == network and
                         (k[0] not in sellers or not k[0].meshCandidates)]:
                 # The network left that seller: it forgets the network's paths.
@@ -192,7 +213,7 @@ class Paths:
             if sessionId and sessionId not in taken:
                 return sessionId
 
-    def _sendView(self, seller, network, vms, sellers):
+    def _sendView(self, seller, network, vms, sellers, delay=0.0):
         peers = []
         for other, otherVMs in sellers.items():
             if other is seller:
@@ -204,9 +225,9 @@ class Paths:
                 "remote_session": pair.ids[other.sessionId],
                 "candidates": [{"host": h, "port": p} for h, p in other.meshCandidates],
                 "macs": [mac for _, mac in otherVMs[:commands.MESH_MACS]]})
-        self._send(seller, network, [vmId for vmId, _ in vms], peers)
+        self._send(seller, network, [vmId for vmId, _ in vms], peers, delay)
 
-    def _send(self, seller, network, vms, peers):
+    def _send(self, seller, network, vms, peers, delay=0.0):
         view = (tuple(vms), repr(peers))
         key = (seller, network)
         if self._sent.get(key) == view:
@@ -215,6 +236,12 @@ class Paths:
             self._sent[key] = view
         else:
             self._sent.pop(key, None)
+        if delay > 0:
+            self.reactor.callLater(delay, self._deliver, seller, network, vms, peers)
+        else:
+            self._deliver(seller, network, vms, peers)
+
+    def _deliver(self, seller, network, vms, peers):
         if not seller.connected:
             return
         seller.control.callRemote(
