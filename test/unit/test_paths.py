@@ -433,3 +433,19 @@ class SyncTests(PathsCase):
         # trip holds a view back at most MAX_SYNC_DELAY.
         far.heartbeat.rtt = 10 ** 7
         self.assertEqual(paths_.oneWay(far), paths_.MAX_SYNC_DELAY)
+
+
+def test_vms_paths_prints_each_pair_with_its_state_round_trip_and_reason():
+    from cpushare.client.cli.vms import formatPaths
+    text = formatPaths([
+        {"index": 0, "seller_a": "sam", "seller_b": "sue", "vms_a": [1, 4], "vms_b": [2],
+         "state": "direct", "rtt_ms": 6.84, "direct_bytes": 2290112},
+        {"index": 1, "seller_a": "sam", "seller_b": "ned", "vms_a": [1, 4], "vms_b": [3],
+         "state": "relayed", "direct_bytes": 0, "why": "ned has no UDP path to the market"},
+    ])
+    header, direct, relayed = text.splitlines()
+    assert header.split() == ["SELLERS", "VMS", "PATH", "RTT", "DIRECT", "BYTES", "WHY"]
+    assert direct.split() == ["sam", "-", "sue", "1,4", "-", "2", "direct", "6.8", "ms",
+                              "2290112"]
+    assert relayed.split()[:8] == ["sam", "-", "ned", "1,4", "-", "3", "relayed", "-"]
+    assert relayed.endswith("0  ned has no UDP path to the market")
