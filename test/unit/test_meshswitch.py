@@ -73,10 +73,10 @@ class Port:
 
     def __init__(self, network, address):
         self.mesh = None
-        self.transport = self
+        self.transport = self.socket = self
         self.network, self.address = network, address
 
-    def write(self, data, address):
+    def sendto(self, data, address):
         self.network.carry(data, self.address, address)
 
 

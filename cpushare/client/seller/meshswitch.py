@@ -74,7 +74,13 @@ class _Network:
 
 
 class _UDP:
-    """DirectPath's transport: the seller's UDP port."""
+    """
+    DirectPath's transport: the seller's UDP port, written through its
+    socket (Twisted's C{write} checks the address of every datagram, a fifth
+    of a frame's cost; a path's addresses were checked when brokered).  A
+    full socket buffer or an unreachable peer is an OSError, which the path
+    counts.
+    """
 
     def __init__(self, port):
         self.port = port
@@ -83,7 +89,7 @@ class _UDP:
         transport = self.port.transport
         if transport is None:
             raise OSError("the UDP port is closed")
-        transport.write(datagram, address)
+        transport.socket.sendto(datagram, address)
 
 
 class MeshSwitch:
