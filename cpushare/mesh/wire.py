@@ -139,6 +139,14 @@ class Pair:
 Opened = collections.namedtuple("Opened", "pair kind counter payload")
 
 
+def newSessionId(taken, random=os.urandom):
+    """A random 32-bit session id above 0 that is not in C{taken}."""
+    while True:
+        session = int.from_bytes(random(4), "big")
+        if session and session not in taken:
+            return session
+
+
 class Sessions:
     """
     The pairs one seller's UDP port serves, by the session id it chose for
@@ -151,10 +159,7 @@ class Sessions:
 
     def newId(self, random=os.urandom):
         """A session id above 0 that no pair here uses yet."""
-        while True:
-            session = int.from_bytes(random(4), "big")
-            if session and session not in self.pairs:
-                return session
+        return newSessionId(self.pairs, random)
 
     def add(self, pair):
         if pair.localSession in self.pairs:

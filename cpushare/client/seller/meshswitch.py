@@ -182,8 +182,10 @@ class MeshSwitch:
             marketchecks.refuse(what, "peers", len(peers),
                                 f"are more than {commands.MESH_PEERS}")
         checked, seen = [], set()
-        taken = {sid for sid, pair in self.mesh.sessions.pairs.items()
-                 if not self._ownedBy(network, pair)}
+        # Ids of other networks' pairs are taken; this network's are replaced.
+        net = self.networks.get(network)
+        taken = set(self.mesh.sessions.pairs) - (set() if net is None else {
+            peer.path.pair.localSession for peer in net.peers.values()})
         for entry in peers:
             peer = entry["peer"]
             if peer == me or peer in seen or peer <= 0:
@@ -215,10 +217,6 @@ class MeshSwitch:
             checked.append(((peer, secret, local, remote), candidates,
                             {macBytes(m) for m in entry["macs"]}))
         return checked
-
-    def _ownedBy(self, network, pair):
-        net = self.networks.get(network)
-        return net is not None and any(p.path.pair is pair for p in net.peers.values())
 
     def _rebuild(self, net):
         where = {}
@@ -257,8 +255,8 @@ class MeshSwitch:
         net = self.ofVM.get(vm.id)
         if net is None or len(frame) < 14 or frame[0] & 1:
             return False
-        if frame[6:12] != macBytes(vm.mac):
-            return False
+        if net.where.get(bytes(frame[6:12])) != ("local", vm.id):
+            return False            # not the VM's own MAC: the relay polices it
         where = net.where.get(bytes(frame[:6]))
         if where is None:
             return False

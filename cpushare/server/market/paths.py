@@ -161,11 +161,11 @@ class Paths:
         dirty, self._dirty = self._dirty, set()
         for network in sorted(dirty):
             sellers = self._sellers(network)
-            self._prunePairs(network, sellers)
             # The first sellers with candidates, by session, form the mesh
             # (each one's peers are all the others); a seller without a UDP
             # path gets no view: its frames go through the relay, as always.
             meshed = [s for s in sellers if s.meshCandidates][:commands.MESH_PEERS + 1]
+            self._prunePairs(network, {s.sessionId for s in meshed})
             ways = {s: oneWay(s) for s in meshed}
             latest = max(ways.values(), default=0.0)
             for seller, vms in sellers.items():
@@ -180,9 +180,8 @@ class Paths:
                 # The network left that seller: it forgets the network's paths.
                 self._send(key[0], network, [], [])
 
-    def _prunePairs(self, network, sellers):
-        ids = {s.sessionId for s in sellers if s.meshCandidates}
-        ids = set(sorted(ids)[:commands.MESH_PEERS + 1])
+    def _prunePairs(self, network, ids):
+        """Forget the pairs of C{network} whose sellers are not both in the mesh (C{ids})."""
         pairs = self._pairs.get(network, {})
         for key in [k for k in pairs if k[0] not in ids or k[1] not in ids]:
             for sessionId, chosen in pairs.pop(key).ids.items():
@@ -202,16 +201,10 @@ class Paths:
             ids = {}
             for sessionId in (low, high):
                 taken = self._taken[sessionId]
-                ids[sessionId] = self._newId(taken)
+                ids[sessionId] = wire.newSessionId(taken, self.random)
                 taken.add(ids[sessionId])
             pair = pairs[(low, high)] = _Pair(self.random(wire.SECRET_SIZE), ids)
         return pair
-
-    def _newId(self, taken):
-        while True:
-            sessionId = int.from_bytes(self.random(4), "big")
-            if sessionId and sessionId not in taken:
-                return sessionId
 
     def _sendView(self, seller, network, vms, sellers, delay=0.0):
         peers = []
@@ -228,7 +221,7 @@ class Paths:
         self._send(seller, network, [vmId for vmId, _ in vms], peers, delay)
 
     def _send(self, seller, network, vms, peers, delay=0.0):
-        view = (tuple(vms), repr(peers))
+        view = (list(vms), peers)
         key = (seller, network)
         if self._sent.get(key) == view:
             return
