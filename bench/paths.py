@@ -39,7 +39,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -54,9 +53,9 @@ import pycdlib  # noqa: E402
 
 import stats  # noqa: E402
 from procs import (  # noqa: E402
-    BIN, CLK_TCK, BenchError, Children, cpuTicks, register, startServer,
+    BIN, CLK_TCK, BenchError, cpuTicks, register, startServer,
 )
-from vms import Logs  # noqa: E402
+from vms import Programs  # noqa: E402
 
 SIZES = (1500, 64)
 MODES = ("direct", "relayed")
@@ -90,38 +89,13 @@ def tcpBytes(pid):
     return total
 
 
-class Market:
+class Market(Programs):
     """One market with two sellers and a buyer, and the order of two frame VMs."""
 
     def __init__(self, mode, folder):
         self.mode = mode
-        self.folder = os.path.join(folder, mode)
-        os.makedirs(self.folder)
-        self.children = Children(self.folder, clientMalloc=False, cwd=self.folder)
-        self.logs = Logs()
-
-    def path(self, *parts):
-        return os.path.join(self.folder, *parts)
-
-    def cli(self, home, *args, timeout=120, input=None):
-        result = subprocess.run(
-            [os.path.join(BIN, "cpushare"), "--home", self.path(home), *map(str, args)],
-            capture_output=True, cwd=self.folder, timeout=timeout, input=input,
-            stdin=None if input is not None else subprocess.DEVNULL)
-        if result.returncode != 0:
-            raise BenchError(f"cpushare {' '.join(map(str, args))} failed: "
-                             f"{result.stderr.decode(errors='replace').strip()}")
-        return result.stdout.decode("utf-8", "replace")
-
-    def twistd(self, name, *args):
-        proc = self.children.spawn(
-            name, [os.path.join(BIN, "twistd"), "-n", "--pidfile=", *args], commands=False,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"), deathSignal=signal.SIGTERM)
-        self.logs.follow(name, self.path(f"{name}.log"))
-        return proc
-
-    def alive(self):
-        self.children.check()
+        os.makedirs(os.path.join(folder, mode))
+        Programs.__init__(self, os.path.join(folder, mode))
 
     def start(self, iso):
         data = self.path("server-data")
@@ -129,8 +103,7 @@ class Market:
         if self.mode == "direct":
             extra += ["--udp-port", "0"]
         self.server, port = startServer(self.children, "server", data, extra=extra,
-                                        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                                        deathSignal=signal.SIGTERM)
+                                        **self.twistdOptions())
         self.logs.follow("server", self.path("server.log"))
         for home in ("sam", "sue", "bob"):
             register(self.path(home), port, data, f"bench-{home}", timeout=120)

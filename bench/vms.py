@@ -485,33 +485,26 @@ class DataPorts:
 # -- the market on this machine
 
 
-class Bench:
-    def __init__(self, args):
-        self.args = args
-        self.folder = tempfile.mkdtemp(prefix="cpushare-bench-vms-")
-        self.children = Children(self.folder, clientMalloc=False, cwd=self.folder)
+class Programs:
+    """
+    The market's programs a benchmark runs in C{folder}: each twistd program
+    (its log followed), the cpushare command line as a user runs it.
+    """
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.children = Children(folder, clientMalloc=False, cwd=folder)
         self.logs = Logs()
-        self.net = ipaddress.IPv4Network(args.subnet + "/24", strict=False)
-        self.gateway = str(self.net.network_address + 1)
-        self.tap = args.tap
-        self.socket = self.path("buyer", "network.sock")
-        self.control = None
-        self.data = None
-        self.qemus = {}  # pid -> what (every QEMU of this run, market or bare)
-        self.bare = {}  # mac -> Child
-        self.bareCount = 0
-        self.sha256 = None
-        self.tapOurs = False  # True once our buyer has made the TAP device
 
     def path(self, *parts):
         return os.path.join(self.folder, *parts)
 
-    # processes
-
-    def cli(self, home, *args, timeout=120):
+    def cli(self, home, *args, timeout=120, input=None):
+        """C{cpushare --home FOLDER/HOME ARGS}'s output; C{input}: its standard input."""
         result = subprocess.run(
             [os.path.join(BIN, "cpushare"), "--home", self.path(home), *map(str, args)],
-            capture_output=True, cwd=self.folder, timeout=timeout, stdin=subprocess.DEVNULL)
+            capture_output=True, cwd=self.folder, timeout=timeout, input=input,
+            stdin=subprocess.DEVNULL if input is None else None)
         if result.returncode != 0:
             raise BenchError(f"cpushare {' '.join(map(str, args))} failed: "
                              f"{result.stderr.decode(errors='replace').strip()}")
@@ -530,6 +523,23 @@ class Bench:
 
     def alive(self):
         self.children.check()
+
+
+class Bench(Programs):
+    def __init__(self, args):
+        Programs.__init__(self, tempfile.mkdtemp(prefix="cpushare-bench-vms-"))
+        self.args = args
+        self.net = ipaddress.IPv4Network(args.subnet + "/24", strict=False)
+        self.gateway = str(self.net.network_address + 1)
+        self.tap = args.tap
+        self.socket = self.path("buyer", "network.sock")
+        self.control = None
+        self.data = None
+        self.qemus = {}  # pid -> what (every QEMU of this run, market or bare)
+        self.bare = {}  # mac -> Child
+        self.bareCount = 0
+        self.sha256 = None
+        self.tapOurs = False  # True once our buyer has made the TAP device
 
     def setup(self):
         if os.geteuid() != 0:

@@ -161,6 +161,35 @@ class Network:
         self.namespaces = []
 
 
+class ProcessesInNamespaces:
+    """
+    A test's network: its namespaces (prefixed with C{prefix}) and the
+    processes it starts in them through C{processes} (the integration
+    tests' L{Processes}); L{down} ends both.  Subclasses build the network
+    in C{up}.
+    """
+
+    def __init__(self, processes, prefix):
+        self.processes = processes
+        self.net = Network(prefix)
+
+    def down(self):
+        self.processes.stopAll()
+        self.net.down()
+
+    def start(self, ns, name, argv):
+        return self.processes.start(name, self.net.exec(ns, *argv))
+
+
+def running(lab):
+    """A fixture's body: C{lab} up for the test, down after it however it ends."""
+    try:
+        lab.up()
+        yield lab
+    finally:
+        lab.down()
+
+
 class Internet:
     """
     A "public" namespace that routes between everything attached to it (the

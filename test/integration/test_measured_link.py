@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from ..netns import running
 from .conftest import HEARTBEAT, SILENCE_TIMEOUT, executable, waitUntil
 
 HERE = Path(__file__).parent
@@ -114,12 +115,7 @@ def startServerIn(net, ns, data, ip, extra=()):
 
 @pytest.fixture
 def link(processes):
-    link = DelayedLink(processes)
-    try:
-        link.up()
-        yield link
-    finally:
-        link.down()
+    yield from running(DelayedLink(processes))
 
 
 def test_the_market_shows_no_seller_nearer_or_faster_than_its_link(link, processes, tmp_path):

@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from ..netns import Internet, Network
+from ..netns import Internet, ProcessesInNamespaces, running
 from .conftest import executable, waitUntil
 from .test_measured_link import run, startServerIn
 
@@ -24,12 +24,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root (ip netns, veth, MASQUERADE); CI runs as root")]
 
 
-class HomeBehindNAT:
+class HomeBehindNAT(ProcessesInNamespaces):
     """public <-link-> router (MASQUERADE) <-link-> home (test/netns.py)."""
 
     def __init__(self, processes):
-        self.processes = processes
-        self.net = Network(f"cpushare-{os.getpid() % 100000}-")
+        ProcessesInNamespaces.__init__(self, processes, f"cpushare-{os.getpid() % 100000}-")
 
     def up(self):
         internet = Internet(self.net)
@@ -37,22 +36,11 @@ class HomeBehindNAT:
         self.public, self.marketIP = internet.public, home.gateway
         self.home, self.homeIP, self.router, self.natIP = home[:4]
 
-    def down(self):
-        self.processes.stopAll()
-        self.net.down()
-
-    def start(self, ns, name, argv):
-        return self.processes.start(name, ["ip", "netns", "exec", ns, *map(str, argv)])
 
 
 @pytest.fixture
 def nat(processes):
-    nat = HomeBehindNAT(processes)
-    try:
-        nat.up()
-        yield nat
-    finally:
-        nat.down()
+    yield from running(HomeBehindNAT(processes))
 
 
 def test_a_seller_behind_a_nat_learns_the_nats_address(nat, processes, tmp_path):

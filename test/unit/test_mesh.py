@@ -326,6 +326,13 @@ def started(**kw):
     return clock, network, a, b
 
 
+def assertCarries(clock, a, b):
+    """A frame that C{a} sends direct reaches C{b}, once."""
+    assert a.path.send(FRAME)
+    advance(clock, 0.1)
+    assert b.frames == [FRAME]
+
+
 def advance(clock, seconds):
     """Move the clock C{seconds} on, running each call at its own time."""
     end = clock.seconds() + seconds
@@ -403,9 +410,7 @@ def test_a_cut_path_falls_back_within_5_s_then_comes_back_when_healed():
     advance(clock, 60)
     assert (a.path.state, b.path.state) == (DIRECT, DIRECT)
     assert a.path.retryDelay == meshpath.RETRY_FIRST
-    assert a.path.send(FRAME)
-    advance(clock, 0.1)
-    assert b.frames == [FRAME]
+    assertCarries(clock, a, b)
 
 
 def test_punching_gets_through_a_network_that_loses_most_datagrams():
@@ -424,9 +429,7 @@ def test_punching_gets_through_a_network_that_loses_most_datagrams():
     network.loss = 0.0
     advance(clock, meshpath.KEEPALIVE_EVERY + 0.1)
     assert (a.path.state, b.path.state) == (DIRECT, DIRECT)
-    assert a.path.send(FRAME)
-    advance(clock, 0.1)
-    assert b.frames == [FRAME]
+    assertCarries(clock, a, b)
 
 
 def test_retries_back_off_to_ten_minutes():
@@ -456,9 +459,7 @@ def test_a_peer_behind_a_nat_that_rewrites_its_port_is_reached_at_the_reply_addr
     advance(clock, 0.2)
     assert (a.path.state, b.path.state) == (DIRECT, DIRECT)
     assert a.path.address == outside
-    assert a.path.send(FRAME)
-    advance(clock, 0.1)
-    assert b.frames == [FRAME]
+    assertCarries(clock, a, b)
 
 
 def test_of_a_dead_and_a_live_candidate_the_live_one_carries_the_path():

@@ -47,7 +47,7 @@ BIG = 2048 * 1024
 DIRECT_WAIT = 40.0
 
 
-class Lab:
+class Lab(netns.ProcessesInNamespaces):
     """
     The namespaces above (test/netns.py), with home routers of C{kinds}:
     "restricted" (MASQUERADE, which keeps the port: a cone NAT, with a home
@@ -55,8 +55,9 @@ class Lab:
     """
 
     def __init__(self, processes, kinds):
-        self.processes, self.kinds = processes, kinds
-        self.net = netns.Network(f"cpushare-dp{os.getpid() % 100000}-")
+        netns.ProcessesInNamespaces.__init__(self, processes,
+                                             f"cpushare-dp{os.getpid() % 100000}-")
+        self.kinds = kinds
 
     def up(self):
         self.internet = netns.Internet(self.net)
@@ -64,15 +65,8 @@ class Lab:
         self.homes = [self.internet.home(f"h{i}", kind) for i, kind in enumerate(self.kinds)]
         self.forger, _ = self.internet.host("forger")
 
-    def down(self):
-        self.processes.stopAll()
-        self.net.down()
-
     def inside(self, ns, *argv):
         return netns.run(*self.net.exec(ns, *argv))
-
-    def start(self, ns, name, argv):
-        return self.processes.start(name, self.net.exec(ns, *argv))
 
     def cli(self, home, *args, ns=None, timeout=120):
         result = runCLI("cpushare", "--home", home, *args, timeout=timeout,
@@ -176,24 +170,14 @@ def publicAddress(seller):
     return found.group(1), int(found.group(2))
 
 
-def built(processes, kinds):
-    """The namespaces with NATs of C{kinds}, taken down when the test ends."""
-    internet = Lab(processes, kinds)
-    try:
-        internet.up()
-        yield internet
-    finally:
-        internet.down()
-
-
 @pytest.fixture
 def cones(processes):
-    yield from built(processes, ("restricted", "restricted"))
+    yield from netns.running(Lab(processes, ("restricted", "restricted")))
 
 
 @pytest.fixture
 def symmetric(processes):
-    yield from built(processes, ("symmetric", "symmetric"))
+    yield from netns.running(Lab(processes, ("symmetric", "symmetric")))
 
 
 def test_vms_behind_two_cone_nats_talk_directly_and_fall_back_to_the_relay_when_cut(
